@@ -1,0 +1,32 @@
+import type { ExpectedRevision } from './port.js'
+
+/** The stream was not where the writer expected it: someone else appended first. Safe to re-read and retry. */
+export class WrongExpectedRevisionError extends Error {
+  readonly code = 'WRONG_EXPECTED_REVISION'
+  constructor(
+    readonly streamId: string,
+    readonly expected: ExpectedRevision,
+    /** The stream's actual last revision, or `'no_stream'`. */
+    readonly actual: number | 'no_stream',
+  ) {
+    super(`stream ${streamId}: expected revision ${String(expected)}, actual ${String(actual)}`)
+    this.name = 'WrongExpectedRevisionError'
+  }
+}
+
+/** Some but not all of an append's event ids are already stored: not a retry of one append, so refused. */
+export class DuplicateEventIdError extends Error {
+  readonly code = 'DUPLICATE_EVENT_ID'
+  constructor(readonly streamId: string, readonly eventIds: string[]) {
+    super(`stream ${streamId}: event ids already stored by another append: ${eventIds.join(', ')}`)
+    this.name = 'DuplicateEventIdError'
+  }
+}
+
+export class EventStoreUnavailableError extends Error {
+  readonly code = 'EVENT_STORE_UNAVAILABLE'
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, options)
+    this.name = 'EventStoreUnavailableError'
+  }
+}

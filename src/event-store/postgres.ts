@@ -1,0 +1,384 @@
+import pg from 'pg'
+import { DuplicateEventIdError, EventStoreUnavailableError, WrongExpectedRevisionError } from './errors.js'
+import { newEventId } from './event-id.js'
+import type {
+  AppendOptions,
+  AppendResult,
+  EventMetadata,
+  EventStore,
+  ExpectedRevision,
+  NewEvent,
+  Position,
+  ReadStreamOptions,
+  RecordedEvent,
+  SubscribeOptions,
+  Subscription,
+} from './port.js'
+import { START } from './port.js'
+import { Signal } from './signal.js'
+import { type Page, PollingSubscription } from './subscription.js'
+
+export interface PostgresEventStoreOptions {
+  /** Most events written in one group-commit transaction. Default 2000. */
+  maxBatchEvents?: number
+  /** Longest a subscriber waits for a notification before polling anyway. Default 1000 ms. */
+  idlePollMs?: number
+  /** Re-read delay when a page stopped below an open transaction. Default 5 ms. */
+  heldPollMs?: number
+}
+
+interface PendingAppend {
+  streamId: string
+  events: { id: string; type: string; data: string; metadata: string }[]
+  expected: ExpectedRevision
+  resolve(result: AppendResult): void
+  reject(error: unknown): void
+}
+
+/** Writers of the log serialise on this transaction-level advisory lock, so positions follow commit order. */
+const APPEND_LOCK = 0x646370_01
+const RETRYABLE = new Set(['23505', '40001', '40P01']) // a racing writer outside this process; serialisation; deadlock
+const MAX_ATTEMPTS = 5
+
+const SELECT_COLUMNS = 'position, stream_id, revision, event_id, type, data, metadata, recorded_at'
+
+/**
+ * The default event store: one `events` table in Postgres (see src/postgres/migrations.ts).
+ *
+ * Appends are group-committed: concurrent appends queue while a batch is being written, then go to the
+ * database together in one transaction of four round trips, whatever their number. Each append keeps its
+ * own expected-revision check and its own error; only the appends that pass are inserted.
+ *
+ * Readers never pass a transaction that may still commit below them: a page stops at the first event
+ * written by a transaction at or above the oldest running transaction id (`pg_snapshot_xmin`), so an event
+ * that becomes visible later cannot have a position below one already delivered.
+ */
+export class PostgresEventStore implements EventStore {
+  private queue: PendingAppend[] = []
+  private flushing = false
+  private readonly signal = new Signal()
+  private listener: pg.Client | undefined
+  private listening: Promise<void> | undefined
+  private closed = false
+  private readonly maxBatchEvents: number
+  private readonly idlePollMs: number
+  private readonly heldPollMs: number
+
+  constructor(private readonly pool: pg.Pool, options: PostgresEventStoreOptions = {}) {
+    this.maxBatchEvents = options.maxBatchEvents ?? 2000
+    this.idlePollMs = options.idlePollMs ?? 1000
+    this.heldPollMs = options.heldPollMs ?? 5
+  }
+
+  append(streamId: string, events: readonly NewEvent[], options: AppendOptions = {}): Promise<AppendResult> {
+    if (this.closed) return Promise.reject(new EventStoreUnavailableError('event store is closed'))
+    let rows: PendingAppend['events']
+    try {
+      rows = events.map(toRow)
+    } catch (error) {
+      return Promise.reject(error) // refused alone, before it can fail a shared batch
+    }
+    return new Promise((resolve, reject) => {
+      this.queue.push({ streamId, expected: options.expectedRevision ?? 'any', events: rows, resolve, reject })
+      if (!this.flushing) {
+        this.flushing = true
+        setImmediate(() => void this.flush())
+      }
+    })
+  }
+
+  /** Writes queued appends batch after batch until the queue is empty. One flush runs at a time. */
+  private async flush(): Promise<void> {
+    try {
+      while (this.queue.length > 0) {
+        let count = 0
+        let take = 0
+        while (take < this.queue.length && (take === 0 || count + this.queue[take]!.events.length <= this.maxBatchEvents)) {
+          count += this.queue[take]!.events.length
+          take++
+        }
+        const batch = this.queue.splice(0, take)
+        await this.writeBatch(batch)
+      }
+    } finally {
+      this.flushing = false
+    }
+  }
+
+  private async writeBatch(batch: PendingAppend[]): Promise<void> {
+    let client: pg.PoolClient
+    try {
+      client = await this.pool.connect()
+    } catch (cause) {
+      const error = new EventStoreUnavailableError(`cannot reach the event store database: ${(cause as Error).message}`, { cause })
+      for (const append of batch) append.reject(error)
+      return
+    }
+    let broken: Error | undefined
+    try {
+      for (let attempt = 1; ; attempt++) {
+        try {
+          const outcomes = await this.writeInTransaction(client, batch)
+          outcomes.forEach((outcome, i) => (outcome.ok ? batch[i]!.resolve(outcome.result) : batch[i]!.reject(outcome.error)))
+          return
+        } catch (error) {
+          await client.query('rollback').catch((e: Error) => (broken = e))
+          const code = (error as { code?: string }).code
+          if (broken || !code || !RETRYABLE.has(code) || attempt >= MAX_ATTEMPTS) {
+            for (const append of batch) append.reject(error)
+            return
+          }
+        }
+      }
+    } finally {
+      client.release(broken)
+    }
+  }
+
+  /**
+   * One transaction for the whole batch: 1. take the append lock; 2. read what the batch's streams and
+   * event ids already hold; 3. decide each append in queue order; 4. insert the accepted events; 5. commit.
+   */
+  private async writeInTransaction(client: pg.PoolClient, batch: PendingAppend[]): Promise<Outcome[]> {
+    // 1. lock
+    await client.query(`begin; select pg_advisory_xact_lock(${APPEND_LOCK})`)
+    // 2. current state of the touched streams, and any of the ids already stored
+    const streamIds = [...new Set(batch.map((a) => a.streamId))]
+    const eventIds = batch.flatMap((a) => a.events.map((e) => e.id))
+    const state = await client.query<{ kind: string; key: string; stream_id: string; revision: string; position: string }>(
+      `select 'stream' as kind, s.stream_id as key, s.stream_id, e.revision, e.position
+         from unnest($1::text[]) as s(stream_id)
+         cross join lateral (select revision, position from events where stream_id = s.stream_id order by revision desc limit 1) e
+       union all
+       select 'id', event_id::text, stream_id, revision, position from events where event_id = any($2::uuid[])`,
+      [streamIds, eventIds],
+    )
+    const heads = new Map<string, { revision: number; position: Position }>()
+    const stored = new Map<string, StoredId>()
+    for (const row of state.rows) {
+      const at = { streamId: row.stream_id, revision: Number(row.revision), position: BigInt(row.position) }
+      if (row.kind === 'stream') heads.set(row.key, at)
+      else stored.set(row.key, at)
+    }
+    // 3. decide
+    const plan = planBatch(batch, heads, stored)
+    // 4. insert
+    if (plan.rows.length > 0) {
+      const inserted = await client.query<{ event_id: string; position: string }>(
+        `insert into events (stream_id, revision, event_id, type, data, metadata)
+         select * from unnest($1::text[], $2::bigint[], $3::uuid[], $4::text[], $5::jsonb[], $6::jsonb[])
+         returning event_id::text, position`,
+        [
+          plan.rows.map((r) => r.streamId),
+          plan.rows.map((r) => r.revision),
+          plan.rows.map((r) => r.id),
+          plan.rows.map((r) => r.type),
+          plan.rows.map((r) => r.data),
+          plan.rows.map((r) => r.metadata),
+        ],
+      )
+      const positions = new Map(inserted.rows.map((r) => [r.event_id, BigInt(r.position)]))
+      for (const row of plan.rows) row.position = positions.get(row.id)!
+    }
+    // 5. commit
+    await client.query('commit')
+    return plan.outcomes.map((o) => (o.ok ? { ok: true, result: o.result() } : o))
+  }
+
+  async readStream(streamId: string, options: ReadStreamOptions = {}): Promise<RecordedEvent[]> {
+    const result = await this.query(
+      `select ${SELECT_COLUMNS} from events where stream_id = $1 and revision >= $2 order by revision limit $3`,
+      [streamId, options.fromRevision ?? 0, options.maxCount ?? null],
+    )
+    return result.rows.map(toRecorded)
+  }
+
+  async readAll(after: Position = START, limit = 1000): Promise<RecordedEvent[]> {
+    return (await this.readPage(after, limit)).events
+  }
+
+  private async readPage(after: Position, limit: number): Promise<Page> {
+    const result = await this.query(
+      `select ${SELECT_COLUMNS}, tx_id >= pg_snapshot_xmin(pg_current_snapshot()) as in_flight
+         from events where position > $1 order by position limit $2`,
+      [after.toString(), limit],
+    )
+    const events: RecordedEvent[] = []
+    for (const row of result.rows) {
+      if (row.in_flight) return { events, held: true }
+      events.push(toRecorded(row))
+    }
+    return { events, held: false }
+  }
+
+  subscribe(options: SubscribeOptions = {}): Subscription {
+    void this.listen()
+    return new PollingSubscription(
+      { readPage: (after, limit) => this.readPage(after, limit), signal: this.signal, idlePollMs: this.idlePollMs, heldPollMs: this.heldPollMs },
+      options,
+    )
+  }
+
+  async headPosition(): Promise<Position> {
+    const result = await this.query('select max(position) as position from events', [])
+    const position = result.rows[0]?.position
+    return position == null ? START : BigInt(position)
+  }
+
+  async close(): Promise<void> {
+    this.closed = true
+    this.signal.notify()
+    while (this.flushing) await new Promise((r) => setTimeout(r, 5))
+    const listener = this.listener
+    this.listener = undefined
+    await listener?.end().catch(() => {})
+  }
+
+  private async query(text: string, values: unknown[]): Promise<pg.QueryResult> {
+    try {
+      return await this.pool.query(text, values)
+    } catch (cause) {
+      if ((cause as { code?: string }).code) throw cause // a database error: let it say what it is
+      throw new EventStoreUnavailableError(`cannot reach the event store database: ${(cause as Error).message}`, { cause })
+    }
+  }
+
+  /** One LISTEN connection per store wakes every subscription; it reconnects after a drop. */
+  private listen(): Promise<void> {
+    if (this.listening || this.closed) return this.listening ?? Promise.resolve()
+    this.listening = (async () => {
+      const client = new pg.Client(this.pool.options)
+      client.on('notification', () => this.signal.notify())
+      client.on('error', () => {})
+      client.on('end', () => {
+        if (this.listener === client) this.listener = undefined
+        this.listening = undefined
+        // wake subscribers so they poll, and listen again unless the store is closing
+        this.signal.notify()
+        if (!this.closed) setTimeout(() => void this.listen(), 500).unref()
+      })
+      try {
+        await client.connect()
+        await client.query('listen dcp_events')
+        if (this.closed) await client.end()
+        else this.listener = client
+      } catch {
+        await client.end().catch(() => {})
+      }
+    })()
+    return this.listening
+  }
+}
+
+interface StoredId {
+  streamId: string
+  revision: number
+  position: Position
+}
+
+type Outcome = { ok: true; result: AppendResult } | { ok: false; error: Error }
+
+interface PlannedRow {
+  streamId: string
+  revision: number
+  id: string
+  type: string
+  data: string
+  metadata: string
+  position?: Position
+}
+
+/**
+ * Decides each append of a batch in queue order against the streams' current heads: the pure part of a
+ * group commit. Returns the rows to insert and, per append, its error or a way to read its result once
+ * the rows have positions.
+ */
+export function planBatch(
+  batch: readonly Pick<PendingAppend, 'streamId' | 'events' | 'expected'>[],
+  heads: Map<string, { revision: number; position: Position }>,
+  stored: Map<string, StoredId>,
+): { rows: PlannedRow[]; outcomes: ({ ok: true; result: () => AppendResult } | { ok: false; error: Error })[] } {
+  const rows: PlannedRow[] = []
+  const inBatch = new Map<string, PlannedRow>()
+  const outcomes = batch.map((append) => {
+    const ids = append.events.map((e) => e.id)
+    const already = ids.map((id) => stored.get(id) ?? inBatch.get(id))
+    const found = already.filter((x) => x !== undefined)
+    // a retry of an append that is stored (or queued just before in this batch): the original result
+    if (ids.length > 0 && found.length === ids.length && found.every((x) => x.streamId === append.streamId)) {
+      return { ok: true as const, result: () => resultOf(already as { revision: number; position?: Position }[]) }
+    }
+    if (found.length > 0) {
+      return { ok: false as const, error: new DuplicateEventIdError(append.streamId, ids.filter((_, i) => already[i])) }
+    }
+    const head = heads.get(append.streamId)
+    const current = head ? head.revision : -1
+    if (!revisionMatches(append.expected, current)) {
+      return { ok: false as const, error: new WrongExpectedRevisionError(append.streamId, append.expected, head ? current : 'no_stream') }
+    }
+    if (ids.length === 0) {
+      const position = head?.position ?? START
+      return { ok: true as const, result: () => ({ nextRevision: current, position }) }
+    }
+    const mine = append.events.map((e, i) => {
+      const row: PlannedRow = { streamId: append.streamId, revision: current + 1 + i, ...e }
+      inBatch.set(e.id, row)
+      rows.push(row)
+      return row
+    })
+    const last = mine.at(-1)!
+    heads.set(append.streamId, { revision: last.revision, position: START })
+    return { ok: true as const, result: () => resultOf(mine) }
+  })
+  return { rows, outcomes }
+}
+
+function resultOf(events: { revision: number; position?: Position }[]): AppendResult {
+  let nextRevision = -1
+  let position = START
+  for (const e of events) {
+    if (e.revision > nextRevision) nextRevision = e.revision
+    if (e.position !== undefined && e.position > position) position = e.position
+  }
+  return { nextRevision, position }
+}
+
+export function revisionMatches(expected: ExpectedRevision, current: number): boolean {
+  switch (expected) {
+    case 'any':
+      return true
+    case 'no_stream':
+      return current === -1
+    case 'stream_exists':
+      return current >= 0
+    default:
+      return expected === current
+  }
+}
+
+/** JSON's escape of U+0000: `\u0000` preceded by an even number of backslashes. */
+const NUL_ESCAPE = /(^|[^\\])(\\\\)*\\u0000/
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i
+
+function toRow(event: NewEvent): PendingAppend['events'][number] {
+  const id = event.id ?? newEventId()
+  if (!UUID.test(id)) throw new TypeError(`event id ${JSON.stringify(id)} is not a UUID`)
+  const data = JSON.stringify(event.data ?? null)
+  const metadata = JSON.stringify(event.metadata ?? {})
+  // Postgres jsonb cannot hold U+0000; refuse it here rather than fail the whole group commit.
+  if (NUL_ESCAPE.test(data) || NUL_ESCAPE.test(metadata)) throw new TypeError(`event ${event.type}: JSON must not contain U+0000`)
+  return { id: id.toLowerCase(), type: event.type, data, metadata }
+}
+
+function toRecorded(row: Record<string, unknown>): RecordedEvent {
+  return {
+    id: row.event_id as string,
+    streamId: row.stream_id as string,
+    revision: Number(row.revision),
+    position: BigInt(row.position as string),
+    type: row.type as string,
+    data: row.data,
+    metadata: row.metadata as EventMetadata,
+    recordedAt: row.recorded_at as Date,
+  }
+}
