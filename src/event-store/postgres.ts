@@ -238,7 +238,7 @@ export class PostgresEventStore implements EventStore {
     try {
       return await this.pool.query(text, values)
     } catch (cause) {
-      if ((cause as { code?: string }).code) throw cause // a database error: let it say what it is
+      if (cause instanceof pg.DatabaseError) throw cause // the server answered: let its error say what it is
       throw new EventStoreUnavailableError(`cannot reach the event store database: ${(cause as Error).message}`, { cause })
     }
   }

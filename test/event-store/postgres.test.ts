@@ -1,0 +1,105 @@
+import { randomUUID } from 'node:crypto'
+import pg from 'pg'
+import t from 'tap'
+import { DuplicateEventIdError } from '../../src/event-store/errors.js'
+import type { RecordedEvent } from '../../src/event-store/port.js'
+import { PostgresEventStore } from '../../src/event-store/postgres.js'
+import { freshDatabase } from '../helpers/database.js'
+import { eventStoreContract } from './contract.js'
+
+t.test('contract', async (t) => {
+  const database = await freshDatabase(t, { max: 30 })
+  eventStoreContract(t, async (t) => {
+    const store = new PostgresEventStore(database.pool)
+    t.teardown(() => store.close())
+    return store
+  })
+})
+
+t.test('the gap test: a subscriber never passes a transaction that may still commit below it', async (t) => {
+  const database = await freshDatabase(t)
+  const store = new PostgresEventStore(database.pool)
+  t.teardown(() => store.close())
+  await store.append('gap-0', [{ type: 'Before', data: {} }])
+  const from = await store.headPosition()
+
+  // A slow writer takes a position and keeps its transaction open (as a stalled writer on another node would).
+  const slow = new pg.Client({ connectionString: database.url })
+  await slow.connect()
+  t.teardown(() => slow.end())
+  await slow.query('begin')
+  const slowRow = await slow.query(
+    `insert into events (stream_id, revision, event_id, type, data, metadata)
+     values ('gap-slow', 0, $1, 'Slow', '{}', '{}') returning position`,
+    [randomUUID()],
+  )
+  // A later append commits above it.
+  const fast = await store.append('gap-fast', [{ type: 'Fast', data: {} }])
+  t.ok(fast.position > BigInt(slowRow.rows[0].position), 'the later append has the higher position')
+
+  const received: RecordedEvent[] = []
+  const subscription = store.subscribe({ from })
+  const consuming = (async () => {
+    for await (const batch of subscription) received.push(...batch.events)
+  })()
+  await new Promise((r) => setTimeout(r, 300))
+  t.same(received, [], 'nothing delivered past the open transaction')
+  t.same(await store.readAll(from), [], 'readAll stops there too')
+
+  await slow.query('commit')
+  const deadline = Date.now() + 5000
+  while (received.length < 2 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10))
+  await subscription.close()
+  await consuming
+  t.same(received.map((e) => e.type), ['Slow', 'Fast'], 'both delivered, in position order, once it commits')
+})
+
+t.test('an append whose ids are partly stored is refused alone; the rest of its batch commits', async (t) => {
+  const database = await freshDatabase(t)
+  const store = new PostgresEventStore(database.pool)
+  t.teardown(() => store.close())
+  const stored = randomUUID()
+  await store.append('p-1', [{ id: stored, type: 'A', data: {} }])
+  const [mixed, other] = await Promise.allSettled([
+    store.append('p-1', [{ id: randomUUID(), type: 'B', data: {} }, { id: stored, type: 'A', data: {} }]),
+    store.append('p-2', [{ type: 'C', data: {} }]),
+  ])
+  t.equal(mixed.status, 'rejected')
+  t.type((mixed as PromiseRejectedResult).reason, DuplicateEventIdError)
+  t.equal(other.status, 'fulfilled')
+  t.same((await store.readAll()).map((e) => e.type), ['A', 'C'])
+})
+
+t.test('bad events are refused before they reach a shared batch', async (t) => {
+  const database = await freshDatabase(t)
+  const store = new PostgresEventStore(database.pool)
+  t.teardown(() => store.close())
+  const results = await Promise.allSettled([
+    store.append('b-1', [{ type: 'Nul', data: { text: 'a\u0000b' } }]),
+    store.append('b-1', [{ id: 'not-a-uuid', type: 'X', data: {} }]),
+    store.append('b-2', [{ type: 'Fine', data: { text: 'a\\u0000b is only text' } }]),
+  ])
+  t.same(results.map((r) => r.status), ['rejected', 'rejected', 'fulfilled'])
+  t.match((results[0] as PromiseRejectedResult).reason.message, /U\+0000/)
+  const events = await store.readAll()
+  t.same(events.map((e) => e.type), ['Fine'])
+  t.same(events[0]!.data, { text: 'a\\u0000b is only text' })
+})
+
+t.test('group commit: concurrent appends share transactions', async (t) => {
+  const database = await freshDatabase(t)
+  const store = new PostgresEventStore(database.pool)
+  t.teardown(() => store.close())
+  await Promise.all(Array.from({ length: 200 }, (_, i) => store.append(`g-${i}`, [{ type: 'G', data: { i } }])))
+  const tx = await database.pool.query('select count(distinct tx_id::text)::int as n from events')
+  t.ok(tx.rows[0].n < 200, `200 appends took ${tx.rows[0].n} transactions`)
+})
+
+t.test('an unreachable database rejects appends and reads with a clear error', async (t) => {
+  const pool = new pg.Pool({ connectionString: 'postgres://nobody:x@127.0.0.1:1/none', connectionTimeoutMillis: 2000 })
+  const store = new PostgresEventStore(pool)
+  await t.rejects(store.append('x', [{ type: 'A', data: {} }]), { code: 'EVENT_STORE_UNAVAILABLE' })
+  await t.rejects(store.readAll(), { code: 'EVENT_STORE_UNAVAILABLE' })
+  await store.close()
+  await pool.end()
+})
