@@ -22,7 +22,7 @@ export function eventStoreContract(t: Test, makeStore: StoreFactory): void {
     const pending = new Set(Array.from({ length: writers }, (_, i) => i))
     let expected: 'no_stream' | number = 'no_stream'
     while (pending.size > 0) {
-      const attempt = expected
+      const attempt: 'no_stream' | number = expected
       const results = await Promise.allSettled(
         [...pending].map((w) => store.append(stream, [{ type: 'Raced', data: { writer: w } }], { expectedRevision: attempt }).then(() => w)),
       )

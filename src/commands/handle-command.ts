@@ -1,0 +1,92 @@
+import type { Decider, DomainEvent } from '../domain/decider.js'
+import { WrongExpectedRevisionError } from '../event-store/errors.js'
+import { eventIdFor, newEventId } from '../event-store/event-id.js'
+import type { EventMetadata, EventStore, Position, RecordedEvent } from '../event-store/port.js'
+import { START } from '../event-store/port.js'
+
+export interface CommandOptions {
+  /**
+   * Makes the command's event ids deterministic: a retry with the same key (after a timeout, a lost
+   * reply, a crash) returns the first run's result instead of appending again.
+   */
+  idempotencyKey?: string
+  /** Stored with every event (customerId, correlationId, causationId, occurredAt). */
+  metadata?: EventMetadata
+  /** How often to re-read and decide again after a concurrent writer won. Default 5. */
+  maxConflictRetries?: number
+}
+
+export interface CommandResult<Event, State> {
+  /** The events this command appended (or, for a repeated idempotency key, appended the first time). */
+  events: Event[]
+  /** The stream's state after them. */
+  state: State
+  nextRevision: number
+  /** Where the command's last event sits in the log: give it to `projections.waitFor` for read-your-writes. */
+  position: Position
+  /** True when the idempotency key had already been handled and nothing new was appended. */
+  repeated: boolean
+}
+
+/**
+ * The one command handler: read the stream, fold it, decide, append with the expected revision; on a
+ * conflict, do it all again with the newer state.
+ */
+export async function handleCommand<Command, Event extends DomainEvent, State>(
+  store: EventStore,
+  streamId: string,
+  decider: Decider<Command, Event, State>,
+  command: Command,
+  options: CommandOptions = {},
+): Promise<CommandResult<Event, State>> {
+  const maxRetries = options.maxConflictRetries ?? 5
+  for (let attempt = 0; ; attempt++) {
+    // 1. read the stream and fold it
+    const recorded = await store.readStream(streamId)
+    const history = recorded.map((e) => decider.parse({ type: e.type, data: e.data, schemaVersion: e.metadata.schemaVersion ?? 1 }))
+    let state = history.reduce(decider.evolve, decider.initialState())
+    // 2. a repeated idempotency key answers with what the first run appended
+    const repeat = options.idempotencyKey ? findRepeat(recorded, options.idempotencyKey) : undefined
+    if (repeat) {
+      const events = repeat.map((i) => history[i]!)
+      const last = recorded[repeat.at(-1)!]!
+      return { events, state, nextRevision: recorded.at(-1)!.revision, position: last.position, repeated: true }
+    }
+    // 3. decide
+    const events = decider.decide(command, state)
+    if (events.length === 0) {
+      const last = recorded.at(-1)
+      return { events, state, nextRevision: last?.revision ?? -1, position: last?.position ?? START, repeated: false }
+    }
+    // 4. append with the revision the decision was based on
+    const expectedRevision = recorded.length === 0 ? 'no_stream' : recorded.at(-1)!.revision
+    try {
+      const result = await store.append(
+        streamId,
+        events.map((event, i) => ({
+          id: options.idempotencyKey ? eventIdFor(options.idempotencyKey, i) : newEventId(),
+          type: event.type,
+          data: event.data,
+          metadata: { schemaVersion: 1, ...options.metadata },
+        })),
+        { expectedRevision },
+      )
+      state = events.reduce(decider.evolve, state)
+      return { events, state, nextRevision: result.nextRevision, position: result.position, repeated: false }
+    } catch (error) {
+      // 5. someone else appended first: decide again on the newer state
+      if (error instanceof WrongExpectedRevisionError && attempt < maxRetries) continue
+      throw error
+    }
+  }
+}
+
+/** Indexes of the events the first run with this key appended, if it did. */
+function findRepeat(recorded: RecordedEvent[], idempotencyKey: string): number[] | undefined {
+  const byId = new Map(recorded.map((e, i) => [e.id, i]))
+  const indexes: number[] = []
+  for (let at = byId.get(eventIdFor(idempotencyKey, 0)); at !== undefined; at = byId.get(eventIdFor(idempotencyKey, indexes.length))) {
+    indexes.push(at)
+  }
+  return indexes.length > 0 ? indexes : undefined
+}

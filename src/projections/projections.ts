@@ -1,0 +1,101 @@
+import type { Kysely } from 'kysely'
+import type { EventStore, Position } from '../event-store/port.js'
+import { readCheckpoint } from './checkpoints.js'
+import { eventCounts } from './event-counts.js'
+import type { Projection } from './projection.js'
+import { type AuditReport, audit, rebuild } from './replay.js'
+import { ProjectionRunner, type RunnerDeps, type RunnerState } from './runner.js'
+
+/** Every projection of dcp. A new read model is added here. */
+export const allProjections: readonly Projection[] = [eventCounts]
+
+export interface ProjectionStatus {
+  name: string
+  version: number
+  /** The stored checkpoint (null before the first build). */
+  checkpoint: string | null
+  /** The stored version, which differs from `version` until the next start rebuilds it. */
+  storedVersion: number | null
+  head: string
+  /** Events in the log after the checkpoint (any type). */
+  lag: number
+  /** This process's runner, when it runs one. */
+  state: RunnerState | 'not running'
+  lastError?: string
+}
+
+export class UnknownProjectionError extends Error {
+  readonly code = 'UNKNOWN_PROJECTION'
+  constructor(name: string, known: readonly Projection[]) {
+    super(`unknown projection ${JSON.stringify(name)}; known: ${known.map((p) => p.name).join(', ')}`)
+  }
+}
+
+/** The projections of one process: runs them, answers read-your-writes waits, rebuilds, audits. */
+export class Projections {
+  private readonly runners = new Map<string, ProjectionRunner>()
+
+  constructor(private readonly deps: RunnerDeps, readonly list: readonly Projection[] = allProjections) {}
+
+  get(name: string): Projection {
+    const projection = this.list.find((p) => p.name === name)
+    if (!projection) throw new UnknownProjectionError(name, this.list)
+    return projection
+  }
+
+  start(): void {
+    for (const projection of this.list) {
+      const runner = new ProjectionRunner(projection, this.deps)
+      this.runners.set(projection.name, runner)
+      runner.start()
+    }
+  }
+
+  async stop(): Promise<void> {
+    await Promise.all([...this.runners.values()].map((r) => r.stop()))
+    this.runners.clear()
+  }
+
+  /** Read-your-writes: resolves once every running projection has applied the log up to `position`. */
+  async waitFor(position: Position, timeoutMs = 10_000): Promise<void> {
+    await Promise.all([...this.runners.values()].map((r) => r.waitFor(position, timeoutMs)))
+  }
+
+  rebuild(name: string): Promise<Position> {
+    return rebuild(this.deps, this.get(name))
+  }
+
+  audit(name: string): Promise<AuditReport> {
+    return audit(this.deps, this.get(name))
+  }
+
+  async status(): Promise<ProjectionStatus[]> {
+    const head = await this.deps.store.headPosition()
+    return Promise.all(
+      this.list.map(async (projection) => {
+        const checkpoint = await readCheckpoint(this.deps.db, projection.name)
+        const runner = this.runners.get(projection.name)
+        const lag = await eventsAfter(this.deps.db, checkpoint?.position ?? -1n)
+        return {
+          name: projection.name,
+          version: projection.version,
+          checkpoint: checkpoint ? checkpoint.position.toString() : null,
+          storedVersion: checkpoint?.version ?? null,
+          head: head.toString(),
+          lag,
+          state: runner?.state ?? 'not running',
+          ...(runner?.lastError ? { lastError: runner.lastError } : {}),
+        }
+      }),
+    )
+  }
+}
+
+async function eventsAfter(db: Kysely<any>, position: Position): Promise<number> {
+  const row = await db
+    .selectFrom('public.events')
+    .select((eb) => eb.fn.countAll<string>().as('n'))
+    .where('position', '>', position.toString())
+    .executeTakeFirst()
+  return Number(row?.n ?? 0)
+}

@@ -1,0 +1,168 @@
+import { type Kysely, sql, type Transaction } from 'kysely'
+import type { EventStore, Position } from '../event-store/port.js'
+import { matchesFilter, START } from '../event-store/port.js'
+import { applyBatch, applyInTransaction, lockProjection, readCheckpoint } from './checkpoints.js'
+import { liveSchema, type Projection } from './projection.js'
+
+export interface ReplayDeps {
+  db: Kysely<any>
+  store: EventStore
+  /** Events read and applied per transaction. Default 5000. */
+  batchSize?: number
+}
+
+/** A copy of a projection other than the live one: its schema and its checkpoint's name. */
+interface Copy {
+  schema: string
+  checkpoint: string
+}
+
+const rebuildCopy = (name: string): Copy => ({ schema: `rm_${name}__rebuild`, checkpoint: `${name}__rebuild` })
+const auditCopy = (name: string): Copy => ({ schema: `rm_${name}__audit`, checkpoint: `${name}__audit` })
+
+/** Drops and creates a copy's schema and tables, and forgets its checkpoint. */
+async function resetCopy(db: Kysely<any>, projection: Projection, copy: Copy): Promise<void> {
+  await db.transaction().execute(async (trx) => {
+    await lockProjection(trx, copy.checkpoint)
+    await sql`drop schema if exists ${sql.id(copy.schema)} cascade`.execute(trx)
+    await sql`create schema ${sql.id(copy.schema)}`.execute(trx)
+    await sql`set local search_path to ${sql.id(copy.schema)}, public`.execute(trx)
+    await projection.createTables(trx)
+    await sql`delete from public.projection_checkpoints where name = ${copy.checkpoint}`.execute(trx)
+  })
+}
+
+async function dropCopy(db: Kysely<any>, copy: Copy): Promise<void> {
+  await sql`drop schema if exists ${sql.id(copy.schema)} cascade`.execute(db)
+  await sql`delete from public.projection_checkpoints where name = ${copy.checkpoint}`.execute(db)
+}
+
+/**
+ * Replays the log after `from` into a copy, one transaction per page, up to `until` (inclusive) or to
+ * the end of the log. The next page is read while the current one is applied. With `trx`, everything
+ * happens inside that transaction. Returns the copy's new position.
+ */
+async function replay(
+  deps: ReplayDeps,
+  projection: Projection,
+  copy: Copy,
+  from: Position,
+  options: { until?: Position; trx?: Transaction<any> } = {},
+): Promise<Position> {
+  const size = deps.batchSize ?? 5000
+  const until = options.until
+  let position = from
+  let next = until !== undefined && position >= until ? Promise.resolve([]) : deps.store.readAll(position, size)
+  for (;;) {
+    let page = await next
+    if (until !== undefined) page = page.filter((e) => e.position <= until)
+    if (page.length === 0) return position
+    position = page.at(-1)!.position
+    next = until !== undefined && position >= until ? Promise.resolve([]) : deps.store.readAll(position, size)
+    const events = page.filter((e) => matchesFilter(e, projection.filter))
+    if (options.trx) await applyInTransaction(options.trx, projection, copy, events, position)
+    else await applyBatch(deps.db, projection, copy, events, position)
+  }
+}
+
+/**
+ * Builds a fresh copy of a projection from the whole log while the live one keeps serving, then swaps it
+ * in: under the projection's lock, the copy catches up with the last events, its schema takes the live
+ * one's name and its checkpoint becomes the live checkpoint. Returns the new checkpoint.
+ */
+export async function rebuild(deps: ReplayDeps, projection: Projection): Promise<Position> {
+  const copy = rebuildCopy(projection.name)
+  const live = { schema: liveSchema(projection.name), checkpoint: projection.name }
+  await resetCopy(deps.db, projection, copy)
+  const caughtUp = await replay(deps, projection, copy, START)
+  return deps.db.transaction().execute(async (trx) => {
+    await lockProjection(trx, live.checkpoint)
+    const position = await replay(deps, projection, copy, caughtUp, { trx })
+    await sql`set local search_path to public`.execute(trx)
+    await sql`drop schema if exists ${sql.id(live.schema)} cascade`.execute(trx)
+    await sql`alter schema ${sql.id(copy.schema)} rename to ${sql.id(live.schema)}`.execute(trx)
+    await sql`delete from public.projection_checkpoints where name = ${copy.checkpoint}`.execute(trx)
+    await sql`
+      insert into public.projection_checkpoints (name, position, version)
+      values (${live.checkpoint}, ${position.toString()}, ${projection.version})
+      on conflict (name) do update set position = excluded.position, version = excluded.version, updated_at = now()`.execute(trx)
+    return position
+  })
+}
+
+export interface RowDifference {
+  /** The primary key of the row. */
+  key: Record<string, unknown>
+  /** The live row, or null when the live read model lacks it. */
+  live: Record<string, unknown> | null
+  /** The row the replay produced, or null when only the live read model has it. */
+  replayed: Record<string, unknown> | null
+}
+
+export interface TableAudit {
+  table: string
+  liveRows: number
+  replayedRows: number
+  differences: RowDifference[]
+  /** All differences, when more than `differences` lists. */
+  differenceCount: number
+}
+
+export interface AuditReport {
+  projection: string
+  /** The log position both copies were compared at. */
+  position: string
+  ok: boolean
+  tables: TableAudit[]
+}
+
+/**
+ * Replays the log into a shadow schema up to the live checkpoint and compares every table row by row.
+ * The comparison runs under the projection's lock, so the live copy cannot move while it is compared.
+ */
+export async function audit(deps: ReplayDeps, projection: Projection, options: { maxDifferences?: number } = {}): Promise<AuditReport> {
+  const copy = auditCopy(projection.name)
+  const live = readCheckpoint(deps.db, projection.name)
+  const target = (await live)?.position
+  if (target === undefined) throw new Error(`projection ${projection.name} has no live copy yet: start dcp once first`)
+  await resetCopy(deps.db, projection, copy)
+  try {
+    const replayed = await replay(deps, projection, copy, START, { until: target })
+    return await deps.db.transaction().execute(async (trx) => {
+      await lockProjection(trx, projection.name)
+      const now = (await readCheckpoint(trx, projection.name))!.position
+      const position = await replay(deps, projection, copy, replayed, { until: now, trx })
+      await sql`set local search_path to public`.execute(trx)
+      const tables = []
+      for (const table of projection.tables) {
+        tables.push(await compareTable(trx, liveSchema(projection.name), copy.schema, table, options.maxDifferences ?? 100))
+      }
+      const ok = tables.every((t) => t.differenceCount === 0)
+      return { projection: projection.name, position: (position > now ? position : now).toString(), ok, tables }
+    })
+  } finally {
+    await dropCopy(deps.db, copy)
+  }
+}
+
+async function compareTable(
+  trx: Transaction<any>,
+  live: string,
+  shadow: string,
+  table: { name: string; primaryKey: readonly string[] },
+  limit: number,
+): Promise<TableAudit> {
+  const key = sql.join(table.primaryKey.flatMap((c) => [sql.lit(c), sql.ref(`t.${c}`)]))
+  const side = (schema: string) => sql`select jsonb_build_object(${key}) as k, to_jsonb(t) as r from ${sql.table(`${schema}.${table.name}`)} as t`
+  const diff = sql`
+    select coalesce(l.k, s.k) as key, l.r as live, s.r as replayed
+    from (${side(live)}) l full join (${side(shadow)}) s on l.k = s.k
+    where l.r is distinct from s.r`
+  const { rows } = await sql<RowDifference>`${diff} order by 1 limit ${limit}`.execute(trx)
+  const counts = await sql<{ differences: string; live: string; replayed: string }>`
+    select (select count(*) from (${diff}) d) as differences,
+           (select count(*) from ${sql.table(`${live}.${table.name}`)}) as live,
+           (select count(*) from ${sql.table(`${shadow}.${table.name}`)}) as replayed`.execute(trx)
+  const c = counts.rows[0]!
+  return { table: table.name, liveRows: Number(c.live), replayedRows: Number(c.replayed), differences: rows, differenceCount: Number(c.differences) }
+}

@@ -1,0 +1,162 @@
+import { sql } from 'kysely'
+import t, { type Test } from 'tap'
+import { PostgresEventStore } from '../../src/event-store/postgres.js'
+import type { RecordedEvent } from '../../src/event-store/port.js'
+import { applyBatch, readCheckpoint } from '../../src/projections/checkpoints.js'
+import { eventCounts } from '../../src/projections/event-counts.js'
+import type { Projection } from '../../src/projections/projection.js'
+import { Projections } from '../../src/projections/projections.js'
+import { audit, rebuild } from '../../src/projections/replay.js'
+import { ProjectionRunner } from '../../src/projections/runner.js'
+import { freshDatabase } from '../helpers/database.js'
+
+async function setup(t: Test) {
+  const database = await freshDatabase(t)
+  const store = new PostgresEventStore(database.pool)
+  t.teardown(() => store.close())
+  return { database, db: database.db, store }
+}
+
+async function counts(db: import('kysely').Kysely<any>, schema = 'rm_event_counts') {
+  const { rows } = await sql<{ category: string; type: string; count: string }>`
+    select category, type, count from ${sql.table(`${schema}.event_counts`)} order by category, type`.execute(db)
+  return rows.map((r) => `${r.category}/${r.type}=${r.count}`)
+}
+
+t.test('a runner builds the read model from the log, then follows it live (read-your-writes)', async (t) => {
+  const { db, store } = await setup(t)
+  await store.append('device-1', [{ type: 'DeviceRegistered', data: {} }, { type: 'HeartbeatReceived', data: {} }])
+  await store.append('model-1', [{ type: 'ModelUploaded', data: {} }])
+  const projections = new Projections({ db, store, retryMs: 50 }, [eventCounts])
+  projections.start()
+  t.teardown(() => projections.stop())
+  const written = await store.append('device-1', [{ type: 'HeartbeatReceived', data: {} }])
+  await projections.waitFor(written.position)
+  t.same(await counts(db), ['device/DeviceRegistered=1', 'device/HeartbeatReceived=2', 'model/ModelUploaded=1'])
+  const [status] = await projections.status()
+  t.equal(status!.state, 'live')
+  t.equal(status!.checkpoint, written.position.toString())
+  t.equal(status!.lag, 0)
+})
+
+t.test('a batch delivered twice changes nothing', async (t) => {
+  const { db, store } = await setup(t)
+  const projections = new Projections({ db, store }, [eventCounts])
+  await projections.rebuild('event_counts') // an empty live copy
+  await store.append('job-1', [{ type: 'A', data: {} }, { type: 'A', data: {} }])
+  const events = await store.readAll()
+  const live = { schema: 'rm_event_counts', checkpoint: 'event_counts' }
+  await applyBatch(db, eventCounts, live, events, events.at(-1)!.position)
+  await applyBatch(db, eventCounts, live, events, events.at(-1)!.position)
+  await applyBatch(db, eventCounts, live, events.slice(1), events.at(-1)!.position)
+  t.same(await counts(db), ['job/A=2'])
+})
+
+t.test('a crash between the rows and the checkpoint rolls both back', async (t) => {
+  const { db, store } = await setup(t)
+  const crashing: Projection = {
+    ...eventCounts,
+    async apply(trx, events) {
+      await eventCounts.apply(trx, events)
+      if (events.some((e) => e.type === 'Poison')) throw new Error('killed between the rows and the checkpoint')
+    },
+  }
+  const projections = new Projections({ db, store }, [crashing])
+  await projections.rebuild('event_counts')
+  await store.append('job-1', [{ type: 'A', data: {} }])
+  const first = await store.readAll()
+  const live = { schema: 'rm_event_counts', checkpoint: 'event_counts' }
+  await applyBatch(db, crashing, live, first, first.at(-1)!.position)
+  await store.append('job-1', [{ type: 'A', data: {} }, { type: 'Poison', data: {} }])
+  const second = await store.readAll(first.at(-1)!.position)
+  await t.rejects(applyBatch(db, crashing, live, second, second.at(-1)!.position), /killed/)
+  t.same(await counts(db), ['job/A=1'], 'rows rolled back')
+  t.equal((await readCheckpoint(db, 'event_counts'))!.position, first.at(-1)!.position, 'checkpoint rolled back')
+})
+
+t.test('audit names every row changed, removed or added behind its back', async (t) => {
+  const { db, store } = await setup(t)
+  await store.append('device-1', [{ type: 'DeviceRegistered', data: {} }])
+  await store.append('model-1', [{ type: 'ModelUploaded', data: {} }])
+  await store.append('job-1', [{ type: 'JobSubmitted', data: {} }])
+  const projections = new Projections({ db, store }, [eventCounts])
+  await projections.rebuild('event_counts')
+  const clean = await projections.audit('event_counts')
+  t.ok(clean.ok, 'a faithful read model passes')
+  t.equal(clean.tables[0]!.liveRows, 3)
+
+  await sql`update rm_event_counts.event_counts set count = 999 where category = 'device'`.execute(db)
+  await sql`delete from rm_event_counts.event_counts where category = 'model'`.execute(db)
+  await sql`insert into rm_event_counts.event_counts values ('ghost', 'Invented', 1, 1)`.execute(db)
+  const report = await projections.audit('event_counts')
+  t.notOk(report.ok)
+  const table = report.tables[0]!
+  t.equal(table.differenceCount, 3)
+  const byCategory = Object.fromEntries(table.differences.map((d) => [String(d.key.category), d]))
+  t.equal(byCategory.device?.live?.count, 999)
+  t.equal(byCategory.device?.replayed?.count, 1)
+  t.equal(byCategory.model?.live, null)
+  t.same(byCategory.model?.key, { category: 'model', type: 'ModelUploaded' })
+  t.equal(byCategory.ghost?.replayed, null)
+  const { rows } = await sql`select nspname from pg_namespace where nspname like 'rm_%'`.execute(db)
+  t.same(rows, [{ nspname: 'rm_event_counts' }], 'the shadow schema is gone afterwards')
+})
+
+t.test('rebuild swaps a fresh copy in while a runner keeps writing', async (t) => {
+  const { db, store } = await setup(t)
+  const projections = new Projections({ db, store, retryMs: 50 }, [eventCounts])
+  projections.start()
+  t.teardown(() => projections.stop())
+  let stop = false
+  const writer = (async () => {
+    let n = 0
+    while (!stop) await store.append(`job-${n++ % 5}`, [{ type: 'Tick', data: {} }])
+    return n
+  })()
+  await new Promise((r) => setTimeout(r, 200))
+  await sql`update rm_event_counts.event_counts set count = -1`.execute(db) // damage that a rebuild must repair
+  await projections.rebuild('event_counts')
+  await new Promise((r) => setTimeout(r, 200))
+  stop = true
+  const written = await writer
+  await projections.waitFor(await store.headPosition())
+  t.same(await counts(db), ['job/Tick=' + written], 'every event counted once across the swap')
+  t.ok((await projections.audit('event_counts')).ok)
+})
+
+t.test('a new projection version is rebuilt on start; one writer per projection', async (t) => {
+  const { db, store } = await setup(t)
+  await store.append('device-1', [{ type: 'DeviceRegistered', data: {} }])
+  const v1 = new Projections({ db, store, retryMs: 50 }, [eventCounts])
+  await v1.rebuild('event_counts')
+  await sql`update rm_event_counts.event_counts set count = 42`.execute(db)
+  const v2: Projection = { ...eventCounts, version: 2 }
+  const a = new ProjectionRunner(v2, { db, store, retryMs: 50 })
+  const b = new ProjectionRunner(v2, { db, store, retryMs: 50 })
+  a.start()
+  await a.waitFor(await store.headPosition())
+  b.start()
+  await new Promise((r) => setTimeout(r, 200))
+  t.equal(a.state, 'live')
+  t.equal(b.state, 'standby', 'the second runner waits for the lock')
+  t.same(await counts(db), ['device/DeviceRegistered=1'], 'rebuilt from the log')
+  t.equal((await readCheckpoint(db, 'event_counts'))!.version, 2)
+  await a.stop()
+  const more = await store.append('device-1', [{ type: 'HeartbeatReceived', data: {} }])
+  await b.waitFor(more.position, 5000)
+  t.equal(b.state, 'live', 'the standby takes over')
+  t.same(await counts(db), ['device/DeviceRegistered=1', 'device/HeartbeatReceived=1'])
+  await b.stop()
+})
+
+t.test('events are applied with their recorded data', async (t) => {
+  const { db, store } = await setup(t)
+  const seen: RecordedEvent[] = []
+  const spy: Projection = { ...eventCounts, async apply(trx, events) { seen.push(...events); await eventCounts.apply(trx, events) } }
+  const projections = new Projections({ db, store }, [spy])
+  await store.append('x-1', [{ type: 'T', data: { a: 1 }, metadata: { customerId: 'c' } }])
+  await projections.rebuild('event_counts')
+  t.same(seen.map((e) => [e.streamId, e.type, e.data, e.metadata.customerId]), [['x-1', 'T', { a: 1 }, 'c']])
+  t.ok(await rebuild({ db, store }, spy) > 0n)
+  t.ok((await audit({ db, store }, spy)).ok)
+})
