@@ -31,6 +31,13 @@ export class UnknownProjectionError extends Error {
   }
 }
 
+/** The projection of that name among dcp's own, or an UnknownProjectionError. */
+export function knownProjection(name: string, list: readonly Projection[] = allProjections): Projection {
+  const projection = list.find((p) => p.name === name)
+  if (!projection) throw new UnknownProjectionError(name, list)
+  return projection
+}
+
 /** The projections of one process: runs them, answers read-your-writes waits, rebuilds, audits. */
 export class Projections {
   private readonly runners = new Map<string, ProjectionRunner>()
@@ -38,9 +45,7 @@ export class Projections {
   constructor(private readonly deps: RunnerDeps, readonly list: readonly Projection[] = allProjections) {}
 
   get(name: string): Projection {
-    const projection = this.list.find((p) => p.name === name)
-    if (!projection) throw new UnknownProjectionError(name, this.list)
-    return projection
+    return knownProjection(name, this.list)
   }
 
   start(): void {

