@@ -62,10 +62,39 @@ export async function appendBench({ database, log }: BenchContext): Promise<stri
   // Count group-commit batches: the store takes one pool client per batch (pool.connect() with no callback).
   let batches = 0
   const connect = pool.connect.bind(pool) as (...a: unknown[]) => unknown
+  // With BENCH_PROFILE=1, also time each statement of the group-commit transaction on that client.
+  const profiling = process.env.BENCH_PROFILE === '1'
+  const statementMs = new Map<string, { n: number; ms: number }>()
   ;(pool as unknown as { connect: (...a: unknown[]) => unknown }).connect = (...a: unknown[]) => {
-    if (a.length === 0) batches++
-    return connect(...a)
+    if (a.length > 0) return connect(...a)
+    batches++
+    const got = connect() as Promise<pg.PoolClient>
+    if (!profiling) return got
+    return got.then((client) => {
+      const query = client.query
+      const timed = async (text: string, values?: unknown[]) => {
+        const t0 = performance.now()
+        try {
+          return await (query as (t: string, v?: unknown[]) => Promise<pg.QueryResult>).call(client, text, values)
+        } finally {
+          const key = text.trim().split(/\s+/, 1)[0]!.replace(/;$/, '')
+          const s = statementMs.get(key) ?? { n: 0, ms: 0 }
+          s.n++
+          s.ms += performance.now() - t0
+          statementMs.set(key, s)
+        }
+      }
+      const release = client.release
+      ;(client as unknown as { query: unknown }).query = timed
+      ;(client as unknown as { release: unknown }).release = (err?: Error | boolean) => {
+        ;(client as unknown as { query: unknown }).query = query
+        ;(client as unknown as { release: unknown }).release = release
+        return release.call(client, err)
+      }
+      return client
+    })
   }
+  const cpu0 = process.cpuUsage()
 
   log(`append: ${WRITERS} writers, one event per append, ${SECONDS} s`)
   let latencies = new Float64Array(1 << 16)
@@ -102,6 +131,7 @@ export async function appendBench({ database, log }: BenchContext): Promise<stri
   }
   await Promise.all(Array.from({ length: WRITERS }, (_, w) => writer(w)))
   const elapsed = (performance.now() - start) / 1000
+  const cpu = process.cpuUsage(cpu0)
   clearInterval(ticker)
   await store.close()
   ;(pool as unknown as { connect: unknown }).connect = connect
@@ -115,6 +145,11 @@ export async function appendBench({ database, log }: BenchContext): Promise<stri
       `latency p50 ${percentile(sorted, 50).toFixed(2)} ms, p99 ${percentile(sorted, 99).toFixed(2)} ms, max ${sorted[count - 1]?.toFixed(2)} ms; ` +
       `${batches} group commits, ${(count / batches).toFixed(1)} events per commit, ${((elapsed * 1000) / batches).toFixed(2)} ms per commit`,
   )
+
+  log(`append: this process used ${((cpu.user + cpu.system) / 1e4 / elapsed).toFixed(0)}% of one core (${((cpu.user + cpu.system) / count).toFixed(0)} µs CPU per event)`)
+  if (profiling) {
+    for (const [key, s] of statementMs) log(`  profile: '${key}' ${s.n} x ${(s.ms / s.n).toFixed(2)} ms = ${((s.ms / 1000 / elapsed) * 100).toFixed(0)}% of the run`)
+  }
 
   // --- the baseline ----------------------------------------------------------------------------------
   await pool.query(`

@@ -486,7 +486,7 @@ export function mapAppendError(error: unknown, streamId: string, expected?: Expe
       fromEsdbCurrentRevision(converted.actualVersion),
     )
   }
-  return mapError(converted)
+  return mapError(error)
 }
 
 /** Transient failures (no connection, deadline, leader change, server timeout) -> EventStoreUnavailableError. */
