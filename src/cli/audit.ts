@@ -24,7 +24,7 @@ export function formatReport(report: AuditReport): string {
   for (const table of report.tables) {
     lines.push(`  ${table.table}: ${table.liveRows} live rows, ${table.replayedRows} replayed rows, ${table.differenceCount} differences`)
     for (const d of table.differences) {
-      lines.push(`    key ${JSON.stringify(d.key)}`)
+      lines.push(`    ${table.primaryKey.map((c) => `${c}=${JSON.stringify(d.key[c])}`).join(' ')}`)
       lines.push(`      live:     ${d.live ? JSON.stringify(d.live) : '(missing)'}`)
       lines.push(`      replayed: ${d.replayed ? JSON.stringify(d.replayed) : '(missing)'}`)
     }

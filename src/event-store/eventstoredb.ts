@@ -273,7 +273,7 @@ class EsdbSubscription implements Subscription {
         if (this.closed) return
         const mapped = mapError(error)
         if (!(mapped instanceof EventStoreUnavailableError) || ++failures > this.retry.attempts) throw mapped
-        await Promise.race([new Promise((r) => setTimeout(r, this.retry.delayMs * failures)), this.closing])
+        await sleepUnless(this.retry.delayMs * failures, this.closing)
       } finally {
         if (this.current === subscription) this.current = undefined
         await stopSubscription(subscription)
@@ -374,6 +374,12 @@ export function assembleBatch(items: readonly SubscriptionItem[], after: Positio
     if (event && matchesFilter(event, filter)) events.push(event)
   }
   return events.length > 0 || checkpoint > after ? { events, checkpoint } : undefined
+}
+
+async function sleepUnless(ms: number, interrupted: Promise<void>): Promise<void> {
+  let timer: NodeJS.Timeout | undefined
+  await Promise.race([new Promise((resolve) => (timer = setTimeout(resolve, ms))), interrupted])
+  clearTimeout(timer)
 }
 
 async function stopSubscription(subscription: AllStreamSubscription | undefined): Promise<void> {

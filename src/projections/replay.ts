@@ -101,6 +101,7 @@ export interface RowDifference {
 
 export interface TableAudit {
   table: string
+  primaryKey: readonly string[]
   liveRows: number
   replayedRows: number
   differences: RowDifference[]
@@ -164,5 +165,5 @@ async function compareTable(
            (select count(*) from ${sql.table(`${live}.${table.name}`)}) as live,
            (select count(*) from ${sql.table(`${shadow}.${table.name}`)}) as replayed`.execute(trx)
   const c = counts.rows[0]!
-  return { table: table.name, liveRows: Number(c.live), replayedRows: Number(c.replayed), differences: rows, differenceCount: Number(c.differences) }
+  return { table: table.name, primaryKey: table.primaryKey, liveRows: Number(c.live), replayedRows: Number(c.replayed), differences: rows, differenceCount: Number(c.differences) }
 }

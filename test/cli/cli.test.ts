@@ -1,0 +1,159 @@
+import { type ChildProcess, spawn } from 'node:child_process'
+import { chmod, mkdtemp, rm } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import path from 'node:path'
+import { fileURLToPath } from 'node:url'
+import pg from 'pg'
+import t, { type Test } from 'tap'
+import { freshDatabase } from '../helpers/database.js'
+
+const dcp = fileURLToPath(new URL('../../bin/dcp.js', import.meta.url))
+
+interface Run {
+  code: number | null
+  stdout: string
+  stderr: string
+}
+
+function run(args: string[], env: NodeJS.ProcessEnv): Promise<Run> {
+  return new Promise((resolve) => {
+    const child = spawn(process.execPath, [dcp, ...args], { env: { ...process.env, ...env } })
+    let stdout = ''
+    let stderr = ''
+    child.stdout.on('data', (d) => (stdout += d))
+    child.stderr.on('data', (d) => (stderr += d))
+    child.on('exit', (code) => resolve({ code, stdout, stderr }))
+  })
+}
+
+/** Starts `dcp start` and resolves with its base URL once it says it listens. */
+function startServer(t: Test, env: NodeJS.ProcessEnv): Promise<{ url: string; child: ChildProcess; output: () => string }> {
+  const child = spawn(process.execPath, [dcp, 'start', '--port', '0', '--host', '127.0.0.1'], {
+    env: { ...process.env, LOG_LEVEL: 'warn', ...env },
+  })
+  let output = ''
+  t.teardown(() => {
+    if (child.exitCode === null) child.kill('SIGKILL')
+  })
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`dcp start did not come up:\n${output}`)), 60_000)
+    const onData = (d: Buffer) => {
+      output += d
+      const match = /listening on (http:\/\/localhost:\d+)/.exec(output)
+      if (match) {
+        clearTimeout(timer)
+        resolve({ url: match[1]!, child, output: () => output })
+      }
+    }
+    child.stdout.on('data', onData)
+    child.stderr.on('data', onData)
+    child.on('exit', (code) => reject(new Error(`dcp start exited with ${code}:\n${output}`)))
+  })
+}
+
+const exited = (child: ChildProcess) => new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)))
+
+t.test('bad arguments: a clear message and exit code 2', async (t) => {
+  const unknown = await run(['frobnicate'], {})
+  t.equal(unknown.code, 2)
+  t.match(unknown.stderr, /unknown command "frobnicate"/)
+  t.match(unknown.stderr, /Usage:/)
+  const flag = await run(['start', '--prot', '1'], {})
+  t.equal(flag.code, 2)
+  t.match(flag.stderr, /--prot/)
+  const port = await run(['start', '--port', 'abc'], {})
+  t.equal(port.code, 2)
+  t.match(port.stderr, /--port must be a port number/)
+  const projection = await run(['audit', 'no_such_thing'], {})
+  t.equal(projection.code, 2)
+  t.match(projection.stderr, /unknown projection "no_such_thing"; known: event_counts/)
+  const missing = await run(['projections', 'rebuild'], {})
+  t.equal(missing.code, 2)
+  const help = await run(['help'], {})
+  t.equal(help.code, 0)
+  t.match(help.stdout, /dcp start/)
+})
+
+t.test('an unreachable database: a clear message and exit code 1', async (t) => {
+  const result = await run(['projections', 'status'], { DATABASE_URL: 'postgres://dcp:secret@127.0.0.1:1/dcp' })
+  t.equal(result.code, 1)
+  t.match(result.stderr, /cannot reach Postgres at 127\.0\.0\.1:1\/dcp/)
+  t.notMatch(result.stderr, /secret/, 'the password is not printed')
+  const env = await run(['start'], { PORT: 'eighty' })
+  t.equal(env.code, 1)
+  t.match(env.stderr, /invalid environment variable PORT/)
+})
+
+t.test('with DATABASE_URL: start serves health, projections and audit work beside it, SIGTERM stops it', async (t) => {
+  const database = await freshDatabase(t)
+  const env = { DATABASE_URL: database.url, DATA_DIR: await mkdtemp(path.join(tmpdir(), 'dcp-cli-')) }
+  const server = await startServer(t, env)
+  const health = await fetch(`${server.url}/api/v1/health`)
+  t.equal(health.status, 200)
+  const body = (await health.json()) as { status: string; version: string; timestamp: string }
+  t.equal(body.status, 'healthy')
+  t.match(body.version, /^\d+\.\d+\.\d+(-[0-9a-f]{7})?$/)
+  t.ok(Math.abs(Date.parse(body.timestamp) - Date.now()) < 60_000)
+  const missing = await fetch(`${server.url}/api/v1/nothing-here`)
+  t.equal(missing.status, 404)
+  t.same(await missing.json(), { error: { code: 'NOT_FOUND', message: 'no route GET /api/v1/nothing-here' } })
+
+  // some history for the read model, written as any writer would
+  const client = new pg.Client({ connectionString: database.url })
+  await client.connect()
+  t.teardown(() => client.end())
+  await client.query(`insert into events (stream_id, revision, event_id, type, data, metadata)
+    select 'device-' || g, 0, gen_random_uuid(), 'DeviceRegistered', '{}', '{}' from generate_series(1, 5) g`)
+  for (let i = 0; i < 100; i++) {
+    const { rows } = await client.query(`select count from rm_event_counts.event_counts where category = 'device'`).catch(() => ({ rows: [] }))
+    if (Number(rows[0]?.count) === 5) break
+    await new Promise((r) => setTimeout(r, 100))
+  }
+
+  const status = await run(['projections', 'status', '--json'], env)
+  t.equal(status.code, 0, status.stderr)
+  const [counts] = JSON.parse(status.stdout) as { name: string; lag: number; checkpoint: string }[]
+  t.equal(counts!.name, 'event_counts')
+  t.equal(counts!.lag, 0)
+
+  const clean = await run(['audit', 'event_counts'], env)
+  t.equal(clean.code, 0, clean.stderr)
+  t.match(clean.stdout, /OK, no differences/)
+  await client.query(`update rm_event_counts.event_counts set count = 4 where category = 'device'`)
+  const dirty = await run(['audit', 'event_counts'], env)
+  t.equal(dirty.code, 1)
+  t.match(dirty.stdout, /DIFFERENCES FOUND/)
+  t.match(dirty.stdout, /category="device" type="DeviceRegistered"\n\s+live: .*"count":4.*\n\s+replayed: .*"count":5/)
+  const rebuilt = await run(['projections', 'rebuild', 'event_counts'], env)
+  t.equal(rebuilt.code, 0, rebuilt.stderr)
+  t.equal((await run(['audit', 'event_counts'], env)).code, 0, 'the rebuild repaired it')
+
+  server.child.kill('SIGTERM')
+  t.equal(await exited(server.child), 0, 'stops cleanly on SIGTERM')
+  t.match(server.output(), /SIGTERM, shutting down/)
+})
+
+t.test('without DATABASE_URL: start runs an embedded Postgres under the data directory', async (t) => {
+  const dataDir = await mkdtemp(path.join(tmpdir(), 'dcp-embedded-'))
+  await chmod(dataDir, 0o755) // as root, Postgres runs as the postgres user, which must enter it
+  t.teardown(() => rm(dataDir, { recursive: true, force: true }))
+  const env = { DATABASE_URL: '', DATA_DIR: dataDir }
+  const server = await startServer(t, env)
+  t.match(server.output(), /Postgres: embedded/)
+  t.equal((await fetch(`${server.url}/api/v1/health`)).status, 200)
+  // another dcp command uses the running server's Postgres instead of starting a second one
+  const status = await run(['projections', 'status', '--json'], env)
+  t.equal(status.code, 0, status.stderr)
+  server.child.kill('SIGINT')
+  t.equal(await exited(server.child), 0)
+  // the data stays: a second start reuses it
+  const again = await startServer(t, env)
+  t.equal((await fetch(`${again.url}/api/v1/health`)).status, 200)
+  // killed without a chance to clean up, it leaves Postgres running: the next start copes
+  again.child.kill('SIGKILL')
+  await exited(again.child)
+  const third = await startServer(t, env)
+  t.equal((await fetch(`${third.url}/api/v1/health`)).status, 200)
+  third.child.kill('SIGTERM')
+  t.equal(await exited(third.child), 0)
+})
