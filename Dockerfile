@@ -12,7 +12,9 @@ RUN npm ci --omit=dev && npm cache clean --force
 
 COPY . .
 
-ENV NODE_ENV=production \
+ARG DCP_COMMIT=""
+ENV DCP_COMMIT=${DCP_COMMIT} \
+    NODE_ENV=production \
     PORT=3000 \
     DATA_DIR=/data
 # The blob store and any local state live in /data; run as the image's unprivileged `node` user.
@@ -21,4 +23,4 @@ VOLUME ["/data"]
 USER node
 EXPOSE 3000
 
-CMD ["npx", "tsx", "src/cli/main.ts", "start"]
+CMD ["node", "bin/dcp.js", "start"]

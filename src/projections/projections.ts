@@ -1,10 +1,12 @@
-import type { Kysely } from 'kysely'
-import type { EventStore, Position } from '../event-store/port.js'
+import type { Position } from '../event-store/port.js'
+import { START } from '../event-store/port.js'
 import { readCheckpoint } from './checkpoints.js'
 import { eventCounts } from './event-counts.js'
 import type { Projection } from './projection.js'
 import { type AuditReport, audit, rebuild } from './replay.js'
 import { ProjectionRunner, type RunnerDeps, type RunnerState } from './runner.js'
+
+const LAG_COUNT_LIMIT = 10_000
 
 /** Every projection of dcp. A new read model is added here. */
 export const allProjections: readonly Projection[] = [eventCounts]
@@ -17,7 +19,7 @@ export interface ProjectionStatus {
   /** The stored version, which differs from `version` until the next start rebuilds it. */
   storedVersion: number | null
   head: string
-  /** Events in the log after the checkpoint (any type). */
+  /** Events in the log after the checkpoint (any type), counted up to 10,000. */
   lag: number
   /** This process's runner, when it runs one. */
   state: RunnerState | 'not running'
@@ -80,7 +82,7 @@ export class Projections {
       this.list.map(async (projection) => {
         const checkpoint = await readCheckpoint(this.deps.db, projection.name)
         const runner = this.runners.get(projection.name)
-        const lag = await eventsAfter(this.deps.db, checkpoint?.position ?? -1n)
+        const lag = (await this.deps.store.readAll(checkpoint?.position ?? START, LAG_COUNT_LIMIT)).length
         return {
           name: projection.name,
           version: projection.version,
@@ -96,11 +98,3 @@ export class Projections {
   }
 }
 
-async function eventsAfter(db: Kysely<any>, position: Position): Promise<number> {
-  const row = await db
-    .selectFrom('public.events')
-    .select((eb) => eb.fn.countAll<string>().as('n'))
-    .where('position', '>', position.toString())
-    .executeTakeFirst()
-  return Number(row?.n ?? 0)
-}

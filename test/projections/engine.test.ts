@@ -114,6 +114,7 @@ t.test('rebuild swaps a fresh copy in while a runner keeps writing', async (t) =
     return n
   })()
   await new Promise((r) => setTimeout(r, 200))
+  await projections.waitFor(await store.headPosition())
   await sql`update rm_event_counts.event_counts set count = -1`.execute(db) // damage that a rebuild must repair
   await projections.rebuild('event_counts')
   await new Promise((r) => setTimeout(r, 200))
