@@ -11,6 +11,8 @@ import { PostgresEventStore } from '../src/event-store/postgres.js'
 import type { BenchContext } from './run.js'
 
 const WRITERS = Number(process.env.BENCH_WRITERS ?? 64)
+/** Store instances sharing the pool (writers split between them): more than one overlaps their batches. */
+const STORES = Number(process.env.BENCH_STORES ?? 1)
 const BASELINE_CONNECTIONS = Number(process.env.BENCH_BASELINE_CONNECTIONS ?? 4)
 const BASELINE_ROWS = 100
 const SECONDS = Number(process.env.BENCH_SECONDS ?? 10)
@@ -58,7 +60,7 @@ export async function appendBench({ database, log }: BenchContext): Promise<stri
   log(`event size: data ${JSON.stringify(sample.data).length} B, metadata ${JSON.stringify(sample.metadata).length} B`)
 
   // --- the store -------------------------------------------------------------------------------------
-  const store = new PostgresEventStore(pool)
+  const stores = Array.from({ length: STORES }, () => new PostgresEventStore(pool))
   // Count group-commit batches: the store takes one pool client per batch (pool.connect() with no callback).
   let batches = 0
   const connect = pool.connect.bind(pool) as (...a: unknown[]) => unknown
@@ -96,7 +98,7 @@ export async function appendBench({ database, log }: BenchContext): Promise<stri
   }
   const cpu0 = process.cpuUsage()
 
-  log(`append: ${WRITERS} writers, one event per append, ${SECONDS} s`)
+  log(`append: ${WRITERS} writers, one event per append, ${SECONDS} s${STORES > 1 ? `, ${STORES} store instances` : ''}`)
   let latencies = new Float64Array(1 << 16)
   let count = 0
   const record = (ms: number) => {
@@ -118,6 +120,7 @@ export async function appendBench({ database, log }: BenchContext): Promise<stri
     lastCount = count
   }, 1000)
   const writer = async (w: number) => {
+    const store = stores[w % STORES]!
     const streamId = `job-${hex(4)}-w${w}`
     const jobId = randomUUID()
     let revision = -1
@@ -133,7 +136,7 @@ export async function appendBench({ database, log }: BenchContext): Promise<stri
   const elapsed = (performance.now() - start) / 1000
   const cpu = process.cpuUsage(cpu0)
   clearInterval(ticker)
-  await store.close()
+  await Promise.all(stores.map((s) => s.close()))
   ;(pool as unknown as { connect: unknown }).connect = connect
 
   const stored = Number((await pool.query('select count(*) as n from events')).rows[0].n)

@@ -13,6 +13,13 @@ const Env = z.object({
   EVENTSTORE_URL: z.string().min(1).optional(),
   NODE_ENV: z.enum(['development', 'production', 'test']).default('development'),
   LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
+  /** Secret for the admin API (`X-Admin-Key`); without it the admin routes refuse every request. */
+  ADMIN_KEY: z.string().min(16, 'must be at least 16 characters').optional(),
+  /** Largest model upload in bytes. */
+  MAX_MODEL_BYTES: z.coerce.number().int().positive().default(256 * 1024 * 1024),
+  /** Requests per API key (or per address without one) per window. */
+  RATE_LIMIT_MAX: z.coerce.number().int().positive().default(1000),
+  RATE_LIMIT_WINDOW_MS: z.coerce.number().int().positive().default(60_000),
 })
 
 export interface Config {
@@ -23,6 +30,9 @@ export interface Config {
   eventStoreUrl: string | undefined
   production: boolean
   logLevel: z.infer<typeof Env>['LOG_LEVEL']
+  adminKey: string | undefined
+  maxModelBytes: number
+  rateLimit: { max: number; windowMs: number }
 }
 
 export class ConfigError extends Error {}
@@ -42,6 +52,9 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, overrides: Part
     eventStoreUrl: e.EVENTSTORE_URL,
     production: e.NODE_ENV === 'production',
     logLevel: e.LOG_LEVEL,
+    adminKey: e.ADMIN_KEY,
+    maxModelBytes: e.MAX_MODEL_BYTES,
+    rateLimit: { max: e.RATE_LIMIT_MAX, windowMs: e.RATE_LIMIT_WINDOW_MS },
     ...Object.fromEntries(Object.entries(overrides).filter(([, v]) => v !== undefined)),
   }
 }

@@ -1,4 +1,9 @@
+import path from 'node:path'
+import { BlobStore } from '../blobs/blob-store.js'
+import { DEV_API_KEY, DEV_CUSTOMER_ID, ensureDevCustomer } from '../commands/dev-customer.js'
 import { loadConfig } from '../config.js'
+import { sha256 } from '../http/auth.js'
+import { ensureInternalToken } from '../internal-token.js'
 import { buildApp } from '../http/app.js'
 import { openPlatform } from '../platform.js'
 import { parse, UsageError } from './args.js'
@@ -9,6 +14,7 @@ export async function startCommand(args: string[]): Promise<number> {
     port: { type: 'string' },
     host: { type: 'string' },
     'data-dir': { type: 'string' },
+    production: { type: 'boolean' },
   })
   if (positionals.length > 0) throw new UsageError(`dcp start takes no arguments, got ${positionals.join(' ')}`)
   const port = values.port === undefined ? undefined : Number(values.port)
@@ -16,11 +22,29 @@ export async function startCommand(args: string[]): Promise<number> {
   const config = loadConfig(process.env, {
     ...(port !== undefined ? { port } : {}),
     ...(values.host ? { host: String(values.host) } : {}),
-    ...(values['data-dir'] ? { dataDir: String(values['data-dir']) } : {}),
+    ...(values['data-dir'] ? { dataDir: path.resolve(String(values['data-dir'])) } : {}),
+    ...(values.production ? { production: true } : {}),
   })
   const platform = await openPlatform(config, { publish: true, log: (line) => config.logLevel === 'debug' && console.log(line) })
   platform.projections.start()
-  const app = await buildApp({ store: platform.store, projections: platform.projections, logLevel: config.logLevel })
+  const blobs = new BlobStore(path.join(config.dataDir, 'blobs'))
+  await blobs.init()
+  const internalToken = await ensureInternalToken(config.dataDir)
+  if (!config.production) {
+    await platform.projections.waitFor(await ensureDevCustomer(platform.store, sha256(DEV_API_KEY), new Date().toISOString()), 60_000)
+    console.log(`dcp: development mode: customer ${DEV_CUSTOMER_ID} with API key "${DEV_API_KEY}" (NODE_ENV=production or --production turns this off)`)
+  }
+  const app = await buildApp({
+    store: platform.store,
+    projections: platform.projections,
+    db: platform.database.db,
+    blobs,
+    internalToken,
+    adminKey: config.adminKey,
+    maxModelBytes: config.maxModelBytes,
+    rateLimit: config.rateLimit,
+    logLevel: config.logLevel,
+  })
   let stopping: Promise<void> | undefined
   const stop = (signal: string) => {
     stopping ??= (async () => {

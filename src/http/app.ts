@@ -1,19 +1,122 @@
+import multipart from '@fastify/multipart'
+import rateLimit from '@fastify/rate-limit'
+import swagger from '@fastify/swagger'
+import swaggerUi from '@fastify/swagger-ui'
 import Fastify, { type FastifyInstance } from 'fastify'
+import { jsonSchemaTransform, serializerCompiler, validatorCompiler } from 'fastify-type-provider-zod'
+import type { Kysely } from 'kysely'
+import type { BlobStore } from '../blobs/blob-store.js'
 import type { EventStore } from '../event-store/port.js'
 import type { Projections } from '../projections/projections.js'
-import { registerErrorContract } from './errors.js'
+import { version } from '../version.js'
+import { adminRoutes } from './admin.js'
+import { type AuthKind, registerAuth, sha256 } from './auth.js'
+import type { Services } from './context.js'
+import { errorBody, registerErrorContract } from './errors.js'
 import { healthRoutes } from './health.js'
+import { modelRoutes } from './models.js'
 
 export interface AppDeps {
   store: EventStore
   projections: Projections
+  db: Kysely<any>
+  blobs: BlobStore
+  /** ADMIN_KEY; without it the admin routes refuse every request. */
+  adminKey?: string
+  internalToken: string
+  /** Largest model upload, in bytes. Default 256 MiB. */
+  maxModelBytes?: number
+  /** Requests per API key (or per address without one) per window. Default 1000 per minute. */
+  rateLimit?: { max: number; windowMs: number }
   logLevel?: string
+  now?: () => Date
+}
+
+export interface RouteInfo {
+  method: string
+  url: string
+  auth: AuthKind
+}
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    /** Every route with its authentication, for the route-table test and the docs. */
+    routeTable: RouteInfo[]
+  }
 }
 
 /** The HTTP API, built from injected parts; tests build it on a real database and call it with inject. */
 export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
-  const app = Fastify({ logger: { level: deps.logLevel ?? 'info' } })
+  const app = Fastify({ logger: { level: deps.logLevel ?? 'info' }, bodyLimit: 10 * 1024 * 1024 })
+  app.setValidatorCompiler(validatorCompiler)
+  app.setSerializerCompiler(serializerCompiler)
   registerErrorContract(app)
-  await app.register(healthRoutes, { prefix: '/api/v1' })
+  const routeTable: RouteInfo[] = []
+  app.decorate('routeTable', routeTable)
+  app.addHook('onRoute', (route) => {
+    const methods = Array.isArray(route.method) ? route.method : [route.method]
+    for (const method of methods) if (method !== 'HEAD') routeTable.push({ method, url: route.url, auth: route.config?.auth ?? 'none' })
+  })
+  registerAuth(app, { db: deps.db, adminKey: deps.adminKey, internalToken: deps.internalToken })
+  await app.register(rateLimit, {
+    max: deps.rateLimit?.max ?? 1000,
+    timeWindow: deps.rateLimit?.windowMs ?? 60_000,
+    keyGenerator: (request) => {
+      const key = request.headers['x-api-key']
+      return typeof key === 'string' ? `key:${sha256(key)}` : `ip:${request.ip}`
+    },
+    errorResponseBuilder: (_request, context) => ({
+      statusCode: 429,
+      ...errorBody('RATE_LIMITED', `rate limit of ${context.max} requests per ${context.after} exceeded; retry in ${Math.ceil(context.ttl / 1000)} s`),
+    }),
+  })
+  await app.register(multipart)
+  await app.register(swagger, {
+    openapi: {
+      info: { title: 'dcp — Distributed Compute Platform API', version },
+      components: {
+        securitySchemes: {
+          apiKey: { type: 'apiKey', in: 'header', name: 'X-API-Key' },
+          adminKey: { type: 'apiKey', in: 'header', name: 'X-Admin-Key' },
+          internalToken: { type: 'apiKey', in: 'header', name: 'X-Internal-Token' },
+          sdkToken: { type: 'apiKey', in: 'header', name: 'X-SDK-Token' },
+        },
+      },
+    },
+    transform: jsonSchemaTransform,
+    transformObject: (document) => ('openapiObject' in document ? addSecurity(document.openapiObject, routeTable) : document.swaggerObject),
+  })
+  await app.register(swaggerUi, { routePrefix: '/docs', uiConfig: { url: '/api/v1/openapi.json' } as never })
+
+  const services: Services = {
+    store: deps.store,
+    projections: deps.projections,
+    db: deps.db,
+    blobs: deps.blobs,
+    limits: { maxModelBytes: deps.maxModelBytes ?? 256 * 1024 * 1024 },
+    now: deps.now ?? (() => new Date()),
+  }
+  await app.register(
+    async (api) => {
+      api.get('/openapi.json', { config: { auth: 'none' }, schema: { hide: true } }, async () => app.swagger())
+      await api.register(healthRoutes, { services })
+      await api.register(adminRoutes, { services })
+      await api.register(modelRoutes, { services })
+    },
+    { prefix: '/api/v1' },
+  )
   return app
+}
+
+const SECURITY: Record<Exclude<AuthKind, 'none'>, string> = { api_key: 'apiKey', admin: 'adminKey', internal: 'internalToken', sdk: 'sdkToken' }
+
+/** Marks each operation of the OpenAPI document with the header it needs. */
+function addSecurity(document: Record<string, any>, routes: RouteInfo[]): Record<string, any> {
+  for (const route of routes) {
+    if (route.auth === 'none') continue
+    const path = route.url.replace(/:([A-Za-z]+)/g, '{$1}')
+    const operation = document.paths?.[path]?.[route.method.toLowerCase()]
+    if (operation) operation.security = [{ [SECURITY[route.auth]]: [] }]
+  }
+  return document
 }

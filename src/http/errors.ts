@@ -1,42 +1,74 @@
 import type { FastifyError, FastifyInstance } from 'fastify'
+import { hasZodFastifySchemaValidationErrors } from 'fastify-type-provider-zod'
+import { BlobTooLargeError } from '../blobs/blob-store.js'
 import { DomainError } from '../domain/errors.js'
 
-/** HTTP status of each error code; the spec's codes, and dcp's own where the spec is silent. */
+/** HTTP status of each error code: the spec's codes, and dcp's own where the spec is silent. */
 const STATUS: Record<string, number> = {
   VALIDATION_ERROR: 400,
-  INVALID_JSON: 400,
-  UNAUTHORIZED: 401,
+  AUTH_REQUIRED: 401,
+  AUTH_INVALID: 401,
   FORBIDDEN: 403,
   NOT_FOUND: 404,
+  NO_MODEL: 404,
+  METHOD_NOT_ALLOWED: 405,
   CONFLICT: 409,
+  CANNOT_CANCEL: 409,
+  CANNOT_PAUSE: 409,
   PAYLOAD_TOO_LARGE: 413,
   UNSUPPORTED_MEDIA_TYPE: 415,
   RATE_LIMITED: 429,
   INTERNAL_ERROR: 500,
+  NO_DEVICES: 503,
+  NO_TRAINING_DEVICES: 503,
   SERVICE_UNAVAILABLE: 503,
+  TIMEOUT: 504,
+}
+
+export function statusOf(code: string): number {
+  return STATUS[code] ?? 400
 }
 
 export function errorBody(code: string, message: string) {
   return { error: { code, message } }
 }
 
-/** Every error leaves as `{"error":{"code","message"}}`: domain errors, fastify's own, unknown routes. */
+/** fastify's own client errors (bad JSON, wrong content type, too large, ...) and their codes here. */
+const FASTIFY_CODES: Record<string, string> = {
+  FST_ERR_CTP_INVALID_JSON_BODY: 'VALIDATION_ERROR',
+  FST_ERR_CTP_EMPTY_JSON_BODY: 'VALIDATION_ERROR',
+  FST_ERR_CTP_INVALID_CONTENT_LENGTH: 'VALIDATION_ERROR',
+  FST_ERR_CTP_INVALID_MEDIA_TYPE: 'UNSUPPORTED_MEDIA_TYPE',
+  FST_ERR_CTP_BODY_TOO_LARGE: 'PAYLOAD_TOO_LARGE',
+  FST_REQ_FILE_TOO_LARGE: 'PAYLOAD_TOO_LARGE',
+  FST_PARTS_LIMIT: 'PAYLOAD_TOO_LARGE',
+  FST_FILES_LIMIT: 'PAYLOAD_TOO_LARGE',
+  FST_FIELDS_LIMIT: 'PAYLOAD_TOO_LARGE',
+  FST_INVALID_MULTIPART_CONTENT_TYPE: 'UNSUPPORTED_MEDIA_TYPE',
+  FST_ERR_VALIDATION: 'VALIDATION_ERROR',
+}
+
+/** Every error leaves as `{"error":{"code","message"}}`: domain errors, validation, fastify's own, unknown routes. */
 export function registerErrorContract(app: FastifyInstance): void {
   app.setNotFoundHandler((request, reply) => {
     void reply.status(404).send(errorBody('NOT_FOUND', `no route ${request.method} ${request.url.split('?')[0]}`))
   })
-  app.setErrorHandler((error: FastifyError | DomainError | Error, request, reply) => {
-    if (error instanceof DomainError) {
-      return reply.status(STATUS[error.code] ?? 400).send(errorBody(error.code, error.message))
+  app.setErrorHandler((error: FastifyError | Error, request, reply) => {
+    if (error instanceof DomainError) return reply.status(statusOf(error.code)).send(errorBody(error.code, error.message))
+    if (error instanceof BlobTooLargeError) return reply.status(413).send(errorBody('PAYLOAD_TOO_LARGE', error.message))
+    if (hasZodFastifySchemaValidationErrors(error)) {
+      const where = error.validationContext ?? 'request'
+      const message = error.validation
+        .map((v) => `${where}${v.instancePath ? v.instancePath.replaceAll('/', '.') : ''}: ${v.message ?? 'invalid'}`)
+        .join('; ')
+      return reply.status(400).send(errorBody('VALIDATION_ERROR', message))
     }
     const fe = error as FastifyError
-    if (fe.code === 'FST_ERR_CTP_INVALID_JSON_BODY' || fe.code === 'FST_ERR_CTP_EMPTY_JSON_BODY') {
-      return reply.status(400).send(errorBody('INVALID_JSON', fe.message))
-    }
-    if (fe.code === 'FST_ERR_CTP_INVALID_MEDIA_TYPE') return reply.status(415).send(errorBody('UNSUPPORTED_MEDIA_TYPE', fe.message))
-    if (fe.code === 'FST_ERR_CTP_BODY_TOO_LARGE') return reply.status(413).send(errorBody('PAYLOAD_TOO_LARGE', fe.message))
+    const mapped = fe.code ? FASTIFY_CODES[fe.code] : undefined
+    if (mapped) return reply.status(statusOf(mapped)).send(errorBody(mapped, fe.message))
+    if (fe.statusCode === 429) return reply.status(429).send(errorBody('RATE_LIMITED', fe.message))
     if (fe.statusCode && fe.statusCode >= 400 && fe.statusCode < 500) {
-      return reply.status(fe.statusCode).send(errorBody(fe.code ?? 'BAD_REQUEST', fe.message))
+      return reply.status(fe.statusCode).send(errorBody('VALIDATION_ERROR', fe.message))
     }
     request.log.error({ err: error }, 'request failed')
     return reply.status(500).send(errorBody('INTERNAL_ERROR', 'internal error'))

@@ -1,7 +1,9 @@
 import type { Position } from '../event-store/port.js'
 import { START } from '../event-store/port.js'
 import { readCheckpoint } from './checkpoints.js'
+import { customersProjection } from './customers.js'
 import { eventCounts } from './event-counts.js'
+import { modelsProjection } from './models.js'
 import type { Projection } from './projection.js'
 import { type AuditReport, audit, rebuild } from './replay.js'
 import { ProjectionRunner, type RunnerDeps, type RunnerState } from './runner.js'
@@ -9,7 +11,7 @@ import { ProjectionRunner, type RunnerDeps, type RunnerState } from './runner.js
 const LAG_COUNT_LIMIT = 10_000
 
 /** Every projection of dcp. A new read model is added here. */
-export const allProjections: readonly Projection[] = [eventCounts]
+export const allProjections: readonly Projection[] = [eventCounts, customersProjection, modelsProjection]
 
 export interface ProjectionStatus {
   name: string

@@ -1,0 +1,96 @@
+import { createHash, timingSafeEqual } from 'node:crypto'
+import type { FastifyInstance, FastifyRequest } from 'fastify'
+import type { Kysely } from 'kysely'
+import { DomainError } from '../domain/errors.js'
+import { findCredential } from '../projections/customers.js'
+
+/**
+ * The four ways to call dcp, one per route (`config.auth`):
+ * - `api_key`: a customer, `X-API-Key`;
+ * - `admin`: operators, `X-Admin-Key` equal to ADMIN_KEY (admin routes refuse everything without it);
+ * - `internal`: other services, `X-Internal-Token` (generated into `<data>/internal_token`);
+ * - `sdk`: devices, `X-SDK-Token` issued at registration;
+ * - `none`: health and docs.
+ * API keys and SDK tokens are looked up by their SHA-256 in the credentials read model; the admin key and
+ * the internal token are compared with the configured secret. Every comparison is constant-time.
+ */
+export type AuthKind = 'none' | 'api_key' | 'admin' | 'internal' | 'sdk'
+
+export const AUTH_HEADERS: Record<Exclude<AuthKind, 'none'>, string> = {
+  api_key: 'x-api-key',
+  admin: 'x-admin-key',
+  internal: 'x-internal-token',
+  sdk: 'x-sdk-token',
+}
+
+export interface Caller {
+  kind: AuthKind
+  /** The customer calling (api_key), or owning the device (sdk). */
+  customerId?: string
+  /** The credential's id (an API key id, or the device id of an SDK token). */
+  keyId?: string
+}
+
+declare module 'fastify' {
+  interface FastifyRequest {
+    caller: Caller
+  }
+  interface FastifyContextConfig {
+    auth?: AuthKind
+  }
+}
+
+export interface AuthOptions {
+  db: Kysely<any>
+  adminKey: string | undefined
+  internalToken: string
+}
+
+export const sha256 = (secret: string) => createHash('sha256').update(secret).digest('hex')
+
+/** Constant-time equality of two secrets (hashed first, so lengths never leak). */
+export function sameSecret(a: string, b: string): boolean {
+  return timingSafeEqual(createHash('sha256').update(a).digest(), createHash('sha256').update(b).digest())
+}
+
+export function registerAuth(app: FastifyInstance, options: AuthOptions): void {
+  app.decorateRequest('caller', undefined as unknown as Caller)
+  app.addHook('onRequest', async (request) => {
+    const kind = request.routeOptions.config?.auth ?? 'none'
+    request.caller = kind === 'none' ? { kind } : await authenticate(request, kind, options)
+  })
+}
+
+async function authenticate(request: FastifyRequest, kind: Exclude<AuthKind, 'none'>, options: AuthOptions): Promise<Caller> {
+  const header = AUTH_HEADERS[kind]
+  const value = request.headers[header]
+  const secret = Array.isArray(value) ? value[0] : value
+  if (kind === 'admin' && !options.adminKey) throw new DomainError('FORBIDDEN', 'the admin API is disabled: set ADMIN_KEY to enable it')
+  if (!secret) throw new DomainError('AUTH_REQUIRED', `missing ${headerName(header)} header`)
+  switch (kind) {
+    case 'admin':
+      if (!sameSecret(secret, options.adminKey!)) throw new DomainError('AUTH_INVALID', `invalid ${headerName(header)}`)
+      return { kind }
+    case 'internal':
+      if (!sameSecret(secret, options.internalToken)) throw new DomainError('AUTH_INVALID', `invalid ${headerName(header)}`)
+      return { kind }
+    case 'api_key':
+    case 'sdk': {
+      const hash = sha256(secret)
+      const credential = await findCredential(options.db, hash)
+      const wanted = kind === 'api_key' ? 'api_key' : 'sdk_token'
+      const valid = credential !== undefined && timingSafeEqual(Buffer.from(credential.key_hash), Buffer.from(hash)) && credential.kind === wanted
+      if (!valid) throw new DomainError('AUTH_INVALID', `invalid ${headerName(header)}`)
+      if (credential.revoked_at) throw new DomainError('AUTH_INVALID', `this ${kind === 'api_key' ? 'API key' : 'SDK token'} was revoked`)
+      return { kind, keyId: credential.key_id, ...(credential.customer_id ? { customerId: credential.customer_id } : {}) }
+    }
+  }
+}
+
+const headerName = (header: string) => header.replace(/(^|-)([a-z])/g, (_, dash: string, c: string) => dash + c.toUpperCase()).replace('Sdk', 'SDK').replace('Api', 'API')
+
+/** The calling customer; routes with `auth: 'api_key'` always have one. */
+export function customerOf(request: FastifyRequest): string {
+  if (!request.caller.customerId) throw new DomainError('AUTH_REQUIRED', 'this route needs an API key')
+  return request.caller.customerId
+}

@@ -1,0 +1,33 @@
+import type { Kysely } from 'kysely'
+import type { BlobStore } from '../blobs/blob-store.js'
+import { type CommandOptions, type CommandResult, handleCommand } from '../commands/handle-command.js'
+import type { Decider, DomainEvent } from '../domain/decider.js'
+import type { EventStore } from '../event-store/port.js'
+import type { Projections } from '../projections/projections.js'
+
+/** What the routes work with; built once by `buildApp` from its deps. */
+export interface Services {
+  store: EventStore
+  projections: Projections
+  db: Kysely<any>
+  blobs: BlobStore
+  limits: { maxModelBytes: number }
+  /** The time, for commands (domain code has none of its own). */
+  now(): Date
+}
+
+/**
+ * Runs a command and waits until the read models include its events, so the response and any GET after it
+ * see what was written (read-your-writes).
+ */
+export async function execute<C, E extends DomainEvent, S>(
+  services: Services,
+  streamId: string,
+  decider: Decider<C, E, S>,
+  command: C,
+  options: CommandOptions = {},
+): Promise<CommandResult<E, S>> {
+  const result = await handleCommand(services.store, streamId, decider, command, options)
+  await services.projections.waitFor(result.position)
+  return result
+}

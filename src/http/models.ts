@@ -1,0 +1,229 @@
+import type {} from '@fastify/multipart'
+import { Ajv } from 'ajv'
+import type { FastifyPluginAsync, FastifyRequest } from 'fastify'
+import type { ZodTypeProvider } from 'fastify-type-provider-zod'
+import { z } from 'zod'
+import type { PendingBlob } from '../blobs/blob-store.js'
+import { DomainError } from '../domain/errors.js'
+import { inspectModelFile, ModelFileError, sniffFormat } from '../domain/model-file.js'
+import { MODEL_FORMATS, type ModelDescription, modelDecider, modelStream, POSTPROCESSING, PREPROCESSING, SchemaChanges } from '../domain/model.js'
+import { findModel, listModels } from '../projections/models.js'
+import { customerOf } from './auth.js'
+import { execute, type Services } from './context.js'
+import { newId } from './ids.js'
+
+const Shape = z.array(z.number().int().min(-1)).min(1).max(16)
+const JsonObject = z.record(z.string(), z.unknown())
+
+/** A multipart field whose value is JSON. */
+const json = <T extends z.ZodType>(schema: T) =>
+  z
+    .string()
+    .transform((text, ctx) => {
+      try {
+        return JSON.parse(text) as unknown
+      } catch {
+        ctx.addIssue({ code: 'custom', message: 'must be JSON' })
+        return z.NEVER
+      }
+    })
+    .pipe(schema)
+
+const UploadFields = z.strictObject({
+  name: z.string().trim().min(1).max(200).optional(),
+  format: z.enum(MODEL_FORMATS).optional(),
+  input_shape: json(Shape).optional(),
+  output_shape: json(Shape).optional(),
+  input_schema: json(JsonObject).optional(),
+  output_schema: json(JsonObject).optional(),
+  labels: json(z.array(z.string().max(1000)).max(100_000)).optional(),
+  preprocessing: z.enum(PREPROCESSING).optional(),
+  postprocessing: z.enum(POSTPROCESSING).optional(),
+})
+
+const ModelParams = z.object({ id: z.string().min(1).max(64) })
+const Page = z.object({
+  limit: z.coerce.number().int().min(1).max(1000).default(100).describe('models per page (default 100, max 1000)'),
+  offset: z.coerce.number().int().min(0).max(1_000_000).default(0),
+})
+
+const ajv = new Ajv({ strict: false, allErrors: false })
+
+/** A JSON Schema must be one Ajv can compile: a typo'd schema would otherwise let every input through. */
+function checkJsonSchema(field: string, schema: Record<string, unknown> | null | undefined): void {
+  if (!schema) return
+  try {
+    if (!ajv.validateSchema(schema)) throw new Error(ajv.errorsText(ajv.errors))
+    ajv.compile(schema)
+  } catch (error) {
+    throw new DomainError('VALIDATION_ERROR', `${field}: not a valid JSON Schema: ${(error as Error).message}`)
+  }
+}
+
+function zodMessage(error: z.ZodError): string {
+  return error.issues.map((i) => `${i.path.length ? i.path.join('.') : 'field'}: ${i.message}`).join('; ')
+}
+
+/** The API's view of a model. */
+export function modelView(m: ModelDescription & { updated_at?: string }) {
+  return {
+    id: m.model_id,
+    name: m.name,
+    format: m.format,
+    size: m.size,
+    checksum: m.checksum,
+    uploaded_at: m.uploaded_at,
+    updated_at: m.updated_at ?? m.uploaded_at,
+    input_shape: m.input_shape,
+    output_shape: m.output_shape,
+    inputs: m.inputs,
+    outputs: m.outputs,
+    preprocessing: m.preprocessing,
+    postprocessing: m.postprocessing,
+    input_schema: m.input_schema,
+    output_schema: m.output_schema,
+    labels: m.labels,
+  }
+}
+
+/** A shape the client gave must agree with the one the file declares, where the file fixes a size. */
+function checkShape(field: string, given: number[] | undefined, declared: number[] | null | undefined): number[] | null {
+  if (!given) return declared ?? null
+  if (!declared) return given
+  const agrees = given.length === declared.length && given.every((d, i) => declared[i] === -1 || d === -1 || d === declared[i])
+  if (!agrees) throw new DomainError('VALIDATION_ERROR', `${field}: ${JSON.stringify(given)} does not match the model's ${JSON.stringify(declared)}`)
+  return given
+}
+
+function formatFromName(filename: string | undefined): 'onnx' | 'torchscript' | undefined {
+  if (!filename) return undefined
+  if (/\.onnx$/i.test(filename)) return 'onnx'
+  if (/\.(pt|pth|torchscript)$/i.test(filename)) return 'torchscript'
+  return undefined
+}
+
+/** Reads the multipart request: the file streams into the blob store, the fields are collected. */
+async function readUpload(request: FastifyRequest, services: Services) {
+  const fields: Record<string, string> = {}
+  let blob: PendingBlob | undefined
+  let filename: string | undefined
+  const limits = { fileSize: services.limits.maxModelBytes, files: 1, fields: 20, fieldSize: 4 * 1024 * 1024, parts: 21 }
+  try {
+    for await (const part of request.parts({ limits })) {
+      if (part.type === 'file') {
+        if (part.fieldname !== 'model') throw new DomainError('VALIDATION_ERROR', `${part.fieldname}: unexpected file; send the model as the "model" field`)
+        blob = await services.blobs.write(part.file, { maxBytes: services.limits.maxModelBytes })
+        if (part.file.truncated) throw new DomainError('PAYLOAD_TOO_LARGE', `model: larger than the limit of ${services.limits.maxModelBytes} bytes`)
+        filename = part.filename
+      } else {
+        fields[part.fieldname] = String(part.value)
+      }
+    }
+  } catch (error) {
+    await blob?.discard()
+    throw error
+  }
+  return { fields, blob, filename }
+}
+
+/** `/models`: upload (multipart), list, get, delete, and patch the schema fields. Owned by one customer each. */
+export const modelRoutes: FastifyPluginAsync<{ services: Services }> = async (base, { services }) => {
+  const app = base.withTypeProvider<ZodTypeProvider>()
+  const config = { auth: 'api_key' as const }
+
+  app.post('/models', {
+    config,
+    schema: {
+      summary: 'Upload a model (multipart/form-data: model file, name, format, input_shape, output_shape, input_schema, output_schema, labels, preprocessing, postprocessing)',
+      tags: ['models'],
+      consumes: ['multipart/form-data'],
+    },
+  }, async (request, reply) => {
+    if (!request.isMultipart()) throw new DomainError('UNSUPPORTED_MEDIA_TYPE', 'send the model as multipart/form-data with the file in the "model" field')
+    const customerId = customerOf(request)
+    const { fields, blob, filename } = await readUpload(request, services)
+    try {
+      if (!blob) throw new DomainError('VALIDATION_ERROR', 'model: a model file is required')
+      const parsed = UploadFields.safeParse(fields)
+      if (!parsed.success) throw new DomainError('VALIDATION_ERROR', zodMessage(parsed.error))
+      const input = parsed.data
+      checkJsonSchema('input_schema', input.input_schema)
+      checkJsonSchema('output_schema', input.output_schema)
+      const bytes = await blob.read()
+      const format = input.format ?? formatFromName(filename) ?? sniffFormat(bytes)
+      let info
+      try {
+        info = inspectModelFile(bytes, format)
+      } catch (error) {
+        if (error instanceof ModelFileError) throw new DomainError('VALIDATION_ERROR', `model: ${error.message}`)
+        throw error
+      }
+      const model: ModelDescription = {
+        model_id: newId('model'),
+        customer_id: customerId,
+        name: input.name ?? filename?.replace(/\.[^.]+$/, '') ?? 'model',
+        format,
+        size: blob.size,
+        checksum: `sha256:${blob.sha256}`,
+        input_shape: checkShape('input_shape', input.input_shape, info.inputs[0]?.shape),
+        output_shape: checkShape('output_shape', input.output_shape, info.outputs[0]?.shape),
+        inputs: info.inputs,
+        outputs: info.outputs,
+        input_schema: input.input_schema ?? null,
+        output_schema: input.output_schema ?? null,
+        labels: input.labels ?? null,
+        preprocessing: input.preprocessing ?? null,
+        postprocessing: input.postprocessing ?? null,
+        uploaded_at: services.now().toISOString(),
+      }
+      await blob.keep()
+      await execute(services, modelStream(model.model_id), modelDecider, { type: 'UploadModel', model }, {
+        metadata: { customerId, occurredAt: model.uploaded_at },
+      })
+      return reply.status(201).send(modelView(model))
+    } catch (error) {
+      await blob?.discard()
+      throw error
+    }
+  })
+
+  app.get('/models', { config, schema: { summary: 'List your models', tags: ['models'], querystring: Page } }, async (request) => {
+    const { models, total } = await listModels(services.db, customerOf(request), request.query)
+    return { models: models.map(modelView), total, limit: request.query.limit, offset: request.query.offset }
+  })
+
+  app.get('/models/:id', { config, schema: { summary: 'Get a model', tags: ['models'], params: ModelParams } }, async (request) => {
+    const model = await findModel(services.db, customerOf(request), request.params.id)
+    if (!model) throw new DomainError('NOT_FOUND', `model ${request.params.id} not found`)
+    return modelView(model)
+  })
+
+  app.delete('/models/:id', {
+    config,
+    schema: { summary: 'Delete a model (new inference on it is refused; work already queued or running finishes)', tags: ['models'], params: ModelParams },
+  }, async (request, reply) => {
+    const customerId = customerOf(request)
+    const at = services.now().toISOString()
+    await execute(services, modelStream(request.params.id), modelDecider, { type: 'DeleteModel', customerId, at }, { metadata: { customerId, occurredAt: at } })
+    return reply.status(204).send()
+  })
+
+  app.patch('/models/:id/schema', {
+    config,
+    schema: {
+      summary: 'Change input/output schema, labels or adapters; only the fields given change (null clears one)',
+      tags: ['models'],
+      params: ModelParams,
+      body: SchemaChanges.strict(),
+    },
+  }, async (request) => {
+    const customerId = customerOf(request)
+    checkJsonSchema('input_schema', request.body.input_schema)
+    checkJsonSchema('output_schema', request.body.output_schema)
+    const at = services.now().toISOString()
+    const result = await execute(services, modelStream(request.params.id), modelDecider, { type: 'UpdateModelSchema', customerId, changes: request.body, at }, {
+      metadata: { customerId, occurredAt: at },
+    })
+    return modelView({ ...result.state.model!, updated_at: at })
+  })
+}

@@ -1,0 +1,104 @@
+import type { Kysely } from 'kysely'
+import { customerDecider, customerEventTypes } from '../domain/customer.js'
+import { liveSchema, type Projection } from './projection.js'
+
+/**
+ * Customers, and every credential that identifies a caller (API keys now, devices' SDK tokens with the
+ * device hub), keyed by the SHA-256 of the secret: one lookup for every authentication method.
+ */
+export const customersProjection: Projection = {
+  name: 'customers',
+  version: 1,
+  filter: { types: customerEventTypes },
+  tables: [
+    { name: 'customers', primaryKey: ['customer_id'] },
+    { name: 'credentials', primaryKey: ['key_hash'] },
+  ],
+
+  async createTables(db) {
+    await db.schema
+      .createTable('customers')
+      .addColumn('customer_id', 'text', (c) => c.primaryKey())
+      .addColumn('name', 'text', (c) => c.notNull())
+      .addColumn('created_at', 'text', (c) => c.notNull())
+      .execute()
+    await db.schema
+      .createTable('credentials')
+      .addColumn('key_hash', 'text', (c) => c.primaryKey())
+      .addColumn('kind', 'text', (c) => c.notNull())
+      .addColumn('key_id', 'text', (c) => c.notNull())
+      .addColumn('customer_id', 'text')
+      .addColumn('prefix', 'text', (c) => c.notNull())
+      .addColumn('created_at', 'text', (c) => c.notNull())
+      .addColumn('revoked_at', 'text')
+      .execute()
+    await db.schema.createIndex('credentials_key_id').on('credentials').column('key_id').execute()
+  },
+
+  async apply(trx, events) {
+    for (const recorded of events) {
+      const event = customerDecider.parse({ type: recorded.type, data: recorded.data, schemaVersion: recorded.metadata.schemaVersion ?? 1 })
+      switch (event.type) {
+        case 'CustomerCreated':
+          await trx.insertInto('customers').values(event.data).onConflict((oc) => oc.doNothing()).execute()
+          break
+        case 'ApiKeyIssued': {
+          const { key_hash, key_id, customer_id, prefix, created_at } = event.data
+          await trx
+            .insertInto('credentials')
+            .values({ key_hash, kind: 'api_key', key_id, customer_id, prefix, created_at, revoked_at: null })
+            .onConflict((oc) => oc.doNothing())
+            .execute()
+          break
+        }
+        case 'ApiKeyRevoked':
+          await trx.updateTable('credentials').set({ revoked_at: event.data.revoked_at }).where('key_id', '=', event.data.key_id).execute()
+          break
+      }
+    }
+  },
+}
+
+export interface Credential {
+  kind: 'api_key' | 'sdk_token'
+  key_id: string
+  key_hash: string
+  customer_id: string | null
+  revoked_at: string | null
+}
+
+const schema = liveSchema(customersProjection.name)
+
+export async function findCredential(db: Kysely<any>, keyHash: string): Promise<Credential | undefined> {
+  return db.withSchema(schema).selectFrom('credentials').select(['kind', 'key_id', 'key_hash', 'customer_id', 'revoked_at']).where('key_hash', '=', keyHash).executeTakeFirst()
+}
+
+export async function listCustomers(db: Kysely<any>): Promise<{ customer_id: string; name: string; created_at: string; active_keys: number }[]> {
+  const rows = await db
+    .withSchema(schema)
+    .selectFrom('customers as c')
+    .leftJoin('credentials as k', (j) => j.onRef('k.customer_id', '=', 'c.customer_id').on('k.revoked_at', 'is', null))
+    .select(['c.customer_id', 'c.name', 'c.created_at', (eb) => eb.fn.count<string>('k.key_id').as('active_keys')])
+    .groupBy(['c.customer_id', 'c.name', 'c.created_at'])
+    .orderBy('c.created_at')
+    .orderBy('c.customer_id')
+    .execute()
+  return rows.map((r) => ({ ...r, active_keys: Number(r.active_keys) }))
+}
+
+export async function listKeys(db: Kysely<any>, customerId: string) {
+  return db
+    .withSchema(schema)
+    .selectFrom('credentials')
+    .select(['key_id', 'prefix', 'created_at', 'revoked_at'])
+    .where('customer_id', '=', customerId)
+    .where('kind', '=', 'api_key')
+    .orderBy('created_at')
+    .orderBy('key_id')
+    .execute()
+}
+
+export async function customerExists(db: Kysely<any>, customerId: string): Promise<boolean> {
+  const row = await db.withSchema(schema).selectFrom('customers').select('customer_id').where('customer_id', '=', customerId).executeTakeFirst()
+  return row !== undefined
+}

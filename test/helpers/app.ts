@@ -1,0 +1,71 @@
+import { mkdtemp, rm } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import path from 'node:path'
+import type { FastifyInstance } from 'fastify'
+import type { Test } from 'tap'
+import { BlobStore } from '../../src/blobs/blob-store.js'
+import { PostgresEventStore } from '../../src/event-store/postgres.js'
+import { type AppDeps, buildApp } from '../../src/http/app.js'
+import type { Database } from '../../src/postgres/database.js'
+import { Projections } from '../../src/projections/projections.js'
+import { freshDatabase } from './database.js'
+
+export const ADMIN_KEY = 'admin-secret-for-the-tests'
+export const INTERNAL_TOKEN = 'internal-token-for-the-tests-0123456789'
+
+export interface TestApp {
+  app: FastifyInstance
+  database: Database
+  store: PostgresEventStore
+  projections: Projections
+  blobs: BlobStore
+  /** Creates a customer through the admin API and returns its id and API key. */
+  customer(name?: string): Promise<{ id: string; key: string; keyId: string }>
+}
+
+/** The whole HTTP API on a fresh database, with every projection running; torn down with the test. */
+export async function testApp(t: Test, overrides: Partial<AppDeps> = {}): Promise<TestApp> {
+  const database = await freshDatabase(t)
+  const store = new PostgresEventStore(database.pool)
+  const projections = new Projections({ db: database.db, store, retryMs: 50 })
+  projections.start()
+  const dir = await mkdtemp(path.join(tmpdir(), 'dcp-blobs-'))
+  const blobs = new BlobStore(dir)
+  await blobs.init()
+  const app = await buildApp({ store, projections, db: database.db, blobs, adminKey: ADMIN_KEY, internalToken: INTERNAL_TOKEN, logLevel: 'silent', ...overrides })
+  t.teardown(async () => {
+    await app.close()
+    await projections.stop()
+    await store.close()
+    await rm(dir, { recursive: true, force: true })
+  })
+  let n = 0
+  return {
+    app,
+    database,
+    store,
+    projections,
+    blobs,
+    async customer(name = `customer ${++n}`) {
+      const response = await app.inject({ method: 'POST', url: '/api/v1/admin/customers', headers: { 'x-admin-key': ADMIN_KEY }, payload: { name } })
+      if (response.statusCode !== 201) throw new Error(`creating a customer failed: ${response.statusCode} ${response.body}`)
+      const body = response.json() as { id: string; api_key: string; key_id: string }
+      return { id: body.id, key: body.api_key, keyId: body.key_id }
+    },
+  }
+}
+
+/** A multipart/form-data body: fields and at most one file. */
+export function multipart(fields: Record<string, string>, file?: { field?: string; name: string; content: Buffer }) {
+  const boundary = `----dcp${Math.random().toString(16).slice(2)}`
+  const parts: Buffer[] = []
+  for (const [name, value] of Object.entries(fields)) {
+    parts.push(Buffer.from(`--${boundary}\r\nContent-Disposition: form-data; name="${name}"\r\n\r\n${value}\r\n`))
+  }
+  if (file) {
+    parts.push(Buffer.from(`--${boundary}\r\nContent-Disposition: form-data; name="${file.field ?? 'model'}"; filename="${file.name}"\r\nContent-Type: application/octet-stream\r\n\r\n`))
+    parts.push(file.content, Buffer.from('\r\n'))
+  }
+  parts.push(Buffer.from(`--${boundary}--\r\n`))
+  return { payload: Buffer.concat(parts), headers: { 'content-type': `multipart/form-data; boundary=${boundary}` } }
+}

@@ -1,0 +1,154 @@
+import { createHash } from 'node:crypto'
+import { readFile } from 'node:fs/promises'
+import * as ort from 'onnxruntime-node'
+import t from 'tap'
+import { denseOnnxModel, torchScriptArchive } from '../helpers/onnx.js'
+import { multipart, testApp } from '../helpers/app.js'
+
+t.test('ONNX upload round trip: stored by content hash, shapes read from the file, visible at once', async (t) => {
+  const { app, blobs, customer } = await testApp(t)
+  const alice = await customer()
+  const bytes = denseOnnxModel({ inputs: 10, outputs: 2 })
+  const body = multipart(
+    { name: 'my-classifier', labels: '["cat","dog"]', preprocessing: 'passthrough', postprocessing: 'top_k_labels', input_schema: '{"type":"object"}' },
+    { name: 'classifier.onnx', content: bytes },
+  )
+  const response = await app.inject({ method: 'POST', url: '/api/v1/models', headers: { ...body.headers, 'x-api-key': alice.key }, payload: body.payload })
+  t.equal(response.statusCode, 201, response.body)
+  const model = response.json()
+  const sha = createHash('sha256').update(bytes).digest('hex')
+  t.match(model.id, /^model_[a-z0-9]{8}$/)
+  t.equal(model.name, 'my-classifier')
+  t.equal(model.format, 'onnx')
+  t.equal(model.size, bytes.length)
+  t.equal(model.checksum, `sha256:${sha}`)
+  t.same(model.input_shape, [-1, 10], 'filled in from the graph (-1: a dynamic batch size)')
+  t.same(model.output_shape, [-1, 2])
+  t.same(model.inputs, [{ name: 'input', type: 'float32', shape: [-1, 10] }])
+  t.same(model.labels, ['cat', 'dog'])
+  t.equal(model.postprocessing, 'top_k_labels')
+  t.same(model.input_schema, { type: 'object' })
+
+  // the stored blob is the file, byte for byte, and onnxruntime runs it
+  const stored = await readFile(blobs.pathOf(sha))
+  t.ok(stored.equals(bytes))
+  const session = await ort.InferenceSession.create(stored)
+  const out = await session.run({ input: new ort.Tensor('float32', new Float32Array(10).fill(0.5), [1, 10]) })
+  t.equal(out.output!.dims[1], 2)
+  t.same(await blobs.pending(), [], 'no temporary file left')
+
+  const get = await app.inject({ method: 'GET', url: `/api/v1/models/${model.id}`, headers: { 'x-api-key': alice.key } })
+  t.equal(get.statusCode, 200, 'read-your-writes: the GET right after the POST sees it')
+  t.same(get.json(), model)
+  const list = await app.inject({ method: 'GET', url: '/api/v1/models', headers: { 'x-api-key': alice.key } })
+  t.equal(list.json().total, 1)
+  t.same(list.json().models, [model])
+})
+
+t.test('TorchScript upload; name and format from the file name; shapes as given', async (t) => {
+  const { app, customer } = await testApp(t)
+  const alice = await customer()
+  const body = multipart({ input_shape: '[1,3,224,224]', output_shape: '[1,1000]' }, { name: 'resnet.pt', content: torchScriptArchive('resnet') })
+  const response = await app.inject({ method: 'POST', url: '/api/v1/models', headers: { ...body.headers, 'x-api-key': alice.key }, payload: body.payload })
+  t.equal(response.statusCode, 201, response.body)
+  t.equal(response.json().format, 'torchscript')
+  t.equal(response.json().name, 'resnet')
+  t.same(response.json().input_shape, [1, 3, 224, 224])
+})
+
+t.test('bad uploads: a clear 400, 413 or 415, and nothing left behind', async (t) => {
+  const { app, blobs, customer } = await testApp(t, { maxModelBytes: 4096 })
+  const alice = await customer()
+  const onnx = denseOnnxModel()
+  const cases: [string, ReturnType<typeof multipart>, number, RegExp][] = [
+    ['corrupt ONNX', multipart({}, { name: 'x.onnx', content: Buffer.from('this is not a model at all') }), 400, /model: not an ONNX model/],
+    ['zip that is not TorchScript', multipart({ format: 'torchscript' }, { name: 'x.pt', content: Buffer.from('PK\u0003\u0004garbage') }), 400, /not a TorchScript archive/],
+    ['ONNX declared as TorchScript', multipart({ format: 'torchscript' }, { name: 'x.pt', content: onnx }), 400, /not a TorchScript archive/],
+    ['TorchScript declared as ONNX', multipart({ format: 'onnx' }, { name: 'x.onnx', content: torchScriptArchive() }), 400, /zip archive/],
+    ['empty file', multipart({}, { name: 'x.onnx', content: Buffer.alloc(0) }), 400, /empty/],
+    ['no file', multipart({ name: 'nothing' }), 400, /model: a model file is required/],
+    ['unknown adapter', multipart({ preprocessing: 'resize_magic' }, { name: 'x.onnx', content: onnx }), 400, /preprocessing/],
+    ['invalid JSON Schema', multipart({ input_schema: '{"type":"no-such-type"}' }, { name: 'x.onnx', content: onnx }), 400, /input_schema: not a valid JSON Schema/],
+    ['labels not JSON', multipart({ labels: 'cat,dog' }, { name: 'x.onnx', content: onnx }), 400, /labels: must be JSON/],
+    ['shape against the file', multipart({ input_shape: '[1,11]' }, { name: 'x.onnx', content: onnx }), 400, /input_shape: \[1,11\] does not match/],
+    ['unknown field', multipart({ colour: 'blue' }, { name: 'x.onnx', content: onnx }), 400, /colour/],
+    ['wrong file field', multipart({}, { field: 'file', name: 'x.onnx', content: onnx }), 400, /file: unexpected file/],
+    ['too large', multipart({}, { name: 'big.onnx', content: Buffer.alloc(5000, 1) }), 413, /limit/],
+  ]
+  for (const [what, body, status, message] of cases) {
+    const response = await app.inject({ method: 'POST', url: '/api/v1/models', headers: { ...body.headers, 'x-api-key': alice.key }, payload: body.payload })
+    t.equal(response.statusCode, status, `${what}: ${response.body}`)
+    t.match(response.json().error.message, message, what)
+    t.ok(response.json().error.code, `${what}: has a code`)
+  }
+  const json = await app.inject({ method: 'POST', url: '/api/v1/models', headers: { 'x-api-key': alice.key }, payload: { name: 'x' } })
+  t.equal(json.statusCode, 415)
+  t.equal(json.json().error.code, 'UNSUPPORTED_MEDIA_TYPE')
+  t.same(await blobs.pending(), [], 'no temporary files')
+  const list = await app.inject({ method: 'GET', url: '/api/v1/models', headers: { 'x-api-key': alice.key } })
+  t.equal(list.json().total, 0, 'no model was registered')
+})
+
+t.test('schema patch changes only the fields given; delete hides the model', async (t) => {
+  const { app, customer } = await testApp(t)
+  const alice = await customer()
+  const body = multipart({ labels: '["a","b"]', preprocessing: 'tabular' }, { name: 'm.onnx', content: denseOnnxModel() })
+  const created = (await app.inject({ method: 'POST', url: '/api/v1/models', headers: { ...body.headers, 'x-api-key': alice.key }, payload: body.payload })).json()
+  const headers = { 'x-api-key': alice.key }
+  const patched = await app.inject({ method: 'PATCH', url: `/api/v1/models/${created.id}/schema`, headers, payload: { labels: ['x', 'y'], input_schema: { type: 'object' } } })
+  t.equal(patched.statusCode, 200, patched.body)
+  t.same(patched.json().labels, ['x', 'y'])
+  t.same(patched.json().input_schema, { type: 'object' })
+  t.equal(patched.json().preprocessing, 'tabular', 'untouched field kept')
+  const cleared = await app.inject({ method: 'PATCH', url: `/api/v1/models/${created.id}/schema`, headers, payload: { preprocessing: null } })
+  t.equal(cleared.json().preprocessing, null, 'null clears a field')
+  t.same(cleared.json().labels, ['x', 'y'])
+  const got = (await app.inject({ method: 'GET', url: `/api/v1/models/${created.id}`, headers })).json()
+  t.same(got, cleared.json(), 'the read model agrees with the response')
+  for (const [payload, message] of [
+    [{ labels: 'cat' }, /labels/],
+    [{ preprocessing: 'nope' }, /preprocessing/],
+    [{ input_schema: { type: 12 } }, /input_schema: not a valid JSON Schema/],
+    [{ weights: [] }, /weights/],
+  ] as const) {
+    const bad = await app.inject({ method: 'PATCH', url: `/api/v1/models/${created.id}/schema`, headers, payload })
+    t.equal(bad.statusCode, 400)
+    t.match(bad.json().error.message, message)
+  }
+  t.equal((await app.inject({ method: 'DELETE', url: `/api/v1/models/${created.id}`, headers })).statusCode, 204)
+  t.equal((await app.inject({ method: 'GET', url: `/api/v1/models/${created.id}`, headers })).statusCode, 404)
+  t.equal((await app.inject({ method: 'DELETE', url: `/api/v1/models/${created.id}`, headers })).statusCode, 404, 'deleting twice: not found')
+  t.equal((await app.inject({ method: 'PATCH', url: `/api/v1/models/${created.id}/schema`, headers, payload: { labels: [] } })).statusCode, 404)
+  t.equal((await app.inject({ method: 'GET', url: '/api/v1/models', headers })).json().total, 0)
+})
+
+t.test('concurrent uploads all land, each with its own id', async (t) => {
+  const { app, customer } = await testApp(t)
+  const alice = await customer()
+  const responses = await Promise.all(
+    Array.from({ length: 12 }, (_, i) => {
+      const body = multipart({ name: `m${i}` }, { name: 'm.onnx', content: denseOnnxModel({ seed: i % 3 }) })
+      return app.inject({ method: 'POST', url: '/api/v1/models', headers: { ...body.headers, 'x-api-key': alice.key }, payload: body.payload })
+    }),
+  )
+  t.same(responses.map((r) => r.statusCode), Array(12).fill(201))
+  t.equal(new Set(responses.map((r) => r.json().id)).size, 12)
+  t.equal(new Set(responses.map((r) => r.json().checksum)).size, 3, 'same content, same checksum')
+  const list = await app.inject({ method: 'GET', url: '/api/v1/models?limit=5', headers: { 'x-api-key': alice.key } })
+  t.equal(list.json().total, 12)
+  t.equal(list.json().models.length, 5, 'paginated')
+})
+
+t.test("tenants never see or touch each other's models", async (t) => {
+  const { app, customer } = await testApp(t)
+  const alice = await customer()
+  const bob = await customer()
+  const body = multipart({}, { name: 'secret.onnx', content: denseOnnxModel() })
+  const model = (await app.inject({ method: 'POST', url: '/api/v1/models', headers: { ...body.headers, 'x-api-key': alice.key }, payload: body.payload })).json()
+  const asBob = { 'x-api-key': bob.key }
+  t.equal((await app.inject({ method: 'GET', url: '/api/v1/models', headers: asBob })).json().total, 0)
+  t.equal((await app.inject({ method: 'GET', url: `/api/v1/models/${model.id}`, headers: asBob })).statusCode, 404)
+  t.equal((await app.inject({ method: 'DELETE', url: `/api/v1/models/${model.id}`, headers: asBob })).statusCode, 404)
+  t.equal((await app.inject({ method: 'PATCH', url: `/api/v1/models/${model.id}/schema`, headers: asBob, payload: { labels: ['x'] } })).statusCode, 404)
+  t.equal((await app.inject({ method: 'GET', url: `/api/v1/models/${model.id}`, headers: { 'x-api-key': alice.key } })).json().labels, null, "bob's patch changed nothing")
+})
