@@ -27,6 +27,8 @@ export async function startCommand(args: string[]): Promise<number> {
   })
   const platform = await openPlatform(config, { publish: true, log: (line) => config.logLevel === 'debug' && console.log(line) })
   platform.projections.start()
+  // Serve only once the read models exist and have caught up with the log.
+  await platform.projections.waitFor(await platform.store.headPosition(), 30 * 60_000)
   const blobs = new BlobStore(path.join(config.dataDir, 'blobs'))
   await blobs.init()
   const internalToken = await ensureInternalToken(config.dataDir)

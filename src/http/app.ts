@@ -48,6 +48,8 @@ declare module 'fastify' {
 /** The HTTP API, built from injected parts; tests build it on a real database and call it with inject. */
 export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   const app = Fastify({ logger: { level: deps.logLevel ?? 'info' }, bodyLimit: 10 * 1024 * 1024 })
+  // JSON and (for uploads) multipart only: anything else is a 415, not a string handed to the schemas.
+  app.removeContentTypeParser('text/plain')
   app.setValidatorCompiler(validatorCompiler)
   app.setSerializerCompiler(serializerCompiler)
   registerErrorContract(app)

@@ -102,6 +102,16 @@ function formatFromName(filename: string | undefined): 'onnx' | 'torchscript' | 
   return undefined
 }
 
+/**
+ * The multipart parser fails with plain errors on a malformed body (a missing boundary, a cut-off part):
+ * those are the client's. Errors of our own, fastify's (with a code) and the system's (disk full) are not.
+ */
+function asClientError(error: unknown): unknown {
+  if (error instanceof DomainError || !(error instanceof Error)) return error
+  if ((error as { code?: string }).code || (error as { syscall?: string }).syscall) return error
+  return new DomainError('VALIDATION_ERROR', `malformed multipart/form-data body: ${error.message}`)
+}
+
 /** Reads the multipart request: the file streams into the blob store, the fields are collected. */
 async function readUpload(request: FastifyRequest, services: Services) {
   const fields: Record<string, string> = {}
@@ -121,7 +131,7 @@ async function readUpload(request: FastifyRequest, services: Services) {
     }
   } catch (error) {
     await blob?.discard()
-    throw error
+    throw asClientError(error)
   }
   return { fields, blob, filename }
 }

@@ -16,7 +16,7 @@ export const allProjections: readonly Projection[] = [eventCounts, customersProj
 export interface ProjectionStatus {
   name: string
   version: number
-  /** The stored checkpoint (null before the first build). */
+  /** How far the read model has applied the log (null before the first build). */
   checkpoint: string | null
   /** The stored version, which differs from `version` until the next start rebuilds it. */
   storedVersion: number | null
@@ -84,11 +84,13 @@ export class Projections {
       this.list.map(async (projection) => {
         const checkpoint = await readCheckpoint(this.deps.db, projection.name)
         const runner = this.runners.get(projection.name)
-        const lag = (await this.deps.store.readAll(checkpoint?.position ?? START, LAG_COUNT_LIMIT)).length
+        // A running runner knows how far it has scanned; the stored checkpoint moves only with matching events.
+        const position = runner && checkpoint && runner.position > checkpoint.position ? runner.position : checkpoint?.position
+        const lag = (await this.deps.store.readAll(position ?? START, LAG_COUNT_LIMIT)).length
         return {
           name: projection.name,
           version: projection.version,
-          checkpoint: checkpoint ? checkpoint.position.toString() : null,
+          checkpoint: position !== undefined ? position.toString() : null,
           storedVersion: checkpoint?.version ?? null,
           head: head.toString(),
           lag,

@@ -1,5 +1,5 @@
 import { type ChildProcess, spawn } from 'node:child_process'
-import { chmod, mkdtemp, rm } from 'node:fs/promises'
+import { chmod, mkdtemp, readFile, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import path from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -94,6 +94,9 @@ t.test('with DATABASE_URL: start serves health, projections and audit work besid
   t.equal(body.status, 'healthy')
   t.match(body.version, /^\d+\.\d+\.\d+(-[0-9a-f]{7})?$/)
   t.ok(Math.abs(Date.parse(body.timestamp) - Date.now()) < 60_000)
+  const dev = await fetch(`${server.url}/api/v1/models`, { headers: { 'x-api-key': 'test-api-key' } })
+  t.equal(dev.status, 200, 'development mode: the spec examples\' key works')
+  t.match(server.output(), /API key "test-api-key"/)
   const missing = await fetch(`${server.url}/api/v1/nothing-here`)
   t.equal(missing.status, 404)
   t.same(await missing.json(), { error: { code: 'NOT_FOUND', message: 'no route GET /api/v1/nothing-here' } })
@@ -131,6 +134,27 @@ t.test('with DATABASE_URL: start serves health, projections and audit work besid
   server.child.kill('SIGTERM')
   t.equal(await exited(server.child), 0, 'stops cleanly on SIGTERM')
   t.match(server.output(), /SIGTERM, shutting down/)
+})
+
+t.test('production mode: no development customer, and the internal token is kept in the data directory', async (t) => {
+  const database = await freshDatabase(t)
+  const dataDir = await mkdtemp(path.join(tmpdir(), 'dcp-prod-'))
+  t.teardown(() => rm(dataDir, { recursive: true, force: true }))
+  const server = await startServer(t, { DATABASE_URL: database.url, DATA_DIR: dataDir, NODE_ENV: 'production', ADMIN_KEY: 'an-admin-key-of-enough-length' })
+  const refused = await fetch(`${server.url}/api/v1/models`, { headers: { 'x-api-key': 'test-api-key' } })
+  t.equal(refused.status, 401)
+  const token = (await readFile(path.join(dataDir, 'internal_token'), 'utf8')).trim()
+  t.match(token, /^dcp_i_/)
+  const created = await fetch(`${server.url}/api/v1/admin/customers`, {
+    method: 'POST',
+    headers: { 'x-admin-key': 'an-admin-key-of-enough-length', 'content-type': 'application/json' },
+    body: JSON.stringify({ name: 'First customer' }),
+  })
+  t.equal(created.status, 201)
+  const { api_key } = (await created.json()) as { api_key: string }
+  t.equal((await fetch(`${server.url}/api/v1/models`, { headers: { 'x-api-key': api_key } })).status, 200)
+  server.child.kill('SIGTERM')
+  t.equal(await exited(server.child), 0)
 })
 
 t.test('without DATABASE_URL: start runs an embedded Postgres under the data directory', async (t) => {

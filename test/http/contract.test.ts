@@ -1,0 +1,94 @@
+import fc from 'fast-check'
+import t from 'tap'
+import { ADMIN_KEY, INTERNAL_TOKEN, multipart, testApp } from '../helpers/app.js'
+import { denseOnnxModel } from '../helpers/onnx.js'
+
+t.test('errors always use the error format: unknown routes, malformed JSON, wrong content type', async (t) => {
+  const { app, customer } = await testApp(t)
+  const alice = await customer()
+  const unknown = await app.inject({ method: 'GET', url: '/api/v1/nope?x=1' })
+  t.equal(unknown.statusCode, 404)
+  t.same(unknown.json(), { error: { code: 'NOT_FOUND', message: 'no route GET /api/v1/nope' } })
+  const body = multipart({}, { name: 'm.onnx', content: denseOnnxModel() })
+  const model = (await app.inject({ method: 'POST', url: '/api/v1/models', headers: { ...body.headers, 'x-api-key': alice.key }, payload: body.payload })).json()
+  const headers = { 'x-api-key': alice.key, 'content-type': 'application/json' }
+  const malformed = await app.inject({ method: 'PATCH', url: `/api/v1/models/${model.id}/schema`, headers, payload: '{"labels": [' })
+  t.equal(malformed.statusCode, 400)
+  t.equal(malformed.json().error.code, 'VALIDATION_ERROR')
+  const text = await app.inject({ method: 'PATCH', url: `/api/v1/models/${model.id}/schema`, headers: { ...headers, 'content-type': 'text/plain' }, payload: 'labels' })
+  t.equal(text.statusCode, 415)
+  t.equal(text.json().error.code, 'UNSUPPORTED_MEDIA_TYPE')
+  const query = await app.inject({ method: 'GET', url: '/api/v1/models?limit=0', headers })
+  t.equal(query.statusCode, 400)
+  t.match(query.json().error.message, /querystring\.limit/, 'validation errors name the field')
+})
+
+t.test('health and detailed health, without auth', async (t) => {
+  const { app, customer } = await testApp(t)
+  await customer()
+  const health = await app.inject({ method: 'GET', url: '/api/v1/health' })
+  t.equal(health.statusCode, 200)
+  t.match(health.json(), { status: 'healthy', version: /^\d+\.\d+\.\d+/, timestamp: String })
+  const detailed = await app.inject({ method: 'GET', url: '/api/v1/health/detailed' })
+  t.equal(detailed.statusCode, 200)
+  const body = detailed.json()
+  t.equal(body.status, 'healthy')
+  t.match(body.services, {
+    device_registry: { status: 'healthy', devices: 0 },
+    model_store: { status: 'healthy', models: 0 },
+    event_store: { status: 'healthy', adapter: 'PostgresEventStore' },
+  })
+  t.same(body.services.projections.items.map((p: { name: string }) => p.name).sort(), ['customers', 'event_counts', 'models'])
+  t.ok(body.services.projections.items.every((p: { lag: number }) => p.lag === 0), 'no lag after the writes settled')
+})
+
+t.test('OpenAPI from the same zod schemas, and a docs page', async (t) => {
+  const { app } = await testApp(t)
+  const response = await app.inject({ method: 'GET', url: '/api/v1/openapi.json' })
+  t.equal(response.statusCode, 200)
+  const doc = response.json()
+  t.match(doc.openapi, /^3\./)
+  t.ok(doc.paths['/api/v1/models'].post, 'upload documented')
+  t.same(doc.paths['/api/v1/models'].get.security, [{ apiKey: [] }])
+  t.same(doc.paths['/api/v1/admin/customers'].post.security, [{ adminKey: [] }])
+  const limit = doc.paths['/api/v1/models'].get.parameters.find((p: { name: string }) => p.name === 'limit')
+  t.match(limit, { in: 'query', schema: { maximum: 1000 } }, 'query schema comes from zod')
+  t.match(doc.paths['/api/v1/admin/customers'].post.requestBody.content['application/json'].schema.properties.name, { type: 'string', minLength: 1 })
+  const docs = await app.inject({ method: 'GET', url: '/docs' })
+  t.ok([200, 302].includes(docs.statusCode))
+  const page = await app.inject({ method: 'GET', url: '/docs/' })
+  t.equal(page.statusCode, 200)
+  t.match(page.body, /swagger/i)
+})
+
+t.test('fuzz: generated bad bodies, queries and ids on every route never give a 5xx', async (t) => {
+  const { app, customer } = await testApp(t)
+  const alice = await customer()
+  await app.ready()
+  const credentials = { api_key: { 'x-api-key': alice.key }, admin: { 'x-admin-key': ADMIN_KEY }, internal: { 'x-internal-token': INTERNAL_TOKEN }, sdk: {}, none: {} }
+  const segment = fc.oneof(fc.string({ maxLength: 30 }), fc.constantFrom('model_x', '..', '%00', '0', '-1', 'a'.repeat(300)))
+  const value = fc.oneof(fc.string({ maxLength: 20 }), fc.integer().map(String), fc.constantFrom('-1', '1e309', 'NaN', '[]', '{}', 'null', '%', ''))
+  const query = fc.dictionary(fc.constantFrom('limit', 'offset', 'status', 'hours', 'from', 'to', 'x'), value, { maxKeys: 3 })
+  const failures: string[] = []
+  for (const route of app.routeTable) {
+    if (route.url.startsWith('/docs')) continue
+    await fc.assert(
+      fc.asyncProperty(segment, query, fc.jsonValue({ maxDepth: 3 }), fc.boolean(), async (id, q, body, raw) => {
+        const url = route.url.replace(/:[A-Za-z]+/g, () => encodeURIComponent(id)) + '?' + new URLSearchParams(q).toString()
+        const withBody = ['POST', 'PATCH', 'PUT', 'DELETE'].includes(route.method)
+        const headers: Record<string, string> = { ...credentials[route.auth] }
+        let payload: string | undefined
+        if (withBody) {
+          headers['content-type'] = raw ? 'application/json' : 'multipart/form-data; boundary=xyz'
+          payload = raw ? JSON.stringify(body).slice(0, 2000) + (typeof body === 'string' ? '}' : '') : `--xyz\r\n${JSON.stringify(body)}`
+        }
+        const response = await app.inject({ method: route.method as 'GET', url, headers, ...(payload !== undefined ? { payload } : {}) })
+        const ok = response.statusCode < 500 && (response.statusCode < 400 || typeof response.json().error?.code === 'string')
+        if (!ok) failures.push(`${route.method} ${url} ${payload ?? ''} -> ${response.statusCode} ${response.body.slice(0, 200)}`)
+        return ok
+      }),
+      { numRuns: 25, seed: 42 },
+    ).catch(() => {})
+  }
+  t.same(failures.slice(0, 5), [], 'no 5xx and always the error format')
+})
