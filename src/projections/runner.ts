@@ -32,7 +32,8 @@ export class ProjectionTimeoutError extends Error {
 export class ProjectionRunner {
   state: RunnerState = 'starting'
   lastError: string | undefined
-  private horizon: Position = START
+  /** Below START until the live copy exists, so that waiting for START means waiting until it is ready. */
+  private horizon: Position = START - 1n
   private waiters = new Set<{ position: Position; resolve: () => void }>()
   private subscription: Subscription | undefined
   private running: Promise<void> | undefined
