@@ -155,19 +155,8 @@ export async function appendBench({ database, log }: BenchContext): Promise<stri
   }
 
   // --- the baseline ----------------------------------------------------------------------------------
-  await pool.query(`
-    create table baseline_events (
-      position bigint generated always as identity primary key,
-      stream_id text not null,
-      revision bigint not null,
-      event_id uuid not null unique,
-      type text not null,
-      data jsonb not null,
-      metadata jsonb not null,
-      recorded_at timestamptz not null default now(),
-      tx_id xid8 not null default pg_current_xact_id(),
-      unique (stream_id, revision)
-    )`)
+  // the same columns, defaults, constraints and indexes as the events table, without its trigger
+  await pool.query('create table baseline_events (like events including all)')
   const placeholders = Array.from({ length: BASELINE_ROWS }, (_, r) => `(${[1, 2, 3, 4, 5, 6].map((c) => `$${r * 6 + c}`).join(', ')})`)
   const insert = `insert into baseline_events (stream_id, revision, event_id, type, data, metadata) values ${placeholders.join(', ')}`
   log(`baseline: ${BASELINE_CONNECTIONS} connections, autocommitted ${BASELINE_ROWS}-row INSERTs, ${SECONDS} s`)

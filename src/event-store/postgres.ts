@@ -19,8 +19,10 @@ import { Signal } from './signal.js'
 import { type Page, PollingSubscription } from './subscription.js'
 
 export interface PostgresEventStoreOptions {
-  /** Most events written in one group-commit transaction. Default 2000. */
+  /** Most events written in one group-commit transaction. Default 2000 (at most 2^20). */
   maxBatchEvents?: number
+  /** Group-commit transactions in flight at once, each on its own connection. Default 3. */
+  maxConcurrentBatches?: number
   /** Longest a subscriber waits for a notification before polling anyway. Default 1000 ms. */
   idlePollMs?: number
   /** Re-read delay when a page stopped below an open transaction. Default 5 ms. */
@@ -35,8 +37,8 @@ interface PendingAppend {
   reject(error: unknown): void
 }
 
-/** Writers of the log serialise on this transaction-level advisory lock, so positions follow commit order. */
-const APPEND_LOCK = 0x646370_01
+/** Bits of a position that number the events of one transaction; the bits above are its transaction id. */
+const SEQUENCE_BITS = 20n
 const RETRYABLE = new Set(['23505', '40001', '40P01']) // a racing writer outside this process; serialisation; deadlock
 const MAX_ATTEMPTS = 5
 
@@ -45,27 +47,36 @@ const SELECT_COLUMNS = 'position, stream_id, revision, event_id, type, data, met
 /**
  * The default event store: one `events` table in Postgres (see src/postgres/migrations.ts).
  *
- * Appends are group-committed: concurrent appends queue while a batch is being written, then go to the
- * database together in one transaction of four round trips, whatever their number. Each append keeps its
- * own expected-revision check and its own error; only the appends that pass are inserted.
+ * Appends are group-committed: appends that arrive while batches are being written queue up, then go to
+ * the database together in two round trips and one transaction, whatever their number. Each append keeps
+ * its own expected-revision check and its own error; only the appends that pass are inserted. A few
+ * batches are written at once (on different connections, so both Postgres cores work), never two with the
+ * same stream.
  *
- * Readers never pass a transaction that may still commit below them: a page stops at the first event
- * written by a transaction at or above the oldest running transaction id (`pg_snapshot_xmin`), so an event
- * that becomes visible later cannot have a position below one already delivered.
+ * A position is the writing transaction's id shifted left 20 bits, plus the event's number within it, so
+ * position order is transaction order. Every position below the lowest transaction id still running in
+ * this database (shifted the same way; `dcp_position_bound()`) is final: readers stop there, so an event
+ * that becomes visible later can never land below one already delivered.
  */
 export class PostgresEventStore implements EventStore {
   private queue: PendingAppend[] = []
-  private flushing = false
+  /** Streams in a batch being written: their next appends wait, so batches never race each other. */
+  private readonly busyStreams = new Set<string>()
+  private inFlight = 0
+  private pumpScheduled = false
+  private idle: (() => void) | undefined
   private readonly signal = new Signal()
   private listener: pg.Client | undefined
   private listening: Promise<void> | undefined
   private closed = false
   private readonly maxBatchEvents: number
+  private readonly maxConcurrentBatches: number
   private readonly idlePollMs: number
   private readonly heldPollMs: number
 
   constructor(private readonly pool: pg.Pool, options: PostgresEventStoreOptions = {}) {
-    this.maxBatchEvents = options.maxBatchEvents ?? 2000
+    this.maxBatchEvents = Math.min(options.maxBatchEvents ?? 2000, 2 ** Number(SEQUENCE_BITS))
+    this.maxConcurrentBatches = options.maxConcurrentBatches ?? 3
     this.idlePollMs = options.idlePollMs ?? 1000
     this.heldPollMs = options.heldPollMs ?? 5
   }
@@ -80,29 +91,62 @@ export class PostgresEventStore implements EventStore {
     }
     return new Promise((resolve, reject) => {
       this.queue.push({ streamId, expected: options.expectedRevision ?? 'any', events: rows, resolve, reject })
-      if (!this.flushing) {
-        this.flushing = true
-        setImmediate(() => void this.flush())
-      }
+      this.schedulePump()
     })
   }
 
-  /** Writes queued appends batch after batch until the queue is empty. One flush runs at a time. */
-  private async flush(): Promise<void> {
-    try {
-      while (this.queue.length > 0) {
-        let count = 0
-        let take = 0
-        while (take < this.queue.length && (take === 0 || count + this.queue[take]!.events.length <= this.maxBatchEvents)) {
-          count += this.queue[take]!.events.length
-          take++
-        }
-        const batch = this.queue.splice(0, take)
-        await this.writeBatch(batch)
-      }
-    } finally {
-      this.flushing = false
+  /** Starts batches on the next turn of the event loop, so appends made together share one. */
+  private schedulePump(): void {
+    if (this.pumpScheduled) return
+    this.pumpScheduled = true
+    setImmediate(() => {
+      this.pumpScheduled = false
+      this.pump()
+    })
+  }
+
+  /** Starts batches while there are free slots and queued appends whose streams are not being written. */
+  private pump(): void {
+    while (this.inFlight < this.maxConcurrentBatches) {
+      // Share what is queued between the free slots, so the batches run side by side.
+      const queued = this.queue.reduce((n, a) => n + a.events.length, 0)
+      const batch = this.takeBatch(Math.ceil(queued / (this.maxConcurrentBatches - this.inFlight)))
+      if (batch.length === 0) break
+      const streams = new Set(batch.map((a) => a.streamId))
+      for (const stream of streams) this.busyStreams.add(stream)
+      this.inFlight++
+      void this.writeBatch(batch).finally(() => {
+        for (const stream of streams) this.busyStreams.delete(stream)
+        this.inFlight--
+        if (this.queue.length > 0) this.pump()
+        else if (this.inFlight === 0) this.idle?.()
+      })
     }
+  }
+
+  /**
+   * Takes queued appends in order, up to the batch size, skipping streams being written (and every later
+   * append of a skipped stream, so each stream's appends stay in order).
+   */
+  private takeBatch(size: number): PendingAppend[] {
+    const limit = Math.max(1, Math.min(size, this.maxBatchEvents))
+    const batch: PendingAppend[] = []
+    const rest: PendingAppend[] = []
+    const skipped = new Set<string>()
+    let count = 0
+    for (const append of this.queue) {
+      const blocked = this.busyStreams.has(append.streamId) || skipped.has(append.streamId)
+      const fits = batch.length === 0 || count + append.events.length <= limit
+      if (blocked || !fits) {
+        skipped.add(append.streamId)
+        rest.push(append)
+      } else {
+        batch.push(append)
+        count += append.events.length
+      }
+    }
+    this.queue = rest
+    return batch
   }
 
   private async writeBatch(batch: PendingAppend[]): Promise<void> {
@@ -118,11 +162,11 @@ export class PostgresEventStore implements EventStore {
     try {
       for (let attempt = 1; ; attempt++) {
         try {
-          const outcomes = await this.writeInTransaction(client, batch)
+          const outcomes = await this.writeOnce(client, batch)
           outcomes.forEach((outcome, i) => (outcome.ok ? batch[i]!.resolve(outcome.result) : batch[i]!.reject(outcome.error)))
           return
         } catch (error) {
-          await client.query('rollback').catch((e: Error) => (broken = e))
+          if (!(error instanceof pg.DatabaseError)) broken = error as Error
           const code = (error as { code?: string }).code
           if (broken || !code || !RETRYABLE.has(code) || attempt >= MAX_ATTEMPTS) {
             for (const append of batch) append.reject(error)
@@ -136,23 +180,25 @@ export class PostgresEventStore implements EventStore {
   }
 
   /**
-   * One transaction for the whole batch: 1. take the append lock; 2. read what the batch's streams and
-   * event ids already hold; 3. decide each append in queue order; 4. insert the accepted events; 5. commit.
+   * Two round trips for the whole batch: 1. read the heads of its streams and any of its ids already
+   * stored; 2. decide each append in queue order; 3. insert the accepted events in one statement, which is
+   * its own transaction: positions come from its transaction id, and it commits (one fsync) as it ends.
+   * A writer in another process that appended to one of the streams between 1 and 3 makes the insert fail
+   * on the unique revision, and the batch is read and decided again.
    */
-  private async writeInTransaction(client: pg.PoolClient, batch: PendingAppend[]): Promise<Outcome[]> {
-    // 1. lock
-    await client.query(`begin; select pg_advisory_xact_lock(${APPEND_LOCK})`)
-    // 2. current state of the touched streams, and any of the ids already stored
+  private async writeOnce(client: pg.PoolClient, batch: PendingAppend[]): Promise<Outcome[]> {
+    // 1. read
     const streamIds = [...new Set(batch.map((a) => a.streamId))]
     const eventIds = batch.flatMap((a) => a.events.map((e) => e.id))
-    const state = await client.query<{ kind: string; key: string; stream_id: string; revision: string; position: string }>(
-      `select 'stream' as kind, s.stream_id as key, s.stream_id, e.revision, e.position
-         from unnest($1::text[]) as s(stream_id)
-         cross join lateral (select revision, position from events where stream_id = s.stream_id order by revision desc limit 1) e
-       union all
-       select 'id', event_id::text, stream_id, revision, position from events where event_id = any($2::uuid[])`,
-      [streamIds, eventIds],
-    )
+    const state = await client.query<{ kind: string; key: string; stream_id: string; revision: string; position: string }>({
+      name: 'dcp-append-state',
+      text: `select 'stream' as kind, s.stream_id as key, s.stream_id, e.revision, e.position
+               from unnest($1::text[]) as s(stream_id)
+               cross join lateral (select revision, position from events where stream_id = s.stream_id order by revision desc limit 1) e
+             union all
+             select 'id', event_id::text, stream_id, revision, position from events where event_id = any($2::uuid[])`,
+      values: [streamIds, eventIds],
+    })
     const heads = new Map<string, { revision: number; position: Position }>()
     const stored = new Map<string, StoredId>()
     for (const row of state.rows) {
@@ -160,15 +206,19 @@ export class PostgresEventStore implements EventStore {
       if (row.kind === 'stream') heads.set(row.key, at)
       else stored.set(row.key, at)
     }
-    // 3. decide
+    // 2. decide
     const plan = planBatch(batch, heads, stored)
-    // 4. insert
+    // 3. insert and commit
     if (plan.rows.length > 0) {
-      const inserted = await client.query<{ event_id: string; position: string }>(
-        `insert into events (stream_id, revision, event_id, type, data, metadata)
-         select * from unnest($1::text[], $2::bigint[], $3::uuid[], $4::text[], $5::jsonb[], $6::jsonb[])
-         returning event_id::text, position`,
-        [
+      const inserted = await client.query<{ first: string }>({
+        name: 'dcp-append-insert',
+        text: `with rows as (
+                 insert into events (position, stream_id, revision, event_id, type, data, metadata)
+                 select (pg_current_xact_id()::text::bigint << ${SEQUENCE_BITS}) + (n - 1), s, r, i, t, d, m
+                 from unnest($1::text[], $2::bigint[], $3::uuid[], $4::text[], $5::json[], $6::json[]) with ordinality as u(s, r, i, t, d, m, n)
+                 returning position)
+               select min(position)::text as first from rows`,
+        values: [
           plan.rows.map((r) => r.streamId),
           plan.rows.map((r) => r.revision),
           plan.rows.map((r) => r.id),
@@ -176,12 +226,10 @@ export class PostgresEventStore implements EventStore {
           plan.rows.map((r) => r.data),
           plan.rows.map((r) => r.metadata),
         ],
-      )
-      const positions = new Map(inserted.rows.map((r) => [r.event_id, BigInt(r.position)]))
-      for (const row of plan.rows) row.position = positions.get(row.id)!
+      })
+      const first = BigInt(inserted.rows[0]!.first)
+      plan.rows.forEach((row, i) => (row.position = first + BigInt(i)))
     }
-    // 5. commit
-    await client.query('commit')
     return plan.outcomes.map((o) => (o.ok ? { ok: true, result: o.result() } : o))
   }
 
@@ -199,7 +247,7 @@ export class PostgresEventStore implements EventStore {
 
   private async readPage(after: Position, limit: number): Promise<Page> {
     const result = await this.query(
-      `select ${SELECT_COLUMNS}, tx_id >= pg_snapshot_xmin(pg_current_snapshot()) as in_flight
+      `select ${SELECT_COLUMNS}, position >= dcp_position_bound() as in_flight
          from events where position > $1 order by position limit $2`,
       [after.toString(), limit],
     )
@@ -228,7 +276,7 @@ export class PostgresEventStore implements EventStore {
   async close(): Promise<void> {
     this.closed = true
     this.signal.notify()
-    while (this.flushing) await new Promise((r) => setTimeout(r, 5))
+    if (this.inFlight > 0 || this.queue.length > 0) await new Promise<void>((resolve) => (this.idle = resolve))
     const listener = this.listener
     this.listener = undefined
     await listener?.end().catch(() => {})

@@ -8,20 +8,36 @@ import { type Kysely, type Migration, Migrator, sql } from 'kysely'
 const migrations: Record<string, Migration> = {
   '0001_event_log': {
     async up(db) {
+      // Positions are `(writing transaction id << 20) + n`, n counting the transaction's events: position
+      // order is transaction order, so everything below `pg_snapshot_xmin << 20` is final (see
+      // docs/event-store.md). The adapter gives positions explicitly; the default serves other writers.
+      await sql`create sequence events_position_seq`.execute(db)
       await sql`
         create table events (
-          position bigint generated always as identity primary key,
+          position bigint primary key
+            default ((pg_current_xact_id()::text::bigint << 20) | (nextval('events_position_seq') & 1048575)),
           stream_id text not null,
           revision bigint not null,
           event_id uuid not null unique,
           type text not null,
-          data jsonb not null,
-          metadata jsonb not null,
+          data json not null,
+          metadata json not null,
           recorded_at timestamptz not null default now(),
-          -- the writing transaction, so readers can stop below transactions that may still commit
-          tx_id xid8 not null default pg_current_xact_id(),
           unique (stream_id, revision)
         )`.execute(db)
+      // Every position below this one is final: no transaction still running in this database can commit
+      // an event under it. It is the lowest transaction id in progress, shifted as positions are. Other
+      // databases' transactions cannot write here, so they do not hold readers back; an id the snapshot
+      // lists but pg_stat_activity no longer shows (it just ended) counts, to be safe.
+      await sql`
+        create function dcp_position_bound() returns bigint language sql stable as $$
+          select coalesce(min(x::text::bigint), pg_snapshot_xmax(pg_current_snapshot())::text::bigint) << 20
+          from pg_snapshot_xip(pg_current_snapshot()) as x
+          where not exists (
+            select 1 from pg_stat_activity a
+            where a.backend_xid::text::bigint = (x::text::bigint & 4294967295)
+              and a.datname is distinct from current_database())
+        $$`.execute(db)
       // Wakes subscribers after every committed insert, whoever the writer is.
       await sql`
         create function dcp_notify_events() returns trigger language plpgsql as $$

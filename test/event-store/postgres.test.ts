@@ -91,7 +91,7 @@ t.test('group commit: concurrent appends share transactions', async (t) => {
   const store = new PostgresEventStore(database.pool)
   t.teardown(() => store.close())
   await Promise.all(Array.from({ length: 200 }, (_, i) => store.append(`g-${i}`, [{ type: 'G', data: { i } }])))
-  const tx = await database.pool.query('select count(distinct tx_id::text)::int as n from events')
+  const tx = await database.pool.query('select count(distinct position >> 20)::int as n from events')
   t.ok(tx.rows[0].n < 200, `200 appends took ${tx.rows[0].n} transactions`)
 })
 
