@@ -247,7 +247,8 @@ export class PostgresEventStore implements EventStore {
 
   private async readPage(after: Position, limit: number): Promise<Page> {
     const result = await this.query(
-      `select ${SELECT_COLUMNS}, position >= dcp_position_bound() as in_flight
+      // a scalar subquery is an init plan: the bound is computed once per read, not once per row
+      `select ${SELECT_COLUMNS}, position >= (select dcp_position_bound()) as in_flight
          from events where position > $1 order by position limit $2`,
       [after.toString(), limit],
     )
