@@ -2,7 +2,7 @@ import multipart from '@fastify/multipart'
 import rateLimit from '@fastify/rate-limit'
 import swagger from '@fastify/swagger'
 import swaggerUi from '@fastify/swagger-ui'
-import Fastify, { type FastifyInstance } from 'fastify'
+import Fastify, { type FastifyInstance, type FastifyReply } from 'fastify'
 import { jsonSchemaTransform, serializerCompiler, validatorCompiler } from 'fastify-type-provider-zod'
 import type { Kysely } from 'kysely'
 import type { BlobStore } from '../blobs/blob-store.js'
@@ -47,7 +47,15 @@ declare module 'fastify' {
 
 /** The HTTP API, built from injected parts; tests build it on a real database and call it with inject. */
 export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
-  const app = Fastify({ logger: { level: deps.logLevel ?? 'info' }, bodyLimit: 10 * 1024 * 1024 })
+  const app = Fastify({
+    logger: { level: deps.logLevel ?? 'info' },
+    bodyLimit: 10 * 1024 * 1024,
+    // errors the router raises before any route runs (a bad URL, a path parameter over 100 characters)
+    frameworkErrors: (error, _request, reply) => {
+      const status = error.statusCode && error.statusCode < 500 ? error.statusCode : 400
+      void (reply as FastifyReply).status(status).send(errorBody('VALIDATION_ERROR', error.message))
+    },
+  })
   // JSON and (for uploads) multipart only: anything else is a 415, not a string handed to the schemas.
   app.removeContentTypeParser('text/plain')
   app.setValidatorCompiler(validatorCompiler)

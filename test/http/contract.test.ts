@@ -69,7 +69,7 @@ t.test('fuzz: generated bad bodies, queries and ids on every route never give a 
   const segment = fc.oneof(fc.string({ maxLength: 30 }), fc.constantFrom('model_x', '..', '%00', '0', '-1', 'a'.repeat(300)))
   const value = fc.oneof(fc.string({ maxLength: 20 }), fc.integer().map(String), fc.constantFrom('-1', '1e309', 'NaN', '[]', '{}', 'null', '%', ''))
   const query = fc.dictionary(fc.constantFrom('limit', 'offset', 'status', 'hours', 'from', 'to', 'x'), value, { maxKeys: 3 })
-  const failures: string[] = []
+  let checked = 0
   for (const route of app.routeTable) {
     if (route.url.startsWith('/docs')) continue
     await fc.assert(
@@ -84,11 +84,12 @@ t.test('fuzz: generated bad bodies, queries and ids on every route never give a 
         }
         const response = await app.inject({ method: route.method as 'GET', url, headers, ...(payload !== undefined ? { payload } : {}) })
         const ok = response.statusCode < 500 && (response.statusCode < 400 || typeof response.json().error?.code === 'string')
-        if (!ok) failures.push(`${route.method} ${url} ${payload ?? ''} -> ${response.statusCode} ${response.body.slice(0, 200)}`)
+        if (!ok) t.fail(`${route.method} ${url} ${payload ?? ''} -> ${response.statusCode} ${response.body.slice(0, 200)}`)
         return ok
       }),
-      { numRuns: 25, seed: 42 },
-    ).catch(() => {})
+      { numRuns: 25 },
+    )
+    checked++
   }
-  t.same(failures.slice(0, 5), [], 'no 5xx and always the error format')
+  t.ok(checked >= 10, `${checked} routes fuzzed, no 5xx and always the error format`)
 })
