@@ -20,6 +20,16 @@ const Env = z.object({
   /** Requests per API key (or per address without one) per window. */
   RATE_LIMIT_MAX: z.coerce.number().int().positive().default(1000),
   RATE_LIMIT_WINDOW_MS: z.coerce.number().int().positive().default(60_000),
+  /** Devices heartbeat this often; three missed heartbeats mark a device offline. */
+  HEARTBEAT_INTERVAL_MS: z.coerce.number().int().min(100).default(5000),
+  /** A task lease ends this long after it was granted or last listed in a heartbeat. */
+  LEASE_TIMEOUT_MS: z.coerce.number().int().min(100).default(30_000),
+  /** Attempts before a task fails for good. */
+  MAX_TASK_ATTEMPTS: z.coerce.number().int().min(1).max(100).default(3),
+  /** Secret a new device must present to register; without it, enrollment is open (refused in production). */
+  ENROLLMENT_SECRET: z.string().min(8).optional(),
+  /** Local worker processes `dcp start` runs beside the server. */
+  WORKERS: z.coerce.number().int().min(0).max(64).default(2),
 })
 
 export interface Config {
@@ -33,6 +43,11 @@ export interface Config {
   adminKey: string | undefined
   maxModelBytes: number
   rateLimit: { max: number; windowMs: number }
+  heartbeatIntervalMs: number
+  leaseTimeoutMs: number
+  maxTaskAttempts: number
+  enrollmentSecret: string | undefined
+  workers: number
 }
 
 export class ConfigError extends Error {}
@@ -55,6 +70,11 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, overrides: Part
     adminKey: e.ADMIN_KEY,
     maxModelBytes: e.MAX_MODEL_BYTES,
     rateLimit: { max: e.RATE_LIMIT_MAX, windowMs: e.RATE_LIMIT_WINDOW_MS },
+    heartbeatIntervalMs: e.HEARTBEAT_INTERVAL_MS,
+    leaseTimeoutMs: e.LEASE_TIMEOUT_MS,
+    maxTaskAttempts: e.MAX_TASK_ATTEMPTS,
+    enrollmentSecret: e.ENROLLMENT_SECRET,
+    workers: e.WORKERS,
     ...Object.fromEntries(Object.entries(overrides).filter(([, v]) => v !== undefined)),
   }
 }

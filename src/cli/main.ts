@@ -5,11 +5,16 @@ import { UnknownProjectionError } from '../projections/projections.js'
 import { auditCommand } from './audit.js'
 import { projectionsCommand } from './projections.js'
 import { startCommand } from './start.js'
+import { workerCommand } from './worker.js'
 
 const USAGE = `dcp — the Distributed Compute Platform
 
 Usage:
-  dcp start [--port N] [--host H] [--data-dir DIR]   run the API server (embedded Postgres unless DATABASE_URL)
+  dcp start [--port N] [--host H] [--data-dir DIR] [--workers N] [--production]
+                                                     run the API server (embedded Postgres unless DATABASE_URL)
+                                                     and N local worker devices (default 2)
+  dcp worker --server URL [--instance-type aws|user] [--state-dir DIR] [--max-tasks N] [--cuda]
+                                                     run this machine as a device
   dcp projections status [--json]                    where each read model stands
   dcp projections rebuild <name>                     rebuild a read model from the log and swap it in
   dcp audit <projection> [--json]                    replay the log into a shadow copy and diff it with the live one
@@ -26,6 +31,8 @@ async function main(argv: string[]): Promise<number> {
       return projectionsCommand(rest)
     case 'audit':
       return auditCommand(rest)
+    case 'worker':
+      return workerCommand(rest)
     case undefined:
     case 'help':
     case '--help':

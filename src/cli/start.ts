@@ -1,30 +1,24 @@
+import { type ChildProcess, spawn } from 'node:child_process'
+import { mkdir } from 'node:fs/promises'
 import path from 'node:path'
+import { fileURLToPath } from 'node:url'
 import { BlobStore } from '../blobs/blob-store.js'
 import { DEV_API_KEY, DEV_CUSTOMER_ID, ensureDevCustomer } from '../commands/dev-customer.js'
-import { loadConfig } from '../config.js'
+import { TaskScheduler } from '../commands/scheduler.js'
+import { type Config, loadConfig } from '../config.js'
+import { DeviceHub } from '../device-hub/hub.js'
+import { buildApp } from '../http/app.js'
 import { sha256 } from '../http/auth.js'
 import { ensureInternalToken } from '../internal-token.js'
-import { buildApp } from '../http/app.js'
 import { openPlatform } from '../platform.js'
 import { parse, UsageError } from './args.js'
 
-/** `dcp start`: Postgres (embedded unless DATABASE_URL), migrations, projections, the API. */
+const DCP_BIN = fileURLToPath(new URL('../../bin/dcp.js', import.meta.url))
+
+/** `dcp start`: Postgres (embedded unless DATABASE_URL), migrations, projections, the API, the device hub, local workers. */
 export async function startCommand(args: string[]): Promise<number> {
-  const { values, positionals } = parse(args, {
-    port: { type: 'string' },
-    host: { type: 'string' },
-    'data-dir': { type: 'string' },
-    production: { type: 'boolean' },
-  })
-  if (positionals.length > 0) throw new UsageError(`dcp start takes no arguments, got ${positionals.join(' ')}`)
-  const port = values.port === undefined ? undefined : Number(values.port)
-  if (port !== undefined && !(Number.isInteger(port) && port >= 0 && port <= 65535)) throw new UsageError(`--port must be a port number, got ${String(values.port)}`)
-  const config = loadConfig(process.env, {
-    ...(port !== undefined ? { port } : {}),
-    ...(values.host ? { host: String(values.host) } : {}),
-    ...(values['data-dir'] ? { dataDir: path.resolve(String(values['data-dir'])) } : {}),
-    ...(values.production ? { production: true } : {}),
-  })
+  const config = configFrom(args)
+  if (config.production && !config.enrollmentSecret) console.log('dcp: warning: ENROLLMENT_SECRET is not set, so any device may register')
   const platform = await openPlatform(config, { publish: true, log: (line) => config.logLevel === 'debug' && console.log(line) })
   platform.projections.start()
   // Serve only once the read models exist and have caught up with the log.
@@ -36,26 +30,23 @@ export async function startCommand(args: string[]): Promise<number> {
     await platform.projections.waitFor(await ensureDevCustomer(platform.store, sha256(DEV_API_KEY), new Date().toISOString()), 60_000)
     console.log(`dcp: development mode: customer ${DEV_CUSTOMER_ID} with API key "${DEV_API_KEY}" (NODE_ENV=production or --production turns this off)`)
   }
+  const log = (message: string) => console.error(`dcp: ${message}`)
+  const scheduler = new TaskScheduler({ store: platform.store, db: platform.database.db, leaseTimeoutMs: config.leaseTimeoutMs, maxAttempts: config.maxTaskAttempts, log })
+  await scheduler.recover()
+  const hub = new DeviceHub({ store: platform.store, scheduler, heartbeatIntervalMs: config.heartbeatIntervalMs, enrollmentSecret: config.enrollmentSecret, log })
   const app = await buildApp({
     store: platform.store,
     projections: platform.projections,
     db: platform.database.db,
     blobs,
+    hub,
+    scheduler,
     internalToken,
     adminKey: config.adminKey,
     maxModelBytes: config.maxModelBytes,
     rateLimit: config.rateLimit,
     logLevel: config.logLevel,
   })
-  let stopping: Promise<void> | undefined
-  const stop = (signal: string) => {
-    stopping ??= (async () => {
-      console.log(`dcp: ${signal}, shutting down`)
-      await app.close()
-      await platform.close()
-    })()
-    return stopping
-  }
   try {
     await app.listen({ port: config.port, host: config.host })
   } catch (error) {
@@ -63,11 +54,75 @@ export async function startCommand(args: string[]): Promise<number> {
     throw new UsageError(`cannot listen on ${config.host}:${config.port}: ${(error as Error).message}`)
   }
   const address = app.server.address()
-  const boundPort = typeof address === 'object' && address ? address.port : config.port
-  console.log(`dcp listening on http://localhost:${boundPort}/api/v1 (Postgres: ${platform.postgres}, data: ${config.dataDir})`)
+  const port = typeof address === 'object' && address ? address.port : config.port
+  console.log(`dcp listening on http://localhost:${port}/api/v1 (Postgres: ${platform.postgres}, data: ${config.dataDir})`)
+  const workers = await startWorkers(config, port)
+
+  let stopping: Promise<void> | undefined
+  const stop = (signal: string) => {
+    stopping ??= (async () => {
+      console.log(`dcp: ${signal}, shutting down`)
+      await Promise.all(workers.map(stopWorker))
+      await hub.close()
+      scheduler.stop()
+      await app.close()
+      await platform.close()
+    })()
+    return stopping
+  }
   await new Promise<void>((resolve) => {
     process.once('SIGINT', () => void stop('SIGINT').then(resolve))
     process.once('SIGTERM', () => void stop('SIGTERM').then(resolve))
   })
   return 0
+}
+
+function configFrom(args: string[]): Config {
+  const { values, positionals } = parse(args, {
+    port: { type: 'string' },
+    host: { type: 'string' },
+    'data-dir': { type: 'string' },
+    production: { type: 'boolean' },
+    workers: { type: 'string' },
+  })
+  if (positionals.length > 0) throw new UsageError(`dcp start takes no arguments, got ${positionals.join(' ')}`)
+  const port = values.port === undefined ? undefined : Number(values.port)
+  if (port !== undefined && !(Number.isInteger(port) && port >= 0 && port <= 65535)) throw new UsageError(`--port must be a port number, got ${String(values.port)}`)
+  const workers = values.workers === undefined ? undefined : Number(values.workers)
+  if (workers !== undefined && !(Number.isInteger(workers) && workers >= 0 && workers <= 64)) throw new UsageError(`--workers must be a number from 0 to 64, got ${String(values.workers)}`)
+  return loadConfig(process.env, {
+    ...(port !== undefined ? { port } : {}),
+    ...(workers !== undefined ? { workers } : {}),
+    ...(values.host ? { host: String(values.host) } : {}),
+    ...(values['data-dir'] ? { dataDir: path.resolve(String(values['data-dir'])) } : {}),
+    ...(values.production ? { production: true } : {}),
+  })
+}
+
+/** Local worker processes, connected over real sockets like any device; each keeps its identity in `<data>/workers/<n>`. */
+async function startWorkers(config: Config, port: number): Promise<ChildProcess[]> {
+  const workers: ChildProcess[] = []
+  for (let i = 1; i <= config.workers; i++) {
+    const stateDir = path.join(config.dataDir, 'workers', String(i))
+    await mkdir(stateDir, { recursive: true })
+    const args = [DCP_BIN, 'worker', '--server', `http://127.0.0.1:${port}`, '--state-dir', stateDir, '--instance-type', 'aws']
+    const env = { ...process.env, ...(config.enrollmentSecret ? { DCP_ENROLLMENT_SECRET: config.enrollmentSecret } : {}) }
+    const child = spawn(process.execPath, args, { stdio: ['ignore', 'inherit', 'inherit'], env })
+    workers.push(child)
+  }
+  if (workers.length > 0) console.log(`dcp: started ${workers.length} local worker${workers.length === 1 ? '' : 's'} (--workers 0 for none)`)
+  return workers
+}
+
+/** Asks a worker to drain (SIGTERM), and kills it if it takes more than 10 s. */
+function stopWorker(child: ChildProcess): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return Promise.resolve()
+  return new Promise((resolve) => {
+    const timer = setTimeout(() => child.kill('SIGKILL'), 10_000)
+    child.once('exit', () => {
+      clearTimeout(timer)
+      resolve()
+    })
+    child.kill('SIGTERM')
+  })
 }

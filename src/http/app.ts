@@ -9,7 +9,10 @@ import type { BlobStore } from '../blobs/blob-store.js'
 import type { EventStore } from '../event-store/port.js'
 import type { Projections } from '../projections/projections.js'
 import { version } from '../version.js'
+import type { TaskScheduler } from '../commands/scheduler.js'
+import type { DeviceHub } from '../device-hub/hub.js'
 import { adminRoutes } from './admin.js'
+import { deviceRoutes } from './devices.js'
 import { type AuthKind, registerAuth, sha256 } from './auth.js'
 import type { Services } from './context.js'
 import { errorBody, registerErrorContract } from './errors.js'
@@ -21,6 +24,8 @@ export interface AppDeps {
   projections: Projections
   db: Kysely<any>
   blobs: BlobStore
+  hub: DeviceHub
+  scheduler: TaskScheduler
   /** ADMIN_KEY; without it the admin routes refuse every request. */
   adminKey?: string
   internalToken: string
@@ -103,6 +108,8 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     projections: deps.projections,
     db: deps.db,
     blobs: deps.blobs,
+    hub: deps.hub,
+    scheduler: deps.scheduler,
     limits: { maxModelBytes: deps.maxModelBytes ?? 256 * 1024 * 1024 },
     now: deps.now ?? (() => new Date()),
   }
@@ -112,9 +119,11 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
       await api.register(healthRoutes, { services })
       await api.register(adminRoutes, { services })
       await api.register(modelRoutes, { services })
+      await api.register(deviceRoutes, { services })
     },
     { prefix: '/api/v1' },
   )
+  deps.hub.attach(app.server)
   return app
 }
 

@@ -1,5 +1,7 @@
 import type { Kysely } from 'kysely'
 import type { BlobStore } from '../blobs/blob-store.js'
+import type { TaskScheduler } from '../commands/scheduler.js'
+import type { DeviceHub } from '../device-hub/hub.js'
 import { type CommandOptions, type CommandResult, handleCommand } from '../commands/handle-command.js'
 import type { Decider, DomainEvent } from '../domain/decider.js'
 import type { EventStore } from '../event-store/port.js'
@@ -11,6 +13,8 @@ export interface Services {
   projections: Projections
   db: Kysely<any>
   blobs: BlobStore
+  hub: DeviceHub
+  scheduler: TaskScheduler
   limits: { maxModelBytes: number }
   /** The time, for commands (domain code has none of its own). */
   now(): Date

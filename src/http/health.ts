@@ -1,5 +1,7 @@
 import type { FastifyPluginAsync } from 'fastify'
+import { deviceStats } from '../projections/devices.js'
 import { countModels } from '../projections/models.js'
+import { countOpenTasks } from '../projections/tasks.js'
 import { version } from '../version.js'
 import type { Services } from './context.js'
 
@@ -17,35 +19,39 @@ export const healthRoutes: FastifyPluginAsync<{ services: Services }> = async (a
   }))
 
   app.get('/health/detailed', { config, schema: { summary: 'Health of every service, the event store and the projections', tags: ['health'] } }, async (_request, reply) => {
-    const [eventStore, projections, models] = await Promise.all([
+    const [eventStore, projections, models, devices, tasks] = await Promise.all([
       services.store.headPosition().then(
         (head) => ({ status: 'healthy', adapter: services.store.constructor.name, head: head.toString() }),
         (error: Error) => ({ status: 'unhealthy', adapter: services.store.constructor.name, error: error.message }),
       ),
       services.projections.status().catch(() => []),
       countModels(services.db).catch(() => null),
+      deviceStats(services.db).catch(() => null),
+      countOpenTasks(services.db).catch(() => null),
     ])
     const projectionsHealthy = projections.length > 0 && projections.every((p) => p.state !== 'failed' && p.lag < LAG_DEGRADED)
-    const status = eventStore.status !== 'healthy' ? 'unhealthy' : projectionsHealthy && models !== null ? 'healthy' : 'degraded'
-    // Devices, jobs and sockets arrive with the device hub and inference; until then they are truly zero.
+    const readable = models !== null && devices !== null && tasks !== null
+    const status = eventStore.status !== 'healthy' ? 'unhealthy' : projectionsHealthy && readable ? 'healthy' : 'degraded'
+    const fleet = devices ?? { total: 0, idle: 0, busy: 0, offline: 0 }
+    const jobs = tasks ?? { queued: 0, leased: 0 }
     const body = {
       status,
       version,
       timestamp: new Date().toISOString(),
       services: {
-        device_registry: { status: 'healthy', devices: 0 },
-        resource_pool: { status: 'healthy', available: 0 },
-        job_manager: { status: 'healthy', active_jobs: 0 },
+        device_registry: { status: devices ? 'healthy' : 'unhealthy', devices: fleet.total },
+        resource_pool: { status: devices ? 'healthy' : 'unhealthy', available: fleet.idle },
+        job_manager: { status: tasks ? 'healthy' : 'unhealthy', active_jobs: jobs.queued + jobs.leased },
         model_store: { status: models === null ? 'unhealthy' : 'healthy', models: models ?? 0 },
-        websocket: { status: 'healthy', connections: 0 },
+        websocket: { status: 'healthy', connections: services.hub.connections },
         event_store: eventStore,
         projections: {
           status: projectionsHealthy ? 'healthy' : 'degraded',
           items: projections.map((p) => ({ name: p.name, state: p.state, checkpoint: p.checkpoint, lag: p.lag, ...(p.lastError ? { error: p.lastError } : {}) })),
         },
       },
-      resources: { devices: { total: 0, idle: 0, busy: 0, offline: 0 } },
-      jobs: { active: 0, queued: 0 },
+      resources: { devices: { total: fleet.total, idle: fleet.idle, busy: fleet.busy, offline: fleet.offline } },
+      jobs: { queued_tasks: services.scheduler.queued, leased_tasks: services.scheduler.leased },
     }
     return reply.status(status === 'unhealthy' ? 503 : 200).send(body)
   })

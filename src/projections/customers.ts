@@ -1,15 +1,16 @@
 import type { Kysely } from 'kysely'
 import { customerDecider, customerEventTypes } from '../domain/customer.js'
+import { deviceDecider } from '../domain/device.js'
 import { liveSchema, type Projection } from './projection.js'
 
 /**
- * Customers, and every credential that identifies a caller (API keys now, devices' SDK tokens with the
- * device hub), keyed by the SHA-256 of the secret: one lookup for every authentication method.
+ * Customers, and every credential that identifies a caller (customers' API keys, devices' SDK tokens),
+ * keyed by the SHA-256 of the secret: one lookup for every authentication method.
  */
 export const customersProjection: Projection = {
   name: 'customers',
   version: 1,
-  filter: { types: customerEventTypes },
+  filter: { types: [...customerEventTypes, 'DeviceRegistered'] },
   tables: [
     { name: 'customers', primaryKey: ['customer_id'] },
     { name: 'credentials', primaryKey: ['key_hash'] },
@@ -37,6 +38,17 @@ export const customersProjection: Projection = {
 
   async apply(trx, events) {
     for (const recorded of events) {
+      if (recorded.type === 'DeviceRegistered') {
+        const device = deviceDecider.parse({ type: recorded.type, data: recorded.data, schemaVersion: recorded.metadata.schemaVersion ?? 1 })
+        if (device.type !== 'DeviceRegistered') continue
+        const { token_hash, device_id, registered_at } = device.data
+        await trx
+          .insertInto('credentials')
+          .values({ key_hash: token_hash, kind: 'sdk_token', key_id: device_id, customer_id: null, prefix: 'dcp_s_', created_at: registered_at, revoked_at: null })
+          .onConflict((oc) => oc.doNothing())
+          .execute()
+        continue
+      }
       const event = customerDecider.parse({ type: recorded.type, data: recorded.data, schemaVersion: recorded.metadata.schemaVersion ?? 1 })
       switch (event.type) {
         case 'CustomerCreated':

@@ -97,3 +97,9 @@ export async function countModels(db: Kysely<any>): Promise<number> {
   const row = await db.withSchema(schema).selectFrom('models').select(sql<string>`count(*)`.as('n')).where('deleted_at', 'is', null).executeTakeFirst()
   return Number(row?.n ?? 0)
 }
+
+/** Where a model's file is, whoever owns it and even if deleted (work already leased on it finishes). */
+export async function findModelFile(db: Kysely<any>, modelId: string): Promise<{ model_id: string; checksum: string; size: number } | undefined> {
+  const row = await db.withSchema(schema).selectFrom('models').select(['model_id', 'checksum', 'size']).where('model_id', '=', modelId).executeTakeFirst()
+  return row ? { model_id: row.model_id, checksum: row.checksum, size: Number(row.size) } : undefined
+}

@@ -3,7 +3,9 @@ import { START } from '../event-store/port.js'
 import { readCheckpoint } from './checkpoints.js'
 import { customersProjection } from './customers.js'
 import { eventCounts } from './event-counts.js'
+import { devicesProjection } from './devices.js'
 import { modelsProjection } from './models.js'
+import { tasksProjection } from './tasks.js'
 import type { Projection } from './projection.js'
 import { type AuditReport, audit, rebuild } from './replay.js'
 import { ProjectionRunner, type RunnerDeps, type RunnerState } from './runner.js'
@@ -11,7 +13,7 @@ import { ProjectionRunner, type RunnerDeps, type RunnerState } from './runner.js
 const LAG_COUNT_LIMIT = 10_000
 
 /** Every projection of dcp. A new read model is added here. */
-export const allProjections: readonly Projection[] = [eventCounts, customersProjection, modelsProjection]
+export const allProjections: readonly Projection[] = [eventCounts, customersProjection, modelsProjection, devicesProjection, tasksProjection]
 
 export interface ProjectionStatus {
   name: string

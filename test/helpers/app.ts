@@ -4,6 +4,9 @@ import path from 'node:path'
 import type { FastifyInstance } from 'fastify'
 import type { Test } from 'tap'
 import { BlobStore } from '../../src/blobs/blob-store.js'
+import { TaskScheduler } from '../../src/commands/scheduler.js'
+import { DeviceHub } from '../../src/device-hub/hub.js'
+import { START } from '../../src/event-store/port.js'
 import { PostgresEventStore } from '../../src/event-store/postgres.js'
 import { type AppDeps, buildApp } from '../../src/http/app.js'
 import type { Database } from '../../src/postgres/database.js'
@@ -15,6 +18,8 @@ export const INTERNAL_TOKEN = 'internal-token-for-the-tests-0123456789'
 
 export interface TestApp {
   app: FastifyInstance
+  hub: DeviceHub
+  scheduler: TaskScheduler
   database: Database
   store: PostgresEventStore
   projections: Projections
@@ -24,7 +29,7 @@ export interface TestApp {
 }
 
 /** The whole HTTP API on a fresh database, with every projection running; torn down with the test. */
-export async function testApp(t: Test, overrides: Partial<AppDeps> = {}): Promise<TestApp> {
+export async function testApp(t: Test, overrides: Partial<AppDeps> = {}, options: { heartbeatIntervalMs?: number; leaseTimeoutMs?: number } = {}): Promise<TestApp> {
   const database = await freshDatabase(t)
   const store = new PostgresEventStore(database.pool)
   const projections = new Projections({ db: database.db, store, retryMs: 50 })
@@ -32,8 +37,14 @@ export async function testApp(t: Test, overrides: Partial<AppDeps> = {}): Promis
   const dir = await mkdtemp(path.join(tmpdir(), 'dcp-blobs-'))
   const blobs = new BlobStore(dir)
   await blobs.init()
-  const app = await buildApp({ store, projections, db: database.db, blobs, adminKey: ADMIN_KEY, internalToken: INTERNAL_TOKEN, logLevel: 'silent', ...overrides })
+  await projections.waitFor(START)
+  const scheduler = new TaskScheduler({ store, db: database.db, leaseTimeoutMs: options.leaseTimeoutMs ?? 2000, maxAttempts: 3 })
+  await scheduler.recover()
+  const hub = new DeviceHub({ store, scheduler, heartbeatIntervalMs: options.heartbeatIntervalMs ?? 500 })
+  const app = await buildApp({ store, projections, db: database.db, blobs, hub, scheduler, adminKey: ADMIN_KEY, internalToken: INTERNAL_TOKEN, logLevel: 'silent', ...overrides })
   t.teardown(async () => {
+    await hub.close()
+    scheduler.stop()
     await app.close()
     await projections.stop()
     await store.close()
@@ -42,6 +53,8 @@ export async function testApp(t: Test, overrides: Partial<AppDeps> = {}): Promis
   let n = 0
   return {
     app,
+    hub,
+    scheduler,
     database,
     store,
     projections,

@@ -1,0 +1,299 @@
+import { EventEmitter } from 'node:events'
+import type { Kysely } from 'kysely'
+import { DomainError } from '../domain/errors.js'
+import { type TaskCommand, taskDecider, type TaskSpec, taskStream } from '../domain/task.js'
+import type { EventStore, Position } from '../event-store/port.js'
+import { newEventId } from '../event-store/event-id.js'
+import type { Metrics, TaskAssignment, Tensor } from '../protocol/frames.js'
+import { openTasks } from '../projections/tasks.js'
+import { handleCommand } from './handle-command.js'
+
+/** A connected device as the scheduler sees it. */
+export interface DeviceSlot {
+  deviceId: string
+  formats: readonly string[]
+  gpu: boolean
+  maxConcurrent: number
+  /** Lease ids it holds. */
+  leases: Set<string>
+  draining: boolean
+  /** Last reported load, 0..1. */
+  load: number
+  /** Hands a frame to the device; false when its socket is gone. */
+  send(frame: TaskAssignment): boolean
+}
+
+interface Lease {
+  leaseId: string
+  taskId: string
+  deviceId: string
+  modelId: string
+  deadline: number
+}
+
+export type TaskOutcome =
+  | { status: 'completed'; taskId: string; deviceId: string; output: Tensor; metrics: Metrics; position: Position }
+  | { status: 'failed'; taskId: string; reason: string; position: Position }
+  | { status: 'cancelled'; taskId: string; position: Position }
+
+export interface SchedulerOptions {
+  store: EventStore
+  db: Kysely<any>
+  /** A lease ends this long after it was granted or last listed in a heartbeat. Default 30 s. */
+  leaseTimeoutMs?: number
+  /** Attempts before a task fails for good. Default 3. */
+  maxAttempts?: number
+  now?: () => Date
+  log?: (message: string) => void
+}
+
+/**
+ * Task leases, one mechanism for every kind of work: queued tasks go to a capable device (its format, a GPU
+ * first when asked, least loaded first) under a lease id and a deadline that heartbeats extend. A result is
+ * accepted only under the current lease (fencing). A lost device or an expired lease puts the task back in
+ * the queue until its attempts run out. After a restart, `recover` rebuilds the queue and the leases from
+ * the tasks read model (leases get a fresh deadline: their devices have that long to come back and list
+ * them in a heartbeat).
+ */
+export class TaskScheduler {
+  private readonly queue: TaskSpec[] = []
+  private readonly specs = new Map<string, TaskSpec>()
+  private readonly leases = new Map<string, Lease>()
+  private readonly devices = new Map<string, DeviceSlot>()
+  private readonly outcomes = new EventEmitter()
+  private dispatching: Promise<void> | undefined
+  private again = false
+  private sweeper: NodeJS.Timeout | undefined
+  readonly leaseTimeoutMs: number
+  readonly maxAttempts: number
+  private readonly now: () => Date
+
+  constructor(private readonly options: SchedulerOptions) {
+    this.leaseTimeoutMs = options.leaseTimeoutMs ?? 30_000
+    this.maxAttempts = options.maxAttempts ?? 3
+    this.now = options.now ?? (() => new Date())
+    this.outcomes.setMaxListeners(0)
+  }
+
+  /** Loads queued and leased tasks from the read model and starts the lease sweeper. */
+  async recover(): Promise<void> {
+    for (const open of await openTasks(this.options.db)) {
+      const state = await this.fold(open.task_id)
+      if (!state.spec) continue
+      this.specs.set(open.task_id, state.spec)
+      if (state.status === 'queued') this.queue.push(state.spec)
+      else if (state.status === 'leased' && state.lease) {
+        this.leases.set(state.lease.id, { leaseId: state.lease.id, taskId: open.task_id, deviceId: state.lease.deviceId, modelId: state.spec.model.id, deadline: Date.now() + this.leaseTimeoutMs })
+      }
+    }
+    this.sweeper = setInterval(() => void this.sweep(), Math.min(1000, this.leaseTimeoutMs / 4))
+    this.sweeper.unref()
+    this.kick()
+  }
+
+  stop(): void {
+    if (this.sweeper) clearInterval(this.sweeper)
+  }
+
+  get queued(): number {
+    return this.queue.length
+  }
+
+  get leased(): number {
+    return this.leases.size
+  }
+
+  /** Queues a task (`task.max_attempts` defaults to the scheduler's) and dispatches it when a device can take it. */
+  async submit(task: Omit<TaskSpec, 'max_attempts'> & { max_attempts?: number }, metadata: { customerId: string }): Promise<Position> {
+    const spec: TaskSpec = { ...task, max_attempts: task.max_attempts ?? this.maxAttempts }
+    const result = await this.command(spec.task_id, { type: 'QueueTask', task: spec, at: this.now().toISOString() }, metadata.customerId)
+    this.specs.set(spec.task_id, spec)
+    this.queue.push(spec)
+    this.kick()
+    return result.position
+  }
+
+  /** Resolves with the task's outcome (completed, failed for good, or cancelled). */
+  outcome(taskId: string, timeoutMs: number): Promise<TaskOutcome> {
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.outcomes.off(taskId, done)
+        reject(new DomainError('TIMEOUT', `task ${taskId} did not finish within ${timeoutMs} ms`))
+      }, timeoutMs)
+      const done = (outcome: TaskOutcome) => {
+        clearTimeout(timer)
+        resolve(outcome)
+      }
+      this.outcomes.once(taskId, done)
+    })
+  }
+
+  deviceConnected(slot: DeviceSlot): void {
+    this.devices.set(slot.deviceId, slot)
+    // leases it held before a restart or a reconnect are its again
+    for (const lease of this.leases.values()) if (lease.deviceId === slot.deviceId) slot.leases.add(lease.leaseId)
+    this.kick()
+  }
+
+  /** The device is gone: every lease it held fails, and its tasks go back to the queue. */
+  async deviceLost(deviceId: string, reason: string): Promise<void> {
+    this.devices.delete(deviceId)
+    const lost = [...this.leases.values()].filter((l) => l.deviceId === deviceId)
+    await Promise.all(lost.map((lease) => this.failAttempt(lease, reason, null)))
+  }
+
+  /** A heartbeat lists the leases the device is working on: those are extended. */
+  heartbeat(deviceId: string, leaseIds: readonly string[], load: number): void {
+    const slot = this.devices.get(deviceId)
+    if (slot) slot.load = load
+    const deadline = Date.now() + this.leaseTimeoutMs
+    for (const id of leaseIds) {
+      const lease = this.leases.get(id)
+      if (lease && lease.deviceId === deviceId) lease.deadline = deadline
+    }
+  }
+
+  /** Does the device hold a lease on a task of this model (so it may download the model)? */
+  holdsModel(deviceId: string, modelId: string): boolean {
+    for (const lease of this.leases.values()) if (lease.deviceId === deviceId && lease.modelId === modelId) return true
+    return false
+  }
+
+  /**
+   * A device's result. Under a lease that is not current (expired, re-queued, given to another device)
+   * it is refused with STALE_LEASE and changes nothing.
+   */
+  async result(deviceId: string, frame: { task_id: string; lease_id: string; status: 'completed' | 'failed'; output?: Tensor; error?: string; metrics: Metrics }): Promise<void> {
+    const lease = this.leases.get(frame.lease_id)
+    if (!lease || lease.deviceId !== deviceId || lease.taskId !== frame.task_id) {
+      throw new DomainError('STALE_LEASE', `lease ${frame.lease_id} for task ${frame.task_id} is not current`)
+    }
+    if (frame.status === 'completed' && frame.output) {
+      const at = this.now().toISOString()
+      const done = await this.command(lease.taskId, { type: 'CompleteTask', leaseId: lease.leaseId, output: frame.output, metrics: frame.metrics, at })
+      this.release(lease)
+      this.outcomes.emit(lease.taskId, { status: 'completed', taskId: lease.taskId, deviceId, output: frame.output, metrics: frame.metrics, position: done.position })
+      this.kick()
+      return
+    }
+    await this.failAttempt(lease, frame.error ?? 'the device reported a failure without an output', frame.metrics)
+  }
+
+  async cancel(taskId: string, customerId: string): Promise<void> {
+    const result = await this.command(taskId, { type: 'CancelTask', at: this.now().toISOString() }, customerId)
+    const index = this.queue.findIndex((t) => t.task_id === taskId)
+    if (index >= 0) this.queue.splice(index, 1)
+    for (const lease of this.leases.values()) if (lease.taskId === taskId) this.release(lease)
+    this.outcomes.emit(taskId, { status: 'cancelled', taskId, position: result.position })
+  }
+
+  /** Fails every lease whose deadline passed. */
+  async sweep(): Promise<void> {
+    const now = Date.now()
+    const expired = [...this.leases.values()].filter((l) => l.deadline <= now)
+    await Promise.all(expired.map((lease) => this.failAttempt(lease, 'lease expired: the device stopped reporting the task', null)))
+  }
+
+  private async failAttempt(lease: Lease, reason: string, metrics: Metrics | null): Promise<void> {
+    if (!this.leases.has(lease.leaseId)) return
+    this.release(lease)
+    try {
+      const result = await this.command(lease.taskId, { type: 'FailAttempt', leaseId: lease.leaseId, reason, metrics, at: this.now().toISOString() })
+      const failed = result.events.find((e) => e.type === 'TaskFailed')
+      if (failed) {
+        this.outcomes.emit(lease.taskId, { status: 'failed', taskId: lease.taskId, reason: (failed.data as { reason: string }).reason, position: result.position })
+      } else {
+        const spec = this.specs.get(lease.taskId)
+        if (spec) this.queue.unshift(spec) // back to the front: it has waited already
+      }
+    } catch (error) {
+      if (!(error instanceof DomainError && error.code === 'STALE_LEASE')) this.options.log?.(`scheduler: failing lease ${lease.leaseId}: ${(error as Error).message}`)
+    }
+    this.kick()
+  }
+
+  private release(lease: Lease): void {
+    this.leases.delete(lease.leaseId)
+    this.devices.get(lease.deviceId)?.leases.delete(lease.leaseId)
+  }
+
+  /** Runs dispatch, once at a time; a kick during a run makes it run again. */
+  private kick(): void {
+    if (this.dispatching) {
+      this.again = true
+      return
+    }
+    this.dispatching = this.dispatch().finally(() => {
+      this.dispatching = undefined
+      if (this.again) {
+        this.again = false
+        this.kick()
+      }
+    })
+  }
+
+  private async dispatch(): Promise<void> {
+    for (let i = 0; i < this.queue.length; ) {
+      const task = this.queue[i]!
+      const device = this.pickDevice(task)
+      if (!device) {
+        i++
+        continue
+      }
+      this.queue.splice(i, 1)
+      await this.lease(task, device)
+    }
+  }
+
+  /** A capable device with room: GPU first when asked, then the least loaded. */
+  private pickDevice(task: TaskSpec): DeviceSlot | undefined {
+    let best: DeviceSlot | undefined
+    let bestScore = Infinity
+    for (const device of this.devices.values()) {
+      if (device.draining || device.leases.size >= device.maxConcurrent || !device.formats.includes(task.model.format)) continue
+      const score = (task.prefer_gpu && device.gpu ? 0 : 10) + device.leases.size / device.maxConcurrent + device.load
+      if (score < bestScore) {
+        best = device
+        bestScore = score
+      }
+    }
+    return best
+  }
+
+  private async lease(task: TaskSpec, device: DeviceSlot): Promise<void> {
+    const leaseId = `lease_${newEventId().replaceAll('-', '').slice(0, 16)}`
+    const lease: Lease = { leaseId, taskId: task.task_id, deviceId: device.deviceId, modelId: task.model.id, deadline: Date.now() + this.leaseTimeoutMs }
+    device.leases.add(leaseId)
+    this.leases.set(leaseId, lease)
+    try {
+      await this.command(task.task_id, { type: 'LeaseTask', leaseId, deviceId: device.deviceId, at: this.now().toISOString() })
+    } catch (error) {
+      this.release(lease)
+      if (error instanceof DomainError && error.code === 'CONFLICT') return // cancelled meanwhile
+      this.queue.unshift(task)
+      this.options.log?.(`scheduler: leasing ${task.task_id}: ${(error as Error).message}`)
+      return
+    }
+    const sent = device.send({
+      type: 'task',
+      task_id: task.task_id,
+      lease_id: leaseId,
+      lease_deadline: new Date(lease.deadline).toISOString(),
+      model: { id: task.model.id, format: task.model.format, checksum: task.model.checksum, download_path: `/api/v1/sdk/models/${task.model.id}` },
+      input: task.input,
+      ...(task.input_name ? { input_name: task.input_name } : {}),
+    })
+    if (!sent) await this.failAttempt(lease, 'the device was gone before the task reached it', null)
+  }
+
+  private async fold(taskId: string) {
+    const events = await this.options.store.readStream(taskStream(taskId))
+    return events.map((e) => taskDecider.parse({ type: e.type, data: e.data, schemaVersion: 1 })).reduce(taskDecider.evolve, taskDecider.initialState())
+  }
+
+  private command(taskId: string, command: TaskCommand, customerId?: string) {
+    const spec = this.specs.get(taskId)
+    const metadata = { customerId: customerId ?? spec?.customer_id ?? '', occurredAt: 'at' in command ? command.at : undefined }
+    return handleCommand(this.options.store, taskStream(taskId), taskDecider, command, { metadata })
+  }
+}

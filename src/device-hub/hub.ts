@@ -1,0 +1,281 @@
+import { randomUUID } from 'node:crypto'
+import type { IncomingMessage, Server } from 'node:http'
+import type { Duplex } from 'node:stream'
+import { type WebSocket, WebSocketServer } from 'ws'
+import { handleCommand } from '../commands/handle-command.js'
+import type { DeviceSlot, TaskScheduler } from '../commands/scheduler.js'
+import { type DeviceDescription, deviceDecider, deviceStream, heartbeatStream } from '../domain/device.js'
+import { DomainError } from '../domain/errors.js'
+import type { EventStore } from '../event-store/port.js'
+import { sameSecret, sha256 } from '../http/auth.js'
+import { newId, newSecret } from '../http/ids.js'
+import { CLOSE, DeviceFrame, type HubFrame, type LogLine, MAX_FRAME_BYTES, PROTOCOL_VERSION } from '../protocol/frames.js'
+
+export const DEVICE_PATH = '/api/v1/devices/connect'
+
+export interface HubOptions {
+  store: EventStore
+  scheduler: TaskScheduler
+  /** How often devices heartbeat; three missed ones mark a device offline. Default 5000 ms. */
+  heartbeatIntervalMs?: number
+  /** Required in `register` when set (production); development leaves enrollment open. */
+  enrollmentSecret?: string
+  /** Time a socket has to register. Default 10 s. */
+  registerTimeoutMs?: number
+  now?: () => Date
+  log?: (message: string) => void
+}
+
+/** Malformed frames a device may send before it is disconnected. */
+const MAX_MALFORMED = 10
+
+interface Connection {
+  socket: WebSocket
+  deviceId?: string
+  slot?: DeviceSlot
+  lastHeartbeat: number
+  alive: boolean
+  malformed: number
+}
+
+export class DeviceOfflineError extends DomainError {
+  constructor(deviceId: string) {
+    super('DEVICE_OFFLINE', `device ${deviceId} is not connected`)
+  }
+}
+
+/**
+ * The WebSocket server devices connect to (`/api/v1/devices/connect`): registration and SDK tokens,
+ * heartbeats (each one an event), task frames to and from the scheduler, log pulls. Every frame is checked
+ * against src/protocol/frames.ts; a bad one gets an error frame, too many close the socket, none crashes
+ * the hub.
+ */
+export class DeviceHub {
+  private readonly wss: WebSocketServer
+  /** The live connection of each registered device. */
+  private readonly byDevice = new Map<string, Connection>()
+  private readonly pendingLogs = new Map<string, { deviceId: string; resolve: (lines: LogLine[]) => void }>()
+  private readonly timer: NodeJS.Timeout
+  readonly heartbeatIntervalMs: number
+  private readonly now: () => Date
+
+  constructor(private readonly options: HubOptions) {
+    this.heartbeatIntervalMs = options.heartbeatIntervalMs ?? 5000
+    this.now = options.now ?? (() => new Date())
+    this.wss = new WebSocketServer({ noServer: true, maxPayload: MAX_FRAME_BYTES })
+    this.wss.on('connection', (socket) => this.accept(socket))
+    this.timer = setInterval(() => this.watch(), this.heartbeatIntervalMs)
+    this.timer.unref()
+  }
+
+  /** Takes over WebSocket upgrades on the device path of an HTTP server. */
+  attach(server: Server): void {
+    server.on('upgrade', (request: IncomingMessage, socket: Duplex, head: Buffer) => {
+      if (new URL(request.url ?? '/', 'http://x').pathname !== DEVICE_PATH) {
+        socket.end('HTTP/1.1 404 Not Found\r\n\r\n')
+        return
+      }
+      this.wss.handleUpgrade(request, socket, head, (ws) => this.wss.emit('connection', ws, request))
+    })
+  }
+
+  get connections(): number {
+    return this.wss.clients.size
+  }
+
+  isConnected(deviceId: string): boolean {
+    return this.byDevice.has(deviceId)
+  }
+
+  /** Asks a device for its recent log lines over its socket. */
+  requestLogs(deviceId: string, request: { lines: number; level: 'all' | LogLine['level']; timeoutMs: number }): Promise<LogLine[]> {
+    const connection = this.byDevice.get(deviceId)
+    if (!connection) return Promise.reject(new DeviceOfflineError(deviceId))
+    const requestId = randomUUID()
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.pendingLogs.delete(requestId)
+        reject(new DomainError('TIMEOUT', `device ${deviceId} did not answer the log request within ${request.timeoutMs} ms`))
+      }, request.timeoutMs)
+      this.pendingLogs.set(requestId, {
+        deviceId,
+        resolve: (lines) => {
+          clearTimeout(timer)
+          resolve(lines)
+        },
+      })
+      this.send(connection, { type: 'logs_request', request_id: requestId, lines: request.lines, level: request.level })
+    })
+  }
+
+  async close(): Promise<void> {
+    clearInterval(this.timer)
+    for (const client of this.wss.clients) client.close(1001, 'server shutting down')
+    await new Promise<void>((resolve) => this.wss.close(() => resolve()))
+  }
+
+  private accept(socket: WebSocket): void {
+    const connection: Connection = { socket, lastHeartbeat: Date.now(), alive: true, malformed: 0 }
+    const registerTimer = setTimeout(() => {
+      if (!connection.deviceId) socket.close(CLOSE.TIMEOUT, 'register first')
+    }, this.options.registerTimeoutMs ?? 10_000)
+    socket.on('pong', () => (connection.alive = true))
+    socket.on('message', (raw, isBinary) => void this.receive(connection, raw as Buffer, isBinary))
+    socket.on('error', () => {}) // a protocol error (e.g. an oversized frame) closes the socket; 'close' follows
+    socket.on('close', () => {
+      clearTimeout(registerTimer)
+      void this.disconnected(connection, 'socket closed')
+    })
+  }
+
+  private async receive(connection: Connection, raw: Buffer, isBinary: boolean): Promise<void> {
+    let frame: DeviceFrame
+    try {
+      if (isBinary) throw new Error('frames are JSON text')
+      const parsed = DeviceFrame.safeParse(JSON.parse(raw.toString('utf8')))
+      if (!parsed.success) throw new Error(parsed.error.issues.map((i) => `${i.path.join('.') || 'frame'}: ${i.message}`).join('; '))
+      frame = parsed.data
+    } catch (error) {
+      return this.malformed(connection, `invalid frame: ${(error as Error).message}`)
+    }
+    try {
+      if (frame.type === 'register') return await this.register(connection, frame)
+      if (!connection.deviceId) return this.malformed(connection, `register before sending ${frame.type}`)
+      switch (frame.type) {
+        case 'heartbeat':
+          return this.heartbeat(connection, frame)
+        case 'task_result':
+          return await this.options.scheduler.result(connection.deviceId, frame)
+        case 'logs': {
+          const pending = this.pendingLogs.get(frame.request_id)
+          if (pending?.deviceId === connection.deviceId) {
+            this.pendingLogs.delete(frame.request_id)
+            pending.resolve(frame.lines)
+          }
+          return
+        }
+        case 'draining':
+          if (connection.slot) connection.slot.draining = true
+          return
+      }
+    } catch (error) {
+      const code = error instanceof DomainError ? error.code : 'INTERNAL_ERROR'
+      if (code === 'INTERNAL_ERROR') this.options.log?.(`hub: ${frame.type} from ${connection.deviceId ?? 'unregistered'}: ${(error as Error).message}`)
+      this.send(connection, { type: 'error', code, message: code === 'INTERNAL_ERROR' ? 'internal error' : (error as Error).message })
+    }
+  }
+
+  private malformed(connection: Connection, message: string): void {
+    connection.malformed++
+    this.send(connection, { type: 'error', code: 'INVALID_FRAME', message })
+    if (connection.malformed >= MAX_MALFORMED) connection.socket.close(CLOSE.MALFORMED, 'too many malformed frames')
+  }
+
+  private async register(connection: Connection, frame: Extract<DeviceFrame, { type: 'register' }>): Promise<void> {
+    if (connection.deviceId) return this.malformed(connection, 'already registered')
+    if (frame.protocol < PROTOCOL_VERSION) {
+      connection.socket.close(CLOSE.UNSUPPORTED_PROTOCOL, `protocol ${frame.protocol} is not supported; this hub speaks ${PROTOCOL_VERSION}`)
+      return
+    }
+    const at = this.now().toISOString()
+    const describe = (deviceId: string): DeviceDescription => ({
+      device_id: deviceId,
+      platform: frame.platform,
+      sdk_version: frame.sdk_version,
+      sdk_uuid: frame.sdk_uuid,
+      instance_type: frame.instance_type,
+      hardware: frame.hardware,
+      capabilities: frame.capabilities,
+    })
+    let deviceId = frame.device_id
+    let token: string | undefined
+    const returning = deviceId !== undefined && frame.sdk_token !== undefined && (await this.options.store.readStream(deviceStream(deviceId!), { maxCount: 1 })).length > 0
+    if (returning) {
+      try {
+        await handleCommand(this.options.store, deviceStream(deviceId!), deviceDecider, { type: 'ConnectDevice', device: describe(deviceId!), tokenHash: sha256(frame.sdk_token!), at }, { metadata: { occurredAt: at } })
+      } catch (error) {
+        if (error instanceof DomainError && error.code === 'AUTH_INVALID') {
+          connection.socket.close(CLOSE.UNAUTHORIZED, 'wrong SDK token for this device')
+          return
+        }
+        throw error
+      }
+    } else {
+      const secret = this.options.enrollmentSecret
+      if (secret && !(frame.enrollment_secret && sameSecret(frame.enrollment_secret, secret))) {
+        connection.socket.close(CLOSE.UNAUTHORIZED, 'enrollment secret missing or wrong')
+        return
+      }
+      deviceId = newId('dev')
+      token = newSecret('dcp_s_')
+      await handleCommand(this.options.store, deviceStream(deviceId), deviceDecider, { type: 'RegisterDevice', device: describe(deviceId), tokenHash: sha256(token), at }, { metadata: { occurredAt: at } })
+    }
+    const previous = this.byDevice.get(deviceId!)
+    connection.deviceId = deviceId!
+    this.byDevice.set(deviceId!, connection)
+    if (previous) previous.socket.close(CLOSE.REPLACED, 'the device connected again')
+    connection.lastHeartbeat = Date.now()
+    connection.slot = {
+      deviceId: deviceId!,
+      formats: frame.capabilities.formats,
+      gpu: frame.capabilities.gpu,
+      maxConcurrent: frame.capabilities.max_concurrent_tasks,
+      leases: new Set(),
+      draining: false,
+      load: 0,
+      send: (task) => this.send(connection, task),
+    }
+    this.send(connection, { type: 'registered', protocol: PROTOCOL_VERSION, device_id: deviceId!, heartbeat_interval_ms: this.heartbeatIntervalMs, ...(token ? { sdk_token: token } : {}) })
+    this.options.scheduler.deviceConnected(connection.slot)
+  }
+
+  private heartbeat(connection: Connection, frame: Extract<DeviceFrame, { type: 'heartbeat' }>): void {
+    const deviceId = connection.deviceId!
+    connection.lastHeartbeat = Date.now()
+    this.options.scheduler.heartbeat(deviceId, frame.leases, frame.load)
+    const at = this.now().toISOString()
+    const data = { device_id: deviceId, load: frame.load, memory_used_mb: frame.memory_used_mb, power_watts: frame.power_watts, at }
+    // a fact with nothing to decide: appended without reading the stream, group-committed with the rest
+    this.options.store
+      .append(heartbeatStream(deviceId), [{ type: 'HeartbeatReceived', data, metadata: { occurredAt: at, schemaVersion: 1 } }])
+      .catch((error: Error) => this.options.log?.(`hub: heartbeat of ${deviceId} not stored: ${error.message}`))
+  }
+
+  private async disconnected(connection: Connection, reason: string): Promise<void> {
+    const deviceId = connection.deviceId
+    if (!deviceId || this.byDevice.get(deviceId) !== connection) return // never registered, or replaced
+    this.byDevice.delete(deviceId)
+    const at = this.now().toISOString()
+    try {
+      await this.options.scheduler.deviceLost(deviceId, `device disconnected (${reason})`)
+      await handleCommand(this.options.store, deviceStream(deviceId), deviceDecider, { type: 'DisconnectDevice', reason, at }, { metadata: { occurredAt: at } })
+    } catch (error) {
+      this.options.log?.(`hub: recording the disconnect of ${deviceId}: ${(error as Error).message}`)
+    }
+  }
+
+  /** Every interval: ping each socket; end those that missed the last pong or three heartbeats. */
+  private watch(): void {
+    const now = Date.now()
+    for (const connection of this.byDevice.values()) {
+      if (now - connection.lastHeartbeat > 3 * this.heartbeatIntervalMs) {
+        connection.socket.close(CLOSE.TIMEOUT, 'missed heartbeats')
+        void this.disconnected(connection, 'missed heartbeats')
+        continue
+      }
+      if (!connection.alive) {
+        connection.socket.terminate()
+        void this.disconnected(connection, 'no answer to ping')
+        continue
+      }
+      connection.alive = false
+      connection.socket.ping()
+    }
+  }
+
+  private send(connection: Connection, frame: HubFrame): boolean {
+    if (connection.socket.readyState !== connection.socket.OPEN) return false
+    connection.socket.send(JSON.stringify(frame))
+    return true
+  }
+}

@@ -1,0 +1,159 @@
+import { z } from 'zod'
+import { Metrics } from '../protocol/frames.js'
+import type { Decider } from './decider.js'
+import { DomainError } from './errors.js'
+
+/**
+ * One unit of work for one device: queued, leased to a device (a lease id and a deadline), then completed,
+ * or its attempt failed (the device reported an error, vanished, or let the lease expire) and it is queued
+ * again, up to `max_attempts`, after which it fails for good. Results carry the lease id: only the current
+ * lease may complete the task (fencing), so a device that was given up on cannot overwrite the retry.
+ */
+const TensorData = z.object({ data: z.array(z.number()), shape: z.array(z.number().int()) })
+
+export const TaskSpec = z.object({
+  task_id: z.string(),
+  customer_id: z.string(),
+  job_id: z.string(),
+  model: z.object({ id: z.string(), format: z.enum(['onnx', 'torchscript']), checksum: z.string() }),
+  input: TensorData,
+  input_name: z.string().optional(),
+  prefer_gpu: z.boolean(),
+  max_attempts: z.number().int().min(1),
+})
+export type TaskSpec = z.infer<typeof TaskSpec>
+
+const TaskQueued = z.object({ type: z.literal('TaskQueued'), data: TaskSpec.extend({ queued_at: z.string() }) })
+const TaskLeased = z.object({
+  type: z.literal('TaskLeased'),
+  data: z.object({ task_id: z.string(), lease_id: z.string(), device_id: z.string(), attempt: z.number().int(), leased_at: z.string() }),
+})
+const TaskCompleted = z.object({
+  type: z.literal('TaskCompleted'),
+  data: z.object({
+    task_id: z.string(),
+    customer_id: z.string(),
+    job_id: z.string(),
+    lease_id: z.string(),
+    device_id: z.string(),
+    output: TensorData,
+    metrics: Metrics,
+    completed_at: z.string(),
+  }),
+})
+const TaskAttemptFailed = z.object({
+  type: z.literal('TaskAttemptFailed'),
+  data: z.object({
+    task_id: z.string(),
+    customer_id: z.string(),
+    job_id: z.string(),
+    lease_id: z.string(),
+    device_id: z.string(),
+    reason: z.string(),
+    metrics: Metrics.nullable(),
+    /** Whether the task went back to the queue (false: that was its last attempt). */
+    requeued: z.boolean(),
+    failed_at: z.string(),
+  }),
+})
+const TaskFailed = z.object({ type: z.literal('TaskFailed'), data: z.object({ task_id: z.string(), job_id: z.string(), reason: z.string(), failed_at: z.string() }) })
+const TaskCancelled = z.object({ type: z.literal('TaskCancelled'), data: z.object({ task_id: z.string(), job_id: z.string(), lease_id: z.string().nullable(), device_id: z.string().nullable(), cancelled_at: z.string() }) })
+
+const TaskEvent = z.discriminatedUnion('type', [TaskQueued, TaskLeased, TaskCompleted, TaskAttemptFailed, TaskFailed, TaskCancelled])
+export type TaskEvent = z.infer<typeof TaskEvent>
+export const taskEventTypes = TaskEvent.options.map((o) => o.shape.type.value)
+
+export type TaskCommand =
+  | { type: 'QueueTask'; task: TaskSpec; at: string }
+  | { type: 'LeaseTask'; leaseId: string; deviceId: string; at: string }
+  | { type: 'CompleteTask'; leaseId: string; output: z.infer<typeof TensorData>; metrics: z.infer<typeof Metrics>; at: string }
+  | { type: 'FailAttempt'; leaseId: string; reason: string; metrics: z.infer<typeof Metrics> | null; at: string }
+  | { type: 'CancelTask'; at: string }
+
+export type TaskStatus = 'new' | 'queued' | 'leased' | 'completed' | 'failed' | 'cancelled'
+
+export interface TaskState {
+  status: TaskStatus
+  spec: TaskSpec | undefined
+  attempts: number
+  lease: { id: string; deviceId: string } | undefined
+}
+
+export const taskStream = (taskId: string) => `task-${taskId}`
+
+export const taskDecider: Decider<TaskCommand, TaskEvent, TaskState> = {
+  initialState: () => ({ status: 'new', spec: undefined, attempts: 0, lease: undefined }),
+
+  evolve(state, event) {
+    switch (event.type) {
+      case 'TaskQueued':
+        return { ...state, status: 'queued', spec: event.data }
+      case 'TaskLeased':
+        return { ...state, status: 'leased', attempts: event.data.attempt, lease: { id: event.data.lease_id, deviceId: event.data.device_id } }
+      case 'TaskCompleted':
+        return { ...state, status: 'completed', lease: undefined }
+      case 'TaskAttemptFailed':
+        return { ...state, status: event.data.requeued ? 'queued' : state.status, lease: undefined }
+      case 'TaskFailed':
+        return { ...state, status: 'failed', lease: undefined }
+      case 'TaskCancelled':
+        return { ...state, status: 'cancelled', lease: undefined }
+    }
+  },
+
+  decide(command, state) {
+    switch (command.type) {
+      case 'QueueTask':
+        if (state.status !== 'new') throw new DomainError('CONFLICT', `task ${command.task.task_id} already exists`)
+        return [{ type: 'TaskQueued', data: { ...command.task, queued_at: command.at } }]
+      case 'LeaseTask': {
+        const spec = requireSpec(state)
+        if (state.status !== 'queued') throw new DomainError('CONFLICT', `task ${spec.task_id} is ${state.status}, not queued`)
+        return [{ type: 'TaskLeased', data: { task_id: spec.task_id, lease_id: command.leaseId, device_id: command.deviceId, attempt: state.attempts + 1, leased_at: command.at } }]
+      }
+      case 'CompleteTask': {
+        const spec = requireSpec(state)
+        const lease = currentLease(state, command.leaseId)
+        const data = { task_id: spec.task_id, customer_id: spec.customer_id, job_id: spec.job_id, lease_id: lease.id, device_id: lease.deviceId }
+        return [{ type: 'TaskCompleted', data: { ...data, output: command.output, metrics: command.metrics, completed_at: command.at } }]
+      }
+      case 'FailAttempt': {
+        const spec = requireSpec(state)
+        const lease = currentLease(state, command.leaseId)
+        const requeued = state.attempts < spec.max_attempts
+        const failed = {
+          type: 'TaskAttemptFailed' as const,
+          data: { task_id: spec.task_id, customer_id: spec.customer_id, job_id: spec.job_id, lease_id: lease.id, device_id: lease.deviceId, reason: command.reason, metrics: command.metrics, requeued, failed_at: command.at },
+        }
+        if (requeued) return [failed]
+        const reason = `failed after ${state.attempts} attempt${state.attempts === 1 ? '' : 's'}; last: ${command.reason}`
+        return [failed, { type: 'TaskFailed', data: { task_id: spec.task_id, job_id: spec.job_id, reason, failed_at: command.at } }]
+      }
+      case 'CancelTask': {
+        const spec = requireSpec(state)
+        if (state.status === 'completed' || state.status === 'failed') throw new DomainError('CANNOT_CANCEL', `task ${spec.task_id} is already ${state.status}`)
+        if (state.status === 'cancelled') return []
+        return [{ type: 'TaskCancelled', data: { task_id: spec.task_id, job_id: spec.job_id, lease_id: state.lease?.id ?? null, device_id: state.lease?.deviceId ?? null, cancelled_at: command.at } }]
+      }
+      default: {
+        const unknown: never = command
+        throw new Error(`unknown command ${JSON.stringify(unknown)}`)
+      }
+    }
+  },
+
+  parse: ({ type, data }) => TaskEvent.parse({ type, data }),
+}
+
+function requireSpec(state: TaskState): TaskSpec {
+  if (!state.spec) throw new DomainError('NOT_FOUND', 'task not found')
+  return state.spec
+}
+
+/** Fencing: only the lease the task is under now may finish it. */
+function currentLease(state: TaskState, leaseId: string): { id: string; deviceId: string } {
+  if (state.status !== 'leased' || !state.lease || state.lease.id !== leaseId) {
+    throw new DomainError('STALE_LEASE', `lease ${leaseId} is not the task's current lease (the task is ${state.status})`)
+  }
+  return state.lease
+}

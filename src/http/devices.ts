@@ -1,0 +1,93 @@
+import { existsSync } from 'node:fs'
+import path from 'node:path'
+import { fileURLToPath } from 'node:url'
+import type { FastifyPluginAsync } from 'fastify'
+import type { ZodTypeProvider } from 'fastify-type-provider-zod'
+import * as tar from 'tar'
+import { z } from 'zod'
+import { DomainError } from '../domain/errors.js'
+import { LOG_LEVELS } from '../protocol/frames.js'
+import { DEVICE_STATUSES, deviceStats, findDevice, listDevices } from '../projections/devices.js'
+import { findModelFile } from '../projections/models.js'
+import type { Services } from './context.js'
+
+const DeviceParams = z.object({ id: z.string().min(1).max(64) })
+const REPO_ROOT = fileURLToPath(new URL('../..', import.meta.url))
+/** What the SDK package holds: the worker and the protocol it speaks. */
+const SDK_FILES = ['package.json', 'package-lock.json', '.npmrc', 'src/protocol', 'src/sdk', 'src/cli/args.ts', 'src/cli/worker.ts', 'docs/device-protocol.md']
+
+/** `/devices` for customers (the fleet is shared: every customer sees it) and `/sdk` downloads for devices. */
+export const deviceRoutes: FastifyPluginAsync<{ services: Services }> = async (base, { services }) => {
+  const app = base.withTypeProvider<ZodTypeProvider>()
+  const config = { auth: 'api_key' as const }
+
+  app.get('/devices', {
+    config,
+    schema: {
+      summary: 'List devices',
+      tags: ['devices'],
+      querystring: z.object({
+        status: z.enum(DEVICE_STATUSES).optional(),
+        limit: z.coerce.number().int().min(1).max(1000).default(100),
+        offset: z.coerce.number().int().min(0).max(10_000_000).default(0),
+      }),
+    },
+  }, async (request) => {
+    const { devices, total } = await listDevices(services.db, request.query)
+    return { devices, total, limit: request.query.limit, offset: request.query.offset }
+  })
+
+  app.get('/devices/stats', { config, schema: { summary: 'Device statistics', tags: ['devices'] } }, async () => ({
+    ...(await deviceStats(services.db)),
+    connections: services.hub.connections,
+  }))
+
+  app.get('/devices/:id', { config, schema: { summary: 'A device: hardware, capabilities, metrics', tags: ['devices'], params: DeviceParams } }, async (request) => {
+    const device = await findDevice(services.db, request.params.id)
+    if (!device) throw new DomainError('NOT_FOUND', `device ${request.params.id} not found`)
+    return device
+  })
+
+  app.get('/devices/:id/logs', {
+    config,
+    schema: {
+      summary: "Pull a device's recent log lines over its socket",
+      tags: ['devices'],
+      params: DeviceParams,
+      querystring: z.object({
+        lines: z.coerce.number().int().min(1).max(10_000).default(100),
+        level: z.enum(['all', ...LOG_LEVELS]).default('all'),
+        timeout: z.coerce.number().int().min(100).max(120_000).default(30_000).describe('ms to wait for the device (default 30000)'),
+      }),
+    },
+  }, async (request) => {
+    const device = await findDevice(services.db, request.params.id)
+    if (!device) throw new DomainError('NOT_FOUND', `device ${request.params.id} not found`)
+    const { lines, level, timeout } = request.query
+    return { device_id: device.id, lines: await services.hub.requestLogs(device.id, { lines, level, timeoutMs: timeout }) }
+  })
+
+  app.get('/sdk/models/:id', {
+    config: { auth: 'sdk' },
+    schema: { summary: 'Download a model file (for a device holding a task on it)', tags: ['sdk'], params: DeviceParams },
+  }, async (request, reply) => {
+    const deviceId = request.caller.keyId!
+    const model = await findModelFile(services.db, request.params.id)
+    if (!model) throw new DomainError('NOT_FOUND', `model ${request.params.id} not found`)
+    if (!services.scheduler.holdsModel(deviceId, model.model_id)) throw new DomainError('FORBIDDEN', `device ${deviceId} holds no task on model ${model.model_id}`)
+    const sha = model.checksum.replace(/^sha256:/, '')
+    return reply
+      .header('content-type', 'application/octet-stream')
+      .header('content-length', String(model.size))
+      .header('x-checksum', model.checksum)
+      .send(services.blobs.open(sha))
+  })
+
+  app.get('/sdk/package', { config: { auth: 'sdk' }, schema: { summary: 'Download the Node.js SDK (tar.gz) to update a device', tags: ['sdk'] } }, async (_request, reply) => {
+    const files = SDK_FILES.filter((f) => existsSync(path.join(REPO_ROOT, f)))
+    return reply
+      .header('content-type', 'application/gzip')
+      .header('content-disposition', 'attachment; filename="dcp-sdk-node.tgz"')
+      .send(tar.create({ gzip: true, cwd: REPO_ROOT, portable: true }, files))
+  })
+}

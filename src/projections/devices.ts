@@ -1,0 +1,179 @@
+import { type Kysely, sql } from 'kysely'
+import { deviceDecider, deviceEventTypes, HeartbeatReceived } from '../domain/device.js'
+import { taskDecider } from '../domain/task.js'
+import type { RecordedEvent } from '../event-store/port.js'
+import { liveSchema, type Projection } from './projection.js'
+
+/**
+ * The fleet: each device with its description, whether it is connected, its last heartbeat and how many
+ * tasks it holds; status `offline` (not connected), `busy` (holds a task) or `idle`. Heartbeats come by the
+ * thousand per second, so a batch is folded in memory first and written with one statement.
+ */
+export const devicesProjection: Projection = {
+  name: 'devices',
+  version: 1,
+  filter: { types: [...deviceEventTypes, 'HeartbeatReceived', 'TaskLeased', 'TaskCompleted', 'TaskAttemptFailed', 'TaskCancelled'] },
+  tables: [{ name: 'devices', primaryKey: ['device_id'] }],
+
+  async createTables(db) {
+    await db.schema
+      .createTable('devices')
+      .addColumn('device_id', 'text', (c) => c.primaryKey())
+      .addColumn('platform', 'text', (c) => c.notNull())
+      .addColumn('sdk_version', 'text', (c) => c.notNull())
+      .addColumn('sdk_uuid', 'text', (c) => c.notNull())
+      .addColumn('instance_type', 'text', (c) => c.notNull())
+      .addColumn('hardware', 'jsonb', (c) => c.notNull())
+      .addColumn('capabilities', 'jsonb', (c) => c.notNull())
+      .addColumn('connected', 'boolean', (c) => c.notNull())
+      .addColumn('running_tasks', 'integer', (c) => c.notNull())
+      .addColumn('heartbeats', 'bigint', (c) => c.notNull())
+      .addColumn('load', 'double precision')
+      .addColumn('memory_used_mb', 'double precision')
+      .addColumn('power_watts', 'double precision')
+      .addColumn('registered_at', 'text', (c) => c.notNull())
+      .addColumn('last_seen_at', 'text', (c) => c.notNull())
+      .addColumn('disconnect_reason', 'text')
+      .execute()
+    await db.schema.createIndex('devices_by_status').on('devices').columns(['connected', 'running_tasks']).execute()
+  },
+
+  async apply(trx, events) {
+    const ids = [...new Set(events.map(deviceIdOf).filter((id): id is string => id !== undefined))]
+    const existing = await trx.selectFrom('devices').selectAll().where('device_id', 'in', ids.length ? ids : ['']).execute()
+    const rows = new Map<string, DeviceRow>(existing.map((r) => [r.device_id, { ...r, heartbeats: Number(r.heartbeats) } as DeviceRow]))
+    for (const event of events) fold(rows, event)
+    const changed = ids.map((id) => rows.get(id)).filter((r): r is DeviceRow => r !== undefined)
+    if (changed.length === 0) return
+    await trx
+      .insertInto('devices')
+      .values(changed.map((r) => ({ ...r, hardware: JSON.stringify(r.hardware), capabilities: JSON.stringify(r.capabilities) })))
+      .onConflict((oc) => oc.column('device_id').doUpdateSet((eb) => Object.fromEntries(COLUMNS.map((c) => [c, eb.ref(`excluded.${c}`)]))))
+      .execute()
+  },
+}
+
+const COLUMNS = [
+  'platform', 'sdk_version', 'sdk_uuid', 'instance_type', 'hardware', 'capabilities', 'connected', 'running_tasks', 'heartbeats',
+  'load', 'memory_used_mb', 'power_watts', 'registered_at', 'last_seen_at', 'disconnect_reason',
+] as const
+
+interface DeviceRow {
+  device_id: string
+  platform: string
+  sdk_version: string
+  sdk_uuid: string
+  instance_type: string
+  hardware: unknown
+  capabilities: unknown
+  connected: boolean
+  running_tasks: number
+  heartbeats: number
+  load: number | null
+  memory_used_mb: number | null
+  power_watts: number | null
+  registered_at: string
+  last_seen_at: string
+  disconnect_reason: string | null
+}
+
+function deviceIdOf(event: RecordedEvent): string | undefined {
+  const data = event.data as { device_id?: unknown }
+  return typeof data?.device_id === 'string' ? data.device_id : undefined
+}
+
+function fold(rows: Map<string, DeviceRow>, recorded: RecordedEvent): void {
+  const version = recorded.metadata.schemaVersion ?? 1
+  if (recorded.type === 'HeartbeatReceived') {
+    const { data } = HeartbeatReceived.parse({ type: recorded.type, data: recorded.data })
+    const row = rows.get(data.device_id)
+    if (row) Object.assign(row, { heartbeats: row.heartbeats + 1, load: data.load, memory_used_mb: data.memory_used_mb, power_watts: data.power_watts, last_seen_at: data.at })
+    return
+  }
+  if (recorded.type.startsWith('Device')) {
+    const event = deviceDecider.parse({ type: recorded.type, data: recorded.data, schemaVersion: version })
+    const row = rows.get(event.data.device_id)
+    switch (event.type) {
+      case 'DeviceRegistered': {
+        const { token_hash: _hash, registered_at, ...device } = event.data
+        rows.set(device.device_id, {
+          ...device, connected: false, running_tasks: 0, heartbeats: 0, load: null, memory_used_mb: null, power_watts: null,
+          registered_at, last_seen_at: registered_at, disconnect_reason: null,
+        })
+        return
+      }
+      case 'DeviceConnected': {
+        if (!row) return
+        const { connected_at, ...device } = event.data
+        Object.assign(row, device, { connected: true, last_seen_at: connected_at, disconnect_reason: null })
+        return
+      }
+      case 'DeviceDisconnected':
+        if (row) Object.assign(row, { connected: false, last_seen_at: event.data.disconnected_at, disconnect_reason: event.data.reason })
+        return
+    }
+  }
+  const task = taskDecider.parse({ type: recorded.type, data: recorded.data, schemaVersion: version })
+  const holder = task.type === 'TaskQueued' || task.type === 'TaskFailed' ? undefined : task.data.device_id
+  const row = holder ? rows.get(holder) : undefined
+  if (!row) return
+  if (task.type === 'TaskLeased') row.running_tasks++
+  else row.running_tasks = Math.max(0, row.running_tasks - 1)
+}
+
+const schema = liveSchema(devicesProjection.name)
+export const DEVICE_STATUSES = ['idle', 'busy', 'offline'] as const
+export type DeviceStatus = (typeof DEVICE_STATUSES)[number]
+
+const statusSql = sql<DeviceStatus>`case when not connected then 'offline' when running_tasks > 0 then 'busy' else 'idle' end`
+
+export async function listDevices(db: Kysely<any>, filter: { status?: DeviceStatus; limit: number; offset: number }) {
+  let query = db.withSchema(schema).selectFrom('devices')
+  if (filter.status) query = query.where(statusSql, '=', filter.status)
+  const [rows, total] = await Promise.all([
+    query.selectAll().select(statusSql.as('status')).orderBy('device_id').limit(filter.limit).offset(filter.offset).execute(),
+    query.select(sql<string>`count(*)`.as('n')).executeTakeFirst(),
+  ])
+  return { devices: rows.map(deviceView), total: Number(total?.n ?? 0) }
+}
+
+export async function findDevice(db: Kysely<any>, deviceId: string) {
+  const row = await db.withSchema(schema).selectFrom('devices').selectAll().select(statusSql.as('status')).where('device_id', '=', deviceId).executeTakeFirst()
+  return row ? deviceView(row) : undefined
+}
+
+export async function deviceStats(db: Kysely<any>) {
+  const rows = await db
+    .withSchema(schema)
+    .selectFrom('devices')
+    .select(['platform', 'instance_type', statusSql.as('status'), sql<string>`count(*)`.as('n')])
+    .groupBy(['platform', 'instance_type', sql`3`])
+    .execute()
+  const stats = { total: 0, idle: 0, busy: 0, offline: 0, by_platform: {} as Record<string, number>, by_instance_type: {} as Record<string, number> }
+  for (const r of rows) {
+    const n = Number(r.n)
+    stats.total += n
+    stats[r.status as DeviceStatus] += n
+    stats.by_platform[r.platform] = (stats.by_platform[r.platform] ?? 0) + n
+    stats.by_instance_type[r.instance_type] = (stats.by_instance_type[r.instance_type] ?? 0) + n
+  }
+  return stats
+}
+
+function deviceView(r: Record<string, any>) {
+  return {
+    id: r.device_id as string,
+    status: r.status as DeviceStatus,
+    platform: r.platform,
+    sdk_version: r.sdk_version,
+    sdk_uuid: r.sdk_uuid,
+    instance_type: r.instance_type,
+    hardware: r.hardware,
+    capabilities: r.capabilities,
+    running_tasks: r.running_tasks,
+    metrics: { load: r.load, memory_used_mb: r.memory_used_mb, power_watts: r.power_watts, heartbeats: Number(r.heartbeats) },
+    registered_at: r.registered_at,
+    last_seen_at: r.last_seen_at,
+    ...(r.disconnect_reason ? { disconnect_reason: r.disconnect_reason } : {}),
+  }
+}

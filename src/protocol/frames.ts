@@ -1,0 +1,158 @@
+/**
+ * The device protocol: every WebSocket frame between a device and the hub, as zod schemas. A frame is one
+ * JSON text message `{ "type": ..., ... }`. This file is the one thing the hub and the SDKs share; an SDK in
+ * another language can be written from it (and docs/device-protocol.md, which describes it).
+ *
+ * Versioning: `register.protocol` names the version the device speaks; the hub answers with the version it
+ * will use (`registered.protocol`) or closes with code 4400 when it supports none in common. Fields may be
+ * added within a version (receivers ignore unknown fields); removing or changing one needs a new version.
+ */
+import { z } from 'zod'
+
+export const PROTOCOL_VERSION = 1
+/** Largest frame the hub accepts, in bytes (a larger one closes the socket with 1009). */
+export const MAX_FRAME_BYTES = 16 * 1024 * 1024
+
+export const PLATFORMS = ['nodejs', 'python', 'windows'] as const
+export const INSTANCE_TYPES = ['aws', 'user'] as const
+export const LOG_LEVELS = ['debug', 'info', 'warn', 'error'] as const
+
+const Id = z.string().min(1).max(128)
+const Tensor = z.object({
+  data: z.array(z.number()).max(16_000_000),
+  shape: z.array(z.number().int().min(0)).min(1).max(16),
+})
+export type Tensor = z.infer<typeof Tensor>
+
+export const Hardware = z.object({
+  cpu_model: z.string().max(256),
+  cpu_cores: z.number().int().min(1).max(4096),
+  memory_mb: z.number().int().min(1),
+  gpus: z.array(z.object({ name: z.string().max(256), memory_mb: z.number().int().min(0) })).max(64).default([]),
+})
+export type Hardware = z.infer<typeof Hardware>
+
+export const Capabilities = z.object({
+  /** Model formats the device can run. */
+  formats: z.array(z.enum(['onnx', 'torchscript'])).min(1),
+  gpu: z.boolean().default(false),
+  can_train: z.boolean().default(false),
+  /** Tasks it runs at once. */
+  max_concurrent_tasks: z.number().int().min(1).max(256).default(1),
+})
+export type Capabilities = z.infer<typeof Capabilities>
+
+// ---- device -> hub -------------------------------------------------------------------------------------
+
+export const Register = z.object({
+  type: z.literal('register'),
+  protocol: z.number().int().min(1),
+  /** Enrollment secret, when the hub requires one (production). */
+  enrollment_secret: z.string().max(512).optional(),
+  /** A device that registered before sends its id and token to come back as itself. */
+  device_id: Id.optional(),
+  sdk_token: z.string().max(512).optional(),
+  platform: z.enum(PLATFORMS),
+  sdk_version: z.string().min(1).max(64),
+  /** Identifies the SDK installation, e.g. `sdk-nodejs-1a2b3c`; usage is reported per SDK UUID. */
+  sdk_uuid: z.string().min(1).max(128),
+  instance_type: z.enum(INSTANCE_TYPES),
+  hardware: Hardware,
+  capabilities: Capabilities,
+})
+
+export const Heartbeat = z.object({
+  type: z.literal('heartbeat'),
+  /** 0..1: share of its CPU in use. */
+  load: z.number().min(0).max(1),
+  memory_used_mb: z.number().min(0),
+  /** Estimated power draw in watts (the SDK's estimate: see docs/device-protocol.md). */
+  power_watts: z.number().min(0).max(100_000),
+  /** Leases the device holds and is working on; the hub extends them and forgets any it does not list. */
+  leases: z.array(Id).max(256).default([]),
+})
+
+export const Metrics = z.object({
+  cpu_ms: z.number().min(0),
+  gpu_ms: z.number().min(0),
+  bytes_in: z.number().int().min(0),
+  bytes_out: z.number().int().min(0),
+})
+export type Metrics = z.infer<typeof Metrics>
+
+export const TaskResult = z.object({
+  type: z.literal('task_result'),
+  task_id: Id,
+  lease_id: Id,
+  status: z.enum(['completed', 'failed']),
+  output: Tensor.optional(),
+  error: z.string().max(4096).optional(),
+  metrics: Metrics,
+})
+
+export const LogLine = z.object({ ts: z.string().max(64), level: z.enum(LOG_LEVELS), message: z.string().max(8192) })
+export type LogLine = z.infer<typeof LogLine>
+
+export const Logs = z.object({
+  type: z.literal('logs'),
+  request_id: Id,
+  lines: z.array(LogLine).max(10_000),
+})
+
+/** The device stops taking new tasks (it is shutting down) and finishes what it holds. */
+export const Draining = z.object({ type: z.literal('draining') })
+
+export const DeviceFrame = z.discriminatedUnion('type', [Register, Heartbeat, TaskResult, Logs, Draining])
+export type DeviceFrame = z.infer<typeof DeviceFrame>
+
+// ---- hub -> device -------------------------------------------------------------------------------------
+
+export const Registered = z.object({
+  type: z.literal('registered'),
+  protocol: z.number().int(),
+  device_id: Id,
+  /** For `X-SDK-Token` on downloads, and to come back as this device. Sent on first registration only. */
+  sdk_token: z.string().optional(),
+  heartbeat_interval_ms: z.number().int().positive(),
+})
+
+export const TaskAssignment = z.object({
+  type: z.literal('task'),
+  task_id: Id,
+  lease_id: Id,
+  /** ISO time the lease ends unless a heartbeat listing it comes first. */
+  lease_deadline: z.string(),
+  model: z.object({ id: Id, format: z.enum(['onnx', 'torchscript']), checksum: z.string(), download_path: z.string() }),
+  input: Tensor,
+  /** Name of the model input to feed (the first one when absent). */
+  input_name: z.string().optional(),
+})
+export type TaskAssignment = z.infer<typeof TaskAssignment>
+
+export const CancelTask = z.object({ type: z.literal('cancel_task'), task_id: Id, lease_id: Id })
+
+export const LogsRequest = z.object({
+  type: z.literal('logs_request'),
+  request_id: Id,
+  lines: z.number().int().min(1).max(10_000),
+  level: z.enum(['all', ...LOG_LEVELS]),
+})
+
+export const ErrorFrame = z.object({ type: z.literal('error'), code: z.string(), message: z.string() })
+
+export const HubFrame = z.discriminatedUnion('type', [Registered, TaskAssignment, CancelTask, LogsRequest, ErrorFrame])
+export type HubFrame = z.infer<typeof HubFrame>
+
+/** Close codes the hub uses besides the standard ones. */
+export const CLOSE = {
+  /** Protocol version not supported. */
+  UNSUPPORTED_PROTOCOL: 4400,
+  /** Enrollment secret or SDK token refused. */
+  UNAUTHORIZED: 4401,
+  /** Too many malformed frames. */
+  MALFORMED: 4402,
+  /** The device did not register in time, or stopped heartbeating. */
+  TIMEOUT: 4408,
+  /** The same device connected again elsewhere. */
+  REPLACED: 4409,
+} as const

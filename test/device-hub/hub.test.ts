@@ -1,0 +1,145 @@
+import t, { type Test } from 'tap'
+import { MAX_FRAME_BYTES } from '../../src/protocol/frames.js'
+import { testApp } from '../helpers/app.js'
+import { eventually, SimDevice } from '../helpers/device.js'
+
+async function listening(t: Test, heartbeatIntervalMs = 500) {
+  const context = await testApp(t, { rateLimit: { max: 100_000, windowMs: 60_000 } }, { heartbeatIntervalMs })
+  const url = await context.app.listen({ port: 0, host: '127.0.0.1' })
+  const alice = await context.customer()
+  const get = async (path: string) => {
+    const response = await fetch(`${url}/api/v1${path}`, { headers: { 'x-api-key': alice.key } })
+    return { status: response.status, body: (await response.json()) as any }
+  }
+  return { ...context, url, get }
+}
+
+t.test('a device registers, heartbeats, and shows in the read model; its SDK token is a credential', async (t) => {
+  const { url, get } = await listening(t)
+  const device = await SimDevice.connect(url)
+  t.teardown(() => device.kill())
+  const registered = await device.register({ instanceType: 'aws' })
+  t.match(registered, { type: 'registered', protocol: 1, device_id: /^dev_/, sdk_token: /^dcp_s_/, heartbeat_interval_ms: 500 })
+  device.heartbeat([], 0.4)
+  const shown = await eventually(async () => {
+    const r = await get(`/devices/${device.deviceId}`)
+    return r.status === 200 && r.body.metrics.heartbeats >= 1 ? r.body : undefined
+  })
+  t.match(shown, { id: device.deviceId, status: 'idle', platform: 'nodejs', instance_type: 'aws', capabilities: { formats: ['onnx'] }, metrics: { load: 0.4, power_watts: 12.5 } })
+  t.equal((await get('/devices?status=idle')).body.total, 1)
+  t.equal((await get('/devices?status=offline')).body.total, 0)
+  t.match((await get('/devices/stats')).body, { total: 1, idle: 1, by_platform: { nodejs: 1 }, connections: 1 })
+  t.equal((await get('/devices?status=sleeping')).status, 400)
+  t.equal((await get('/devices/dev_nope')).status, 404)
+  // the token works for SDK downloads (the package), the API key does not
+  const pkg = await fetch(`${url}/api/v1/sdk/package`, { headers: { 'x-sdk-token': device.sdkToken } })
+  t.equal(pkg.status, 200)
+  t.equal(pkg.headers.get('content-type'), 'application/gzip')
+  t.ok((await pkg.arrayBuffer()).byteLength > 1000)
+  t.equal((await fetch(`${url}/api/v1/sdk/package`, { headers: { 'x-sdk-token': 'dcp_s_wrong' } })).status, 401)
+})
+
+t.test('missed heartbeats mark a device offline; it comes back with the same id; a wrong token is refused', async (t) => {
+  const { url, get } = await listening(t)
+  const device = await SimDevice.connect(url)
+  await device.register()
+  const id = device.deviceId
+  // no heartbeats: three intervals (500 ms each) later the hub gives up on it
+  const closed = await device.waitClosed(5000)
+  t.equal(closed.code, 4408)
+  await eventually(async () => (await get(`/devices/${id}`)).body.status === 'offline', 5000, 'offline')
+  t.equal((await get(`/devices/${id}`)).body.disconnect_reason, 'missed heartbeats')
+
+  const back = await SimDevice.connect(url)
+  t.teardown(() => back.kill())
+  const again = await back.register({ as: { deviceId: id, sdkToken: device.sdkToken } })
+  t.equal(again.device_id, id, 'same id')
+  t.notOk(again.sdk_token, 'no new token for a returning device')
+  back.heartbeat()
+  await eventually(async () => (await get(`/devices/${id}`)).body.status === 'idle', 5000, 'back online')
+
+  const impostor = await SimDevice.connect(url)
+  impostor.send({ type: 'register', protocol: 1, platform: 'nodejs', sdk_version: '1', sdk_uuid: 'x', instance_type: 'user', hardware: { cpu_model: 'x', cpu_cores: 1, memory_mb: 1 }, capabilities: { formats: ['onnx'] }, device_id: id, sdk_token: 'dcp_s_stolen' })
+  t.equal((await impostor.waitClosed()).code, 4401)
+  t.equal((await get('/devices/stats')).body.total, 1, 'no extra device')
+})
+
+t.test('bad frames get an error frame or a close, never a crash', async (t) => {
+  const { url, get } = await listening(t)
+  const device = await SimDevice.connect(url)
+  device.send('this is not json')
+  t.match(await device.next((f) => f.type === 'error'), { code: 'INVALID_FRAME', message: /invalid frame/ })
+  device.send({ type: 'heartbeat', load: 0.1, memory_used_mb: 1, power_watts: 1 })
+  t.match(await device.next((f) => f.type === 'error'), { code: 'INVALID_FRAME', message: /register before/ })
+  await device.register()
+  device.send({ type: 'heartbeat', load: 7 })
+  t.match(await device.next((f) => f.type === 'error'), { code: 'INVALID_FRAME', message: /load/ })
+  device.send({ type: 'task_result', task_id: 'task_x', lease_id: 'lease_x', status: 'completed', output: { data: [1], shape: [1] }, metrics: { cpu_ms: 1, gpu_ms: 0, bytes_in: 1, bytes_out: 1 } })
+  t.match(await device.next((f) => f.type === 'error'), { code: 'STALE_LEASE' })
+  device.socket.send(Buffer.from([1, 2, 3]), { binary: true })
+  t.match(await device.next((f) => f.type === 'error'), { code: 'INVALID_FRAME' })
+  for (let i = 0; i < 10; i++) device.send({ type: 'nonsense', i })
+  t.equal((await device.waitClosed()).code, 4402, 'too many malformed frames close the socket')
+
+  const huge = await SimDevice.connect(url)
+  await huge.register()
+  huge.send(JSON.stringify({ type: 'heartbeat', pad: 'x'.repeat(MAX_FRAME_BYTES + 10) }))
+  t.equal((await huge.waitClosed()).code, 1009, 'an oversized frame closes with 1009')
+
+  const fine = await SimDevice.connect(url)
+  t.teardown(() => fine.kill())
+  await fine.register()
+  fine.heartbeat()
+  t.equal((await get('/health')).status, 200, 'the server is still up')
+  await eventually(async () => (await get(`/devices/${fine.deviceId}`)).status === 200, 5000, 'the good device listed')
+})
+
+t.test('log pull round trip, and a device that never answers', async (t) => {
+  const { url, get } = await listening(t)
+  const device = await SimDevice.connect(url)
+  t.teardown(() => device.kill())
+  await device.register()
+  await eventually(async () => (await get(`/devices/${device.deviceId}`)).status === 200, 5000, 'listed')
+  const pull = get(`/devices/${device.deviceId}/logs?lines=2&level=warn&timeout=5000`)
+  const request = await device.next((f) => f.type === 'logs_request')
+  t.match(request, { lines: 2, level: 'warn' })
+  device.send({ type: 'logs', request_id: request.request_id, lines: [{ ts: '2026-01-01T00:00:00Z', level: 'warn', message: 'disk almost full' }] })
+  const pulled = await pull
+  t.equal(pulled.status, 200)
+  t.same(pulled.body.lines, [{ ts: '2026-01-01T00:00:00Z', level: 'warn', message: 'disk almost full' }])
+
+  const silent = await get(`/devices/${device.deviceId}/logs?timeout=300`)
+  t.equal(silent.status, 504)
+  t.equal(silent.body.error.code, 'TIMEOUT')
+  device.kill()
+  await eventually(async () => (await get(`/devices/${device.deviceId}`)).body.status === 'offline', 5000, 'offline')
+  const offline = await get(`/devices/${device.deviceId}/logs?timeout=300`)
+  t.equal(offline.status, 409)
+  t.equal(offline.body.error.code, 'DEVICE_OFFLINE')
+})
+
+t.test('1,000 simulated devices register and heartbeat; the read model shows them all', async (t) => {
+  const { url, get, database } = await listening(t, 60_000)
+  const devices: SimDevice[] = []
+  t.teardown(() => devices.forEach((d) => d.kill()))
+  for (let batch = 0; batch < 10; batch++) {
+    const connected = await Promise.all(Array.from({ length: 100 }, () => SimDevice.connect(url)))
+    await Promise.all(connected.map((d) => d.register()))
+    devices.push(...connected)
+  }
+  for (const d of devices) d.heartbeat()
+  const stats = await eventually(async () => {
+    const s = (await get('/devices/stats')).body
+    return s.idle === 1000 ? s : undefined
+  }, 60_000, 'all 1000 idle')
+  t.equal(stats.total, 1000)
+  t.equal(stats.connections, 1000)
+  t.equal(new Set(devices.map((d) => d.deviceId)).size, 1000, 'distinct ids')
+  const listed = await eventually(async () => {
+    const r = await get('/devices?limit=1000')
+    return r.body.devices.every((d: { metrics: { heartbeats: number } }) => d.metrics.heartbeats >= 1) ? r : undefined
+  }, 30_000, 'every heartbeat in the read model')
+  t.equal(listed.body.devices.length, 1000)
+  const events = await database.pool.query(`select count(*)::int as n from events where type = 'HeartbeatReceived'`)
+  t.equal(events.rows[0].n, 1000, 'each heartbeat is an event')
+})

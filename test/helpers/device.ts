@@ -1,0 +1,104 @@
+import WebSocket from 'ws'
+import { PROTOCOL_VERSION } from '../../src/protocol/frames.js'
+
+/** A simulated device: a real WebSocket speaking the protocol by hand, for tests that need control. */
+export class SimDevice {
+  readonly frames: any[] = []
+  closed: { code: number; reason: string } | undefined
+  deviceId = ''
+  sdkToken = ''
+  private waiters: { match: (f: any) => boolean; resolve: (f: any) => void }[] = []
+
+  private constructor(readonly socket: WebSocket) {
+    socket.on('message', (raw) => {
+      const frame = JSON.parse(raw.toString())
+      this.frames.push(frame)
+      for (const w of [...this.waiters]) {
+        if (w.match(frame)) {
+          this.waiters.splice(this.waiters.indexOf(w), 1)
+          w.resolve(frame)
+        }
+      }
+    })
+    socket.on('close', (code, reason) => (this.closed = { code, reason: reason.toString() }))
+    socket.on('error', () => {})
+  }
+
+  static async connect(baseUrl: string): Promise<SimDevice> {
+    const socket = new WebSocket(`${baseUrl.replace(/^http/, 'ws')}/api/v1/devices/connect`)
+    await new Promise((resolve, reject) => {
+      socket.once('open', resolve)
+      socket.once('error', reject)
+    })
+    return new SimDevice(socket)
+  }
+
+  /** Registers (or comes back, with `as`), resolving with the `registered` frame. */
+  async register(options: { as?: { deviceId: string; sdkToken: string }; formats?: string[]; maxTasks?: number; instanceType?: 'aws' | 'user'; enrollmentSecret?: string } = {}) {
+    this.send({
+      type: 'register',
+      protocol: PROTOCOL_VERSION,
+      platform: 'nodejs',
+      sdk_version: '0.0.0-test',
+      sdk_uuid: 'sdk-nodejs-test01',
+      instance_type: options.instanceType ?? 'user',
+      hardware: { cpu_model: 'test cpu', cpu_cores: 2, memory_mb: 1024, gpus: [] },
+      capabilities: { formats: options.formats ?? ['onnx'], gpu: false, can_train: false, max_concurrent_tasks: options.maxTasks ?? 1 },
+      ...(options.as ? { device_id: options.as.deviceId, sdk_token: options.as.sdkToken } : {}),
+      ...(options.enrollmentSecret ? { enrollment_secret: options.enrollmentSecret } : {}),
+    })
+    const registered = await this.next((f) => f.type === 'registered')
+    this.deviceId = registered.device_id
+    if (registered.sdk_token) this.sdkToken = registered.sdk_token
+    return registered
+  }
+
+  heartbeat(leases: string[] = [], load = 0.25): void {
+    this.send({ type: 'heartbeat', load, memory_used_mb: 512, power_watts: 12.5, leases })
+  }
+
+  send(frame: unknown): void {
+    this.socket.send(typeof frame === 'string' ? frame : JSON.stringify(frame))
+  }
+
+  /** The next frame (already received or still to come) that matches. */
+  next(match: (frame: any) => boolean, timeoutMs = 10_000): Promise<any> {
+    const seen = this.frames.find(match)
+    if (seen) {
+      this.frames.splice(this.frames.indexOf(seen), 1)
+      return Promise.resolve(seen)
+    }
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`no matching frame within ${timeoutMs} ms; got ${JSON.stringify(this.frames.slice(-3))}`)), timeoutMs)
+      this.waiters.push({
+        match,
+        resolve: (f) => {
+          clearTimeout(timer)
+          this.frames.splice(this.frames.indexOf(f), 1)
+          resolve(f)
+        },
+      })
+    })
+  }
+
+  async waitClosed(timeoutMs = 10_000): Promise<{ code: number; reason: string }> {
+    const deadline = Date.now() + timeoutMs
+    while (!this.closed && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20))
+    if (!this.closed) throw new Error('socket did not close')
+    return this.closed
+  }
+
+  kill(): void {
+    this.socket.terminate()
+  }
+}
+
+export async function eventually<T>(check: () => Promise<T | undefined | false>, timeoutMs = 10_000, what = 'condition'): Promise<T> {
+  const deadline = Date.now() + timeoutMs
+  for (;;) {
+    const value = await check()
+    if (value) return value
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`)
+    await new Promise((r) => setTimeout(r, 50))
+  }
+}
