@@ -1,0 +1,133 @@
+import t, { type Test } from 'tap'
+import { TaskScheduler } from '../../src/commands/scheduler.js'
+import { taskStream } from '../../src/domain/task.js'
+import { testApp } from '../helpers/app.js'
+import { eventually, SimDevice } from '../helpers/device.js'
+
+const metrics = { cpu_ms: 3.5, gpu_ms: 0, bytes_in: 40, bytes_out: 8 }
+let n = 0
+const task = (overrides: Record<string, unknown> = {}) => ({
+  task_id: `task_t${++n}_${Math.random().toString(36).slice(2, 8)}`,
+  customer_id: 'cust_test',
+  job_id: 'job_test',
+  model: { id: 'model_test', format: 'onnx' as const, checksum: 'sha256:00' },
+  input: { data: [1, 2, 3], shape: [1, 3] },
+  prefer_gpu: false,
+  ...overrides,
+})
+
+async function setup(t: Test, leaseTimeoutMs = 1500) {
+  const context = await testApp(t, {}, { heartbeatIntervalMs: 60_000, leaseTimeoutMs })
+  const url = await context.app.listen({ port: 0, host: '127.0.0.1' })
+  const devices: SimDevice[] = []
+  t.teardown(() => devices.forEach((d) => d.kill()))
+  const device = async (options: Parameters<SimDevice['register']>[0] = {}) => {
+    const d = await SimDevice.connect(url)
+    devices.push(d)
+    await d.register(options)
+    return d
+  }
+  const types = async (taskId: string) => (await context.store.readStream(taskStream(taskId))).map((e) => e.type)
+  return { ...context, url, device, types }
+}
+
+t.test('a task goes to a device under a lease and completes with its result', async (t) => {
+  const { scheduler, device, types } = await setup(t)
+  const a = await device()
+  const spec = task()
+  const outcome = scheduler.outcome(spec.task_id, 10_000)
+  await scheduler.submit(spec, { customerId: spec.customer_id })
+  const frame = await a.next((f) => f.type === 'task')
+  t.match(frame, { task_id: spec.task_id, lease_id: /^lease_/, model: { id: 'model_test', download_path: '/api/v1/sdk/models/model_test' }, input: spec.input })
+  a.send({ type: 'task_result', task_id: spec.task_id, lease_id: frame.lease_id, status: 'completed', output: { data: [0.25, 0.75], shape: [1, 2] }, metrics })
+  t.match(await outcome, { status: 'completed', deviceId: a.deviceId, output: { data: [0.25, 0.75] }, metrics })
+  t.same(await types(spec.task_id), ['TaskQueued', 'TaskLeased', 'TaskCompleted'])
+})
+
+t.test('a device lost mid-task: the task is re-queued, completes once elsewhere, and the zombie result is refused', async (t) => {
+  const { scheduler, device, types, url } = await setup(t)
+  const a = await device()
+  const spec = task()
+  const outcome = scheduler.outcome(spec.task_id, 10_000)
+  await scheduler.submit(spec, { customerId: spec.customer_id })
+  const first = await a.next((f) => f.type === 'task')
+  a.kill() // as a SIGKILL'd process: the socket just drops
+  const b = await device()
+  const second = await b.next((f) => f.type === 'task')
+  t.equal(second.task_id, spec.task_id, 'the task moved to the other device')
+  t.not(second.lease_id, first.lease_id, 'under a new lease')
+  b.send({ type: 'task_result', task_id: spec.task_id, lease_id: second.lease_id, status: 'completed', output: { data: [1], shape: [1] }, metrics })
+  t.match(await outcome, { status: 'completed', deviceId: b.deviceId })
+
+  // the first device comes back and delivers its late result under the dead lease
+  const zombie = await SimDevice.connect(url)
+  t.teardown(() => zombie.kill())
+  await zombie.register({ as: { deviceId: a.deviceId, sdkToken: a.sdkToken } })
+  zombie.send({ type: 'task_result', task_id: spec.task_id, lease_id: first.lease_id, status: 'completed', output: { data: [666], shape: [1] }, metrics })
+  t.match(await zombie.next((f) => f.type === 'error'), { code: 'STALE_LEASE' })
+  const events = await types(spec.task_id)
+  t.same(events, ['TaskQueued', 'TaskLeased', 'TaskAttemptFailed', 'TaskLeased', 'TaskCompleted'], 'completed exactly once')
+})
+
+t.test('an expired lease re-queues the task; heartbeats that list a lease keep it', async (t) => {
+  const { scheduler, device, types, store } = await setup(t, 600)
+  const keeper = await device()
+  const kept = task()
+  await scheduler.submit(kept, { customerId: 'cust_test' })
+  const frame = await keeper.next((f) => f.type === 'task')
+  for (let i = 0; i < 6; i++) {
+    keeper.heartbeat([frame.lease_id])
+    await new Promise((r) => setTimeout(r, 200))
+  }
+  t.same(await types(kept.task_id), ['TaskQueued', 'TaskLeased'], 'still leased after twice the timeout')
+  // now it stops listing the lease
+  await eventually(async () => (await types(kept.task_id)).includes('TaskAttemptFailed'), 5000, 'the lease expires')
+  const failed = (await store.readStream(taskStream(kept.task_id))).find((e) => e.type === 'TaskAttemptFailed')
+  t.match(failed?.data, { reason: /lease expired/, requeued: true })
+})
+
+t.test('a task that fails on every attempt fails for good with the reason', async (t) => {
+  const { scheduler, device, types } = await setup(t)
+  const a = await device()
+  const spec = task()
+  const outcome = scheduler.outcome(spec.task_id, 10_000)
+  await scheduler.submit(spec, { customerId: 'cust_test' })
+  for (let attempt = 1; attempt <= 3; attempt++) {
+    const frame = await a.next((f) => f.type === 'task')
+    a.send({ type: 'task_result', task_id: spec.task_id, lease_id: frame.lease_id, status: 'failed', error: `input shape mismatch (${attempt})`, metrics })
+  }
+  t.match(await outcome, { status: 'failed', reason: /failed after 3 attempts; last: input shape mismatch \(3\)/ })
+  const events = await types(spec.task_id)
+  t.equal(events.filter((e) => e === 'TaskAttemptFailed').length, 3)
+  t.equal(events.at(-1), 'TaskFailed')
+})
+
+t.test('only capable devices get a task; with none it waits in the queue', async (t) => {
+  const { scheduler, device } = await setup(t)
+  const torch = await device({ formats: ['torchscript'] })
+  const spec = task()
+  await scheduler.submit(spec, { customerId: 'cust_test' })
+  await new Promise((r) => setTimeout(r, 300))
+  t.equal(torch.frames.filter((f) => f.type === 'task').length, 0, 'a TorchScript-only device gets no ONNX task')
+  t.equal(scheduler.queued, 1)
+  const onnx = await device()
+  t.equal((await onnx.next((f) => f.type === 'task')).task_id, spec.task_id)
+})
+
+t.test('after a restart the scheduler rebuilds its queue and leases from the log', async (t) => {
+  const { scheduler, device, store, database, projections } = await setup(t)
+  const waiting = task({ model: { id: 'model_test', format: 'torchscript', checksum: 'sha256:00' } })
+  const leased = task()
+  const a = await device()
+  await scheduler.submit(waiting, { customerId: 'cust_test' })
+  await scheduler.submit(leased, { customerId: 'cust_test' })
+  const frame = await a.next((f) => f.type === 'task')
+  t.equal(frame.task_id, leased.task_id)
+  await projections.waitFor(await store.headPosition())
+  const restarted = new TaskScheduler({ store, db: database.db, leaseTimeoutMs: 60_000 })
+  t.teardown(() => restarted.stop())
+  await restarted.recover()
+  t.equal(restarted.queued, 1, 'the queued task is queued again')
+  t.equal(restarted.leased, 1, 'the leased task keeps its lease')
+  t.ok(restarted.holdsModel(a.deviceId, 'model_test'))
+})
