@@ -18,6 +18,11 @@ const DCP_BIN = fileURLToPath(new URL('../../bin/dcp.js', import.meta.url))
 /** `dcp start`: Postgres (embedded unless DATABASE_URL), migrations, projections, the API, the device hub, local workers. */
 export async function startCommand(args: string[]): Promise<number> {
   const config = configFrom(args)
+  // Signals are caught from the start: one that comes while starting stops once start-up has finished.
+  const signalled = new Promise<string>((resolve) => {
+    process.once('SIGINT', () => resolve('SIGINT'))
+    process.once('SIGTERM', () => resolve('SIGTERM'))
+  })
   if (config.production && !config.enrollmentSecret) console.log('dcp: warning: ENROLLMENT_SECRET is not set, so any device may register')
   const platform = await openPlatform(config, { publish: true, log: (line) => config.logLevel === 'debug' && console.log(line) })
   platform.projections.start()
@@ -58,22 +63,13 @@ export async function startCommand(args: string[]): Promise<number> {
   console.log(`dcp listening on http://localhost:${port}/api/v1 (Postgres: ${platform.postgres}, data: ${config.dataDir})`)
   const workers = await startWorkers(config, port)
 
-  let stopping: Promise<void> | undefined
-  const stop = (signal: string) => {
-    stopping ??= (async () => {
-      console.log(`dcp: ${signal}, shutting down`)
-      await Promise.all(workers.map(stopWorker))
-      await hub.close()
-      scheduler.stop()
-      await app.close()
-      await platform.close()
-    })()
-    return stopping
-  }
-  await new Promise<void>((resolve) => {
-    process.once('SIGINT', () => void stop('SIGINT').then(resolve))
-    process.once('SIGTERM', () => void stop('SIGTERM').then(resolve))
-  })
+  const signal = await signalled
+  console.log(`dcp: ${signal}, shutting down`)
+  await Promise.all(workers.map(stopWorker))
+  await hub.close()
+  scheduler.stop()
+  await app.close()
+  await platform.close()
   return 0
 }
 
@@ -107,7 +103,8 @@ async function startWorkers(config: Config, port: number): Promise<ChildProcess[
     await mkdir(stateDir, { recursive: true })
     const args = [DCP_BIN, 'worker', '--server', `http://127.0.0.1:${port}`, '--state-dir', stateDir, '--instance-type', 'aws']
     const env = { ...process.env, ...(config.enrollmentSecret ? { DCP_ENROLLMENT_SECRET: config.enrollmentSecret } : {}) }
-    const child = spawn(process.execPath, args, { stdio: ['ignore', 'inherit', 'inherit'], env })
+    // the IPC channel is how a worker learns that this process died (see src/cli/worker.ts)
+    const child = spawn(process.execPath, args, { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], env })
     workers.push(child)
   }
   if (workers.length > 0) console.log(`dcp: started ${workers.length} local worker${workers.length === 1 ? '' : 's'} (--workers 0 for none)`)

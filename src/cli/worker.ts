@@ -46,6 +46,13 @@ export async function workerCommand(args: string[]): Promise<number> {
   }
   process.on('SIGINT', onSignal)
   process.on('SIGTERM', onSignal)
+  // Started by `dcp start` with an IPC channel: when that server process dies, even by SIGKILL, the channel
+  // closes and this worker stops instead of reconnecting to nothing forever.
+  const onParentGone = () => {
+    console.error('dcp worker: the server that started it is gone, stopping')
+    void worker.stop({ drain: false })
+  }
+  if (process.send) process.once('disconnect', onParentGone)
   try {
     await worker.start()
     console.log(`dcp worker: registered as ${worker.deviceId} with ${server}`)
@@ -58,6 +65,8 @@ export async function workerCommand(args: string[]): Promise<number> {
   } finally {
     process.off('SIGINT', onSignal)
     process.off('SIGTERM', onSignal)
+    process.off('disconnect', onParentGone)
+    if (process.send) process.disconnect()
   }
 }
 

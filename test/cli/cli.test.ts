@@ -29,7 +29,7 @@ function run(args: string[], env: NodeJS.ProcessEnv): Promise<Run> {
 /** Starts `dcp start` and resolves with its base URL once it says it listens. */
 function startServer(t: Test, env: NodeJS.ProcessEnv): Promise<{ url: string; child: ChildProcess; output: () => string }> {
   const child = spawn(process.execPath, [dcp, 'start', '--port', '0', '--host', '127.0.0.1'], {
-    env: { ...process.env, LOG_LEVEL: 'warn', ...env },
+    env: { ...process.env, LOG_LEVEL: 'warn', WORKERS: '0', ...env },
   })
   let output = ''
   t.teardown(() => {
@@ -161,10 +161,20 @@ t.test('without DATABASE_URL: start runs an embedded Postgres under the data dir
   const dataDir = await mkdtemp(path.join(tmpdir(), 'dcp-embedded-'))
   await chmod(dataDir, 0o755) // as root, Postgres runs as the postgres user, which must enter it
   t.teardown(() => rm(dataDir, { recursive: true, force: true }))
-  const env = { DATABASE_URL: '', DATA_DIR: dataDir }
+  const env = { DATABASE_URL: '', DATA_DIR: dataDir, WORKERS: '2' }
   const server = await startServer(t, env)
   t.match(server.output(), /Postgres: embedded/)
   t.equal((await fetch(`${server.url}/api/v1/health`)).status, 200)
+  // two local workers by default, connected over real sockets
+  for (let i = 0; i < 100 && !/started 2 local workers/.test(server.output()); i++) await new Promise((r) => setTimeout(r, 100))
+  t.match(server.output(), /started 2 local workers/)
+  for (let i = 0; i < 150; i++) {
+    const stats = (await (await fetch(`${server.url}/api/v1/devices/stats`, { headers: { 'x-api-key': 'test-api-key' } })).json()) as { idle: number }
+    if (stats.idle === 2) break
+    await new Promise((r) => setTimeout(r, 200))
+  }
+  const devices = (await (await fetch(`${server.url}/api/v1/devices`, { headers: { 'x-api-key': 'test-api-key' } })).json()) as { devices: { status: string; instance_type: string }[] }
+  t.same(devices.devices.map((d) => [d.status, d.instance_type]), [['idle', 'aws'], ['idle', 'aws']])
   // another dcp command uses the running server's Postgres instead of starting a second one
   const status = await run(['projections', 'status', '--json'], env)
   t.equal(status.code, 0, status.stderr)
