@@ -38,7 +38,7 @@ export async function startCommand(args: string[]): Promise<number> {
   const log = (message: string) => console.error(`dcp: ${message}`)
   const scheduler = new TaskScheduler({ store: platform.store, db: platform.database.db, leaseTimeoutMs: config.leaseTimeoutMs, maxAttempts: config.maxTaskAttempts, log })
   await scheduler.recover()
-  const hub = new DeviceHub({ store: platform.store, scheduler, heartbeatIntervalMs: config.heartbeatIntervalMs, enrollmentSecret: config.enrollmentSecret, log })
+  const hub = new DeviceHub({ store: platform.store, scheduler, waitFor: (p) => platform.projections.waitFor(p), heartbeatIntervalMs: config.heartbeatIntervalMs, enrollmentSecret: config.enrollmentSecret, log })
   const app = await buildApp({
     store: platform.store,
     projections: platform.projections,

@@ -6,7 +6,7 @@ import { handleCommand } from '../commands/handle-command.js'
 import type { DeviceSlot, TaskScheduler } from '../commands/scheduler.js'
 import { type DeviceDescription, deviceDecider, deviceStream, heartbeatStream } from '../domain/device.js'
 import { DomainError } from '../domain/errors.js'
-import type { EventStore } from '../event-store/port.js'
+import type { EventStore, Position } from '../event-store/port.js'
 import { sameSecret, sha256 } from '../http/auth.js'
 import { newId, newSecret } from '../http/ids.js'
 import { CLOSE, DeviceFrame, type HubFrame, type LogLine, MAX_FRAME_BYTES, PROTOCOL_VERSION } from '../protocol/frames.js'
@@ -16,6 +16,8 @@ export const DEVICE_PATH = '/api/v1/devices/connect'
 export interface HubOptions {
   store: EventStore
   scheduler: TaskScheduler
+  /** Read-your-writes: a new device's SDK token must be usable for downloads as soon as it is told it. */
+  waitFor?: (position: Position) => Promise<void>
   /** How often devices heartbeat; three missed ones mark a device offline. Default 5000 ms. */
   heartbeatIntervalMs?: number
   /** Required in `register` when set (production); development leaves enrollment open. */
@@ -208,7 +210,8 @@ export class DeviceHub {
       }
       deviceId = newId('dev')
       token = newSecret('dcp_s_')
-      await handleCommand(this.options.store, deviceStream(deviceId), deviceDecider, { type: 'RegisterDevice', device: describe(deviceId), tokenHash: sha256(token), at }, { metadata: { occurredAt: at } })
+      const registered = await handleCommand(this.options.store, deviceStream(deviceId), deviceDecider, { type: 'RegisterDevice', device: describe(deviceId), tokenHash: sha256(token), at }, { metadata: { occurredAt: at } })
+      await this.options.waitFor?.(registered.position)
     }
     const previous = this.byDevice.get(deviceId!)
     connection.deviceId = deviceId!

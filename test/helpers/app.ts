@@ -29,7 +29,7 @@ export interface TestApp {
 }
 
 /** The whole HTTP API on a fresh database, with every projection running; torn down with the test. */
-export async function testApp(t: Test, overrides: Partial<AppDeps> = {}, options: { heartbeatIntervalMs?: number; leaseTimeoutMs?: number } = {}): Promise<TestApp> {
+export async function testApp(t: Test, overrides: Partial<AppDeps> = {}, options: { heartbeatIntervalMs?: number; leaseTimeoutMs?: number; enrollmentSecret?: string } = {}): Promise<TestApp> {
   const database = await freshDatabase(t)
   const store = new PostgresEventStore(database.pool)
   const projections = new Projections({ db: database.db, store, retryMs: 50 })
@@ -40,7 +40,7 @@ export async function testApp(t: Test, overrides: Partial<AppDeps> = {}, options
   await projections.waitFor(START)
   const scheduler = new TaskScheduler({ store, db: database.db, leaseTimeoutMs: options.leaseTimeoutMs ?? 2000, maxAttempts: 3 })
   await scheduler.recover()
-  const hub = new DeviceHub({ store, scheduler, heartbeatIntervalMs: options.heartbeatIntervalMs ?? 500 })
+  const hub = new DeviceHub({ store, scheduler, waitFor: (p) => projections.waitFor(p), heartbeatIntervalMs: options.heartbeatIntervalMs ?? 500, enrollmentSecret: options.enrollmentSecret })
   const app = await buildApp({ store, projections, db: database.db, blobs, hub, scheduler, adminKey: ADMIN_KEY, internalToken: INTERNAL_TOKEN, logLevel: 'silent', ...overrides })
   t.teardown(async () => {
     await hub.close()
