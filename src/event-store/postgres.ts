@@ -39,6 +39,8 @@ interface PendingAppend {
 
 /** Bits of a position that number the events of one transaction; the bits above are its transaction id. */
 const SEQUENCE_BITS = 20n
+/** Stream heads kept in memory (the oldest written are forgotten first). */
+const HEAD_CACHE_SIZE = 100_000
 const RETRYABLE = new Set(['23505', '40001', '40P01']) // a racing writer outside this process; serialisation; deadlock
 const MAX_ATTEMPTS = 5
 
@@ -63,6 +65,8 @@ export class PostgresEventStore implements EventStore {
   /** Streams in a batch being written: their next appends wait, so batches never race each other. */
   private readonly busyStreams = new Set<string>()
   private inFlight = 0
+  /** Heads of streams this store wrote, so the next append to them can skip reading. */
+  private readonly heads = new Map<string, { revision: number; position: Position }>()
   private pumpScheduled = false
   private idle: (() => void) | undefined
   private readonly signal = new Signal()
@@ -162,11 +166,12 @@ export class PostgresEventStore implements EventStore {
     try {
       for (let attempt = 1; ; attempt++) {
         try {
-          const outcomes = await this.writeOnce(client, batch)
+          const outcomes = await this.writeOnce(client, batch, attempt > 1)
           outcomes.forEach((outcome, i) => (outcome.ok ? batch[i]!.resolve(outcome.result) : batch[i]!.reject(outcome.error)))
           return
         } catch (error) {
           if (!(error instanceof pg.DatabaseError)) broken = error as Error
+          for (const append of batch) this.heads.delete(append.streamId)
           const code = (error as { code?: string }).code
           if (broken || !code || !RETRYABLE.has(code) || attempt >= MAX_ATTEMPTS) {
             for (const append of batch) append.reject(error)
@@ -180,34 +185,22 @@ export class PostgresEventStore implements EventStore {
   }
 
   /**
-   * Two round trips for the whole batch: 1. read the heads of its streams and any of its ids already
-   * stored; 2. decide each append in queue order; 3. insert the accepted events in one statement, which is
-   * its own transaction: positions come from its transaction id, and it commits (one fsync) as it ends.
-   * A writer in another process that appended to one of the streams between 1 and 3 makes the insert fail
-   * on the unique revision, and the batch is read and decided again.
+   * At most two round trips for the whole batch: 1. read the heads of its streams and any of its ids
+   * already stored, unless every stream's head is in the cache of heads this store wrote; 2. decide each
+   * append in queue order; 3. insert the accepted events in one statement, which is its own transaction:
+   * positions come from its transaction id, and it commits (one fsync) as it ends.
+   * Whatever made the decision wrong fails the insert on a unique constraint: a writer in another process
+   * that appended to one of the streams (the revision is taken), an id already stored (a retried append),
+   * and then the batch is read afresh and decided again.
    */
-  private async writeOnce(client: pg.PoolClient, batch: PendingAppend[]): Promise<Outcome[]> {
-    // 1. read
+  private async writeOnce(client: pg.PoolClient, batch: PendingAppend[], fresh: boolean): Promise<Outcome[]> {
     const streamIds = [...new Set(batch.map((a) => a.streamId))]
-    const eventIds = batch.flatMap((a) => a.events.map((e) => e.id))
-    const state = await client.query<{ kind: string; key: string; stream_id: string; revision: string; position: string }>({
-      name: 'dcp-append-state',
-      text: `select 'stream' as kind, s.stream_id as key, s.stream_id, e.revision, e.position
-               from unnest($1::text[]) as s(stream_id)
-               cross join lateral (select revision, position from events where stream_id = s.stream_id order by revision desc limit 1) e
-             union all
-             select 'id', event_id::text, stream_id, revision, position from events where event_id = any($2::uuid[])`,
-      values: [streamIds, eventIds],
-    })
-    const heads = new Map<string, { revision: number; position: Position }>()
-    const stored = new Map<string, StoredId>()
-    for (const row of state.rows) {
-      const at = { streamId: row.stream_id, revision: Number(row.revision), position: BigInt(row.position) }
-      if (row.kind === 'stream') heads.set(row.key, at)
-      else stored.set(row.key, at)
-    }
+    const cached = fresh ? undefined : this.cachedHeads(streamIds)
+    const { heads, stored } = cached ? { heads: cached, stored: new Map<string, StoredId>() } : await this.readState(client, streamIds, batch)
     // 2. decide
     const plan = planBatch(batch, heads, stored)
+    // a cached head may be stale (another process appended): only the database may refuse an append
+    if (cached && plan.outcomes.some((o) => !o.ok && o.error instanceof WrongExpectedRevisionError)) return this.writeOnce(client, batch, true)
     // 3. insert and commit
     if (plan.rows.length > 0) {
       const inserted = await client.query<{ first: string }>({
@@ -229,8 +222,48 @@ export class PostgresEventStore implements EventStore {
       })
       const first = BigInt(inserted.rows[0]!.first)
       plan.rows.forEach((row, i) => (row.position = first + BigInt(i)))
+      for (const row of plan.rows) this.remember(row.streamId, { revision: row.revision, position: row.position! })
     }
     return plan.outcomes.map((o) => (o.ok ? { ok: true, result: o.result() } : o))
+  }
+
+  /** The heads of all these streams if every one is cached, else undefined. */
+  private cachedHeads(streamIds: string[]): Map<string, { revision: number; position: Position }> | undefined {
+    const heads = new Map<string, { revision: number; position: Position }>()
+    for (const id of streamIds) {
+      const head = this.heads.get(id)
+      if (!head) return undefined
+      heads.set(id, { ...head })
+    }
+    return heads
+  }
+
+  /** Caches a stream's head (most recently written first out last; bounded). */
+  private remember(streamId: string, head: { revision: number; position: Position }): void {
+    this.heads.delete(streamId)
+    this.heads.set(streamId, head)
+    if (this.heads.size > HEAD_CACHE_SIZE) this.heads.delete(this.heads.keys().next().value!)
+  }
+
+  private async readState(client: pg.PoolClient, streamIds: string[], batch: PendingAppend[]) {
+    const eventIds = batch.flatMap((a) => a.events.map((e) => e.id))
+    const state = await client.query<{ kind: string; key: string; stream_id: string; revision: string; position: string }>({
+      name: 'dcp-append-state',
+      text: `select 'stream' as kind, s.stream_id as key, s.stream_id, e.revision, e.position
+               from unnest($1::text[]) as s(stream_id)
+               cross join lateral (select revision, position from events where stream_id = s.stream_id order by revision desc limit 1) e
+             union all
+             select 'id', event_id::text, stream_id, revision, position from events where event_id = any($2::uuid[])`,
+      values: [streamIds, eventIds],
+    })
+    const heads = new Map<string, { revision: number; position: Position }>()
+    const stored = new Map<string, StoredId>()
+    for (const row of state.rows) {
+      const at = { streamId: row.stream_id, revision: Number(row.revision), position: BigInt(row.position) }
+      if (row.kind === 'stream') heads.set(row.key, at)
+      else stored.set(row.key, at)
+    }
+    return { heads, stored }
   }
 
   async readStream(streamId: string, options: ReadStreamOptions = {}): Promise<RecordedEvent[]> {

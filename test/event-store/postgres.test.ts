@@ -1,7 +1,7 @@
 import { randomUUID } from 'node:crypto'
 import pg from 'pg'
 import t from 'tap'
-import { DuplicateEventIdError } from '../../src/event-store/errors.js'
+import { DuplicateEventIdError, WrongExpectedRevisionError } from '../../src/event-store/errors.js'
 import type { RecordedEvent } from '../../src/event-store/port.js'
 import { PostgresEventStore } from '../../src/event-store/postgres.js'
 import { freshDatabase } from '../helpers/database.js'
@@ -102,4 +102,28 @@ t.test('an unreachable database rejects appends and reads with a clear error', a
   await t.rejects(store.readAll(), { code: 'EVENT_STORE_UNAVAILABLE' })
   await store.close()
   await pool.end()
+})
+
+t.test('two stores on one database (two processes): cached stream heads never decide wrongly', async (t) => {
+  const database = await freshDatabase(t)
+  const a = new PostgresEventStore(database.pool)
+  const b = new PostgresEventStore(database.pool)
+  t.teardown(async () => {
+    await a.close()
+    await b.close()
+  })
+  await a.append('shared-1', [{ type: 'A0', data: {} }], { expectedRevision: 'no_stream' })
+  await a.append('shared-1', [{ type: 'A1', data: {} }], { expectedRevision: 0 }) // a now caches head 1
+  await b.append('shared-1', [{ type: 'B2', data: {} }], { expectedRevision: 1 })
+  await b.append('shared-1', [{ type: 'B3', data: {} }], { expectedRevision: 2 })
+  // a's cache says 1, the stream is at 3: an exact expectation of 3 must pass, 1 must fail, 'any' must land at 4
+  t.equal((await a.append('shared-1', [{ type: 'A4', data: {} }], { expectedRevision: 3 })).nextRevision, 4)
+  await t.rejects(a.append('shared-1', [{ type: 'Stale', data: {} }], { expectedRevision: 1 }), WrongExpectedRevisionError)
+  await b.append('shared-1', [{ type: 'B5', data: {} }])
+  t.equal((await a.append('shared-1', [{ type: 'A6', data: {} }])).nextRevision, 6)
+  const retryId = randomUUID()
+  await a.append('shared-1', [{ id: retryId, type: 'A7', data: {} }])
+  const retry = await b.append('shared-1', [{ id: retryId, type: 'A7', data: {} }])
+  t.equal(retry.nextRevision, 7, 'a retry through the other store finds the stored event')
+  t.same((await a.readStream('shared-1')).map((e) => e.type), ['A0', 'A1', 'B2', 'B3', 'A4', 'B5', 'A6', 'A7'])
 })
