@@ -1,5 +1,5 @@
 /**
- * `npm run bench -- <name>`: runs one benchmark (`append`, `replay`) or both (`all`, the default).
+ * `npm run bench -- <name>`: runs one benchmark (`append`, `replay`, `devices`) or all of them (`all`, the default).
  * Starts one embedded Postgres in a temp dir unless DATABASE_URL points at a server; each benchmark gets
  * a fresh, migrated database with a random name, dropped afterwards. Progress lines go to stdout; each
  * benchmark ends with one `RESULT name=... key=value ...` line.
@@ -13,6 +13,7 @@ import { connect, type Database, withDatabase } from '../src/postgres/database.j
 import { type EmbeddedServer, startEmbeddedPostgres } from '../src/postgres/embedded.js'
 import { migrateToLatest } from '../src/postgres/migrations.js'
 import { appendBench } from './append.js'
+import { devicesBench } from './devices.js'
 import { replayBench } from './replay.js'
 
 export interface BenchContext {
@@ -24,6 +25,7 @@ export interface BenchContext {
 const BENCHES: Record<string, (ctx: BenchContext) => Promise<string>> = {
   append: appendBench,
   replay: replayBench,
+  devices: devicesBench,
 }
 
 const args = process.argv.slice(2).filter((a) => a !== '--')
