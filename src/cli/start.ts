@@ -7,6 +7,7 @@ import { DEV_API_KEY, DEV_CUSTOMER_ID, ensureDevCustomer } from '../commands/dev
 import { TaskScheduler } from '../commands/scheduler.js'
 import { type Config, loadConfig } from '../config.js'
 import { DeviceHub } from '../device-hub/hub.js'
+import { connectedDevices } from '../projections/devices.js'
 import { buildApp } from '../http/app.js'
 import { sha256 } from '../http/auth.js'
 import { ensureInternalToken } from '../internal-token.js'
@@ -39,6 +40,7 @@ export async function startCommand(args: string[]): Promise<number> {
   const scheduler = new TaskScheduler({ store: platform.store, db: platform.database.db, leaseTimeoutMs: config.leaseTimeoutMs, maxAttempts: config.maxTaskAttempts, log })
   await scheduler.recover()
   const hub = new DeviceHub({ store: platform.store, scheduler, waitFor: (p) => platform.projections.waitFor(p), heartbeatIntervalMs: config.heartbeatIntervalMs, enrollmentSecret: config.enrollmentSecret, log })
+  await hub.markAllOffline(await connectedDevices(platform.database.db))
   const app = await buildApp({
     store: platform.store,
     projections: platform.projections,

@@ -28,6 +28,8 @@ export interface HubOptions {
   log?: (message: string) => void
 }
 
+/** The watch goes round all sockets once per heartbeat interval, in this many slices. */
+const WATCH_SLICES = 10
 /** Malformed frames a device may send before it is disconnected. */
 const MAX_MALFORMED = 10
 
@@ -58,6 +60,8 @@ export class DeviceHub {
   private readonly byDevice = new Map<string, Connection>()
   private readonly pendingLogs = new Map<string, { deviceId: string; resolve: (lines: LogLine[]) => void }>()
   private readonly timer: NodeJS.Timeout
+  private watchRound: Connection[] = []
+  private closing = false
   readonly heartbeatIntervalMs: number
   private readonly now: () => Date
 
@@ -66,7 +70,8 @@ export class DeviceHub {
     this.now = options.now ?? (() => new Date())
     this.wss = new WebSocketServer({ noServer: true, maxPayload: MAX_FRAME_BYTES })
     this.wss.on('connection', (socket) => this.accept(socket))
-    this.timer = setInterval(() => this.watch(), this.heartbeatIntervalMs)
+    // the watch visits a tenth of the sockets at a time, so 10,000 pings never stall the event loop at once
+    this.timer = setInterval(() => this.watch(), Math.max(50, this.heartbeatIntervalMs / WATCH_SLICES))
     this.timer.unref()
   }
 
@@ -110,7 +115,25 @@ export class DeviceHub {
     })
   }
 
+  /**
+   * Marks offline every device the read model still shows connected: after a restart (or a crash) no
+   * socket survives, and devices that come back connect again. Single node: with several hub nodes this
+   * would need to be per node.
+   */
+  async markAllOffline(deviceIds: readonly string[]): Promise<void> {
+    const at = this.now().toISOString()
+    for (let i = 0; i < deviceIds.length; i += 200) {
+      await Promise.all(
+        deviceIds.slice(i, i + 200).map((id) =>
+          handleCommand(this.options.store, deviceStream(id), deviceDecider, { type: 'DisconnectDevice', reason: 'server restarted', at }, { metadata: { occurredAt: at } }),
+        ),
+      )
+    }
+  }
+
+  /** Closes every socket. Their disconnects are not recorded: the next start marks the devices offline. */
   async close(): Promise<void> {
+    this.closing = true
     clearInterval(this.timer)
     for (const client of this.wss.clients) client.close(1001, 'server shutting down')
     await new Promise<void>((resolve) => this.wss.close(() => resolve()))
@@ -246,7 +269,7 @@ export class DeviceHub {
 
   private async disconnected(connection: Connection, reason: string): Promise<void> {
     const deviceId = connection.deviceId
-    if (!deviceId || this.byDevice.get(deviceId) !== connection) return // never registered, or replaced
+    if (this.closing || !deviceId || this.byDevice.get(deviceId) !== connection) return // shutting down, never registered, or replaced
     this.byDevice.delete(deviceId)
     const at = this.now().toISOString()
     try {
@@ -257,10 +280,16 @@ export class DeviceHub {
     }
   }
 
-  /** Every interval: ping each socket; end those that missed the last pong or three heartbeats. */
+  /**
+   * Each slice of an interval, a slice of the sockets: ping each; end those that missed the last pong or
+   * three heartbeats.
+   */
   private watch(): void {
+    if (this.watchRound.length === 0) this.watchRound = [...this.byDevice.values()]
+    const slice = this.watchRound.splice(0, Math.ceil(this.byDevice.size / WATCH_SLICES))
     const now = Date.now()
-    for (const connection of this.byDevice.values()) {
+    for (const connection of slice) {
+      if (this.byDevice.get(connection.deviceId!) !== connection) continue // gone since the round began
       if (now - connection.lastHeartbeat > 3 * this.heartbeatIntervalMs) {
         connection.socket.close(CLOSE.TIMEOUT, 'missed heartbeats')
         void this.disconnected(connection, 'missed heartbeats')

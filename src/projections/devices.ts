@@ -177,3 +177,9 @@ function deviceView(r: Record<string, any>) {
     ...(r.disconnect_reason ? { disconnect_reason: r.disconnect_reason } : {}),
   }
 }
+
+/** Devices the read model shows connected (after a restart: none really are). */
+export async function connectedDevices(db: Kysely<any>): Promise<string[]> {
+  const rows = await db.withSchema(schema).selectFrom('devices').select('device_id').where('connected', '=', true).execute()
+  return rows.map((r) => r.device_id)
+}

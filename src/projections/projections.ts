@@ -4,6 +4,7 @@ import { readCheckpoint } from './checkpoints.js'
 import { customersProjection } from './customers.js'
 import { eventCounts } from './event-counts.js'
 import { devicesProjection } from './devices.js'
+import { inferenceProjection } from './inference.js'
 import { modelsProjection } from './models.js'
 import { tasksProjection } from './tasks.js'
 import type { Projection } from './projection.js'
@@ -13,7 +14,7 @@ import { ProjectionRunner, type RunnerDeps, type RunnerState } from './runner.js
 const LAG_COUNT_LIMIT = 10_000
 
 /** Every projection of dcp. A new read model is added here. */
-export const allProjections: readonly Projection[] = [eventCounts, customersProjection, modelsProjection, devicesProjection, tasksProjection]
+export const allProjections: readonly Projection[] = [eventCounts, customersProjection, modelsProjection, devicesProjection, tasksProjection, inferenceProjection]
 
 export interface ProjectionStatus {
   name: string
