@@ -90,6 +90,14 @@ export class DeviceHub {
     return this.wss.clients.size
   }
 
+  /** Is a device connected (and not draining) that can run this model format? */
+  hasCapableDevice(format: string): boolean {
+    for (const connection of this.byDevice.values()) {
+      if (connection.slot && !connection.slot.draining && connection.slot.formats.includes(format)) return true
+    }
+    return false
+  }
+
   isConnected(deviceId: string): boolean {
     return this.byDevice.has(deviceId)
   }

@@ -13,6 +13,7 @@ import type { TaskScheduler } from '../commands/scheduler.js'
 import type { DeviceHub } from '../device-hub/hub.js'
 import { adminRoutes } from './admin.js'
 import { deviceRoutes } from './devices.js'
+import { inferenceRoutes } from './inference.js'
 import { type AuthKind, registerAuth, sha256 } from './auth.js'
 import type { Services } from './context.js'
 import { errorBody, registerErrorContract } from './errors.js'
@@ -120,6 +121,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
       await api.register(adminRoutes, { services })
       await api.register(modelRoutes, { services })
       await api.register(deviceRoutes, { services })
+      await api.register(inferenceRoutes, { services })
     },
     { prefix: '/api/v1' },
   )

@@ -101,8 +101,24 @@ export function jobStatus(job: { total_tasks: number; completed: number; failed:
   return done > 0 ? 'running' : 'queued'
 }
 
-export async function findJob(db: Kysely<any>, customerId: string, jobId: string) {
-  return db.withSchema(schema).selectFrom('inference_jobs').selectAll().where('job_id', '=', jobId).where('customer_id', '=', customerId).executeTakeFirst()
+export interface JobRow {
+  job_id: string
+  customer_id: string
+  project_id: string | null
+  model_id: string
+  kind: 'single' | 'batch'
+  mode: 'sync' | 'async'
+  name: string | null
+  total_tasks: number
+  completed: number
+  failed: number
+  cancelled: boolean
+  requested_at: string
+  updated_at: string
+}
+
+export async function findJob(db: Kysely<any>, customerId: string, jobId: string): Promise<JobRow | undefined> {
+  return db.withSchema(schema).selectFrom('inference_jobs').selectAll().where('job_id', '=', jobId).where('customer_id', '=', customerId).executeTakeFirst() as Promise<JobRow | undefined>
 }
 
 export async function jobResults(db: Kysely<any>, jobId: string, page: { limit: number; offset: number }) {
