@@ -1,0 +1,146 @@
+import { type ChildProcess, spawn } from 'node:child_process'
+import { mkdtemp, rm } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import path from 'node:path'
+import { fileURLToPath } from 'node:url'
+import * as ort from 'onnxruntime-node'
+import t, { type Test } from 'tap'
+import { multipart, testApp } from '../helpers/app.js'
+import { eventually, SimDevice } from '../helpers/device.js'
+import { denseOnnxModel } from '../helpers/onnx.js'
+
+const dcp = fileURLToPath(new URL('../../bin/dcp.js', import.meta.url))
+
+async function setup(t: Test, options: { workers?: number; uploadSchema?: Record<string, unknown> } = {}) {
+  const context = await testApp(t, { rateLimit: { max: 100_000, windowMs: 60_000 } }, { heartbeatIntervalMs: 2000, leaseTimeoutMs: 10_000 })
+  const url = await context.app.listen({ port: 0, host: '127.0.0.1' })
+  const alice = await context.customer()
+  const bytes = denseOnnxModel({ inputs: 10, outputs: 2 })
+  const fields: Record<string, string> = { name: 'my-classifier' }
+  if (options.uploadSchema) fields.input_schema = JSON.stringify(options.uploadSchema)
+  const body = multipart(fields, { name: 'my_model.onnx', content: bytes })
+  const model = (await context.app.inject({ method: 'POST', url: '/api/v1/models', headers: { ...body.headers, 'x-api-key': alice.key }, payload: body.payload })).json()
+  const dir = await mkdtemp(path.join(tmpdir(), 'dcp-inference-'))
+  const workers: ChildProcess[] = []
+  t.teardown(async () => {
+    workers.forEach((w) => w.exitCode === null && w.kill('SIGKILL'))
+    await rm(dir, { recursive: true, force: true })
+  })
+  for (let i = 0; i < (options.workers ?? 0); i++) {
+    workers.push(spawn(process.execPath, [dcp, 'worker', '--server', url, '--state-dir', path.join(dir, `w${i}`)], { stdio: 'ignore' }))
+  }
+  const api = async (method: string, route: string, payload?: unknown, headers: Record<string, string> = {}) => {
+    const response = await fetch(`${url}/api/v1${route}`, {
+      method,
+      headers: { 'x-api-key': alice.key, ...(payload ? { 'content-type': 'application/json' } : {}), ...headers },
+      ...(payload ? { body: JSON.stringify(payload) } : {}),
+    })
+    return { status: response.status, body: (await response.json()) as any }
+  }
+  if (options.workers) await eventually(async () => (await api('GET', '/devices/stats')).body.idle === options.workers, 30_000, 'workers idle')
+  const session = await ort.InferenceSession.create(bytes)
+  const direct = async (data: number[]) => {
+    const out = await session.run({ input: new ort.Tensor('float32', Float32Array.from(data), [1, 10]) })
+    return Array.from(out.output!.data as Float32Array)
+  }
+  return { ...context, url, api, model, direct, alice }
+}
+
+const close = (a: number[], b: number[]) => a.length === b.length && a.every((v, i) => Math.abs(v - b[i]!) < 1e-6)
+const input = (seed: number) => Array.from({ length: 10 }, (_, i) => ((i + 1) * (seed + 1)) / 10)
+
+t.test("the spec's Example 1: upload, then synchronous inference on a real worker equals onnxruntime", async (t) => {
+  const { api, model, direct } = await setup(t, { workers: 2 })
+  const data = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+  const response = await api('POST', '/inference', { model_id: model.id, input: { data, shape: [1, 10] } })
+  t.equal(response.status, 200, JSON.stringify(response.body))
+  t.match(response.body, { job_id: /^infer_/, status: 'completed', result: { shape: [1, 2] }, latency_ms: Number, device_id: /^dev_/ })
+  t.ok(close(response.body.result.data, await direct(data)), 'same as a direct onnxruntime run')
+  const job = await api('GET', `/inference/${response.body.job_id}`)
+  t.match(job.body, { status: 'completed', result: { data: response.body.result.data } })
+})
+
+t.test('async: 202 with a poll URL, polled to completion (query, header and body all switch it on)', async (t) => {
+  const { api, model, direct } = await setup(t, { workers: 1 })
+  const ways: [Record<string, unknown>, string, Record<string, string>][] = [
+    [{ async: true }, '', {}],
+    [{}, '?async=true', {}],
+    [{}, '', { 'x-async': 'true' }],
+  ]
+  for (const [extra, query, headers] of ways) {
+    const data = input(Object.keys(headers).length + query.length)
+    const queued = await api('POST', `/inference${query}`, { model_id: model.id, input: { data, shape: [1, 10] }, ...extra }, headers)
+    t.equal(queued.status, 202)
+    t.match(queued.body, { status: 'queued', message: 'Inference job queued', poll_url: `/api/v1/inference/${queued.body.job_id}` })
+    const done = await eventually(async () => {
+      const r = await api('GET', `/inference/${queued.body.job_id}`)
+      return r.body.status === 'completed' ? r.body : undefined
+    }, 20_000, 'completion')
+    t.ok(close(done.result.data, await direct(data)))
+  }
+})
+
+t.test('batch: every result exactly once, in order, paginated', async (t) => {
+  const { api, model, direct } = await setup(t, { workers: 2 })
+  const inputs = Array.from({ length: 60 }, (_, i) => ({ data: input(i), shape: [1, 10] }))
+  const queued = await api('POST', '/inference/batch', { model_id: model.id, inputs, name: 'sixty' })
+  t.equal(queued.status, 202)
+  t.match(queued.body, { job_id: /^batch_/, project_id: /^batch_\d+$/, status: 'queued', total_tasks: 60 })
+  const done = await eventually(async () => {
+    const r = await api('GET', `/inference/${queued.body.job_id}?limit=100`)
+    return r.body.status === 'completed' ? r.body : undefined
+  }, 60_000, 'batch completion')
+  t.match(done.progress, { completed: 60, failed: 0, pending: 0, percent_complete: 100 })
+  t.same(done.results.map((r: { index: number }) => r.index), [...Array(60).keys()])
+  let same = 0
+  for (const r of done.results) if (close(r.result.data, await direct(input(r.index)))) same++
+  t.equal(same, 60, 'every result equals onnxruntime on its input')
+  const page = await api('GET', `/inference/${queued.body.job_id}?limit=10&offset=50`)
+  t.same(page.body.results.map((r: { index: number }) => r.index), [50, 51, 52, 53, 54, 55, 56, 57, 58, 59])
+  const again = await api('DELETE', `/inference/${queued.body.job_id}`)
+  t.equal(again.status, 409)
+  t.equal(again.body.error.code, 'CANNOT_CANCEL')
+})
+
+t.test('bad requests: no devices, wrong shape, schema violation, unknown model, sync timeout, cancel', async (t) => {
+  const { api, model, url, app, alice } = await setup(t, { uploadSchema: { type: 'object', properties: { data: { type: 'array', items: { type: 'number', minimum: 0 } } } } })
+  const good = { model_id: model.id, input: { data: input(1), shape: [1, 10] } }
+  const none = await api('POST', '/inference', good)
+  t.equal(none.status, 503)
+  t.equal(none.body.error.code, 'NO_DEVICES')
+  const device = await SimDevice.connect(url) // a device that takes tasks and never answers
+  t.teardown(() => device.kill())
+  await device.register()
+  const shape = await api('POST', '/inference', { model_id: model.id, input: { data: input(1), shape: [1, 5, 2] } })
+  t.equal(shape.status, 400)
+  t.match(shape.body.error.message, /input\.shape: \[1,5,2\] does not match the model's input shape \[-1,10\]/)
+  const short = await api('POST', '/inference', { model_id: model.id, input: { data: [1, 2], shape: [1, 10] } })
+  t.match(short.body.error.message, /input\.data: 2 values do not fill shape/)
+  const negative = await api('POST', '/inference', { model_id: model.id, input: { data: [-1, ...input(1).slice(1)], shape: [1, 10] } })
+  t.equal(negative.status, 400)
+  t.match(negative.body.error.message, /input\.data\.0: must be >= 0/)
+  const unknown = await api('POST', '/inference', { model_id: 'model_nope', input: good.input })
+  t.equal(unknown.status, 404)
+  t.equal(unknown.body.error.code, 'NO_MODEL')
+  const missing = await api('POST', '/inference', { input: good.input })
+  t.equal(missing.status, 400)
+  t.match(missing.body.error.message, /body\.model_id/)
+
+  const slow = await api('POST', '/inference', { ...good, options: { timeout: 300 } })
+  t.equal(slow.status, 504)
+  t.equal(slow.body.error.code, 'TIMEOUT')
+  t.match(slow.body.error.message, /poll \/api\/v1\/inference\/infer_/)
+  const jobId = /inference\/(infer_\w+)/.exec(slow.body.error.message)![1]!
+  const cancelled = await api('DELETE', `/inference/${jobId}`)
+  t.equal(cancelled.status, 200)
+  t.match(cancelled.body, { job_id: jobId, status: 'cancelled', cancelled_tasks: 1 })
+  await eventually(async () => (await api('GET', `/inference/${jobId}`)).body.status === 'cancelled', 5000, 'cancelled')
+  const other = await (await testAppCustomer(app, alice.id)).status
+  t.equal(other, 404, "another customer cannot see the job")
+  async function testAppCustomer(app: import('fastify').FastifyInstance, _owner: string) {
+    const { ADMIN_KEY } = await import('../helpers/app.js')
+    const created = (await app.inject({ method: 'POST', url: '/api/v1/admin/customers', headers: { 'x-admin-key': ADMIN_KEY }, payload: { name: 'bob' } })).json()
+    const response = await fetch(`${url}/api/v1/inference/${jobId}`, { headers: { 'x-api-key': created.api_key } })
+    return { status: response.status }
+  }
+})
