@@ -74,10 +74,12 @@ export async function rebuild(deps: ReplayDeps, projection: Projection): Promise
   const copy = rebuildCopy(projection.name)
   const live = { schema: liveSchema(projection.name), checkpoint: projection.name }
   await resetCopy(deps.db, projection, copy)
-  const caughtUp = await replay(deps, projection, copy, START)
+  // Up to the head as it is now: under a steady stream of appends, "until the log ends" would never come.
+  const caughtUp = await replay(deps, projection, copy, START, { until: await deps.store.headPosition() })
   return deps.db.transaction().execute(async (trx) => {
     await lockProjection(trx, live.checkpoint)
-    const position = await replay(deps, projection, copy, caughtUp, { trx })
+    // the last stretch under the lock; what comes after it is the live runner's, from the checkpoint
+    const position = await replay(deps, projection, copy, caughtUp, { trx, until: await deps.store.headPosition() })
     await sql`set local search_path to public`.execute(trx)
     await sql`drop schema if exists ${sql.id(live.schema)} cascade`.execute(trx)
     await sql`alter schema ${sql.id(copy.schema)} rename to ${sql.id(live.schema)}`.execute(trx)

@@ -54,22 +54,24 @@ function startServer(t: Test, env: NodeJS.ProcessEnv): Promise<{ url: string; ch
 const exited = (child: ChildProcess) => new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)))
 
 t.test('bad arguments: a clear message and exit code 2', async (t) => {
-  const unknown = await run(['frobnicate'], {})
+  const [unknown, flag, port, projection, missing, help] = await Promise.all([
+    run(['frobnicate'], {}),
+    run(['start', '--prot', '1'], {}),
+    run(['start', '--port', 'abc'], {}),
+    run(['audit', 'no_such_thing'], {}),
+    run(['projections', 'rebuild'], {}),
+    run(['help'], {}),
+  ])
   t.equal(unknown.code, 2)
   t.match(unknown.stderr, /unknown command "frobnicate"/)
   t.match(unknown.stderr, /Usage:/)
-  const flag = await run(['start', '--prot', '1'], {})
   t.equal(flag.code, 2)
   t.match(flag.stderr, /--prot/)
-  const port = await run(['start', '--port', 'abc'], {})
   t.equal(port.code, 2)
   t.match(port.stderr, /--port must be a port number/)
-  const projection = await run(['audit', 'no_such_thing'], {})
   t.equal(projection.code, 2)
   t.match(projection.stderr, /unknown projection "no_such_thing"; known: event_counts/)
-  const missing = await run(['projections', 'rebuild'], {})
   t.equal(missing.code, 2)
-  const help = await run(['help'], {})
   t.equal(help.code, 0)
   t.match(help.stdout, /dcp start/)
 })
