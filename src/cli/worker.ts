@@ -52,7 +52,10 @@ export async function workerCommand(args: string[]): Promise<number> {
     console.error('dcp worker: the server that started it is gone, stopping')
     void worker.stop({ drain: false })
   }
-  if (process.send) process.once('disconnect', onParentGone)
+  if (process.send) {
+    if (process.connected) process.once('disconnect', onParentGone)
+    else setImmediate(onParentGone) // it died while this process was still loading
+  }
   try {
     await worker.start()
     console.log(`dcp worker: registered as ${worker.deviceId} with ${server}`)
@@ -66,7 +69,7 @@ export async function workerCommand(args: string[]): Promise<number> {
     process.off('SIGINT', onSignal)
     process.off('SIGTERM', onSignal)
     process.off('disconnect', onParentGone)
-    if (process.send) process.disconnect()
+    if (process.connected) process.disconnect()
   }
 }
 
