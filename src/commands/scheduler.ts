@@ -1,12 +1,15 @@
 import { EventEmitter } from 'node:events'
+import type { z } from 'zod'
 import type { Kysely } from 'kysely'
 import { DomainError } from '../domain/errors.js'
 import { type TaskCommand, taskDecider, type TaskSpec, taskStream } from '../domain/task.js'
 import type { EventStore, Position } from '../event-store/port.js'
 import { newEventId } from '../event-store/event-id.js'
-import type { Metrics, TaskAssignment, Tensor } from '../protocol/frames.js'
+import type { CancelTask, Metrics, TaskAssignment, Tensor } from '../protocol/frames.js'
 import { openTasks } from '../projections/tasks.js'
 import { handleCommand } from './handle-command.js'
+
+type CancelTaskFrame = z.infer<typeof CancelTask>
 
 /** A connected device as the scheduler sees it. */
 export interface DeviceSlot {
@@ -20,7 +23,7 @@ export interface DeviceSlot {
   /** Last reported load, 0..1. */
   load: number
   /** Hands a frame to the device; false when its socket is gone. */
-  send(frame: TaskAssignment): boolean
+  send(frame: TaskAssignment | CancelTaskFrame): boolean
 }
 
 interface Lease {
@@ -183,7 +186,12 @@ export class TaskScheduler {
     const result = await this.command(taskId, { type: 'CancelTask', at: this.now().toISOString() }, customerId)
     const index = this.queue.findIndex((t) => t.task_id === taskId)
     if (index >= 0) this.queue.splice(index, 1)
-    for (const lease of this.leases.values()) if (lease.taskId === taskId) this.release(lease)
+    for (const lease of this.leases.values()) {
+      if (lease.taskId !== taskId) continue
+      // tell the device to drop it; a result it sends anyway is refused (the lease is gone)
+      this.devices.get(lease.deviceId)?.send({ type: 'cancel_task', task_id: taskId, lease_id: lease.leaseId })
+      this.release(lease)
+    }
     this.outcomes.emit(taskId, { status: 'cancelled', taskId, position: result.position })
   }
 

@@ -131,8 +131,10 @@ t.test('bad requests: no devices, wrong shape, schema violation, unknown model, 
   t.equal(slow.body.error.code, 'TIMEOUT')
   t.match(slow.body.error.message, /poll \/api\/v1\/inference\/infer_/)
   const jobId = /inference\/(infer_\w+)/.exec(slow.body.error.message)![1]!
+  const leased = await device.next((f) => f.type === 'task')
   const cancelled = await api('DELETE', `/inference/${jobId}`)
   t.equal(cancelled.status, 200)
+  t.match(await device.next((f) => f.type === 'cancel_task'), { task_id: leased.task_id, lease_id: leased.lease_id }, 'the device is told to drop it')
   t.match(cancelled.body, { job_id: jobId, status: 'cancelled', cancelled_tasks: 1 })
   await eventually(async () => (await api('GET', `/inference/${jobId}`)).body.status === 'cancelled', 5000, 'cancelled')
   const other = await (await testAppCustomer(app, alice.id)).status
