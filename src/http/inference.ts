@@ -70,7 +70,16 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
   const config = { auth: 'api_key' as const }
 
   /** Checks the model and the inputs, records the job and queues its tasks. */
-  async function submit(customerId: string, body: { model_id: string; project_id?: string | undefined; name?: string | undefined }, inputs: Tensor[], kind: 'single' | 'batch', mode: 'sync' | 'async', preferGpu: boolean) {
+  async function submit(
+    customerId: string,
+    body: { model_id: string; project_id?: string | undefined; name?: string | undefined },
+    inputs: Tensor[],
+    kind: 'single' | 'batch',
+    mode: 'sync' | 'async',
+    preferGpu: boolean,
+    /** Called with the task ids before they are queued: a waiter set up here cannot miss the outcome. */
+    beforeQueue: (taskIds: string[]) => void = () => {},
+  ) {
     const model = await findModel(services.db, customerId, body.model_id)
     if (!model) throw new DomainError('NO_MODEL', `model ${body.model_id} not found`)
     inputs.forEach((input, i) => {
@@ -85,6 +94,7 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
     const projectId = body.project_id ?? (kind === 'batch' ? `batch_${Date.parse(at)}` : null)
     const request = { job_id: jobId, customer_id: customerId, project_id: projectId, model_id: model.model_id, kind, mode, name: body.name ?? null, task_ids: taskIds, requested_at: at }
     await execute(services, inferenceStream(jobId), inferenceDecider, { type: 'RequestInference', request }, { metadata: { customerId, occurredAt: at } })
+    beforeQueue(taskIds)
     await Promise.all(
       inputs.map((input, i) =>
         services.scheduler.submit(
@@ -109,14 +119,18 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
     const body = request.body
     const mode = wantsAsync(request, request.query, body) ? 'async' : 'sync'
     const started = performance.now()
-    const outcomePromise = (taskId: string) => services.scheduler.outcome(taskId, body.options?.timeout ?? DEFAULT_TIMEOUT_MS)
-    const { jobId, taskIds } = await submit(customerId, body, [body.input], 'single', mode, body.options?.prefer_gpu ?? false)
-    if (mode === 'async') {
+    let waiting: Promise<TaskOutcome> | undefined
+    const { jobId } = await submit(customerId, body, [body.input], 'single', mode, body.options?.prefer_gpu ?? false, (taskIds) => {
+      if (mode !== 'sync') return
+      waiting = services.scheduler.outcome(taskIds[0]!, body.options?.timeout ?? DEFAULT_TIMEOUT_MS)
+      waiting.catch(() => {}) // awaited below; this only keeps a failed submit from leaving it unhandled
+    })
+    if (mode === 'async' || !waiting) {
       return reply.status(202).send({ job_id: jobId, status: 'queued', message: 'Inference job queued', poll_url: `/api/v1/inference/${jobId}` })
     }
     let outcome: TaskOutcome
     try {
-      outcome = await outcomePromise(taskIds[0]!)
+      outcome = await waiting
     } catch (error) {
       if (error instanceof DomainError && error.code === 'TIMEOUT') {
         throw new DomainError('TIMEOUT', `no result within ${body.options?.timeout ?? DEFAULT_TIMEOUT_MS} ms; the job goes on: poll /api/v1/inference/${jobId}`)
