@@ -231,13 +231,15 @@ export class TaskScheduler {
       this.again = true
       return
     }
-    this.dispatching = this.dispatch().finally(() => {
-      this.dispatching = undefined
-      if (this.again) {
-        this.again = false
-        this.kick()
-      }
-    })
+    this.dispatching = this.dispatch()
+      .catch((error: Error) => this.options.log?.(`scheduler: dispatch failed: ${error.message}`))
+      .finally(() => {
+        this.dispatching = undefined
+        if (this.again) {
+          this.again = false
+          this.kick()
+        }
+      })
   }
 
   private async dispatch(): Promise<void> {
