@@ -28,27 +28,15 @@ const TaskLeased = z.object({
   type: z.literal('TaskLeased'),
   data: z.object({ task_id: z.string(), lease_id: z.string(), device_id: z.string(), attempt: z.number().int(), leased_at: z.string() }),
 })
+/** Which attempt an outcome belongs to: the task, its job and customer, and the lease it ran under. */
+const AttemptRef = z.object({ task_id: z.string(), customer_id: z.string(), job_id: z.string(), lease_id: z.string(), device_id: z.string() })
 const TaskCompleted = z.object({
   type: z.literal('TaskCompleted'),
-  data: z.object({
-    task_id: z.string(),
-    customer_id: z.string(),
-    job_id: z.string(),
-    lease_id: z.string(),
-    device_id: z.string(),
-    output: TensorData,
-    metrics: Metrics,
-    completed_at: z.string(),
-  }),
+  data: AttemptRef.extend({ output: TensorData, metrics: Metrics, completed_at: z.string() }),
 })
 const TaskAttemptFailed = z.object({
   type: z.literal('TaskAttemptFailed'),
-  data: z.object({
-    task_id: z.string(),
-    customer_id: z.string(),
-    job_id: z.string(),
-    lease_id: z.string(),
-    device_id: z.string(),
+  data: AttemptRef.extend({
     reason: z.string(),
     metrics: Metrics.nullable(),
     /** Whether the task went back to the queue (false: that was its last attempt). */

@@ -4,13 +4,7 @@ import swagger from '@fastify/swagger'
 import swaggerUi from '@fastify/swagger-ui'
 import Fastify, { type FastifyInstance, type FastifyReply } from 'fastify'
 import { jsonSchemaTransform, serializerCompiler, validatorCompiler } from 'fastify-type-provider-zod'
-import type { Kysely } from 'kysely'
-import type { BlobStore } from '../blobs/blob-store.js'
-import type { EventStore } from '../event-store/port.js'
-import type { Projections } from '../projections/projections.js'
 import { version } from '../version.js'
-import type { TaskScheduler } from '../commands/scheduler.js'
-import type { DeviceHub } from '../device-hub/hub.js'
 import { adminRoutes } from './admin.js'
 import { deviceRoutes } from './devices.js'
 import { inferenceRoutes } from './inference.js'
@@ -20,13 +14,8 @@ import { errorBody, registerErrorContract } from './errors.js'
 import { healthRoutes } from './health.js'
 import { modelRoutes } from './models.js'
 
-export interface AppDeps {
-  store: EventStore
-  projections: Projections
-  db: Kysely<any>
-  blobs: BlobStore
-  hub: DeviceHub
-  scheduler: TaskScheduler
+/** The services the routes use (without the limits and clock, which have defaults here), and the app's settings. */
+export interface AppDeps extends Omit<Services, 'limits' | 'now'> {
   /** ADMIN_KEY; without it the admin routes refuse every request. */
   adminKey?: string
   internalToken: string
