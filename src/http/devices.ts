@@ -10,6 +10,7 @@ import { LOG_LEVELS } from '../protocol/frames.js'
 import { DEVICE_STATUSES, deviceStats, findDevice, listDevices } from '../projections/devices.js'
 import { findModelFile } from '../projections/models.js'
 import type { Services } from './context.js'
+import { pageQuery } from './pagination.js'
 
 const DeviceParams = z.object({ id: z.string().min(1).max(64) })
 const REPO_ROOT = fileURLToPath(new URL('../..', import.meta.url))
@@ -26,11 +27,7 @@ export const deviceRoutes: FastifyPluginAsync<{ services: Services }> = async (b
     schema: {
       summary: 'List devices',
       tags: ['devices'],
-      querystring: z.object({
-        status: z.enum(DEVICE_STATUSES).optional(),
-        limit: z.coerce.number().int().min(1).max(1000).default(100),
-        offset: z.coerce.number().int().min(0).max(10_000_000).default(0),
-      }),
+      querystring: pageQuery().extend({ status: z.enum(DEVICE_STATUSES).optional() }),
     },
   }, async (request) => {
     const { devices, total } = await listDevices(services.db, request.query)

@@ -9,6 +9,7 @@ import { findJob, jobResults, jobStatus, openTaskIds } from '../projections/infe
 import { findModel } from '../projections/models.js'
 import { customerOf } from './auth.js'
 import { execute, type Services } from './context.js'
+import { pageQuery } from './pagination.js'
 import { newId } from './ids.js'
 
 const Tensor = z.object({
@@ -157,10 +158,7 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
       summary: 'Status of an inference job; for a batch its progress and results so far, a page at a time',
       tags: ['inference'],
       params: JobParams,
-      querystring: z.object({
-        limit: z.coerce.number().int().min(1).max(10_000).default(100),
-        offset: z.coerce.number().int().min(0).max(10_000_000).default(0),
-      }),
+      querystring: pageQuery(10_000),
     },
   }, async (request) => {
     const job = await findJob(services.db, customerOf(request), request.params.jobId)

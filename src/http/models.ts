@@ -10,6 +10,7 @@ import { MODEL_FORMATS, type ModelDescription, modelDecider, modelStream, POSTPR
 import { findModel, listModels } from '../projections/models.js'
 import { customerOf } from './auth.js'
 import { execute, type Services } from './context.js'
+import { pageQuery } from './pagination.js'
 import { newId } from './ids.js'
 
 const Shape = z.array(z.number().int().min(-1)).min(1).max(16)
@@ -42,10 +43,6 @@ const UploadFields = z.strictObject({
 })
 
 const ModelParams = z.object({ id: z.string().min(1).max(64) })
-const Page = z.object({
-  limit: z.coerce.number().int().min(1).max(1000).default(100).describe('models per page (default 100, max 1000)'),
-  offset: z.coerce.number().int().min(0).max(1_000_000).default(0),
-})
 
 const ajv = new Ajv({ strict: false, allErrors: false })
 
@@ -197,7 +194,7 @@ export const modelRoutes: FastifyPluginAsync<{ services: Services }> = async (ba
     }
   })
 
-  app.get('/models', { config, schema: { summary: 'List your models', tags: ['models'], querystring: Page } }, async (request) => {
+  app.get('/models', { config, schema: { summary: 'List your models', tags: ['models'], querystring: pageQuery() } }, async (request) => {
     const { models, total } = await listModels(services.db, customerOf(request), request.query)
     return { models: models.map(modelView), total, limit: request.query.limit, offset: request.query.offset }
   })
