@@ -5,11 +5,29 @@ import { DomainError } from '../domain/errors.js'
 import { type TaskCommand, taskDecider, type TaskSpec, taskStream } from '../domain/task.js'
 import type { EventStore, Position } from '../event-store/port.js'
 import { newEventId } from '../event-store/event-id.js'
-import type { CancelTask, Metrics, TaskAssignment, Tensor } from '../protocol/frames.js'
+import type { CancelTask, Metrics, TaskAssignment, TaskResult, Tensor } from '../protocol/frames.js'
 import { openTasks } from '../projections/tasks.js'
 import { handleCommand } from './handle-command.js'
 
 type CancelTaskFrame = z.infer<typeof CancelTask>
+type TaskResultFrame = z.infer<typeof TaskResult>
+
+/** What `submit` takes: a task spec whose optional parts default (attempts: the scheduler's). */
+export type NewTask = Omit<TaskSpec, 'max_attempts' | 'project_id' | 'output_shape'> & Partial<Pick<TaskSpec, 'max_attempts' | 'project_id' | 'output_shape'>>
+
+/** Why a result does not fit its task (one output per input, each filling the declared shape), or undefined. */
+export function outputProblem(spec: TaskSpec, outputs: readonly Tensor[]): string | undefined {
+  if (outputs.length !== spec.inputs.length) return `the device returned ${outputs.length} outputs for ${spec.inputs.length} inputs`
+  for (const [i, output] of outputs.entries()) {
+    const size = output.shape.reduce((a, b) => a * b, 1)
+    if (size !== output.data.length) return `output ${i}: ${output.data.length} values do not fill its shape ${JSON.stringify(output.shape)}`
+    const declared = spec.output_shape
+    if (declared && (declared.length !== output.shape.length || declared.some((d, j) => d !== -1 && d !== output.shape[j]))) {
+      return `output ${i}: shape ${JSON.stringify(output.shape)} does not match the model's declared output shape ${JSON.stringify(declared)}`
+    }
+  }
+  return undefined
+}
 
 /** A connected device as the scheduler sees it. */
 export interface DeviceSlot {
@@ -17,6 +35,8 @@ export interface DeviceSlot {
   formats: readonly string[]
   gpu: boolean
   maxConcurrent: number
+  /** Most inputs it takes in one task. */
+  maxBatchInputs: number
   /** Lease ids it holds. */
   leases: Set<string>
   draining: boolean
@@ -35,7 +55,7 @@ interface Lease {
 }
 
 export type TaskOutcome =
-  | { status: 'completed'; taskId: string; deviceId: string; output: Tensor; metrics: Metrics; position: Position }
+  | { status: 'completed'; taskId: string; deviceId: string; outputs: Tensor[]; metrics: Metrics; position: Position }
   | { status: 'failed'; taskId: string; reason: string; position: Position }
   | { status: 'cancelled'; taskId: string; position: Position }
 
@@ -107,8 +127,8 @@ export class TaskScheduler {
   }
 
   /** Queues a task (`task.max_attempts` defaults to the scheduler's) and dispatches it when a device can take it. */
-  async submit(task: Omit<TaskSpec, 'max_attempts'> & { max_attempts?: number }, metadata: { customerId: string }): Promise<Position> {
-    const spec: TaskSpec = { ...task, max_attempts: task.max_attempts ?? this.maxAttempts }
+  async submit(task: NewTask, metadata: { customerId: string }): Promise<Position> {
+    const spec: TaskSpec = { ...task, project_id: task.project_id ?? null, output_shape: task.output_shape ?? null, max_attempts: task.max_attempts ?? this.maxAttempts }
     const result = await this.command(spec.task_id, { type: 'QueueTask', task: spec, at: this.now().toISOString() }, metadata.customerId)
     this.specs.set(spec.task_id, spec)
     this.queue.push(spec)
@@ -166,20 +186,26 @@ export class TaskScheduler {
    * A device's result. Under a lease that is not current (expired, re-queued, given to another device)
    * it is refused with STALE_LEASE and changes nothing.
    */
-  async result(deviceId: string, frame: { task_id: string; lease_id: string; status: 'completed' | 'failed'; output?: Tensor; error?: string; metrics: Metrics }): Promise<void> {
+  async result(deviceId: string, frame: TaskResultFrame): Promise<void> {
     const lease = this.leases.get(frame.lease_id)
     if (!lease || lease.deviceId !== deviceId || lease.taskId !== frame.task_id) {
       throw new DomainError('STALE_LEASE', `lease ${frame.lease_id} for task ${frame.task_id} is not current`)
     }
-    if (frame.status === 'completed' && frame.output) {
-      const at = this.now().toISOString()
-      const done = await this.command(lease.taskId, { type: 'CompleteTask', leaseId: lease.leaseId, output: frame.output, metrics: frame.metrics, at })
-      this.release(lease)
-      this.outcomes.emit(lease.taskId, { status: 'completed', taskId: lease.taskId, deviceId, output: frame.output, metrics: frame.metrics, position: done.position })
-      this.kick()
+    const outputs = frame.outputs ?? (frame.output ? [frame.output] : undefined)
+    if (frame.status !== 'completed' || !outputs) {
+      await this.failAttempt(lease, frame.error ?? 'the device reported a failure without an output', frame.metrics)
       return
     }
-    await this.failAttempt(lease, frame.error ?? 'the device reported a failure without an output', frame.metrics)
+    const wrong = this.specs.get(lease.taskId) && outputProblem(this.specs.get(lease.taskId)!, outputs)
+    if (wrong) {
+      await this.failAttempt(lease, wrong, frame.metrics)
+      return
+    }
+    const at = this.now().toISOString()
+    const done = await this.command(lease.taskId, { type: 'CompleteTask', leaseId: lease.leaseId, outputs, metrics: frame.metrics, at })
+    this.release(lease)
+    this.outcomes.emit(lease.taskId, { status: 'completed', taskId: lease.taskId, deviceId, outputs, metrics: frame.metrics, position: done.position })
+    this.kick()
   }
 
   async cancel(taskId: string, customerId: string): Promise<void> {
@@ -260,7 +286,7 @@ export class TaskScheduler {
     let best: DeviceSlot | undefined
     let bestScore = Infinity
     for (const device of this.devices.values()) {
-      if (device.draining || device.leases.size >= device.maxConcurrent || !device.formats.includes(task.model.format)) continue
+      if (device.draining || device.leases.size >= device.maxConcurrent || device.maxBatchInputs < task.inputs.length || !device.formats.includes(task.model.format)) continue
       const score = (task.prefer_gpu && device.gpu ? 0 : 10) + device.leases.size / device.maxConcurrent + device.load
       if (score < bestScore) {
         best = device
@@ -290,7 +316,7 @@ export class TaskScheduler {
       lease_id: leaseId,
       lease_deadline: new Date(lease.deadline).toISOString(),
       model: { id: task.model.id, format: task.model.format, checksum: task.model.checksum, download_path: `/api/v1/sdk/models/${task.model.id}` },
-      input: task.input,
+      ...(task.inputs.length === 1 ? { input: task.inputs[0] } : { inputs: task.inputs }),
       ...(task.input_name ? { input_name: task.input_name } : {}),
     })
     if (!sent) await this.failAttempt(lease, 'the device was gone before the task reached it', null)

@@ -98,6 +98,22 @@ export class DeviceHub {
     return false
   }
 
+  /**
+   * What the connected devices that run `format` can take: task slots in all, and the largest chunk of a
+   * batch every one of them that takes several inputs at once accepts (1 when none does).
+   */
+  capacity(format: string): { slots: number; batchInputs: number } {
+    let slots = 0
+    let batchInputs = Infinity
+    for (const connection of this.byDevice.values()) {
+      const slot = connection.slot
+      if (!slot || slot.draining || !slot.formats.includes(format)) continue
+      slots += slot.maxConcurrent
+      if (slot.maxBatchInputs > 1) batchInputs = Math.min(batchInputs, slot.maxBatchInputs)
+    }
+    return { slots, batchInputs: Number.isFinite(batchInputs) ? batchInputs : 1 }
+  }
+
   isConnected(deviceId: string): boolean {
     return this.byDevice.has(deviceId)
   }
@@ -254,6 +270,7 @@ export class DeviceHub {
       formats: frame.capabilities.formats,
       gpu: frame.capabilities.gpu,
       maxConcurrent: frame.capabilities.max_concurrent_tasks,
+      maxBatchInputs: frame.capabilities.max_batch_inputs,
       leases: new Set(),
       draining: false,
       load: 0,

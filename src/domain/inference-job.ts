@@ -3,9 +3,10 @@ import type { Decider } from './decider.js'
 import { DomainError } from './errors.js'
 
 /**
- * An inference job: one input (`single`, sync or async) or many (`batch`), each a task of its own
- * (`task-<job>-<n>`, see task.ts). The job stream records the request and a cancellation; how far the job
- * got comes from its tasks' events (the inference_jobs read model joins them).
+ * An inference job: one input (`single`, sync or async) or many (`batch`). Its inputs are split into tasks
+ * (`task-<job>-<n>`, see task.ts), each a run of consecutive inputs one device takes at once (one input for
+ * a single job). The job stream records the request and a cancellation; how far the job got comes from its
+ * tasks' events (the inference_jobs read model joins them).
  */
 const InferenceRequested = z.object({
   type: z.literal('InferenceRequested'),
@@ -17,7 +18,8 @@ const InferenceRequested = z.object({
     kind: z.enum(['single', 'batch']),
     mode: z.enum(['sync', 'async']),
     name: z.string().nullable(),
-    task_ids: z.array(z.string()),
+    /** Its tasks in input order, with how many inputs each carries. */
+    tasks: z.array(z.object({ task_id: z.string(), inputs: z.number().int().min(1) })).min(1),
     requested_at: z.string(),
   }),
 })
@@ -71,5 +73,14 @@ export const inferenceDecider: Decider<InferenceCommand, InferenceEvent, Inferen
     }
   },
 
-  parse: ({ type, data }) => InferenceEvent.parse({ type, data }),
+  parse: ({ type, data }) => InferenceEvent.parse({ type, data: upcast(type, data) }),
+}
+
+/** Jobs requested before tasks carried several inputs listed `task_ids`, one input each. */
+function upcast(type: string, data: unknown): unknown {
+  if (type !== 'InferenceRequested' || typeof data !== 'object' || data === null) return data
+  const old = data as Record<string, unknown>
+  if (old.tasks !== undefined || !Array.isArray(old.task_ids)) return data
+  const { task_ids, ...rest } = old
+  return { ...rest, tasks: (task_ids as string[]).map((task_id) => ({ task_id, inputs: 1 })) }
 }

@@ -29,6 +29,8 @@ export const ModelDescription = z.object({
   labels: z.array(z.string()).nullable(),
   preprocessing: z.enum(PREPROCESSING).nullable(),
   postprocessing: z.enum(POSTPROCESSING).nullable(),
+  /** Per-model settings of its adapters (docs/adapters.md), e.g. `top_k`, `threshold`, `vocabulary`, `mean`. */
+  adapter_options: JsonObject.nullable().default(null),
   uploaded_at: z.string(),
 })
 export type ModelDescription = z.infer<typeof ModelDescription>
@@ -40,6 +42,7 @@ export const SchemaChanges = z.object({
   labels: z.array(z.string()).nullable().optional(),
   preprocessing: z.enum(PREPROCESSING).nullable().optional(),
   postprocessing: z.enum(POSTPROCESSING).nullable().optional(),
+  adapter_options: JsonObject.nullable().optional(),
 })
 export type SchemaChanges = z.infer<typeof SchemaChanges>
 

@@ -15,9 +15,14 @@ export const TaskSpec = z.object({
   task_id: z.string(),
   customer_id: z.string(),
   job_id: z.string(),
+  /** The project the work counts towards, if any. */
+  project_id: z.string().nullable().default(null),
   model: z.object({ id: z.string(), format: z.enum(['onnx', 'torchscript']), checksum: z.string() }),
-  input: TensorData,
+  /** One input, or several for one device to run together (a chunk of a batch). */
+  inputs: z.array(TensorData).min(1),
   input_name: z.string().optional(),
+  /** The output shape the model declares (-1: any size); a result that does not fit fails the attempt. */
+  output_shape: z.array(z.number().int()).nullable().default(null),
   prefer_gpu: z.boolean(),
   max_attempts: z.number().int().min(1),
 })
@@ -32,7 +37,8 @@ const TaskLeased = z.object({
 const AttemptRef = z.object({ task_id: z.string(), customer_id: z.string(), job_id: z.string(), lease_id: z.string(), device_id: z.string() })
 const TaskCompleted = z.object({
   type: z.literal('TaskCompleted'),
-  data: AttemptRef.extend({ output: TensorData, metrics: Metrics, completed_at: z.string() }),
+  /** One output per input, in order. */
+  data: AttemptRef.extend({ outputs: z.array(TensorData), metrics: Metrics, completed_at: z.string() }),
 })
 const TaskAttemptFailed = z.object({
   type: z.literal('TaskAttemptFailed'),
@@ -54,7 +60,7 @@ export const taskEventTypes = TaskEvent.options.map((o) => o.shape.type.value)
 export type TaskCommand =
   | { type: 'QueueTask'; task: TaskSpec; at: string }
   | { type: 'LeaseTask'; leaseId: string; deviceId: string; at: string }
-  | { type: 'CompleteTask'; leaseId: string; output: z.infer<typeof TensorData>; metrics: z.infer<typeof Metrics>; at: string }
+  | { type: 'CompleteTask'; leaseId: string; outputs: z.infer<typeof TensorData>[]; metrics: z.infer<typeof Metrics>; at: string }
   | { type: 'FailAttempt'; leaseId: string; reason: string; metrics: z.infer<typeof Metrics> | null; at: string }
   | { type: 'CancelTask'; at: string }
 
@@ -103,7 +109,10 @@ export const taskDecider: Decider<TaskCommand, TaskEvent, TaskState> = {
         const spec = requireSpec(state)
         const lease = currentLease(state, command.leaseId)
         const data = { task_id: spec.task_id, customer_id: spec.customer_id, job_id: spec.job_id, lease_id: lease.id, device_id: lease.deviceId }
-        return [{ type: 'TaskCompleted', data: { ...data, output: command.output, metrics: command.metrics, completed_at: command.at } }]
+        if (command.outputs.length !== spec.inputs.length) {
+          throw new DomainError('VALIDATION_ERROR', `task ${spec.task_id} has ${spec.inputs.length} inputs but the result has ${command.outputs.length} outputs`)
+        }
+        return [{ type: 'TaskCompleted', data: { ...data, outputs: command.outputs, metrics: command.metrics, completed_at: command.at } }]
       }
       case 'FailAttempt': {
         const spec = requireSpec(state)
@@ -130,7 +139,7 @@ export const taskDecider: Decider<TaskCommand, TaskEvent, TaskState> = {
     }
   },
 
-  parse: ({ type, data }) => TaskEvent.parse({ type, data }),
+  parse: ({ type, data }) => TaskEvent.parse({ type, data: upcast(type, data) }),
 }
 
 function requireSpec(state: TaskState): TaskSpec {
@@ -144,4 +153,22 @@ function currentLease(state: TaskState, leaseId: string): { id: string; deviceId
     throw new DomainError('STALE_LEASE', `lease ${leaseId} is not the task's current lease (the task is ${state.status})`)
   }
   return state.lease
+}
+
+/**
+ * Events written before tasks carried several inputs: `input` became `inputs: [input]`, and `output`
+ * became `outputs: [output]`.
+ */
+function upcast(type: string, data: unknown): unknown {
+  if (typeof data !== 'object' || data === null) return data
+  const old = data as Record<string, unknown>
+  if (type === 'TaskQueued' && old.inputs === undefined && old.input !== undefined) {
+    const { input, ...rest } = old
+    return { ...rest, inputs: [input] }
+  }
+  if (type === 'TaskCompleted' && old.outputs === undefined && old.output !== undefined) {
+    const { output, ...rest } = old
+    return { ...rest, outputs: [output] }
+  }
+  return data
 }

@@ -4,6 +4,7 @@ import swagger from '@fastify/swagger'
 import swaggerUi from '@fastify/swagger-ui'
 import Fastify, { type FastifyInstance, type FastifyReply } from 'fastify'
 import { jsonSchemaTransform, serializerCompiler, validatorCompiler } from 'fastify-type-provider-zod'
+import { type Adapters, InProcessAdapters } from '../adapters/runtime.js'
 import { version } from '../version.js'
 import { adminRoutes } from './admin.js'
 import { deviceRoutes } from './devices.js'
@@ -13,9 +14,12 @@ import type { Services } from './context.js'
 import { errorBody, registerErrorContract } from './errors.js'
 import { healthRoutes } from './health.js'
 import { modelRoutes } from './models.js'
+import { projectRoutes } from './projects.js'
 
 /** The services the routes use (without the limits and clock, which have defaults here), and the app's settings. */
-export interface AppDeps extends Omit<Services, 'limits' | 'now'> {
+export interface AppDeps extends Omit<Services, 'limits' | 'now' | 'adapters'> {
+  /** Default: the adapters run in-process. */
+  adapters?: Adapters
   /** ADMIN_KEY; without it the admin routes refuse every request. */
   adminKey?: string
   internalToken: string
@@ -100,6 +104,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     blobs: deps.blobs,
     hub: deps.hub,
     scheduler: deps.scheduler,
+    adapters: deps.adapters ?? new InProcessAdapters(),
     limits: { maxModelBytes: deps.maxModelBytes ?? 256 * 1024 * 1024 },
     now: deps.now ?? (() => new Date()),
   }
@@ -111,6 +116,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
       await api.register(modelRoutes, { services })
       await api.register(deviceRoutes, { services })
       await api.register(inferenceRoutes, { services })
+      await api.register(projectRoutes, { services })
     },
     { prefix: '/api/v1' },
   )

@@ -1,4 +1,5 @@
 import type { Kysely } from 'kysely'
+import type { Adapters } from '../adapters/runtime.js'
 import type { BlobStore } from '../blobs/blob-store.js'
 import type { TaskScheduler } from '../commands/scheduler.js'
 import type { DeviceHub } from '../device-hub/hub.js'
@@ -15,6 +16,8 @@ export interface Services {
   blobs: BlobStore
   hub: DeviceHub
   scheduler: TaskScheduler
+  /** Pre- and post-processing adapters (in-process, or AWS Lambda). */
+  adapters: Adapters
   limits: { maxModelBytes: number }
   /** The time, for commands (domain code has none of its own). */
   now(): Date

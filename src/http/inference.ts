@@ -5,8 +5,11 @@ import { z } from 'zod'
 import type { TaskOutcome } from '../commands/scheduler.js'
 import { DomainError } from '../domain/errors.js'
 import { inferenceDecider, inferenceStream, inferenceTaskId } from '../domain/inference-job.js'
-import { findJob, jobResults, jobStatus, openTaskIds } from '../projections/inference.js'
-import { findModel } from '../projections/models.js'
+import type { AdapterModel } from '../adapters/runtime.js'
+import { projectDecider, projectStream } from '../domain/project.js'
+import { findJob, type JobRow, jobResults, jobStatus, openTaskIds } from '../projections/inference.js'
+import { findModel, type ModelRow } from '../projections/models.js'
+import { findProject } from '../projections/projects.js'
 import { customerOf } from './auth.js'
 import { execute, type Services } from './context.js'
 import { pageQuery } from './pagination.js'
@@ -18,9 +21,15 @@ const Tensor = z.object({
 })
 type Tensor = z.infer<typeof Tensor>
 
+/**
+ * An input as the client sends it: a tensor, or for a model with a preprocessing adapter the business format
+ * that adapter takes (an object; see docs/adapters.md). Which one is checked against the model.
+ */
+const Input = z.union([Tensor, z.record(z.string(), z.unknown())]).describe('a tensor {data, shape}, or the business format of the model\'s preprocessing adapter')
+
 const SingleBody = z.object({
   model_id: z.string().min(1).max(64),
-  input: Tensor,
+  input: Input,
   async: z.boolean().optional(),
   project_id: z.string().min(1).max(64).optional(),
   options: z
@@ -33,7 +42,7 @@ const SingleBody = z.object({
 
 const BatchBody = z.object({
   model_id: z.string().min(1).max(64),
-  inputs: z.array(Tensor).min(1).max(100_000),
+  inputs: z.array(Input).min(1).max(100_000),
   name: z.string().max(200).optional(),
   project_id: z.string().min(1).max(64).optional(),
   options: z.object({ prefer_gpu: z.boolean().optional() }).optional(),
@@ -41,6 +50,8 @@ const BatchBody = z.object({
 
 const JobParams = z.object({ jobId: z.string().min(1).max(80) })
 const DEFAULT_TIMEOUT_MS = 30_000
+/** A batch of 100,000 small tensors is some tens of MB of JSON. */
+const BATCH_BODY_LIMIT = 128 * 1024 * 1024
 const ajv = new Ajv({ strict: false, allErrors: false })
 
 /** The input must fit the model: data as long as the shape says, the shape as the model declares (-1: any size). */
@@ -52,7 +63,7 @@ export function checkInput(field: string, input: Tensor, declared: number[] | nu
   if (!fits) throw new DomainError('VALIDATION_ERROR', `${field}.shape: ${JSON.stringify(input.shape)} does not match the model's input shape ${JSON.stringify(declared)}`)
 }
 
-function checkSchema(field: string, input: Tensor, schema: Record<string, unknown> | null): void {
+function checkSchema(field: string, input: unknown, schema: Record<string, unknown> | null): void {
   if (!schema) return
   const validate = ajv.compile(schema)
   if (!validate(input)) {
@@ -65,16 +76,83 @@ function wantsAsync(request: FastifyRequest, query: { async?: string | undefined
   return body.async === true || query.async === 'true' || request.headers['x-async'] === 'true'
 }
 
+/** Does the model take its inputs through a preprocessing adapter (other than passthrough)? */
+const preprocessed = (model: ModelRow) => model.preprocessing !== null && model.preprocessing !== 'passthrough'
+const postprocessed = (model: ModelRow) => model.postprocessing !== null && model.postprocessing !== 'passthrough'
+
+/** A job's tasks split into runs of consecutive inputs, sized so the batch spreads over the devices that can take it. */
+export function chunkSizes(inputs: number, capacity: { slots: number; batchInputs: number }): number[] {
+  const size = capacity.batchInputs <= 1 ? 1 : Math.min(capacity.batchInputs, Math.max(1, Math.ceil(inputs / (Math.max(1, capacity.slots) * 4))))
+  const sizes: number[] = []
+  for (let left = inputs; left > 0; left -= size) sizes.push(Math.min(size, left))
+  return sizes
+}
+
+/** Cancels a job: records it, then cancels its open tasks (queued ones leave the queue, running ones are told to stop). */
+export async function cancelJob(services: Services, customerId: string, job: JobRow): Promise<number> {
+  const status = jobStatus(job)
+  const at = services.now().toISOString()
+  await execute(services, inferenceStream(job.job_id), inferenceDecider, { type: 'CancelInference', customerId, finished: status === 'completed' || status === 'failed', at }, {
+    metadata: { customerId, occurredAt: at },
+  })
+  const open = await openTaskIds(services.db, job.job_id)
+  await Promise.all(open.map((taskId) => services.scheduler.cancel(taskId, customerId).catch((e: unknown) => (e instanceof DomainError && e.code === 'CANNOT_CANCEL' ? undefined : Promise.reject(e)))))
+  return open.length
+}
+
 /** `/inference`: one input (sync or async), batches, status and results, cancellation. */
 export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async (base, { services }) => {
   const app = base.withTypeProvider<ZodTypeProvider>()
   const config = { auth: 'api_key' as const }
 
+  /** The model's inputs as tensors: checked against its input_schema as sent, preprocessed when it has an adapter, checked against its shape. */
+  async function toTensors(model: ModelRow, inputs: unknown[], field: (i: number) => string): Promise<Tensor[]> {
+    inputs.forEach((input, i) => checkSchema(field(i), input, model.input_schema))
+    let tensors: Tensor[]
+    if (preprocessed(model)) {
+      tensors = await services.adapters.preprocess(adapterModel(model), inputs, field)
+    } else {
+      tensors = inputs.map((input, i) => {
+        const parsed = Tensor.safeParse(input)
+        if (!parsed.success) {
+          const issue = parsed.error.issues[0]
+          const where = issue?.path.length ? `.${issue.path.join('.')}` : ''
+          throw new DomainError('VALIDATION_ERROR', `${field(i)}${where}: ${issue?.message ?? 'not a tensor'}; the model has no preprocessing adapter, so the input is a tensor {data, shape}`)
+        }
+        return parsed.data
+      })
+    }
+    tensors.forEach((tensor, i) => checkInput(field(i), tensor, model.input_shape))
+    return tensors
+  }
+
+  /** The project new work counts towards: the one named (it must be the customer's and still open), or for a batch without one a new batch project. */
+  async function projectFor(customerId: string, model: ModelRow, body: { project_id?: string | undefined; name?: string | undefined }, kind: 'single' | 'batch', inputs: number): Promise<string | null> {
+    if (body.project_id) {
+      const project = await findProject(services.db, customerId, body.project_id)
+      if (!project) throw new DomainError('NOT_FOUND', `project ${body.project_id} not found`)
+      if (project.state !== 'active') throw new DomainError('CONFLICT', `project ${body.project_id} is ${project.state}; it takes no new work`)
+      return project.project_id
+    }
+    if (kind === 'single') return null
+    const at = services.now()
+    for (let attempt = 0; ; attempt++) {
+      const projectId = attempt === 0 ? `batch_${at.getTime()}` : `batch_${at.getTime()}_${newId('').slice(1, 7)}`
+      const project = { project_id: projectId, customer_id: customerId, name: body.name ?? `Batch of ${inputs}`, project_type: 'batch' as const, model_id: model.model_id, total_tasks: inputs, created_at: at.toISOString() }
+      try {
+        await execute(services, projectStream(projectId), projectDecider, { type: 'CreateProject', project }, { metadata: { customerId, occurredAt: project.created_at } })
+        return projectId
+      } catch (error) {
+        if (!(error instanceof DomainError && error.code === 'CONFLICT') || attempt >= 3) throw error
+      }
+    }
+  }
+
   /** Checks the model and the inputs, records the job and queues its tasks. */
   async function submit(
     customerId: string,
     body: { model_id: string; project_id?: string | undefined; name?: string | undefined },
-    inputs: Tensor[],
+    rawInputs: unknown[],
     kind: 'single' | 'batch',
     mode: 'sync' | 'async',
     preferGpu: boolean,
@@ -83,28 +161,44 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
   ) {
     const model = await findModel(services.db, customerId, body.model_id)
     if (!model) throw new DomainError('NO_MODEL', `model ${body.model_id} not found`)
-    inputs.forEach((input, i) => {
-      const field = kind === 'single' ? 'input' : `inputs.${i}`
-      checkInput(field, input, model.input_shape)
-      checkSchema(field, input, model.input_schema)
-    })
-    if (!services.hub.hasCapableDevice(model.format)) throw new DomainError('NO_DEVICES', `no connected device can run ${model.format} models`)
+    const inputs = await toTensors(model, rawInputs, (i) => (kind === 'single' ? 'input' : `inputs.${i}`))
+    const capacity = services.hub.capacity(model.format)
+    if (capacity.slots === 0) throw new DomainError('NO_DEVICES', `no connected device can run ${model.format} models`)
+    const projectId = await projectFor(customerId, model, body, kind, inputs.length)
     const jobId = newId(kind === 'single' ? 'infer' : 'batch')
     const at = services.now().toISOString()
-    const taskIds = inputs.map((_, i) => inferenceTaskId(jobId, i))
-    const projectId = body.project_id ?? (kind === 'batch' ? `batch_${Date.parse(at)}` : null)
-    const request = { job_id: jobId, customer_id: customerId, project_id: projectId, model_id: model.model_id, kind, mode, name: body.name ?? null, task_ids: taskIds, requested_at: at }
+    const sizes = kind === 'single' ? [1] : chunkSizes(inputs.length, capacity)
+    const tasks = sizes.map((n, i) => ({ task_id: inferenceTaskId(jobId, i), inputs: n }))
+    const request = { job_id: jobId, customer_id: customerId, project_id: projectId, model_id: model.model_id, kind, mode, name: body.name ?? null, tasks, requested_at: at }
     await execute(services, inferenceStream(jobId), inferenceDecider, { type: 'RequestInference', request }, { metadata: { customerId, occurredAt: at } })
+    const taskIds = tasks.map((t) => t.task_id)
     beforeQueue(taskIds)
+    let first = 0
     await Promise.all(
-      inputs.map((input, i) =>
-        services.scheduler.submit(
-          { task_id: taskIds[i]!, customer_id: customerId, job_id: jobId, model: { id: model.model_id, format: model.format, checksum: model.checksum }, input, prefer_gpu: preferGpu },
+      tasks.map((task) => {
+        const chunk = inputs.slice(first, (first += task.inputs))
+        return services.scheduler.submit(
+          {
+            task_id: task.task_id,
+            customer_id: customerId,
+            job_id: jobId,
+            project_id: projectId,
+            model: { id: model.model_id, format: model.format, checksum: model.checksum },
+            inputs: chunk,
+            output_shape: model.output_shape,
+            prefer_gpu: preferGpu,
+          },
           { customerId },
-        ),
-      ),
+        )
+      }),
     )
-    return { jobId, taskIds, projectId }
+    return { jobId, total: inputs.length, projectId, model }
+  }
+
+  /** Raw outputs in the business format of the model's postprocessing adapter (unchanged without one, or when `raw`). */
+  async function present(model: ModelRow | undefined, outputs: Tensor[], raw: boolean): Promise<unknown[]> {
+    if (raw || !model || !postprocessed(model) || outputs.length === 0) return outputs
+    return services.adapters.postprocess(adapterModel(model), outputs)
   }
 
   app.post('/inference', {
@@ -113,7 +207,7 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
       summary: 'Run inference on one input: synchronous by default; ?async=true, X-Async: true or "async": true for 202 and a poll URL',
       tags: ['inference'],
       body: SingleBody,
-      querystring: z.object({ async: z.enum(['true', 'false']).optional() }),
+      querystring: z.object({ async: z.enum(['true', 'false']).optional(), raw: z.enum(['true', 'false']).optional().describe('true: the raw output tensor even when the model has a postprocessing adapter') }),
     },
   }, async (request, reply) => {
     const customerId = customerOf(request)
@@ -121,7 +215,7 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
     const mode = wantsAsync(request, request.query, body) ? 'async' : 'sync'
     const started = performance.now()
     let waiting: Promise<TaskOutcome> | undefined
-    const { jobId } = await submit(customerId, body, [body.input], 'single', mode, body.options?.prefer_gpu ?? false, (taskIds) => {
+    const { jobId, model } = await submit(customerId, body, [body.input], 'single', mode, body.options?.prefer_gpu ?? false, (taskIds) => {
       if (mode !== 'sync') return
       waiting = services.scheduler.outcome(taskIds[0]!, body.options?.timeout ?? DEFAULT_TIMEOUT_MS)
       waiting.catch(() => {}) // awaited below; this only keeps a failed submit from leaving it unhandled
@@ -139,17 +233,19 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
       throw error
     }
     if (outcome.status !== 'completed') throw new DomainError('INFERENCE_FAILED', outcome.status === 'failed' ? outcome.reason : 'the job was cancelled')
+    const [result] = await present(model, outcome.outputs, request.query.raw === 'true')
     await services.projections.waitFor(outcome.position)
-    return { job_id: jobId, status: 'completed', result: outcome.output, latency_ms: Math.round(performance.now() - started), device_id: outcome.deviceId }
+    return { job_id: jobId, status: 'completed', result, latency_ms: Math.round(performance.now() - started), device_id: outcome.deviceId }
   })
 
   app.post('/inference/batch', {
     config,
+    bodyLimit: BATCH_BODY_LIMIT,
     schema: { summary: 'Run inference on many inputs (always asynchronous)', tags: ['inference'], body: BatchBody },
   }, async (request, reply) => {
     const customerId = customerOf(request)
-    const { jobId, taskIds, projectId } = await submit(customerId, request.body, request.body.inputs, 'batch', 'async', request.body.options?.prefer_gpu ?? false)
-    return reply.status(202).send({ job_id: jobId, project_id: projectId, status: 'queued', total_tasks: taskIds.length, poll_url: `/api/v1/inference/${jobId}` })
+    const { jobId, total, projectId } = await submit(customerId, request.body, request.body.inputs, 'batch', 'async', request.body.options?.prefer_gpu ?? false)
+    return reply.status(202).send({ job_id: jobId, project_id: projectId, status: 'queued', total_tasks: total, poll_url: `/api/v1/inference/${jobId}` })
   })
 
   app.get('/inference/:jobId', {
@@ -158,13 +254,18 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
       summary: 'Status of an inference job; for a batch its progress and results so far, a page at a time',
       tags: ['inference'],
       params: JobParams,
-      querystring: pageQuery(10_000),
+      querystring: pageQuery(10_000).extend({ raw: z.enum(['true', 'false']).optional().describe('true: raw output tensors even when the model has a postprocessing adapter') }),
     },
   }, async (request) => {
-    const job = await findJob(services.db, customerOf(request), request.params.jobId)
+    const customerId = customerOf(request)
+    const job = await findJob(services.db, customerId, request.params.jobId)
     if (!job) throw new DomainError('NOT_FOUND', `inference job ${request.params.jobId} not found`)
     const status = jobStatus(job)
-    const results = await jobResults(services.db, job.job_id, request.query)
+    const rows = await jobResults(services.db, job.job_id, request.query)
+    const model = await findModel(services.db, customerId, job.model_id)
+    const done = rows.filter((r) => r.output)
+    const presented = await present(model, done.map((r) => r.output!), request.query.raw === 'true')
+    const resultOf = new Map(done.map((r, i) => [r.idx, presented[i]]))
     const view = {
       job_id: job.job_id,
       type: job.kind === 'batch' ? 'batch' : 'inference',
@@ -176,15 +277,15 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
       updated_at: job.updated_at,
     }
     if (job.kind === 'single') {
-      const only = results[0]
-      return { ...view, ...(only?.output ? { result: only.output, device_id: only.device_id } : {}), ...(only?.error ? { error: only.error } : {}) }
+      const only = rows[0]
+      return { ...view, ...(only?.output ? { result: resultOf.get(only.idx), device_id: only.device_id } : {}), ...(only?.error ? { error: only.error } : {}) }
     }
-    const done = job.completed + job.failed
+    const finished = job.completed + job.failed
     return {
       ...view,
       total_tasks: job.total_tasks,
-      progress: { completed: job.completed, failed: job.failed, pending: job.cancelled ? 0 : job.total_tasks - done, percent_complete: Math.round((done / job.total_tasks) * 1000) / 10 },
-      results: results.map((r) => ({ index: r.idx, status: r.status, ...(r.output ? { result: r.output } : {}), ...(r.error ? { error: r.error } : {}) })),
+      progress: { completed: job.completed, failed: job.failed, pending: job.cancelled ? 0 : job.total_tasks - finished, percent_complete: Math.round((finished / job.total_tasks) * 1000) / 10 },
+      results: rows.map((r) => ({ index: r.idx, status: r.status, ...(r.output ? { result: resultOf.get(r.idx) } : {}), ...(r.error ? { error: r.error } : {}) })),
       limit: request.query.limit,
       offset: request.query.offset,
     }
@@ -197,13 +298,21 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
     const customerId = customerOf(request)
     const job = await findJob(services.db, customerId, request.params.jobId)
     if (!job) throw new DomainError('NOT_FOUND', `inference job ${request.params.jobId} not found`)
-    const status = jobStatus(job)
-    const at = services.now().toISOString()
-    await execute(services, inferenceStream(job.job_id), inferenceDecider, { type: 'CancelInference', customerId, finished: status === 'completed' || status === 'failed', at }, {
-      metadata: { customerId, occurredAt: at },
-    })
-    const open = await openTaskIds(services.db, job.job_id)
-    await Promise.all(open.map((taskId) => services.scheduler.cancel(taskId, customerId).catch((e: unknown) => (e instanceof DomainError && e.code === 'CANNOT_CANCEL' ? undefined : Promise.reject(e)))))
-    return { job_id: job.job_id, status: 'cancelled', cancelled_tasks: open.length }
+    const cancelled = await cancelJob(services, customerId, job)
+    return { job_id: job.job_id, status: 'cancelled', cancelled_tasks: cancelled }
   })
+}
+
+/** The model as the adapters see it. */
+function adapterModel(model: ModelRow): AdapterModel {
+  return {
+    model_id: model.model_id,
+    input_shape: model.input_shape,
+    output_shape: model.output_shape,
+    input_schema: model.input_schema,
+    labels: model.labels,
+    preprocessing: model.preprocessing,
+    postprocessing: model.postprocessing,
+    adapter_options: model.adapter_options ?? null,
+  }
 }

@@ -40,6 +40,7 @@ const UploadFields = z.strictObject({
   labels: json(z.array(z.string().max(1000)).max(100_000)).optional(),
   preprocessing: z.enum(PREPROCESSING).optional(),
   postprocessing: z.enum(POSTPROCESSING).optional(),
+  adapter_options: json(JsonObject).optional(),
 })
 
 const ModelParams = z.object({ id: z.string().min(1).max(64) })
@@ -80,6 +81,7 @@ export function modelView(m: ModelDescription & { updated_at?: string }) {
     input_schema: m.input_schema,
     output_schema: m.output_schema,
     labels: m.labels,
+    adapter_options: m.adapter_options ?? null,
   }
 }
 
@@ -181,6 +183,7 @@ export const modelRoutes: FastifyPluginAsync<{ services: Services }> = async (ba
         labels: input.labels ?? null,
         preprocessing: input.preprocessing ?? null,
         postprocessing: input.postprocessing ?? null,
+        adapter_options: input.adapter_options ?? null,
         uploaded_at: services.now().toISOString(),
       }
       await blob.keep()

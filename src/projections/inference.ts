@@ -4,12 +4,12 @@ import { taskDecider } from '../domain/task.js'
 import { liveSchema, type Projection } from './projection.js'
 
 /**
- * Inference jobs and their results: a row per job with its counts, a row per input with its outcome.
- * Fed by the job's own events and by its tasks' outcomes.
+ * Inference jobs and their results: a row per job with its counts (in inputs), a row per task with the
+ * outputs of its run of inputs. Fed by the job's own events and by its tasks' outcomes.
  */
 export const inferenceProjection: Projection = {
   name: 'inference',
-  version: 1,
+  version: 2,
   filter: { types: [...inferenceEventTypes, 'TaskCompleted', 'TaskFailed', 'TaskCancelled'] },
   tables: [
     { name: 'inference_jobs', primaryKey: ['job_id'] },
@@ -33,18 +33,21 @@ export const inferenceProjection: Projection = {
       .addColumn('requested_at', 'text', (c) => c.notNull())
       .addColumn('updated_at', 'text', (c) => c.notNull())
       .execute()
+    await db.schema.createIndex('inference_jobs_by_project').on('inference_jobs').columns(['project_id']).execute()
     await db.schema
       .createTable('inference_results')
       .addColumn('task_id', 'text', (c) => c.primaryKey())
       .addColumn('job_id', 'text', (c) => c.notNull())
-      .addColumn('idx', 'integer', (c) => c.notNull())
+      /** Index of its first input in the job, and how many it carries. */
+      .addColumn('first_idx', 'integer', (c) => c.notNull())
+      .addColumn('count', 'integer', (c) => c.notNull())
       .addColumn('status', 'text', (c) => c.notNull())
-      .addColumn('output', 'jsonb')
+      .addColumn('outputs', 'jsonb')
       .addColumn('error', 'text')
       .addColumn('device_id', 'text')
       .addColumn('finished_at', 'text')
       .execute()
-    await db.schema.createIndex('inference_results_by_job').on('inference_results').columns(['job_id', 'idx']).execute()
+    await db.schema.createIndex('inference_results_by_job').on('inference_results').columns(['job_id', 'first_idx']).execute()
   },
 
   async apply(trx, events) {
@@ -54,14 +57,20 @@ export const inferenceProjection: Projection = {
         const event = inferenceDecider.parse({ type: recorded.type, data: recorded.data, schemaVersion: version })
         if (event.type === 'InferenceRequested') {
           const d = event.data
+          const total = d.tasks.reduce((n, task) => n + task.inputs, 0)
           await trx
             .insertInto('inference_jobs')
-            .values({ job_id: d.job_id, customer_id: d.customer_id, project_id: d.project_id, model_id: d.model_id, kind: d.kind, mode: d.mode, name: d.name, total_tasks: d.task_ids.length, completed: 0, failed: 0, cancelled: false, requested_at: d.requested_at, updated_at: d.requested_at })
+            .values({ job_id: d.job_id, customer_id: d.customer_id, project_id: d.project_id, model_id: d.model_id, kind: d.kind, mode: d.mode, name: d.name, total_tasks: total, completed: 0, failed: 0, cancelled: false, requested_at: d.requested_at, updated_at: d.requested_at })
             .onConflict((oc) => oc.doNothing())
             .execute()
-          for (let i = 0; i < d.task_ids.length; i += 5000) {
-            const rows = d.task_ids.slice(i, i + 5000).map((task_id, j) => ({ task_id, job_id: d.job_id, idx: i + j, status: 'queued' }))
-            await trx.insertInto('inference_results').values(rows).onConflict((oc) => oc.doNothing()).execute()
+          let first = 0
+          const rows = d.tasks.map((task) => {
+            const row = { task_id: task.task_id, job_id: d.job_id, first_idx: first, count: task.inputs, status: 'queued' }
+            first += task.inputs
+            return row
+          })
+          for (let i = 0; i < rows.length; i += 5000) {
+            await trx.insertInto('inference_results').values(rows.slice(i, i + 5000)).onConflict((oc) => oc.doNothing()).execute()
           }
         } else {
           await trx.updateTable('inference_jobs').set({ cancelled: true, updated_at: event.data.cancelled_at }).where('job_id', '=', event.data.job_id).execute()
@@ -70,8 +79,8 @@ export const inferenceProjection: Projection = {
       }
       const task = taskDecider.parse({ type: recorded.type, data: recorded.data, schemaVersion: version })
       if (task.type === 'TaskCompleted') {
-        const { task_id, output, device_id, completed_at } = task.data
-        await finish(trx, task_id, { status: 'completed', output: JSON.stringify(output), device_id, finished_at: completed_at }, 'completed')
+        const { task_id, outputs, device_id, completed_at } = task.data
+        await finish(trx, task_id, { status: 'completed', outputs: JSON.stringify(outputs), device_id, finished_at: completed_at }, 'completed')
       } else if (task.type === 'TaskFailed') {
         await finish(trx, task.data.task_id, { status: 'failed', error: task.data.reason, finished_at: task.data.failed_at }, 'failed')
       } else if (task.type === 'TaskCancelled') {
@@ -81,12 +90,12 @@ export const inferenceProjection: Projection = {
   },
 }
 
-/** Moves a queued result to its end state and counts it on its job (once: only from `queued`). */
+/** Moves a queued task's row to its end state and counts its inputs on its job (once: only from `queued`). */
 async function finish(trx: Kysely<any>, taskId: string, values: Record<string, unknown>, counter: 'completed' | 'failed' | undefined) {
-  const moved = await trx.updateTable('inference_results').set(values).where('task_id', '=', taskId).where('status', '=', 'queued').returning('job_id').executeTakeFirst()
+  const moved = await trx.updateTable('inference_results').set(values).where('task_id', '=', taskId).where('status', '=', 'queued').returning(['job_id', 'count']).executeTakeFirst()
   if (!moved) return
   const set: Record<string, unknown> = { updated_at: values.finished_at }
-  if (counter) set[counter] = sql`${sql.ref(counter)} + 1`
+  if (counter) set[counter] = sql`${sql.ref(counter)} + ${moved.count}`
   await trx.updateTable('inference_jobs').set(set).where('job_id', '=', moved.job_id).execute()
 }
 
@@ -121,16 +130,42 @@ export async function findJob(db: Kysely<any>, customerId: string, jobId: string
   return db.withSchema(schema).selectFrom('inference_jobs').selectAll().where('job_id', '=', jobId).where('customer_id', '=', customerId).executeTakeFirst() as Promise<JobRow | undefined>
 }
 
-export async function jobResults(db: Kysely<any>, jobId: string, page: { limit: number; offset: number }) {
-  return db
+export interface InputResult {
+  idx: number
+  task_id: string
+  status: string
+  output: { data: number[]; shape: number[] } | null
+  error: string | null
+  device_id: string | null
+  finished_at: string | null
+}
+
+/** The results of a page of the job's inputs, in input order (one per input, whatever task carried it). */
+export async function jobResults(db: Kysely<any>, jobId: string, page: { limit: number; offset: number }): Promise<InputResult[]> {
+  const end = page.offset + page.limit
+  const tasks = await db
     .withSchema(schema)
     .selectFrom('inference_results')
-    .select(['idx', 'task_id', 'status', 'output', 'error', 'device_id', 'finished_at'])
+    .select(['task_id', 'first_idx', 'count', 'status', 'outputs', 'error', 'device_id', 'finished_at'])
     .where('job_id', '=', jobId)
-    .orderBy('idx')
-    .limit(page.limit)
-    .offset(page.offset)
+    .where('first_idx', '<', end)
+    .where(sql<boolean>`first_idx + count > ${page.offset}`)
+    .orderBy('first_idx')
     .execute()
+  const results: InputResult[] = []
+  for (const task of tasks) {
+    const outputs = task.outputs as InputResult['output'][] | null
+    for (let idx = Math.max(task.first_idx, page.offset); idx < Math.min(task.first_idx + task.count, end); idx++) {
+      results.push({ idx, task_id: task.task_id, status: task.status, output: outputs?.[idx - task.first_idx] ?? null, error: task.error, device_id: task.device_id, finished_at: task.finished_at })
+    }
+  }
+  return results
+}
+
+/** The unfinished jobs of a project. */
+export async function openJobsOfProject(db: Kysely<any>, customerId: string, projectId: string): Promise<JobRow[]> {
+  const jobs = (await db.withSchema(schema).selectFrom('inference_jobs').selectAll().where('customer_id', '=', customerId).where('project_id', '=', projectId).where('cancelled', '=', false).execute()) as JobRow[]
+  return jobs.filter((job) => job.completed + job.failed < job.total_tasks)
 }
 
 export async function openTaskIds(db: Kysely<any>, jobId: string): Promise<string[]> {

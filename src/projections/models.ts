@@ -2,12 +2,12 @@ import { type Kysely, sql } from 'kysely'
 import { applyChanges, type ModelDescription, modelDecider, modelEventTypes } from '../domain/model.js'
 import { liveSchema, type Projection } from './projection.js'
 
-const JSON_COLUMNS = ['input_shape', 'output_shape', 'inputs', 'outputs', 'input_schema', 'output_schema', 'labels'] as const
+const JSON_COLUMNS = ['input_shape', 'output_shape', 'inputs', 'outputs', 'input_schema', 'output_schema', 'labels', 'adapter_options'] as const
 
 /** Every customer's models as the API shows them; deleted ones keep their row with `deleted_at`. */
 export const modelsProjection: Projection = {
   name: 'models',
-  version: 1,
+  version: 2,
   filter: { types: modelEventTypes },
   tables: [{ name: 'models', primaryKey: ['model_id'] }],
 
@@ -62,7 +62,7 @@ function toRow(model: ModelDescription): Record<string, unknown> {
   return row
 }
 
-type ModelRow = ModelDescription & { updated_at: string; deleted_at: string | null }
+export type ModelRow = ModelDescription & { updated_at: string; deleted_at: string | null }
 
 function fromRow(row: Record<string, unknown>): ModelRow {
   return { ...(row as ModelRow), size: Number(row.size) }

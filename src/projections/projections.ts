@@ -6,6 +6,7 @@ import { eventCounts } from './event-counts.js'
 import { devicesProjection } from './devices.js'
 import { inferenceProjection } from './inference.js'
 import { modelsProjection } from './models.js'
+import { projectsProjection } from './projects.js'
 import { tasksProjection } from './tasks.js'
 import type { Projection } from './projection.js'
 import { type AuditReport, audit, rebuild } from './replay.js'
@@ -14,7 +15,7 @@ import { ProjectionRunner, type RunnerDeps, type RunnerState } from './runner.js
 const LAG_COUNT_LIMIT = 10_000
 
 /** Every projection of dcp. A new read model is added here. */
-export const allProjections: readonly Projection[] = [eventCounts, customersProjection, modelsProjection, devicesProjection, tasksProjection, inferenceProjection]
+export const allProjections: readonly Projection[] = [eventCounts, customersProjection, modelsProjection, devicesProjection, tasksProjection, inferenceProjection, projectsProjection]
 
 export interface ProjectionStatus {
   name: string

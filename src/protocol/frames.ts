@@ -10,6 +10,8 @@
 import { z } from 'zod'
 
 export const PROTOCOL_VERSION = 1
+/** Most inputs one task may carry (a device advertises its own limit, at most this). */
+export const MAX_BATCH_INPUTS = 4096
 /** Largest frame the hub accepts, in bytes (a larger one closes the socket with 1009). */
 export const MAX_FRAME_BYTES = 16 * 1024 * 1024
 
@@ -39,6 +41,8 @@ export const Capabilities = z.object({
   can_train: z.boolean().default(false),
   /** Tasks it runs at once. */
   max_concurrent_tasks: z.number().int().min(1).max(256).default(1),
+  /** Most inputs it takes in one task (`inputs` of a task frame); 1: single inputs only (`input`). */
+  max_batch_inputs: z.number().int().min(1).max(MAX_BATCH_INPUTS).default(1),
 })
 export type Capabilities = z.infer<typeof Capabilities>
 
@@ -80,12 +84,17 @@ export const Metrics = z.object({
 })
 export type Metrics = z.infer<typeof Metrics>
 
+/**
+ * A task's outcome. A completed task carries `output` for a task given as `input`, or `outputs` (one per
+ * input, in order) for a task given as `inputs`; a failed one carries `error` (the whole task failed).
+ */
 export const TaskResult = z.object({
   type: z.literal('task_result'),
   task_id: Id,
   lease_id: Id,
   status: z.enum(['completed', 'failed']),
   output: Tensor.optional(),
+  outputs: z.array(Tensor).min(1).max(MAX_BATCH_INPUTS).optional(),
   error: z.string().max(4096).optional(),
   metrics: Metrics,
 })
@@ -123,10 +132,12 @@ export const TaskAssignment = z.object({
   /** ISO time the lease ends unless a heartbeat listing it comes first. */
   lease_deadline: z.string(),
   model: z.object({ id: Id, format: z.enum(['onnx', 'torchscript']), checksum: z.string(), download_path: z.string() }),
-  input: Tensor,
+  /** One input; or, only to a device whose `max_batch_inputs` allows it, several as `inputs`. */
+  input: Tensor.optional(),
+  inputs: z.array(Tensor).min(1).max(MAX_BATCH_INPUTS).optional(),
   /** Name of the model input to feed (the first one when absent). */
   input_name: z.string().optional(),
-})
+}).refine((frame) => (frame.input === undefined) !== (frame.inputs === undefined), { message: 'a task carries either input or inputs' })
 export type TaskAssignment = z.infer<typeof TaskAssignment>
 
 export const CancelTask = z.object({ type: z.literal('cancel_task'), task_id: Id, lease_id: Id })

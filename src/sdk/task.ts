@@ -1,7 +1,7 @@
 import { performance } from 'node:perf_hooks'
 import * as ort from 'onnxruntime-node'
 import type { z } from 'zod'
-import type { Metrics, TaskAssignment, TaskResult } from '../protocol/frames.js'
+import type { Metrics, TaskAssignment, TaskResult, Tensor } from '../protocol/frames.js'
 import type { ModelStore } from './models.js'
 
 export type TaskResultFrame = z.infer<typeof TaskResult>
@@ -15,36 +15,77 @@ export interface RunHooks {
 }
 
 /**
- * Runs one task: loads (downloading if needed) the model, feeds `input` as float32 to `input_name` or the
- * first input, and returns the first output. Never throws: any failure becomes a 'failed' result carrying
- * the metrics measured until then.
+ * Runs one task: loads (downloading if needed) the model, feeds each input as float32 to `input_name` or the
+ * first input, and returns the first output for each. Several inputs whose shapes differ only in the first
+ * (batch) dimension run as one call, stacked along that dimension, when the model's first dimension is
+ * dynamic; otherwise one call each. Never throws: any failure becomes a 'failed' result carrying the metrics
+ * measured until then.
  */
 export async function runTask(task: TaskAssignment, models: ModelStore, hooks: RunHooks = {}): Promise<TaskResultFrame> {
-  const metrics: Metrics = { cpu_ms: 0, gpu_ms: 0, bytes_in: FLOAT_BYTES * task.input.data.length, bytes_out: 0 }
+  const inputs = task.inputs ?? (task.input ? [task.input] : [])
+  const metrics: Metrics = { cpu_ms: 0, gpu_ms: 0, bytes_in: FLOAT_BYTES * inputs.reduce((n, input) => n + input.data.length, 0), bytes_out: 0 }
   const base = { type: 'task_result' as const, task_id: task.task_id, lease_id: task.lease_id }
   try {
+    if (inputs.length === 0) throw new Error('the task has no input')
     const { session, gpu } = await models.load(task.model, (bytes) => (metrics.bytes_in += bytes))
-    const feed = { [inputName(task, session)]: inputTensor(task.input) }
+    const name = inputName(task, session)
     const outputName = session.outputNames[0]
     if (outputName === undefined) throw new Error('the model has no outputs')
     hooks.onRunStart?.(gpu)
     const cpuBefore = process.cpuUsage()
     const wallBefore = performance.now()
     try {
-      const outputs = await session.run(feed, [outputName])
+      const run = async (input: Tensor) => outputTensor((await session.run({ [name]: inputTensor(input) }, [outputName]))[outputName])
+      const outputs = (stackable(session, name, inputs) && (await runStacked(inputs, run))) || (await runEach(inputs, run))
       const wall = performance.now() - wallBefore
       const cpu = process.cpuUsage(cpuBefore)
       metrics.cpu_ms = (cpu.user + cpu.system) / 1000
       metrics.gpu_ms = gpu ? wall : 0
-      const output = outputTensor(outputs[outputName])
-      metrics.bytes_out = FLOAT_BYTES * output.data.length
-      return { ...base, status: 'completed', output, metrics }
+      metrics.bytes_out = FLOAT_BYTES * outputs.reduce((n, output) => n + output.data.length, 0)
+      return { ...base, status: 'completed', ...(task.inputs ? { outputs } : { output: outputs[0]! }), metrics }
     } finally {
       hooks.onRunEnd?.(gpu)
     }
   } catch (error) {
     return { ...base, status: 'failed', error: (error as Error).message.slice(0, 4096) || 'task failed', metrics }
   }
+}
+
+type Run = (input: Tensor) => Promise<Tensor>
+
+async function runEach(inputs: Tensor[], run: Run): Promise<Tensor[]> {
+  const outputs: Tensor[] = []
+  for (const input of inputs) outputs.push(await run(input))
+  return outputs
+}
+
+/** Can the inputs run as one call? Same trailing dimensions, and a model input whose first dimension is not fixed. */
+function stackable(session: ort.InferenceSession, name: string, inputs: Tensor[]): boolean {
+  if (inputs.length < 2) return false
+  const trailing = JSON.stringify(inputs[0]!.shape.slice(1))
+  if (!inputs.every((input) => JSON.stringify(input.shape.slice(1)) === trailing)) return false
+  const metadata = session.inputMetadata?.find((m) => m.name === name)
+  if (!metadata?.isTensor) return false
+  const first = metadata.shape[0]
+  return typeof first === 'string' || (typeof first === 'number' && first < 1)
+}
+
+/** Runs the inputs stacked along the first dimension and splits the output back; undefined when the output does not split by rows. */
+async function runStacked(inputs: Tensor[], run: Run): Promise<Tensor[] | undefined> {
+  const rows = inputs.map((input) => input.shape[0]!)
+  const total = rows.reduce((a, b) => a + b, 0)
+  const data: number[] = []
+  for (const input of inputs) for (const value of input.data) data.push(value)
+  const stacked = await run({ data, shape: [total, ...inputs[0]!.shape.slice(1)] })
+  if (stacked.shape[0] !== total || stacked.data.length % total !== 0) return undefined
+  const perRow = stacked.data.length / total
+  const outputs: Tensor[] = []
+  let offset = 0
+  for (const n of rows) {
+    outputs.push({ data: stacked.data.slice(offset * perRow, (offset + n) * perRow), shape: [n, ...stacked.shape.slice(1)] })
+    offset += n
+  }
+  return outputs
 }
 
 function inputName(task: TaskAssignment, session: ort.InferenceSession): string {
@@ -59,7 +100,7 @@ function inputName(task: TaskAssignment, session: ort.InferenceSession): string 
   return task.input_name
 }
 
-function inputTensor(input: TaskAssignment['input']): ort.Tensor {
+function inputTensor(input: Tensor): ort.Tensor {
   const expected = input.shape.reduce((a, b) => a * b, 1)
   if (expected !== input.data.length) {
     throw new Error(`bad input: shape [${input.shape.join(', ')}] needs ${expected} values, got ${input.data.length}`)
@@ -67,7 +108,7 @@ function inputTensor(input: TaskAssignment['input']): ort.Tensor {
   return new ort.Tensor('float32', Float32Array.from(input.data), input.shape)
 }
 
-function outputTensor(tensor: ort.Tensor | undefined): { data: number[]; shape: number[] } {
+function outputTensor(tensor: ort.Tensor | undefined): Tensor {
   if (!tensor) throw new Error('the model produced no output')
   if (tensor.type === 'string') throw new Error('the model output is a string tensor; only numeric outputs can be returned')
   const data = Array.from(tensor.data as ArrayLike<number | bigint | boolean>, Number)

@@ -9,6 +9,7 @@ import {
   type DeviceFrame,
   type Hardware,
   HubFrame,
+  MAX_BATCH_INPUTS,
   MAX_FRAME_BYTES,
   PROTOCOL_VERSION,
   type Registered,
@@ -32,6 +33,7 @@ const FATAL_CLOSES = new Map<number, string>([
 ])
 /** A silent socket is declared dead after this long (at least three heartbeat intervals). */
 const MIN_DEAD_AFTER_MS = 10_000
+const DEFAULT_BATCH_INPUTS = 1024
 
 export interface DeviceWorkerOptions {
   /** Hub base URL, e.g. `http://127.0.0.1:3000`; the socket is `ws(s)://<host>/api/v1/devices/connect`. */
@@ -45,6 +47,8 @@ export interface DeviceWorkerOptions {
   enrollmentSecret?: string
   /** Tasks run at once; more are queued locally. Default 1. */
   maxConcurrentTasks?: number
+  /** Most inputs it takes in one task (chunks of a batch; stacked into one run when the model allows). Default 1024. */
+  maxBatchInputs?: number
   /** Ask onnxruntime for the CUDA execution provider (falls back to CPU with a warning). Default false. */
   cuda?: boolean
   /** Receives every log line (they are also kept for the hub's `logs_request`). */
@@ -80,6 +84,7 @@ export class DeviceWorker extends EventEmitter<DeviceWorkerEvents> {
   private readonly socketUrl: string
   private readonly stateDir: string
   private readonly maxTasks: number
+  private readonly maxBatchInputs: number
   private phase: Phase = 'idle'
   private state: DeviceState | undefined
   private hardware: Hardware | undefined
@@ -107,6 +112,8 @@ export class DeviceWorker extends EventEmitter<DeviceWorkerEvents> {
     this.socketUrl = url.toString()
     this.maxTasks = options.maxConcurrentTasks ?? 1
     if (!Number.isInteger(this.maxTasks) || this.maxTasks < 1 || this.maxTasks > 256) throw new RangeError('maxConcurrentTasks must be 1..256')
+    this.maxBatchInputs = options.maxBatchInputs ?? DEFAULT_BATCH_INPUTS
+    if (!Number.isInteger(this.maxBatchInputs) || this.maxBatchInputs < 1 || this.maxBatchInputs > MAX_BATCH_INPUTS) throw new RangeError(`maxBatchInputs must be 1..${MAX_BATCH_INPUTS}`)
     this.stateDir = options.stateDir ?? path.join(os.homedir(), '.dcp-worker')
     this.log = new WorkerLog(options.log, options.logCapacity)
     this.models = new ModelStore({
@@ -281,7 +288,7 @@ export class DeviceWorker extends EventEmitter<DeviceWorkerEvents> {
       sdk_uuid: state.sdk_uuid,
       instance_type: this.options.instanceType ?? 'user',
       hardware: this.hardware!,
-      capabilities: { formats: ['onnx'], gpu: this.options.cuda ?? false, can_train: false, max_concurrent_tasks: this.maxTasks },
+      capabilities: { formats: ['onnx'], gpu: this.options.cuda ?? false, can_train: false, max_concurrent_tasks: this.maxTasks, max_batch_inputs: this.maxBatchInputs },
     }
   }
 
@@ -390,7 +397,7 @@ export class DeviceWorker extends EventEmitter<DeviceWorkerEvents> {
     else this.log.warn(`task ${id} failed: ${result.error}`)
     let frame = result
     if (JSON.stringify(result).length > MAX_FRAME_BYTES - 1024) {
-      const { output: _tooLarge, ...rest } = result
+      const { output: _tooLarge, outputs: _tooMany, ...rest } = result
       frame = { ...rest, status: 'failed', error: 'the output is too large for one frame' }
       this.log.warn(`task ${id}: output too large for one frame, reported as failed`)
     }

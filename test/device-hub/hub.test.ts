@@ -174,7 +174,7 @@ t.test('a device may download only the models it holds a task on', async (t) => 
   await holder.register()
   const download = (token: string) => fetch(`${url}/api/v1/sdk/models/${model.id}`, { headers: { 'x-sdk-token': token } })
   t.equal((await download(holder.sdkToken)).status, 403, 'no task on it yet')
-  await scheduler.submit({ task_id: 'task_dl1', customer_id: alice.id, job_id: 'job_dl', model: { id: model.id, format: 'onnx', checksum: model.checksum }, input: { data: [0], shape: [1, 1] }, prefer_gpu: false }, { customerId: alice.id })
+  await scheduler.submit({ task_id: 'task_dl1', customer_id: alice.id, job_id: 'job_dl', model: { id: model.id, format: 'onnx', checksum: model.checksum }, inputs: [{ data: [0], shape: [1, 1] }], prefer_gpu: false }, { customerId: alice.id })
   await holder.next((f) => f.type === 'task')
   const response = await download(holder.sdkToken)
   t.equal(response.status, 200)

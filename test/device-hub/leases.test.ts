@@ -11,7 +11,7 @@ const task = (overrides: Record<string, unknown> = {}) => ({
   customer_id: 'cust_test',
   job_id: 'job_test',
   model: { id: 'model_test', format: 'onnx' as const, checksum: 'sha256:00' },
-  input: { data: [1, 2, 3], shape: [1, 3] },
+  inputs: [{ data: [1, 2, 3], shape: [1, 3] }],
   prefer_gpu: false,
   ...overrides,
 })
@@ -38,9 +38,9 @@ t.test('a task goes to a device under a lease and completes with its result', as
   const outcome = scheduler.outcome(spec.task_id, 10_000)
   await scheduler.submit(spec, { customerId: spec.customer_id })
   const frame = await a.next((f) => f.type === 'task')
-  t.match(frame, { task_id: spec.task_id, lease_id: /^lease_/, model: { id: 'model_test', download_path: '/api/v1/sdk/models/model_test' }, input: spec.input })
+  t.match(frame, { task_id: spec.task_id, lease_id: /^lease_/, model: { id: 'model_test', download_path: '/api/v1/sdk/models/model_test' }, input: spec.inputs[0] })
   a.send({ type: 'task_result', task_id: spec.task_id, lease_id: frame.lease_id, status: 'completed', output: { data: [0.25, 0.75], shape: [1, 2] }, metrics })
-  t.match(await outcome, { status: 'completed', deviceId: a.deviceId, output: { data: [0.25, 0.75] }, metrics })
+  t.match(await outcome, { status: 'completed', deviceId: a.deviceId, outputs: [{ data: [0.25, 0.75] }], metrics })
   t.same(await types(spec.task_id), ['TaskQueued', 'TaskLeased', 'TaskCompleted'])
 })
 

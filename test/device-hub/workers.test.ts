@@ -43,7 +43,7 @@ t.test('a real worker killed with SIGKILL mid-task: the task completes once on a
   slowDevice = first.deviceId
 
   const input = { data: [0.1, 0.2, 0.3, 0.4], shape: [1, 4] }
-  const spec = { task_id: 'task_sigkill1', customer_id: alice.id, job_id: 'job_sigkill', model: { id: model.id, format: 'onnx' as const, checksum: model.checksum }, input, prefer_gpu: false }
+  const spec = { task_id: 'task_sigkill1', customer_id: alice.id, job_id: 'job_sigkill', model: { id: model.id, format: 'onnx' as const, checksum: model.checksum }, inputs: [input], prefer_gpu: false }
   const outcome = scheduler.outcome(spec.task_id, 30_000)
   await scheduler.submit(spec, { customerId: alice.id })
   await eventually(async () => (await store.readStream(taskStream(spec.task_id))).some((e) => e.type === 'TaskLeased'), 10_000, 'the lease')
@@ -58,8 +58,8 @@ t.test('a real worker killed with SIGKILL mid-task: the task completes once on a
   const session = await ort.InferenceSession.create(bytes)
   const expected = await session.run({ [session.inputNames[0]!]: new ort.Tensor('float32', Float32Array.from(input.data), input.shape) })
   const want = Array.from(expected[session.outputNames[0]!]!.data as Float32Array)
-  t.same(done.output.shape, [1, 3])
-  done.output.data.forEach((v, i) => t.ok(Math.abs(v - want[i]!) < 1e-6, `output ${i} matches onnxruntime`))
+  t.same(done.outputs[0]!.shape, [1, 3])
+  done.outputs[0]!.data.forEach((v, i) => t.ok(Math.abs(v - want[i]!) < 1e-6, `output ${i} matches onnxruntime`))
   t.ok(done.metrics.cpu_ms > 0, 'cpu_ms measured on the device')
 
   const events = await store.readStream(taskStream(spec.task_id))

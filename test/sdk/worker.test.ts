@@ -71,7 +71,7 @@ t.test('registers, heartbeats its lease, runs a real model and downloads it once
   const register = Register.parse(await hub.next('register'))
   t.match(register, { protocol: PROTOCOL_VERSION, platform: 'nodejs', sdk_version: pkg.version, instance_type: 'user' })
   t.match(register.sdk_uuid, /^sdk-nodejs-[0-9a-f]{6}$/)
-  t.same(register.capabilities, { formats: ['onnx'], gpu: false, can_train: false, max_concurrent_tasks: 2 })
+  t.same(register.capabilities, { formats: ['onnx'], gpu: false, can_train: false, max_concurrent_tasks: 2, max_batch_inputs: 1024 })
   t.same(register.hardware.gpus, [])
   t.ok(register.hardware.cpu_cores >= 1 && register.hardware.memory_mb >= 1)
   t.equal(register.device_id, undefined, 'a first registration has no device id')
@@ -268,4 +268,31 @@ t.test('power estimate and backoff', async (t) => {
   t.equal(backoffDelay(2, () => 1), 1000)
   t.equal(backoffDelay(30, () => 1), 10_000)
   t.equal(backoffDelay(30, () => 0), 5000)
+})
+
+t.test('a task with several inputs runs them stacked and answers one output per input, in order', async (t) => {
+  const { hub, worker } = await setup(t)
+  await worker.start()
+  t.equal((await hub.next('register')).capabilities.max_batch_inputs, 1024)
+  const model = hub.addModel('m-batch', MODEL)
+  const inputs = [
+    { data: INPUT.data.slice(0, 10), shape: [1, 10] },
+    INPUT,
+    { data: INPUT.data.slice(10).map((v) => v * 3), shape: [1, 10] },
+  ]
+  const many = task(model, undefined, { inputs })
+  delete (many as Partial<TaskAssignment>).input
+  hub.send(many)
+  const result = await hub.next('task_result', (frame) => frame.task_id === many.task_id)
+  t.equal(result.status, 'completed')
+  t.equal(result.output, undefined, 'a task given as inputs answers outputs')
+  t.equal(result.outputs?.length, 3)
+  for (const [i, input] of inputs.entries()) {
+    const want = await expectedOutput(MODEL, input)
+    const got = result.outputs![i]!
+    t.same(got.shape, want.shape, `output ${i} shape`)
+    t.ok(got.data.every((v, j) => Math.abs(v - want.data[j]!) < 1e-6), `output ${i} equals onnxruntime on that input alone`)
+  }
+  t.same(result.metrics.bytes_in, 4 * 40 + MODEL.length)
+  t.same(hub.invalidFrames, [], 'every frame matched the protocol')
 })

@@ -1,0 +1,91 @@
+import type { FastifyPluginAsync } from 'fastify'
+import type { ZodTypeProvider } from 'fastify-type-provider-zod'
+import { z } from 'zod'
+import { DomainError } from '../domain/errors.js'
+import { PROJECT_TYPES, projectDecider, projectStream } from '../domain/project.js'
+import { openJobsOfProject } from '../projections/inference.js'
+import { findModel } from '../projections/models.js'
+import { findProject, listProjects, projectAnalytics, projectView } from '../projections/projects.js'
+import { customerOf } from './auth.js'
+import { execute, type Services } from './context.js'
+import { newId } from './ids.js'
+import { cancelJob } from './inference.js'
+import { pageQuery } from './pagination.js'
+
+const CreateBody = z.object({
+  name: z.string().trim().min(1).max(200),
+  type: z.enum(PROJECT_TYPES).default('realtime'),
+  model_id: z.string().min(1).max(64).optional(),
+  total_tasks: z.number().int().min(1).max(100_000_000).optional().describe('expected tasks, for progress'),
+})
+const ProjectParams = z.object({ id: z.string().min(1).max(80) })
+
+/** `/projects`: group jobs for tracking; details, analytics, completion and cancellation. */
+export const projectRoutes: FastifyPluginAsync<{ services: Services }> = async (base, { services }) => {
+  const app = base.withTypeProvider<ZodTypeProvider>()
+  const config = { auth: 'api_key' as const }
+
+  async function owned(customerId: string, projectId: string) {
+    const project = await findProject(services.db, customerId, projectId)
+    if (!project) throw new DomainError('NOT_FOUND', `project ${projectId} not found`)
+    return project
+  }
+
+  app.post('/projects', { config, schema: { summary: 'Create a project (type realtime, batch, training or benchmark)', tags: ['projects'], body: CreateBody } }, async (request, reply) => {
+    const customerId = customerOf(request)
+    const body = request.body
+    if (body.model_id && !(await findModel(services.db, customerId, body.model_id))) throw new DomainError('NO_MODEL', `model ${body.model_id} not found`)
+    const at = services.now().toISOString()
+    const project = { project_id: newId('proj'), customer_id: customerId, name: body.name, project_type: body.type, model_id: body.model_id ?? null, total_tasks: body.total_tasks ?? null, created_at: at }
+    await execute(services, projectStream(project.project_id), projectDecider, { type: 'CreateProject', project }, { metadata: { customerId, occurredAt: at } })
+    return reply.status(201).send(projectView((await findProject(services.db, customerId, project.project_id))!))
+  })
+
+  app.get('/projects', {
+    config,
+    schema: {
+      summary: 'Your projects, newest first',
+      tags: ['projects'],
+      querystring: pageQuery().extend({ status: z.enum(['active', 'completed', 'cancelled']).optional(), type: z.enum(PROJECT_TYPES).optional() }),
+    },
+  }, async (request) => {
+    const { total, projects } = await listProjects(services.db, customerOf(request), request.query, request.query)
+    return { projects, total, limit: request.query.limit, offset: request.query.offset }
+  })
+
+  app.get('/projects/:id', { config, schema: { summary: 'A project with its counts and latency figures', tags: ['projects'], params: ProjectParams } }, async (request) => {
+    const project = await owned(customerOf(request), request.params.id)
+    const analytics = await projectAnalytics(services.db, project)
+    return { ...projectView(project), metrics: { latency_ms: analytics.latency_ms, inputs_per_s: analytics.throughput.inputs_per_s } }
+  })
+
+  app.get('/projects/:id/analytics', {
+    config,
+    schema: {
+      summary: 'Latency percentiles, throughput over time, and both by instance type (aws, user)',
+      tags: ['projects'],
+      params: ProjectParams,
+      querystring: z.object({ bucket_seconds: z.coerce.number().int().min(1).max(86_400).optional().describe('width of a throughput bucket (default: the span over 60)') }),
+    },
+  }, async (request) => {
+    const project = await owned(customerOf(request), request.params.id)
+    return projectAnalytics(services.db, project, request.query.bucket_seconds)
+  })
+
+  app.post('/projects/:id/complete', { config, schema: { summary: 'Mark a project complete (it takes no new work)', tags: ['projects'], params: ProjectParams } }, async (request) => {
+    const customerId = customerOf(request)
+    const at = services.now().toISOString()
+    await execute(services, projectStream(request.params.id), projectDecider, { type: 'CompleteProject', customerId, at }, { metadata: { customerId, occurredAt: at } })
+    return projectView(await owned(customerId, request.params.id))
+  })
+
+  app.post('/projects/:id/cancel', { config, schema: { summary: 'Cancel a project and every unfinished job in it', tags: ['projects'], params: ProjectParams } }, async (request) => {
+    const customerId = customerOf(request)
+    const at = services.now().toISOString()
+    await execute(services, projectStream(request.params.id), projectDecider, { type: 'CancelProject', customerId, at }, { metadata: { customerId, occurredAt: at } })
+    const jobs = await openJobsOfProject(services.db, customerId, request.params.id)
+    let tasks = 0
+    for (const job of jobs) tasks += await cancelJob(services, customerId, job)
+    return { ...projectView(await owned(customerId, request.params.id)), cancelled_jobs: jobs.map((j) => j.job_id), cancelled_tasks: tasks }
+  })
+}
