@@ -174,7 +174,7 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
     const taskIds = tasks.map((t) => t.task_id)
     beforeQueue(taskIds)
     let first = 0
-    await Promise.all(
+    const positions = await Promise.all(
       tasks.map((task) => {
         const chunk = inputs.slice(first, (first += task.inputs))
         return services.scheduler.submit(
@@ -192,6 +192,8 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
         )
       }),
     )
+    // read-your-writes: a GET after the answer sees the tasks queued (in the job's project too)
+    if (mode === 'async') await services.projections.waitFor(positions.reduce((a, b) => (a > b ? a : b)))
     return { jobId, total: inputs.length, projectId, model }
   }
 

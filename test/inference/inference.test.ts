@@ -1,53 +1,10 @@
-import { type ChildProcess, spawn } from 'node:child_process'
-import { mkdtemp, rm } from 'node:fs/promises'
-import { tmpdir } from 'node:os'
-import path from 'node:path'
-import { fileURLToPath } from 'node:url'
-import * as ort from 'onnxruntime-node'
 import t, { type Test } from 'tap'
-import { multipart, testApp } from '../helpers/app.js'
 import { eventually, SimDevice } from '../helpers/device.js'
-import { denseOnnxModel } from '../helpers/onnx.js'
-
-const dcp = fileURLToPath(new URL('../../bin/dcp.js', import.meta.url))
+import { close, inferenceSetup, input } from '../helpers/inference.js'
 
 async function setup(t: Test, options: { workers?: number; uploadSchema?: Record<string, unknown> } = {}) {
-  const context = await testApp(t, { rateLimit: { max: 100_000, windowMs: 60_000 } }, { heartbeatIntervalMs: 2000, leaseTimeoutMs: 10_000 })
-  const url = await context.app.listen({ port: 0, host: '127.0.0.1' })
-  const alice = await context.customer()
-  const bytes = denseOnnxModel({ inputs: 10, outputs: 2 })
-  const fields: Record<string, string> = { name: 'my-classifier' }
-  if (options.uploadSchema) fields.input_schema = JSON.stringify(options.uploadSchema)
-  const body = multipart(fields, { name: 'my_model.onnx', content: bytes })
-  const model = (await context.app.inject({ method: 'POST', url: '/api/v1/models', headers: { ...body.headers, 'x-api-key': alice.key }, payload: body.payload })).json()
-  const dir = await mkdtemp(path.join(tmpdir(), 'dcp-inference-'))
-  const workers: ChildProcess[] = []
-  t.teardown(async () => {
-    workers.forEach((w) => w.exitCode === null && w.kill('SIGKILL'))
-    await rm(dir, { recursive: true, force: true })
-  })
-  for (let i = 0; i < (options.workers ?? 0); i++) {
-    workers.push(spawn(process.execPath, [dcp, 'worker', '--server', url, '--state-dir', path.join(dir, `w${i}`)], { stdio: 'ignore' }))
-  }
-  const api = async (method: string, route: string, payload?: unknown, headers: Record<string, string> = {}) => {
-    const response = await fetch(`${url}/api/v1${route}`, {
-      method,
-      headers: { 'x-api-key': alice.key, ...(payload ? { 'content-type': 'application/json' } : {}), ...headers },
-      ...(payload ? { body: JSON.stringify(payload) } : {}),
-    })
-    return { status: response.status, body: (await response.json()) as any }
-  }
-  if (options.workers) await eventually(async () => (await api('GET', '/devices/stats')).body.idle === options.workers, 30_000, 'workers idle')
-  const session = await ort.InferenceSession.create(bytes)
-  const direct = async (data: number[]) => {
-    const out = await session.run({ input: new ort.Tensor('float32', Float32Array.from(data), [1, 10]) })
-    return Array.from(out.output!.data as Float32Array)
-  }
-  return { ...context, url, api, model, direct, alice }
+  return inferenceSetup(t, { workers: options.workers, modelFields: options.uploadSchema ? { input_schema: JSON.stringify(options.uploadSchema) } : {} })
 }
-
-const close = (a: number[], b: number[]) => a.length === b.length && a.every((v, i) => Math.abs(v - b[i]!) < 1e-6)
-const input = (seed: number) => Array.from({ length: 10 }, (_, i) => ((i + 1) * (seed + 1)) / 10)
 
 t.test("the spec's Example 1: upload, then synchronous inference on a real worker equals onnxruntime", async (t) => {
   const { api, model, direct } = await setup(t, { workers: 2 })
