@@ -208,7 +208,8 @@ export class TaskScheduler {
     this.kick()
   }
 
-  async cancel(taskId: string, customerId: string): Promise<void> {
+  /** Cancels a task (CANNOT_CANCEL once it ended); resolves with the position of the cancellation. */
+  async cancel(taskId: string, customerId: string): Promise<Position> {
     const result = await this.command(taskId, { type: 'CancelTask', at: this.now().toISOString() }, customerId)
     const index = this.queue.findIndex((t) => t.task_id === taskId)
     if (index >= 0) this.queue.splice(index, 1)
@@ -219,6 +220,7 @@ export class TaskScheduler {
       this.release(lease)
     }
     this.outcomes.emit(taskId, { status: 'cancelled', taskId, position: result.position })
+    return result.position
   }
 
   /** Fails every lease whose deadline passed. */

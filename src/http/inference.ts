@@ -96,7 +96,10 @@ export async function cancelJob(services: Services, customerId: string, job: Job
     metadata: { customerId, occurredAt: at },
   })
   const open = await openTaskIds(services.db, job.job_id)
-  await Promise.all(open.map((taskId) => services.scheduler.cancel(taskId, customerId).catch((e: unknown) => (e instanceof DomainError && e.code === 'CANNOT_CANCEL' ? undefined : Promise.reject(e)))))
+  const positions = await Promise.all(open.map((taskId) => services.scheduler.cancel(taskId, customerId).catch((e: unknown) => (e instanceof DomainError && e.code === 'CANNOT_CANCEL' ? undefined : Promise.reject(e)))))
+  // read-your-writes: the answer's GET sees the tasks cancelled
+  const last = positions.reduce<bigint | undefined>((a, b) => (b !== undefined && (a === undefined || b > a) ? b : a), undefined)
+  if (last !== undefined) await services.projections.waitFor(last)
   return open.length
 }
 

@@ -34,7 +34,7 @@ export class SimDevice {
   }
 
   /** Registers (or comes back, with `as`), resolving with the `registered` frame. */
-  async register(options: { as?: { deviceId: string; sdkToken: string }; formats?: string[]; maxTasks?: number; instanceType?: 'aws' | 'user'; enrollmentSecret?: string } = {}) {
+  async register(options: { as?: { deviceId: string; sdkToken: string }; formats?: string[]; maxTasks?: number; batchInputs?: number; instanceType?: 'aws' | 'user'; enrollmentSecret?: string } = {}) {
     this.send({
       type: 'register',
       protocol: PROTOCOL_VERSION,
@@ -43,7 +43,7 @@ export class SimDevice {
       sdk_uuid: 'sdk-nodejs-test01',
       instance_type: options.instanceType ?? 'user',
       hardware: { cpu_model: 'test cpu', cpu_cores: 2, memory_mb: 1024, gpus: [] },
-      capabilities: { formats: options.formats ?? ['onnx'], gpu: false, can_train: false, max_concurrent_tasks: options.maxTasks ?? 1 },
+      capabilities: { formats: options.formats ?? ['onnx'], gpu: false, can_train: false, max_concurrent_tasks: options.maxTasks ?? 1, max_batch_inputs: options.batchInputs ?? 1 },
       ...(options.as ? { device_id: options.as.deviceId, sdk_token: options.as.sdkToken } : {}),
       ...(options.enrollmentSecret ? { enrollment_secret: options.enrollmentSecret } : {}),
     })
@@ -93,12 +93,12 @@ export class SimDevice {
   }
 }
 
-export async function eventually<T>(check: () => Promise<T | undefined | false>, timeoutMs = 10_000, what = 'condition'): Promise<T> {
+export async function eventually<T>(check: () => Promise<T | undefined | false>, timeoutMs = 10_000, what = 'condition', intervalMs = 50): Promise<T> {
   const deadline = Date.now() + timeoutMs
   for (;;) {
     const value = await check()
     if (value) return value
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`)
-    await new Promise((r) => setTimeout(r, 50))
+    await new Promise((r) => setTimeout(r, intervalMs))
   }
 }

@@ -1,0 +1,151 @@
+import { type ChildProcess, spawn } from 'node:child_process'
+import { mkdtemp, readFile, rm } from 'node:fs/promises'
+import { createServer } from 'node:net'
+import { tmpdir } from 'node:os'
+import path from 'node:path'
+import t, { type Test } from 'tap'
+import { PostgresEventStore } from '../../src/event-store/postgres.js'
+import { START } from '../../src/event-store/port.js'
+import { freshDatabase } from '../helpers/database.js'
+import { multipart } from '../helpers/app.js'
+import { eventually, SimDevice } from '../helpers/device.js'
+import { close, DCP_BIN, inferenceSetup, input } from '../helpers/inference.js'
+import { denseOnnxModel } from '../helpers/onnx.js'
+import * as ort from 'onnxruntime-node'
+
+/** Every event of the log, by type, with its stream. */
+async function eventsOf(store: PostgresEventStore) {
+  const events: { type: string; streamId: string; data: any }[] = []
+  for (let from = START; ; ) {
+    const page = await store.readAll(from, 10_000)
+    events.push(...page.map((e) => ({ type: e.type, streamId: e.streamId, data: e.data })))
+    if (page.length < 10_000) return events
+    from = page.at(-1)!.position
+  }
+}
+
+/** Each task of the job completed exactly once, and every index has its result, equal to onnxruntime's. */
+async function checkExactlyOnce(t: Test, store: PostgresEventStore, body: { results: { index: number; status: string; result: { data: number[] } }[] }, total: number, direct: (data: number[]) => Promise<number[]>) {
+  t.same(body.results.map((r) => r.index), [...Array(total).keys()], 'one result per input, in order')
+  let same = 0
+  for (const r of body.results) if (r.status === 'completed' && close(r.result.data, await direct(input(r.index)))) same++
+  t.equal(same, total, 'every result equals onnxruntime on its input')
+  const completions = new Map<string, number>()
+  for (const e of await eventsOf(store)) if (e.type === 'TaskCompleted') completions.set(e.streamId, (completions.get(e.streamId) ?? 0) + 1)
+  t.ok([...completions.values()].every((n) => n === 1), 'no task completed twice')
+  return completions
+}
+
+t.test('a batch of 1,000 with a worker killed in the middle completes with every result exactly once', async (t) => {
+  const { api, model, direct, store, workers, dir } = await inferenceSetup(t, { workers: 2 })
+  const victim = JSON.parse(await readFile(path.join(dir, 'w0', 'device.json'), 'utf8')).device_id as string
+  const inputs = Array.from({ length: 1000 }, (_, i) => ({ data: input(i), shape: [1, 10] }))
+  const queued = await api('POST', '/inference/batch', { model_id: model.id, inputs })
+  t.equal(queued.status, 202)
+  // Kill the first worker as soon as it holds a lease: it is downloading the model or running the task.
+  await eventually(async () => (await eventsOf(store)).some((e) => e.type === 'TaskLeased' && e.data.device_id === victim), 20_000, 'a lease on the victim', 5)
+  workers[0]!.kill('SIGKILL')
+  const done = await eventually(async () => {
+    const r = await api('GET', `/inference/${queued.body.job_id}?limit=1000`)
+    return r.body.status === 'completed' ? r.body : undefined
+  }, 90_000, 'batch completion')
+  t.match(done.progress, { completed: 1000, failed: 0, pending: 0 })
+  const completions = await checkExactlyOnce(t, store, done, 1000, direct)
+  t.ok(completions.size > 1, `the batch ran as ${completions.size} tasks of several inputs`)
+  const events = await eventsOf(store)
+  const lost = events.filter((e) => e.type === 'TaskAttemptFailed' && e.data.device_id === victim)
+  t.ok(lost.length >= 1, 'the killed worker lost its task, which ran again elsewhere')
+  t.ok(lost.every((e) => e.data.requeued === true))
+})
+
+t.test('cancelling a batch midway: finished inputs keep their results, the rest stop', async (t) => {
+  const { api, model, direct, url } = await inferenceSetup(t, { workers: 1 })
+  const stuck = await SimDevice.connect(url) // takes a task and never answers
+  t.teardown(() => stuck.kill())
+  await stuck.register({ batchInputs: 1024 })
+  const inputs = Array.from({ length: 200 }, (_, i) => ({ data: input(i), shape: [1, 10] }))
+  const queued = await api('POST', '/inference/batch', { model_id: model.id, inputs })
+  const held = await stuck.next((f) => f.type === 'task')
+  const held_inputs = (held.inputs ?? [held.input]).length
+  const running = await eventually(async () => {
+    const r = await api('GET', `/inference/${queued.body.job_id}?limit=1000`)
+    return r.body.progress.completed === 200 - held_inputs ? r.body : undefined
+  }, 30_000, 'all but the stuck task done')
+  t.equal(running.status, 'running')
+  const cancelled = await api('DELETE', `/inference/${queued.body.job_id}`)
+  t.equal(cancelled.status, 200)
+  t.match(await stuck.next((f) => f.type === 'cancel_task'), { task_id: held.task_id, lease_id: held.lease_id })
+  const after = (await api('GET', `/inference/${queued.body.job_id}?limit=1000`)).body
+  t.equal(after.status, 'cancelled')
+  t.match(after.progress, { completed: 200 - held_inputs, failed: 0, pending: 0 })
+  const statuses = new Set(after.results.filter((r: { status: string }) => r.status !== 'completed').map((r: { status: string }) => r.status))
+  t.same([...statuses], ['cancelled'])
+  let same = 0
+  for (const r of after.results) if (r.status === 'completed' && close(r.result.data, await direct(input(r.index)))) same++
+  t.equal(same, 200 - held_inputs, 'the finished inputs keep their results')
+  // A result the stuck device sends anyway is refused: the lease is gone.
+  stuck.send({ type: 'task_result', task_id: held.task_id, lease_id: held.lease_id, status: 'completed', outputs: (held.inputs ?? [held.input]).map(() => ({ data: [0.5, 0.5], shape: [1, 2] })), metrics: { cpu_ms: 1, gpu_ms: 0, bytes_in: 0, bytes_out: 0 } })
+  await new Promise((r) => setTimeout(r, 300))
+  t.equal((await api('GET', `/inference/${queued.body.job_id}`)).body.progress.completed, 200 - held_inputs)
+})
+
+/** A free TCP port on the loopback interface. */
+async function freePort(): Promise<number> {
+  const server = createServer()
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  const port = (server.address() as { port: number }).port
+  await new Promise((resolve) => server.close(resolve))
+  return port
+}
+
+t.test('the server killed in the middle of a batch: after a restart the batch completes, nothing lost, nothing run twice', async (t) => {
+  const database = await freshDatabase(t)
+  const dataDir = await mkdtemp(path.join(tmpdir(), 'dcp-restart-'))
+  const port = await freePort()
+  const url = `http://127.0.0.1:${port}`
+  const children: ChildProcess[] = []
+  t.teardown(async () => {
+    children.forEach((c) => c.exitCode === null && c.kill('SIGKILL'))
+    await rm(dataDir, { recursive: true, force: true })
+  })
+  const env = { ...process.env, DATABASE_URL: database.url, DATA_DIR: dataDir, LOG_LEVEL: 'warn', HEARTBEAT_INTERVAL_MS: '1000', LEASE_TIMEOUT_MS: '5000' }
+  const startServer = async () => {
+    const server = spawn(process.execPath, [DCP_BIN, 'start', '--port', String(port), '--host', '127.0.0.1', '--workers', '0'], { env, stdio: ['ignore', 'pipe', 'pipe'] })
+    children.push(server)
+    let output = ''
+    server.stdout!.on('data', (d) => (output += d))
+    server.stderr!.on('data', (d) => (output += d))
+    await eventually(async () => /dcp listening/.test(output), 60_000, `the server to listen (${output})`)
+    return server
+  }
+  const api = async (method: string, route: string, payload?: unknown) => {
+    const response = await fetch(`${url}/api/v1${route}`, { method, headers: { 'x-api-key': 'test-api-key', ...(payload ? { 'content-type': 'application/json' } : {}) }, ...(payload ? { body: JSON.stringify(payload) } : {}) })
+    return { status: response.status, body: (await response.json()) as any }
+  }
+  let server = await startServer()
+  for (const name of ['a', 'b']) {
+    children.push(spawn(process.execPath, [DCP_BIN, 'worker', '--server', url, '--state-dir', path.join(dataDir, `worker-${name}`)], { stdio: 'ignore' }))
+  }
+  const bytes = denseOnnxModel({ inputs: 10, outputs: 2 })
+  const form = multipart({ name: 'restart' }, { name: 'm.onnx', content: bytes })
+  const model = (await (await fetch(`${url}/api/v1/models`, { method: 'POST', headers: { ...form.headers, 'x-api-key': 'test-api-key' }, body: form.payload })).json()) as { id: string }
+  await eventually(async () => (await api('GET', '/devices/stats')).body.idle === 2, 30_000, 'two idle workers')
+
+  const total = 1000
+  const inputs = Array.from({ length: total }, (_, i) => ({ data: input(i), shape: [1, 10] }))
+  const queued = await api('POST', '/inference/batch', { model_id: model.id, inputs })
+  t.equal(queued.status, 202)
+  server.kill('SIGKILL')
+  await new Promise((resolve) => server.once('exit', resolve))
+  server = await startServer()
+  const done = await eventually(async () => {
+    const r = await api('GET', `/inference/${queued.body.job_id}?limit=1000`)
+    return r.body.status === 'completed' ? r.body : undefined
+  }, 90_000, 'the batch to complete after the restart')
+  t.match(done.progress, { completed: total, failed: 0, pending: 0 })
+  const session = await ort.InferenceSession.create(bytes)
+  const direct = async (data: number[]) => Array.from((await session.run({ input: new ort.Tensor('float32', Float32Array.from(data), [1, 10]) })).output!.data as Float32Array)
+  const store = new PostgresEventStore(database.pool)
+  await checkExactlyOnce(t, store, done, total, direct)
+  server.kill('SIGINT')
+})
