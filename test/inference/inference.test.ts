@@ -103,3 +103,23 @@ t.test('bad requests: no devices, wrong shape, schema violation, unknown model, 
     return { status: response.status }
   }
 })
+
+t.test("a result that does not fit the model's declared output fails the attempt, and in the end the request", async (t) => {
+  const { api, model, url } = await setup(t)
+  const device = await SimDevice.connect(url)
+  t.teardown(() => device.kill())
+  await device.register()
+  let answered = 0
+  device.socket.on('message', (raw) => {
+    const frame = JSON.parse(raw.toString())
+    if (frame.type !== 'task') return
+    answered++
+    // three values where the model declares two
+    device.send({ type: 'task_result', task_id: frame.task_id, lease_id: frame.lease_id, status: 'completed', output: { data: [0.1, 0.2, 0.7], shape: [1, 3] }, metrics: { cpu_ms: 1, gpu_ms: 0, bytes_in: 40, bytes_out: 12 } })
+  })
+  const response = await api('POST', '/inference', { model_id: model.id, input: { data: input(1), shape: [1, 10] } })
+  t.equal(response.status, 422)
+  t.equal(response.body.error.code, 'INFERENCE_FAILED')
+  t.match(response.body.error.message, /failed after 3 attempts; last: output 0: shape \[1,3\] does not match the model's declared output shape \[-1,2\]/)
+  t.equal(answered, 3, 'each attempt was refused and the task re-queued')
+})
