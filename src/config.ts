@@ -1,5 +1,6 @@
 import path from 'node:path'
 import { z } from 'zod'
+import { readAdapterSettings } from './adapters/config.js'
 
 /** Every setting dcp reads from the environment, with its default. The README lists them. */
 const Env = z.object({
@@ -59,6 +60,11 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, overrides: Part
     throw new ConfigError(`invalid environment variable ${issue.path.join('.')}: ${issue.message}`)
   }
   const e = parsed.data
+  try {
+    readAdapterSettings(env)
+  } catch (error) {
+    throw new ConfigError((error as Error).message)
+  }
   return {
     port: e.PORT,
     host: e.HOST,

@@ -2,6 +2,7 @@ import { type ChildProcess, spawn } from 'node:child_process'
 import { mkdir } from 'node:fs/promises'
 import path from 'node:path'
 import { fileURLToPath } from 'node:url'
+import { adaptersFromEnv } from '../adapters/config.js'
 import { BlobStore } from '../blobs/blob-store.js'
 import { DEV_API_KEY, DEV_CUSTOMER_ID, ensureDevCustomer } from '../commands/dev-customer.js'
 import { TaskScheduler } from '../commands/scheduler.js'
@@ -48,6 +49,7 @@ export async function startCommand(args: string[]): Promise<number> {
     blobs,
     hub,
     scheduler,
+    adapters: adaptersFromEnv(process.env),
     internalToken,
     adminKey: config.adminKey,
     maxModelBytes: config.maxModelBytes,

@@ -21,6 +21,10 @@ const STATUS: Record<string, number> = {
   UNSUPPORTED_MEDIA_TYPE: 415,
   RATE_LIMITED: 429,
   INTERNAL_ERROR: 500,
+  /** A pre/post-processing Lambda function failed (its error in the message). */
+  ADAPTER_FAILED: 502,
+  /** A pre/post-processing Lambda function could not be invoked. */
+  ADAPTER_UNAVAILABLE: 503,
   NO_DEVICES: 503,
   NO_TRAINING_DEVICES: 503,
   SERVICE_UNAVAILABLE: 503,

@@ -72,6 +72,17 @@ function checkSchema(field: string, input: unknown, schema: Record<string, unkno
   }
 }
 
+/**
+ * What the model's input_schema describes: the input as sent, except for a tabular model whose schema lists
+ * the features themselves, where a `{"features": {...}}` input is checked by its features.
+ */
+function schemaTarget(model: ModelRow, input: unknown): [string, unknown] {
+  const properties = model.input_schema?.properties as Record<string, unknown> | undefined
+  if (model.preprocessing !== 'tabular' || !input || typeof input !== 'object' || properties?.features !== undefined) return ['', input]
+  const features = (input as { features?: unknown }).features
+  return features !== undefined ? ['.features', features] : ['', input]
+}
+
 function wantsAsync(request: FastifyRequest, query: { async?: string | undefined }, body: { async?: boolean | undefined }): boolean {
   return body.async === true || query.async === 'true' || request.headers['x-async'] === 'true'
 }
@@ -110,7 +121,10 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
 
   /** The model's inputs as tensors: checked against its input_schema as sent, preprocessed when it has an adapter, checked against its shape. */
   async function toTensors(model: ModelRow, inputs: unknown[], field: (i: number) => string): Promise<Tensor[]> {
-    inputs.forEach((input, i) => checkSchema(field(i), input, model.input_schema))
+    inputs.forEach((input, i) => {
+      const [where, value] = schemaTarget(model, input)
+      checkSchema(`${field(i)}${where}`, value, model.input_schema)
+    })
     let tensors: Tensor[]
     if (preprocessed(model)) {
       tensors = await services.adapters.preprocess(adapterModel(model), inputs, field)

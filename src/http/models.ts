@@ -3,10 +3,11 @@ import { Ajv } from 'ajv'
 import type { FastifyPluginAsync, FastifyRequest } from 'fastify'
 import type { ZodTypeProvider } from 'fastify-type-provider-zod'
 import { z } from 'zod'
+import { checkAdapterConfig } from '../adapters/runtime.js'
 import type { PendingBlob } from '../blobs/blob-store.js'
 import { DomainError } from '../domain/errors.js'
 import { inspectModelFile, ModelFileError, sniffFormat } from '../domain/model-file.js'
-import { MODEL_FORMATS, type ModelDescription, modelDecider, modelStream, POSTPROCESSING, PREPROCESSING, SchemaChanges } from '../domain/model.js'
+import { applyChanges, MODEL_FORMATS, type ModelDescription, modelDecider, modelStream, POSTPROCESSING, PREPROCESSING, SchemaChanges } from '../domain/model.js'
 import { findModel, listModels } from '../projections/models.js'
 import { customerOf } from './auth.js'
 import { execute, type Services } from './context.js'
@@ -56,6 +57,12 @@ function checkJsonSchema(field: string, schema: Record<string, unknown> | null |
   } catch (error) {
     throw new DomainError('VALIDATION_ERROR', `${field}: not a valid JSON Schema: ${(error as Error).message}`)
   }
+}
+
+/** A model whose adapters cannot work with it (no feature names for tabular, no fixed image size...) is refused up front. */
+function checkAdapters(model: ModelDescription): void {
+  const problem = checkAdapterConfig({ ...model, adapter_options: model.adapter_options ?? null })
+  if (problem) throw new DomainError('VALIDATION_ERROR', problem)
 }
 
 function zodMessage(error: z.ZodError): string {
@@ -186,6 +193,7 @@ export const modelRoutes: FastifyPluginAsync<{ services: Services }> = async (ba
         adapter_options: input.adapter_options ?? null,
         uploaded_at: services.now().toISOString(),
       }
+      checkAdapters(model)
       await blob.keep()
       await execute(services, modelStream(model.model_id), modelDecider, { type: 'UploadModel', model }, {
         metadata: { customerId, occurredAt: model.uploaded_at },
@@ -230,6 +238,8 @@ export const modelRoutes: FastifyPluginAsync<{ services: Services }> = async (ba
     const customerId = customerOf(request)
     checkJsonSchema('input_schema', request.body.input_schema)
     checkJsonSchema('output_schema', request.body.output_schema)
+    const current = await findModel(services.db, customerId, request.params.id)
+    if (current) checkAdapters(applyChanges(current, request.body))
     const at = services.now().toISOString()
     const result = await execute(services, modelStream(request.params.id), modelDecider, { type: 'UpdateModelSchema', customerId, changes: request.body, at }, {
       metadata: { customerId, occurredAt: at },

@@ -6,10 +6,11 @@ const FLOAT = 1
 
 /**
  * A real ONNX model, built in memory: `input [N, inputs] -> Gemm(W, B) -> Softmax -> output [N, outputs]`,
- * with deterministic weights. onnxruntime runs it as is.
+ * with deterministic weights. onnxruntime runs it as is. `imageShape` ([C, H, W]) takes `[N, C, H, W]`
+ * and flattens it first (inputs = C*H*W); `softmax: false` leaves the raw Gemm output (a regression).
  */
-export function denseOnnxModel(options: { inputs?: number; outputs?: number; seed?: number } = {}): Buffer {
-  const inputs = options.inputs ?? 10
+export function denseOnnxModel(options: { inputs?: number; outputs?: number; seed?: number; imageShape?: [number, number, number]; softmax?: boolean } = {}): Buffer {
+  const inputs = options.imageShape ? options.imageShape.reduce((a, b) => a * b, 1) : (options.inputs ?? 10)
   const outputs = options.outputs ?? 2
   let seed = options.seed ?? 1
   const random = () => ((seed = (seed * 1103515245 + 12345) % 2 ** 31) / 2 ** 31) - 0.5
@@ -32,11 +33,12 @@ export function denseOnnxModel(options: { inputs?: number; outputs?: number; see
     graph: {
       name: 'dense',
       node: [
-        { opType: 'Gemm', input: ['input', 'W', 'B'], output: ['logits'], name: 'gemm' },
-        { opType: 'Softmax', input: ['logits'], output: ['output'], name: 'softmax', attribute: [{ name: 'axis', type: 2, i: 1 }] },
+        ...(options.imageShape ? [{ opType: 'Flatten', input: ['input'], output: ['flat'], name: 'flatten', attribute: [{ name: 'axis', type: 2, i: 1 }] }] : []),
+        { opType: 'Gemm', input: [options.imageShape ? 'flat' : 'input', 'W', 'B'], output: [options.softmax === false ? 'output' : 'logits'], name: 'gemm' },
+        ...(options.softmax === false ? [] : [{ opType: 'Softmax', input: ['logits'], output: ['output'], name: 'softmax', attribute: [{ name: 'axis', type: 2, i: 1 }] }]),
       ],
       initializer: [tensor('W', [inputs, outputs]), tensor('B', [outputs])],
-      input: [value('input', ['N', inputs])],
+      input: [value('input', options.imageShape ? ['N', ...options.imageShape] : ['N', inputs])],
       output: [value('output', ['N', outputs])],
     },
   })
