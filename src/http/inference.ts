@@ -217,7 +217,15 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
   /** Raw outputs in the business format of the model's postprocessing adapter (unchanged without one, or when `raw`). */
   async function present(model: ModelRow | undefined, outputs: Tensor[], raw: boolean): Promise<unknown[]> {
     if (raw || !model || !postprocessed(model) || outputs.length === 0) return outputs
-    return services.adapters.postprocess(adapterModel(model), outputs)
+    try {
+      return await services.adapters.postprocess(adapterModel(model), outputs)
+    } catch (error) {
+      // The model's output, not the request, does not fit: the customer's model setup, reported as such.
+      if (error instanceof DomainError && error.code === 'VALIDATION_ERROR') {
+        throw new DomainError('INFERENCE_FAILED', `the model's output does not fit its ${model.postprocessing} adapter (${error.message}); ?raw=true gives the raw output`)
+      }
+      throw error
+    }
   }
 
   app.post('/inference', {
