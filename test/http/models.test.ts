@@ -92,14 +92,14 @@ t.test('bad uploads: a clear 400, 413 or 415, and nothing left behind', async (t
 t.test('schema patch changes only the fields given; delete hides the model', async (t) => {
   const { app, customer } = await testApp(t)
   const alice = await customer()
-  const body = multipart({ labels: '["a","b"]', preprocessing: 'tabular' }, { name: 'm.onnx', content: denseOnnxModel() })
+  const body = multipart({ labels: '["a","b"]', preprocessing: 'passthrough' }, { name: 'm.onnx', content: denseOnnxModel() })
   const created = (await app.inject({ method: 'POST', url: '/api/v1/models', headers: { ...body.headers, 'x-api-key': alice.key }, payload: body.payload })).json()
   const headers = { 'x-api-key': alice.key }
   const patched = await app.inject({ method: 'PATCH', url: `/api/v1/models/${created.id}/schema`, headers, payload: { labels: ['x', 'y'], input_schema: { type: 'object' } } })
   t.equal(patched.statusCode, 200, patched.body)
   t.same(patched.json().labels, ['x', 'y'])
   t.same(patched.json().input_schema, { type: 'object' })
-  t.equal(patched.json().preprocessing, 'tabular', 'untouched field kept')
+  t.equal(patched.json().preprocessing, 'passthrough', 'untouched field kept')
   const cleared = await app.inject({ method: 'PATCH', url: `/api/v1/models/${created.id}/schema`, headers, payload: { preprocessing: null } })
   t.equal(cleared.json().preprocessing, null, 'null clears a field')
   t.same(cleared.json().labels, ['x', 'y'])
@@ -110,6 +110,8 @@ t.test('schema patch changes only the fields given; delete hides the model', asy
     [{ preprocessing: 'nope' }, /preprocessing/],
     [{ input_schema: { type: 12 } }, /input_schema: not a valid JSON Schema/],
     [{ weights: [] }, /weights/],
+    [{ preprocessing: 'tabular' }, /feature/],
+    [{ adapter_options: { topk: 3 } }, /adapter_options/],
   ] as const) {
     const bad = await app.inject({ method: 'PATCH', url: `/api/v1/models/${created.id}/schema`, headers, payload })
     t.equal(bad.statusCode, 400)
