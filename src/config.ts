@@ -25,6 +25,8 @@ const Env = z.object({
   HEARTBEAT_INTERVAL_MS: z.coerce.number().int().min(100).default(5000),
   /** A task lease ends this long after it was granted or last listed in a heartbeat. */
   LEASE_TIMEOUT_MS: z.coerce.number().int().min(100).default(30_000),
+  /** Inputs that may wait for a device before new inference is refused with QUEUE_FULL. */
+  MAX_QUEUED_INPUTS: z.coerce.number().int().min(1).default(1_000_000),
   /** Attempts before a task fails for good. */
   MAX_TASK_ATTEMPTS: z.coerce.number().int().min(1).max(100).default(3),
   /** Secret a new device must present to register; without it, enrollment is open (refused in production). */
@@ -47,6 +49,7 @@ export interface Config {
   heartbeatIntervalMs: number
   leaseTimeoutMs: number
   maxTaskAttempts: number
+  maxQueuedInputs: number
   enrollmentSecret: string | undefined
   workers: number
 }
@@ -79,6 +82,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, overrides: Part
     heartbeatIntervalMs: e.HEARTBEAT_INTERVAL_MS,
     leaseTimeoutMs: e.LEASE_TIMEOUT_MS,
     maxTaskAttempts: e.MAX_TASK_ATTEMPTS,
+    maxQueuedInputs: e.MAX_QUEUED_INPUTS,
     enrollmentSecret: e.ENROLLMENT_SECRET,
     workers: e.WORKERS,
     ...Object.fromEntries(Object.entries(overrides).filter(([, v]) => v !== undefined)),

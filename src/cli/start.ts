@@ -53,6 +53,7 @@ export async function startCommand(args: string[]): Promise<number> {
     internalToken,
     adminKey: config.adminKey,
     maxModelBytes: config.maxModelBytes,
+    maxQueuedInputs: config.maxQueuedInputs,
     rateLimit: config.rateLimit,
     logLevel: config.logLevel,
   })

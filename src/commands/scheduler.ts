@@ -80,6 +80,7 @@ export interface SchedulerOptions {
  */
 export class TaskScheduler {
   private readonly queue: TaskSpec[] = []
+  private waitingInputs = 0
   private readonly specs = new Map<string, TaskSpec>()
   private readonly leases = new Map<string, Lease>()
   private readonly devices = new Map<string, DeviceSlot>()
@@ -104,7 +105,7 @@ export class TaskScheduler {
       const state = await this.fold(open.task_id)
       if (!state.spec) continue
       this.specs.set(open.task_id, state.spec)
-      if (state.status === 'queued') this.queue.push(state.spec)
+      if (state.status === 'queued') this.enqueue(state.spec)
       else if (state.status === 'leased' && state.lease) {
         this.leases.set(state.lease.id, { leaseId: state.lease.id, taskId: open.task_id, deviceId: state.lease.deviceId, modelId: state.spec.model.id, deadline: Date.now() + this.leaseTimeoutMs })
       }
@@ -122,6 +123,22 @@ export class TaskScheduler {
     return this.queue.length
   }
 
+  /** Inputs waiting in the queue (a task of a batch carries several). */
+  get queuedInputs(): number {
+    return this.waitingInputs
+  }
+
+  private enqueue(spec: TaskSpec, front = false): void {
+    if (front) this.queue.unshift(spec)
+    else this.queue.push(spec)
+    this.waitingInputs += spec.inputs.length
+  }
+
+  private dequeueAt(index: number): void {
+    const [spec] = this.queue.splice(index, 1)
+    if (spec) this.waitingInputs -= spec.inputs.length
+  }
+
   get leased(): number {
     return this.leases.size
   }
@@ -131,7 +148,7 @@ export class TaskScheduler {
     const spec: TaskSpec = { ...task, project_id: task.project_id ?? null, output_shape: task.output_shape ?? null, max_attempts: task.max_attempts ?? this.maxAttempts }
     const result = await this.command(spec.task_id, { type: 'QueueTask', task: spec, at: this.now().toISOString() }, metadata.customerId)
     this.specs.set(spec.task_id, spec)
-    this.queue.push(spec)
+    this.enqueue(spec)
     this.kick()
     return result.position
   }
@@ -212,7 +229,7 @@ export class TaskScheduler {
   async cancel(taskId: string, customerId: string): Promise<Position> {
     const result = await this.command(taskId, { type: 'CancelTask', at: this.now().toISOString() }, customerId)
     const index = this.queue.findIndex((t) => t.task_id === taskId)
-    if (index >= 0) this.queue.splice(index, 1)
+    if (index >= 0) this.dequeueAt(index)
     for (const lease of this.leases.values()) {
       if (lease.taskId !== taskId) continue
       // tell the device to drop it; a result it sends anyway is refused (the lease is gone)
@@ -240,7 +257,7 @@ export class TaskScheduler {
         this.outcomes.emit(lease.taskId, { status: 'failed', taskId: lease.taskId, reason: (failed.data as { reason: string }).reason, position: result.position })
       } else {
         const spec = this.specs.get(lease.taskId)
-        if (spec) this.queue.unshift(spec) // back to the front: it has waited already
+        if (spec) this.enqueue(spec, true) // back to the front: it has waited already
       }
     } catch (error) {
       if (!(error instanceof DomainError && error.code === 'STALE_LEASE')) this.options.log?.(`scheduler: failing lease ${lease.leaseId}: ${(error as Error).message}`)
@@ -278,7 +295,7 @@ export class TaskScheduler {
         i++
         continue
       }
-      this.queue.splice(i, 1)
+      this.dequeueAt(i)
       await this.lease(task, device)
     }
   }
@@ -308,7 +325,7 @@ export class TaskScheduler {
     } catch (error) {
       this.release(lease)
       if (error instanceof DomainError && error.code === 'CONFLICT') return // cancelled meanwhile
-      this.queue.unshift(task)
+      this.enqueue(task, true)
       this.options.log?.(`scheduler: leasing ${task.task_id}: ${(error as Error).message}`)
       return
     }

@@ -25,6 +25,8 @@ export interface AppDeps extends Omit<Services, 'limits' | 'now' | 'adapters'> {
   internalToken: string
   /** Largest model upload, in bytes. Default 256 MiB. */
   maxModelBytes?: number
+  /** Inputs that may wait for a device before new inference is refused (QUEUE_FULL). Default 1,000,000. */
+  maxQueuedInputs?: number
   /** Requests per API key (or per address without one) per window. Default 1000 per minute. */
   rateLimit?: { max: number; windowMs: number }
   logLevel?: string
@@ -105,7 +107,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     hub: deps.hub,
     scheduler: deps.scheduler,
     adapters: deps.adapters ?? new InProcessAdapters(),
-    limits: { maxModelBytes: deps.maxModelBytes ?? 256 * 1024 * 1024 },
+    limits: { maxModelBytes: deps.maxModelBytes ?? 256 * 1024 * 1024, maxQueuedInputs: deps.maxQueuedInputs ?? 1_000_000 },
     now: deps.now ?? (() => new Date()),
   }
   await app.register(

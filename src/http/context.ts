@@ -18,7 +18,7 @@ export interface Services {
   scheduler: TaskScheduler
   /** Pre- and post-processing adapters (in-process, or AWS Lambda). */
   adapters: Adapters
-  limits: { maxModelBytes: number }
+  limits: { maxModelBytes: number; maxQueuedInputs: number }
   /** The time, for commands (domain code has none of its own). */
   now(): Date
 }

@@ -26,6 +26,8 @@ const STATUS: Record<string, number> = {
   /** A pre/post-processing Lambda function could not be invoked. */
   ADAPTER_UNAVAILABLE: 503,
   NO_DEVICES: 503,
+  /** The queue of inputs waiting for a device is full (MAX_QUEUED_INPUTS). */
+  QUEUE_FULL: 503,
   NO_TRAINING_DEVICES: 503,
   SERVICE_UNAVAILABLE: 503,
   TIMEOUT: 504,

@@ -181,6 +181,10 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
     const inputs = await toTensors(model, rawInputs, (i) => (kind === 'single' ? 'input' : `inputs.${i}`))
     const capacity = services.hub.capacity(model.format)
     if (capacity.slots === 0) throw new DomainError('NO_DEVICES', `no connected device can run ${model.format} models`)
+    const waiting = services.scheduler.queuedInputs
+    if (waiting + inputs.length > services.limits.maxQueuedInputs) {
+      throw new DomainError('QUEUE_FULL', `${waiting} inputs are waiting for a device and the queue holds at most ${services.limits.maxQueuedInputs}; retry later`)
+    }
     const projectId = await projectFor(customerId, model, body, kind, inputs.length)
     const jobId = newId(kind === 'single' ? 'infer' : 'batch')
     const at = services.now().toISOString()

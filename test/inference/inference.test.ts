@@ -123,3 +123,21 @@ t.test("a result that does not fit the model's declared output fails the attempt
   t.match(response.body.error.message, /failed after 3 attempts; last: output 0: shape \[1,3\] does not match the model's declared output shape \[-1,2\]/)
   t.equal(answered, 3, 'each attempt was refused and the task re-queued')
 })
+
+t.test('the queue is bounded: past MAX_QUEUED_INPUTS new work is refused until it drains', async (t) => {
+  const { api, model, url } = await inferenceSetup(t, { overrides: { maxQueuedInputs: 3 } })
+  const device = await SimDevice.connect(url) // takes one task and never answers
+  t.teardown(() => device.kill())
+  await device.register()
+  const one = { model_id: model.id, input: { data: input(1), shape: [1, 10] } }
+  t.equal((await api('POST', '/inference?async=true', one)).status, 202)
+  await device.next((f) => f.type === 'task')
+  const batch = await api('POST', '/inference/batch', { model_id: model.id, inputs: [1, 2, 3].map((i) => ({ data: input(i), shape: [1, 10] })) })
+  t.equal(batch.status, 202, 'three inputs wait: the limit')
+  const full = await api('POST', '/inference?async=true', one)
+  t.equal(full.status, 503)
+  t.equal(full.body.error.code, 'QUEUE_FULL')
+  t.match(full.body.error.message, /3 inputs are waiting for a device and the queue holds at most 3/)
+  t.equal((await api('DELETE', `/inference/${batch.body.job_id}`)).status, 200)
+  t.equal((await api('POST', '/inference?async=true', one)).status, 202, 'accepted again once the queue drained')
+})
