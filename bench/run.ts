@@ -1,5 +1,5 @@
 /**
- * `npm run bench -- <name>`: runs one benchmark (`append`, `replay`, `devices`) or all of them (`all`, the default).
+ * `npm run bench -- <name>`: runs one benchmark (`append`, `replay`, `devices`, `inference`) or all of them (`all`, the default).
  * Starts one embedded Postgres in a temp dir unless DATABASE_URL points at a server; each benchmark gets
  * a fresh, migrated database with a random name, dropped afterwards. Progress lines go to stdout; each
  * benchmark ends with one `RESULT name=... key=value ...` line.
@@ -14,6 +14,7 @@ import { type EmbeddedServer, startEmbeddedPostgres } from '../src/postgres/embe
 import { migrateToLatest } from '../src/postgres/migrations.js'
 import { appendBench } from './append.js'
 import { devicesBench } from './devices.js'
+import { inferenceBench } from './inference.js'
 import { replayBench } from './replay.js'
 
 export interface BenchContext {
@@ -26,6 +27,7 @@ const BENCHES: Record<string, (ctx: BenchContext) => Promise<string>> = {
   append: appendBench,
   replay: replayBench,
   devices: devicesBench,
+  inference: inferenceBench,
 }
 
 const args = process.argv.slice(2).filter((a) => a !== '--')

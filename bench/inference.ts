@@ -1,0 +1,377 @@
+/**
+ * Inference: a small ONNX model (Gemm 10->2, Softmax, built in code) run four ways.
+ *
+ * - direct: onnxruntime-node in this process, one `session.run` after another (BENCH_DIRECT_CALLS, default
+ *   20,000, after 1,000 of warm-up).
+ * - baseline: what a user would write instead of dcp, a minimal fastify server in this process
+ *   (POST /infer {data, shape} -> {data, shape}) running the same session, under autocannon.
+ * - dcp: `node bin/dcp.js start --workers 2` as a child process against the bench's database (two real
+ *   local worker processes), the model uploaded with the development key, under autocannon on synchronous
+ *   POST /api/v1/inference. The child gets RATE_LIMIT_MAX raised: the default 1000 a minute would turn the
+ *   run into 429s.
+ * - batch: POST /api/v1/inference/batch with BENCH_BATCH_INPUTS inputs (default 100,000), timed until the
+ *   job reports `completed` (polled every BENCH_POLL_MS, default 150); every result is then read back a
+ *   page at a time, each index must have exactly one completed result, and every 1000th (at least 100 of
+ *   them) must equal onnxruntime's output. Baseline: the direct loop over the same inputs.
+ *
+ * autocannon runs BENCH_CONNECTIONS (default 32) connections for BENCH_SECONDS (default 10), after 3 s on
+ * one connection (the latency without queueing, printed only); for the baseline it runs in a worker thread
+ * so it does not share the server's event loop. The CPU each process used is printed for the dcp windows.
+ */
+import { type ChildProcess, spawn } from 'node:child_process'
+import { readdirSync, readFileSync } from 'node:fs'
+import { mkdtemp, rm } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import path from 'node:path'
+import { createInterface } from 'node:readline'
+import { fileURLToPath } from 'node:url'
+import autocannon from 'autocannon'
+import Fastify from 'fastify'
+import * as ort from 'onnxruntime-node'
+import { denseOnnxModel } from '../test/helpers/onnx.js'
+import type { BenchContext } from './run.js'
+
+const DIRECT_CALLS = Number(process.env.BENCH_DIRECT_CALLS ?? 20_000)
+const CONNECTIONS = Number(process.env.BENCH_CONNECTIONS ?? 32)
+const SECONDS = Number(process.env.BENCH_SECONDS ?? 10)
+const BATCH_INPUTS = Number(process.env.BENCH_BATCH_INPUTS ?? 100_000)
+const POLL_MS = Number(process.env.BENCH_POLL_MS ?? 150)
+/** How long the batch may take before the bench gives up on it. */
+const BATCH_TIMEOUT_MS = Number(process.env.BENCH_BATCH_TIMEOUT_S ?? 3600) * 1000
+const PAGE = 10_000
+const TOLERANCE = 1e-5
+const API_KEY = 'test-api-key' // the development customer's key (src/commands/dev-customer.ts)
+const DCP_BIN = fileURLToPath(new URL('../bin/dcp.js', import.meta.url))
+
+type Log = (line: string) => void
+interface Tensor {
+  data: number[]
+  shape: number[]
+}
+
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
+const fixed = (x: number, digits = 2) => (Number.isFinite(x) ? x.toFixed(digits) : 'NaN')
+
+/** Input `i`: ten deterministic values in [0, 1) with three decimals (short JSON keeps the batch body small). */
+function inputOf(i: number): number[] {
+  let seed = (i + 1) * 2654435761
+  return Array.from({ length: 10 }, () => {
+    seed = (seed * 1103515245 + 12345) % 2 ** 31
+    return Math.floor((seed / 2 ** 31) * 1000) / 1000
+  })
+}
+
+async function runDirect(session: ort.InferenceSession, data: number[]): Promise<number[]> {
+  const out = await session.run({ input: new ort.Tensor('float32', Float32Array.from(data), [1, 10]) })
+  return Array.from(out.output!.data as Float32Array)
+}
+
+const close = (a: number[], b: number[]) => a.length === b.length && a.every((v, i) => Math.abs(v - b[i]!) <= TOLERANCE)
+
+/** Per-call time of `session.run` in this process. */
+async function directBench(session: ort.InferenceSession, log: Log): Promise<void> {
+  const data = inputOf(0)
+  for (let i = 0; i < 1000; i++) await runDirect(session, data)
+  const started = performance.now()
+  for (let i = 0; i < DIRECT_CALLS; i++) await runDirect(session, data)
+  const ms = performance.now() - started
+  log(`direct: ${DIRECT_CALLS} calls in ${fixed(ms, 0)} ms: mean ${fixed((ms * 1000) / DIRECT_CALLS, 1)} µs, ${fixed((DIRECT_CALLS / ms) * 1000, 0)} calls/s`)
+}
+
+/** CPU time (user + system) of a process in seconds, from /proc/<pid>/stat; 0 when it is gone. */
+function cpuSeconds(pid: number): number {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8')
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ')
+    return (Number(fields[11]) + Number(fields[12])) / 100 // utime, stime in clock ticks (100/s on Linux)
+  } catch {
+    return 0
+  }
+}
+
+/** CPU seconds so far of the dcp server, its worker processes, every Postgres process, and this process. */
+function cpuSnapshot(serverPid: number): Record<'server' | 'workers' | 'postgres' | 'bench', number> {
+  let children: number[] = []
+  try {
+    children = readFileSync(`/proc/${serverPid}/task/${serverPid}/children`, 'utf8').trim().split(/\s+/).filter(Boolean).map(Number)
+  } catch {} // gone: counted as 0
+  let postgres = 0
+  for (const entry of readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry)) continue
+    try {
+      if (readFileSync(`/proc/${entry}/comm`, 'utf8').startsWith('postgres')) postgres += cpuSeconds(Number(entry))
+    } catch {} // gone meanwhile
+  }
+  const self = process.cpuUsage()
+  return { server: cpuSeconds(serverPid), workers: children.reduce((sum, pid) => sum + cpuSeconds(pid), 0), postgres, bench: (self.user + self.system) / 1e6 }
+}
+
+/** Starts counting; the returned function gives each part's CPU since then, in % of one core (200% = both cores of a 2-core machine). */
+function cpuSplit(serverPid: number): () => string {
+  const before = cpuSnapshot(serverPid)
+  const started = performance.now()
+  return () => {
+    const after = cpuSnapshot(serverPid)
+    const seconds = (performance.now() - started) / 1000
+    const pct = (k: keyof typeof before) => `${k} ${fixed(((after[k] - before[k]) / seconds) * 100, 0)}%`
+    return `cpu: ${pct('server')}, ${pct('workers')} (both), ${pct('postgres')} (Postgres processes may include other users'), ${pct('bench')}`
+  }
+}
+
+/** The direct loop over the batch's inputs; keeps the outputs of the sampled indices. */
+async function directLoop(session: ort.InferenceSession, n: number, sampled: (i: number) => boolean, log: Log) {
+  const expected = new Map<number, number[]>()
+  const started = performance.now()
+  for (let i = 0; i < n; i++) {
+    const output = await runDirect(session, inputOf(i))
+    if (sampled(i)) expected.set(i, output)
+  }
+  const seconds = (performance.now() - started) / 1000
+  log(`batch baseline: the direct loop over ${n} inputs in ${fixed(seconds, 2)} s = ${fixed(n / seconds, 0)} inputs/s`)
+  return { expected, inputsPerS: n / seconds }
+}
+
+interface LoadResult {
+  rps: number
+  p50: number
+  p99: number
+  non2xx: number
+  errors: number
+}
+
+function summarise(what: string, result: autocannon.Result, log: Log): LoadResult {
+  const figures = { rps: result.requests.average, p50: result.latency.p50, p99: result.latency.p99, non2xx: result.non2xx, errors: result.errors + result.timeouts }
+  log(
+    `${what}: ${result.requests.total} requests in ${result.duration} s = ${fixed(figures.rps, 0)} rps; latency p50 ${figures.p50} ms, p99 ${figures.p99} ms, ` +
+      `max ${result.latency.max} ms; non-2xx ${figures.non2xx}, errors ${result.errors}, timeouts ${result.timeouts}`,
+  )
+  return figures
+}
+
+/** A minimal fastify server doing the same inference in-process, under autocannon from a worker thread. */
+async function baselineBench(session: ort.InferenceSession, body: string, log: Log): Promise<LoadResult> {
+  const app = Fastify({ logger: false })
+  app.post<{ Body: Tensor }>('/infer', {
+    schema: {
+      body: {
+        type: 'object',
+        required: ['data', 'shape'],
+        properties: { data: { type: 'array', items: { type: 'number' } }, shape: { type: 'array', items: { type: 'integer' } } },
+      },
+    },
+  }, async (request) => {
+    const out = await session.run({ input: new ort.Tensor('float32', Float32Array.from(request.body.data), request.body.shape) })
+    return { data: Array.from(out.output!.data as Float32Array), shape: out.output!.dims }
+  })
+  const url = await app.listen({ port: 0, host: '127.0.0.1' })
+  try {
+    const options = { url: `${url}/infer`, method: 'POST' as const, headers: { 'content-type': 'application/json' }, body, connections: CONNECTIONS }
+    await autocannon({ ...options, duration: 2, workers: 1 }) // warm-up
+    summarise('baseline, 1 connection', await autocannon({ ...options, connections: 1, duration: 3, workers: 1 }), log)
+    return summarise('baseline', await autocannon({ ...options, duration: SECONDS, workers: 1 }), log)
+  } finally {
+    await app.close()
+  }
+}
+
+/** `dcp start` as a user runs it; resolves with its base URL once it prints that it listens. */
+async function startDcp(databaseUrl: string, dataDir: string, log: Log): Promise<{ child: ChildProcess; url: string }> {
+  const env: NodeJS.ProcessEnv = { ...process.env, DATABASE_URL: databaseUrl, DATA_DIR: dataDir, LOG_LEVEL: 'warn', RATE_LIMIT_MAX: '100000000' }
+  delete env.EVENTSTORE_URL
+  delete env.NODE_ENV
+  delete env.WORKERS
+  const child = spawn(process.execPath, [DCP_BIN, 'start', '--workers', '2', '--port', '0', '--host', '127.0.0.1'], { env, stdio: ['ignore', 'pipe', 'pipe'] })
+  let lines = 0
+  const show = (line: string) => {
+    if (++lines <= 40) log(`  [dcp] ${line}`)
+    else if (lines === 41) log('  [dcp] (more output not shown)')
+  }
+  createInterface({ input: child.stderr! }).on('line', show)
+  const listening = new Promise<string>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error('dcp start did not report listening within 120 s')), 120_000)
+    child.once('exit', (code, signal) => reject(new Error(`dcp start exited (${code ?? signal}) before listening`)))
+    createInterface({ input: child.stdout! }).on('line', (line) => {
+      const match = /dcp listening on http:\/\/[^:]+:(\d+)\//.exec(line)
+      if (match) {
+        clearTimeout(timer)
+        resolve(`http://127.0.0.1:${match[1]}`)
+      } else show(line)
+    })
+  })
+  const url = await listening.catch(async (error: Error) => {
+    await stopDcp(child)
+    throw error
+  })
+  return { child, url }
+}
+
+/** SIGINT (dcp drains its workers and closes), then waits for the exit; SIGKILL after 30 s. */
+async function stopDcp(child: ChildProcess): Promise<number | string | null> {
+  if (child.exitCode !== null || child.signalCode !== null) return child.exitCode ?? child.signalCode
+  return new Promise((resolve) => {
+    const timer = setTimeout(() => child.kill('SIGKILL'), 30_000)
+    child.once('exit', (code, signal) => {
+      clearTimeout(timer)
+      resolve(code ?? signal)
+    })
+    child.kill('SIGINT')
+  })
+}
+
+/** A JSON call to dcp's API with the development key. */
+async function api(base: string, method: string, route: string, payload?: string | FormData): Promise<{ status: number; body: any }> {
+  const json = typeof payload === 'string'
+  const response = await fetch(`${base}/api/v1${route}`, {
+    method,
+    headers: { 'x-api-key': API_KEY, ...(json ? { 'content-type': 'application/json' } : {}) },
+    ...(payload !== undefined ? { body: payload } : {}),
+  })
+  const text = await response.text()
+  let body: unknown = text
+  try {
+    body = JSON.parse(text)
+  } catch {} // not JSON: kept as text for the message
+  return { status: response.status, body }
+}
+
+async function uploadModel(base: string, bytes: Buffer): Promise<string> {
+  const form = new FormData()
+  form.append('name', 'bench-dense')
+  form.append('model', new Blob([bytes]), 'dense.onnx')
+  const response = await api(base, 'POST', '/models', form)
+  if (response.status !== 201) throw new Error(`model upload: ${response.status} ${JSON.stringify(response.body)}`)
+  return response.body.id as string
+}
+
+async function waitForDevices(base: string, n: number, timeoutMs: number): Promise<void> {
+  const deadline = performance.now() + timeoutMs
+  for (;;) {
+    const { body } = await api(base, 'GET', '/devices')
+    const online = (body.devices as { status: string }[]).filter((d) => d.status !== 'offline').length
+    if (online >= n) return
+    if (performance.now() > deadline) throw new Error(`only ${online} of ${n} devices online after ${timeoutMs} ms`)
+    await sleep(200)
+  }
+}
+
+/** Synchronous single inference under autocannon; the first error bodies are kept. */
+async function syncBench(base: string, serverPid: number, modelId: string, session: ort.InferenceSession, log: Log): Promise<LoadResult> {
+  const data = inputOf(0)
+  const body = JSON.stringify({ model_id: modelId, input: { data, shape: [1, 10] } })
+  const first = await api(base, 'POST', '/inference', body)
+  if (first.status !== 200) throw new Error(`dcp: the first inference failed: ${first.status} ${JSON.stringify(first.body)}`)
+  if (!close(first.body.result.data, await runDirect(session, data))) throw new Error(`dcp: result ${JSON.stringify(first.body.result)} differs from onnxruntime`)
+  const errorBodies: string[] = []
+  const request = {
+    onResponse: (status: number, text: string) => {
+      if ((status < 200 || status > 299) && errorBodies.length < 5) errorBodies.push(`${status} ${text.slice(0, 300)}`)
+    },
+  }
+  const options = { url: `${base}/api/v1/inference`, method: 'POST' as const, headers: { 'content-type': 'application/json', 'x-api-key': API_KEY }, body, connections: CONNECTIONS, requests: [request] }
+  summarise('dcp warm-up', await autocannon({ ...options, duration: 3 }), log)
+  summarise('dcp, 1 connection', await autocannon({ ...options, connections: 1, duration: 3 }), log)
+  errorBodies.length = 0
+  const cpu = cpuSplit(serverPid)
+  const figures = summarise('dcp', await autocannon({ ...options, duration: SECONDS }), log)
+  log(`dcp: ${cpu()}`)
+  for (const text of errorBodies) log(`dcp: error response: ${text}`)
+  return figures
+}
+
+/** POSTs the batch, waits for `completed`; undefined when the server refuses it (logged). */
+async function runBatch(base: string, serverPid: number, modelId: string, n: number, log: Log): Promise<{ jobId: string; seconds: number } | undefined> {
+  const body = JSON.stringify({ model_id: modelId, name: 'bench', inputs: Array.from({ length: n }, (_, i) => ({ data: inputOf(i), shape: [1, 10] })) })
+  log(`batch: POST /inference/batch with ${n} inputs, body ${fixed(body.length / 1024 / 1024)} MiB`)
+  let cpu = cpuSplit(serverPid)
+  const started = performance.now()
+  const queued = await api(base, 'POST', '/inference/batch', body)
+  const accepted = performance.now()
+  if (queued.status !== 202) {
+    log(`batch: the server refused the batch: ${queued.status} ${JSON.stringify(queued.body).slice(0, 500)}`)
+    return undefined
+  }
+  const jobId = queued.body.job_id as string
+  log(`batch: ${jobId} accepted in ${fixed((accepted - started) / 1000)} s; ${cpu()}`)
+  cpu = cpuSplit(serverPid)
+  let lastLog = accepted
+  for (;;) {
+    const { status, body: job } = await api(base, 'GET', `/inference/${jobId}?limit=1`)
+    if (status !== 200) throw new Error(`batch: GET /inference/${jobId}: ${status} ${JSON.stringify(job)}`)
+    const now = performance.now()
+    if (job.status === 'completed' || job.status === 'failed' || job.status === 'cancelled') {
+      const seconds = (now - started) / 1000
+      log(`batch: ${job.status} after ${fixed(seconds)} s (${JSON.stringify(job.progress)}); since accepted: ${cpu()}`)
+      if (job.status !== 'completed') throw new Error(`batch: the job ended ${job.status}`)
+      return { jobId, seconds }
+    }
+    if (now - lastLog > 5000) {
+      log(`  batch: ${fixed((now - started) / 1000, 0)} s: ${job.status}, ${job.progress.completed} completed, ${job.progress.failed} failed`)
+      lastLog = now
+    }
+    if (now - started > BATCH_TIMEOUT_MS) throw new Error(`batch: not completed within ${BATCH_TIMEOUT_MS / 1000} s (${JSON.stringify(job.progress)})`)
+    await sleep(POLL_MS)
+  }
+}
+
+/** Reads every result back a page at a time: each index once and completed, the sampled ones equal to onnxruntime. */
+async function verifyBatch(base: string, jobId: string, n: number, expected: Map<number, number[]>, log: Log): Promise<void> {
+  const seen = new Uint8Array(n)
+  const problems: string[] = []
+  let compared = 0
+  const started = performance.now()
+  for (let offset = 0; offset < n; offset += PAGE) {
+    const { status, body } = await api(base, 'GET', `/inference/${jobId}?limit=${PAGE}&offset=${offset}`)
+    if (status !== 200) throw new Error(`batch: results page at ${offset}: ${status} ${JSON.stringify(body).slice(0, 300)}`)
+    for (const r of body.results as { index: number; status: string; result?: Tensor }[]) {
+      if (!(r.index >= 0 && r.index < n)) problems.push(`index ${r.index} out of range`)
+      else if (seen[r.index]!++) problems.push(`index ${r.index} more than once`)
+      if (r.status !== 'completed') problems.push(`index ${r.index} is ${r.status}`)
+      const want = expected.get(r.index)
+      if (want && r.result) {
+        compared++
+        if (!close(r.result.data, want)) problems.push(`index ${r.index}: ${JSON.stringify(r.result.data)} != onnxruntime ${JSON.stringify(want)}`)
+      }
+    }
+  }
+  const missing = seen.reduce((count, s) => count + (s === 0 ? 1 : 0), 0)
+  if (missing > 0) problems.push(`${missing} indices have no result (the first: ${seen.indexOf(0)})`)
+  if (compared < expected.size) problems.push(`only ${compared} of ${expected.size} sampled results had an output`)
+  log(`batch: read ${n} results back in ${fixed((performance.now() - started) / 1000)} s; ${compared} sampled results compared with onnxruntime`)
+  if (problems.length > 0) throw new Error(`batch: ${problems.length} problems in the results, the first: ${problems.slice(0, 10).join('; ')}`)
+  log('batch: every index has exactly one completed result; the sampled ones equal onnxruntime within 1e-5')
+}
+
+export async function inferenceBench({ database, log }: BenchContext): Promise<string> {
+  const bytes = denseOnnxModel({ inputs: 10, outputs: 2 })
+  const session = await ort.InferenceSession.create(bytes)
+  log(`inference: Gemm 10->2 + Softmax (${bytes.length} B); autocannon ${CONNECTIONS} connections for ${SECONDS} s; batch of ${BATCH_INPUTS} inputs`)
+  await directBench(session, log)
+  const step = Math.max(1, Math.min(1000, Math.floor(BATCH_INPUTS / 100)))
+  const loop = await directLoop(session, BATCH_INPUTS, (i) => i % step === 0, log)
+  const baseline = await baselineBench(session, JSON.stringify({ data: inputOf(0), shape: [1, 10] }), log)
+
+  const dataDir = await mkdtemp(path.join(tmpdir(), 'dcp-bench-inference-'))
+  const started = performance.now()
+  const { child, url } = await startDcp(database.url, dataDir, log)
+  try {
+    log(`dcp: pid ${child.pid} listening on ${url} (${fixed(performance.now() - started, 0)} ms to start)`)
+    const modelId = await uploadModel(url, bytes)
+    await waitForDevices(url, 2, 60_000)
+    log(`dcp: model ${modelId} uploaded, 2 workers online ${fixed((performance.now() - started) / 1000, 1)} s after the start`)
+    const dcp = await syncBench(url, child.pid!, modelId, session, log)
+    const batch = await runBatch(url, child.pid!, modelId, BATCH_INPUTS, log)
+    if (batch) await verifyBatch(url, batch.jobId, BATCH_INPUTS, loop.expected, log)
+    const batchPerS = batch ? BATCH_INPUTS / batch.seconds : NaN
+    if (batch) log(`batch: ${fixed(batchPerS, 0)} inputs/s through dcp against ${fixed(loop.inputsPerS, 0)} direct = ${fixed(batchPerS / loop.inputsPerS, 3)}`)
+    return (
+      `RESULT name=inference dcp_rps=${fixed(dcp.rps, 0)} baseline_rps=${fixed(baseline.rps, 0)} ratio=${fixed(dcp.rps / baseline.rps, 3)} ` +
+      `dcp_p50_ms=${dcp.p50} dcp_p99_ms=${dcp.p99} baseline_p50_ms=${baseline.p50} batch_inputs_per_s=${fixed(batchPerS, 0)} ` +
+      `batch_ratio=${fixed(batchPerS / loop.inputsPerS, 3)}`
+    )
+  } finally {
+    const exit = await stopDcp(child)
+    log(`dcp: stopped (exit ${exit})`)
+    await session.release()
+    await rm(dataDir, { recursive: true, force: true }).catch(() => {})
+  }
+}
