@@ -1,6 +1,7 @@
 import path from 'node:path'
 import { z } from 'zod'
 import { readAdapterSettings } from './adapters/config.js'
+import { DEFAULT_PRICES, PriceTable } from './domain/pricing.js'
 
 /** Every setting dcp reads from the environment, with its default. The README lists them. */
 const Env = z.object({
@@ -31,6 +32,8 @@ const Env = z.object({
   MAX_TASK_ATTEMPTS: z.coerce.number().int().min(1).max(100).default(3),
   /** Secret a new device must present to register; without it, enrollment is open (refused in production). */
   ENROLLMENT_SECRET: z.string().min(8).optional(),
+  /** The price table for estimated costs, as JSON (see src/domain/pricing.ts); default DEFAULT_PRICES. */
+  PRICE_TABLE: z.string().optional(),
   /** Local worker processes `dcp start` runs beside the server. */
   WORKERS: z.coerce.number().int().min(0).max(64).default(2),
 })
@@ -50,11 +53,25 @@ export interface Config {
   leaseTimeoutMs: number
   maxTaskAttempts: number
   maxQueuedInputs: number
+  prices: PriceTable
   enrollmentSecret: string | undefined
   workers: number
 }
 
 export class ConfigError extends Error {}
+
+function parsePrices(text: string | undefined): PriceTable {
+  if (text === undefined) return DEFAULT_PRICES
+  let json: unknown
+  try {
+    json = JSON.parse(text)
+  } catch {
+    throw new ConfigError('invalid environment variable PRICE_TABLE: not JSON')
+  }
+  const parsed = PriceTable.safeParse(json)
+  if (!parsed.success) throw new ConfigError(`invalid environment variable PRICE_TABLE: ${z.prettifyError(parsed.error).replaceAll('\n', ' ')}`)
+  return parsed.data
+}
 
 export function loadConfig(env: NodeJS.ProcessEnv = process.env, overrides: Partial<Config> = {}): Config {
   const parsed = Env.safeParse(Object.fromEntries(Object.entries(env).filter(([, v]) => v !== '')))
@@ -83,6 +100,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, overrides: Part
     leaseTimeoutMs: e.LEASE_TIMEOUT_MS,
     maxTaskAttempts: e.MAX_TASK_ATTEMPTS,
     maxQueuedInputs: e.MAX_QUEUED_INPUTS,
+    prices: parsePrices(e.PRICE_TABLE),
     enrollmentSecret: e.ENROLLMENT_SECRET,
     workers: e.WORKERS,
     ...Object.fromEntries(Object.entries(overrides).filter(([, v]) => v !== undefined)),

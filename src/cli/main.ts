@@ -18,6 +18,8 @@ Usage:
   dcp projections status [--json]                    where each read model stands
   dcp projections rebuild <name>                     rebuild a read model from the log and swap it in
   dcp audit <projection> [--json]                    replay the log into a shadow copy and diff it with the live one
+  dcp audit usage [--from H] [--to H] [--customer ID] [--json]
+                                                     the billing audit: totals per customer and hour, every difference, a digest
   dcp help                                           this text
 
 Environment: PORT, HOST, DATA_DIR, DATABASE_URL, EVENTSTORE_URL, NODE_ENV, LOG_LEVEL (see README).`

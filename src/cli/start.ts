@@ -54,6 +54,7 @@ export async function startCommand(args: string[]): Promise<number> {
     adminKey: config.adminKey,
     maxModelBytes: config.maxModelBytes,
     maxQueuedInputs: config.maxQueuedInputs,
+    prices: config.prices,
     rateLimit: config.rateLimit,
     logLevel: config.logLevel,
   })

@@ -37,6 +37,9 @@ export interface DeviceSlot {
   maxConcurrent: number
   /** Most inputs it takes in one task. */
   maxBatchInputs: number
+  /** Its SDK installation and kind (usage is billed by them). */
+  sdkUuid: string
+  instanceType: 'aws' | 'user'
   /** Lease ids it holds. */
   leases: Set<string>
   draining: boolean
@@ -321,7 +324,7 @@ export class TaskScheduler {
     device.leases.add(leaseId)
     this.leases.set(leaseId, lease)
     try {
-      await this.command(task.task_id, { type: 'LeaseTask', leaseId, deviceId: device.deviceId, at: this.now().toISOString() })
+      await this.command(task.task_id, { type: 'LeaseTask', leaseId, deviceId: device.deviceId, sdkUuid: device.sdkUuid, instanceType: device.instanceType, at: this.now().toISOString() })
     } catch (error) {
       this.release(lease)
       if (error instanceof DomainError && error.code === 'CONFLICT') return // cancelled meanwhile

@@ -271,6 +271,8 @@ export class DeviceHub {
       gpu: frame.capabilities.gpu,
       maxConcurrent: frame.capabilities.max_concurrent_tasks,
       maxBatchInputs: frame.capabilities.max_batch_inputs,
+      sdkUuid: frame.sdk_uuid,
+      instanceType: frame.instance_type,
       leases: new Set(),
       draining: false,
       load: 0,

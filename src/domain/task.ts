@@ -31,10 +31,33 @@ export type TaskSpec = z.infer<typeof TaskSpec>
 const TaskQueued = z.object({ type: z.literal('TaskQueued'), data: TaskSpec.extend({ queued_at: z.string() }) })
 const TaskLeased = z.object({
   type: z.literal('TaskLeased'),
-  data: z.object({ task_id: z.string(), lease_id: z.string(), device_id: z.string(), attempt: z.number().int(), leased_at: z.string() }),
+  data: z.object({
+    task_id: z.string(),
+    lease_id: z.string(),
+    device_id: z.string(),
+    /** The device's SDK installation and kind, as it registered: the billing dimensions of the attempt. */
+    sdk_uuid: z.string().nullable().default(null),
+    instance_type: z.enum(['aws', 'user']).nullable().default(null),
+    attempt: z.number().int(),
+    leased_at: z.string(),
+  }),
 })
-/** Which attempt an outcome belongs to: the task, its job and customer, and the lease it ran under. */
-const AttemptRef = z.object({ task_id: z.string(), customer_id: z.string(), job_id: z.string(), lease_id: z.string(), device_id: z.string() })
+/**
+ * Which attempt an outcome belongs to: the task, its job, customer and project, the lease it ran under, and
+ * what usage is billed by (the device's SDK UUID and instance type, how many inputs it carried). Null in
+ * events written before these were recorded.
+ */
+const AttemptRef = z.object({
+  task_id: z.string(),
+  customer_id: z.string(),
+  job_id: z.string(),
+  project_id: z.string().nullable().default(null),
+  lease_id: z.string(),
+  device_id: z.string(),
+  sdk_uuid: z.string().nullable().default(null),
+  instance_type: z.enum(['aws', 'user']).nullable().default(null),
+  inputs: z.number().int().min(1).default(1),
+})
 const TaskCompleted = z.object({
   type: z.literal('TaskCompleted'),
   /** One output per input, in order. */
@@ -59,10 +82,17 @@ export const taskEventTypes = TaskEvent.options.map((o) => o.shape.type.value)
 
 export type TaskCommand =
   | { type: 'QueueTask'; task: TaskSpec; at: string }
-  | { type: 'LeaseTask'; leaseId: string; deviceId: string; at: string }
+  | { type: 'LeaseTask'; leaseId: string; deviceId: string; sdkUuid: string | null; instanceType: 'aws' | 'user' | null; at: string }
   | { type: 'CompleteTask'; leaseId: string; outputs: z.infer<typeof TensorData>[]; metrics: z.infer<typeof Metrics>; at: string }
   | { type: 'FailAttempt'; leaseId: string; reason: string; metrics: z.infer<typeof Metrics> | null; at: string }
   | { type: 'CancelTask'; at: string }
+
+interface Lease {
+  id: string
+  deviceId: string
+  sdkUuid: string | null
+  instanceType: 'aws' | 'user' | null
+}
 
 export type TaskStatus = 'new' | 'queued' | 'leased' | 'completed' | 'failed' | 'cancelled'
 
@@ -70,7 +100,7 @@ export interface TaskState {
   status: TaskStatus
   spec: TaskSpec | undefined
   attempts: number
-  lease: { id: string; deviceId: string } | undefined
+  lease: Lease | undefined
 }
 
 export const taskStream = (taskId: string) => `task-${taskId}`
@@ -83,7 +113,12 @@ export const taskDecider: Decider<TaskCommand, TaskEvent, TaskState> = {
       case 'TaskQueued':
         return { ...state, status: 'queued', spec: event.data }
       case 'TaskLeased':
-        return { ...state, status: 'leased', attempts: event.data.attempt, lease: { id: event.data.lease_id, deviceId: event.data.device_id } }
+        return {
+          ...state,
+          status: 'leased',
+          attempts: event.data.attempt,
+          lease: { id: event.data.lease_id, deviceId: event.data.device_id, sdkUuid: event.data.sdk_uuid, instanceType: event.data.instance_type },
+        }
       case 'TaskCompleted':
         return { ...state, status: 'completed', lease: undefined }
       case 'TaskAttemptFailed':
@@ -103,12 +138,12 @@ export const taskDecider: Decider<TaskCommand, TaskEvent, TaskState> = {
       case 'LeaseTask': {
         const spec = requireSpec(state)
         if (state.status !== 'queued') throw new DomainError('CONFLICT', `task ${spec.task_id} is ${state.status}, not queued`)
-        return [{ type: 'TaskLeased', data: { task_id: spec.task_id, lease_id: command.leaseId, device_id: command.deviceId, attempt: state.attempts + 1, leased_at: command.at } }]
+        const data = { task_id: spec.task_id, lease_id: command.leaseId, device_id: command.deviceId, sdk_uuid: command.sdkUuid, instance_type: command.instanceType }
+        return [{ type: 'TaskLeased', data: { ...data, attempt: state.attempts + 1, leased_at: command.at } }]
       }
       case 'CompleteTask': {
         const spec = requireSpec(state)
-        const lease = currentLease(state, command.leaseId)
-        const data = { task_id: spec.task_id, customer_id: spec.customer_id, job_id: spec.job_id, lease_id: lease.id, device_id: lease.deviceId }
+        const data = attemptRef(spec, currentLease(state, command.leaseId))
         if (command.outputs.length !== spec.inputs.length) {
           throw new DomainError('VALIDATION_ERROR', `task ${spec.task_id} has ${spec.inputs.length} inputs but the result has ${command.outputs.length} outputs`)
         }
@@ -116,12 +151,9 @@ export const taskDecider: Decider<TaskCommand, TaskEvent, TaskState> = {
       }
       case 'FailAttempt': {
         const spec = requireSpec(state)
-        const lease = currentLease(state, command.leaseId)
+        const data = attemptRef(spec, currentLease(state, command.leaseId))
         const requeued = state.attempts < spec.max_attempts
-        const failed = {
-          type: 'TaskAttemptFailed' as const,
-          data: { task_id: spec.task_id, customer_id: spec.customer_id, job_id: spec.job_id, lease_id: lease.id, device_id: lease.deviceId, reason: command.reason, metrics: command.metrics, requeued, failed_at: command.at },
-        }
+        const failed = { type: 'TaskAttemptFailed' as const, data: { ...data, reason: command.reason, metrics: command.metrics, requeued, failed_at: command.at } }
         if (requeued) return [failed]
         const reason = `failed after ${state.attempts} attempt${state.attempts === 1 ? '' : 's'}; last: ${command.reason}`
         return [failed, { type: 'TaskFailed', data: { task_id: spec.task_id, job_id: spec.job_id, reason, failed_at: command.at } }]
@@ -147,8 +179,22 @@ function requireSpec(state: TaskState): TaskSpec {
   return state.spec
 }
 
+function attemptRef(spec: TaskSpec, lease: Lease) {
+  return {
+    task_id: spec.task_id,
+    customer_id: spec.customer_id,
+    job_id: spec.job_id,
+    project_id: spec.project_id,
+    lease_id: lease.id,
+    device_id: lease.deviceId,
+    sdk_uuid: lease.sdkUuid,
+    instance_type: lease.instanceType,
+    inputs: spec.inputs.length,
+  }
+}
+
 /** Fencing: only the lease the task is under now may finish it. */
-function currentLease(state: TaskState, leaseId: string): { id: string; deviceId: string } {
+function currentLease(state: TaskState, leaseId: string): Lease {
   if (state.status !== 'leased' || !state.lease || state.lease.id !== leaseId) {
     throw new DomainError('STALE_LEASE', `lease ${leaseId} is not the task's current lease (the task is ${state.status})`)
   }

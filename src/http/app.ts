@@ -5,6 +5,7 @@ import swaggerUi from '@fastify/swagger-ui'
 import Fastify, { type FastifyInstance, type FastifyReply } from 'fastify'
 import { jsonSchemaTransform, serializerCompiler, validatorCompiler } from 'fastify-type-provider-zod'
 import { type Adapters, InProcessAdapters } from '../adapters/runtime.js'
+import { DEFAULT_PRICES, type PriceTable } from '../domain/pricing.js'
 import { version } from '../version.js'
 import { adminRoutes } from './admin.js'
 import { deviceRoutes } from './devices.js'
@@ -15,9 +16,12 @@ import { errorBody, registerErrorContract } from './errors.js'
 import { healthRoutes } from './health.js'
 import { modelRoutes } from './models.js'
 import { projectRoutes } from './projects.js'
+import { usageRoutes } from './usage.js'
 
 /** The services the routes use (without the limits and clock, which have defaults here), and the app's settings. */
-export interface AppDeps extends Omit<Services, 'limits' | 'now' | 'adapters'> {
+export interface AppDeps extends Omit<Services, 'limits' | 'now' | 'adapters' | 'prices'> {
+  /** Default: DEFAULT_PRICES. */
+  prices?: PriceTable
   /** Default: the adapters run in-process. */
   adapters?: Adapters
   /** ADMIN_KEY; without it the admin routes refuse every request. */
@@ -107,6 +111,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     hub: deps.hub,
     scheduler: deps.scheduler,
     adapters: deps.adapters ?? new InProcessAdapters(),
+    prices: deps.prices ?? DEFAULT_PRICES,
     limits: { maxModelBytes: deps.maxModelBytes ?? 256 * 1024 * 1024, maxQueuedInputs: deps.maxQueuedInputs ?? 1_000_000 },
     now: deps.now ?? (() => new Date()),
   }
@@ -119,6 +124,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
       await api.register(deviceRoutes, { services })
       await api.register(inferenceRoutes, { services })
       await api.register(projectRoutes, { services })
+      await api.register(usageRoutes, { services })
     },
     { prefix: '/api/v1' },
   )

@@ -5,6 +5,7 @@ import type { TaskScheduler } from '../commands/scheduler.js'
 import type { DeviceHub } from '../device-hub/hub.js'
 import { type CommandOptions, type CommandResult, handleCommand } from '../commands/handle-command.js'
 import type { Decider, DomainEvent } from '../domain/decider.js'
+import type { PriceTable } from '../domain/pricing.js'
 import type { EventStore } from '../event-store/port.js'
 import type { Projections } from '../projections/projections.js'
 
@@ -16,6 +17,8 @@ export interface Services {
   blobs: BlobStore
   hub: DeviceHub
   scheduler: TaskScheduler
+  /** What compute costs, for estimated costs. */
+  prices: PriceTable
   /** Pre- and post-processing adapters (in-process, or AWS Lambda). */
   adapters: Adapters
   limits: { maxModelBytes: number; maxQueuedInputs: number }

@@ -8,14 +8,16 @@ import { inferenceProjection } from './inference.js'
 import { modelsProjection } from './models.js'
 import { projectsProjection } from './projects.js'
 import { tasksProjection } from './tasks.js'
+import { usageProjection } from './usage.js'
 import type { Projection } from './projection.js'
 import { type AuditReport, audit, rebuild } from './replay.js'
+import { auditUsage, type UsageAuditOptions, type UsageAuditReport } from './usage-audit.js'
 import { ProjectionRunner, type RunnerDeps, type RunnerState } from './runner.js'
 
 const LAG_COUNT_LIMIT = 10_000
 
 /** Every projection of dcp. A new read model is added here. */
-export const allProjections: readonly Projection[] = [eventCounts, customersProjection, modelsProjection, devicesProjection, tasksProjection, inferenceProjection, projectsProjection]
+export const allProjections: readonly Projection[] = [eventCounts, customersProjection, modelsProjection, devicesProjection, tasksProjection, inferenceProjection, projectsProjection, usageProjection]
 
 export interface ProjectionStatus {
   name: string
@@ -80,6 +82,11 @@ export class Projections {
 
   audit(name: string): Promise<AuditReport> {
     return audit(this.deps, this.get(name))
+  }
+
+  /** The billing audit (usage-audit.ts). */
+  auditUsage(options: UsageAuditOptions = {}): Promise<UsageAuditReport> {
+    return auditUsage(this.deps, options)
   }
 
   async status(): Promise<ProjectionStatus[]> {

@@ -1,4 +1,4 @@
-import { type Kysely, sql, type Transaction } from 'kysely'
+import { type Kysely, type RawBuilder, sql, type Transaction } from 'kysely'
 import type { EventStore, Position } from '../event-store/port.js'
 import { matchesFilter, START } from '../event-store/port.js'
 import { applyBatch, applyInTransaction, lockProjection, readCheckpoint } from './checkpoints.js'
@@ -123,7 +123,17 @@ export interface AuditReport {
  * Replays the log into a shadow schema up to the live checkpoint and compares every table row by row.
  * The comparison runs under the projection's lock, so the live copy cannot move while it is compared.
  */
-export async function audit(deps: ReplayDeps, projection: Projection, options: { maxDifferences?: number } = {}): Promise<AuditReport> {
+export async function audit<X = undefined>(
+  deps: ReplayDeps,
+  projection: Projection,
+  options: {
+    maxDifferences?: number
+    /** Which rows to compare (an SQL condition on the table's columns); default all. */
+    where?: (table: string) => RawBuilder<boolean> | undefined
+    /** Runs with both copies in place, before the shadow is dropped: extra figures for the report. */
+    inspect?: (trx: Transaction<any>, schemas: { live: string; replayed: string }) => Promise<X>
+  } = {},
+): Promise<AuditReport & { extra: X }> {
   const copy = auditCopy(projection.name)
   const live = readCheckpoint(deps.db, projection.name)
   const target = (await live)?.position
@@ -138,10 +148,11 @@ export async function audit(deps: ReplayDeps, projection: Projection, options: {
       await sql`set local search_path to public`.execute(trx)
       const tables = []
       for (const table of projection.tables) {
-        tables.push(await compareTable(trx, liveSchema(projection.name), copy.schema, table, options.maxDifferences ?? 100))
+        tables.push(await compareTable(trx, liveSchema(projection.name), copy.schema, table, options.maxDifferences ?? 100, options.where?.(table.name)))
       }
       const ok = tables.every((t) => t.differenceCount === 0)
-      return { projection: projection.name, position: (position > now ? position : now).toString(), ok, tables }
+      const extra = (options.inspect ? await options.inspect(trx, { live: liveSchema(projection.name), replayed: copy.schema }) : undefined) as X
+      return { projection: projection.name, position: (position > now ? position : now).toString(), ok, tables, extra }
     })
   } finally {
     await dropCopy(deps.db, copy)
@@ -154,9 +165,10 @@ async function compareTable(
   shadow: string,
   table: { name: string; primaryKey: readonly string[] },
   limit: number,
+  where: RawBuilder<boolean> = sql<boolean>`true`,
 ): Promise<TableAudit> {
   const key = sql.join(table.primaryKey.flatMap((c) => [sql.lit(c), sql.ref(`t.${c}`)]))
-  const side = (schema: string) => sql`select jsonb_build_object(${key}) as k, to_jsonb(t) as r from ${sql.table(`${schema}.${table.name}`)} as t`
+  const side = (schema: string) => sql`select jsonb_build_object(${key}) as k, to_jsonb(t) as r from ${sql.table(`${schema}.${table.name}`)} as t where ${where}`
   const diff = sql`
     select coalesce(l.k, s.k) as key, l.r as live, s.r as replayed
     from (${side(live)}) l full join (${side(shadow)}) s on l.k = s.k
@@ -164,8 +176,8 @@ async function compareTable(
   const { rows } = await sql<RowDifference>`${diff} order by 1 limit ${limit}`.execute(trx)
   const counts = await sql<{ differences: string; live: string; replayed: string }>`
     select (select count(*) from (${diff}) d) as differences,
-           (select count(*) from ${sql.table(`${live}.${table.name}`)}) as live,
-           (select count(*) from ${sql.table(`${shadow}.${table.name}`)}) as replayed`.execute(trx)
+           (select count(*) from ${sql.table(`${live}.${table.name}`)} as t where ${where}) as live,
+           (select count(*) from ${sql.table(`${shadow}.${table.name}`)} as t where ${where}) as replayed`.execute(trx)
   const c = counts.rows[0]!
   return { table: table.name, primaryKey: table.primaryKey, liveRows: Number(c.live), replayedRows: Number(c.replayed), differences: rows, differenceCount: Number(c.differences) }
 }

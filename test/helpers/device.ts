@@ -34,13 +34,13 @@ export class SimDevice {
   }
 
   /** Registers (or comes back, with `as`), resolving with the `registered` frame. */
-  async register(options: { as?: { deviceId: string; sdkToken: string }; formats?: string[]; maxTasks?: number; batchInputs?: number; instanceType?: 'aws' | 'user'; enrollmentSecret?: string } = {}) {
+  async register(options: { as?: { deviceId: string; sdkToken: string }; formats?: string[]; maxTasks?: number; batchInputs?: number; sdkUuid?: string; instanceType?: 'aws' | 'user'; enrollmentSecret?: string } = {}) {
     this.send({
       type: 'register',
       protocol: PROTOCOL_VERSION,
       platform: 'nodejs',
       sdk_version: '0.0.0-test',
-      sdk_uuid: 'sdk-nodejs-test01',
+      sdk_uuid: options.sdkUuid ?? 'sdk-nodejs-test01',
       instance_type: options.instanceType ?? 'user',
       hardware: { cpu_model: 'test cpu', cpu_cores: 2, memory_mb: 1024, gpus: [] },
       capabilities: { formats: options.formats ?? ['onnx'], gpu: false, can_train: false, max_concurrent_tasks: options.maxTasks ?? 1, max_batch_inputs: options.batchInputs ?? 1 },

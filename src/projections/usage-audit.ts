@@ -1,0 +1,115 @@
+import { createHash } from 'node:crypto'
+import { type RawBuilder, sql, type Transaction } from 'kysely'
+import { audit, type AuditReport, type ReplayDeps } from './replay.js'
+import { usageProjection } from './usage.js'
+
+export interface UsageAuditOptions {
+  /** Inclusive UTC hours, `YYYY-MM-DDTHH`. */
+  from?: string | undefined
+  to?: string | undefined
+  customer?: string | undefined
+  maxDifferences?: number
+}
+
+export interface UsageTotal {
+  customer_id: string
+  hour: string
+  tasks: number
+  cpu_ms: number
+  gpu_ms: number
+  inputs: number
+  failed_attempts: number
+}
+
+export interface UsageAuditReport extends AuditReport {
+  filter: { from: string | null; to: string | null; customer: string | null }
+  /** Totals per customer and hour, from the replay of the log (what the bill should say). */
+  totals: UsageTotal[]
+  /**
+   * SHA-256 of the replayed rows in the filter, in key order, as canonical JSON: two audits of the same log
+   * give the same digest, whatever the batch size or how often events were delivered.
+   */
+  digest: string
+  /** The same digest over the live rows; equal to `digest` exactly when no row differs. */
+  liveDigest: string
+}
+
+const COLUMNS = ['customer_id', 'project_id', 'hour', 'sdk_uuid', 'instance_type', 'outcome', 'tasks', 'cpu_tasks', 'gpu_tasks', 'inputs', 'cpu_us', 'gpu_us', 'bytes_in', 'bytes_out'] as const
+
+/**
+ * The billing audit: replays the whole log into a shadow copy of the usage read model, compares it with the
+ * live one row by row (within the filter), and reports the totals per customer and hour and a digest.
+ */
+export async function auditUsage(deps: ReplayDeps, options: UsageAuditOptions = {}): Promise<UsageAuditReport> {
+  const where = (): RawBuilder<boolean> => {
+    const parts: RawBuilder<unknown>[] = [sql`true`]
+    if (options.from) parts.push(sql`t.hour >= ${options.from}`)
+    if (options.to) parts.push(sql`t.hour <= ${options.to}`)
+    if (options.customer) parts.push(sql`t.customer_id = ${options.customer}`)
+    return sql<boolean>`${sql.join(parts, sql` and `)}`
+  }
+  const report = await audit(deps, usageProjection, {
+    maxDifferences: options.maxDifferences ?? 100,
+    where,
+    inspect: async (trx, schemas) => ({
+      totals: await totals(trx, schemas.replayed, where()),
+      digest: await digest(trx, schemas.replayed, where()),
+      liveDigest: await digest(trx, schemas.live, where()),
+    }),
+  })
+  const { extra, ...rest } = report
+  return { ...rest, filter: { from: options.from ?? null, to: options.to ?? null, customer: options.customer ?? null }, ...extra }
+}
+
+async function totals(trx: Transaction<any>, schema: string, where: RawBuilder<boolean>): Promise<UsageTotal[]> {
+  const { rows } = await sql<Record<string, string>>`
+    select customer_id, hour,
+      sum(tasks) filter (where outcome = 'completed') as tasks,
+      sum(cpu_us) filter (where outcome = 'completed') as cpu_us,
+      sum(gpu_us) filter (where outcome = 'completed') as gpu_us,
+      sum(inputs) filter (where outcome = 'completed') as inputs,
+      sum(tasks) filter (where outcome = 'failed') as failed
+    from ${sql.table(`${schema}.usage_hourly`)} as t where ${where}
+    group by customer_id, hour order by customer_id, hour`.execute(trx)
+  return rows.map((r) => ({
+    customer_id: r.customer_id!,
+    hour: r.hour!,
+    tasks: Number(r.tasks ?? 0),
+    cpu_ms: Number(r.cpu_us ?? 0) / 1000,
+    gpu_ms: Number(r.gpu_us ?? 0) / 1000,
+    inputs: Number(r.inputs ?? 0),
+    failed_attempts: Number(r.failed ?? 0),
+  }))
+}
+
+async function digest(trx: Transaction<any>, schema: string, where: RawBuilder<boolean>): Promise<string> {
+  const hash = createHash('sha256')
+  const { rows } = await sql<Record<string, unknown>>`
+    select ${sql.join(COLUMNS.map((c) => sql.ref(`t.${c}`)))} from ${sql.table(`${schema}.usage_hourly`)} as t where ${where}
+    order by customer_id, project_id, hour, sdk_uuid, instance_type, outcome`.execute(trx)
+  for (const row of rows) hash.update(`${JSON.stringify(COLUMNS.map((c) => String(row[c])))}\n`)
+  return hash.digest('hex')
+}
+
+/** The report as text: what it compared, the totals, every difference, the digests. */
+export function formatUsageReport(report: UsageAuditReport): string {
+  const f = report.filter
+  const scope = [f.from && `from ${f.from}`, f.to && `to ${f.to}`, f.customer && `customer ${f.customer}`].filter(Boolean).join(', ') || 'everything'
+  const lines = [`usage audit at log position ${report.position} (${scope}): ${report.ok ? 'OK, the live read model equals the replay' : 'DIFFERENCES FOUND'}`, '', 'totals per customer and hour (from the replay):']
+  lines.push(`  ${'customer'.padEnd(24)} ${'hour'.padEnd(13)} ${'tasks'.padStart(8)} ${'cpu_ms'.padStart(14)} ${'gpu_ms'.padStart(14)} ${'inputs'.padStart(10)} ${'failed'.padStart(7)}`)
+  for (const t of report.totals) {
+    lines.push(`  ${t.customer_id.padEnd(24)} ${t.hour.padEnd(13)} ${String(t.tasks).padStart(8)} ${t.cpu_ms.toFixed(3).padStart(14)} ${t.gpu_ms.toFixed(3).padStart(14)} ${String(t.inputs).padStart(10)} ${String(t.failed_attempts).padStart(7)}`)
+  }
+  if (report.totals.length === 0) lines.push('  (no usage)')
+  for (const table of report.tables) {
+    lines.push('', `${table.table}: ${table.liveRows} live rows, ${table.replayedRows} replayed rows, ${table.differenceCount} differences`)
+    for (const d of table.differences) {
+      lines.push(`  ${table.primaryKey.map((c) => `${c}=${JSON.stringify(d.key[c])}`).join(' ')}`)
+      lines.push(`    live:     ${d.live ? JSON.stringify(d.live) : '(missing)'}`)
+      lines.push(`    replayed: ${d.replayed ? JSON.stringify(d.replayed) : '(missing)'}`)
+    }
+    if (table.differenceCount > table.differences.length) lines.push(`  … and ${table.differenceCount - table.differences.length} more`)
+  }
+  lines.push('', `digest (replayed rows): ${report.digest}`, `digest (live rows):     ${report.liveDigest}`)
+  return lines.join('\n')
+}
