@@ -1,0 +1,196 @@
+import { spawn } from 'node:child_process'
+import { sql } from 'kysely'
+import t from 'tap'
+import { costOf, DEFAULT_PRICES } from '../../src/domain/pricing.js'
+import { START, type EventStore, type RecordedEvent } from '../../src/event-store/port.js'
+import { hourOf } from '../../src/projections/usage.js'
+import { auditUsage } from '../../src/projections/usage-audit.js'
+import { ADMIN_KEY, INTERNAL_TOKEN } from '../helpers/app.js'
+import { SimDevice } from '../helpers/device.js'
+import { DCP_BIN, inferenceSetup, input, poll } from '../helpers/inference.js'
+
+/** Every event of the log. */
+async function allEvents(store: EventStore): Promise<RecordedEvent[]> {
+  const events: RecordedEvent[] = []
+  for (let from = START; ; ) {
+    const page = await store.readAll(from, 10_000)
+    events.push(...page)
+    if (page.length < 10_000) return events
+    from = page.at(-1)!.position
+  }
+}
+
+/** A device that answers every task with fixed metrics (so the expected bill is known exactly). */
+async function answeringDevice(url: string, options: { sdkUuid: string; instanceType: 'aws' | 'user'; gpu: boolean }) {
+  const device = await SimDevice.connect(url)
+  await device.register({ sdkUuid: options.sdkUuid, instanceType: options.instanceType, maxTasks: 2, batchInputs: 8 })
+  let n = 0
+  device.socket.on('message', (raw) => {
+    const frame = JSON.parse(raw.toString())
+    if (frame.type !== 'task') return
+    const inputs = frame.inputs ?? [frame.input]
+    const outputs = inputs.map(() => ({ data: [0.25, 0.75], shape: [1, 2] }))
+    const metrics = { cpu_ms: 1.25 + (n++ % 3) * 0.5, gpu_ms: options.gpu ? 2.125 : 0, bytes_in: 40 * inputs.length, bytes_out: 8 * inputs.length }
+    setTimeout(() => device.send({ type: 'task_result', task_id: frame.task_id, lease_id: frame.lease_id, status: 'completed', ...(frame.inputs ? { outputs } : { output: outputs[0] }), metrics }), 5)
+  })
+  return device
+}
+
+t.test('under concurrent load with a device killed mid-task, usage equals the sum over completed tasks, exactly; errors hold the lost attempts', async (t) => {
+  const { api, model, url, store, customer, app } = await inferenceSetup(t, { leaseTimeoutMs: 3000 })
+  const victim = await SimDevice.connect(url) // takes tasks and never answers; killed below
+  await victim.register({ sdkUuid: 'sdk-nodejs-victim', instanceType: 'user', maxTasks: 2, batchInputs: 8 })
+  const project = (await api('POST', '/projects', { name: 'metered', type: 'batch' })).body.project_id
+  const singles = Array.from({ length: 20 }, (_, i) => api('POST', '/inference?async=true', { model_id: model.id, input: { data: input(i), shape: [1, 10] }, ...(i % 2 ? { project_id: project } : {}) }))
+  const batch = api('POST', '/inference/batch', { model_id: model.id, project_id: project, inputs: Array.from({ length: 40 }, (_, i) => ({ data: input(i), shape: [1, 10] })) })
+  await victim.next((f) => f.type === 'task')
+  const a = await answeringDevice(url, { sdkUuid: 'sdk-nodejs-aaaaaa', instanceType: 'aws', gpu: true })
+  const b = await answeringDevice(url, { sdkUuid: 'sdk-nodejs-bbbbbb', instanceType: 'user', gpu: false })
+  t.teardown(() => [a, b, victim].forEach((d) => d.kill()))
+  victim.kill()
+  const jobs = [...(await Promise.all(singles)), await batch].map((r) => r.body.job_id as string)
+  for (const job of jobs) await poll(api, job, (body) => body.status === 'completed', 30_000)
+
+  const events = await allEvents(store)
+  const completed = events.filter((e) => e.type === 'TaskCompleted').map((e) => e.data as any)
+  const failed = events.filter((e) => e.type === 'TaskAttemptFailed').map((e) => e.data as any)
+  t.ok(failed.length >= 1, `the victim's ${failed.length} lost attempts were recorded`)
+  t.ok(failed.every((f) => f.sdk_uuid === 'sdk-nodejs-victim' && f.requeued))
+  const sum = (list: any[], f: (d: any) => number) => list.reduce((n, d) => n + f(d), 0)
+  const usage = (await api('GET', '/usage')).body
+  t.equal(usage.tasks.total, completed.length, 'every completed task billed once')
+  t.equal(usage.inputs, 60, 'every input billed once')
+  t.equal(usage.cpu_ms, sum(completed, (d) => d.metrics.cpu_ms), 'CPU time: the exact sum over completed tasks')
+  t.equal(usage.gpu_ms, sum(completed, (d) => d.metrics.gpu_ms), 'GPU time too')
+  t.equal(usage.tasks.gpu, completed.filter((d) => d.metrics.gpu_ms > 0).length)
+  t.equal(usage.tasks.cpu, completed.filter((d) => d.metrics.gpu_ms === 0).length)
+  t.equal(usage.bytes_in, sum(completed, (d) => d.metrics.bytes_in))
+  t.equal(usage.bytes_out, sum(completed, (d) => d.metrics.bytes_out))
+  t.equal(usage.failed_attempts.tasks, failed.length, 'lost attempts are counted in errors, not in usage')
+  const byType = (type: string) => completed.filter((d) => d.instance_type === type)
+  for (const type of ['aws', 'user']) {
+    const list = byType(type)
+    const cpu_us = sum(list, (d) => Math.round(d.metrics.cpu_ms * 1000))
+    const gpu_us = sum(list, (d) => Math.round(d.metrics.gpu_ms * 1000))
+    t.equal(usage.estimated_cost.by_instance_type[type], costOf(DEFAULT_PRICES, type, { cpu_us, gpu_us }), `${type} cost from the price table`)
+  }
+  t.equal(usage.estimated_cost.currency, 'USD')
+
+  const projectUsage = (await api('GET', `/usage/projects/${project}`)).body
+  const inProject = completed.filter((d) => d.project_id === project)
+  t.equal(projectUsage.tasks.total, inProject.length)
+  t.equal(projectUsage.inputs, 50, 'the batch and half the singles')
+  t.equal(projectUsage.cpu_ms, sum(inProject, (d) => d.metrics.cpu_ms))
+
+  const hour = hourOf(new Date().toISOString())
+  const internal = async (path: string) => (await app.inject({ method: 'GET', url: `/api/v1/internal/${path}?from=${hour}`, headers: { 'x-internal-token': INTERNAL_TOKEN } })).json()
+  const ok = await internal('uuid-usage')
+  t.same(ok.data.map((r: { uuid: string }) => r.uuid).sort(), ['sdk-nodejs-aaaaaa', 'sdk-nodejs-bbbbbb'])
+  for (const row of ok.data) {
+    const mine = completed.filter((d) => d.sdk_uuid === row.uuid)
+    t.match(row, { hour, cpu_ms: sum(mine, (d) => d.metrics.cpu_ms), gpu_ms: sum(mine, (d) => d.metrics.gpu_ms), cpu_tasks: mine.filter((d) => d.metrics.gpu_ms === 0).length, gpu_tasks: mine.filter((d) => d.metrics.gpu_ms > 0).length })
+  }
+  const errors = await internal('uuid-usage/errors')
+  t.same(errors.data.map((r: { uuid: string; cpu_tasks: number }) => [r.uuid, r.cpu_tasks]), [['sdk-nodejs-victim', failed.length]])
+
+  const hourly = (await api('GET', '/usage/hourly?hours=3')).body
+  t.equal(hourly.data.length, 3, 'empty hours included')
+  t.equal(hourly.data.at(-1).hour, hour)
+  t.equal(hourly.data.at(-1).tasks, completed.length)
+
+  const bob = await customer('bob')
+  const theirs = await fetch(`${url}/api/v1/usage`, { headers: { 'x-api-key': bob.key } })
+  t.match(await theirs.json(), { tasks: { total: 0 }, cpu_ms: 0, failed_attempts: { tasks: 0 } }, "another customer's usage is not yours")
+  t.equal((await fetch(`${url}/api/v1/usage/projects/${project}`, { headers: { 'x-api-key': bob.key } })).status, 404)
+  const admin = (await app.inject({ method: 'GET', url: '/api/v1/admin/usage', headers: { 'x-admin-key': ADMIN_KEY } })).json()
+  t.equal(admin.total, 1)
+  t.match(admin.customers[0], { tasks: { total: completed.length } })
+})
+
+t.test('the audit: a replay equals the live read model; a tampered row is found and named; CLI and admin endpoint agree', async (t) => {
+  const { api, model, url, database, app, projections, store } = await inferenceSetup(t)
+  const device = await answeringDevice(url, { sdkUuid: 'sdk-nodejs-cccccc', instanceType: 'user', gpu: false })
+  t.teardown(() => device.kill())
+  const batch = await api('POST', '/inference/batch', { model_id: model.id, inputs: Array.from({ length: 16 }, (_, i) => ({ data: input(i), shape: [1, 10] })) })
+  await poll(api, batch.body.job_id, (b) => b.status === 'completed', 30_000)
+  const single = await api('POST', '/inference', { model_id: model.id, input: { data: input(1), shape: [1, 10] } })
+  t.equal(single.status, 200)
+
+  const clean = (await app.inject({ method: 'GET', url: '/api/v1/admin/audit/usage', headers: { 'x-admin-key': ADMIN_KEY } })).json()
+  t.equal(clean.ok, true)
+  t.equal(clean.digest, clean.liveDigest)
+  t.match(clean.digest, /^[0-9a-f]{64}$/)
+  t.equal(clean.totals.reduce((n: number, r: { tasks: number }) => n + r.tasks, 0), (await api('GET', '/usage')).body.tasks.total)
+
+  // Same log, other batch sizes, every page delivered twice: byte-identical rows.
+  const twice: EventStore = Object.create(store)
+  let previous: RecordedEvent[] = []
+  twice.readAll = async (from, limit) => {
+    const page = await store.readAll(from, limit)
+    const out = [...previous, ...page]
+    previous = page
+    return out
+  }
+  for (const [deps, what] of [[{ db: database.db, store, batchSize: 1 }, 'batch size 1'], [{ db: database.db, store, batchSize: 7 }, 'batch size 7'], [{ db: database.db, store: twice, batchSize: 5 }, 'every page redelivered']] as const) {
+    const report = await auditUsage(deps)
+    t.equal(report.digest, clean.digest, `${what}: same digest`)
+  }
+
+  const customerId = clean.totals[0].customer_id
+  await sql`update rm_usage.usage_hourly set cpu_us = cpu_us + 7 where customer_id = ${customerId} and tasks = (select max(tasks) from rm_usage.usage_hourly)`.execute(database.db)
+  const tampered = (await app.inject({ method: 'GET', url: '/api/v1/admin/audit/usage', headers: { 'x-admin-key': ADMIN_KEY } })).json()
+  t.equal(tampered.ok, false)
+  t.equal(tampered.tables[0].differenceCount, 1)
+  const diff = tampered.tables[0].differences[0]
+  t.match(diff.key, { customer_id: customerId, sdk_uuid: 'sdk-nodejs-cccccc', outcome: 'completed' }, 'the audit names the row')
+  t.equal(Number(diff.live.cpu_us) - Number(diff.replayed.cpu_us), 7)
+  t.not(tampered.liveDigest, tampered.digest)
+  t.equal(tampered.digest, clean.digest, 'the replay is what it was')
+  const elsewhere = (await app.inject({ method: 'GET', url: '/api/v1/admin/audit/usage?customer=cust_other', headers: { 'x-admin-key': ADMIN_KEY } })).json()
+  t.equal(elsewhere.ok, true, "another customer's rows are not affected")
+
+  // The CLI prints the same report and exits 1.
+  const child = spawn(process.execPath, [DCP_BIN, 'audit', 'usage', '--customer', customerId], { env: { ...process.env, DATABASE_URL: database.url }, stdio: ['ignore', 'pipe', 'pipe'] })
+  let output = ''
+  child.stdout.on('data', (d) => (output += d))
+  child.stderr.on('data', (d) => (output += d))
+  const code = await new Promise((resolve) => child.on('exit', resolve))
+  t.equal(code, 1, output)
+  t.match(output, /DIFFERENCES FOUND/)
+  t.match(output, new RegExp(`customer_id="${customerId}"`))
+  t.match(output, new RegExp(`digest \\(replayed rows\\): ${clean.digest}`))
+  await projections.rebuild('usage')
+  const healed = (await app.inject({ method: 'GET', url: '/api/v1/admin/audit/usage', headers: { 'x-admin-key': ADMIN_KEY } })).json()
+  t.equal(healed.ok, true, 'a rebuild restores the truth')
+})
+
+t.test('usage endpoints validate their hours and windows', async (t) => {
+  const { api, app } = await inferenceSetup(t)
+  const hour = (offsetHours: number) => hourOf(new Date(Date.now() + offsetHours * 3_600_000).toISOString())
+  const internal = (query: string, token = INTERNAL_TOKEN) => app.inject({ method: 'GET', url: `/api/v1/internal/uuid-usage${query}`, headers: { 'x-internal-token': token } })
+  const cases: [string, RegExp][] = [
+    ['', /querystring\.from/],
+    ['?from=2026-03-15', /YYYY-MM-DDTHH/],
+    ['?from=2026-13-01T00', /not a real hour/],
+    [`?from=${hour(-72)}`, /outside the rolling 3-day window/],
+    [`?from=${hour(-1)}&to=${hour(1)}`, /in the future/],
+    [`?from=${hour(0)}&to=${hour(-2)}`, /is after to/],
+  ]
+  for (const [query, message] of cases) {
+    const r = await internal(query)
+    t.equal(r.statusCode, 400, query)
+    t.match(r.json().error, { code: 'VALIDATION_ERROR', message }, query)
+  }
+  const edge = await internal(`?from=${hour(-71)}`)
+  t.equal(edge.statusCode, 200, 'the earliest hour of the window is in it')
+  t.same(edge.json(), { from: hour(-71), to: hour(0), data: [] }, 'only hours with activity')
+  t.equal((await internal(`?from=${hour(0)}`, 'wrong')).statusCode, 401)
+  t.equal((await app.inject({ method: 'GET', url: `/api/v1/internal/uuid-usage/errors?from=${hour(0)}` })).statusCode, 401)
+  for (const query of ['?hours=0', '?hours=73', '?hours=abc']) {
+    const r = await api('GET', `/usage/hourly${query}`)
+    t.equal(r.status, 400, query)
+  }
+  t.equal((await api('GET', '/usage/hourly')).body.data.length, 24, 'default 24 hours')
+  t.equal((await api('GET', '/usage?from=2026-01-02T00&to=2026-01-01T00')).status, 400)
+  t.equal((await app.inject({ method: 'GET', url: '/api/v1/admin/usage' })).statusCode, 401)
+})
