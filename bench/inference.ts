@@ -21,7 +21,7 @@
 import { type ChildProcess, spawn } from 'node:child_process'
 import { readdirSync, readFileSync } from 'node:fs'
 import { mkdtemp, rm } from 'node:fs/promises'
-import { tmpdir } from 'node:os'
+import { availableParallelism, tmpdir } from 'node:os'
 import path from 'node:path'
 import { createInterface } from 'node:readline'
 import { fileURLToPath } from 'node:url'
@@ -89,32 +89,60 @@ function cpuSeconds(pid: number): number {
   }
 }
 
-/** CPU seconds so far of the dcp server, its worker processes, every Postgres process, and this process. */
-function cpuSnapshot(serverPid: number): Record<'server' | 'workers' | 'postgres' | 'bench', number> {
-  let children: number[] = []
+/** The processes whose CPU the bench reports: the dcp server (its children are the workers) and the bench's Postgres. */
+interface Watched {
+  serverPid: number
+  /** The port of the Postgres server the bench's database is on. */
+  postgresPort: string
+}
+
+const childrenOf = (pid: number): number[] => {
   try {
-    children = readFileSync(`/proc/${serverPid}/task/${serverPid}/children`, 'utf8').trim().split(/\s+/).filter(Boolean).map(Number)
-  } catch {} // gone: counted as 0
-  let postgres = 0
+    return readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8').trim().split(/\s+/).filter(Boolean).map(Number)
+  } catch {
+    return [] // gone
+  }
+}
+
+/** The local postmaster started with `-p <port>` and its children (backends, background workers); none for a remote server. */
+function postgresPids(port: string): number[] {
   for (const entry of readdirSync('/proc')) {
     if (!/^\d+$/.test(entry)) continue
     try {
-      if (readFileSync(`/proc/${entry}/comm`, 'utf8').startsWith('postgres')) postgres += cpuSeconds(Number(entry))
+      const argv = readFileSync(`/proc/${entry}/cmdline`, 'utf8').split('\0')
+      if (!argv[0]?.endsWith('postgres')) continue
+      const p = argv.indexOf('-p')
+      if (p >= 0 && argv[p + 1] === port) return [Number(entry), ...childrenOf(Number(entry))]
     } catch {} // gone meanwhile
   }
-  const self = process.cpuUsage()
-  return { server: cpuSeconds(serverPid), workers: children.reduce((sum, pid) => sum + cpuSeconds(pid), 0), postgres, bench: (self.user + self.system) / 1e6 }
+  return []
 }
 
-/** Starts counting; the returned function gives each part's CPU since then, in % of one core (200% = both cores of a 2-core machine). */
-function cpuSplit(serverPid: number): () => string {
-  const before = cpuSnapshot(serverPid)
+function cpuSnapshot({ serverPid, postgresPort }: Watched) {
+  const self = process.cpuUsage()
+  return {
+    server: cpuSeconds(serverPid),
+    workers: childrenOf(serverPid).reduce((sum, pid) => sum + cpuSeconds(pid), 0),
+    postgres: new Map(postgresPids(postgresPort).map((pid) => [pid, cpuSeconds(pid)])),
+    bench: (self.user + self.system) / 1e6,
+  }
+}
+
+/** Starts counting; the returned function gives each part's CPU since then, in % of one core. */
+function cpuSplit(watched: Watched): () => string {
+  const before = cpuSnapshot(watched)
   const started = performance.now()
   return () => {
-    const after = cpuSnapshot(serverPid)
+    const after = cpuSnapshot(watched)
     const seconds = (performance.now() - started) / 1000
-    const pct = (k: keyof typeof before) => `${k} ${fixed(((after[k] - before[k]) / seconds) * 100, 0)}%`
-    return `cpu: ${pct('server')}, ${pct('workers')} (both), ${pct('postgres')} (Postgres processes may include other users'), ${pct('bench')}`
+    const pct = (cpu: number) => `${fixed((cpu / seconds) * 100, 0)}%`
+    // a backend that started meanwhile counts from 0; one that exited meanwhile is missed
+    let postgres = 0
+    for (const [pid, cpu] of after.postgres) postgres += cpu - (before.postgres.get(pid) ?? 0)
+    return (
+      `cpu: server ${pct(after.server - before.server)}, workers ${pct(after.workers - before.workers)} (both), ` +
+      `postgres ${after.postgres.size ? pct(postgres) : '-'}, bench ${pct(after.bench - before.bench)} (of ${availableParallelism()} cores)`
+    )
   }
 }
 
@@ -255,7 +283,7 @@ async function waitForDevices(base: string, n: number, timeoutMs: number): Promi
 }
 
 /** Synchronous single inference under autocannon; the first error bodies are kept. */
-async function syncBench(base: string, serverPid: number, modelId: string, session: ort.InferenceSession, log: Log): Promise<LoadResult> {
+async function syncBench(base: string, watched: Watched, modelId: string, session: ort.InferenceSession, log: Log): Promise<LoadResult> {
   const data = inputOf(0)
   const body = JSON.stringify({ model_id: modelId, input: { data, shape: [1, 10] } })
   const first = await api(base, 'POST', '/inference', body)
@@ -271,7 +299,7 @@ async function syncBench(base: string, serverPid: number, modelId: string, sessi
   summarise('dcp warm-up', await autocannon({ ...options, duration: 3 }), log)
   summarise('dcp, 1 connection', await autocannon({ ...options, connections: 1, duration: 3 }), log)
   errorBodies.length = 0
-  const cpu = cpuSplit(serverPid)
+  const cpu = cpuSplit(watched)
   const figures = summarise('dcp', await autocannon({ ...options, duration: SECONDS }), log)
   log(`dcp: ${cpu()}`)
   for (const text of errorBodies) log(`dcp: error response: ${text}`)
@@ -279,10 +307,10 @@ async function syncBench(base: string, serverPid: number, modelId: string, sessi
 }
 
 /** POSTs the batch, waits for `completed`; undefined when the server refuses it (logged). */
-async function runBatch(base: string, serverPid: number, modelId: string, n: number, log: Log): Promise<{ jobId: string; seconds: number } | undefined> {
+async function runBatch(base: string, watched: Watched, modelId: string, n: number, log: Log): Promise<{ jobId: string; seconds: number } | undefined> {
   const body = JSON.stringify({ model_id: modelId, name: 'bench', inputs: Array.from({ length: n }, (_, i) => ({ data: inputOf(i), shape: [1, 10] })) })
   log(`batch: POST /inference/batch with ${n} inputs, body ${fixed(body.length / 1024 / 1024)} MiB`)
-  let cpu = cpuSplit(serverPid)
+  let cpu = cpuSplit(watched)
   const started = performance.now()
   const queued = await api(base, 'POST', '/inference/batch', body)
   const accepted = performance.now()
@@ -292,7 +320,7 @@ async function runBatch(base: string, serverPid: number, modelId: string, n: num
   }
   const jobId = queued.body.job_id as string
   log(`batch: ${jobId} accepted in ${fixed((accepted - started) / 1000)} s; ${cpu()}`)
-  cpu = cpuSplit(serverPid)
+  cpu = cpuSplit(watched)
   let lastLog = accepted
   for (;;) {
     const { status, body: job } = await api(base, 'GET', `/inference/${jobId}?limit=1`)
@@ -358,8 +386,9 @@ export async function inferenceBench({ database, log }: BenchContext): Promise<s
     const modelId = await uploadModel(url, bytes)
     await waitForDevices(url, 2, 60_000)
     log(`dcp: model ${modelId} uploaded, 2 workers online ${fixed((performance.now() - started) / 1000, 1)} s after the start`)
-    const dcp = await syncBench(url, child.pid!, modelId, session, log)
-    const batch = await runBatch(url, child.pid!, modelId, BATCH_INPUTS, log)
+    const watched = { serverPid: child.pid!, postgresPort: new URL(database.url).port || '5432' }
+    const dcp = await syncBench(url, watched, modelId, session, log)
+    const batch = await runBatch(url, watched, modelId, BATCH_INPUTS, log)
     if (batch) await verifyBatch(url, batch.jobId, BATCH_INPUTS, loop.expected, log)
     const batchPerS = batch ? BATCH_INPUTS / batch.seconds : NaN
     if (batch) log(`batch: ${fixed(batchPerS, 0)} inputs/s through dcp against ${fixed(loop.inputsPerS, 0)} direct = ${fixed(batchPerS / loop.inputsPerS, 3)}`)
