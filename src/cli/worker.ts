@@ -3,6 +3,9 @@ import { INSTANCE_TYPES } from '../protocol/frames.js'
 import { DeviceWorker } from '../sdk/index.js'
 import { parse, UsageError } from './args.js'
 
+/** Tasks a worker runs at once unless told: one waits on the network while another runs. */
+const DEFAULT_MAX_TASKS = 4
+
 /**
  * `dcp worker --server <url>`: turns this machine into a device. Ctrl-C / SIGTERM drains (finishes the tasks it
  * holds); a second signal stops at once. Exit 0 when stopped by a signal, 1 when the hub refused it.
@@ -23,7 +26,7 @@ export async function workerCommand(args: string[]): Promise<number> {
   if (!isHttpUrl(server)) throw new UsageError(`--server must be an http(s) URL, got ${JSON.stringify(server)}`)
   const instanceType = values['instance-type'] ?? 'user'
   if (!(INSTANCE_TYPES as readonly string[]).includes(instanceType)) throw new UsageError(`--instance-type must be aws or user, got ${instanceType}`)
-  const maxTasks = values['max-tasks'] === undefined ? 1 : Number(values['max-tasks'])
+  const maxTasks = values['max-tasks'] === undefined ? DEFAULT_MAX_TASKS : Number(values['max-tasks'])
   if (!Number.isInteger(maxTasks) || maxTasks < 1 || maxTasks > 256) throw new UsageError(`--max-tasks must be 1..256, got ${values['max-tasks']}`)
 
   const verbose = values.verbose ?? false

@@ -290,8 +290,13 @@ export class TaskScheduler {
       })
   }
 
+  /**
+   * Gives every queued task a device has room for to that device. The leases are granted together (each
+   * lease takes its slot at once, then their events are appended concurrently and share a group commit).
+   */
   private async dispatch(): Promise<void> {
-    for (let i = 0; i < this.queue.length; ) {
+    const grants: Promise<void>[] = []
+    for (let i = 0; i < this.queue.length && this.hasRoom(); ) {
       const task = this.queue[i]!
       const device = this.pickDevice(task)
       if (!device) {
@@ -299,8 +304,15 @@ export class TaskScheduler {
         continue
       }
       this.dequeueAt(i)
-      await this.lease(task, device)
+      grants.push(this.lease(task, device))
     }
+    await Promise.all(grants)
+  }
+
+  /** Is there a device that could take one more task (so scanning the queue may find work for it)? */
+  private hasRoom(): boolean {
+    for (const device of this.devices.values()) if (!device.draining && device.leases.size < device.maxConcurrent) return true
+    return false
   }
 
   /** A capable device with room: GPU first when asked, then the least loaded. */

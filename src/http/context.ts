@@ -6,7 +6,8 @@ import type { DeviceHub } from '../device-hub/hub.js'
 import { type CommandOptions, type CommandResult, handleCommand } from '../commands/handle-command.js'
 import type { Decider, DomainEvent } from '../domain/decider.js'
 import type { PriceTable } from '../domain/pricing.js'
-import type { EventStore } from '../event-store/port.js'
+import type { EventStore, Position } from '../event-store/port.js'
+import { ProjectionTimeoutError } from '../projections/runner.js'
 import type { Projections } from '../projections/projections.js'
 
 /** What the routes work with; built once by `buildApp` from its deps. */
@@ -38,6 +39,18 @@ export async function execute<C, E extends DomainEvent, S>(
   options: CommandOptions = {},
 ): Promise<CommandResult<E, S>> {
   const result = await handleCommand(services.store, streamId, decider, command, options)
-  await services.projections.waitFor(result.position)
+  await readYourWrites(services, result.position)
   return result
+}
+
+/**
+ * Waits until the read models (or those named) include `position`. A read model that lags past the wait
+ * does not fail the request: what was written is written; a read right after may just not show it yet.
+ */
+export async function readYourWrites(services: Services, position: Position, names?: readonly string[]): Promise<void> {
+  try {
+    await services.projections.waitFor(position, 10_000, names)
+  } catch (error) {
+    if (!(error instanceof ProjectionTimeoutError)) throw error
+  }
 }

@@ -11,7 +11,8 @@ import { findJob, type JobRow, jobResults, jobStatus, openTaskIds } from '../pro
 import { findModel, type ModelRow } from '../projections/models.js'
 import { findProject } from '../projections/projects.js'
 import { customerOf } from './auth.js'
-import { execute, type Services } from './context.js'
+import { handleCommand } from '../commands/handle-command.js'
+import { execute, readYourWrites, type Services } from './context.js'
 import { pageQuery } from './pagination.js'
 import { newId } from './ids.js'
 
@@ -110,7 +111,7 @@ export async function cancelJob(services: Services, customerId: string, job: Job
   const positions = await Promise.all(open.map((taskId) => services.scheduler.cancel(taskId, customerId).catch((e: unknown) => (e instanceof DomainError && e.code === 'CANNOT_CANCEL' ? undefined : Promise.reject(e)))))
   // read-your-writes: the answer's GET sees the tasks cancelled
   const last = positions.reduce<bigint | undefined>((a, b) => (b !== undefined && (a === undefined || b > a) ? b : a), undefined)
-  if (last !== undefined) await services.projections.waitFor(last)
+  if (last !== undefined) await readYourWrites(services, last)
   return open.length
 }
 
@@ -191,7 +192,11 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
     const sizes = kind === 'single' ? [1] : chunkSizes(inputs.length, capacity)
     const tasks = sizes.map((n, i) => ({ task_id: inferenceTaskId(jobId, i), inputs: n }))
     const request = { job_id: jobId, customer_id: customerId, project_id: projectId, model_id: model.model_id, kind, mode, name: body.name ?? null, tasks, requested_at: at }
-    await execute(services, inferenceStream(jobId), inferenceDecider, { type: 'RequestInference', request }, { metadata: { customerId, occurredAt: at } })
+    // a synchronous request reads nothing back before its outcome, so it does not wait for the read models here
+    const command = { type: 'RequestInference' as const, request }
+    const options = { metadata: { customerId, occurredAt: at } }
+    if (mode === 'sync') await handleCommand(services.store, inferenceStream(jobId), inferenceDecider, command, options)
+    else await execute(services, inferenceStream(jobId), inferenceDecider, command, options)
     const taskIds = tasks.map((t) => t.task_id)
     beforeQueue(taskIds)
     let first = 0
@@ -214,7 +219,7 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
       }),
     )
     // read-your-writes: a GET after the answer sees the tasks queued (in the job's project too)
-    if (mode === 'async') await services.projections.waitFor(positions.reduce((a, b) => (a > b ? a : b)))
+    if (mode === 'async') await readYourWrites(services, positions.reduce((a, b) => (a > b ? a : b)))
     return { jobId, total: inputs.length, projectId, model }
   }
 
@@ -265,7 +270,8 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
     }
     if (outcome.status !== 'completed') throw new DomainError('INFERENCE_FAILED', outcome.status === 'failed' ? outcome.reason : 'the job was cancelled')
     const [result] = await present(model, outcome.outputs, request.query.raw === 'true')
-    await services.projections.waitFor(outcome.position)
+    // a GET of the job right after this answer sees it completed (the one read model it reads)
+    await readYourWrites(services, outcome.position, ['inference'])
     return { job_id: jobId, status: 'completed', result, latency_ms: Math.round(performance.now() - started), device_id: outcome.deviceId }
   })
 

@@ -71,9 +71,10 @@ export class Projections {
     this.runners.clear()
   }
 
-  /** Read-your-writes: resolves once every running projection has applied the log up to `position`. */
-  async waitFor(position: Position, timeoutMs = 10_000): Promise<void> {
-    await Promise.all([...this.runners.values()].map((r) => r.waitFor(position, timeoutMs)))
+  /** Read-your-writes: resolves once every running projection (or those named) has applied the log up to `position`. */
+  async waitFor(position: Position, timeoutMs = 10_000, names?: readonly string[]): Promise<void> {
+    const runners = [...this.runners].filter(([name]) => !names || names.includes(name))
+    await Promise.all(runners.map(([, r]) => r.waitFor(position, timeoutMs)))
   }
 
   rebuild(name: string): Promise<Position> {
