@@ -16,6 +16,17 @@ export interface CommandOptions {
   maxConflictRetries?: number
 }
 
+/**
+ * The stream's state and last revision (-1: no stream yet) as the caller already knows them, for example as
+ * the stream's only writer, or for a stream it has just named: the first attempt decides on it without
+ * reading the stream (one round trip fewer). If the stream moved meanwhile, the append conflicts and the
+ * command is handled the usual way.
+ */
+export interface KnownState<State> {
+  state: State
+  revision: number
+}
+
 export interface CommandResult<Event, State> {
   /** The events this command appended (or, for a repeated idempotency key, appended the first time). */
   events: Event[]
@@ -37,9 +48,23 @@ export async function handleCommand<Command, Event extends DomainEvent, State>(
   streamId: string,
   decider: Decider<Command, Event, State>,
   command: Command,
-  options: CommandOptions = {},
+  options: CommandOptions & { known?: KnownState<State> } = {},
 ): Promise<CommandResult<Event, State>> {
   const maxRetries = options.maxConflictRetries ?? 5
+  const known = options.idempotencyKey ? undefined : options.known
+  if (known) {
+    const events = decideOn(decider, command, known.state)
+    // Only a decision to append is taken on what the caller knew; a refusal or a no-op is checked on the stream.
+    if (events && events.length > 0) {
+      try {
+        const result = await store.append(streamId, toNewEvents(events, options), { expectedRevision: known.revision < 0 ? 'no_stream' : known.revision })
+        return { events, state: events.reduce(decider.evolve, known.state), nextRevision: result.nextRevision, position: result.position, repeated: false }
+      } catch (error) {
+        if (!(error instanceof WrongExpectedRevisionError)) throw error
+        // the stream moved: read it and decide again below
+      }
+    }
+  }
   for (let attempt = 0; ; attempt++) {
     // 1. read the stream and fold it
     const recorded = await store.readStream(streamId)
@@ -61,16 +86,7 @@ export async function handleCommand<Command, Event extends DomainEvent, State>(
     // 4. append with the revision the decision was based on
     const expectedRevision = recorded.length === 0 ? 'no_stream' : recorded.at(-1)!.revision
     try {
-      const result = await store.append(
-        streamId,
-        events.map((event, i) => ({
-          id: options.idempotencyKey ? eventIdFor(options.idempotencyKey, i) : newEventId(),
-          type: event.type,
-          data: event.data,
-          metadata: { schemaVersion: 1, ...options.metadata },
-        })),
-        { expectedRevision },
-      )
+      const result = await store.append(streamId, toNewEvents(events, options), { expectedRevision })
       state = events.reduce(decider.evolve, state)
       return { events, state, nextRevision: result.nextRevision, position: result.position, repeated: false }
     } catch (error) {
@@ -79,6 +95,23 @@ export async function handleCommand<Command, Event extends DomainEvent, State>(
       throw error
     }
   }
+}
+
+function decideOn<Command, Event extends DomainEvent, State>(decider: Decider<Command, Event, State>, command: Command, state: State): Event[] | undefined {
+  try {
+    return decider.decide(command, state)
+  } catch {
+    return undefined
+  }
+}
+
+function toNewEvents(events: DomainEvent[], options: CommandOptions) {
+  return events.map((event, i) => ({
+    id: options.idempotencyKey ? eventIdFor(options.idempotencyKey, i) : newEventId(),
+    type: event.type,
+    data: event.data,
+    metadata: { schemaVersion: 1, ...options.metadata },
+  }))
 }
 
 /** Indexes of the events the first run with this key appended, if it did. */

@@ -2,12 +2,12 @@ import { EventEmitter } from 'node:events'
 import type { z } from 'zod'
 import type { Kysely } from 'kysely'
 import { DomainError } from '../domain/errors.js'
-import { type TaskCommand, taskDecider, type TaskSpec, taskStream } from '../domain/task.js'
+import { type TaskCommand, taskDecider, type TaskSpec, type TaskState, taskStream } from '../domain/task.js'
 import type { EventStore, Position } from '../event-store/port.js'
 import { newEventId } from '../event-store/event-id.js'
 import type { CancelTask, Metrics, TaskAssignment, TaskResult, Tensor } from '../protocol/frames.js'
 import { openTasks } from '../projections/tasks.js'
-import { handleCommand } from './handle-command.js'
+import { handleCommand, type KnownState } from './handle-command.js'
 
 type CancelTaskFrame = z.infer<typeof CancelTask>
 type TaskResultFrame = z.infer<typeof TaskResult>
@@ -85,6 +85,8 @@ export class TaskScheduler {
   private readonly queue: TaskSpec[] = []
   private waitingInputs = 0
   private readonly specs = new Map<string, TaskSpec>()
+  /** The state and revision of each open task's stream, as this scheduler (its one writer) last wrote it. */
+  private readonly known = new Map<string, KnownState<TaskState>>()
   private readonly leases = new Map<string, Lease>()
   private readonly devices = new Map<string, DeviceSlot>()
   private readonly outcomes = new EventEmitter()
@@ -105,8 +107,9 @@ export class TaskScheduler {
   /** Loads queued and leased tasks from the read model and starts the lease sweeper. */
   async recover(): Promise<void> {
     for (const open of await openTasks(this.options.db)) {
-      const state = await this.fold(open.task_id)
+      const { state, revision } = await this.fold(open.task_id)
       if (!state.spec) continue
+      this.known.set(open.task_id, { state, revision })
       this.specs.set(open.task_id, state.spec)
       if (state.status === 'queued') this.enqueue(state.spec)
       else if (state.status === 'leased' && state.lease) {
@@ -149,6 +152,7 @@ export class TaskScheduler {
   /** Queues a task (`task.max_attempts` defaults to the scheduler's) and dispatches it when a device can take it. */
   async submit(task: NewTask, metadata: { customerId: string }): Promise<Position> {
     const spec: TaskSpec = { ...task, project_id: task.project_id ?? null, output_shape: task.output_shape ?? null, max_attempts: task.max_attempts ?? this.maxAttempts }
+    this.known.set(spec.task_id, { state: taskDecider.initialState(), revision: -1 }) // a new stream
     const result = await this.command(spec.task_id, { type: 'QueueTask', task: spec, at: this.now().toISOString() }, metadata.customerId)
     this.specs.set(spec.task_id, spec)
     this.enqueue(spec)
@@ -356,14 +360,23 @@ export class TaskScheduler {
     if (!sent) await this.failAttempt(lease, 'the device was gone before the task reached it', null)
   }
 
-  private async fold(taskId: string) {
+  private async fold(taskId: string): Promise<KnownState<TaskState>> {
     const events = await this.options.store.readStream(taskStream(taskId))
-    return events.map((e) => taskDecider.parse({ type: e.type, data: e.data, schemaVersion: 1 })).reduce(taskDecider.evolve, taskDecider.initialState())
+    const state = events.map((e) => taskDecider.parse({ type: e.type, data: e.data, schemaVersion: e.metadata.schemaVersion ?? 1 })).reduce(taskDecider.evolve, taskDecider.initialState())
+    return { state, revision: events.at(-1)?.revision ?? -1 }
   }
 
-  private command(taskId: string, command: TaskCommand, customerId?: string) {
+  /** Runs a task command, deciding on the state this scheduler last wrote (one round trip) when it has it. */
+  private async command(taskId: string, command: TaskCommand, customerId?: string) {
     const spec = this.specs.get(taskId)
     const metadata = { customerId: customerId ?? spec?.customer_id ?? '', occurredAt: 'at' in command ? command.at : undefined }
-    return handleCommand(this.options.store, taskStream(taskId), taskDecider, command, { metadata })
+    const known = this.known.get(taskId)
+    const result = await handleCommand(this.options.store, taskStream(taskId), taskDecider, command, { metadata, ...(known ? { known } : {}) })
+    const ended = result.state.status === 'completed' || result.state.status === 'failed' || result.state.status === 'cancelled'
+    if (ended) {
+      this.known.delete(taskId)
+      this.specs.delete(taskId)
+    } else this.known.set(taskId, { state: result.state, revision: result.nextRevision })
+    return result
   }
 }

@@ -3,7 +3,7 @@ import type { Adapters } from '../adapters/runtime.js'
 import type { BlobStore } from '../blobs/blob-store.js'
 import type { TaskScheduler } from '../commands/scheduler.js'
 import type { DeviceHub } from '../device-hub/hub.js'
-import { type CommandOptions, type CommandResult, handleCommand } from '../commands/handle-command.js'
+import { type CommandOptions, type CommandResult, handleCommand, type KnownState } from '../commands/handle-command.js'
 import type { Decider, DomainEvent } from '../domain/decider.js'
 import type { PriceTable } from '../domain/pricing.js'
 import type { EventStore, Position } from '../event-store/port.js'
@@ -36,7 +36,7 @@ export async function execute<C, E extends DomainEvent, S>(
   streamId: string,
   decider: Decider<C, E, S>,
   command: C,
-  options: CommandOptions = {},
+  options: CommandOptions & { known?: KnownState<S> } = {},
 ): Promise<CommandResult<E, S>> {
   const result = await handleCommand(services.store, streamId, decider, command, options)
   await readYourWrites(services, result.position)

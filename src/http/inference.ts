@@ -194,7 +194,8 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
     const request = { job_id: jobId, customer_id: customerId, project_id: projectId, model_id: model.model_id, kind, mode, name: body.name ?? null, tasks, requested_at: at }
     // a synchronous request reads nothing back before its outcome, so it does not wait for the read models here
     const command = { type: 'RequestInference' as const, request }
-    const options = { metadata: { customerId, occurredAt: at } }
+    // a new job id: its stream does not exist yet, no need to read it
+    const options = { metadata: { customerId, occurredAt: at }, known: { state: inferenceDecider.initialState(), revision: -1 } }
     if (mode === 'sync') await handleCommand(services.store, inferenceStream(jobId), inferenceDecider, command, options)
     else await execute(services, inferenceStream(jobId), inferenceDecider, command, options)
     const taskIds = tasks.map((t) => t.task_id)

@@ -95,3 +95,29 @@ t.test('a repeated idempotency key returns the first result and appends nothing'
   const other = await handleCommand(store, 'account-3', account, { type: 'Deposit', amount: 7 }, { idempotencyKey: 'req-43' })
   t.equal(other.state.balance, 14, 'a new key is a new command')
 })
+
+t.test('a known state skips the read; when it is stale the stream decides', async (t) => {
+  const database = await freshDatabase(t)
+  const store = new PostgresEventStore(database.pool)
+  t.teardown(() => store.close())
+  let reads = 0
+  const counting = Object.create(store) as PostgresEventStore
+  counting.readStream = (...args) => {
+    reads++
+    return store.readStream(...args)
+  }
+  const opened = await handleCommand(counting, 'acct-k', account, { type: 'Open', owner: 'ann' }, { known: { state: account.initialState(), revision: -1 } })
+  t.equal(reads, 0, 'a new stream is not read')
+  const deposited = await handleCommand(counting, 'acct-k', account, { type: 'Deposit', amount: 10 }, { known: { state: opened.state, revision: opened.nextRevision } })
+  t.equal(reads, 0, 'nor a stream whose state the caller holds')
+  t.same(deposited.state, { open: true, balance: 10 })
+  // Someone else withdrew meanwhile: the known state is stale, the append conflicts, the stream is read.
+  await handleCommand(store, 'acct-k', account, { type: 'Withdraw', amount: 8 })
+  await t.rejects(handleCommand(counting, 'acct-k', account, { type: 'Withdraw', amount: 5 }, { known: { state: deposited.state, revision: deposited.nextRevision } }), { code: 'INSUFFICIENT_FUNDS' })
+  t.equal(reads, 1, 'read once the known state proved stale')
+  // A refusal on a stale state is checked on the stream: here the stale state says closed, the stream says open.
+  const ok = await handleCommand(counting, 'acct-k', account, { type: 'Deposit', amount: 1 }, { known: { state: account.initialState(), revision: -1 } })
+  t.same(ok.state, { open: true, balance: 3 })
+  const again = handleCommand(counting, 'acct-k', account, { type: 'Open', owner: 'bob' }, { known: { state: account.initialState(), revision: -1 } })
+  await t.rejects(again, { code: 'CONFLICT' }, 'a stream that exists is not created twice')
+})
