@@ -270,9 +270,8 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
       throw error
     }
     if (outcome.status !== 'completed') throw new DomainError('INFERENCE_FAILED', outcome.status === 'failed' ? outcome.reason : 'the job was cancelled')
+    // No wait for the read models here: the answer carries the result, and a GET of the job waits for them.
     const [result] = await present(model, outcome.outputs, request.query.raw === 'true')
-    // a GET of the job right after this answer sees it completed (the one read model it reads)
-    await readYourWrites(services, outcome.position, ['inference'])
     return { job_id: jobId, status: 'completed', result, latency_ms: Math.round(performance.now() - started), device_id: outcome.deviceId }
   })
 
@@ -296,6 +295,8 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
     },
   }, async (request) => {
     const customerId = customerOf(request)
+    // read-your-writes for whatever this client did before (a sync answer does not wait for the read models)
+    await readYourWrites(services, await services.store.headPosition(), ['inference'])
     const job = await findJob(services.db, customerId, request.params.jobId)
     if (!job) throw new DomainError('NOT_FOUND', `inference job ${request.params.jobId} not found`)
     const status = jobStatus(job)

@@ -7,7 +7,7 @@ import { openJobsOfProject } from '../projections/inference.js'
 import { findModel } from '../projections/models.js'
 import { findProject, listProjects, projectAnalytics, projectView } from '../projections/projects.js'
 import { customerOf } from './auth.js'
-import { execute, type Services } from './context.js'
+import { execute, readYourWrites, type Services } from './context.js'
 import { newId } from './ids.js'
 import { cancelJob } from './inference.js'
 import { pageQuery } from './pagination.js'
@@ -24,8 +24,11 @@ const ProjectParams = z.object({ id: z.string().min(1).max(80) })
 export const projectRoutes: FastifyPluginAsync<{ services: Services }> = async (base, { services }) => {
   const app = base.withTypeProvider<ZodTypeProvider>()
   const config = { auth: 'api_key' as const }
+  /** Reads see every task outcome so far (synchronous inference answers before the read models catch up). */
+  const caughtUp = async () => readYourWrites(services, await services.store.headPosition(), ['projects'])
 
   async function owned(customerId: string, projectId: string) {
+    await caughtUp()
     const project = await findProject(services.db, customerId, projectId)
     if (!project) throw new DomainError('NOT_FOUND', `project ${projectId} not found`)
     return project
@@ -49,6 +52,7 @@ export const projectRoutes: FastifyPluginAsync<{ services: Services }> = async (
       querystring: pageQuery().extend({ status: z.enum(['active', 'completed', 'cancelled']).optional(), type: z.enum(PROJECT_TYPES).optional() }),
     },
   }, async (request) => {
+    await caughtUp()
     const { total, projects } = await listProjects(services.db, customerOf(request), request.query, request.query)
     return { projects, total, limit: request.query.limit, offset: request.query.offset }
   })

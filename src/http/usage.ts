@@ -6,7 +6,7 @@ import { costOf, round4 } from '../domain/pricing.js'
 import { findProject } from '../projections/projects.js'
 import { countUsageGroups, hourOf, sumUsage, type UsageFilter } from '../projections/usage.js'
 import { customerOf } from './auth.js'
-import type { Services } from './context.js'
+import { readYourWrites, type Services } from './context.js'
 import { pageQuery } from './pagination.js'
 
 const HOUR_MS = 3_600_000
@@ -57,6 +57,9 @@ function figures(services: Services, rows: Sums[]) {
 /** `/usage` for customers, `/admin/usage` for operators, `/internal/uuid-usage` for other services. */
 export const usageRoutes: FastifyPluginAsync<{ services: Services }> = async (base, { services }) => {
   const app = base.withTypeProvider<ZodTypeProvider>()
+
+  /** Reads see every task outcome so far (synchronous inference answers before the read models catch up). */
+  app.addHook('preHandler', async () => readYourWrites(services, await services.store.headPosition(), ['usage']))
 
   function checkRange(range: { from?: string | undefined; to?: string | undefined }) {
     if (range.from && range.to && range.from > range.to) throw new DomainError('VALIDATION_ERROR', `from ${range.from} is after to ${range.to}`)

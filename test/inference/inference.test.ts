@@ -27,7 +27,7 @@ t.test('async: 202 with a poll URL, polled to completion (query, header and body
   for (const [extra, query, headers] of ways) {
     const data = input(Object.keys(headers).length + query.length)
     const queued = await api('POST', `/inference${query}`, { model_id: model.id, input: { data, shape: [1, 10] }, ...extra }, headers)
-    t.equal(queued.status, 202)
+    t.equal(queued.status, 202, JSON.stringify(queued.body))
     t.match(queued.body, { status: 'queued', message: 'Inference job queued', poll_url: `/api/v1/inference/${queued.body.job_id}` })
     const done = await eventually(async () => {
       const r = await api('GET', `/inference/${queued.body.job_id}`)
