@@ -192,16 +192,16 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
     const sizes = kind === 'single' ? [1] : chunkSizes(inputs.length, capacity)
     const tasks = sizes.map((n, i) => ({ task_id: inferenceTaskId(jobId, i), inputs: n }))
     const request = { job_id: jobId, customer_id: customerId, project_id: projectId, model_id: model.model_id, kind, mode, name: body.name ?? null, tasks, requested_at: at }
-    // a synchronous request reads nothing back before its outcome, so it does not wait for the read models here
-    const command = { type: 'RequestInference' as const, request }
-    // a new job id: its stream does not exist yet, no need to read it
-    const options = { metadata: { customerId, occurredAt: at }, known: { state: inferenceDecider.initialState(), revision: -1 } }
-    if (mode === 'sync') await handleCommand(services.store, inferenceStream(jobId), inferenceDecider, command, options)
-    else await execute(services, inferenceStream(jobId), inferenceDecider, command, options)
+    // A new job id: its stream does not exist yet, no need to read it. No wait for the read models either:
+    // the reads of jobs, projects and usage wait for their own read model to reach the head of the log.
+    await handleCommand(services.store, inferenceStream(jobId), inferenceDecider, { type: 'RequestInference', request }, {
+      metadata: { customerId, occurredAt: at },
+      known: { state: inferenceDecider.initialState(), revision: -1 },
+    })
     const taskIds = tasks.map((t) => t.task_id)
     beforeQueue(taskIds)
     let first = 0
-    const positions = await Promise.all(
+    await Promise.all(
       tasks.map((task) => {
         const chunk = inputs.slice(first, (first += task.inputs))
         return services.scheduler.submit(
@@ -219,8 +219,6 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
         )
       }),
     )
-    // read-your-writes: a GET after the answer sees the tasks queued (in the job's project too)
-    if (mode === 'async') await readYourWrites(services, positions.reduce((a, b) => (a > b ? a : b)))
     return { jobId, total: inputs.length, projectId, model }
   }
 
