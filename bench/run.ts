@@ -28,6 +28,7 @@ const BENCHES: Record<string, (ctx: BenchContext) => Promise<string>> = {
   replay: replayBench,
   devices: devicesBench,
   inference: inferenceBench,
+  audit: async (ctx) => (await import('./audit.js')).auditBench(ctx),
 }
 
 const args = process.argv.slice(2).filter((a) => a !== '--')
