@@ -245,15 +245,15 @@ const server = process.env.DATABASE_URL ? undefined : await startEmbeddedPostgre
 process.env.DATABASE_URL ??= server!.url
 
 try {
-  const recorded = await record()
-  const golden = oldShapes(recorded.events, recorded.oldJobs)
-  await mkdir(DIR, { recursive: true })
-  await writeFile(FIXTURE, golden.map((e) => JSON.stringify(e)).join('\n') + '\n')
-  console.log(`${golden.length} events -> ${FIXTURE}`)
-} finally {
-  for (const f of teardowns) await f()
-}
-try {
+  try {
+    const recorded = await record()
+    const golden = oldShapes(recorded.events, recorded.oldJobs)
+    await mkdir(DIR, { recursive: true })
+    await writeFile(FIXTURE, golden.map((e) => JSON.stringify(e)).join('\n') + '\n')
+    console.log(`${golden.length} events -> ${FIXTURE}`)
+  } finally {
+    for (const f of teardowns) await f()
+  }
   const tap = path.resolve('node_modules/tap/dist/esm/run.mjs')
   const run = spawnSync(process.execPath, [tap, 'test/usage/golden.test.ts'], { stdio: 'inherit', env: { ...process.env, GOLDEN_RECORD: '1' } })
   if (run.status !== 0) process.exitCode = 1
