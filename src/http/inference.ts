@@ -333,6 +333,8 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
     schema: { summary: 'Cancel an inference job: its queued and running tasks stop; CANNOT_CANCEL once it finished', tags: ['inference'], params: JobParams },
   }, async (request) => {
     const customerId = customerOf(request)
+    // the job and its open tasks as of now (a submission does not wait for the read models)
+    await readYourWrites(services, await services.store.headPosition(), ['inference'])
     const job = await findJob(services.db, customerId, request.params.jobId)
     if (!job) throw new DomainError('NOT_FOUND', `inference job ${request.params.jobId} not found`)
     const cancelled = await cancelJob(services, customerId, job)

@@ -1,3 +1,4 @@
+import { randomBytes } from 'node:crypto'
 import { type Kysely, type RawBuilder, sql, type Transaction } from 'kysely'
 import type { EventStore, Position } from '../event-store/port.js'
 import { matchesFilter, START } from '../event-store/port.js'
@@ -18,7 +19,11 @@ interface Copy {
 }
 
 const rebuildCopy = (name: string): Copy => ({ schema: `rm_${name}__rebuild`, checkpoint: `${name}__rebuild` })
-const auditCopy = (name: string): Copy => ({ schema: `rm_${name}__audit`, checkpoint: `${name}__audit` })
+/** Each audit replays into a shadow of its own, so two audits at once (CLI and admin API) do not meet. */
+const auditCopy = (name: string): Copy => {
+  const id = randomBytes(4).toString('hex')
+  return { schema: `rm_${name}__audit_${id}`, checkpoint: `${name}__audit_${id}` }
+}
 
 /** Drops and creates a copy's schema and tables, and forgets its checkpoint. */
 async function resetCopy(db: Kysely<any>, projection: Projection, copy: Copy): Promise<void> {
@@ -167,17 +172,26 @@ async function compareTable(
   limit: number,
   where: RawBuilder<boolean> = sql<boolean>`true`,
 ): Promise<TableAudit> {
-  const key = sql.join(table.primaryKey.flatMap((c) => [sql.lit(c), sql.ref(`t.${c}`)]))
-  const side = (schema: string) => sql`select jsonb_build_object(${key}) as k, to_jsonb(t) as r from ${sql.table(`${schema}.${table.name}`)} as t where ${where}`
-  const diff = sql`
-    select coalesce(l.k, s.k) as key, l.r as live, s.r as replayed
-    from (${side(live)}) l full join (${side(shadow)}) s on l.k = s.k
-    where l.r is distinct from s.r`
-  const { rows } = await sql<RowDifference>`${diff} order by 1 limit ${limit}`.execute(trx)
-  const counts = await sql<{ differences: string; live: string; replayed: string }>`
-    select (select count(*) from (${diff}) d) as differences,
-           (select count(*) from ${sql.table(`${live}.${table.name}`)} as t where ${where}) as live,
+  // One pass: a full join on the typed key columns, the differing rows counted by a window over them.
+  const columns = sql.join(table.primaryKey.map((c) => sql.ref(`t.${c}`)))
+  const side = (schema: string) => sql`select ${columns}, to_jsonb(t) as r from ${sql.table(`${schema}.${table.name}`)} as t where ${where}`
+  const key = sql.join(table.primaryKey.flatMap((c) => [sql.lit(c), sql`coalesce(${sql.ref(`l.${c}`)}, ${sql.ref(`s.${c}`)})`]))
+  const on = sql.join(table.primaryKey.map((c) => sql`${sql.ref(`l.${c}`)} = ${sql.ref(`s.${c}`)}`), sql` and `)
+  const { rows } = await sql<RowDifference & { total: string }>`
+    select jsonb_build_object(${key}) as key, l.r as live, s.r as replayed, count(*) over () as total
+    from (${side(live)}) l full join (${side(shadow)}) s on ${on}
+    where l.r is distinct from s.r
+    order by 1 limit ${limit}`.execute(trx)
+  const counts = await sql<{ live: string; replayed: string }>`
+    select (select count(*) from ${sql.table(`${live}.${table.name}`)} as t where ${where}) as live,
            (select count(*) from ${sql.table(`${shadow}.${table.name}`)} as t where ${where}) as replayed`.execute(trx)
   const c = counts.rows[0]!
-  return { table: table.name, primaryKey: table.primaryKey, liveRows: Number(c.live), replayedRows: Number(c.replayed), differences: rows, differenceCount: Number(c.differences) }
+  return {
+    table: table.name,
+    primaryKey: table.primaryKey,
+    liveRows: Number(c.live),
+    replayedRows: Number(c.replayed),
+    differences: rows.map(({ total: _total, ...difference }) => difference),
+    differenceCount: Number(rows[0]?.total ?? 0),
+  }
 }

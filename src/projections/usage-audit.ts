@@ -1,4 +1,3 @@
-import { createHash } from 'node:crypto'
 import { type RawBuilder, sql, type Transaction } from 'kysely'
 import { audit, type AuditReport, type ReplayDeps } from './replay.js'
 import { usageProjection } from './usage.js'
@@ -82,13 +81,16 @@ async function totals(trx: Transaction<any>, schema: string, where: RawBuilder<b
   }))
 }
 
+/**
+ * SHA-256 over the rows in key order, each a line `["customer_id","project_id",...]` (every column as a JSON
+ * string) ending in a newline, computed in Postgres so the rows never leave it.
+ */
 async function digest(trx: Transaction<any>, schema: string, where: RawBuilder<boolean>): Promise<string> {
-  const hash = createHash('sha256')
-  const { rows } = await sql<Record<string, unknown>>`
-    select ${sql.join(COLUMNS.map((c) => sql.ref(`t.${c}`)))} from ${sql.table(`${schema}.usage_hourly`)} as t where ${where}
-    order by customer_id, project_id, hour, sdk_uuid, instance_type, outcome`.execute(trx)
-  for (const row of rows) hash.update(`${JSON.stringify(COLUMNS.map((c) => String(row[c])))}\n`)
-  return hash.digest('hex')
+  const line = sql`'[' || ${sql.join(COLUMNS.map((c) => sql`to_json(${sql.ref(`t.${c}`)}::text)::text`), sql` || ',' || `)} || ']' || chr(10)`
+  const { rows } = await sql<{ digest: string }>`
+    select encode(sha256(convert_to(coalesce(string_agg(${line}, '' order by t.customer_id, t.project_id, t.hour, t.sdk_uuid, t.instance_type, t.outcome), ''), 'UTF8')), 'hex') as digest
+    from ${sql.table(`${schema}.usage_hourly`)} as t where ${where}`.execute(trx)
+  return rows[0]!.digest
 }
 
 /** The report as text: what it compared, the totals, every difference, the digests. */
