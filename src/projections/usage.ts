@@ -49,18 +49,21 @@ export const usageProjection: Projection = {
     const rows = new Map<string, UsageRow>()
     for (const recorded of events) addUsage(rows, recorded)
     const values = [...rows.values()]
-    for (let i = 0; i < values.length; i += 1000) {
-      await trx
-        .insertInto('usage_hourly')
-        .values(values.slice(i, i + 1000))
-        .onConflict((oc) =>
-          oc.columns(USAGE_KEY as never).doUpdateSet(Object.fromEntries(MEASURES.map((m) => [m, sql`usage_hourly.${sql.ref(m)} + excluded.${sql.ref(m)}`]))),
-        )
-        .execute()
+    // One statement per 5,000 rows, the columns as arrays (unnest): far cheaper to build and to plan than
+    // one parameter per value.
+    for (let i = 0; i < values.length; i += 5000) {
+      const chunk = values.slice(i, i + 5000)
+      const column = (name: keyof UsageRow) => chunk.map((row) => row[name])
+      await sql`
+        insert into usage_hourly (${sql.join([...USAGE_KEY, ...MEASURES].map((c) => sql.ref(c)))})
+        select * from unnest(
+          ${sql.join(USAGE_KEY.map((c) => sql`${column(c)}::text[]`))},
+          ${sql.join(MEASURES.map((m) => sql`${column(m)}::bigint[]`))})
+        on conflict (${sql.join(USAGE_KEY.map((c) => sql.ref(c)))}) do update set
+          ${sql.join(MEASURES.map((m) => sql`${sql.ref(m)} = usage_hourly.${sql.ref(m)} + excluded.${sql.ref(m)}`))}`.execute(trx)
     }
   },
 }
-
 
 interface UsageRow {
   customer_id: string
