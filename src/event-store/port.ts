@@ -107,6 +107,13 @@ export interface EventStore {
   /** Up to `limit` events after position `after` (exclusive), in position order. */
   readAll(after?: Position, limit?: number): Promise<RecordedEvent[]>
   subscribe(options?: SubscribeOptions): Subscription
+  /**
+   * Optional: a page of the log after `after` covering up to `limit` events, of which only those matching
+   * `filter` are read in full and returned; `last` is the position of the page's last event, matching or not.
+   * `held`: the page stopped early below a transaction that may still commit (read again soon). A store that
+   * cannot filter while reading leaves it out, and replays filter `readAll`'s events instead.
+   */
+  readFilteredPage?(after: Position, limit: number, filter: EventFilter): Promise<{ events: RecordedEvent[]; scanned: number; last: Position; held: boolean }>
   /** Position of the last event that readers may see (`START` for an empty log). */
   headPosition(): Promise<Position>
   close(): Promise<void>

@@ -304,7 +304,7 @@ export class PostgresEventStore implements EventStore {
    * the events that match. A projection that wants one event in a hundred does not read and parse the
    * other ninety-nine.
    */
-  private async readFilteredPage(after: Position, limit: number, filter: EventFilter): Promise<Page> {
+  async readFilteredPage(after: Position, limit: number, filter: EventFilter): Promise<Page> {
     const heads = await this.query(
       `select position, type, stream_id, position >= (select dcp_position_bound()) as in_flight
          from events where position > $1 order by position limit $2`,

@@ -56,18 +56,36 @@ async function replay(
 ): Promise<Position> {
   const size = deps.batchSize ?? 5000
   const until = options.until
+  const done = (position: Position) => until !== undefined && position >= until
   let position = from
-  let next = until !== undefined && position >= until ? Promise.resolve([]) : deps.store.readAll(position, size)
+  let next = done(position) ? Promise.resolve(undefined) : readPage(deps, projection, position, size)
   for (;;) {
-    let page = await next
-    if (until !== undefined) page = page.filter((e) => e.position <= until)
-    if (page.length === 0) return position
-    position = page.at(-1)!.position
-    next = until !== undefined && position >= until ? Promise.resolve([]) : deps.store.readAll(position, size)
-    const events = page.filter((e) => matchesFilter(e, projection.filter))
+    const page = await next
+    if (!page || page.scanned === 0) return position
+    const events = until === undefined ? page.events : page.events.filter((e) => e.position <= until)
+    position = until !== undefined && page.last > until ? until : page.last
+    next = done(position) ? Promise.resolve(undefined) : readPage(deps, projection, position, size)
     if (options.trx) await applyInTransaction(options.trx, projection, copy, events, position)
     else await applyBatch(deps.db, projection, copy, events, position)
   }
+}
+
+/**
+ * The next page for a projection: filtered while reading when the store can (only the events the
+ * projection handles are read in full), else `readAll` filtered here.
+ */
+async function readPage(deps: ReplayDeps, projection: Projection, after: Position, size: number) {
+  const store = deps.store
+  if (store.readFilteredPage && projection.filter) {
+    for (let attempt = 0; ; attempt++) {
+      const page = await store.readFilteredPage(after, size, projection.filter)
+      // held before anything: a transaction below is still open; it commits or aborts in a moment
+      if (page.scanned > 0 || !page.held || attempt >= 50) return page
+      await new Promise((resolve) => setTimeout(resolve, 20))
+    }
+  }
+  const all = await store.readAll(after, size)
+  return { events: all.filter((e) => matchesFilter(e, projection.filter)), scanned: all.length, last: all.at(-1)?.position ?? after, held: false }
 }
 
 /**

@@ -125,16 +125,26 @@ t.test('the audit: a replay equals the live read model; a tampered row is found 
   // Same log, other batch sizes, every page delivered twice: byte-identical rows.
   const twice: EventStore = Object.create(store)
   let previous: RecordedEvent[] = []
+  let redelivered = 0
   twice.readAll = async (from, limit) => {
     const page = await store.readAll(from, limit)
     const out = [...previous, ...page]
+    redelivered += previous.length
     previous = page
+    return out
+  }
+  twice.readFilteredPage = async (from, limit, filter) => {
+    const page = await store.readFilteredPage(from, limit, filter)
+    const out = { ...page, events: [...previous, ...page.events] }
+    redelivered += previous.length
+    previous = page.events
     return out
   }
   for (const [deps, what] of [[{ db: database.db, store, batchSize: 1 }, 'batch size 1'], [{ db: database.db, store, batchSize: 7 }, 'batch size 7'], [{ db: database.db, store: twice, batchSize: 5 }, 'every page redelivered']] as const) {
     const report = await auditUsage(deps)
     t.equal(report.digest, clean.digest, `${what}: same digest`)
   }
+  t.ok(redelivered > 0, `${redelivered} events were delivered twice`)
 
   const customerId = clean.totals[0].customer_id
   await sql`update rm_usage.usage_hourly set cpu_us = cpu_us + 7 where customer_id = ${customerId} and tasks = (select max(tasks) from rm_usage.usage_hourly)`.execute(database.db)
