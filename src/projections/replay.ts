@@ -191,14 +191,15 @@ async function compareTable(
   where: RawBuilder<boolean> = sql<boolean>`true`,
 ): Promise<TableAudit> {
   // One pass: a full join on the typed key columns, the differing rows counted by a window over them.
-  const columns = sql.join(table.primaryKey.map((c) => sql.ref(`t.${c}`)))
-  const side = (schema: string) => sql`select ${columns}, to_jsonb(t) as r from ${sql.table(`${schema}.${table.name}`)} as t where ${where}`
+  // Whole rows compared as records (cheaper than as jsonb); only the differing rows are turned into JSON.
+  const side = (schema: string) => sql`select t.* from ${sql.table(`${schema}.${table.name}`)} as t where ${where}`
   const key = sql.join(table.primaryKey.flatMap((c) => [sql.lit(c), sql`coalesce(${sql.ref(`l.${c}`)}, ${sql.ref(`s.${c}`)})`]))
   const on = sql.join(table.primaryKey.map((c) => sql`${sql.ref(`l.${c}`)} = ${sql.ref(`s.${c}`)}`), sql` and `)
+  const present = (alias: string) => sql`case when ${sql.ref(`${alias}.${table.primaryKey[0]!}`)} is null then null else to_jsonb(${sql.raw(alias)}) end`
   const { rows } = await sql<RowDifference & { total: string }>`
-    select jsonb_build_object(${key}) as key, l.r as live, s.r as replayed, count(*) over () as total
+    select jsonb_build_object(${key}) as key, ${present('l')} as live, ${present('s')} as replayed, count(*) over () as total
     from (${side(live)}) l full join (${side(shadow)}) s on ${on}
-    where l.r is distinct from s.r
+    where l is distinct from s
     order by 1 limit ${limit}`.execute(trx)
   const counts = await sql<{ live: string; replayed: string }>`
     select (select count(*) from ${sql.table(`${live}.${table.name}`)} as t where ${where}) as live,
