@@ -8,7 +8,7 @@ import { liveSchema, type Projection } from './projection.js'
 export interface ReplayDeps {
   db: Kysely<any>
   store: EventStore
-  /** Events read and applied per transaction. Default 5000. */
+  /** Events scanned and applied per transaction. Default 20,000. */
   batchSize?: number
 }
 
@@ -54,7 +54,7 @@ async function replay(
   from: Position,
   options: { until?: Position; trx?: Transaction<any> } = {},
 ): Promise<Position> {
-  const size = deps.batchSize ?? 5000
+  const size = deps.batchSize ?? 20_000
   const until = options.until
   const done = (position: Position) => until !== undefined && position >= until
   let position = from
