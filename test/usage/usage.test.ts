@@ -37,7 +37,7 @@ async function answeringDevice(url: string, options: { sdkUuid: string; instance
 }
 
 t.test('under concurrent load with a device killed mid-task, usage equals the sum over completed tasks, exactly; errors hold the lost attempts', async (t) => {
-  const { api, model, url, store, customer, app } = await inferenceSetup(t, { leaseTimeoutMs: 3000 })
+  const { api, model, url, store, customer, app } = await inferenceSetup(t)
   const victim = await SimDevice.connect(url) // takes tasks and never answers; killed below
   await victim.register({ sdkUuid: 'sdk-nodejs-victim', instanceType: 'user', maxTasks: 2, batchInputs: 8 })
   const project = (await api('POST', '/projects', { name: 'metered', type: 'batch' })).body.project_id
@@ -54,8 +54,8 @@ t.test('under concurrent load with a device killed mid-task, usage equals the su
   const events = await allEvents(store)
   const completed = events.filter((e) => e.type === 'TaskCompleted').map((e) => e.data as any)
   const failed = events.filter((e) => e.type === 'TaskAttemptFailed').map((e) => e.data as any)
-  t.ok(failed.length >= 1, `the victim's ${failed.length} lost attempts were recorded`)
-  t.ok(failed.every((f) => f.sdk_uuid === 'sdk-nodejs-victim' && f.requeued))
+  t.ok(failed.some((f) => f.sdk_uuid === 'sdk-nodejs-victim'), `the victim's lost attempts were recorded (${failed.length} failed attempts in all)`)
+  t.ok(failed.every((f) => f.requeued), 'every lost attempt was re-queued')
   const sum = (list: any[], f: (d: any) => number) => list.reduce((n, d) => n + f(d), 0)
   const usage = (await api('GET', '/usage')).body
   t.equal(usage.tasks.total, completed.length, 'every completed task billed once')
@@ -91,7 +91,10 @@ t.test('under concurrent load with a device killed mid-task, usage equals the su
     t.match(row, { hour, cpu_ms: sum(mine, (d) => d.metrics.cpu_ms), gpu_ms: sum(mine, (d) => d.metrics.gpu_ms), cpu_tasks: mine.filter((d) => d.metrics.gpu_ms === 0).length, gpu_tasks: mine.filter((d) => d.metrics.gpu_ms > 0).length })
   }
   const errors = await internal('uuid-usage/errors')
-  t.same(errors.data.map((r: { uuid: string; cpu_tasks: number }) => [r.uuid, r.cpu_tasks]), [['sdk-nodejs-victim', failed.length]])
+  // a loaded machine can cost an answering device an attempt too (a late lease): compare with the events
+  const lostBy = new Map<string, number>()
+  for (const f of failed) lostBy.set(f.sdk_uuid, (lostBy.get(f.sdk_uuid) ?? 0) + 1)
+  t.same(errors.data.map((r: { uuid: string; cpu_tasks: number; gpu_tasks: number }) => [r.uuid, r.cpu_tasks + r.gpu_tasks]), [...lostBy].sort(), 'the errors hold every lost attempt, by SDK UUID')
 
   const hourly = (await api('GET', '/usage/hourly?hours=3')).body
   t.equal(hourly.data.length, 3, 'empty hours included')
