@@ -26,6 +26,7 @@ import type pg from 'pg'
 import WebSocket from 'ws'
 import { PROTOCOL_VERSION } from '../src/protocol/frames.js'
 import type { BenchContext } from './run.js'
+import { cpuSeconds } from './proc.js'
 
 const DEVICES = Number(process.env.BENCH_DEVICES ?? 10_000)
 const SECONDS = Number(process.env.BENCH_SECONDS ?? 60)
@@ -66,17 +67,6 @@ function openFilesLimit(): number | undefined {
     return out === 'unlimited' ? Infinity : Number(out)
   } catch {
     return undefined
-  }
-}
-
-/** CPU time (user + system) of a process in seconds, from /proc/<pid>/stat; 0 when it is gone. */
-function cpuSeconds(pid: number): number {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8')
-    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ')
-    return (Number(fields[11]) + Number(fields[12])) / 100 // utime, stime in clock ticks (100/s on Linux)
-  } catch {
-    return 0
   }
 }
 

@@ -29,6 +29,7 @@ import autocannon from 'autocannon'
 import Fastify from 'fastify'
 import * as ort from 'onnxruntime-node'
 import { denseOnnxModel } from '../test/helpers/onnx.js'
+import { cpuSeconds } from './proc.js'
 import type { BenchContext } from './run.js'
 
 const DIRECT_CALLS = Number(process.env.BENCH_DIRECT_CALLS ?? 20_000)
@@ -76,17 +77,6 @@ async function directBench(session: ort.InferenceSession, log: Log): Promise<voi
   for (let i = 0; i < DIRECT_CALLS; i++) await runDirect(session, data)
   const ms = performance.now() - started
   log(`direct: ${DIRECT_CALLS} calls in ${fixed(ms, 0)} ms: mean ${fixed((ms * 1000) / DIRECT_CALLS, 1)} µs, ${fixed((DIRECT_CALLS / ms) * 1000, 0)} calls/s`)
-}
-
-/** CPU time (user + system) of a process in seconds, from /proc/<pid>/stat; 0 when it is gone. */
-function cpuSeconds(pid: number): number {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8')
-    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ')
-    return (Number(fields[11]) + Number(fields[12])) / 100 // utime, stime in clock ticks (100/s on Linux)
-  } catch {
-    return 0
-  }
 }
 
 /** The processes whose CPU the bench reports: the dcp server (its children are the workers) and the bench's Postgres. */

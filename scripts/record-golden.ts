@@ -31,16 +31,8 @@ import { startEmbeddedPostgres } from '../src/postgres/embedded.js'
 import { ADMIN_KEY, multipart, testApp } from '../test/helpers/app.js'
 import { eventually, SimDevice } from '../test/helpers/device.js'
 import { denseOnnxModel } from '../test/helpers/onnx.js'
+import type { GoldenEvent } from '../test/helpers/golden.js'
 
-/** One event as the fixture stores it: its stream, revision and id, and its data and metadata as written. */
-interface GoldenEvent {
-  stream_id: string
-  revision: number
-  event_id: string
-  type: string
-  data: Record<string, unknown>
-  metadata: Record<string, unknown>
-}
 
 const DIR = path.resolve('test/fixtures/golden')
 const FIXTURE = path.join(DIR, 'usage-v1.jsonl')

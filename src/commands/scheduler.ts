@@ -220,7 +220,8 @@ export class TaskScheduler {
       await this.failAttempt(lease, frame.error ?? 'the device reported a failure without an output', frame.metrics)
       return
     }
-    const wrong = this.specs.get(lease.taskId) && outputProblem(this.specs.get(lease.taskId)!, outputs)
+    const spec = this.specs.get(lease.taskId)
+    const wrong = spec && outputProblem(spec, outputs)
     if (wrong) {
       await this.failAttempt(lease, wrong, frame.metrics)
       return

@@ -5,24 +5,13 @@ import { tmpdir } from 'node:os'
 import path from 'node:path'
 import t, { type Test } from 'tap'
 import { PostgresEventStore } from '../../src/event-store/postgres.js'
-import { START } from '../../src/event-store/port.js'
 import { freshDatabase } from '../helpers/database.js'
 import { multipart } from '../helpers/app.js'
 import { eventually, SimDevice } from '../helpers/device.js'
+import { allEvents } from '../helpers/events.js'
 import { close, DCP_BIN, inferenceSetup, input } from '../helpers/inference.js'
 import { denseOnnxModel } from '../helpers/onnx.js'
 import * as ort from 'onnxruntime-node'
-
-/** Every event of the log, by type, with its stream. */
-async function eventsOf(store: PostgresEventStore) {
-  const events: { type: string; streamId: string; data: any }[] = []
-  for (let from = START; ; ) {
-    const page = await store.readAll(from, 10_000)
-    events.push(...page.map((e) => ({ type: e.type, streamId: e.streamId, data: e.data })))
-    if (page.length < 10_000) return events
-    from = page.at(-1)!.position
-  }
-}
 
 /** Each task of the job completed exactly once, and every index has its result, equal to onnxruntime's. */
 async function checkExactlyOnce(t: Test, store: PostgresEventStore, body: { results: { index: number; status: string; result: { data: number[] } }[] }, total: number, direct: (data: number[]) => Promise<number[]>) {
@@ -31,7 +20,7 @@ async function checkExactlyOnce(t: Test, store: PostgresEventStore, body: { resu
   for (const r of body.results) if (r.status === 'completed' && close(r.result.data, await direct(input(r.index)))) same++
   t.equal(same, total, 'every result equals onnxruntime on its input')
   const completions = new Map<string, number>()
-  for (const e of await eventsOf(store)) if (e.type === 'TaskCompleted') completions.set(e.streamId, (completions.get(e.streamId) ?? 0) + 1)
+  for (const e of await allEvents(store)) if (e.type === 'TaskCompleted') completions.set(e.streamId, (completions.get(e.streamId) ?? 0) + 1)
   t.ok([...completions.values()].every((n) => n === 1), 'no task completed twice')
   return completions
 }
@@ -43,7 +32,7 @@ t.test('a batch of 1,000 with a worker killed in the middle completes with every
   const queued = await api('POST', '/inference/batch', { model_id: model.id, inputs })
   t.equal(queued.status, 202)
   // Kill the first worker as soon as it holds a lease: it is downloading the model or running the task.
-  await eventually(async () => (await eventsOf(store)).some((e) => e.type === 'TaskLeased' && e.data.device_id === victim), 20_000, 'a lease on the victim', 5)
+  await eventually(async () => (await allEvents(store)).some((e) => e.type === 'TaskLeased' && (e.data as { device_id: string }).device_id === victim), 20_000, 'a lease on the victim', 5)
   workers[0]!.kill('SIGKILL')
   const done = await eventually(async () => {
     const r = await api('GET', `/inference/${queued.body.job_id}?limit=1000`)
@@ -52,10 +41,10 @@ t.test('a batch of 1,000 with a worker killed in the middle completes with every
   t.match(done.progress, { completed: 1000, failed: 0, pending: 0 })
   const completions = await checkExactlyOnce(t, store, done, 1000, direct)
   t.ok(completions.size > 1, `the batch ran as ${completions.size} tasks of several inputs`)
-  const events = await eventsOf(store)
-  const lost = events.filter((e) => e.type === 'TaskAttemptFailed' && e.data.device_id === victim)
+  const events = await allEvents(store)
+  const lost = events.filter((e) => e.type === 'TaskAttemptFailed').map((e) => e.data as { device_id: string; requeued: boolean }).filter((d) => d.device_id === victim)
   t.ok(lost.length >= 1, 'the killed worker lost its task, which ran again elsewhere')
-  t.ok(lost.every((e) => e.data.requeued === true))
+  t.ok(lost.every((d) => d.requeued === true))
 })
 
 t.test('cancelling a batch midway: finished inputs keep their results, the rest stop', async (t) => {

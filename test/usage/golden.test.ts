@@ -13,6 +13,7 @@ import type { Database } from '../../src/postgres/database.js'
 import { allProjections, Projections, type ProjectionStatus } from '../../src/projections/projections.js'
 import { auditUsage } from '../../src/projections/usage-audit.js'
 import { freshDatabase } from '../helpers/database.js'
+import type { GoldenEvent } from '../helpers/golden.js'
 
 /**
  * Golden streams: a history recorded from a real run (scripts/record-golden.ts), some of it in the shapes
@@ -24,14 +25,6 @@ const FIXTURE = new URL('../fixtures/golden/usage-v1.jsonl', import.meta.url)
 const EXPECTED = new URL('../fixtures/golden/usage-v1.expected.json', import.meta.url)
 const RECORD = process.env.GOLDEN_RECORD === '1'
 
-interface GoldenEvent {
-  stream_id: string
-  revision: number
-  event_id: string
-  type: string
-  data: Record<string, unknown>
-  metadata: Record<string, unknown> & { schemaVersion?: number }
-}
 
 const golden: GoldenEvent[] = readFileSync(FIXTURE, 'utf8').split('\n').filter(Boolean).map((line) => JSON.parse(line))
 const expected = RECORD ? undefined : JSON.parse(readFileSync(EXPECTED, 'utf8'))

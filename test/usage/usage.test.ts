@@ -2,23 +2,13 @@ import { spawn } from 'node:child_process'
 import { sql } from 'kysely'
 import t from 'tap'
 import { costOf, DEFAULT_PRICES } from '../../src/domain/pricing.js'
-import { START, type EventStore, type RecordedEvent } from '../../src/event-store/port.js'
+import type { EventStore, RecordedEvent } from '../../src/event-store/port.js'
 import { hourOf } from '../../src/projections/usage.js'
 import { auditUsage } from '../../src/projections/usage-audit.js'
 import { ADMIN_KEY, INTERNAL_TOKEN } from '../helpers/app.js'
 import { SimDevice } from '../helpers/device.js'
+import { allEvents } from '../helpers/events.js'
 import { DCP_BIN, inferenceSetup, input, poll } from '../helpers/inference.js'
-
-/** Every event of the log. */
-async function allEvents(store: EventStore): Promise<RecordedEvent[]> {
-  const events: RecordedEvent[] = []
-  for (let from = START; ; ) {
-    const page = await store.readAll(from, 10_000)
-    events.push(...page)
-    if (page.length < 10_000) return events
-    from = page.at(-1)!.position
-  }
-}
 
 /** A device that answers every task with fixed metrics (so the expected bill is known exactly). */
 async function answeringDevice(url: string, options: { sdkUuid: string; instanceType: 'aws' | 'user'; gpu: boolean }) {
