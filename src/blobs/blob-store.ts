@@ -51,6 +51,10 @@ export class BlobStore {
     return stat(this.pathOf(sha256)).then(() => true, () => false)
   }
 
+  read(sha256: string): Promise<Buffer> {
+    return readFile(this.pathOf(sha256))
+  }
+
   open(sha256: string): Readable {
     return createReadStream(this.pathOf(sha256))
   }

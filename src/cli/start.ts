@@ -6,6 +6,7 @@ import { adaptersFromEnv } from '../adapters/config.js'
 import { BlobStore } from '../blobs/blob-store.js'
 import { DEV_API_KEY, DEV_CUSTOMER_ID, ensureDevCustomer } from '../commands/dev-customer.js'
 import { TaskScheduler } from '../commands/scheduler.js'
+import { TrainingCoordinator } from '../commands/training.js'
 import { type Config, loadConfig } from '../config.js'
 import { DeviceHub } from '../device-hub/hub.js'
 import { connectedDevices } from '../projections/devices.js'
@@ -40,7 +41,9 @@ export async function startCommand(args: string[]): Promise<number> {
   const log = (message: string) => console.error(`dcp: ${message}`)
   const scheduler = new TaskScheduler({ store: platform.store, db: platform.database.db, leaseTimeoutMs: config.leaseTimeoutMs, maxAttempts: config.maxTaskAttempts, log })
   await scheduler.recover()
-  const hub = new DeviceHub({ store: platform.store, scheduler, waitFor: (p) => platform.projections.waitFor(p), heartbeatIntervalMs: config.heartbeatIntervalMs, enrollmentSecret: config.enrollmentSecret, log })
+  const training = new TrainingCoordinator({ store: platform.store, db: platform.database.db, blobs, onMembership: (device, job) => scheduler.setTraining(device, job), log })
+  await training.recover()
+  const hub = new DeviceHub({ store: platform.store, scheduler, training, waitFor: (p) => platform.projections.waitFor(p), heartbeatIntervalMs: config.heartbeatIntervalMs, enrollmentSecret: config.enrollmentSecret, log })
   await hub.markAllOffline(await connectedDevices(platform.database.db))
   const app = await buildApp({
     store: platform.store,
@@ -49,6 +52,7 @@ export async function startCommand(args: string[]): Promise<number> {
     blobs,
     hub,
     scheduler,
+    training,
     adapters: adaptersFromEnv(process.env),
     internalToken,
     adminKey: config.adminKey,
@@ -73,6 +77,7 @@ export async function startCommand(args: string[]): Promise<number> {
   console.log(`dcp: ${signal}, shutting down`)
   await Promise.all(workers.map(stopWorker))
   await hub.close()
+  training.stop()
   scheduler.stop()
   await app.close()
   await platform.close()

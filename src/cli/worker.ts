@@ -17,6 +17,7 @@ export async function workerCommand(args: string[]): Promise<number> {
     'state-dir': { type: 'string' },
     'max-tasks': { type: 'string' },
     cuda: { type: 'boolean' },
+    'no-train': { type: 'boolean' },
     'enrollment-secret': { type: 'string' },
     verbose: { type: 'boolean' },
   })
@@ -36,6 +37,7 @@ export async function workerCommand(args: string[]): Promise<number> {
     ...(values['state-dir'] ? { stateDir: path.resolve(values['state-dir']) } : {}),
     maxConcurrentTasks: maxTasks,
     cuda: values.cuda ?? false,
+    canTrain: !(values['no-train'] ?? false),
     enrollmentSecret: values['enrollment-secret'] ?? process.env.DCP_ENROLLMENT_SECRET,
     // Warnings and errors always; the rest with --verbose (the hub can fetch all of it with logs_request).
     log: (line) => (verbose || line.level === 'warn' || line.level === 'error') && console.error(`${line.ts} ${line.level} ${line.message}`),

@@ -43,6 +43,8 @@ export interface DeviceSlot {
   /** Lease ids it holds. */
   leases: Set<string>
   draining: boolean
+  /** The training job it is working for: it takes no inference tasks meanwhile. */
+  training?: string
   /** Last reported load, 0..1. */
   load: number
   /** Hands a frame to the device; false when its socket is gone. */
@@ -182,6 +184,14 @@ export class TaskScheduler {
     this.kick()
   }
 
+  /** The device works for a training job (no inference meanwhile), or is free again (undefined). */
+  setTraining(deviceId: string, jobId: string | undefined): void {
+    const slot = this.devices.get(deviceId)
+    if (!slot) return
+    slot.training = jobId
+    if (!jobId) this.kick()
+  }
+
   /** The device is gone: every lease it held fails, and its tasks go back to the queue. */
   async deviceLost(deviceId: string, reason: string): Promise<void> {
     this.devices.delete(deviceId)
@@ -316,7 +326,7 @@ export class TaskScheduler {
 
   /** Is there a device that could take one more task (so scanning the queue may find work for it)? */
   private hasRoom(): boolean {
-    for (const device of this.devices.values()) if (!device.draining && device.leases.size < device.maxConcurrent) return true
+    for (const device of this.devices.values()) if (!device.draining && !device.training && device.leases.size < device.maxConcurrent) return true
     return false
   }
 
@@ -325,7 +335,7 @@ export class TaskScheduler {
     let best: DeviceSlot | undefined
     let bestScore = Infinity
     for (const device of this.devices.values()) {
-      if (device.draining || device.leases.size >= device.maxConcurrent || device.maxBatchInputs < task.inputs.length || !device.formats.includes(task.model.format)) continue
+      if (device.draining || device.training || device.leases.size >= device.maxConcurrent || device.maxBatchInputs < task.inputs.length || !device.formats.includes(task.model.format)) continue
       const score = (task.prefer_gpu && device.gpu ? 0 : 10) + device.leases.size / device.maxConcurrent + device.load
       if (score < bestScore) {
         best = device

@@ -4,6 +4,7 @@ import type { Duplex } from 'node:stream'
 import { type WebSocket, WebSocketServer } from 'ws'
 import { handleCommand } from '../commands/handle-command.js'
 import type { DeviceSlot, TaskScheduler } from '../commands/scheduler.js'
+import type { TrainingCoordinator } from '../commands/training.js'
 import { type DeviceDescription, deviceDecider, deviceStream, heartbeatStream } from '../domain/device.js'
 import { DomainError } from '../domain/errors.js'
 import type { EventStore, Position } from '../event-store/port.js'
@@ -16,6 +17,8 @@ export const DEVICE_PATH = '/api/v1/devices/connect'
 export interface HubOptions {
   store: EventStore
   scheduler: TaskScheduler
+  /** Federated training: devices that can train are offered to it, and their training frames go to it. */
+  training?: TrainingCoordinator
   /** Read-your-writes: a new device's SDK token must be usable for downloads as soon as it is told it. */
   waitFor?: (position: Position) => Promise<void>
   /** How often devices heartbeat; three missed ones mark a device offline. Default 5000 ms. */
@@ -205,7 +208,12 @@ export class DeviceHub {
         }
         case 'draining':
           if (connection.slot) connection.slot.draining = true
+          await this.options.training?.deviceLost(connection.deviceId)
           return
+        case 'train_update':
+          return await this.training().update(connection.deviceId, frame)
+        case 'weights_request':
+          return this.training().weightsRequest(connection.deviceId, frame.job_id)
       }
     } catch (error) {
       const code = error instanceof DomainError ? error.code : 'INTERNAL_ERROR'
@@ -280,6 +288,22 @@ export class DeviceHub {
     }
     this.send(connection, { type: 'registered', protocol: PROTOCOL_VERSION, device_id: deviceId!, heartbeat_interval_ms: this.heartbeatIntervalMs, ...(token ? { sdk_token: token } : {}) })
     this.options.scheduler.deviceConnected(connection.slot)
+    if (frame.capabilities.can_train && this.options.training) {
+      const slot = connection.slot
+      this.options.training.deviceConnected({
+        deviceId: deviceId!,
+        platform: frame.platform,
+        sdkVersion: frame.sdk_version,
+        gpu: frame.capabilities.gpu,
+        instanceType: frame.instance_type,
+        send: (f) => (this.byDevice.get(slot.deviceId) === connection ? this.send(connection, f) : false),
+      })
+    }
+  }
+
+  private training(): TrainingCoordinator {
+    if (!this.options.training) throw new DomainError('NOT_SUPPORTED', 'this hub runs no training')
+    return this.options.training
   }
 
   private heartbeat(connection: Connection, frame: Extract<DeviceFrame, { type: 'heartbeat' }>): void {
@@ -301,6 +325,7 @@ export class DeviceHub {
     const at = this.now().toISOString()
     try {
       await this.options.scheduler.deviceLost(deviceId, `device disconnected (${reason})`)
+      await this.options.training?.deviceLost(deviceId)
       await handleCommand(this.options.store, deviceStream(deviceId), deviceDecider, { type: 'DisconnectDevice', reason, at }, { metadata: { occurredAt: at } })
     } catch (error) {
       this.options.log?.(`hub: recording the disconnect of ${deviceId}: ${(error as Error).message}`)

@@ -16,6 +16,8 @@ import { errorBody, registerErrorContract } from './errors.js'
 import { healthRoutes } from './health.js'
 import { modelRoutes } from './models.js'
 import { projectRoutes } from './projects.js'
+import { trainingRoutes } from './training.js'
+import { datasetRoutes } from './datasets.js'
 import { usageRoutes } from './usage.js'
 
 /** The services the routes use (without the limits and clock, which have defaults here), and the app's settings. */
@@ -110,6 +112,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     blobs: deps.blobs,
     hub: deps.hub,
     scheduler: deps.scheduler,
+    training: deps.training,
     adapters: deps.adapters ?? new InProcessAdapters(),
     prices: deps.prices ?? DEFAULT_PRICES,
     limits: { maxModelBytes: deps.maxModelBytes ?? 256 * 1024 * 1024, maxQueuedInputs: deps.maxQueuedInputs ?? 1_000_000 },
@@ -125,6 +128,8 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
       await api.register(inferenceRoutes, { services })
       await api.register(projectRoutes, { services })
       await api.register(usageRoutes, { services })
+      await api.register(trainingRoutes, { services })
+      await api.register(datasetRoutes, { services })
     },
     { prefix: '/api/v1' },
   )

@@ -2,6 +2,7 @@ import type { Kysely } from 'kysely'
 import type { Adapters } from '../adapters/runtime.js'
 import type { BlobStore } from '../blobs/blob-store.js'
 import type { TaskScheduler } from '../commands/scheduler.js'
+import type { TrainingCoordinator } from '../commands/training.js'
 import type { DeviceHub } from '../device-hub/hub.js'
 import { type CommandOptions, type CommandResult, handleCommand, type KnownState } from '../commands/handle-command.js'
 import type { Decider, DomainEvent } from '../domain/decider.js'
@@ -18,6 +19,7 @@ export interface Services {
   blobs: BlobStore
   hub: DeviceHub
   scheduler: TaskScheduler
+  training: TrainingCoordinator
   /** What compute costs, for estimated costs. */
   prices: PriceTable
   /** Pre- and post-processing adapters (in-process, or AWS Lambda). */

@@ -71,7 +71,9 @@ export const deviceRoutes: FastifyPluginAsync<{ services: Services }> = async (b
     const deviceId = request.caller.keyId!
     const model = await findModelFile(services.db, request.params.id)
     if (!model) throw new DomainError('NOT_FOUND', `model ${request.params.id} not found`)
-    if (!services.scheduler.holdsModel(deviceId, model.model_id)) throw new DomainError('FORBIDDEN', `device ${deviceId} holds no task on model ${model.model_id}`)
+    if (!services.scheduler.holdsModel(deviceId, model.model_id) && !services.training.holdsModel(deviceId, model.model_id)) {
+      throw new DomainError('FORBIDDEN', `device ${deviceId} holds no task and trains no job on model ${model.model_id}`)
+    }
     const sha = model.checksum.replace(/^sha256:/, '')
     return reply
       .header('content-type', 'application/octet-stream')

@@ -65,7 +65,7 @@ function checkAdapters(model: ModelDescription): void {
   if (problem) throw new DomainError('VALIDATION_ERROR', problem)
 }
 
-function zodMessage(error: z.ZodError): string {
+export function zodMessage(error: z.ZodError): string {
   return error.issues.map((i) => `${i.path.length ? i.path.join('.') : 'field'}: ${i.message}`).join('; ')
 }
 
@@ -119,17 +119,19 @@ function asClientError(error: unknown): unknown {
 }
 
 /** Reads the multipart request: the file streams into the blob store, the fields are collected. */
-async function readUpload(request: FastifyRequest, services: Services) {
+/** A multipart upload: its fields, and its one file (in field `field`) written to the blob store, not yet kept. */
+export async function readUpload(request: FastifyRequest, services: Services, field = 'model') {
   const fields: Record<string, string> = {}
   let blob: PendingBlob | undefined
   let filename: string | undefined
-  const limits = { fileSize: services.limits.maxModelBytes, files: 1, fields: 20, fieldSize: 4 * 1024 * 1024, parts: 21 }
+  const maxBytes = services.limits.maxModelBytes
+  const limits = { fileSize: maxBytes, files: 1, fields: 20, fieldSize: 4 * 1024 * 1024, parts: 21 }
   try {
     for await (const part of request.parts({ limits })) {
       if (part.type === 'file') {
-        if (part.fieldname !== 'model') throw new DomainError('VALIDATION_ERROR', `${part.fieldname}: unexpected file; send the model as the "model" field`)
-        blob = await services.blobs.write(part.file, { maxBytes: services.limits.maxModelBytes })
-        if (part.file.truncated) throw new DomainError('PAYLOAD_TOO_LARGE', `model: larger than the limit of ${services.limits.maxModelBytes} bytes`)
+        if (part.fieldname !== field) throw new DomainError('VALIDATION_ERROR', `${part.fieldname}: unexpected file; send the file as the "${field}" field`)
+        blob = await services.blobs.write(part.file, { maxBytes })
+        if (part.file.truncated) throw new DomainError('PAYLOAD_TOO_LARGE', `${field}: larger than the limit of ${maxBytes} bytes`)
         filename = part.filename
       } else {
         fields[part.fieldname] = String(part.value)

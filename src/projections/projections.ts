@@ -9,6 +9,8 @@ import { modelsProjection } from './models.js'
 import { projectsProjection } from './projects.js'
 import { tasksProjection } from './tasks.js'
 import { usageProjection } from './usage.js'
+import { trainingProjection } from './training.js'
+import { datasetsProjection } from './datasets.js'
 import type { Projection } from './projection.js'
 import { type AuditReport, audit, rebuild } from './replay.js'
 import { auditUsage, type UsageAuditOptions, type UsageAuditReport } from './usage-audit.js'
@@ -17,7 +19,7 @@ import { ProjectionRunner, type RunnerDeps, type RunnerState } from './runner.js
 const LAG_COUNT_LIMIT = 10_000
 
 /** Every projection of dcp. A new read model is added here. */
-export const allProjections: readonly Projection[] = [eventCounts, customersProjection, modelsProjection, devicesProjection, tasksProjection, inferenceProjection, projectsProjection, usageProjection]
+export const allProjections: readonly Projection[] = [eventCounts, customersProjection, modelsProjection, devicesProjection, tasksProjection, inferenceProjection, projectsProjection, usageProjection, trainingProjection, datasetsProjection]
 
 export interface ProjectionStatus {
   name: string

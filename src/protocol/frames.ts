@@ -111,7 +111,30 @@ export const Logs = z.object({
 /** The device stops taking new tasks (it is shutting down) and finishes what it holds. */
 export const Draining = z.object({ type: z.literal('draining') })
 
-export const DeviceFrame = z.discriminatedUnion('type', [Register, Heartbeat, TaskResult, Logs, Draining])
+// ---- federated training (docs/device-protocol.md §6) --------------------------------------------------
+
+/** Model weights: initializer name -> float32 values, in the binary layout of src/domain/fedavg.ts, base64. */
+const Weights = z.string().max(MAX_FRAME_BYTES)
+
+/** Weights a device trained from the round `base_round` weights, with how many samples they saw. */
+export const TrainUpdate = z.object({
+  type: z.literal('train_update'),
+  job_id: Id,
+  base_round: z.number().int().min(0),
+  weights: Weights,
+  samples: z.number().int().min(1),
+  steps: z.number().int().min(1),
+  /** Mean training loss over the steps. */
+  loss: z.number(),
+  metrics: z.object({ cpu_ms: z.number().min(0), gpu_ms: z.number().min(0) }),
+  power_watts: z.number().min(0).max(100_000),
+})
+export type TrainUpdate = z.infer<typeof TrainUpdate>
+
+/** Asks for the job's current weights (async mode pulls every `sync_interval_ms`). */
+export const WeightsRequest = z.object({ type: z.literal('weights_request'), job_id: Id })
+
+export const DeviceFrame = z.discriminatedUnion('type', [Register, Heartbeat, TaskResult, Logs, Draining, TrainUpdate, WeightsRequest])
 export type DeviceFrame = z.infer<typeof DeviceFrame>
 
 // ---- hub -> device -------------------------------------------------------------------------------------
@@ -151,7 +174,58 @@ export const LogsRequest = z.object({
 
 export const ErrorFrame = z.object({ type: z.literal('error'), code: z.string(), message: z.string() })
 
-export const HubFrame = z.discriminatedUnion('type', [Registered, TaskAssignment, CancelTask, LogsRequest, ErrorFrame])
+export const TRAIN_SYNC_MODES = ['async', 'semi_sync', 'full_sync'] as const
+export const OPTIMIZERS = ['sgd', 'adam'] as const
+export const LOSSES = ['cross_entropy', 'mse'] as const
+
+/** Where a device's training samples come from. */
+export const TrainData = z.discriminatedUnion('type', [
+  /** Generated on the device by the seeded synthetic task of src/sdk/trainer/synthetic.ts. */
+  z.object({ type: z.literal('stream'), task_seed: z.number().int(), stream_seed: z.number().int() }),
+  /** Rows `[start, end)` of the training part of an uploaded dataset (split with `split_seed`). */
+  z.object({
+    type: z.literal('dataset'),
+    dataset_id: Id,
+    download_path: z.string(),
+    checksum: z.string(),
+    format: z.enum(['csv', 'jsonl']),
+    split_seed: z.number().int(),
+    validation_fraction: z.number().min(0).max(0.9),
+    start: z.number().int().min(0),
+    end: z.number().int().min(0),
+  }),
+])
+export type TrainData = z.infer<typeof TrainData>
+
+/** Joins a device to a training job: the model, the starting weights, the settings and its data. */
+export const TrainStart = z.object({
+  type: z.literal('train_start'),
+  job_id: Id,
+  round: z.number().int().min(0),
+  model: z.object({ id: Id, format: z.enum(['onnx', 'torchscript']), checksum: z.string(), download_path: z.string() }),
+  /** Absent at round 0: the model file's own initializers. */
+  weights: Weights.optional(),
+  config: z.object({
+    optimizer: z.enum(OPTIMIZERS),
+    learning_rate: z.number().positive(),
+    batch_size: z.number().int().min(1),
+    local_steps: z.number().int().min(1),
+    sync_mode: z.enum(TRAIN_SYNC_MODES),
+    sync_interval_ms: z.number().int().min(1),
+    loss: z.enum(LOSSES),
+  }),
+  data: TrainData,
+})
+export type TrainStart = z.infer<typeof TrainStart>
+
+/** The job's weights after round `round`: train on from them (an answer to a pull, or a new sync round). */
+export const TrainWeights = z.object({ type: z.literal('train_weights'), job_id: Id, round: z.number().int().min(0), weights: Weights })
+export type TrainWeights = z.infer<typeof TrainWeights>
+
+/** Leave the job (finished, paused, cancelled, or the device goes to another job). */
+export const TrainStop = z.object({ type: z.literal('train_stop'), job_id: Id, reason: z.string() })
+
+export const HubFrame = z.discriminatedUnion('type', [Registered, TaskAssignment, CancelTask, LogsRequest, ErrorFrame, TrainStart, TrainWeights, TrainStop])
 export type HubFrame = z.infer<typeof HubFrame>
 
 /** Close codes the hub uses besides the standard ones. */

@@ -1,6 +1,6 @@
 import { createHash, randomBytes } from 'node:crypto'
 import { createWriteStream } from 'node:fs'
-import { mkdir, rename, stat, unlink } from 'node:fs/promises'
+import { mkdir, readFile, rename, stat, unlink } from 'node:fs/promises'
 import path from 'node:path'
 import { Readable, Transform } from 'node:stream'
 import { pipeline } from 'node:stream/promises'
@@ -58,6 +58,12 @@ export class ModelStore {
       loaded.catch(() => this.sessions.delete(hex))
     }
     return loaded
+  }
+
+  /** The bytes of a file the hub serves by checksum (a model, or a training dataset), cached like models. */
+  async bytes(ref: { id: string; checksum: string; download_path: string }): Promise<Buffer> {
+    const model = { ...ref, format: 'onnx' as const }
+    return readFile(await this.file(model, sha256Hex(ref.checksum), () => {}))
   }
 
   async release(): Promise<void> {

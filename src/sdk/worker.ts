@@ -14,6 +14,7 @@ import {
   PROTOCOL_VERSION,
   type Registered,
   type TaskAssignment,
+  type TrainStart,
 } from '../protocol/frames.js'
 import { type DeviceState, loadDeviceState, saveDeviceState } from './device-state.js'
 import { HeldTasks } from './held-tasks.js'
@@ -21,6 +22,7 @@ import { type LogSink, WorkerLog } from './log.js'
 import { describeHardware, machineReadings } from './machine.js'
 import { ModelStore } from './models.js'
 import { runTask, type TaskResultFrame } from './task.js'
+import { TrainingSession } from './training.js'
 
 const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string }
 export const SDK_VERSION: string = pkg.version
@@ -49,6 +51,8 @@ export interface DeviceWorkerOptions {
   maxConcurrentTasks?: number
   /** Most inputs it takes in one task (chunks of a batch; stacked into one run when the model allows). Default 1024. */
   maxBatchInputs?: number
+  /** Offer the device for federated training (the trainer runs in this process). Default true. */
+  canTrain?: boolean
   /** Ask onnxruntime for the CUDA execution provider (falls back to CPU with a warning). Default false. */
   cuda?: boolean
   /** Receives every log line (they are also kept for the hub's `logs_request`). */
@@ -97,6 +101,7 @@ export class DeviceWorker extends EventEmitter<DeviceWorkerEvents> {
   private readonly tasks: HeldTasks
   private gpuRuns = 0
   private readonly outbox: TaskResultFrame[] = []
+  private readonly training = new Map<string, TrainingSession>()
   private cutDrainShort: (() => void) | undefined
   private firstRegistration: { resolve: () => void; reject: (error: Error) => void } | undefined
   private settleFinished!: { resolve: () => void; reject: (error: Error) => void }
@@ -173,6 +178,7 @@ export class DeviceWorker extends EventEmitter<DeviceWorkerEvents> {
         this.phase = 'draining'
         this.log.info(`draining: finishing ${this.tasks.size} task(s), taking no new ones`)
         this.send({ type: 'draining' })
+        for (const jobId of [...this.training.keys()]) this.stopTraining(jobId, 'draining')
         await new Promise<void>((resolve) => {
           this.cutDrainShort = resolve
           void this.tasks.whenEmpty().then(resolve)
@@ -181,6 +187,7 @@ export class DeviceWorker extends EventEmitter<DeviceWorkerEvents> {
       }
       this.phase = 'stopped'
       this.tasks.halt()
+      for (const jobId of [...this.training.keys()]) this.stopTraining(jobId, 'the worker stopped')
       this.firstRegistration?.reject(new Error('the worker was stopped before it registered'))
       this.firstRegistration = undefined
       await this.closeSocket(1000, 'worker stopped')
@@ -223,6 +230,8 @@ export class DeviceWorker extends EventEmitter<DeviceWorkerEvents> {
     this.socket = undefined
     this.registered = false
     clearInterval(this.heartbeatTimer)
+    // the hub released this device from its jobs when the socket went; it gives it work again on reconnecting
+    for (const jobId of [...this.training.keys()]) this.stopTraining(jobId, 'disconnected')
     const why = `code ${code}${reason ? `: ${reason}` : ''}`
     if (this.phase === 'stopped') {
       this.emit('disconnected', { code, reason })
@@ -288,7 +297,7 @@ export class DeviceWorker extends EventEmitter<DeviceWorkerEvents> {
       sdk_uuid: state.sdk_uuid,
       instance_type: this.options.instanceType ?? 'user',
       hardware: this.hardware!,
-      capabilities: { formats: ['onnx'], gpu: this.options.cuda ?? false, can_train: false, max_concurrent_tasks: this.maxTasks, max_batch_inputs: this.maxBatchInputs },
+      capabilities: { formats: ['onnx'], gpu: this.options.cuda ?? false, can_train: this.options.canTrain ?? true, max_concurrent_tasks: this.maxTasks, max_batch_inputs: this.maxBatchInputs },
     }
   }
 
@@ -319,6 +328,12 @@ export class DeviceWorker extends EventEmitter<DeviceWorkerEvents> {
         return void this.send({ type: 'logs', request_id: frame.request_id, lines: this.fitInFrame(this.log.tail(frame.lines, frame.level)) })
       case 'error':
         return this.log.error(`hub error ${frame.code}: ${frame.message}`)
+      case 'train_start':
+        return void this.startTraining(frame).catch((error: Error) => this.log.error(`training ${frame.job_id} could not start: ${error.message}`))
+      case 'train_weights':
+        return this.training.get(frame.job_id)?.weights(frame)
+      case 'train_stop':
+        return this.stopTraining(frame.job_id, frame.reason)
       default: {
         const unknown: never = frame
         throw new Error(`unknown frame ${JSON.stringify(unknown)}`)
@@ -372,6 +387,37 @@ export class DeviceWorker extends EventEmitter<DeviceWorkerEvents> {
     let kept = lines
     while (kept.length > 0 && JSON.stringify(kept).length > MAX_FRAME_BYTES - 1024) kept = kept.slice(Math.ceil(kept.length / 10))
     return kept
+  }
+
+  // ---- training ------------------------------------------------------------------------------------------
+
+  private async startTraining(frame: TrainStart) {
+    if (this.phase !== 'running') return this.log.warn(`ignored training job ${frame.job_id}: the worker is ${this.phase}`)
+    this.training.get(frame.job_id)?.stop()
+    this.log.info(`training job ${frame.job_id}: joining at round ${frame.round} (${frame.config.sync_mode}, ${frame.config.local_steps} steps of ${frame.config.batch_size})`)
+    const modelBytes = await this.models.bytes(frame.model)
+    const data = frame.data
+    const datasetBytes = data.type === 'dataset' ? await this.models.bytes({ id: data.dataset_id, checksum: data.checksum, download_path: data.download_path }) : undefined
+    const session = new TrainingSession({
+      frame,
+      modelBytes,
+      ...(datasetBytes ? { datasetBytes } : {}),
+      send: (f) => this.send(f),
+      powerWatts: () => machineReadings({ gpus: this.gpuCount(), gpuBusy: this.gpuRuns > 0 }).power_watts,
+      log: (level, message) => this.log[level](message),
+    })
+    this.training.set(frame.job_id, session)
+    void session.finished.then(() => {
+      if (this.training.get(frame.job_id) === session) this.training.delete(frame.job_id)
+    })
+  }
+
+  private stopTraining(jobId: string, reason: string) {
+    const session = this.training.get(jobId)
+    if (!session) return
+    this.log.info(`training job ${jobId}: leaving (${reason})`)
+    session.stop()
+    this.training.delete(jobId)
   }
 
   // ---- tasks ---------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import type { FastifyInstance } from 'fastify'
 import type { Test } from 'tap'
 import { BlobStore } from '../../src/blobs/blob-store.js'
 import { TaskScheduler } from '../../src/commands/scheduler.js'
+import { TrainingCoordinator } from '../../src/commands/training.js'
 import { DeviceHub } from '../../src/device-hub/hub.js'
 import { START } from '../../src/event-store/port.js'
 import { PostgresEventStore } from '../../src/event-store/postgres.js'
@@ -20,6 +21,7 @@ export interface TestApp {
   app: FastifyInstance
   hub: DeviceHub
   scheduler: TaskScheduler
+  training: TrainingCoordinator
   database: Database
   store: PostgresEventStore
   projections: Projections
@@ -29,7 +31,7 @@ export interface TestApp {
 }
 
 /** The whole HTTP API on a fresh database, with every projection running; torn down with the test. */
-export async function testApp(t: Test, overrides: Partial<AppDeps> = {}, options: { heartbeatIntervalMs?: number; leaseTimeoutMs?: number; enrollmentSecret?: string } = {}): Promise<TestApp> {
+export async function testApp(t: Test, overrides: Partial<AppDeps> = {}, options: { heartbeatIntervalMs?: number; leaseTimeoutMs?: number; enrollmentSecret?: string; roundDeadlineMs?: number } = {}): Promise<TestApp> {
   const database = await freshDatabase(t)
   const store = new PostgresEventStore(database.pool)
   const projections = new Projections({ db: database.db, store, retryMs: 50 })
@@ -40,10 +42,13 @@ export async function testApp(t: Test, overrides: Partial<AppDeps> = {}, options
   await projections.waitFor(START)
   const scheduler = new TaskScheduler({ store, db: database.db, leaseTimeoutMs: options.leaseTimeoutMs ?? 2000, maxAttempts: 3 })
   await scheduler.recover()
-  const hub = new DeviceHub({ store, scheduler, waitFor: (p) => projections.waitFor(p), heartbeatIntervalMs: options.heartbeatIntervalMs ?? 500, enrollmentSecret: options.enrollmentSecret })
-  const app = await buildApp({ store, projections, db: database.db, blobs, hub, scheduler, adminKey: ADMIN_KEY, internalToken: INTERNAL_TOKEN, logLevel: 'silent', ...overrides })
+  const training = new TrainingCoordinator({ store, db: database.db, blobs, onMembership: (device, job) => scheduler.setTraining(device, job), roundDeadlineMs: options.roundDeadlineMs ?? 5000 })
+  await training.recover()
+  const hub = new DeviceHub({ store, scheduler, training, waitFor: (p) => projections.waitFor(p), heartbeatIntervalMs: options.heartbeatIntervalMs ?? 500, enrollmentSecret: options.enrollmentSecret })
+  const app = await buildApp({ store, projections, db: database.db, blobs, hub, scheduler, training, adminKey: ADMIN_KEY, internalToken: INTERNAL_TOKEN, logLevel: 'silent', ...overrides })
   t.teardown(async () => {
     await hub.close()
+    training.stop()
     scheduler.stop()
     await app.close()
     await projections.stop()
@@ -55,6 +60,7 @@ export async function testApp(t: Test, overrides: Partial<AppDeps> = {}, options
     app,
     hub,
     scheduler,
+    training,
     database,
     store,
     projections,

@@ -1,0 +1,585 @@
+import { createHash } from 'node:crypto'
+import { Readable } from 'node:stream'
+import type { Kysely } from 'kysely'
+import type { BlobStore } from '../blobs/blob-store.js'
+import { DomainError } from '../domain/errors.js'
+import { decodeWeights, encodeWeights, mixAsync, roundReady, weightedAverage, weightsToBase64 } from '../domain/fedavg.js'
+import { type ModelDescription, modelDecider, modelStream } from '../domain/model.js'
+import { type AllocDevice, allocateDevices, isEligible } from '../domain/training-allocation.js'
+import { type Contribution, isFinished, type TrainingCommand, trainingDecider, type TrainingSpec, type TrainingState, trainingStream } from '../domain/training-job.js'
+import type { EventStore, Position } from '../event-store/port.js'
+import type { HubFrame, PLATFORMS, TrainData, TrainStart, TrainUpdate } from '../protocol/frames.js'
+import { unfinishedTrainingJobs } from '../projections/training.js'
+import { handleCommand, type KnownState } from './handle-command.js'
+import { loadValidation, type Validation, type Weights } from './training-validation.js'
+
+/** A connected device that can train, as the hub describes it. */
+export interface TrainingDevice {
+  deviceId: string
+  platform: (typeof PLATFORMS)[number]
+  sdkVersion: string
+  gpu: boolean
+  instanceType: 'aws' | 'user'
+  send(frame: HubFrame): boolean
+}
+
+export interface TrainingOptions {
+  store: EventStore
+  db: Kysely<any>
+  blobs: BlobStore
+  /** Marks a device as working for a job (the inference scheduler leaves it alone meanwhile). */
+  onMembership?: (deviceId: string, jobId: string | undefined) => void
+  /** How long a sync round waits for its devices before going on with those that answered. Default 30 s. */
+  roundDeadlineMs?: number
+  /** Async mode: an update more rounds behind than this is dropped (and its device resynced). Default 20. */
+  maxStaleness?: number
+  now?: () => Date
+  log?: (message: string) => void
+}
+
+interface Member {
+  deviceId: string
+  instanceType: 'aws' | 'user'
+  /** Leaves the job at its next round boundary (the scheduler gives it to another job). */
+  draining: boolean
+}
+
+interface Pending {
+  weights: Weights
+  contribution: Contribution
+}
+
+/** A job the coordinator runs: its stream as last written, its current weights, its devices and its round. */
+interface LiveJob {
+  spec: TrainingSpec
+  known: KnownState<TrainingState>
+  weights: Weights
+  /** The weights of the current round, encoded once for every device that needs them. */
+  encoded: string | undefined
+  members: Map<string, Member>
+  pending: Map<string, Pending>
+  roundStartedAt: number
+  deadline: NodeJS.Timeout | undefined
+  validation: Validation
+  model: ModelDescription
+  /** Updates of a job are handled one at a time, in arrival order. */
+  queue: Promise<void>
+}
+
+/**
+ * Runs federated training: gives training devices to jobs (src/domain/training-allocation.ts), sends
+ * them the model and weights, averages what they send back (src/domain/fedavg.ts) round by round, checks
+ * every round on the job's validation set, checkpoints it (weights in the blob store, an event), stops at
+ * the target accuracy or after the epochs, and registers the trained model. After a restart it resumes
+ * every unfinished job from its last round.
+ */
+export class TrainingCoordinator {
+  private readonly jobs = new Map<string, LiveJob>()
+  private readonly devices = new Map<string, TrainingDevice>()
+  /** The job each busy device works for. */
+  private readonly membership = new Map<string, string>()
+  private balancing: Promise<void> = Promise.resolve()
+  private rebalanceAgain = false
+  private stopped = false
+  private readonly now: () => Date
+
+  constructor(private readonly options: TrainingOptions) {
+    this.now = options.now ?? (() => new Date())
+  }
+
+  /** Loads every unfinished job (after a restart its devices are gone: they are released). */
+  async recover(): Promise<void> {
+    for (const row of await unfinishedTrainingJobs(this.options.db)) {
+      const job = await this.load(row.job_id)
+      if (job.known.state.devices.length > 0) await this.command(job, { type: 'ReleaseDevices', deviceIds: job.known.state.devices, reason: 'server restarted', at: this.at() })
+    }
+    this.rebalance()
+  }
+
+  stop(): void {
+    this.stopped = true
+    for (const job of this.jobs.values()) clearTimeout(job.deadline)
+  }
+
+  /** Devices that could train for a job with these filters (for NO_TRAINING_DEVICES and `estimated_devices`). */
+  eligibleDevices(resources: TrainingSpec['resource_config']): number {
+    return [...this.devices.values()].filter((d) => eligible(d, resources)).length
+  }
+
+  /** Records a new job and starts it once it has its minimum of devices. */
+  async submit(spec: TrainingSpec, options: { idempotencyKey?: string } = {}): Promise<Position> {
+    const result = await handleCommand(this.options.store, trainingStream(spec.job_id), trainingDecider, { type: 'SubmitTraining', spec }, { ...options, metadata: this.metadata(spec.customer_id) })
+    if (!this.jobs.has(spec.job_id) && !isFinished(result.state.phase)) await this.load(spec.job_id)
+    this.rebalance()
+    return result.position
+  }
+
+  async pause(jobId: string, customerId: string): Promise<Position> {
+    const position = await this.control(jobId, { type: 'PauseTraining', customerId, at: this.at() })
+    this.leaveAll(jobId, 'paused')
+    this.rebalance()
+    return position
+  }
+
+  async resume(jobId: string, customerId: string): Promise<Position> {
+    const position = await this.control(jobId, { type: 'ResumeTraining', customerId, at: this.at() })
+    this.rebalance()
+    return position
+  }
+
+  async cancel(jobId: string, customerId: string): Promise<Position> {
+    const position = await this.control(jobId, { type: 'CancelTraining', customerId, at: this.at() })
+    this.leaveAll(jobId, 'cancelled')
+    this.forget(jobId)
+    this.rebalance()
+    return position
+  }
+
+  deviceConnected(device: TrainingDevice): void {
+    this.devices.set(device.deviceId, device)
+    this.rebalance()
+  }
+
+  /** A device that left: its job goes on without it (a sync round no longer waits for it). */
+  async deviceLost(deviceId: string): Promise<void> {
+    this.devices.delete(deviceId)
+    const job = this.jobOf(deviceId)
+    if (job) {
+      this.leave(job, deviceId)
+      await this.serially(job, async () => {
+        await this.command(job, { type: 'ReleaseDevices', deviceIds: [deviceId], reason: 'device disconnected', at: this.at() })
+        await this.maybeCloseRound(job, false)
+      })
+    }
+    this.rebalance()
+  }
+
+  /** May this device download the model (it trains a job on it)? */
+  holdsModel(deviceId: string, modelId: string): boolean {
+    return this.jobOf(deviceId)?.spec.model_id === modelId
+  }
+
+  holdsDataset(deviceId: string, datasetId: string): boolean {
+    return this.jobOf(deviceId)?.spec.data_config.dataset_id === datasetId
+  }
+
+  /** A device's trained weights. */
+  async update(deviceId: string, frame: TrainUpdate): Promise<void> {
+    const job = this.jobs.get(frame.job_id)
+    const member = job?.members.get(deviceId)
+    if (!job || !member) {
+      this.devices.get(deviceId)?.send({ type: 'train_stop', job_id: frame.job_id, reason: 'not assigned to this job' })
+      return
+    }
+    await this.serially(job, () => (job.spec.training_config.sync_mode === 'async' ? this.mixIn(job, member, frame) : this.collect(job, member, frame)))
+  }
+
+  /** A device pulls the job's current weights. */
+  weightsRequest(deviceId: string, jobId: string): void {
+    const job = this.jobs.get(jobId)
+    if (job?.members.has(deviceId)) this.sendWeights(job, deviceId)
+    else this.devices.get(deviceId)?.send({ type: 'train_stop', job_id: jobId, reason: 'not assigned to this job' })
+  }
+
+  // ---- rounds --------------------------------------------------------------------------------------------
+
+  /** Async: each update is mixed in as it comes, weighted down by how stale its starting weights were. */
+  private async mixIn(job: LiveJob, member: Member, frame: TrainUpdate): Promise<void> {
+    const staleness = Math.max(0, job.known.state.round - frame.base_round)
+    const mixed = mixAsync(job.weights, decodeWeightsFrom(frame.weights), { samples: frame.samples, staleness, maxStaleness: this.options.maxStaleness ?? 20 })
+    if (!mixed.applied) {
+      this.options.log?.(`training ${job.spec.job_id}: dropped an update of ${member.deviceId} ${staleness} rounds stale`)
+      this.sendWeights(job, member.deviceId)
+      return
+    }
+    await this.commitRound(job, mixed.weights, [contribution(member, frame, staleness)])
+    if (member.draining) await this.release(job, [member.deviceId], 'moved to another job')
+  }
+
+  /**
+   * Sync modes: updates of the current round wait until every device (full) or a quorum (semi) sent one.
+   * Semi sync also takes an update one round late into the next round, so a slower device's work counts;
+   * full sync drops it (the device already has the new round's weights).
+   */
+  private async collect(job: LiveJob, member: Member, frame: TrainUpdate): Promise<void> {
+    const lag = job.known.state.round - frame.base_round
+    if (lag < 0 || lag > (job.spec.training_config.sync_mode === 'semi_sync' ? 1 : 0)) return
+    job.pending.set(member.deviceId, { weights: decodeWeightsFrom(frame.weights), contribution: contribution(member, frame, lag) })
+    await this.maybeCloseRound(job, false)
+  }
+
+  private async maybeCloseRound(job: LiveJob, deadlinePassed: boolean): Promise<void> {
+    const mode = job.spec.training_config.sync_mode
+    if (mode === 'async' || job.pending.size === 0 || !this.jobs.has(job.spec.job_id)) return
+    const expected = new Set([...job.members.keys(), ...job.pending.keys()]).size
+    if (!roundReady(mode, { expected, received: job.pending.size, deadlinePassed })) return
+    const updates = [...job.pending.values()]
+    job.pending.clear()
+    if (deadlinePassed && mode === 'full_sync') {
+      // full sync: a device that missed the deadline is dropped from the job, the round goes on without it
+      const late = [...job.members.keys()].filter((id) => !updates.some((u) => u.contribution.device_id === id))
+      if (late.length > 0) await this.release(job, late, 'missed the round deadline')
+    }
+    const averaged = weightedAverage(updates.map((u) => ({ weights: u.weights, samples: u.contribution.samples })))
+    const finished = await this.commitRound(job, averaged, updates.map((u) => u.contribution))
+    if (finished) return
+    const draining = [...job.members.values()].filter((m) => m.draining).map((m) => m.deviceId)
+    if (draining.length > 0) await this.release(job, draining, 'moved to another job')
+    for (const deviceId of job.members.keys()) this.sendWeights(job, deviceId)
+  }
+
+  /** Checks the new weights, checkpoints the round, and ends the job when it has reached its goal. True when it ended. */
+  private async commitRound(job: LiveJob, weights: Weights, contributions: Contribution[]): Promise<boolean> {
+    const spec = job.spec
+    const state = job.known.state
+    const steps = contributions.reduce((n, c) => n + c.steps, 0)
+    const samples = contributions.reduce((n, c) => n + c.samples, 0)
+    const batches = state.batchesCompleted + steps
+    const checked = job.validation.evaluate(weights)
+    const sha256 = await this.keep(encodeWeights(weights))
+    const at = this.now()
+    const round = {
+      job_id: spec.job_id,
+      round: state.round + 1,
+      weights_sha256: sha256,
+      loss: contributions.reduce((sum, c) => sum + c.loss * c.samples, 0) / Math.max(1, samples),
+      validation_loss: checked.loss,
+      accuracy: checked.accuracy,
+      samples,
+      steps,
+      batches_completed: batches,
+      epoch: Math.floor((batches * spec.data_config.batch_size) / spec.data_config.total_samples),
+      contributions,
+      wall_ms: Math.max(0, at.getTime() - job.roundStartedAt),
+      at: at.toISOString(),
+    }
+    await this.command(job, { type: 'CompleteRound', round })
+    job.weights = weights
+    job.encoded = undefined
+    job.roundStartedAt = at.getTime()
+    this.armDeadline(job)
+    const target = spec.training_config.target_accuracy
+    if (target !== null && checked.accuracy >= target) return this.finish(job, 'target_accuracy').then(() => true)
+    if (batches >= spec.total_batches) return this.finish(job, 'epochs').then(() => true)
+    return false
+  }
+
+  /** Registers the trained weights as a new model of the customer, then records the job's end. */
+  private async finish(job: LiveJob, reason: 'target_accuracy' | 'epochs'): Promise<void> {
+    const spec = job.spec
+    const bytes = job.validation.export(job.weights)
+    const sha256 = await this.keep(Buffer.from(bytes))
+    const at = this.at()
+    const trainedModelId = trainedModelIdOf(spec.job_id)
+    const model: ModelDescription = {
+      ...job.model,
+      model_id: trainedModelId,
+      customer_id: spec.customer_id,
+      name: `${job.model.name} (trained by ${spec.job_id})`,
+      size: bytes.length,
+      checksum: `sha256:${sha256}`,
+      uploaded_at: at,
+    }
+    try {
+      await handleCommand(this.options.store, modelStream(trainedModelId), modelDecider, { type: 'UploadModel', model }, { metadata: this.metadata(spec.customer_id) })
+    } catch (error) {
+      if (!(error instanceof DomainError && error.code === 'CONFLICT')) throw error // registered before a crash
+    }
+    await this.command(job, { type: 'CompleteTraining', reason, trainedModelId, at })
+    this.leaveAll(spec.job_id, reason === 'epochs' ? 'completed its epochs' : 'reached its target accuracy')
+    this.forget(spec.job_id)
+    this.rebalance()
+  }
+
+  private armDeadline(job: LiveJob): void {
+    clearTimeout(job.deadline)
+    job.deadline = undefined
+    if (job.spec.training_config.sync_mode === 'async' || this.stopped) return
+    job.deadline = setTimeout(() => void this.serially(job, () => this.maybeCloseRound(job, true)), this.options.roundDeadlineMs ?? 30_000)
+    job.deadline.unref()
+  }
+
+  // ---- devices -------------------------------------------------------------------------------------------
+
+  /** Re-plans which device trains for which job; runs once at a time, and again if asked meanwhile. */
+  private rebalance(): void {
+    if (this.stopped) return
+    this.rebalanceAgain = true
+    this.balancing = this.balancing.then(async () => {
+      while (this.rebalanceAgain && !this.stopped) {
+        this.rebalanceAgain = false
+        await this.applyPlan().catch((error: Error) => this.options.log?.(`training: rebalancing failed: ${error.message}`))
+      }
+    })
+  }
+
+  /** Waits until the allocation is settled (for tests and for the HTTP replies that report devices). */
+  settled(): Promise<void> {
+    return this.balancing
+  }
+
+  private async applyPlan(): Promise<void> {
+    const active = [...this.jobs.values()].filter((j) => j.known.state.phase === 'active')
+    const plan = allocateDevices({
+      devices: this.allocDevices(),
+      jobs: active.map((j, i) => allocJob(j.spec.resource_config, j.spec.job_id, j.spec.weight, i, j.members.size > 0)),
+    })
+    // a drained device finishes the round it is in and leaves at the boundary (see mixIn and maybeCloseRound)
+    for (const drain of plan.drains) {
+      const member = this.jobOf(drain.device_id)?.members.get(drain.device_id)
+      if (member) member.draining = true
+    }
+    for (const job of active) {
+      const wanted = (plan.assignments[job.spec.job_id] ?? []).filter((id) => !this.membership.has(id) && this.devices.has(id))
+      if (wanted.length > 0) await this.serially(job, () => this.assign(job, wanted))
+    }
+  }
+
+  private async assign(job: LiveJob, deviceIds: string[]): Promise<void> {
+    if (!this.jobs.has(job.spec.job_id) || job.known.state.phase !== 'active') return
+    const at = this.at()
+    const devices = deviceIds.map((id) => ({ device_id: id, instance_type: this.devices.get(id)!.instanceType, stream_seed: seedOf(job.spec.seed, id, job.known.state.round) }))
+    await this.command(job, { type: 'AssignDevices', devices, at })
+    if (job.members.size === 0) {
+      job.roundStartedAt = this.now().getTime()
+      this.armDeadline(job)
+    }
+    // a dataset is cut into as many shards as the job has devices now; each new device takes one
+    const shards = job.members.size + devices.length
+    for (const device of devices) {
+      const shard = job.members.size
+      job.members.set(device.device_id, { deviceId: device.device_id, instanceType: device.instance_type, draining: false })
+      this.membership.set(device.device_id, job.spec.job_id)
+      this.options.onMembership?.(device.device_id, job.spec.job_id)
+      this.devices.get(device.device_id)?.send(this.startFrame(job, device.stream_seed, shard, shards))
+    }
+  }
+
+  private startFrame(job: LiveJob, streamSeed: number, shard: number, shards: number): TrainStart {
+    const spec = job.spec
+    const config = spec.training_config
+    const data: TrainData =
+      spec.data_config.type === 'stream'
+        ? { type: 'stream', task_seed: spec.seed, stream_seed: streamSeed }
+        : { type: 'dataset', ...job.validation.datasetShard!(shard, shards), split_seed: spec.seed, validation_fraction: spec.data_config.validation_fraction }
+    return {
+      type: 'train_start',
+      job_id: spec.job_id,
+      round: job.known.state.round,
+      model: { id: spec.model_id, format: 'onnx', checksum: spec.model_checksum, download_path: `/api/v1/sdk/models/${spec.model_id}` },
+      ...(job.known.state.round > 0 ? { weights: this.encoded(job) } : {}),
+      config: {
+        optimizer: config.optimizer,
+        learning_rate: config.learning_rate,
+        batch_size: spec.data_config.batch_size,
+        local_steps: config.local_steps,
+        sync_mode: config.sync_mode,
+        sync_interval_ms: config.sync_interval_ms,
+        loss: config.loss,
+      },
+      data,
+    }
+  }
+
+  private async release(job: LiveJob, deviceIds: string[], reason: string): Promise<void> {
+    for (const id of deviceIds) {
+      this.leave(job, id)
+      this.devices.get(id)?.send({ type: 'train_stop', job_id: job.spec.job_id, reason })
+    }
+    await this.command(job, { type: 'ReleaseDevices', deviceIds, reason, at: this.at() })
+    this.rebalance()
+  }
+
+  /** Forgets a device's membership (the event, if any, is the caller's). */
+  private leave(job: LiveJob, deviceId: string): void {
+    job.members.delete(deviceId)
+    job.pending.delete(deviceId)
+    if (this.membership.get(deviceId) === job.spec.job_id) {
+      this.membership.delete(deviceId)
+      this.options.onMembership?.(deviceId, undefined)
+    }
+  }
+
+  /** Tells every device of a job to stop (its release is in the job's own event: pause, cancel, completion). */
+  private leaveAll(jobId: string, reason: string): void {
+    const job = this.jobs.get(jobId)
+    if (!job) return
+    for (const id of [...job.members.keys()]) {
+      this.leave(job, id)
+      this.devices.get(id)?.send({ type: 'train_stop', job_id: jobId, reason })
+    }
+    clearTimeout(job.deadline)
+  }
+
+  private forget(jobId: string): void {
+    const job = this.jobs.get(jobId)
+    if (job) clearTimeout(job.deadline)
+    this.jobs.delete(jobId)
+  }
+
+  private sendWeights(job: LiveJob, deviceId: string): void {
+    this.devices.get(deviceId)?.send({ type: 'train_weights', job_id: job.spec.job_id, round: job.known.state.round, weights: this.encoded(job) })
+  }
+
+  private encoded(job: LiveJob): string {
+    job.encoded ??= weightsToBase64(job.weights)
+    return job.encoded
+  }
+
+  private allocDevices() {
+    return [...this.devices.values()].map((d) => allocDevice(d, this.membership.get(d.deviceId)))
+  }
+
+  private jobOf(deviceId: string): LiveJob | undefined {
+    const jobId = this.membership.get(deviceId)
+    return jobId === undefined ? undefined : this.jobs.get(jobId)
+  }
+
+  // ---- the job's stream ----------------------------------------------------------------------------------
+
+  /** Folds the job's stream and loads what running it needs: the model, the last round's weights, the validation set. */
+  private async load(jobId: string): Promise<LiveJob> {
+    const recorded = await this.options.store.readStream(trainingStream(jobId))
+    const state = recorded.map((e) => trainingDecider.parse({ type: e.type, data: e.data, schemaVersion: e.metadata.schemaVersion ?? 1 })).reduce(trainingDecider.evolve, trainingDecider.initialState())
+    const spec = state.spec
+    if (!spec) throw new Error(`training job ${jobId} has no TrainingSubmitted event`)
+    const model = await this.modelOf(spec.model_id)
+    const validation = await loadValidation(spec, this.options.blobs)
+    const weights = state.weightsSha256 ? decodeWeights(await this.options.blobs.read(state.weightsSha256)) : validation.initialWeights()
+    const job: LiveJob = {
+      spec,
+      known: { state, revision: recorded.at(-1)?.revision ?? -1 },
+      weights,
+      encoded: undefined,
+      members: new Map(),
+      pending: new Map(),
+      roundStartedAt: this.now().getTime(),
+      deadline: undefined,
+      validation,
+      model,
+      queue: Promise.resolve(),
+    }
+    this.jobs.set(jobId, job)
+    return job
+  }
+
+  private async modelOf(modelId: string): Promise<ModelDescription> {
+    const recorded = await this.options.store.readStream(modelStream(modelId))
+    const state = recorded.map((e) => modelDecider.parse({ type: e.type, data: e.data, schemaVersion: e.metadata.schemaVersion ?? 1 })).reduce(modelDecider.evolve, modelDecider.initialState())
+    if (!state.model) throw new Error(`model ${modelId} not found`)
+    return state.model
+  }
+
+  /** Runs a command on the job's stream from the state the coordinator knows (it is the stream's writer). */
+  private async command(job: LiveJob, command: TrainingCommand): Promise<Position> {
+    const result = await handleCommand(this.options.store, trainingStream(job.spec.job_id), trainingDecider, command, { known: job.known, metadata: this.metadata(job.spec.customer_id) })
+    job.known = { state: result.state, revision: result.nextRevision }
+    return result.position
+  }
+
+  /** Pause, resume or cancel, from the API: the job may not be loaded (finished, or another customer's). */
+  private async control(jobId: string, command: TrainingCommand): Promise<Position> {
+    const job = this.jobs.get(jobId)
+    if (!job) {
+      const result = await handleCommand(this.options.store, trainingStream(jobId), trainingDecider, command, { metadata: { occurredAt: this.at() } })
+      if (command.type === 'ResumeTraining' && !isFinished(result.state.phase)) await this.load(jobId)
+      return result.position
+    }
+    let position: Position | undefined
+    await this.serially(job, async () => {
+      position = await this.command(job, command)
+    })
+    return position!
+  }
+
+  /** Runs `work` after the job's earlier work; an error is logged, and fails the job if it is not a domain refusal. */
+  private serially(job: LiveJob, work: () => Promise<unknown>): Promise<void> {
+    const run = job.queue.then(work).then(
+      () => undefined,
+      async (error: Error) => {
+        if (error instanceof DomainError) throw error
+        this.options.log?.(`training ${job.spec.job_id}: ${error.stack ?? error.message}`)
+        await this.fail(job, error.message)
+      },
+    )
+    job.queue = run.catch(() => undefined)
+    return run
+  }
+
+  private async fail(job: LiveJob, message: string): Promise<void> {
+    try {
+      await this.command(job, { type: 'FailTraining', error: message, at: this.at() })
+    } catch (error) {
+      this.options.log?.(`training ${job.spec.job_id}: recording the failure: ${(error as Error).message}`)
+    }
+    this.leaveAll(job.spec.job_id, 'the job failed')
+    this.forget(job.spec.job_id)
+    this.rebalance()
+  }
+
+  private async keep(bytes: Buffer): Promise<string> {
+    const pending = await this.options.blobs.write(Readable.from([bytes]))
+    await pending.keep()
+    return pending.sha256
+  }
+
+  private at(): string {
+    return this.now().toISOString()
+  }
+
+  private metadata(customerId: string) {
+    return { customerId, occurredAt: this.at() }
+  }
+}
+
+/** The id of the model a job registers: derived from the job, so a retry after a crash finds it. */
+export const trainedModelIdOf = (jobId: string) => `model_${jobId.replace(/^train_/, '')}_trained`
+
+function contribution(member: Member, frame: TrainUpdate, staleness: number): Contribution {
+  return {
+    device_id: member.deviceId,
+    instance_type: member.instanceType,
+    samples: frame.samples,
+    steps: frame.steps,
+    loss: frame.loss,
+    staleness,
+    cpu_ms: frame.metrics.cpu_ms,
+    gpu_ms: frame.metrics.gpu_ms,
+    power_watts: frame.power_watts,
+  }
+}
+
+function decodeWeightsFrom(base64: string): Weights {
+  try {
+    return decodeWeights(Buffer.from(base64, 'base64'))
+  } catch (error) {
+    throw new DomainError('INVALID_FRAME', `weights: ${(error as Error).message}`)
+  }
+}
+
+/** A device's sample stream for a job: reproducible from the job's seed, the device and the round it joined at. */
+function seedOf(jobSeed: number, deviceId: string, round: number): number {
+  return createHash('sha256').update(`${jobSeed}:${deviceId}:${round}`).digest().readInt32LE(0)
+}
+
+function eligible(device: TrainingDevice, resources: TrainingSpec['resource_config']): boolean {
+  return isEligible(allocDevice(device, undefined), allocJob(resources, 'probe', 1, 0, false))
+}
+
+function allocDevice(device: TrainingDevice, currentJob: string | undefined): AllocDevice {
+  return { device_id: device.deviceId, platform: device.platform, sdk_version: device.sdkVersion, gpu: device.gpu, can_train: true, ...(currentJob ? { current_job: currentJob } : {}) }
+}
+
+function allocJob(resources: TrainingSpec['resource_config'], jobId: string, weight: number, seq: number, running: boolean) {
+  return {
+    job_id: jobId,
+    weight,
+    min_devices: resources.min_devices,
+    ...(resources.max_devices !== null ? { max_devices: resources.max_devices } : {}),
+    prefer_gpu: resources.prefer_gpu,
+    ...(resources.sdk_types ? { sdk_types: resources.sdk_types } : {}),
+    ...(resources.min_sdk_version ? { min_sdk_version: resources.min_sdk_version } : {}),
+    submitted_seq: seq,
+    running,
+  }
+}

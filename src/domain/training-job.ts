@@ -1,0 +1,275 @@
+import { z } from 'zod'
+import { LOSSES, OPTIMIZERS, TRAIN_SYNC_MODES } from '../protocol/frames.js'
+import type { Decider } from './decider.js'
+import { DomainError } from './errors.js'
+
+/**
+ * A federated training job (stream `training-<jobId>`): submitted, then given devices and taken off them
+ * by the scheduler, one event per aggregated round (its weights are a blob), paused and resumed, and
+ * finished by reaching its target accuracy or its epochs (which registers the trained model), by a
+ * cancel, or by a failure. Its status is derived: a job that is not paused or finished is `running` while
+ * it has devices and `queued` while it has none.
+ */
+export const TrainingSpec = z.object({
+  job_id: z.string(),
+  customer_id: z.string(),
+  model_id: z.string(),
+  model_name: z.string(),
+  model_checksum: z.string(),
+  data_config: z.object({
+    type: z.enum(['stream', 'dataset']),
+    total_samples: z.number().int(),
+    batch_size: z.number().int(),
+    dataset_id: z.string().nullable(),
+    dataset_checksum: z.string().nullable(),
+    dataset_format: z.enum(['csv', 'jsonl']).nullable(),
+    validation_fraction: z.number(),
+  }),
+  training_config: z.object({
+    epochs: z.number().int(),
+    learning_rate: z.number(),
+    optimizer: z.enum(OPTIMIZERS),
+    target_accuracy: z.number().nullable(),
+    sync_mode: z.enum(TRAIN_SYNC_MODES),
+    local_steps: z.number().int(),
+    sync_interval_ms: z.number().int(),
+    loss: z.enum(LOSSES),
+  }),
+  resource_config: z.object({
+    min_devices: z.number().int(),
+    max_devices: z.number().int().nullable(),
+    prefer_gpu: z.boolean(),
+    sdk_types: z.array(z.string()).nullable(),
+    min_sdk_version: z.string().nullable(),
+  }),
+  /** total_samples * epochs: its share of the training devices. */
+  weight: z.number(),
+  total_batches: z.number().int(),
+  /** Seeds the synthetic task, the dataset split and every device's sample stream. */
+  seed: z.number().int(),
+  submitted_at: z.string(),
+})
+export type TrainingSpec = z.infer<typeof TrainingSpec>
+
+const Contribution = z.object({
+  device_id: z.string(),
+  instance_type: z.enum(['aws', 'user']),
+  samples: z.number().int(),
+  steps: z.number().int(),
+  loss: z.number(),
+  /** Rounds the update's starting weights were behind (async mode; 0 in the sync modes). */
+  staleness: z.number().int(),
+  cpu_ms: z.number(),
+  gpu_ms: z.number(),
+  power_watts: z.number(),
+})
+export type Contribution = z.infer<typeof Contribution>
+
+export const RoundData = z.object({
+  job_id: z.string(),
+  round: z.number().int(),
+  /** The aggregated weights, in the blob store. */
+  weights_sha256: z.string(),
+  /** Mean training loss the devices reported, weighted by samples. */
+  loss: z.number(),
+  validation_loss: z.number(),
+  /** On the held-out validation set, 0..1. */
+  accuracy: z.number(),
+  samples: z.number().int(),
+  steps: z.number().int(),
+  batches_completed: z.number().int(),
+  epoch: z.number().int(),
+  contributions: z.array(Contribution),
+  /** Since the previous round (or since the job got its devices). */
+  wall_ms: z.number(),
+  at: z.string(),
+})
+export type RoundData = z.infer<typeof RoundData>
+
+const AssignedDevice = z.object({ device_id: z.string(), instance_type: z.enum(['aws', 'user']), stream_seed: z.number().int() })
+
+const TrainingSubmitted = z.object({ type: z.literal('TrainingSubmitted'), data: TrainingSpec })
+const TrainingDevicesAssigned = z.object({ type: z.literal('TrainingDevicesAssigned'), data: z.object({ job_id: z.string(), devices: z.array(AssignedDevice), at: z.string() }) })
+const TrainingDevicesReleased = z.object({
+  type: z.literal('TrainingDevicesReleased'),
+  data: z.object({ job_id: z.string(), device_ids: z.array(z.string()), reason: z.string(), at: z.string() }),
+})
+const TrainingRoundCompleted = z.object({ type: z.literal('TrainingRoundCompleted'), data: RoundData })
+const JobAt = z.object({ job_id: z.string(), at: z.string() })
+const TrainingPaused = z.object({ type: z.literal('TrainingPaused'), data: JobAt })
+const TrainingResumed = z.object({ type: z.literal('TrainingResumed'), data: JobAt })
+const TrainingCancelled = z.object({ type: z.literal('TrainingCancelled'), data: JobAt })
+const TrainingCompleted = z.object({
+  type: z.literal('TrainingCompleted'),
+  data: z.object({ job_id: z.string(), reason: z.enum(['target_accuracy', 'epochs']), trained_model_id: z.string(), accuracy: z.number(), loss: z.number(), at: z.string() }),
+})
+const TrainingFailed = z.object({ type: z.literal('TrainingFailed'), data: z.object({ job_id: z.string(), error: z.string(), at: z.string() }) })
+
+const TrainingEvent = z.discriminatedUnion('type', [
+  TrainingSubmitted,
+  TrainingDevicesAssigned,
+  TrainingDevicesReleased,
+  TrainingRoundCompleted,
+  TrainingPaused,
+  TrainingResumed,
+  TrainingCancelled,
+  TrainingCompleted,
+  TrainingFailed,
+])
+export type TrainingEvent = z.infer<typeof TrainingEvent>
+export const trainingEventTypes = TrainingEvent.options.map((o) => o.shape.type.value)
+
+export type TrainingCommand =
+  | { type: 'SubmitTraining'; spec: TrainingSpec }
+  | { type: 'AssignDevices'; devices: z.infer<typeof AssignedDevice>[]; at: string }
+  | { type: 'ReleaseDevices'; deviceIds: string[]; reason: string; at: string }
+  | { type: 'CompleteRound'; round: RoundData }
+  | { type: 'PauseTraining'; customerId: string; at: string }
+  | { type: 'ResumeTraining'; customerId: string; at: string }
+  | { type: 'CancelTraining'; customerId: string; at: string }
+  | { type: 'CompleteTraining'; reason: 'target_accuracy' | 'epochs'; trainedModelId: string; at: string }
+  | { type: 'FailTraining'; error: string; at: string }
+
+export type TrainingPhase = 'active' | 'paused' | 'completed' | 'cancelled' | 'failed'
+export type TrainingStatus = 'queued' | 'running' | 'paused' | 'completed' | 'cancelled' | 'failed'
+
+export interface TrainingState {
+  spec: TrainingSpec | undefined
+  phase: TrainingPhase
+  devices: string[]
+  round: number
+  batchesCompleted: number
+  /** Weights of the last round (undefined before the first: the model file's own). */
+  weightsSha256: string | undefined
+  bestLoss: number | undefined
+  accuracy: number | undefined
+  trainedModelId: string | undefined
+}
+
+export const trainingStream = (jobId: string) => `training-${jobId}`
+
+/** What the API shows: paused and finished jobs say so; an active one runs while it has devices. */
+export function trainingStatus(phase: TrainingPhase, deviceCount: number): TrainingStatus {
+  if (phase !== 'active') return phase
+  return deviceCount > 0 ? 'running' : 'queued'
+}
+
+export const isFinished = (phase: TrainingPhase) => phase === 'completed' || phase === 'cancelled' || phase === 'failed'
+
+export const trainingDecider: Decider<TrainingCommand, TrainingEvent, TrainingState> = {
+  initialState: () => ({
+    spec: undefined,
+    phase: 'active',
+    devices: [],
+    round: 0,
+    batchesCompleted: 0,
+    weightsSha256: undefined,
+    bestLoss: undefined,
+    accuracy: undefined,
+    trainedModelId: undefined,
+  }),
+
+  evolve(state, event) {
+    switch (event.type) {
+      case 'TrainingSubmitted':
+        return { ...state, spec: event.data }
+      case 'TrainingDevicesAssigned':
+        return { ...state, devices: [...state.devices, ...event.data.devices.map((d) => d.device_id).filter((id) => !state.devices.includes(id))] }
+      case 'TrainingDevicesReleased':
+        return { ...state, devices: state.devices.filter((id) => !event.data.device_ids.includes(id)) }
+      case 'TrainingRoundCompleted':
+        return {
+          ...state,
+          round: event.data.round,
+          batchesCompleted: event.data.batches_completed,
+          weightsSha256: event.data.weights_sha256,
+          bestLoss: state.bestLoss === undefined ? event.data.loss : Math.min(state.bestLoss, event.data.loss),
+          accuracy: event.data.accuracy,
+        }
+      case 'TrainingPaused':
+        return { ...state, phase: 'paused' }
+      case 'TrainingResumed':
+        return { ...state, phase: 'active' }
+      case 'TrainingCancelled':
+        return { ...state, phase: 'cancelled', devices: [] }
+      case 'TrainingCompleted':
+        return { ...state, phase: 'completed', devices: [], trainedModelId: event.data.trained_model_id }
+      case 'TrainingFailed':
+        return { ...state, phase: 'failed', devices: [] }
+    }
+  },
+
+  decide(command, state) {
+    switch (command.type) {
+      case 'SubmitTraining':
+        if (state.spec) throw new DomainError('CONFLICT', `training job ${command.spec.job_id} already exists`)
+        return [{ type: 'TrainingSubmitted', data: command.spec }]
+      case 'AssignDevices': {
+        const spec = exists(state)
+        if (state.phase !== 'active') throw new DomainError('CONFLICT', `training job ${spec.job_id} is ${state.phase}`)
+        const devices = command.devices.filter((d) => !state.devices.includes(d.device_id))
+        return devices.length === 0 ? [] : [{ type: 'TrainingDevicesAssigned', data: { job_id: spec.job_id, devices, at: command.at } }]
+      }
+      case 'ReleaseDevices': {
+        const spec = exists(state)
+        const deviceIds = command.deviceIds.filter((id) => state.devices.includes(id))
+        return deviceIds.length === 0 ? [] : [{ type: 'TrainingDevicesReleased', data: { job_id: spec.job_id, device_ids: deviceIds, reason: command.reason, at: command.at } }]
+      }
+      case 'CompleteRound': {
+        const spec = exists(state)
+        if (state.phase !== 'active') throw new DomainError('CONFLICT', `training job ${spec.job_id} is ${state.phase}`)
+        if (command.round.round !== state.round + 1) throw new DomainError('CONFLICT', `round ${command.round.round} does not follow round ${state.round}`)
+        return [{ type: 'TrainingRoundCompleted', data: command.round }]
+      }
+      case 'PauseTraining': {
+        const spec = owned(state, command.customerId)
+        if (state.phase !== 'active') throw new DomainError('CANNOT_PAUSE', `training job ${spec.job_id} is ${trainingStatus(state.phase, 0)}; only a queued or running job can be paused`)
+        return [...release(state, 'job paused', command.at), { type: 'TrainingPaused', data: { job_id: spec.job_id, at: command.at } }]
+      }
+      case 'ResumeTraining': {
+        const spec = owned(state, command.customerId)
+        if (state.phase !== 'paused') throw new DomainError('CANNOT_RESUME', `training job ${spec.job_id} is ${trainingStatus(state.phase, state.devices.length)}; only a paused job can be resumed`)
+        return [{ type: 'TrainingResumed', data: { job_id: spec.job_id, at: command.at } }]
+      }
+      case 'CancelTraining': {
+        const spec = owned(state, command.customerId)
+        if (isFinished(state.phase)) throw new DomainError('CANNOT_CANCEL', `training job ${spec.job_id} is already ${state.phase}`)
+        return [{ type: 'TrainingCancelled', data: { job_id: spec.job_id, at: command.at } }]
+      }
+      case 'CompleteTraining': {
+        const spec = exists(state)
+        if (isFinished(state.phase)) throw new DomainError('CONFLICT', `training job ${spec.job_id} is already ${state.phase}`)
+        const data = { job_id: spec.job_id, reason: command.reason, trained_model_id: command.trainedModelId, accuracy: state.accuracy ?? 0, loss: state.bestLoss ?? 0, at: command.at }
+        return [{ type: 'TrainingCompleted', data }]
+      }
+      case 'FailTraining': {
+        const spec = exists(state)
+        if (isFinished(state.phase)) return []
+        return [{ type: 'TrainingFailed', data: { job_id: spec.job_id, error: command.error, at: command.at } }]
+      }
+      default: {
+        const unknown: never = command
+        throw new Error(`unknown command ${JSON.stringify(unknown)}`)
+      }
+    }
+  },
+
+  parse: ({ type, data }) => TrainingEvent.parse({ type, data }),
+}
+
+function exists(state: TrainingState): TrainingSpec {
+  if (!state.spec) throw new DomainError('NOT_FOUND', 'training job not found')
+  return state.spec
+}
+
+/** Another customer's job is reported as missing. */
+function owned(state: TrainingState, customerId: string): TrainingSpec {
+  const spec = exists(state)
+  if (spec.customer_id !== customerId) throw new DomainError('NOT_FOUND', 'training job not found')
+  return spec
+}
+
+function release(state: TrainingState, reason: string, at: string): TrainingEvent[] {
+  if (state.devices.length === 0) return []
+  return [{ type: 'TrainingDevicesReleased', data: { job_id: state.spec!.job_id, device_ids: state.devices, reason, at } }]
+}

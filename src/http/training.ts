@@ -1,0 +1,202 @@
+import { randomInt } from 'node:crypto'
+import type { FastifyPluginAsync } from 'fastify'
+import type { ZodTypeProvider } from 'fastify-type-provider-zod'
+import { z } from 'zod'
+import { trainingPlan } from '../commands/training-validation.js'
+import { DomainError } from '../domain/errors.js'
+import type { TrainingSpec } from '../domain/training-job.js'
+import { LOSSES, OPTIMIZERS, TRAIN_SYNC_MODES } from '../protocol/frames.js'
+import { findDataset } from '../projections/datasets.js'
+import { findModel } from '../projections/models.js'
+import { findTrainingJob, type JobRow, listTrainingJobs, statusOfRow, trainingRounds } from '../projections/training.js'
+import { customerOf } from './auth.js'
+import { readYourWrites, type Services } from './context.js'
+import { newId } from './ids.js'
+import { pageQuery } from './pagination.js'
+
+const TrainBody = z.object({
+  model_id: z.string().min(1).max(64),
+  data_config: z.object({
+    type: z.enum(['stream', 'dataset']).default('stream').describe('"stream": samples generated on the devices from a seeded synthetic task; "dataset": an uploaded dataset'),
+    total_samples: z.number().int().min(1).max(1_000_000_000).optional().describe('samples per epoch (default for a dataset: its training rows)'),
+    batch_size: z.number().int().min(1).max(4096).default(32),
+    dataset_id: z.string().min(1).max(64).optional().describe('with type "dataset": from POST /datasets'),
+    validation_fraction: z.number().min(0.01).max(0.5).default(0.2).describe('share of a dataset held out for validation (default 0.2)'),
+  }),
+  training_config: z.object({
+    epochs: z.number().int().min(1).max(10_000).default(1),
+    learning_rate: z.number().positive().max(10).default(0.001),
+    optimizer: z.enum(OPTIMIZERS).default('adam'),
+    target_accuracy: z.number().min(0).max(1).optional().describe('stop as soon as the validation accuracy reaches it'),
+    sync_mode: z.enum(TRAIN_SYNC_MODES).default('async'),
+    local_steps: z.number().int().min(1).max(100_000).default(50).describe('batches a device trains between weight syncs (default 50)'),
+    sync_interval_ms: z.number().int().min(100).max(3_600_000).default(60_000).describe('async: how often devices pull the current weights (default 60000)'),
+    loss: z.enum(LOSSES).optional().describe('default: cross_entropy for a classifier (Softmax output or several outputs), mse for one output'),
+  }),
+  resource_config: z
+    .object({
+      min_devices: z.number().int().min(1).max(10_000).default(1),
+      max_devices: z.number().int().min(1).max(10_000).optional(),
+      prefer_gpu: z.boolean().default(false),
+      sdk_types: z.array(z.enum(['nodejs', 'python', 'windows'])).min(1).max(3).optional(),
+      min_sdk_version: z.string().regex(/^\d+(\.\d+){0,3}$/, 'a version like 1.1.6').optional(),
+    })
+    .refine((r) => r.max_devices === undefined || r.max_devices >= r.min_devices, { message: 'max_devices must be at least min_devices' })
+    .default({ min_devices: 1, prefer_gpu: false }),
+})
+const JobParams = z.object({ jobId: z.string().min(1).max(80) })
+const STATUSES = ['queued', 'running', 'paused', 'completed', 'cancelled', 'failed'] as const
+
+/** `/training`: federated training jobs (FedAvg over devices), their progress, pause, resume and cancel. */
+export const trainingRoutes: FastifyPluginAsync<{ services: Services }> = async (base, { services }) => {
+  const app = base.withTypeProvider<ZodTypeProvider>()
+  const config = { auth: 'api_key' as const }
+  const training = services.training
+
+  async function view(customerId: string, jobId: string) {
+    const row = await findTrainingJob(services.db, customerId, jobId)
+    if (!row) throw new DomainError('NOT_FOUND', `training job ${jobId} not found`)
+    return jobView(row)
+  }
+
+  app.post('/training', { config, schema: { summary: 'Start a federated training job', tags: ['training'], body: TrainBody } }, async (request, reply) => {
+    const customerId = customerOf(request)
+    const body = request.body
+    const model = await findModel(services.db, customerId, body.model_id)
+    if (!model) throw new DomainError('NO_MODEL', `model ${body.model_id} not found`)
+    if (model.format !== 'onnx') throw new DomainError('VALIDATION_ERROR', `model_id: the trainer trains ONNX models; ${model.model_id} is ${model.format}`)
+    const dataset = body.data_config.type === 'dataset' ? await datasetOf(customerId, body.data_config.dataset_id) : undefined
+    if (body.data_config.type === 'stream' && body.data_config.total_samples === undefined) throw new DomainError('VALIDATION_ERROR', 'data_config.total_samples: required for a stream')
+    // the model must be one the trainer runs, and fit the data: 400 with what is wrong
+    const plan = trainingPlan(await services.blobs.read(model.checksum.replace(/^sha256:/, '')), body.training_config.loss, dataset)
+    const resources = {
+      min_devices: body.resource_config.min_devices,
+      max_devices: body.resource_config.max_devices ?? null,
+      prefer_gpu: body.resource_config.prefer_gpu,
+      sdk_types: body.resource_config.sdk_types ?? null,
+      min_sdk_version: body.resource_config.min_sdk_version ?? null,
+    }
+    const eligible = training.eligibleDevices(resources)
+    if (eligible === 0) throw new DomainError('NO_TRAINING_DEVICES', 'no connected device can train for this job (it needs a device with can_train that matches resource_config)')
+    const totalSamples = body.data_config.total_samples ?? Math.round(dataset!.rows * (1 - body.data_config.validation_fraction))
+    const batchesPerEpoch = Math.ceil(totalSamples / body.data_config.batch_size)
+    const at = services.now().toISOString()
+    const spec: TrainingSpec = {
+      job_id: newId('train'),
+      customer_id: customerId,
+      model_id: model.model_id,
+      model_name: model.name,
+      model_checksum: model.checksum,
+      data_config: { type: body.data_config.type, total_samples: totalSamples, batch_size: body.data_config.batch_size, dataset_id: dataset?.dataset_id ?? null, dataset_checksum: dataset?.checksum ?? null, dataset_format: dataset?.format ?? null, validation_fraction: body.data_config.validation_fraction },
+      training_config: {
+        epochs: body.training_config.epochs,
+        learning_rate: body.training_config.learning_rate,
+        optimizer: body.training_config.optimizer,
+        target_accuracy: body.training_config.target_accuracy ?? null,
+        sync_mode: body.training_config.sync_mode,
+        local_steps: body.training_config.local_steps,
+        sync_interval_ms: body.training_config.sync_interval_ms,
+        loss: plan.loss,
+      },
+      resource_config: resources,
+      weight: totalSamples * body.training_config.epochs,
+      total_batches: batchesPerEpoch * body.training_config.epochs,
+      seed: randomInt(1, 2 ** 31 - 1),
+      submitted_at: at,
+    }
+    const position = await training.submit(spec)
+    await readYourWrites(services, position, ['training'])
+    return reply.status(202).send({ job_id: spec.job_id, status: 'queued', estimated_devices: Math.min(eligible, resources.max_devices ?? eligible) })
+  })
+
+  app.get('/training', {
+    config,
+    schema: { summary: 'Your training jobs, newest first', tags: ['training'], querystring: pageQuery().extend({ status: z.enum(STATUSES).optional() }) },
+  }, async (request) => {
+    const { jobs, total } = await listTrainingJobs(services.db, customerOf(request), request.query)
+    return { jobs: jobs.map(jobView), total, limit: request.query.limit, offset: request.query.offset }
+  })
+
+  app.get('/training/:jobId', { config, schema: { summary: 'A training job: status, progress, loss, accuracy and devices', tags: ['training'], params: JobParams } }, async (request) => {
+    return view(customerOf(request), request.params.jobId)
+  })
+
+  app.get('/training/:jobId/rounds', {
+    config,
+    schema: { summary: 'Every aggregated round of a job: loss, validation accuracy, samples, devices, wall time, energy', tags: ['training'], params: JobParams, querystring: pageQuery(10_000) },
+  }, async (request) => {
+    const job = await view(customerOf(request), request.params.jobId)
+    const rounds = await trainingRounds(services.db, job.job_id, request.query)
+    return {
+      job_id: job.job_id,
+      rounds: rounds.map((r) => ({ round: r.round, loss: r.loss, validation_loss: r.validation_loss, accuracy: r.accuracy, samples: Number(r.samples), devices: r.devices, wall_ms: r.wall_ms, energy_joules: r.energy_joules, at: r.at })),
+      limit: request.query.limit,
+      offset: request.query.offset,
+    }
+  })
+
+  const control = (action: 'pause' | 'resume' | 'cancel') => async (request: { params: { jobId: string } } & Parameters<typeof customerOf>[0]) => {
+    const customerId = customerOf(request)
+    const position = await training[action](request.params.jobId, customerId)
+    await readYourWrites(services, position, ['training'])
+    return view(customerId, request.params.jobId)
+  }
+  app.post('/training/:jobId/pause', { config, schema: { summary: 'Pause a job (its devices go back to the pool; resume continues from the last round)', tags: ['training'], params: JobParams } }, control('pause'))
+  app.post('/training/:jobId/resume', { config, schema: { summary: 'Resume a paused job', tags: ['training'], params: JobParams } }, control('resume'))
+  app.delete('/training/:jobId', { config, schema: { summary: 'Cancel a job', tags: ['training'], params: JobParams } }, control('cancel'))
+
+  async function datasetOf(customerId: string, datasetId: string | undefined) {
+    if (!datasetId) throw new DomainError('VALIDATION_ERROR', 'data_config.dataset_id: required when type is "dataset"')
+    const dataset = await findDataset(services.db, customerId, datasetId)
+    if (!dataset) throw new DomainError('NOT_FOUND', `dataset ${datasetId} not found`)
+    return dataset
+  }
+}
+
+/** A job as the API shows it (the spec's fields, and validation accuracy and the trained model beside them). */
+export function jobView(row: JobRow) {
+  const spec = row.spec
+  const totalBatches = spec.total_batches
+  const batchesPerEpoch = Math.max(1, Math.ceil(spec.data_config.total_samples / spec.data_config.batch_size))
+  return {
+    job_id: row.job_id,
+    status: statusOfRow(row),
+    model_id: row.model_id,
+    config: {
+      epochs: spec.training_config.epochs,
+      learning_rate: spec.training_config.learning_rate,
+      optimizer: spec.training_config.optimizer,
+      target_accuracy: spec.training_config.target_accuracy,
+      sync_mode: spec.training_config.sync_mode,
+      local_steps: spec.training_config.local_steps,
+      sync_interval_ms: spec.training_config.sync_interval_ms,
+      loss: spec.training_config.loss,
+      data_type: spec.data_config.type,
+      dataset_id: spec.data_config.dataset_id,
+      total_samples: spec.data_config.total_samples,
+      batch_size: spec.data_config.batch_size,
+    },
+    resource_config: spec.resource_config,
+    progress: {
+      current_epoch: Math.min(spec.training_config.epochs, Math.floor(row.batches_completed / batchesPerEpoch)),
+      total_epochs: spec.training_config.epochs,
+      batches_completed: row.batches_completed,
+      total_batches: totalBatches,
+      percent_complete: Math.min(100, Math.round((row.batches_completed / totalBatches) * 10_000) / 100),
+      current_loss: row.current_loss,
+      best_loss: row.best_loss,
+      rounds: row.round,
+      samples_seen: row.samples,
+      validation_accuracy: row.accuracy,
+      best_validation_accuracy: row.best_accuracy,
+    },
+    validation_accuracy: row.accuracy,
+    assigned_devices: row.devices,
+    trained_model_id: row.trained_model_id,
+    end_reason: row.end_reason,
+    error: row.error,
+    created_at: row.submitted_at,
+    started_at: row.started_at,
+    completed_at: row.finished_at,
+  }
+}

@@ -1,0 +1,60 @@
+import { mkdtemp, rm } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import path from 'node:path'
+import type { Test } from 'tap'
+import { DeviceWorker, type DeviceWorkerOptions } from '../../src/sdk/worker.js'
+import { multipart, testApp } from './app.js'
+import { eventually } from './device.js'
+import { mlpOnnxModel } from './onnx.js'
+
+/** The model the training tests learn with: 8 inputs, 16 hidden (Relu), 4 classes (Softmax). */
+export const MLP = { inputs: 8, hidden: 16, outputs: 4 }
+
+/** A training job body in the spec's shape; `overrides` replace whole sections' fields. */
+export function trainingBody(modelId: string, overrides: { data?: object; training?: object; resources?: object } = {}) {
+  return {
+    model_id: modelId,
+    data_config: { type: 'stream', total_samples: 20_000, batch_size: 32, ...overrides.data },
+    training_config: { epochs: 5, learning_rate: 0.001, optimizer: 'adam', target_accuracy: 0.9, sync_mode: 'async', local_steps: 20, sync_interval_ms: 300, ...overrides.training },
+    resource_config: { min_devices: 1, ...overrides.resources },
+  }
+}
+
+/** A test app on a real socket, a customer, the MLP uploaded, and `devices` in-process workers that can train. */
+export async function trainingSetup(t: Test, options: { devices?: number; roundDeadlineMs?: number; worker?: Partial<DeviceWorkerOptions> } = {}) {
+  const context = await testApp(t, { rateLimit: { max: 100_000, windowMs: 60_000 } }, { heartbeatIntervalMs: 1000, roundDeadlineMs: options.roundDeadlineMs ?? 5000 })
+  const url = await context.app.listen({ port: 0, host: '127.0.0.1' })
+  const alice = await context.customer()
+  const bytes = mlpOnnxModel({ ...MLP, seed: 7 })
+  const upload = multipart({ name: 'mlp' }, { name: 'mlp.onnx', content: bytes })
+  const uploaded = await context.app.inject({ method: 'POST', url: '/api/v1/models', headers: { ...upload.headers, 'x-api-key': alice.key }, payload: upload.payload })
+  if (uploaded.statusCode !== 201) throw new Error(`upload failed: ${uploaded.statusCode} ${uploaded.body}`)
+  const model = uploaded.json() as { id: string; checksum: string }
+  const dir = await mkdtemp(path.join(tmpdir(), 'dcp-training-'))
+  const workers: DeviceWorker[] = []
+  t.teardown(async () => {
+    await Promise.all(workers.map((w) => w.stop({ drain: false })))
+    await rm(dir, { recursive: true, force: true })
+  })
+  const startDevice = async (more: Partial<DeviceWorkerOptions> = {}) => {
+    const worker = new DeviceWorker({ server: url, stateDir: path.join(dir, `w${workers.length}`), log: () => {}, ...options.worker, ...more })
+    workers.push(worker)
+    await worker.start()
+    return worker
+  }
+  for (let i = 0; i < (options.devices ?? 0); i++) await startDevice()
+  const api = async (method: string, route: string, payload?: unknown) => {
+    const response = await fetch(`${url}/api/v1${route}`, {
+      method,
+      headers: { 'x-api-key': alice.key, ...(payload ? { 'content-type': 'application/json' } : {}) },
+      ...(payload ? { body: JSON.stringify(payload) } : {}),
+    })
+    return { status: response.status, body: (await response.json()) as any }
+  }
+  const waitFor = (jobId: string, done: (job: any) => boolean, timeoutMs = 60_000, what = 'the job') =>
+    eventually(async () => {
+      const r = await api('GET', `/training/${jobId}`)
+      return done(r.body) ? r.body : undefined
+    }, timeoutMs, `${what} ${jobId}`, 100)
+  return { ...context, url, api, alice, model, bytes, workers, startDevice, waitFor, dir }
+}

@@ -1,0 +1,151 @@
+import * as ort from 'onnxruntime-node'
+import t from 'tap'
+import { decodeWeights } from '../../src/domain/fedavg.js'
+import { trainingStream } from '../../src/domain/training-job.js'
+import { loadTrainable } from '../../src/sdk/trainer/index.js'
+import { syntheticTask } from '../../src/sdk/trainer/synthetic.js'
+import { eventually } from '../helpers/device.js'
+import { MLP, trainingBody, trainingSetup } from '../helpers/training.js'
+
+const argmax = (values: ArrayLike<number>, from: number, size: number) => {
+  let best = 0
+  for (let i = 1; i < size; i++) if (values[from + i]! > values[from + best]!) best = i
+  return best
+}
+
+for (const syncMode of ['full_sync', 'semi_sync', 'async'] as const) {
+  t.test(`${syncMode}: two devices train the MLP to 0.9 validation accuracy, and the trained model serves inference`, async (t) => {
+    const { api, model, waitFor, store, blobs, workers } = await trainingSetup(t, { devices: 2 })
+    const started = await api('POST', '/training', trainingBody(model.id, { training: { sync_mode: syncMode }, resources: { min_devices: 2, max_devices: 2 } }))
+    t.equal(started.status, 202, JSON.stringify(started.body))
+    t.match(started.body, { job_id: /^train_/, status: 'queued', estimated_devices: 2 })
+    const jobId = started.body.job_id
+
+    const done = await waitFor(jobId, (job) => job.status !== 'queued' && job.status !== 'running', 90_000)
+    t.equal(done.status, 'completed', JSON.stringify(done))
+    t.equal(done.end_reason, 'target_accuracy')
+    t.ok(done.validation_accuracy >= 0.9, `validation accuracy ${done.validation_accuracy}`)
+    t.ok(done.progress.batches_completed > 0 && done.progress.batches_completed < done.progress.total_batches)
+    t.ok(done.progress.best_loss <= done.progress.current_loss + 1e-9 || done.progress.best_loss > 0)
+    t.same(done.assigned_devices, [])
+
+    // both devices contributed, and every round was checkpointed with its weights in the blob store
+    const events = (await store.readStream(trainingStream(jobId))).filter((e) => e.type === 'TrainingRoundCompleted').map((e) => e.data as any)
+    t.ok(events.length > 1, `${events.length} rounds`)
+    const contributors = new Set(events.flatMap((r) => r.contributions.map((c: any) => c.device_id)))
+    t.same([...contributors].sort(), workers.map((w) => w.deviceId).sort())
+    if (syncMode === 'full_sync') t.ok(events.every((r) => r.contributions.length === 2), 'full sync: every round has both devices')
+    for (const round of events) t.ok(await blobs.has(round.weights_sha256), `round ${round.round} weights kept`)
+    const rounds = await api('GET', `/training/${jobId}/rounds`)
+    t.equal(rounds.body.rounds.length, events.length)
+    t.ok(rounds.body.rounds.every((r: any) => r.energy_joules > 0 && r.devices >= 1))
+
+    // the trained model is the customer's and serves inference with the trainer's predictions
+    const trained = await api('GET', `/models/${done.trained_model_id}`)
+    t.equal(trained.status, 200)
+    const trainer = loadTrainable(await blobs.read(model.checksum.replace('sha256:', '')))
+    trainer.setWeights(decodeWeights(await blobs.read(events.at(-1)!.weights_sha256)))
+    const samples = syntheticTask({ inputs: MLP.inputs, outputs: MLP.outputs, seed: 1234 }).validationSet(5)
+    const expected = Array.from(trainer.forward(samples.x))
+    const session = await ort.InferenceSession.create(await blobs.read(trained.body.checksum.replace('sha256:', '')))
+    for (let i = 0; i < 5; i++) {
+      const input = Array.from(samples.x.subarray(i * MLP.inputs, (i + 1) * MLP.inputs))
+      const served = await api('POST', '/inference', { model_id: done.trained_model_id, input: { data: input, shape: [1, MLP.inputs] } })
+      t.equal(served.status, 200, JSON.stringify(served.body))
+      const output: number[] = served.body.result.data
+      const row = expected.slice(i * MLP.outputs, (i + 1) * MLP.outputs)
+      t.ok(output.every((v, j) => Math.abs(v - row[j]!) < 1e-4), `sample ${i}: served ${output} vs trainer ${row}`)
+      t.equal(argmax(output, 0, MLP.outputs), argmax(row, 0, MLP.outputs))
+      const direct = await session.run({ input: new ort.Tensor('float32', Float32Array.from(input), [1, MLP.inputs]) })
+      t.ok(Array.from(direct.output!.data as Float32Array).every((v, j) => Math.abs(v - row[j]!) < 1e-4))
+    }
+  })
+}
+
+t.test('pause releases the devices, resume continues from the last round, cancel ends it', async (t) => {
+  const { api, model, waitFor, store } = await trainingSetup(t, { devices: 1 })
+  const body = trainingBody(model.id, { data: { total_samples: 1_000_000 }, training: { target_accuracy: undefined, epochs: 100 } })
+  const { body: started } = await api('POST', '/training', body)
+  const jobId = started.job_id
+  await waitFor(jobId, (job) => job.status === 'running' && job.progress.rounds >= 2)
+
+  const paused = await api('POST', `/training/${jobId}/pause`)
+  t.equal(paused.status, 200)
+  t.equal(paused.body.status, 'paused')
+  t.same(paused.body.assigned_devices, [])
+  const again = await api('POST', `/training/${jobId}/pause`)
+  t.equal(again.status, 409)
+  t.equal(again.body.error.code, 'CANNOT_PAUSE')
+  const roundsAtPause = (await api('GET', `/training/${jobId}`)).body.progress.rounds
+  await new Promise((r) => setTimeout(r, 700))
+  t.equal((await api('GET', `/training/${jobId}`)).body.progress.rounds, roundsAtPause, 'no rounds while paused')
+
+  const resumed = await api('POST', `/training/${jobId}/resume`)
+  t.equal(resumed.status, 200)
+  t.ok(['queued', 'running'].includes(resumed.body.status))
+  const running = await waitFor(jobId, (job) => job.status === 'running' && job.progress.rounds > roundsAtPause + 1)
+  t.ok(running.progress.batches_completed > 0)
+  const resumeAgain = await api('POST', `/training/${jobId}/resume`)
+  t.equal(resumeAgain.body.error.code, 'CANNOT_RESUME')
+
+  const cancelled = await api('DELETE', `/training/${jobId}`)
+  t.equal(cancelled.status, 200)
+  t.equal(cancelled.body.status, 'cancelled')
+  const twice = await api('DELETE', `/training/${jobId}`)
+  t.equal(twice.status, 409)
+  t.equal(twice.body.error.code, 'CANNOT_CANCEL')
+  const rounds = (await store.readStream(trainingStream(jobId))).filter((e) => e.type === 'TrainingRoundCompleted').map((e) => (e.data as any).round)
+  t.same(rounds, rounds.map((_, i) => i + 1), 'rounds are numbered without a gap across the pause')
+})
+
+t.test('two jobs of weights 3:1 on four devices get 3 and 1; a third job makes the scheduler drain devices to it', async (t) => {
+  const { api, model, waitFor, store } = await trainingSetup(t, { devices: 4 })
+  const long = (samples: number) => trainingBody(model.id, { data: { total_samples: samples }, training: { target_accuracy: undefined, epochs: 100 } })
+  const a = (await api('POST', '/training', long(3_000_000))).body.job_id
+  const b = (await api('POST', '/training', long(1_000_000))).body.job_id
+  const [jobA, jobB] = await eventually(async () => {
+    const [x, y] = await Promise.all([api('GET', `/training/${a}`), api('GET', `/training/${b}`)])
+    return x.body.assigned_devices.length === 3 && y.body.assigned_devices.length === 1 ? [x.body, y.body] : undefined
+  }, 30_000, 'a 3:1 split')
+  t.equal(new Set([...jobA.assigned_devices, ...jobB.assigned_devices]).size, 4, 'no device in both jobs')
+
+  const c = (await api('POST', '/training', long(4_000_000))).body.job_id
+  const split = await eventually(async () => {
+    const jobs = await Promise.all([a, b, c].map(async (id) => (await api('GET', `/training/${id}`)).body))
+    const counts = jobs.map((j) => j.assigned_devices.length)
+    return counts[2] >= 1 && counts.reduce((x, y) => x + y, 0) === 4 ? jobs : undefined
+  }, 30_000, 'the third job to get devices')
+  t.equal(new Set(split.flatMap((j: any) => j.assigned_devices)).size, 4)
+  t.ok(split[1].assigned_devices.length >= 1, 'the small job keeps its minimum')
+  const released = (await store.readStream(trainingStream(a))).filter((e) => e.type === 'TrainingDevicesReleased').map((e) => (e.data as any).reason)
+  t.ok(released.includes('moved to another job'), `job A drained a device at a round boundary: ${released}`)
+  for (const id of [a, b, c]) await api('DELETE', `/training/${id}`)
+  await waitFor(c, (job) => job.status === 'cancelled')
+})
+
+t.test('bad submissions get clear errors', async (t) => {
+  const { api, model, app, alice } = await trainingSetup(t)
+  // no device can train yet
+  const none = await api('POST', '/training', trainingBody(model.id))
+  t.equal(none.status, 503)
+  t.equal(none.body.error.code, 'NO_TRAINING_DEVICES')
+  const missing = await api('POST', '/training', trainingBody('model_nope'))
+  t.equal(missing.body.error.code, 'NO_MODEL')
+  for (const bad of [
+    { ...trainingBody(model.id), data_config: { type: 'stream', batch_size: 32 } },
+    trainingBody(model.id, { training: { sync_mode: 'sometimes' } }),
+    trainingBody(model.id, { training: { learning_rate: -1 } }),
+    trainingBody(model.id, { resources: { min_devices: 3, max_devices: 2 } }),
+    trainingBody(model.id, { resources: { min_sdk_version: 'latest' } }),
+    trainingBody(model.id, { data: { type: 'dataset' } }),
+    { model_id: model.id },
+  ]) {
+    const r = await api('POST', '/training', bad)
+    t.equal(r.status, 400, JSON.stringify(bad))
+    t.equal(r.body.error.code, 'VALIDATION_ERROR')
+  }
+  t.equal((await api('GET', '/training/train_nope')).body.error.code, 'NOT_FOUND')
+  t.equal((await api('POST', '/training/train_nope/pause')).body.error.code, 'NOT_FOUND')
+  t.equal((await api('DELETE', '/training/train_nope')).body.error.code, 'NOT_FOUND')
+  t.ok(app && alice)
+})
