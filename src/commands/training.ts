@@ -33,6 +33,8 @@ export interface TrainingOptions {
   roundDeadlineMs?: number
   /** Async mode: an update more rounds behind than this is dropped (and its device resynced). Default 20. */
   maxStaleness?: number
+  /** Async mode: the weight of a fresh update in the mix, alpha / (1 + staleness). Default 0.9. */
+  asyncAlpha?: number
   now?: () => Date
   log?: (message: string) => void
 }
@@ -183,17 +185,23 @@ export class TrainingCoordinator {
 
   // ---- rounds --------------------------------------------------------------------------------------------
 
-  /** Async: each update is mixed in as it comes, weighted down by how stale its starting weights were. */
+  /**
+   * Async: each update is mixed in as it comes, weighted down by how stale its starting weights were, and
+   * its device gets the mixed weights back to train on from.
+   */
   private async mixIn(job: LiveJob, member: Member, frame: TrainUpdate): Promise<void> {
     const staleness = Math.max(0, job.known.state.round - frame.base_round)
-    const mixed = mixAsync(job.weights, decodeWeightsFrom(frame.weights), { samples: frame.samples, staleness, maxStaleness: this.options.maxStaleness ?? 20 })
+    const mixed = mixAsync(job.weights, decodeWeightsFrom(frame.weights), { samples: frame.samples, staleness, alpha: this.options.asyncAlpha ?? 0.9, maxStaleness: this.options.maxStaleness ?? 20 })
     if (!mixed.applied) {
       this.options.log?.(`training ${job.spec.job_id}: dropped an update of ${member.deviceId} ${staleness} rounds stale`)
       this.sendWeights(job, member.deviceId)
       return
     }
-    await this.commitRound(job, mixed.weights, [contribution(member, frame, staleness)])
+    const finished = await this.commitRound(job, mixed.weights, [contribution(member, frame, staleness)])
+    if (finished) return
     if (member.draining) await this.release(job, [member.deviceId], 'moved to another job')
+    // the weight sync: the device goes on from the mixed weights (and pulls them every sync_interval_ms besides)
+    else this.sendWeights(job, member.deviceId)
   }
 
   /**

@@ -21,6 +21,8 @@ export interface TrainingSessionOptions {
   log(level: 'info' | 'warn', message: string): void
 }
 
+/** Async mode: how long a device waits for the mixed weights after an update before training on from its own. */
+const ASYNC_REPLY_WAIT_MS = 2000
 /** Training keeps the event loop for at most this long at a time (heartbeats and frames go on meanwhile). */
 const SLICE_MS = 20
 
@@ -101,8 +103,9 @@ export class TrainingSession {
         metrics: { cpu_ms: performance.now() - started, gpu_ms: 0 },
         power_watts: this.options.powerWatts(),
       })
-      if (sync) await this.untilNewerRound()
-      else await nextTurn()
+      // the weight sync: sync modes wait for the round's weights; async waits a moment for the mixed weights
+      // the hub answers every update with, and trains on from its own if they are late
+      await this.untilNewerRound(sync ? Infinity : ASYNC_REPLY_WAIT_MS)
     }
   }
 
@@ -114,9 +117,13 @@ export class TrainingSession {
     this.baseRound = latest.round
   }
 
-  private async untilNewerRound(): Promise<void> {
-    while (!this.stopped && !(this.latest && this.latest.round > this.baseRound)) {
-      await new Promise<void>((resolve) => (this.wake = resolve))
+  private async untilNewerRound(timeoutMs: number): Promise<void> {
+    const deadline = Date.now() + timeoutMs
+    while (!this.stopped && !(this.latest && this.latest.round > this.baseRound) && Date.now() < deadline) {
+      await new Promise<void>((resolve) => {
+        this.wake = resolve
+        if (Number.isFinite(timeoutMs)) setTimeout(resolve, Math.max(0, deadline - Date.now())).unref()
+      })
       this.wake = undefined
     }
   }
