@@ -18,17 +18,15 @@
  * one connection (the latency without queueing, printed only); for the baseline it runs in a worker thread
  * so it does not share the server's event loop. The CPU each process used is printed for the dcp windows.
  */
-import { type ChildProcess, spawn } from 'node:child_process'
 import { readdirSync, readFileSync } from 'node:fs'
 import { mkdtemp, rm } from 'node:fs/promises'
 import { availableParallelism, tmpdir } from 'node:os'
 import path from 'node:path'
-import { createInterface } from 'node:readline'
-import { fileURLToPath } from 'node:url'
 import autocannon from 'autocannon'
 import Fastify from 'fastify'
 import * as ort from 'onnxruntime-node'
 import { denseOnnxModel } from '../test/helpers/onnx.js'
+import { API_KEY, api, startDcp, stopDcp } from './dcp-process.js'
 import { cpuSeconds } from './proc.js'
 import type { BenchContext } from './run.js'
 
@@ -41,8 +39,6 @@ const POLL_MS = Number(process.env.BENCH_POLL_MS ?? 150)
 const BATCH_TIMEOUT_MS = Number(process.env.BENCH_BATCH_TIMEOUT_S ?? 3600) * 1000
 const PAGE = 10_000
 const TOLERANCE = 1e-5
-const API_KEY = 'test-api-key' // the development customer's key (src/commands/dev-customer.ts)
-const DCP_BIN = fileURLToPath(new URL('../bin/dcp.js', import.meta.url))
 
 type Log = (line: string) => void
 interface Tensor {
@@ -192,66 +188,6 @@ async function baselineBench(session: ort.InferenceSession, body: string, log: L
   }
 }
 
-/** `dcp start` as a user runs it; resolves with its base URL once it prints that it listens. */
-async function startDcp(databaseUrl: string, dataDir: string, log: Log): Promise<{ child: ChildProcess; url: string }> {
-  const env: NodeJS.ProcessEnv = { ...process.env, DATABASE_URL: databaseUrl, DATA_DIR: dataDir, LOG_LEVEL: 'warn', RATE_LIMIT_MAX: '100000000' }
-  delete env.EVENTSTORE_URL
-  delete env.NODE_ENV
-  delete env.WORKERS
-  const child = spawn(process.execPath, [DCP_BIN, 'start', '--workers', '2', '--port', '0', '--host', '127.0.0.1'], { env, stdio: ['ignore', 'pipe', 'pipe'] })
-  let lines = 0
-  const show = (line: string) => {
-    if (++lines <= 40) log(`  [dcp] ${line}`)
-    else if (lines === 41) log('  [dcp] (more output not shown)')
-  }
-  createInterface({ input: child.stderr! }).on('line', show)
-  const listening = new Promise<string>((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error('dcp start did not report listening within 120 s')), 120_000)
-    child.once('exit', (code, signal) => reject(new Error(`dcp start exited (${code ?? signal}) before listening`)))
-    createInterface({ input: child.stdout! }).on('line', (line) => {
-      const match = /dcp listening on http:\/\/[^:]+:(\d+)\//.exec(line)
-      if (match) {
-        clearTimeout(timer)
-        resolve(`http://127.0.0.1:${match[1]}`)
-      } else show(line)
-    })
-  })
-  const url = await listening.catch(async (error: Error) => {
-    await stopDcp(child)
-    throw error
-  })
-  return { child, url }
-}
-
-/** SIGINT (dcp drains its workers and closes), then waits for the exit; SIGKILL after 30 s. */
-async function stopDcp(child: ChildProcess): Promise<number | string | null> {
-  if (child.exitCode !== null || child.signalCode !== null) return child.exitCode ?? child.signalCode
-  return new Promise((resolve) => {
-    const timer = setTimeout(() => child.kill('SIGKILL'), 30_000)
-    child.once('exit', (code, signal) => {
-      clearTimeout(timer)
-      resolve(code ?? signal)
-    })
-    child.kill('SIGINT')
-  })
-}
-
-/** A JSON call to dcp's API with the development key. */
-async function api(base: string, method: string, route: string, payload?: string | FormData): Promise<{ status: number; body: any }> {
-  const json = typeof payload === 'string'
-  const response = await fetch(`${base}/api/v1${route}`, {
-    method,
-    headers: { 'x-api-key': API_KEY, ...(json ? { 'content-type': 'application/json' } : {}) },
-    ...(payload !== undefined ? { body: payload } : {}),
-  })
-  const text = await response.text()
-  let body: unknown = text
-  try {
-    body = JSON.parse(text)
-  } catch {} // not JSON: kept as text for the message
-  return { status: response.status, body }
-}
-
 async function uploadModel(base: string, bytes: Buffer): Promise<string> {
   const form = new FormData()
   form.append('name', 'bench-dense')
@@ -370,7 +306,7 @@ export async function inferenceBench({ database, log }: BenchContext): Promise<s
 
   const dataDir = await mkdtemp(path.join(tmpdir(), 'dcp-bench-inference-'))
   const started = performance.now()
-  const { child, url } = await startDcp(database.url, dataDir, log)
+  const { child, url } = await startDcp(database.url, dataDir, log, { workers: 2 })
   try {
     log(`dcp: pid ${child.pid} listening on ${url} (${fixed(performance.now() - started, 0)} ms to start)`)
     const modelId = await uploadModel(url, bytes)

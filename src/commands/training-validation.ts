@@ -53,7 +53,7 @@ export async function loadValidation(spec: TrainingSpec, blobs: BlobStore): Prom
     export: (weights: Weights) => exportOnnx(model.source, weights),
   }
   if (spec.data_config.type === 'stream') {
-    const task = syntheticTask({ inputs: model.inputSize, outputs: model.outputSize, seed: spec.seed, kind: loss === 'mse' ? 'regression' : 'classification' })
+    const task = syntheticTask({ inputs: model.inputSize, outputs: model.outputSize, seed: spec.seed, kind: loss === 'mse' ? 'regression' : 'classification', clustersPerClass: spec.data_config.clusters_per_class })
     const set = task.validationSet(STREAM_VALIDATION_SAMPLES)
     return { ...base, evaluate: (weights) => check(model, weights, set.x, set.labels, loss) }
   }

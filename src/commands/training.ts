@@ -368,7 +368,7 @@ export class TrainingCoordinator {
     const config = spec.training_config
     const data: TrainData =
       spec.data_config.type === 'stream'
-        ? { type: 'stream', task_seed: spec.seed, stream_seed: streamSeed }
+        ? { type: 'stream', task_seed: spec.seed, stream_seed: streamSeed, clusters_per_class: spec.data_config.clusters_per_class }
         : { type: 'dataset', ...job.validation.datasetShard!(shard, shards), split_seed: spec.seed, validation_fraction: spec.data_config.validation_fraction }
     return {
       type: 'train_start',

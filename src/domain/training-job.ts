@@ -24,6 +24,8 @@ export const TrainingSpec = z.object({
     dataset_checksum: z.string().nullable(),
     dataset_format: z.enum(['csv', 'jsonl']).nullable(),
     validation_fraction: z.number(),
+    /** Stream jobs: clusters of each class in the synthetic task (1: linearly separable). */
+    clusters_per_class: z.number().int().default(1),
   }),
   training_config: z.object({
     epochs: z.number().int(),

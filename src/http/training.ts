@@ -22,6 +22,8 @@ const TrainBody = z.object({
     batch_size: z.number().int().min(1).max(4096).default(32),
     dataset_id: z.string().min(1).max(64).optional().describe('with type "dataset": from POST /datasets'),
     validation_fraction: z.number().min(0.01).max(0.5).default(0.2).describe('share of a dataset held out for validation (default 0.2)'),
+    clusters_per_class: z.number().int().min(1).max(64).default(1).describe('"stream": clusters of each class in the synthetic task (default 1: linearly separable; more: a harder, non-linear task)'),
+    seed: z.number().int().min(1).max(2 ** 31 - 1).optional().describe('seeds the synthetic task, the dataset split and the sample streams (default: random); the same seed gives the same data'),
   }),
   training_config: z.object({
     epochs: z.number().int().min(1).max(10_000).default(1),
@@ -87,7 +89,7 @@ export const trainingRoutes: FastifyPluginAsync<{ services: Services }> = async 
       model_id: model.model_id,
       model_name: model.name,
       model_checksum: model.checksum,
-      data_config: { type: body.data_config.type, total_samples: totalSamples, batch_size: body.data_config.batch_size, dataset_id: dataset?.dataset_id ?? null, dataset_checksum: dataset?.checksum ?? null, dataset_format: dataset?.format ?? null, validation_fraction: body.data_config.validation_fraction },
+      data_config: { type: body.data_config.type, total_samples: totalSamples, batch_size: body.data_config.batch_size, dataset_id: dataset?.dataset_id ?? null, dataset_checksum: dataset?.checksum ?? null, dataset_format: dataset?.format ?? null, validation_fraction: body.data_config.validation_fraction, clusters_per_class: body.data_config.clusters_per_class },
       training_config: {
         epochs: body.training_config.epochs,
         learning_rate: body.training_config.learning_rate,
@@ -101,7 +103,7 @@ export const trainingRoutes: FastifyPluginAsync<{ services: Services }> = async 
       resource_config: resources,
       weight: totalSamples * body.training_config.epochs,
       total_batches: batchesPerEpoch * body.training_config.epochs,
-      seed: randomInt(1, 2 ** 31 - 1),
+      seed: body.data_config.seed ?? randomInt(1, 2 ** 31 - 1),
       submitted_at: at,
     }
     const position = await training.submit(spec)
@@ -175,6 +177,8 @@ export function jobView(row: JobRow) {
       dataset_id: spec.data_config.dataset_id,
       total_samples: spec.data_config.total_samples,
       batch_size: spec.data_config.batch_size,
+      seed: spec.seed,
+      clusters_per_class: spec.data_config.clusters_per_class,
     },
     resource_config: spec.resource_config,
     progress: {

@@ -181,7 +181,7 @@ export const LOSSES = ['cross_entropy', 'mse'] as const
 /** Where a device's training samples come from. */
 export const TrainData = z.discriminatedUnion('type', [
   /** Generated on the device by the seeded synthetic task of src/sdk/trainer/synthetic.ts. */
-  z.object({ type: z.literal('stream'), task_seed: z.number().int(), stream_seed: z.number().int() }),
+  z.object({ type: z.literal('stream'), task_seed: z.number().int(), stream_seed: z.number().int(), clusters_per_class: z.number().int().min(1).max(64).default(1) }),
   /** Rows `[start, end)` of the training part of an uploaded dataset (split with `split_seed`). */
   z.object({
     type: z.literal('dataset'),

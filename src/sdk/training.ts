@@ -132,7 +132,7 @@ export class TrainingSession {
 /** Stream jobs draw batch n of the device's stream from seed (stream_seed, n); dataset jobs walk their shard in shuffled passes. */
 function batchesFor(data: TrainData, model: TrainableModel, loss: LossKind, datasetBytes: Uint8Array | undefined): Batches {
   if (data.type === 'stream') {
-    const task = syntheticTask({ inputs: model.inputSize, outputs: model.outputSize, seed: data.task_seed, kind: loss === 'mse' ? 'regression' : 'classification' })
+    const task = syntheticTask({ inputs: model.inputSize, outputs: model.outputSize, seed: data.task_seed, kind: loss === 'mse' ? 'regression' : 'classification', clustersPerClass: data.clusters_per_class })
     let n = 0
     return { next: (size) => task.sample(size, mixSeeds(data.stream_seed, n++)) }
   }

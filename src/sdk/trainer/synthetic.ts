@@ -27,6 +27,11 @@ export interface SyntheticTaskOptions {
   kind?: 'classification' | 'regression'
   /** Classification: the least distance between two class centers, in noise standard deviations. Default 4. */
   separation?: number
+  /**
+   * Classification: clusters per class (default 1). With more than one, each class is a union of clusters
+   * scattered among the other classes' clusters: no longer linearly separable, so harder to learn.
+   */
+  clustersPerClass?: number
 }
 
 /** `count` samples: x is [count, inputs]; labels are class indices (Int32Array) or targets [count, outputs] (Float32Array). */
@@ -55,7 +60,9 @@ export function syntheticTask(options: SyntheticTaskOptions): SyntheticTask {
   }
   const kind = options.kind ?? (outputs === 1 ? 'regression' : 'classification')
   if (kind === 'classification' && outputs < 2) throw new TrainerError('a classification task needs 2 classes or more')
-  const draw = kind === 'classification' ? clusters(inputs, outputs, seed, options.separation ?? 4) : linearMap(inputs, outputs, seed)
+  const modes = options.clustersPerClass ?? 1
+  if (!Number.isInteger(modes) || modes < 1 || modes > 64) throw new TrainerError(`clustersPerClass must be a whole number from 1 to 64, got ${modes}`)
+  const draw = kind === 'classification' ? clusters(inputs, outputs, modes, seed, options.separation ?? 4) : linearMap(inputs, outputs, seed)
   return {
     kind,
     inputs,
@@ -73,15 +80,16 @@ export function syntheticTaskFor(model: Pick<TrainableModel, 'inputSize' | 'outp
 
 type Draw = (count: number, random: Random) => SyntheticSample
 
-function clusters(inputs: number, classes: number, seed: number, separation: number): Draw {
-  const centers = classCenters(inputs, classes, separation, new Random(mixSeeds(seed, SALT.centers)))
+function clusters(inputs: number, classes: number, modes: number, seed: number, separation: number): Draw {
+  // cluster k of class c is center c * modes + k; with one mode per class that is the class's own center
+  const centers = classCenters(inputs, classes * modes, separation, new Random(mixSeeds(seed, SALT.centers)))
   return (count, random) => {
     const x = new Float32Array(count * inputs)
     const labels = new Int32Array(count)
     for (let i = 0; i < count; i++) {
       const label = random.int(classes)
       labels[i] = label
-      const c = label * inputs
+      const c = (label * modes + (modes > 1 ? random.int(modes) : 0)) * inputs
       for (let j = 0; j < inputs; j++) x[i * inputs + j] = centers[c + j]! + random.normal()
     }
     return { count, x, labels }

@@ -101,3 +101,24 @@ function linearFit(x: Float32Array, y: Float32Array, inputs: number, outputs: nu
   }
   return (sample: Float32Array, k: number) => [...sample, 1].reduce((s, v, i) => s + v * a[i]![n + k]!, 0)
 }
+
+t.test('clusters per class: a task no linear model learns, and a 2-layer MLP does', async (t) => {
+  const { createOptimizer, evaluate, trainStep } = await import('../../../src/sdk/trainer/index.js')
+  const task = syntheticTask({ inputs: 8, outputs: 4, seed: 1234, clustersPerClass: 4 })
+  t.same(task.sample(20, 3), syntheticTask({ inputs: 8, outputs: 4, seed: 1234, clustersPerClass: 4 }).sample(20, 3), 'deterministic')
+  t.throws(() => syntheticTask({ inputs: 8, outputs: 4, seed: 1, clustersPerClass: 0 }), TrainerError)
+  const validation = task.validationSet(1000)
+  const accuracyAfter = (bytes: Buffer, steps: number) => {
+    const model = loadTrainable(bytes)
+    const optimizer = createOptimizer('adam', 0.01)
+    for (let s = 0; s < steps; s++) {
+      const batch = task.sample(32, s)
+      trainStep(model, optimizer, batch.x, batch.labels, 'cross_entropy')
+    }
+    return evaluate(model, validation.x, validation.labels, { loss: 'cross_entropy' }).accuracy
+  }
+  const linear = accuracyAfter(denseOnnxModel({ inputs: 8, outputs: 4 }), 1500)
+  const mlp = accuracyAfter(mlpOnnxModel({ inputs: 8, hidden: 32, outputs: 4, seed: 1 }), 1500)
+  t.ok(linear < 0.8, `a linear model stays at ${linear}`)
+  t.ok(mlp >= 0.9, `the MLP reaches ${mlp}`)
+})
