@@ -20,6 +20,7 @@ export interface TrainingDevice {
   sdkVersion: string
   gpu: boolean
   instanceType: 'aws' | 'user'
+  sdkUuid: string
   send(frame: HubFrame): boolean
 }
 
@@ -42,6 +43,7 @@ export interface TrainingOptions {
 interface Member {
   deviceId: string
   instanceType: 'aws' | 'user'
+  sdkUuid: string
   /** Leaves the job at its next round boundary (the scheduler gives it to another job). */
   draining: boolean
 }
@@ -59,6 +61,8 @@ interface LiveJob {
   /** The weights of the current round, encoded once for every device that needs them. */
   encoded: string | undefined
   members: Map<string, Member>
+  /** Devices that reported they cannot train this job: not given it again. */
+  failed: Set<string>
   pending: Map<string, Pending>
   roundStartedAt: number
   deadline: NodeJS.Timeout | undefined
@@ -176,6 +180,19 @@ export class TrainingCoordinator {
     await this.serially(job, () => (job.spec.training_config.sync_mode === 'async' ? this.mixIn(job, member, frame) : this.collect(job, member, frame)))
   }
 
+  /** The device could not train for the job (its error): it leaves the job, which goes on without it. */
+  async trainingFailed(deviceId: string, jobId: string, error: string): Promise<void> {
+    const job = this.jobs.get(jobId)
+    if (!job?.members.has(deviceId)) return
+    this.options.log?.(`training ${jobId}: device ${deviceId} failed: ${error}`)
+    await this.serially(job, async () => {
+      if (!job.members.has(deviceId)) return
+      job.failed.add(deviceId)
+      await this.release(job, [deviceId], `training failed on the device: ${error.slice(0, 500)}`)
+      await this.maybeCloseRound(job, false)
+    })
+  }
+
   /** A device pulls the job's current weights. */
   weightsRequest(deviceId: string, jobId: string): void {
     const job = this.jobs.get(jobId)
@@ -191,7 +208,7 @@ export class TrainingCoordinator {
    */
   private async mixIn(job: LiveJob, member: Member, frame: TrainUpdate): Promise<void> {
     const staleness = Math.max(0, job.known.state.round - frame.base_round)
-    const mixed = mixAsync(job.weights, decodeWeightsFrom(frame.weights), { samples: frame.samples, staleness, alpha: this.options.asyncAlpha ?? 0.9, maxStaleness: this.options.maxStaleness ?? 20 })
+    const mixed = mixAsync(job.weights, weightsOf(job, frame), { samples: frame.samples, staleness, alpha: this.options.asyncAlpha ?? 0.9, maxStaleness: this.options.maxStaleness ?? 20 })
     if (!mixed.applied) {
       this.options.log?.(`training ${job.spec.job_id}: dropped an update of ${member.deviceId} ${staleness} rounds stale`)
       this.sendWeights(job, member.deviceId)
@@ -212,13 +229,17 @@ export class TrainingCoordinator {
   private async collect(job: LiveJob, member: Member, frame: TrainUpdate): Promise<void> {
     const lag = job.known.state.round - frame.base_round
     if (lag < 0 || lag > (job.spec.training_config.sync_mode === 'semi_sync' ? 1 : 0)) return
-    job.pending.set(member.deviceId, { weights: decodeWeightsFrom(frame.weights), contribution: contribution(member, frame, lag) })
+    job.pending.set(member.deviceId, { weights: weightsOf(job, frame), contribution: contribution(member, frame, lag) })
     await this.maybeCloseRound(job, false)
   }
 
   private async maybeCloseRound(job: LiveJob, deadlinePassed: boolean): Promise<void> {
     const mode = job.spec.training_config.sync_mode
-    if (mode === 'async' || job.pending.size === 0 || !this.jobs.has(job.spec.job_id)) return
+    if (mode === 'async' || !this.jobs.has(job.spec.job_id)) return
+    if (job.pending.size === 0) {
+      if (deadlinePassed) this.armDeadline(job) // nothing arrived yet: wait another deadline
+      return
+    }
     const expected = new Set([...job.members.keys(), ...job.pending.keys()]).size
     if (!roundReady(mode, { expected, received: job.pending.size, deadlinePassed })) return
     const updates = [...job.pending.values()]
@@ -248,6 +269,7 @@ export class TrainingCoordinator {
     const at = this.now()
     const round = {
       job_id: spec.job_id,
+      customer_id: spec.customer_id,
       round: state.round + 1,
       weights_sha256: sha256,
       loss: contributions.reduce((sum, c) => sum + c.loss * c.samples, 0) / Math.max(1, samples),
@@ -338,7 +360,7 @@ export class TrainingCoordinator {
       if (member) member.draining = true
     }
     for (const job of active) {
-      const wanted = (plan.assignments[job.spec.job_id] ?? []).filter((id) => !this.membership.has(id) && this.devices.has(id))
+      const wanted = (plan.assignments[job.spec.job_id] ?? []).filter((id) => !this.membership.has(id) && this.devices.has(id) && !job.failed.has(id))
       if (wanted.length > 0) await this.serially(job, () => this.assign(job, wanted))
     }
   }
@@ -356,7 +378,8 @@ export class TrainingCoordinator {
     const shards = job.members.size + devices.length
     for (const device of devices) {
       const shard = job.members.size
-      job.members.set(device.device_id, { deviceId: device.device_id, instanceType: device.instance_type, draining: false })
+      const sdkUuid = this.devices.get(device.device_id)?.sdkUuid ?? ''
+      job.members.set(device.device_id, { deviceId: device.device_id, instanceType: device.instance_type, sdkUuid, draining: false })
       this.membership.set(device.device_id, job.spec.job_id)
       this.options.onMembership?.(device.device_id, job.spec.job_id)
       this.devices.get(device.device_id)?.send(this.startFrame(job, device.stream_seed, shard, shards))
@@ -460,6 +483,7 @@ export class TrainingCoordinator {
       weights,
       encoded: undefined,
       members: new Map(),
+      failed: new Set(),
       pending: new Map(),
       roundStartedAt: this.now().getTime(),
       deadline: undefined,
@@ -546,6 +570,7 @@ export const trainedModelIdOf = (jobId: string) => `model_${jobId.replace(/^trai
 function contribution(member: Member, frame: TrainUpdate, staleness: number): Contribution {
   return {
     device_id: member.deviceId,
+    sdk_uuid: member.sdkUuid,
     instance_type: member.instanceType,
     samples: frame.samples,
     steps: frame.steps,
@@ -557,12 +582,22 @@ function contribution(member: Member, frame: TrainUpdate, staleness: number): Co
   }
 }
 
-function decodeWeightsFrom(base64: string): Weights {
+/** An update's weights, which must be the job's tensors, of their sizes, all finite: else the update is refused (not the job). */
+function weightsOf(job: LiveJob, frame: TrainUpdate): Weights {
+  let weights: Weights
   try {
-    return decodeWeights(Buffer.from(base64, 'base64'))
+    weights = decodeWeights(Buffer.from(frame.weights, 'base64'))
   } catch (error) {
     throw new DomainError('INVALID_FRAME', `weights: ${(error as Error).message}`)
   }
+  const names = Object.keys(job.weights)
+  if (Object.keys(weights).length !== names.length) throw new DomainError('INVALID_FRAME', `weights: ${Object.keys(weights).length} tensors, the model has ${names.length}`)
+  for (const name of names) {
+    const values = weights[name]
+    if (!values || values.length !== job.weights[name]!.length) throw new DomainError('INVALID_FRAME', `weights: tensor ${name} is missing or of the wrong size`)
+    for (let i = 0; i < values.length; i++) if (!Number.isFinite(values[i]!)) throw new DomainError('INVALID_FRAME', `weights: tensor ${name} has a non-finite value`)
+  }
+  return weights
 }
 
 /** A device's sample stream for a job: reproducible from the job's seed, the device and the round it joined at. */

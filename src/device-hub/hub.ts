@@ -214,6 +214,8 @@ export class DeviceHub {
           return await this.training().update(connection.deviceId, frame)
         case 'weights_request':
           return this.training().weightsRequest(connection.deviceId, frame.job_id)
+        case 'train_error':
+          return await this.training().trainingFailed(connection.deviceId, frame.job_id, frame.error)
       }
     } catch (error) {
       const code = error instanceof DomainError ? error.code : 'INTERNAL_ERROR'
@@ -296,6 +298,7 @@ export class DeviceHub {
         sdkVersion: frame.sdk_version,
         gpu: frame.capabilities.gpu,
         instanceType: frame.instance_type,
+        sdkUuid: frame.sdk_uuid,
         send: (f) => (this.byDevice.get(slot.deviceId) === connection ? this.send(connection, f) : false),
       })
     }

@@ -55,6 +55,8 @@ export type TrainingSpec = z.infer<typeof TrainingSpec>
 
 const Contribution = z.object({
   device_id: z.string(),
+  /** Its SDK installation: usage is billed by it. */
+  sdk_uuid: z.string(),
   instance_type: z.enum(['aws', 'user']),
   samples: z.number().int(),
   steps: z.number().int(),
@@ -69,6 +71,7 @@ export type Contribution = z.infer<typeof Contribution>
 
 export const RoundData = z.object({
   job_id: z.string(),
+  customer_id: z.string(),
   round: z.number().int(),
   /** The aggregated weights, in the blob store. */
   weights_sha256: z.string(),

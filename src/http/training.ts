@@ -33,7 +33,7 @@ const TrainBody = z.object({
     sync_mode: z.enum(TRAIN_SYNC_MODES).default('async'),
     local_steps: z.number().int().min(1).max(100_000).default(50).describe('batches a device trains between weight syncs (default 50)'),
     sync_interval_ms: z.number().int().min(100).max(3_600_000).default(60_000).describe('async: how often devices pull the current weights (default 60000)'),
-    loss: z.enum(LOSSES).optional().describe('default: cross_entropy for a classifier (Softmax output or several outputs), mse for one output'),
+    loss: z.enum(LOSSES).optional().describe('default: cross_entropy when the model ends in a Softmax over 2 or more outputs, else mse'),
   }),
   resource_config: z
     .object({
@@ -55,7 +55,11 @@ export const trainingRoutes: FastifyPluginAsync<{ services: Services }> = async 
   const config = { auth: 'api_key' as const }
   const training = services.training
 
+  /** Reads see the job's every event so far (the coordinator writes them as devices come and go). */
+  const caughtUp = async () => readYourWrites(services, await services.store.headPosition(), ['training'])
+
   async function view(customerId: string, jobId: string) {
+    await caughtUp()
     const row = await findTrainingJob(services.db, customerId, jobId)
     if (!row) throw new DomainError('NOT_FOUND', `training job ${jobId} not found`)
     return jobView(row)
@@ -115,6 +119,7 @@ export const trainingRoutes: FastifyPluginAsync<{ services: Services }> = async 
     config,
     schema: { summary: 'Your training jobs, newest first', tags: ['training'], querystring: pageQuery().extend({ status: z.enum(STATUSES).optional() }) },
   }, async (request) => {
+    await caughtUp()
     const { jobs, total } = await listTrainingJobs(services.db, customerOf(request), request.query)
     return { jobs: jobs.map(jobView), total, limit: request.query.limit, offset: request.query.offset }
   })

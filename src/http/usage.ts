@@ -27,7 +27,10 @@ const hours = (us: number) => round4(us / 3_600_000_000)
 
 /** The figures of some usage rows, and their estimated cost. */
 function figures(services: Services, rows: Sums[]) {
-  const completed = rows.filter((r) => r.outcome === 'completed')
+  // billed: tasks' completions and training rounds; failed attempts are reported, not billed
+  const completed = rows.filter((r) => r.outcome === 'completed' || r.outcome === 'training')
+  const tasks = rows.filter((r) => r.outcome === 'completed')
+  const training = rows.filter((r) => r.outcome === 'training')
   const failed = rows.filter((r) => r.outcome === 'failed')
   const total = (list: Sums[], m: Measures) => list.reduce((n, r) => n + r[m], 0)
   const byType: Record<string, { cpu_ms: number; gpu_ms: number; tasks: number; estimated_cost: number }> = {}
@@ -45,10 +48,11 @@ function figures(services: Services, rows: Sums[]) {
     cpu_hours: hours(total(completed, 'cpu_us')),
     gpu_hours: hours(total(completed, 'gpu_us')),
     tasks: { total: total(completed, 'tasks'), cpu: total(completed, 'cpu_tasks'), gpu: total(completed, 'gpu_tasks') },
-    inputs: total(completed, 'inputs'),
+    inputs: total(tasks, 'inputs'),
     bytes_in: total(completed, 'bytes_in'),
     bytes_out: total(completed, 'bytes_out'),
     failed_attempts: { tasks: total(failed, 'tasks'), cpu_ms: ms(total(failed, 'cpu_us')), gpu_ms: ms(total(failed, 'gpu_us')) },
+    training: { samples: total(training, 'inputs'), cpu_ms: ms(total(training, 'cpu_us')), gpu_ms: ms(total(training, 'gpu_us')) },
     estimated_cost: { currency: services.prices.currency, total: cost, by_instance_type: Object.fromEntries(Object.entries(byType).map(([k, v]) => [k, v.estimated_cost])) },
     by_instance_type: byType,
   }

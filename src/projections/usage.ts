@@ -1,5 +1,6 @@
 import { type Kysely, sql } from 'kysely'
 import { taskDecider } from '../domain/task.js'
+import { RoundData } from '../domain/training-job.js'
 import type { RecordedEvent } from '../event-store/port.js'
 import { liveSchema, type Projection } from './projection.js'
 
@@ -7,8 +8,9 @@ const USAGE_KEY = ['customer_id', 'project_id', 'hour', 'sdk_uuid', 'instance_ty
 const MEASURES = ['tasks', 'cpu_tasks', 'gpu_tasks', 'inputs', 'cpu_us', 'gpu_us', 'bytes_in', 'bytes_out'] as const
 
 /**
- * Usage for billing, from task outcomes only: per customer, project, UTC hour, SDK UUID, instance type and
- * outcome (`completed`: a task's one completion; `failed`: an attempt that failed, re-queued or not), the
+ * Usage for billing, from task outcomes and training rounds: per customer, project, UTC hour, SDK UUID,
+ * instance type and outcome (`completed`: a task's one completion; `failed`: an attempt that failed,
+ * re-queued or not; `training`: a device's part of an aggregated training round, its samples as inputs), the
  * task count (CPU and GPU tasks apart), inputs, CPU and GPU time measured on the device, and bytes in and
  * out. Times are kept in whole microseconds so that sums are exact: the same log gives the same rows
  * whatever the batch size or order of application. A task completes once (fencing), so a result sent twice
@@ -16,8 +18,8 @@ const MEASURES = ['tasks', 'cpu_tasks', 'gpu_tasks', 'inputs', 'cpu_us', 'gpu_us
  */
 export const usageProjection: Projection = {
   name: 'usage',
-  version: 1,
-  filter: { types: ['TaskCompleted', 'TaskAttemptFailed'] },
+  version: 2,
+  filter: { types: ['TaskCompleted', 'TaskAttemptFailed', 'TrainingRoundCompleted'] },
   tables: [{ name: 'usage_hourly', primaryKey: USAGE_KEY }],
 
   async createTables(db) {
@@ -71,7 +73,7 @@ interface UsageRow {
   hour: string
   sdk_uuid: string
   instance_type: string
-  outcome: 'completed' | 'failed'
+  outcome: 'completed' | 'failed' | 'training'
   tasks: number
   cpu_tasks: number
   gpu_tasks: number
@@ -86,6 +88,7 @@ interface UsageRow {
 export const hourOf = (iso: string) => new Date(iso).toISOString().slice(0, 13)
 
 function addUsage(rows: Map<string, UsageRow>, recorded: RecordedEvent): void {
+  if (recorded.type === 'TrainingRoundCompleted') return addTraining(rows, recorded)
   const event = taskDecider.parse({ type: recorded.type, data: recorded.data, schemaVersion: recorded.metadata.schemaVersion ?? 1 })
   if (event.type !== 'TaskCompleted' && event.type !== 'TaskAttemptFailed') return
   const d = event.data
@@ -99,12 +102,7 @@ function addUsage(rows: Map<string, UsageRow>, recorded: RecordedEvent): void {
     instance_type: d.instance_type ?? 'unknown',
     outcome: event.type === 'TaskCompleted' ? ('completed' as const) : ('failed' as const),
   }
-  const id = JSON.stringify(Object.values(key))
-  let row = rows.get(id)
-  if (!row) {
-    row = { ...key, tasks: 0, cpu_tasks: 0, gpu_tasks: 0, inputs: 0, cpu_us: 0, gpu_us: 0, bytes_in: 0, bytes_out: 0 }
-    rows.set(id, row)
-  }
+  const row = rowOf(rows, key)
   const gpu = metrics.gpu_ms > 0
   row.tasks += 1
   row.cpu_tasks += gpu ? 0 : 1
@@ -116,6 +114,27 @@ function addUsage(rows: Map<string, UsageRow>, recorded: RecordedEvent): void {
   row.bytes_out += metrics.bytes_out
 }
 
+/** Training is billed per device and round: its compute time, and the samples it trained on as inputs. */
+function addTraining(rows: Map<string, UsageRow>, recorded: RecordedEvent): void {
+  const round = RoundData.parse(recorded.data)
+  for (const c of round.contributions) {
+    const row = rowOf(rows, { customer_id: round.customer_id, project_id: '', hour: hourOf(round.at), sdk_uuid: c.sdk_uuid, instance_type: c.instance_type, outcome: 'training' })
+    row.inputs += c.samples
+    row.cpu_us += Math.round(c.cpu_ms * 1000)
+    row.gpu_us += Math.round(c.gpu_ms * 1000)
+  }
+}
+
+function rowOf(rows: Map<string, UsageRow>, key: Pick<UsageRow, (typeof USAGE_KEY)[number]>): UsageRow {
+  const id = JSON.stringify(Object.values(key))
+  let row = rows.get(id)
+  if (!row) {
+    row = { ...key, tasks: 0, cpu_tasks: 0, gpu_tasks: 0, inputs: 0, cpu_us: 0, gpu_us: 0, bytes_in: 0, bytes_out: 0 }
+    rows.set(id, row)
+  }
+  return row
+}
+
 const schema = liveSchema(usageProjection.name)
 
 export interface UsageFilter {
@@ -124,7 +143,7 @@ export interface UsageFilter {
   /** Inclusive hours, `YYYY-MM-DDTHH`. */
   fromHour?: string | undefined
   toHour?: string | undefined
-  outcome?: 'completed' | 'failed' | undefined
+  outcome?: 'completed' | 'failed' | 'training' | undefined
 }
 
 /** Sums of usage, for the rows matching the filter, grouped by the columns given. */

@@ -134,7 +134,10 @@ export type TrainUpdate = z.infer<typeof TrainUpdate>
 /** Asks for the job's current weights (async mode pulls every `sync_interval_ms`). */
 export const WeightsRequest = z.object({ type: z.literal('weights_request'), job_id: Id })
 
-export const DeviceFrame = z.discriminatedUnion('type', [Register, Heartbeat, TaskResult, Logs, Draining, TrainUpdate, WeightsRequest])
+/** The device cannot train for the job (the model or data would not load, the loss diverged): it leaves it. */
+export const TrainError = z.object({ type: z.literal('train_error'), job_id: Id, error: z.string().max(4096) })
+
+export const DeviceFrame = z.discriminatedUnion('type', [Register, Heartbeat, TaskResult, Logs, Draining, TrainUpdate, WeightsRequest, TrainError])
 export type DeviceFrame = z.infer<typeof DeviceFrame>
 
 // ---- hub -> device -------------------------------------------------------------------------------------

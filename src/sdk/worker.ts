@@ -329,7 +329,10 @@ export class DeviceWorker extends EventEmitter<DeviceWorkerEvents> {
       case 'error':
         return this.log.error(`hub error ${frame.code}: ${frame.message}`)
       case 'train_start':
-        return void this.startTraining(frame).catch((error: Error) => this.log.error(`training ${frame.job_id} could not start: ${error.message}`))
+        return void this.startTraining(frame).catch((error: Error) => {
+          this.log.error(`training ${frame.job_id} could not start: ${error.message}`)
+          this.send({ type: 'train_error', job_id: frame.job_id, error: error.message.slice(0, 4000) })
+        })
       case 'train_weights':
         return this.training.get(frame.job_id)?.weights(frame)
       case 'train_stop':

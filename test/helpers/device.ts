@@ -34,7 +34,7 @@ export class SimDevice {
   }
 
   /** Registers (or comes back, with `as`), resolving with the `registered` frame. */
-  async register(options: { as?: { deviceId: string; sdkToken: string }; formats?: string[]; maxTasks?: number; batchInputs?: number; sdkUuid?: string; instanceType?: 'aws' | 'user'; enrollmentSecret?: string } = {}) {
+  async register(options: { as?: { deviceId: string; sdkToken: string }; formats?: string[]; maxTasks?: number; batchInputs?: number; sdkUuid?: string; instanceType?: 'aws' | 'user'; enrollmentSecret?: string; canTrain?: boolean } = {}) {
     this.send({
       type: 'register',
       protocol: PROTOCOL_VERSION,
@@ -43,7 +43,7 @@ export class SimDevice {
       sdk_uuid: options.sdkUuid ?? 'sdk-nodejs-test01',
       instance_type: options.instanceType ?? 'user',
       hardware: { cpu_model: 'test cpu', cpu_cores: 2, memory_mb: 1024, gpus: [] },
-      capabilities: { formats: options.formats ?? ['onnx'], gpu: false, can_train: false, max_concurrent_tasks: options.maxTasks ?? 1, max_batch_inputs: options.batchInputs ?? 1 },
+      capabilities: { formats: options.formats ?? ['onnx'], gpu: false, can_train: options.canTrain ?? false, max_concurrent_tasks: options.maxTasks ?? 1, max_batch_inputs: options.batchInputs ?? 1 },
       ...(options.as ? { device_id: options.as.deviceId, sdk_token: options.as.sdkToken } : {}),
       ...(options.enrollmentSecret ? { enrollment_secret: options.enrollmentSecret } : {}),
     })

@@ -1,10 +1,10 @@
 import * as ort from 'onnxruntime-node'
 import t from 'tap'
-import { decodeWeights } from '../../src/domain/fedavg.js'
+import { decodeWeights, weightsToBase64 } from '../../src/domain/fedavg.js'
 import { trainingStream } from '../../src/domain/training-job.js'
 import { loadTrainable } from '../../src/sdk/trainer/index.js'
 import { syntheticTask } from '../../src/sdk/trainer/synthetic.js'
-import { eventually } from '../helpers/device.js'
+import { eventually, SimDevice } from '../helpers/device.js'
 import { MLP, trainingBody, trainingSetup } from '../helpers/training.js'
 
 const argmax = (values: ArrayLike<number>, from: number, size: number) => {
@@ -36,8 +36,13 @@ for (const syncMode of ['full_sync', 'semi_sync', 'async'] as const) {
     t.same([...contributors].sort(), workers.map((w) => w.deviceId).sort())
     if (syncMode === 'full_sync') t.ok(events.every((r) => r.contributions.length === 2), 'full sync: every round has both devices')
     for (const round of events) t.ok(await blobs.has(round.weights_sha256), `round ${round.round} weights kept`)
+    // every device's part of every round is metered: samples, and its compute time, billed as CPU time
+    const usage = await api('GET', '/usage')
+    const contributions = events.flatMap((r) => r.contributions as { samples: number; cpu_ms: number }[])
+    t.equal(usage.body.training.samples, contributions.reduce((n, c) => n + c.samples, 0))
+    t.ok(Math.abs(usage.body.training.cpu_ms - contributions.reduce((n, c) => n + Math.round(c.cpu_ms * 1000) / 1000, 0)) < 0.01)
     const rounds = await api('GET', `/training/${jobId}/rounds`)
-    t.equal(rounds.body.rounds.length, events.length)
+    t.same(rounds.body.rounds.map((r: any) => r.round), events.map((r) => r.round))
     t.ok(rounds.body.rounds.every((r: any) => r.energy_joules > 0 && r.devices >= 1))
 
     // the trained model is the customer's and serves inference with the trainer's predictions
@@ -148,4 +153,37 @@ t.test('bad submissions get clear errors', async (t) => {
   t.equal((await api('POST', '/training/train_nope/pause')).body.error.code, 'NOT_FOUND')
   t.equal((await api('DELETE', '/training/train_nope')).body.error.code, 'NOT_FOUND')
   t.ok(app && alice)
+})
+
+t.test('a device sending weights that do not fit is refused without harming the job; a device that fails leaves it', async (t) => {
+  const { api, model, url, bytes, waitFor, store } = await trainingSetup(t)
+  const device = await SimDevice.connect(url)
+  await device.register({ canTrain: true })
+  const beat = setInterval(() => device.heartbeat(), 300)
+  t.teardown(() => {
+    clearInterval(beat)
+    device.socket.close()
+  })
+  const jobId = (await api('POST', '/training', trainingBody(model.id, { training: { sync_mode: 'full_sync' }, resources: { max_devices: 1 } }))).body.job_id
+  const start = await device.next((f) => f.type === 'train_start')
+  t.match(start, { job_id: jobId, round: 0, config: { sync_mode: 'full_sync', local_steps: 20, loss: 'cross_entropy' }, data: { type: 'stream' } })
+  t.notOk(start.weights, 'round 0 starts from the model file')
+  const weights = loadTrainable(bytes).getWeights()
+  const update = (w: Record<string, Float32Array>) => ({ type: 'train_update', job_id: jobId, base_round: 0, weights: weightsToBase64(w), samples: 640, steps: 20, loss: 1.2, metrics: { cpu_ms: 5, gpu_ms: 0 }, power_watts: 10 })
+
+  const { W1: _dropped, ...missing } = weights
+  device.send(update(missing))
+  t.match(await device.next((f) => f.type === 'error'), { code: 'INVALID_FRAME', message: /tensors/ })
+  device.send(update({ ...weights, W2: new Float32Array(weights.W2!.length).fill(Number.NaN) }))
+  t.match(await device.next((f) => f.type === 'error'), { code: 'INVALID_FRAME', message: /non-finite/ })
+  t.equal((await api('GET', `/training/${jobId}`)).body.status, 'running', 'the job goes on')
+
+  device.send(update(weights))
+  const next = await device.next((f) => f.type === 'train_weights')
+  t.equal(next.round, 1, 'a good update closes the round')
+  device.send({ type: 'train_error', job_id: jobId, error: 'boom' })
+  const left = await waitFor(jobId, (job) => job.assigned_devices.length === 0)
+  t.equal(left.status, 'queued', 'the job waits for another device')
+  const reasons = (await store.readStream(trainingStream(jobId))).filter((e) => e.type === 'TrainingDevicesReleased').map((e) => (e.data as any).reason)
+  t.same(reasons, ['training failed on the device: boom'])
 })
