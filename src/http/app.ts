@@ -18,6 +18,9 @@ import { modelRoutes } from './models.js'
 import { projectRoutes } from './projects.js'
 import { trainingRoutes } from './training.js'
 import { datasetRoutes } from './datasets.js'
+import { dashboardRoutes } from './dashboard.js'
+import { efficiencyRoutes } from './efficiency.js'
+import { webRoutes } from './web.js'
 import { usageRoutes } from './usage.js'
 
 /** The services the routes use (without the limits and clock, which have defaults here), and the app's settings. */
@@ -130,9 +133,12 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
       await api.register(usageRoutes, { services })
       await api.register(trainingRoutes, { services })
       await api.register(datasetRoutes, { services })
+      await api.register(efficiencyRoutes, { services })
+      await api.register(dashboardRoutes, { services })
     },
     { prefix: '/api/v1' },
   )
+  await app.register(webRoutes, { services })
   deps.hub.attach(app.server)
   return app
 }
