@@ -13,7 +13,7 @@ type CancelTaskFrame = z.infer<typeof CancelTask>
 type TaskResultFrame = z.infer<typeof TaskResult>
 
 /** What `submit` takes: a task spec whose optional parts default (attempts: the scheduler's). */
-export type NewTask = Omit<TaskSpec, 'max_attempts' | 'project_id' | 'output_shape'> & Partial<Pick<TaskSpec, 'max_attempts' | 'project_id' | 'output_shape'>>
+export type NewTask = Omit<TaskSpec, 'max_attempts' | 'project_id' | 'output_shape' | 'instance_type'> & Partial<Pick<TaskSpec, 'max_attempts' | 'project_id' | 'output_shape' | 'instance_type'>>
 
 /** Why a result does not fit its task (one output per input, each filling the declared shape), or undefined. */
 export function outputProblem(spec: TaskSpec, outputs: readonly Tensor[]): string | undefined {
@@ -153,7 +153,7 @@ export class TaskScheduler {
 
   /** Queues a task (`task.max_attempts` defaults to the scheduler's) and dispatches it when a device can take it. */
   async submit(task: NewTask, metadata: { customerId: string }): Promise<Position> {
-    const spec: TaskSpec = { ...task, project_id: task.project_id ?? null, output_shape: task.output_shape ?? null, max_attempts: task.max_attempts ?? this.maxAttempts }
+    const spec: TaskSpec = { ...task, project_id: task.project_id ?? null, output_shape: task.output_shape ?? null, instance_type: task.instance_type ?? null, max_attempts: task.max_attempts ?? this.maxAttempts }
     this.known.set(spec.task_id, { state: taskDecider.initialState(), revision: -1 }) // a new stream
     const result = await this.command(spec.task_id, { type: 'QueueTask', task: spec, at: this.now().toISOString() }, metadata.customerId)
     this.specs.set(spec.task_id, spec)
@@ -336,6 +336,7 @@ export class TaskScheduler {
     let bestScore = Infinity
     for (const device of this.devices.values()) {
       if (device.draining || device.training || device.leases.size >= device.maxConcurrent || device.maxBatchInputs < task.inputs.length || !device.formats.includes(task.model.format)) continue
+      if (task.instance_type && device.instanceType !== task.instance_type) continue
       const score = (task.prefer_gpu && device.gpu ? 0 : 10) + device.leases.size / device.maxConcurrent + device.load
       if (score < bestScore) {
         best = device

@@ -105,12 +105,13 @@ export class DeviceHub {
    * What the connected devices that run `format` can take: task slots in all, and the largest chunk of a
    * batch every one of them that takes several inputs at once accepts (1 when none does).
    */
-  capacity(format: string): { slots: number; batchInputs: number } {
+  capacity(format: string, instanceType?: 'aws' | 'user'): { slots: number; batchInputs: number } {
     let slots = 0
     let batchInputs = Infinity
     for (const connection of this.byDevice.values()) {
       const slot = connection.slot
       if (!slot || slot.draining || !slot.formats.includes(format)) continue
+      if (instanceType && slot.instanceType !== instanceType) continue
       slots += slot.maxConcurrent
       if (slot.maxBatchInputs > 1) batchInputs = Math.min(batchInputs, slot.maxBatchInputs)
     }

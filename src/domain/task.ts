@@ -24,6 +24,8 @@ export const TaskSpec = z.object({
   /** The output shape the model declares (-1: any size); a result that does not fit fails the attempt. */
   output_shape: z.array(z.number().int()).nullable().default(null),
   prefer_gpu: z.boolean(),
+  /** Only devices of this kind may run it (`aws` or `user`); null: any. */
+  instance_type: z.enum(['aws', 'user']).nullable().default(null),
   max_attempts: z.number().int().min(1),
 })
 export type TaskSpec = z.infer<typeof TaskSpec>

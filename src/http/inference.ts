@@ -37,6 +37,7 @@ const SingleBody = z.object({
     .object({
       timeout: z.number().int().min(1).max(600_000).optional().describe('ms a synchronous request waits (default 30000)'),
       prefer_gpu: z.boolean().optional(),
+      instance_type: z.enum(['aws', 'user']).optional().describe('run only on cloud (aws) or contributed (user) devices'),
     })
     .optional(),
 })
@@ -46,7 +47,7 @@ const BatchBody = z.object({
   inputs: z.array(Input).min(1).max(100_000),
   name: z.string().max(200).optional(),
   project_id: z.string().min(1).max(64).optional(),
-  options: z.object({ prefer_gpu: z.boolean().optional() }).optional(),
+  options: z.object({ prefer_gpu: z.boolean().optional(), instance_type: z.enum(['aws', 'user']).optional() }).optional(),
 })
 
 const JobParams = z.object({ jobId: z.string().min(1).max(80) })
@@ -173,15 +174,16 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
     rawInputs: unknown[],
     kind: 'single' | 'batch',
     mode: 'sync' | 'async',
-    preferGpu: boolean,
+    placement: { prefer_gpu?: boolean | undefined; instance_type?: 'aws' | 'user' | undefined } | undefined,
     /** Called with the task ids before they are queued: a waiter set up here cannot miss the outcome. */
     beforeQueue: (taskIds: string[]) => void = () => {},
   ) {
     const model = await findModel(services.db, customerId, body.model_id)
     if (!model) throw new DomainError('NO_MODEL', `model ${body.model_id} not found`)
     const inputs = await toTensors(model, rawInputs, (i) => (kind === 'single' ? 'input' : `inputs.${i}`))
-    const capacity = services.hub.capacity(model.format)
-    if (capacity.slots === 0) throw new DomainError('NO_DEVICES', `no connected device can run ${model.format} models`)
+    const instanceType = placement?.instance_type
+    const capacity = services.hub.capacity(model.format, instanceType)
+    if (capacity.slots === 0) throw new DomainError('NO_DEVICES', `no connected ${instanceType ? `${instanceType} ` : ''}device can run ${model.format} models`)
     const waiting = services.scheduler.queuedInputs
     if (waiting + inputs.length > services.limits.maxQueuedInputs) {
       throw new DomainError('QUEUE_FULL', `${waiting} inputs are waiting for a device and the queue holds at most ${services.limits.maxQueuedInputs}; retry later`)
@@ -213,7 +215,8 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
             model: { id: model.model_id, format: model.format, checksum: model.checksum },
             inputs: chunk,
             output_shape: model.output_shape,
-            prefer_gpu: preferGpu,
+            prefer_gpu: placement?.prefer_gpu ?? false,
+            instance_type: instanceType ?? null,
           },
           { customerId },
         )
@@ -250,7 +253,7 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
     const mode = wantsAsync(request, request.query, body) ? 'async' : 'sync'
     const started = performance.now()
     let waiting: Promise<TaskOutcome> | undefined
-    const { jobId, model } = await submit(customerId, body, [body.input], 'single', mode, body.options?.prefer_gpu ?? false, (taskIds) => {
+    const { jobId, model } = await submit(customerId, body, [body.input], 'single', mode, body.options, (taskIds) => {
       if (mode !== 'sync') return
       waiting = services.scheduler.outcome(taskIds[0]!, body.options?.timeout ?? DEFAULT_TIMEOUT_MS)
       waiting.catch(() => {}) // awaited below; this only keeps a failed submit from leaving it unhandled
@@ -279,7 +282,7 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
     schema: { summary: 'Run inference on many inputs (always asynchronous)', tags: ['inference'], body: BatchBody },
   }, async (request, reply) => {
     const customerId = customerOf(request)
-    const { jobId, total, projectId } = await submit(customerId, request.body, request.body.inputs, 'batch', 'async', request.body.options?.prefer_gpu ?? false)
+    const { jobId, total, projectId } = await submit(customerId, request.body, request.body.inputs, 'batch', 'async', request.body.options)
     return reply.status(202).send({ job_id: jobId, project_id: projectId, status: 'queued', total_tasks: total, poll_url: `/api/v1/inference/${jobId}` })
   })
 

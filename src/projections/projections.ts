@@ -11,6 +11,7 @@ import { tasksProjection } from './tasks.js'
 import { usageProjection } from './usage.js'
 import { trainingProjection } from './training.js'
 import { datasetsProjection } from './datasets.js'
+import { benchmarksProjection } from './benchmarks.js'
 import type { Projection } from './projection.js'
 import { type AuditReport, audit, rebuild } from './replay.js'
 import { auditUsage, type UsageAuditOptions, type UsageAuditReport } from './usage-audit.js'
@@ -19,7 +20,7 @@ import { ProjectionRunner, type RunnerDeps, type RunnerState } from './runner.js
 const LAG_COUNT_LIMIT = 10_000
 
 /** Every projection of dcp. A new read model is added here. */
-export const allProjections: readonly Projection[] = [eventCounts, customersProjection, modelsProjection, devicesProjection, tasksProjection, inferenceProjection, projectsProjection, usageProjection, trainingProjection, datasetsProjection]
+export const allProjections: readonly Projection[] = [eventCounts, customersProjection, modelsProjection, devicesProjection, tasksProjection, inferenceProjection, projectsProjection, usageProjection, trainingProjection, datasetsProjection, benchmarksProjection]
 
 export interface ProjectionStatus {
   name: string
