@@ -5,6 +5,7 @@ import { UnknownProjectionError } from '../projections/projections.js'
 import { auditCommand } from './audit.js'
 import { projectionsCommand } from './projections.js'
 import { startCommand } from './start.js'
+import { watchCommand } from './watch.js'
 import { workerCommand } from './worker.js'
 
 const USAGE = `dcp — the Distributed Compute Platform
@@ -13,8 +14,10 @@ Usage:
   dcp start [--port N] [--host H] [--data-dir DIR] [--workers N] [--production]
                                                      run the API server (embedded Postgres unless DATABASE_URL)
                                                      and N local worker devices (default 2)
-  dcp worker --server URL [--instance-type aws|user] [--state-dir DIR] [--max-tasks N] [--cuda]
+  dcp worker --server URL [--instance-type aws|user] [--state-dir DIR] [--max-tasks N] [--cuda] [--no-train]
                                                      run this machine as a device
+  dcp watch <project> [--server URL] [--api-key KEY] [--interval MS]
+                                                     follow a project's figures live until it completes
   dcp projections status [--json]                    where each read model stands
   dcp projections rebuild <name>                     rebuild a read model from the log and swap it in
   dcp audit <projection> [--json]                    replay the log into a shadow copy and diff it with the live one
@@ -22,7 +25,7 @@ Usage:
                                                      the billing audit: totals per customer and hour, every difference, a digest
   dcp help                                           this text
 
-Environment: PORT, HOST, DATA_DIR, DATABASE_URL, EVENTSTORE_URL, NODE_ENV, LOG_LEVEL (see README).`
+Environment: PORT, HOST, DATA_DIR, DATABASE_URL, EVENTSTORE_URL, NODE_ENV, LOG_LEVEL, DCP_SERVER, DCP_API_KEY (see README).`
 
 async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv
@@ -35,6 +38,8 @@ async function main(argv: string[]): Promise<number> {
       return auditCommand(rest)
     case 'worker':
       return workerCommand(rest)
+    case 'watch':
+      return watchCommand(rest)
     case undefined:
     case 'help':
     case '--help':

@@ -160,6 +160,11 @@ export class TrainingCoordinator {
     this.rebalance()
   }
 
+  /** The job the device trains for, if any. */
+  jobOfDevice(deviceId: string): string | undefined {
+    return this.membership.get(deviceId)
+  }
+
   /** May this device download the model (it trains a job on it)? */
   holdsModel(deviceId: string, modelId: string): boolean {
     return this.jobOf(deviceId)?.spec.model_id === modelId

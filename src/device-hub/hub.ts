@@ -118,6 +118,21 @@ export class DeviceHub {
     return { slots, batchInputs: Number.isFinite(batchInputs) ? batchInputs : 1 }
   }
 
+  /** Live task slots of the connected devices: in all, in use, and of devices draining or training (which take no tasks). */
+  utilization(): { devices: number; slots: number; used: number; draining: number; training: number } {
+    const figures = { devices: 0, slots: 0, used: 0, draining: 0, training: 0 }
+    for (const connection of this.byDevice.values()) {
+      const slot = connection.slot
+      if (!slot) continue
+      figures.devices++
+      figures.slots += slot.maxConcurrent
+      figures.used += slot.leases.size
+      if (slot.draining) figures.draining++
+      if (slot.training) figures.training++
+    }
+    return figures
+  }
+
   isConnected(deviceId: string): boolean {
     return this.byDevice.has(deviceId)
   }

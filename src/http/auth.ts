@@ -37,6 +37,8 @@ declare module 'fastify' {
   }
   interface FastifyContextConfig {
     auth?: AuthKind
+    /** An API key route that also takes the key as `?api_key=` (for EventSource, which cannot send headers). */
+    keyInQuery?: boolean
   }
 }
 
@@ -64,7 +66,8 @@ export function registerAuth(app: FastifyInstance, options: AuthOptions): void {
 async function authenticate(request: FastifyRequest, kind: Exclude<AuthKind, 'none'>, options: AuthOptions): Promise<Caller> {
   const header = AUTH_HEADERS[kind]
   const value = request.headers[header]
-  const secret = Array.isArray(value) ? value[0] : value
+  const inQuery = kind === 'api_key' && request.routeOptions.config?.keyInQuery ? (request.query as Record<string, unknown> | undefined)?.api_key : undefined
+  const secret = (Array.isArray(value) ? value[0] : value) ?? (typeof inQuery === 'string' ? inQuery : undefined)
   if (kind === 'admin' && !options.adminKey) throw new DomainError('FORBIDDEN', 'the admin API is disabled: set ADMIN_KEY to enable it')
   if (!secret) throw new DomainError('AUTH_REQUIRED', `missing ${headerName(header)} header`)
   switch (kind) {

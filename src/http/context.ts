@@ -2,6 +2,7 @@ import type { Kysely } from 'kysely'
 import type { Adapters } from '../adapters/runtime.js'
 import type { BlobStore } from '../blobs/blob-store.js'
 import type { TaskScheduler } from '../commands/scheduler.js'
+import type { BenchmarkRunner } from '../commands/benchmarks.js'
 import type { TrainingCoordinator } from '../commands/training.js'
 import type { DeviceHub } from '../device-hub/hub.js'
 import { type CommandOptions, type CommandResult, handleCommand, type KnownState } from '../commands/handle-command.js'
@@ -24,7 +25,11 @@ export interface Services {
   prices: PriceTable
   /** Pre- and post-processing adapters (in-process, or AWS Lambda). */
   adapters: Adapters
-  limits: { maxModelBytes: number; maxQueuedInputs: number }
+  limits: { maxModelBytes: number; maxQueuedInputs: number; minPerfDurationS: number }
+  /** Runs the dashboard's benchmarks. */
+  benchmarks: BenchmarkRunner
+  /** Marks a benchmark's own requests (they pass the rate limit); random per process, never leaves it. */
+  loadToken: string
   /** The time, for commands (domain code has none of its own). */
   now(): Date
 }

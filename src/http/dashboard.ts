@@ -1,5 +1,264 @@
-import type { FastifyPluginAsync } from 'fastify'
-import type { Services } from './context.js'
+import type { FastifyPluginAsync, FastifyReply, FastifyRequest } from 'fastify'
+import type { ZodTypeProvider } from 'fastify-type-provider-zod'
+import { z } from 'zod'
+import type { LoadRequest, PerfConfig, QuickConfig } from '../commands/benchmarks.js'
+import { DomainError } from '../domain/errors.js'
+import { findBenchmark } from '../projections/benchmarks.js'
+import { fleet, fleetNow, projectLiveStats, recentJobs, recentProjects, recentTasks, taskThroughput, trainingJobCounts } from '../projections/dashboard.js'
+import { efficiencyComparison, efficiencyChart, efficiencySummary } from '../projections/efficiency.js'
+import { findProject } from '../projections/projects.js'
+import { customerOf } from './auth.js'
+import { readYourWrites, type Services } from './context.js'
+import { pageQuery } from './pagination.js'
+import { renderProjectText } from './project-stream-text.js'
 
-/** `/dashboard` and `/cluster`: aggregated views for the web dashboard (to be written). */
-export const dashboardRoutes: FastifyPluginAsync<{ services: Services }> = async () => {}
+const ProjectParams = z.object({ id: z.string().min(1).max(80) })
+const BenchmarkParams = z.object({ id: z.string().min(1).max(80) })
+const DAY_MS = 86_400_000
+/** Live streams end after this long even if the project does not (a client reconnects for more). */
+const MAX_STREAM_MS = 6 * 3600_000
+
+const QuickBody = z.object({
+  mode: z.enum(['inference', 'training', 'gpu-training']),
+  epochs: z.number().int().min(1).max(100).default(1).describe('training modes: epochs (default 1)'),
+  batch_size: z.number().int().min(1).max(1024).default(32).describe('training modes: batch size (default 32)'),
+  requests: z.number().int().min(1).max(10_000).default(100).describe('inference: requests to send (default 100)'),
+  concurrency: z.number().int().min(1).max(64).default(4).describe('inference: requests in flight at once (default 4)'),
+})
+const DEFAULT_RPS_STEPS = [2, 4, 6, 8, 10, 15, 20, 30, 40, 50]
+
+/** `/dashboard` and `/cluster`: aggregated views for the web dashboard, the live project stream, and benchmarks. */
+export const dashboardRoutes: FastifyPluginAsync<{ services: Services }> = async (base, { services }) => {
+  const app = base.withTypeProvider<ZodTypeProvider>()
+  const config = { auth: 'api_key' as const }
+  const tags = ['dashboard']
+  /** Reads see everything written so far. */
+  const caughtUp = async () => readYourWrites(services, await services.store.headPosition())
+
+  app.get('/dashboard/devices', { config, schema: { summary: 'Devices by platform (nodejs, python, windows), instance type and status, and a page of them', tags, querystring: pageQuery() } }, async (request) => {
+    await caughtUp()
+    const view = await fleet(services.db, request.query)
+    return { ...view, devices: view.devices.map((d) => ({ ...d, training_job: services.training.jobOfDevice(d.id) ?? null })), limit: request.query.limit, offset: request.query.offset }
+  })
+
+  app.get('/dashboard/jobs', {
+    config,
+    schema: { summary: 'Inference and training jobs of the last 5 days, most recently active first', tags, querystring: pageQuery().extend({ type: z.enum(['inference', 'training']).optional() }) },
+  }, async (request) => {
+    await caughtUp()
+    const since = new Date(services.now().getTime() - 5 * DAY_MS).toISOString()
+    const { jobs, total } = await recentJobs(services.db, customerOf(request), { ...request.query, since })
+    return { jobs, total, limit: request.query.limit, offset: request.query.offset }
+  })
+
+  app.get('/dashboard/projects', { config, schema: { summary: 'The 50 most recent projects, active first', tags } }, async (request) => {
+    await caughtUp()
+    return { projects: await recentProjects(services.db, customerOf(request), 50) }
+  })
+
+  app.get('/dashboard/tasks', {
+    config,
+    schema: {
+      summary: 'Recent tasks across your jobs and projects',
+      tags,
+      querystring: z.object({ limit: z.coerce.number().int().min(1).max(1000).default(100), project_id: z.string().min(1).max(80).optional() }),
+    },
+  }, async (request) => {
+    await caughtUp()
+    return { tasks: await recentTasks(services.db, customerOf(request), { limit: request.query.limit, projectId: request.query.project_id }) }
+  })
+
+  app.get('/dashboard/tasks/throughput', {
+    config,
+    schema: {
+      summary: 'Completed tasks and inputs per time bucket (the latest 300 buckets)',
+      tags,
+      querystring: z.object({ project_id: z.string().min(1).max(80).optional(), bucket_size: z.coerce.number().int().min(1).max(86_400).default(1).describe('seconds (default 1)') }),
+    },
+  }, async (request) => {
+    await caughtUp()
+    const buckets = await taskThroughput(services.db, customerOf(request), { projectId: request.query.project_id, bucketSize: request.query.bucket_size, buckets: 300, now: services.now() })
+    return { bucket_size: request.query.bucket_size, buckets }
+  })
+
+  app.get('/dashboard/efficiency', { config, schema: { summary: 'Training efficiency overview: recent time to accuracy, scaling and power', tags } }, async (request) => {
+    await caughtUp()
+    const customerId = customerOf(request)
+    const [summary, tta, scaling, power] = await Promise.all([
+      efficiencySummary(services.db, customerId),
+      efficiencyChart(services.db, customerId, 'tta'),
+      efficiencyChart(services.db, customerId, 'scaling'),
+      efficiencyChart(services.db, customerId, 'power'),
+    ])
+    return { summary, tta, scaling, power }
+  })
+
+  app.get('/dashboard/comparison', { config, schema: { summary: 'Training and inference on cloud (aws) against contributed (user) devices, for charts', tags } }, async (request) => {
+    await caughtUp()
+    const comparison = (await efficiencyComparison(services.db, customerOf(request))) as Record<string, any>
+    return chartComparison(comparison)
+  })
+
+  app.get('/cluster/utilization', { config, schema: { summary: 'The cluster now: devices, task slots, load, power, queue, training jobs', tags: ['cluster'] } }, async () => {
+    await caughtUp()
+    const [devices, jobs] = await Promise.all([fleetNow(services.db), trainingJobCounts(services.db)])
+    const live = services.hub.utilization()
+    return {
+      devices: { total: devices.total, connected: live.devices, idle: Math.max(0, live.devices - devices.busy - live.training), busy: devices.busy, training: live.training, draining: live.draining, gpu: devices.gpuDevices },
+      slots: { total: live.slots, used: live.used, utilization: live.slots > 0 ? Math.round((live.used / live.slots) * 1000) / 1000 : 0 },
+      load: { mean: devices.meanLoad },
+      power_watts: devices.powerWatts,
+      queue: { tasks: services.scheduler.queued, inputs: services.scheduler.queuedInputs },
+      training_jobs: jobs,
+    }
+  })
+
+  // ---- the live project stream ------------------------------------------------------------------------
+
+  app.get('/dashboard/projects/:id/stream', {
+    config: { ...config, keyInQuery: true },
+    schema: {
+      summary: 'Server-Sent Events: the project\'s figures every `interval` ms until it completes (format json, or text: ANSI for a terminal)',
+      tags,
+      params: ProjectParams,
+      querystring: z.object({
+        format: z.enum(['json', 'text']).default('json'),
+        interval: z.coerce.number().int().min(100).max(60_000).default(2000).describe('ms between updates (default 2000)'),
+        api_key: z.string().optional().describe('the API key, for clients that cannot send X-API-Key (EventSource)'),
+      }),
+    },
+  }, async (request, reply) => {
+    const customerId = customerOf(request)
+    await caughtUp()
+    if (!(await findProject(services.db, customerId, request.params.id))) throw new DomainError('NOT_FOUND', `project ${request.params.id} not found`)
+    await streamProject(services, request, reply, customerId, request.params.id, request.query)
+  })
+
+  // ---- benchmarks -------------------------------------------------------------------------------------
+
+  app.post('/dashboard/benchmark', { config, schema: { summary: 'Start a quick inference or training benchmark (202; GET /dashboard/benchmark/:id for its result)', tags: ['benchmarks'], body: QuickBody } }, async (request, reply) => {
+    const customerId = customerOf(request)
+    const body = request.body
+    if (body.mode === 'inference') requireDevices(services)
+    else if (services.training.eligibleDevices({ min_devices: 1, max_devices: null, prefer_gpu: body.mode === 'gpu-training', sdk_types: null, min_sdk_version: null }) === 0) {
+      throw new DomainError('NO_TRAINING_DEVICES', 'no connected device can train')
+    }
+    const quick: QuickConfig = { mode: body.mode, epochs: body.epochs, batch_size: body.batch_size, requests: body.requests, concurrency: body.concurrency }
+    const started = await services.benchmarks.start(customerId, loadAs(base.inject.bind(base), request, services.loadToken), body.mode, quick)
+    return reply.status(202).send({ benchmark_id: started.benchmark_id, mode: started.mode, status: 'running', project_id: started.project_id, poll_url: `/api/v1/dashboard/benchmark/${started.benchmark_id}` })
+  })
+
+  app.get('/dashboard/benchmark/:id', { config, schema: { summary: 'A quick benchmark: status and result', tags: ['benchmarks'], params: BenchmarkParams } }, async (request) => {
+    return benchmarkView(await benchmarkOf(customerOf(request), request.params.id))
+  })
+
+  app.post('/dashboard/benchmark/perf', {
+    config,
+    schema: {
+      summary: 'Start a step-load benchmark: each rate of rps_steps for duration / steps seconds, at most max_concurrency requests in flight',
+      tags: ['benchmarks'],
+      body: z.object({
+        duration: z.number().min(services.limits.minPerfDurationS).max(3600).default(Math.max(60, services.limits.minPerfDurationS)).describe(`total seconds (min ${services.limits.minPerfDurationS})`),
+        instance_type: z.enum(['aws', 'user', 'all']).default('all'),
+        rps_steps: z.array(z.number().positive().max(1000)).min(1).max(50).default(DEFAULT_RPS_STEPS),
+        max_concurrency: z.number().int().min(1).max(256).default(5),
+      }),
+    },
+  }, async (request, reply) => {
+    const customerId = customerOf(request)
+    const perf: PerfConfig = request.body
+    requireDevices(services, perf.instance_type === 'all' ? undefined : perf.instance_type)
+    const started = await services.benchmarks.start(customerId, loadAs(base.inject.bind(base), request, services.loadToken), 'perf', perf)
+    return reply.status(202).send({ benchmark_id: started.benchmark_id, status: 'running', project_id: started.project_id, config: perf, poll_url: `/api/v1/dashboard/benchmark/perf/${started.benchmark_id}` })
+  })
+
+  app.get('/dashboard/benchmark/perf/:id', { config, schema: { summary: 'A step-load benchmark: status, and each step\'s achieved rate, latency percentiles and errors', tags: ['benchmarks'], params: BenchmarkParams } }, async (request) => {
+    const row = await benchmarkOf(customerOf(request), request.params.id)
+    if (row.mode !== 'perf') throw new DomainError('NOT_FOUND', `perf benchmark ${request.params.id} not found (it is a ${row.mode} benchmark)`)
+    return { ...benchmarkView(row), steps: row.steps }
+  })
+
+  async function benchmarkOf(customerId: string, id: string) {
+    await caughtUp()
+    const row = await findBenchmark(services.db, customerId, id)
+    if (!row) throw new DomainError('NOT_FOUND', `benchmark ${id} not found`)
+    return row
+  }
+}
+
+function benchmarkView(row: Awaited<ReturnType<typeof findBenchmark>> & object) {
+  return {
+    benchmark_id: row.benchmark_id,
+    mode: row.mode,
+    status: row.status,
+    config: row.config,
+    project_id: row.project_id,
+    result: row.result,
+    error: row.error,
+    started_at: row.started_at,
+    completed_at: row.ended_at,
+  }
+}
+
+function requireDevices(services: Services, instanceType?: 'aws' | 'user'): void {
+  if (services.hub.capacity('onnx', instanceType).slots === 0) throw new DomainError('NO_DEVICES', `no connected ${instanceType ? `${instanceType} ` : ''}device can run inference`)
+}
+
+/** Requests through the whole HTTP stack as the caller (their key, kept in memory only), past the rate limit. */
+function loadAs(inject: FastifyRequest['server']['inject'], request: FastifyRequest, loadToken: string): LoadRequest {
+  const key = request.headers['x-api-key']
+  const headers = { 'x-api-key': Array.isArray(key) ? key[0]! : key!, 'x-dcp-load': loadToken }
+  return async (method, url, payload) => {
+    const response = await inject({ method, url, headers: payload === undefined ? headers : { ...headers, 'content-type': 'application/json' }, ...(payload === undefined ? {} : { payload: JSON.stringify(payload) }) })
+    let body: unknown = response.body
+    try {
+      body = JSON.parse(response.body)
+    } catch {} // not JSON: kept as text
+    return { status: response.statusCode, body }
+  }
+}
+
+/** SSE: a `stats` event every interval (JSON, or ANSI text lines), `end` when the project is no longer active. */
+async function streamProject(services: Services, request: FastifyRequest, reply: FastifyReply, customerId: string, projectId: string, query: { format: 'json' | 'text'; interval: number }) {
+  reply.hijack()
+  const res = reply.raw
+  res.writeHead(200, { 'content-type': 'text/event-stream; charset=utf-8', 'cache-control': 'no-cache', connection: 'keep-alive', 'x-accel-buffering': 'no' })
+  res.write(`retry: ${query.interval}\n\n`)
+  let closed = false
+  request.raw.on('close', () => (closed = true))
+  const send = (event: string, data: string) => res.write(`event: ${event}\n${data.split('\n').map((line) => `data: ${line}`).join('\n')}\n\n`)
+  const deadline = Date.now() + MAX_STREAM_MS
+  try {
+    while (!closed && Date.now() < deadline) {
+      await readYourWrites(services, await services.store.headPosition(), ['projects'])
+      const project = await findProject(services.db, customerId, projectId)
+      if (!project) break
+      const stats = await projectLiveStats(services.db, project, Math.max(1, Math.round(query.interval / 1000) * 5), services.now())
+      send('stats', query.format === 'json' ? JSON.stringify(stats) : renderProjectText(stats))
+      if (stats.status !== 'active') {
+        send('end', query.format === 'json' ? JSON.stringify({ project_id: projectId, status: stats.status }) : `project ${projectId} ${stats.status}`)
+        break
+      }
+      await new Promise((resolve) => setTimeout(resolve, query.interval))
+    }
+  } catch (error) {
+    if (!closed) send('error', JSON.stringify({ code: 'INTERNAL_ERROR', message: (error as Error).message }))
+  } finally {
+    res.end()
+  }
+}
+
+/** The comparison as chart series: `labels` [aws, user], and per figure the two values. */
+function chartComparison(comparison: Record<string, any>) {
+  const groups: Record<string, Record<string, (number | null)[]>> = { training: {}, inference: {} }
+  for (const group of ['training', 'inference'] as const) {
+    const aws = comparison.aws?.[group] ?? comparison[group]?.aws ?? {}
+    const user = comparison.user?.[group] ?? comparison[group]?.user ?? {}
+    for (const key of new Set([...Object.keys(aws), ...Object.keys(user)])) {
+      const a = aws[key]
+      const u = user[key]
+      if ((typeof a === 'number' || a === null || a === undefined) && (typeof u === 'number' || u === null || u === undefined)) groups[group]![key] = [a ?? null, u ?? null]
+    }
+  }
+  return { labels: ['aws', 'user'], training: groups.training, inference: groups.inference, raw: comparison }
+}

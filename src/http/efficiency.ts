@@ -2,7 +2,7 @@ import type { FastifyPluginAsync } from 'fastify'
 import type { ZodTypeProvider } from 'fastify-type-provider-zod'
 import { z } from 'zod'
 import { DomainError } from '../domain/errors.js'
-import { activeRuns, CHART_TYPES, efficiencyChart, efficiencyComparison, efficiencySummary, INSTANCE_TYPES, jobEfficiency } from '../projections/efficiency.js'
+import { activeRuns, CHART_TYPES, efficiencyChart, efficiencyComparison, efficiencySummary, INSTANCE_TYPES, jobEfficiency, MAX_CURVE_POINTS } from '../projections/efficiency.js'
 import { customerOf } from './auth.js'
 import { readYourWrites, type Services } from './context.js'
 
@@ -67,10 +67,17 @@ export const efficiencyRoutes: FastifyPluginAsync<{ services: Services }> = asyn
 
   app.get('/efficiency/job/:jobId', {
     config,
-    schema: { summary: "A training job's figures, by device and instance type, and its accuracy and loss curve", tags, params: z.object({ jobId: z.string().min(1).max(80) }) },
+    schema: {
+      summary: "A training job's figures, by device and instance type, and its accuracy and loss curve",
+      tags,
+      params: z.object({ jobId: z.string().min(1).max(80) }),
+      querystring: z.object({
+        curve_points: z.coerce.number().int().min(3).max(MAX_CURVE_POINTS).default(MAX_CURVE_POINTS).describe(`most points of the curve (default and max ${MAX_CURVE_POINTS}): every round, or every k-th from the first, and the last`),
+      }),
+    },
   }, async (request) => {
     await caughtUp()
-    const figures = await jobEfficiency(services.db, customerOf(request), request.params.jobId)
+    const figures = await jobEfficiency(services.db, customerOf(request), request.params.jobId, { curvePoints: request.query.curve_points })
     if (!figures) throw new DomainError('NOT_FOUND', `training job ${request.params.jobId} not found`)
     return figures
   })

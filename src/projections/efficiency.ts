@@ -26,7 +26,7 @@ export type InstanceType = (typeof INSTANCE_TYPES)[number]
 export const CHART_TYPES = ['tta', 'scaling', 'power', 'throughput'] as const
 export type ChartType = (typeof CHART_TYPES)[number]
 
-/** Rounds a job's accuracy/loss curve is downsampled to, at most. */
+/** Points a job's accuracy/loss curve is downsampled to, at most (default and ceiling of `curvePoints`). */
 export const MAX_CURVE_POINTS = 500
 /** Points of one chart series, at most (time charts widen their buckets to stay under it). */
 export const MAX_CHART_POINTS = 1000
@@ -65,6 +65,27 @@ const r3 = roundTo(3)
 /** Ratios (scaling efficiency, samples per joule): to the millionth. */
 const r6 = roundTo(6)
 const ratio = (a: number | null, b: number | null) => (a === null || b === null || b <= 0 ? null : a / b)
+
+/**
+ * Figures of a set of contributions from their sums (`samples`, `cpu_ms`, `gpu_ms`, `energy` in J): compute
+ * seconds are CPU + GPU time, so `samples_per_device_s` is the rate a device trains at while it computes and
+ * `mean_power_watts` its compute-time-weighted power.
+ */
+function contributionFigures(sums: Record<string, unknown>) {
+  const samples = int(sums.samples)
+  const cpuS = (num(sums.cpu_ms) ?? 0) / 1000
+  const gpuS = (num(sums.gpu_ms) ?? 0) / 1000
+  const energy = num(sums.energy) ?? 0
+  return {
+    samples,
+    cpu_seconds: r3(cpuS),
+    gpu_seconds: r3(gpuS),
+    samples_per_device_s: r3(ratio(samples, cpuS + gpuS)),
+    energy_joules: r3(energy),
+    samples_per_joule: r6(ratio(samples, energy)),
+    mean_power_watts: r3(ratio(energy, cpuS + gpuS)),
+  }
+}
 
 // ---- per-job figures ----------------------------------------------------------------------------------------
 
@@ -214,40 +235,28 @@ export async function efficiencyComparison(db: Kysely<any>, customerId: string) 
   const of = (rows: Record<string, unknown>[], type: InstanceType) => rows.find((r) => r.instance_type === type) ?? {}
   const side = (type: InstanceType) => {
     const t = of(training.rows, type)
-    const samples = int(t.samples)
-    const computeS = ((num(t.cpu_ms) ?? 0) + (num(t.gpu_ms) ?? 0)) / 1000
-    const energy = num(t.energy) ?? 0
-    const u = of(usage.rows, type)
-    const l = of(latency.rows, type)
-    const x = of(rates.rows, type)
-    const pct = (l.pct as number[] | null | undefined) ?? null
-    const inputs = int(u.inputs)
-    const inferCompute = (int(u.cpu_us) + int(u.gpu_us)) / 1e6
     return {
-      training: {
-        devices: int(t.devices),
-        jobs: int(t.jobs),
-        contributions: int(t.contributions),
-        samples,
-        cpu_seconds: r3((num(t.cpu_ms) ?? 0) / 1000),
-        gpu_seconds: r3((num(t.gpu_ms) ?? 0) / 1000),
-        samples_per_device_s: r3(ratio(samples, computeS)),
-        energy_joules: r3(energy),
-        samples_per_joule: r6(ratio(samples, energy)),
-        mean_power_watts: r3(ratio(energy, computeS)),
-      },
-      inference: {
-        tasks: int(u.tasks),
-        inputs,
-        cpu_seconds: r3(int(u.cpu_us) / 1e6),
-        gpu_seconds: r3(int(u.gpu_us) / 1e6),
-        inputs_per_compute_s: r3(ratio(inputs, inferCompute)),
-        inputs_per_s: r3(ratio(int(x.inputs), num(x.span_s))),
-        latency_ms: { count: int(l.tasks), p50: roundTo(2)(pct?.[0]), p95: roundTo(2)(pct?.[1]), mean: roundTo(2)(num(l.mean)) },
-      },
+      training: { devices: int(t.devices), jobs: int(t.jobs), contributions: int(t.contributions), ...contributionFigures(t) },
+      inference: inferenceFigures(of(usage.rows, type), of(latency.rows, type), of(rates.rows, type)),
     }
   }
   return { aws: side('aws'), user: side('user') }
+}
+
+/** One device type's inference: usage sums, project task latency, and results over their span. */
+function inferenceFigures(usage: Record<string, unknown>, latency: Record<string, unknown>, rate: Record<string, unknown>) {
+  const inputs = int(usage.inputs)
+  const pct = (latency.pct as number[] | null | undefined) ?? null
+  const ms = roundTo(2)
+  return {
+    tasks: int(usage.tasks),
+    inputs,
+    cpu_seconds: r3(int(usage.cpu_us) / 1e6),
+    gpu_seconds: r3(int(usage.gpu_us) / 1e6),
+    inputs_per_compute_s: r3(ratio(inputs, (int(usage.cpu_us) + int(usage.gpu_us)) / 1e6)),
+    inputs_per_s: r3(ratio(int(rate.inputs), num(rate.span_s))),
+    latency_ms: { count: int(latency.tasks), p50: ms(pct?.[0]), p95: ms(pct?.[1]), mean: ms(num(latency.mean)) },
+  }
 }
 
 // ---- GET /efficiency/chart/:type ----------------------------------------------------------------------------
@@ -502,12 +511,18 @@ export async function activeRuns(db: Kysely<any>, customerId: string, limit = 10
 
 // ---- GET /efficiency/job/:jobId -----------------------------------------------------------------------------
 
+export interface JobEfficiencyOptions {
+  /** Most points of the curve, 3 to 500 (default 500): every round when it has no more, else every k-th round from the first, and the last. */
+  curvePoints?: number | undefined
+}
+
 /** One training job's figures, its breakdown by device and by instance type, and its curve; undefined when it is not the customer's. */
-export async function jobEfficiency(db: Kysely<any>, customerId: string, jobId: string) {
+export async function jobEfficiency(db: Kysely<any>, customerId: string, jobId: string, options: JobEfficiencyOptions = {}) {
+  const most = Math.min(MAX_CURVE_POINTS, Math.max(3, Math.floor(options.curvePoints ?? MAX_CURVE_POINTS)))
   const owner = await sql<{ model_id: string }>`select model_id from ${JOBS} where job_id = ${jobId} and customer_id = ${customerId}`.execute(db)
   const modelId = owner.rows[0]?.model_id
   if (modelId === undefined) return undefined
-  const [figure, devices, curve] = await Promise.all([
+  const [figure, devices, types, curve] = await Promise.all([
     sql<Record<string, unknown>>`
       with ${figures(customerId, { modelId })}
       select fig.*, base.thr1, base.jobs as baseline_jobs, ${SCALING} as scaling
@@ -518,38 +533,31 @@ export async function jobEfficiency(db: Kysely<any>, customerId: string, jobId: 
       from ${ROUNDS} r cross join lateral ${CONTRIBUTIONS} where r.job_id = ${jobId}
       group by c.device_id order by samples desc, c.device_id limit ${MAX_JOB_DEVICES}`.execute(db),
     sql<Record<string, unknown>>`
+      select c.instance_type, count(distinct c.device_id) as devices, sum(c.samples) as samples,
+        sum(c.cpu_ms::numeric) as cpu_ms, sum(c.gpu_ms::numeric) as gpu_ms, sum(${CONTRIBUTION_J}::numeric) as energy
+      from ${ROUNDS} r cross join lateral ${CONTRIBUTIONS} where r.job_id = ${jobId}
+      group by c.instance_type`.execute(db),
+    sql<Record<string, unknown>>`
       select round, at, loss, validation_loss, accuracy, samples, n from (
         select round, at, loss, validation_loss, accuracy, samples,
           row_number() over (order by round) as i, count(*) over () as n
         from ${ROUNDS} where job_id = ${jobId}) s
-      where n <= ${MAX_CURVE_POINTS} or i = n or (i - 1) % ceil((n - 1) / ${MAX_CURVE_POINTS - 2}::numeric)::bigint = 0
+      where n <= ${most} or i = n or (i - 1) % ceil((n - 1) / ${most - 2}::numeric)::bigint = 0
       order by round`.execute(db),
   ])
-  return jobView(figure.rows[0]!, devices.rows, curve.rows)
+  return jobView(figure.rows[0]!, devices.rows, types.rows, curve.rows)
 }
 
-function jobView(f: Record<string, unknown>, devices: Record<string, unknown>[], curve: Record<string, unknown>[]) {
+function jobView(f: Record<string, unknown>, devices: Record<string, unknown>[], types: Record<string, unknown>[], curve: Record<string, unknown>[]) {
   const samples = int(f.samples)
   const wall = num(f.wall_s)
   const energy = num(f.energy) ?? 0
   const started = f.started as Date | null
-  const device = (d: Record<string, unknown>) => {
-    const computeS = ((num(d.cpu_ms) ?? 0) + (num(d.gpu_ms) ?? 0)) / 1000
-    const e = num(d.energy) ?? 0
-    return {
-      samples: int(d.samples),
-      cpu_seconds: r3((num(d.cpu_ms) ?? 0) / 1000),
-      gpu_seconds: r3((num(d.gpu_ms) ?? 0) / 1000),
-      energy_joules: r3(e),
-      samples_per_joule: r6(ratio(int(d.samples), e)),
-      mean_power_watts: r3(ratio(e, computeS)),
-    }
-  }
   const byType = Object.fromEntries(
     INSTANCE_TYPES.map((type) => {
-      const mine = devices.filter((d) => d.instance_type === type)
-      const sum = (key: string) => mine.reduce((n, d) => n + (num(d[key]) ?? 0), 0)
-      return [type, { devices: mine.length, ...device({ samples: sum('samples'), cpu_ms: sum('cpu_ms'), gpu_ms: sum('gpu_ms'), energy: sum('energy') }), share_of_samples: r6(ratio(sum('samples'), samples)) }]
+      const row = types.find((r) => r.instance_type === type) ?? {}
+      const figures = contributionFigures(row)
+      return [type, { devices: int(row.devices), ...figures, share_of_samples: r6(ratio(figures.samples, samples)) }]
     }),
   )
   const total = int(curve[0]?.n)
@@ -575,9 +583,10 @@ function jobView(f: Record<string, unknown>, devices: Record<string, unknown>[],
     power_watts: r3(ratio(energy, wall)),
     devices: int(f.n),
     scaling: { efficiency: r6(num(f.scaling)), baseline_samples_per_s: r3(num(f.thr1)), baseline_jobs: int(f.baseline_jobs) },
-    by_device: devices.map((d) => ({ device_id: d.device_id as string, instance_type: d.instance_type as string, rounds: int(d.rounds), ...device(d) })),
+    by_device: devices.map((d) => ({ device_id: d.device_id as string, instance_type: d.instance_type as string, rounds: int(d.rounds), ...contributionFigures(d) })),
     by_instance_type: byType,
     curve: {
+      /** The job's rounds; `points` holds all of them or an evenly spaced subset with the first and the last. */
       rounds: total,
       points: curve.map((c) => ({
         round: int(c.round),

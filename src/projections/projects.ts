@@ -198,7 +198,7 @@ export async function findProject(db: Kysely<any>, customerId: string, projectId
 }
 
 /** The status `projectView` gives, in SQL (to filter on). */
-const STATUS_SQL = sql<string>`case when state <> 'active' then state
+export const PROJECT_STATUS_SQL = sql<string>`case when state <> 'active' then state
   when type = 'batch' and submitted > 0 and completed + failed + cancelled >= greatest(coalesce(expected_tasks, submitted), submitted) then 'completed'
   else 'active' end`
 
@@ -206,7 +206,7 @@ const STATUS_SQL = sql<string>`case when state <> 'active' then state
 export async function listProjects(db: Kysely<any>, customerId: string, page: { limit: number; offset: number }, filter: { status?: string | undefined; type?: string | undefined }) {
   let query = db.withSchema(schema).selectFrom('projects').where('customer_id', '=', customerId)
   if (filter.type) query = query.where('type', '=', filter.type)
-  if (filter.status) query = query.where(STATUS_SQL, '=', filter.status)
+  if (filter.status) query = query.where(PROJECT_STATUS_SQL, '=', filter.status)
   const counted = await query.select(sql<string>`count(*)`.as('n')).executeTakeFirst()
   const rows = (await query.selectAll().orderBy('created_at', 'desc').orderBy('project_id').limit(page.limit).offset(page.offset).execute()) as ProjectRow[]
   return { total: Number(counted?.n ?? 0), projects: rows.map(projectView) }

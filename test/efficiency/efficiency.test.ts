@@ -234,17 +234,23 @@ t.test('efficiency figures of real training and inference runs, recomputed from 
     t.equal(first.by_instance_type.user.devices, 0)
   })
 
-  t.test('a long job: its curve is downsampled to at most 500 rounds, first and last kept', async (t) => {
-    const j = (await api('GET', `/efficiency/job/${job4}`)).body
-    t.equal(j.status, 'cancelled')
-    t.equal(j.tta_seconds, null)
-    t.equal(j.curve.rounds, four.rounds.length)
-    const points = j.curve.points
-    t.ok(points.length <= 500 && points.length === Math.min(500, four.rounds.length) || four.rounds.length > 500, `${points.length} points of ${four.rounds.length}`)
-    t.equal(points[0].round, 1)
-    t.equal(points.at(-1).round, four.rounds.at(-1)!.round)
-    const byRound = new Map(four.rounds.map((r) => [r.round, r]))
-    t.ok(points.every((p: any) => byRound.get(p.round)?.accuracy === p.accuracy), 'each point is a round as recorded')
+  t.test('a long job: its curve holds every round, or an evenly spaced subset with the first and the last', async (t) => {
+    const full = (await api('GET', `/efficiency/job/${job4}`)).body
+    t.match(full, { status: 'cancelled', reached_target: false, tta_seconds: null, target_accuracy: null })
+    t.equal(full.curve.rounds, four.rounds.length)
+    t.same(full.curve.points.map((p: any) => p.round), four.rounds.map((r) => r.round), 'up to 500 rounds: every one')
+    for (const most of [3, 5]) {
+      const j = (await api('GET', `/efficiency/job/${job4}?curve_points=${most}`)).body
+      const n = four.rounds.length
+      const step = Math.ceil((n - 1) / (most - 2))
+      const expected = four.rounds.filter((_, i) => i % step === 0 || i === n - 1)
+      t.ok(j.curve.points.length <= most, `${j.curve.points.length} points of ${n}, at most ${most}`)
+      t.same(j.curve.points.map((p: any) => [p.round, p.accuracy, p.loss]), expected.map((r) => [r.round, r.accuracy, r.loss]), `every ${step}th round and the last`)
+      t.equal(j.curve.points.at(-1).round, four.rounds.at(-1)!.round)
+      near(t, j.curve.points.at(-1).seconds, (Date.parse(four.rounds.at(-1)!.at) - four.started) / 1000, 'seconds since the start')
+    }
+    const bad = await api('GET', `/efficiency/job/${job4}?curve_points=2`)
+    t.equal(bad.status, 400)
   })
 
   t.test('charts: one shape for every type, figures as the log says', async (t) => {

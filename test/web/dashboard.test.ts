@@ -86,6 +86,9 @@ async function expectIn(t: Test, what: string, wait: () => Promise<unknown>, det
   }
 }
 
+/** Each message once (a failing endpoint fails on every refresh). */
+const unique = (messages: string[]) => [...new Set(messages)]
+
 async function enterKey(page: Page, key: string) {
   await page.fill('#api-key-input', key)
   await page.click('#api-key-form button[type=submit]')
@@ -109,21 +112,16 @@ t.test('the dashboard in a browser: two devices, every section, an inference ben
   t.ok(await page.isHidden('#api-key-form'), 'the form hides once a key is given')
   t.equal(await page.evaluate(() => sessionStorage.getItem('dcp.apiKey')), alice.key, 'the key is kept in sessionStorage')
 
-  await expectIn(
-    t,
-    'the fleet section lists both devices in #device-table',
-    () => page.waitForFunction((ids) => ids.every((id) => document.querySelector('#device-table')?.textContent?.includes(id)), devices, { timeout: 15_000 }),
-    () => page.locator('#fleet').innerText(),
-  )
+  // (both waits end early when the page shows an error: the assertion after them says which)
+  const listed = (ids: string[]) => ids.every((id) => document.querySelector('#device-table')?.textContent?.includes(id))
+  await page.waitForFunction((ids) => (ids.every((id) => document.querySelector('#device-table')?.textContent?.includes(id)) || document.getElementById('fleet')?.dataset.state === 'error'), devices, { timeout: 15_000 }).catch(() => {})
+  t.ok(await page.evaluate(listed, devices), `the fleet section lists both devices in #device-table; it shows: ${await page.locator('#fleet').innerText()}`)
 
   await page.selectOption('#benchmark-mode', 'inference')
   await page.click('#benchmark-start')
-  await expectIn(
-    t,
-    'an inference benchmark started from the form completes',
-    () => page.waitForSelector('#benchmark-result[data-status="completed"]', { timeout: 60_000 }),
-    async () => `data-status=${await page.getAttribute('#benchmark-result', 'data-status')} ${await page.locator('#benchmark-result').innerText()}`,
-  )
+  const result = page.locator('#benchmark-result')
+  await page.waitForSelector('#benchmark-result:is([data-status="completed"], [data-status="failed"], [data-status="error"])', { timeout: 60_000 }).catch(() => {})
+  t.equal(await result.getAttribute('data-status'), 'completed', `an inference benchmark started from the form completes; it shows: ${await result.innerText()}`)
 
   // one more refresh round after the benchmark, so every section has loaded with data in it
   await page.waitForTimeout(5_500)
@@ -140,9 +138,9 @@ t.test('the dashboard in a browser: two devices, every section, an inference ben
   await page.screenshot({ path: SCREENSHOT, fullPage: true })
   t.comment(`screenshot: ${SCREENSHOT}`)
 
-  t.same(problems.api, [], 'every API call succeeded')
-  t.same(problems.console, [], 'no console errors')
-  t.same(problems.page, [], 'no uncaught errors in the page')
+  t.same(unique(problems.api), [], 'every API call succeeded')
+  t.same(unique(problems.console), [], 'no console errors')
+  t.same(unique(problems.page), [], 'no uncaught errors in the page')
 })
 
 t.test('a refused key is said so in the page, and another key can be given', async (t) => {
