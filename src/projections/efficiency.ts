@@ -1,7 +1,10 @@
 import { type Kysely, type RawBuilder, sql } from 'kysely'
 import { trainingStatus, type TrainingPhase } from '../domain/training-job.js'
-import { jobStatus } from './inference.js'
+import { inferenceProjection, jobStatus } from './inference.js'
 import { liveSchema } from './projection.js'
+import { projectsProjection } from './projects.js'
+import { trainingProjection } from './training.js'
+import { usageProjection } from './usage.js'
 
 /**
  * Efficiency figures of training and inference, computed in SQL from the existing read models (no table of
@@ -35,15 +38,15 @@ export const RECENT_ROUNDS = 5
 /** Devices listed in a job's breakdown, at most (the most samples first). */
 export const MAX_JOB_DEVICES = 1000
 
-const T = liveSchema('training')
-const JOBS = sql.table(`${T}.training_jobs`)
-const ROUNDS = sql.table(`${T}.training_rounds`)
-const PROJECTS = sql.table(`${liveSchema('projects')}.projects`)
-const PROJECT_TASKS = sql.table(`${liveSchema('projects')}.project_tasks`)
-const DEVICE_TYPES = sql.table(`${liveSchema('projects')}.device_instance_types`)
-const INFERENCE_JOBS = sql.table(`${liveSchema('inference')}.inference_jobs`)
-const INFERENCE_RESULTS = sql.table(`${liveSchema('inference')}.inference_results`)
-const USAGE = sql.table(`${liveSchema('usage')}.usage_hourly`)
+const table = (projection: { name: string }, name: string) => sql.table(`${liveSchema(projection.name)}.${name}`)
+const JOBS = table(trainingProjection, 'training_jobs')
+const ROUNDS = table(trainingProjection, 'training_rounds')
+const PROJECTS = table(projectsProjection, 'projects')
+const PROJECT_TASKS = table(projectsProjection, 'project_tasks')
+const DEVICE_TYPES = table(projectsProjection, 'device_instance_types')
+const INFERENCE_JOBS = table(inferenceProjection, 'inference_jobs')
+const INFERENCE_RESULTS = table(inferenceProjection, 'inference_results')
+const USAGE = table(usageProjection, 'usage_hourly')
 
 /** The columns of a round's `contributions` that the figures use. */
 const CONTRIBUTIONS = sql`jsonb_to_recordset(r.contributions) as c(device_id text, instance_type text, samples bigint, cpu_ms float8, gpu_ms float8, power_watts float8)`

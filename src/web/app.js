@@ -168,7 +168,7 @@ function shortTime(value) {
 }
 
 const color = (i) => COLORS[i % COLORS.length]
-const lineDataset = (label, data, i) => ({ label, data, borderColor: color(i), backgroundColor: color(i), pointRadius: 2, tension: 0.2, spanGaps: true })
+const lineDataset = (label, data, i) => ({ label, data, borderColor: color(i), backgroundColor: color(i), pointRadius: 2, tension: 0, spanGaps: true })
 
 /**
  * `{ series: [{ name, points: [{ x, y }] }] }` as a line chart: numeric x on a linear scale; any other x

@@ -2,6 +2,7 @@ import { mkdtemp, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import path from 'node:path'
 import type { Test } from 'tap'
+import type { AppDeps } from '../../src/http/app.js'
 import { DeviceWorker, type DeviceWorkerOptions } from '../../src/sdk/worker.js'
 import { multipart, testApp } from './app.js'
 import { eventually } from './device.js'
@@ -21,8 +22,8 @@ export function trainingBody(modelId: string, overrides: { data?: object; traini
 }
 
 /** A test app on a real socket, a customer, the MLP uploaded, and `devices` in-process workers that can train. */
-export async function trainingSetup(t: Test, options: { devices?: number; roundDeadlineMs?: number; worker?: Partial<DeviceWorkerOptions> } = {}) {
-  const context = await testApp(t, { rateLimit: { max: 100_000, windowMs: 60_000 } }, { heartbeatIntervalMs: 1000, roundDeadlineMs: options.roundDeadlineMs ?? 5000 })
+export async function trainingSetup(t: Test, options: { devices?: number; roundDeadlineMs?: number; worker?: Partial<DeviceWorkerOptions>; app?: Partial<AppDeps> } = {}) {
+  const context = await testApp(t, { rateLimit: { max: 100_000, windowMs: 60_000 }, ...options.app }, { heartbeatIntervalMs: 1000, roundDeadlineMs: options.roundDeadlineMs ?? 5000 })
   const url = await context.app.listen({ port: 0, host: '127.0.0.1' })
   const alice = await context.customer()
   const bytes = mlpOnnxModel({ ...MLP, seed: 7 })
