@@ -583,6 +583,7 @@ function contribution(member: Member, frame: TrainUpdate, staleness: number): Co
     staleness,
     cpu_ms: frame.metrics.cpu_ms,
     gpu_ms: frame.metrics.gpu_ms,
+    wall_ms: frame.metrics.wall_ms ?? 0,
     power_watts: frame.power_watts,
   }
 }

@@ -65,6 +65,8 @@ const Contribution = z.object({
   staleness: z.number().int(),
   cpu_ms: z.number(),
   gpu_ms: z.number(),
+  /** Wall time of the device's local steps (0 when it did not say). */
+  wall_ms: z.number().default(0),
   power_watts: z.number(),
 })
 export type Contribution = z.infer<typeof Contribution>

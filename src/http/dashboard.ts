@@ -95,7 +95,7 @@ export const dashboardRoutes: FastifyPluginAsync<{ services: Services }> = async
 
   app.get('/dashboard/comparison', { config, schema: { summary: 'Training and inference on cloud (aws) against contributed (user) devices, for charts', tags } }, async (request) => {
     await caughtUp()
-    const comparison = (await efficiencyComparison(services.db, customerOf(request))) as Record<string, any>
+    const comparison = await efficiencyComparison(services.db, customerOf(request))
     return chartComparison(comparison)
   })
 
@@ -248,17 +248,24 @@ async function streamProject(services: Services, request: FastifyRequest, reply:
   }
 }
 
-/** The comparison as chart series: `labels` [aws, user], and per figure the two values. */
+/** The numbers of an object, nested ones under dotted keys (`latency_ms.p50`). */
+function flatten(value: Record<string, unknown>, prefix = ''): Record<string, number | null> {
+  const flat: Record<string, number | null> = {}
+  for (const [key, v] of Object.entries(value)) {
+    if (typeof v === 'number' || v === null) flat[prefix + key] = v
+    else if (v && typeof v === 'object' && !Array.isArray(v)) Object.assign(flat, flatten(v as Record<string, unknown>, `${prefix}${key}.`))
+  }
+  return flat
+}
+
+/** The comparison as chart series: `labels` [aws, user], and per figure (nested ones dotted) the two values. */
 function chartComparison(comparison: Record<string, any>) {
   const groups: Record<string, Record<string, (number | null)[]>> = { training: {}, inference: {} }
   for (const group of ['training', 'inference'] as const) {
     const aws = comparison.aws?.[group] ?? comparison[group]?.aws ?? {}
     const user = comparison.user?.[group] ?? comparison[group]?.user ?? {}
-    for (const key of new Set([...Object.keys(aws), ...Object.keys(user)])) {
-      const a = aws[key]
-      const u = user[key]
-      if ((typeof a === 'number' || a === null || a === undefined) && (typeof u === 'number' || u === null || u === undefined)) groups[group]![key] = [a ?? null, u ?? null]
-    }
+    const [flatAws, flatUser] = [flatten(aws), flatten(user)]
+    for (const key of new Set([...Object.keys(flatAws), ...Object.keys(flatUser)])) groups[group]![key] = [flatAws[key] ?? null, flatUser[key] ?? null]
   }
   return { labels: ['aws', 'user'], training: groups.training, inference: groups.inference, raw: comparison }
 }

@@ -17,7 +17,8 @@ import { usageProjection } from './usage.js'
  *   wall_s      = last round's `at` - `started_at` (its first device assignment)
  *   throughput  = samples / wall_s
  *   tta_s       = first round with accuracy >= target_accuracy: its `at` - `started_at` (null if never)
- *   energy      = Σ rounds' energy_joules  (= Σ power_watts * (cpu_ms + gpu_ms) / 1000 over contributions)
+ *   energy      = Σ rounds' energy_joules  (= Σ power_watts * wall_ms / 1000 over contributions; cpu_ms + gpu_ms
+ *                 for a contribution that reported no wall time)
  *   power       = energy / wall_s
  *   N           = distinct devices that contributed to any round
  *   scaling     = throughput / (N * baseline), baseline = mean throughput of the customer's completed
@@ -49,9 +50,11 @@ const INFERENCE_RESULTS = table(inferenceProjection, 'inference_results')
 const USAGE = table(usageProjection, 'usage_hourly')
 
 /** The columns of a round's `contributions` that the figures use. */
-const CONTRIBUTIONS = sql`jsonb_to_recordset(r.contributions) as c(device_id text, instance_type text, samples bigint, cpu_ms float8, gpu_ms float8, power_watts float8)`
+const CONTRIBUTIONS = sql`jsonb_to_recordset(r.contributions) as c(device_id text, instance_type text, samples bigint, cpu_ms float8, gpu_ms float8, wall_ms float8, power_watts float8)`
 /** A contribution's energy in joules, as the training projection computes a round's. */
-const CONTRIBUTION_J = sql`(c.power_watts * (c.cpu_ms + c.gpu_ms) / 1000)`
+/** The time a contribution trained for, in ms: its wall time, or its compute time when it did not report one. */
+const CONTRIBUTION_MS = sql`(case when coalesce(c.wall_ms, 0) > 0 then c.wall_ms else c.cpu_ms + c.gpu_ms end)`
+const CONTRIBUTION_J = sql`(c.power_watts * ${CONTRIBUTION_MS} / 1000)`
 
 // ---- numbers ----------------------------------------------------------------------------------------------
 
@@ -70,15 +73,16 @@ const r6 = roundTo(6)
 const ratio = (a: number | null, b: number | null) => (a === null || b === null || b <= 0 ? null : a / b)
 
 /**
- * Figures of a set of contributions from their sums (`samples`, `cpu_ms`, `gpu_ms`, `energy` in J): compute
- * seconds are CPU + GPU time, so `samples_per_device_s` is the rate a device trains at while it computes and
- * `mean_power_watts` its compute-time-weighted power.
+ * Figures of a set of contributions from their sums (`samples`, `cpu_ms`, `gpu_ms`, `train_ms`, `energy` in
+ * J): compute seconds are CPU + GPU time, so `samples_per_device_s` is the rate a device trains at while it
+ * computes; `mean_power_watts` is energy over the time the devices trained (their local steps' wall time).
  */
 function contributionFigures(sums: Record<string, unknown>) {
   const samples = int(sums.samples)
   const cpuS = (num(sums.cpu_ms) ?? 0) / 1000
   const gpuS = (num(sums.gpu_ms) ?? 0) / 1000
   const energy = num(sums.energy) ?? 0
+  const trainS = (num(sums.train_ms) ?? 0) / 1000
   return {
     samples,
     cpu_seconds: r3(cpuS),
@@ -86,7 +90,7 @@ function contributionFigures(sums: Record<string, unknown>) {
     samples_per_device_s: r3(ratio(samples, cpuS + gpuS)),
     energy_joules: r3(energy),
     samples_per_joule: r6(ratio(samples, energy)),
-    mean_power_watts: r3(ratio(energy, cpuS + gpuS)),
+    mean_power_watts: r3(ratio(energy, trainS)),
   }
 }
 
@@ -214,7 +218,7 @@ export async function efficiencyComparison(db: Kysely<any>, customerId: string) 
   const [training, usage, latency, rates] = await Promise.all([
     sql<Record<string, unknown>>`
       select c.instance_type, count(distinct c.device_id) as devices, count(distinct r.job_id) as jobs, count(*) as contributions,
-        sum(c.samples) as samples, sum(c.cpu_ms::numeric) as cpu_ms, sum(c.gpu_ms::numeric) as gpu_ms, sum(${CONTRIBUTION_J}::numeric) as energy
+        sum(c.samples) as samples, sum(c.cpu_ms::numeric) as cpu_ms, sum(c.gpu_ms::numeric) as gpu_ms, sum(${CONTRIBUTION_MS}::numeric) as train_ms, sum(${CONTRIBUTION_J}::numeric) as energy
       from ${ROUNDS} r join ${JOBS} j using (job_id) cross join lateral ${CONTRIBUTIONS}
       where j.customer_id = ${customerId}
       group by c.instance_type`.execute(db),
@@ -532,12 +536,12 @@ export async function jobEfficiency(db: Kysely<any>, customerId: string, jobId: 
       from fig left join base using (model_id) where fig.job_id = ${jobId}`.execute(db),
     sql<Record<string, unknown>>`
       select c.device_id, min(c.instance_type) as instance_type, count(*) as rounds, sum(c.samples) as samples,
-        sum(c.cpu_ms::numeric) as cpu_ms, sum(c.gpu_ms::numeric) as gpu_ms, sum(${CONTRIBUTION_J}::numeric) as energy
+        sum(c.cpu_ms::numeric) as cpu_ms, sum(c.gpu_ms::numeric) as gpu_ms, sum(${CONTRIBUTION_MS}::numeric) as train_ms, sum(${CONTRIBUTION_J}::numeric) as energy
       from ${ROUNDS} r cross join lateral ${CONTRIBUTIONS} where r.job_id = ${jobId}
       group by c.device_id order by samples desc, c.device_id limit ${MAX_JOB_DEVICES}`.execute(db),
     sql<Record<string, unknown>>`
       select c.instance_type, count(distinct c.device_id) as devices, sum(c.samples) as samples,
-        sum(c.cpu_ms::numeric) as cpu_ms, sum(c.gpu_ms::numeric) as gpu_ms, sum(${CONTRIBUTION_J}::numeric) as energy
+        sum(c.cpu_ms::numeric) as cpu_ms, sum(c.gpu_ms::numeric) as gpu_ms, sum(${CONTRIBUTION_MS}::numeric) as train_ms, sum(${CONTRIBUTION_J}::numeric) as energy
       from ${ROUNDS} r cross join lateral ${CONTRIBUTIONS} where r.job_id = ${jobId}
       group by c.instance_type`.execute(db),
     sql<Record<string, unknown>>`

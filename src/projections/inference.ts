@@ -9,7 +9,7 @@ import { liveSchema, type Projection } from './projection.js'
  */
 export const inferenceProjection: Projection = {
   name: 'inference',
-  version: 2,
+  version: 3,
   filter: { types: [...inferenceEventTypes, 'TaskCompleted', 'TaskFailed', 'TaskCancelled'] },
   tables: [
     { name: 'inference_jobs', primaryKey: ['job_id'] },
@@ -34,6 +34,7 @@ export const inferenceProjection: Projection = {
       .addColumn('updated_at', 'text', (c) => c.notNull())
       .execute()
     await db.schema.createIndex('inference_jobs_by_project').on('inference_jobs').columns(['project_id']).execute()
+    await db.schema.createIndex('inference_jobs_by_customer').on('inference_jobs').columns(['customer_id', 'updated_at']).execute()
     await db.schema
       .createTable('inference_results')
       .addColumn('task_id', 'text', (c) => c.primaryKey())

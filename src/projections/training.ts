@@ -10,7 +10,7 @@ import { liveSchema, type Projection } from './projection.js'
  */
 export const trainingProjection: Projection = {
   name: 'training',
-  version: 1,
+  version: 2,
   filter: { types: trainingEventTypes },
   tables: [
     { name: 'training_jobs', primaryKey: ['job_id'] },
@@ -146,7 +146,8 @@ function fold(rows: Map<string, JobRow>, event: TrainingEvent): Record<string, u
         best_accuracy: row.best_accuracy === null ? r.accuracy : Math.max(row.best_accuracy, r.accuracy),
         updated_at: r.at,
       })
-      const energy = r.contributions.reduce((sum, c) => sum + (c.power_watts * (c.cpu_ms + c.gpu_ms)) / 1000, 0)
+      // the device's power draw over the time it trained (its compute time when it did not report the wall time)
+      const energy = r.contributions.reduce((sum, c) => sum + (c.power_watts * (c.wall_ms > 0 ? c.wall_ms : c.cpu_ms + c.gpu_ms)) / 1000, 0)
       return {
         job_id: r.job_id,
         round: r.round,

@@ -126,7 +126,8 @@ export const TrainUpdate = z.object({
   steps: z.number().int().min(1),
   /** Mean training loss over the steps. */
   loss: z.number(),
-  metrics: z.object({ cpu_ms: z.number().min(0), gpu_ms: z.number().min(0) }),
+  /** CPU and GPU time the training used, and the wall time of the local steps (the time its power draw counts for). */
+  metrics: z.object({ cpu_ms: z.number().min(0), gpu_ms: z.number().min(0), wall_ms: z.number().min(0).optional() }),
   power_watts: z.number().min(0).max(100_000),
 })
 export type TrainUpdate = z.infer<typeof TrainUpdate>

@@ -81,7 +81,8 @@ export class TrainingSession {
     while (!this.stopped) {
       this.adoptLatest()
       const cpuBefore = process.cpuUsage()
-      let sliceStart = performance.now()
+      const started = performance.now()
+      let sliceStart = started
       let lossSum = 0
       let steps = 0
       for (; steps < config.local_steps && !this.stopped; steps++) {
@@ -102,7 +103,7 @@ export class TrainingSession {
         steps,
         loss: lossSum / steps,
         // the process's CPU time over the local steps (a training device runs no inference meanwhile)
-        metrics: { cpu_ms: cpuMs(process.cpuUsage(cpuBefore)), gpu_ms: 0 },
+        metrics: { cpu_ms: cpuMs(process.cpuUsage(cpuBefore)), gpu_ms: 0, wall_ms: performance.now() - started },
         power_watts: this.options.powerWatts(),
       })
       // the weight sync: sync modes wait for the round's weights; async waits a moment for the mixed weights

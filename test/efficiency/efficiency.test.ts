@@ -6,10 +6,10 @@ import { MLP, trainingBody, trainingSetup } from '../helpers/training.js'
 
 // ---- figures recomputed from the log, the way docs/efficiency.md defines them ------------------------------
 
-interface Contribution { device_id: string; instance_type: 'aws' | 'user'; samples: number; cpu_ms: number; gpu_ms: number; power_watts: number }
+interface Contribution { device_id: string; instance_type: 'aws' | 'user'; samples: number; cpu_ms: number; gpu_ms: number; wall_ms: number; power_watts: number }
 interface Round { round: number; accuracy: number; loss: number; validation_loss: number; samples: number; wall_ms: number; at: string; contributions: Contribution[] }
 
-const joules = (c: Contribution) => (c.power_watts * (c.cpu_ms + c.gpu_ms)) / 1000
+const joules = (c: Contribution) => (c.power_watts * (c.wall_ms > 0 ? c.wall_ms : c.cpu_ms + c.gpu_ms)) / 1000
 const sum = (values: number[]) => values.reduce((a, b) => a + b, 0)
 const mean = (values: number[]) => sum(values) / values.length
 /** percentile_cont: linear interpolation between the closest ranks. */
@@ -184,7 +184,7 @@ t.test('efficiency figures of real training and inference runs, recomputed from 
       near(t, tr.energy_joules, sum(mine.map(joules)), `${type}: energy`)
       near(t, tr.cpu_seconds, sum(mine.map((x) => x.cpu_ms)) / 1000, `${type}: cpu seconds`)
       near(t, tr.samples_per_device_s, tr.samples / compute, `${type}: samples per device second`)
-      near(t, tr.mean_power_watts, sum(mine.map(joules)) / compute, `${type}: mean power`)
+      near(t, tr.mean_power_watts, sum(mine.map(joules)) / (sum(mine.map((x) => (x.wall_ms > 0 ? x.wall_ms : x.cpu_ms + x.gpu_ms))) / 1000), `${type}: mean power`)
       near(t, tr.samples_per_joule, tr.samples / sum(mine.map(joules)), `${type}: samples per joule`, 1e-5)
 
       const tasks = completed.filter((x) => x.instance_type === type)

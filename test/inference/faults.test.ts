@@ -1,13 +1,11 @@
-import { type ChildProcess, spawn } from 'node:child_process'
-import { mkdtemp, readFile, rm } from 'node:fs/promises'
-import { createServer } from 'node:net'
-import { tmpdir } from 'node:os'
+import { spawn } from 'node:child_process'
+import { readFile } from 'node:fs/promises'
 import path from 'node:path'
 import t, { type Test } from 'tap'
 import { PostgresEventStore } from '../../src/event-store/postgres.js'
-import { freshDatabase } from '../helpers/database.js'
 import { multipart } from '../helpers/app.js'
 import { eventually, SimDevice } from '../helpers/device.js'
+import { serverFixture, startServerProcess } from '../helpers/server.js'
 import { allEvents } from '../helpers/events.js'
 import { close, DCP_BIN, inferenceSetup, input } from '../helpers/inference.js'
 import { denseOnnxModel } from '../helpers/onnx.js'
@@ -78,35 +76,10 @@ t.test('cancelling a batch midway: finished inputs keep their results, the rest 
   t.equal((await api('GET', `/inference/${queued.body.job_id}`)).body.progress.completed, 200 - held_inputs)
 })
 
-/** A free TCP port on the loopback interface. */
-async function freePort(): Promise<number> {
-  const server = createServer()
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
-  const port = (server.address() as { port: number }).port
-  await new Promise((resolve) => server.close(resolve))
-  return port
-}
-
 t.test('the server killed in the middle of a batch: after a restart the batch completes, nothing lost, nothing run twice', async (t) => {
-  const database = await freshDatabase(t)
-  const dataDir = await mkdtemp(path.join(tmpdir(), 'dcp-restart-'))
-  const port = await freePort()
-  const url = `http://127.0.0.1:${port}`
-  const children: ChildProcess[] = []
-  t.teardown(async () => {
-    children.forEach((c) => c.exitCode === null && c.kill('SIGKILL'))
-    await rm(dataDir, { recursive: true, force: true })
-  })
+  const { database, dataDir, port, url, children } = await serverFixture(t, 'restart')
   const env = { ...process.env, DATABASE_URL: database.url, DATA_DIR: dataDir, LOG_LEVEL: 'warn', HEARTBEAT_INTERVAL_MS: '1000', LEASE_TIMEOUT_MS: '5000' }
-  const startServer = async () => {
-    const server = spawn(process.execPath, [DCP_BIN, 'start', '--port', String(port), '--host', '127.0.0.1', '--workers', '0'], { env, stdio: ['ignore', 'pipe', 'pipe'] })
-    children.push(server)
-    let output = ''
-    server.stdout!.on('data', (d) => (output += d))
-    server.stderr!.on('data', (d) => (output += d))
-    await eventually(async () => /dcp listening/.test(output), 60_000, `the server to listen (${output})`)
-    return server
-  }
+  const startServer = () => startServerProcess({ port, env, children })
   const api = async (method: string, route: string, payload?: unknown) => {
     const response = await fetch(`${url}/api/v1${route}`, { method, headers: { 'x-api-key': 'test-api-key', ...(payload ? { 'content-type': 'application/json' } : {}) }, ...(payload ? { body: JSON.stringify(payload) } : {}) })
     return { status: response.status, body: (await response.json()) as any }
