@@ -71,7 +71,7 @@ t.test('registers, heartbeats its lease, runs a real model and downloads it once
   const register = Register.parse(await hub.next('register'))
   t.match(register, { protocol: PROTOCOL_VERSION, platform: 'nodejs', sdk_version: pkg.version, instance_type: 'user' })
   t.match(register.sdk_uuid, /^sdk-nodejs-[0-9a-f]{6}$/)
-  t.same(register.capabilities, { formats: ['onnx'], gpu: false, can_train: false, max_concurrent_tasks: 2, max_batch_inputs: 1024 })
+  t.same(register.capabilities, { formats: ['onnx'], gpu: false, can_train: true, max_concurrent_tasks: 2, max_batch_inputs: 1024 })
   t.same(register.hardware.gpus, [])
   t.ok(register.hardware.cpu_cores >= 1 && register.hardware.memory_mb >= 1)
   t.equal(register.device_id, undefined, 'a first registration has no device id')

@@ -61,7 +61,7 @@ t.test('a dataset is uploaded, checked, and trains a model across two devices to
   t.equal(unsupported.status, 400)
   t.match(unsupported.body.error, { code: 'VALIDATION_ERROR', message: /LeakyRelu/ })
 
-  const started = await api('POST', '/training', trainingBody(model.id, { data: { type: 'dataset', dataset_id: created.body.id, total_samples: undefined }, training: { epochs: 30 }, resources: { min_devices: 2 } }))
+  const started = await api('POST', '/training', trainingBody(model.id, { data: { type: 'dataset', dataset_id: created.body.id, total_samples: undefined }, training: { epochs: 30, sync_mode: 'full_sync' }, resources: { min_devices: 2 } }))
   t.equal(started.status, 202, JSON.stringify(started.body))
   const done = await waitFor(started.body.job_id, (job) => job.status === 'completed' || job.status === 'failed', 90_000)
   t.equal(done.status, 'completed', JSON.stringify(done))

@@ -41,7 +41,7 @@ for (const syncMode of ['full_sync', 'semi_sync', 'async'] as const) {
     const contributions = events.flatMap((r) => r.contributions as { samples: number; cpu_ms: number }[])
     t.equal(usage.body.training.samples, contributions.reduce((n, c) => n + c.samples, 0))
     t.ok(Math.abs(usage.body.training.cpu_ms - contributions.reduce((n, c) => n + Math.round(c.cpu_ms * 1000) / 1000, 0)) < 0.01)
-    const rounds = await api('GET', `/training/${jobId}/rounds`)
+    const rounds = await api("GET", `/training/${jobId}/rounds?limit=10000`)
     t.same(rounds.body.rounds.map((r: any) => r.round), events.map((r) => r.round))
     t.ok(rounds.body.rounds.every((r: any) => r.energy_joules > 0 && r.devices >= 1))
 
