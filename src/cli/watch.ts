@@ -53,7 +53,7 @@ export async function watchCommand(args: string[]): Promise<number> {
       } else if (event === 'end') {
         process.stdout.write(`${data}\n`)
         return 0
-      } else if (event === 'error') {
+      } else if (event === 'stream_error') {
         console.error(`dcp watch: ${data}`)
         return 1
       }

@@ -34,6 +34,11 @@ export const dashboardRoutes: FastifyPluginAsync<{ services: Services }> = async
   const tags = ['dashboard']
   /** Reads see everything written so far. */
   const caughtUp = async () => readYourWrites(services, await services.store.headPosition())
+  /** Open live streams: ended when the server closes, so a browser left open does not hold up a shutdown. */
+  const streams = new Set<() => void>()
+  base.addHook('onClose', async () => {
+    for (const end of streams) end()
+  })
 
   app.get('/dashboard/devices', { config, schema: { summary: 'Devices by platform (nodejs, python, windows), instance type and status, and a page of them', tags, querystring: pageQuery() } }, async (request) => {
     await caughtUp()
@@ -131,7 +136,7 @@ export const dashboardRoutes: FastifyPluginAsync<{ services: Services }> = async
     const customerId = customerOf(request)
     await caughtUp()
     if (!(await findProject(services.db, customerId, request.params.id))) throw new DomainError('NOT_FOUND', `project ${request.params.id} not found`)
-    await streamProject(services, request, reply, customerId, request.params.id, request.query)
+    await streamProject(services, request, reply, customerId, request.params.id, request.query, streams)
   })
 
   // ---- benchmarks -------------------------------------------------------------------------------------
@@ -219,13 +224,27 @@ function loadAs(inject: FastifyRequest['server']['inject'], request: FastifyRequ
 }
 
 /** SSE: a `stats` event every interval (JSON, or ANSI text lines), `end` when the project is no longer active. */
-async function streamProject(services: Services, request: FastifyRequest, reply: FastifyReply, customerId: string, projectId: string, query: { format: 'json' | 'text'; interval: number }) {
+async function streamProject(
+  services: Services,
+  request: FastifyRequest,
+  reply: FastifyReply,
+  customerId: string,
+  projectId: string,
+  query: { format: 'json' | 'text'; interval: number },
+  streams: Set<() => void>,
+) {
   reply.hijack()
   const res = reply.raw
   res.writeHead(200, { 'content-type': 'text/event-stream; charset=utf-8', 'cache-control': 'no-cache', connection: 'keep-alive', 'x-accel-buffering': 'no' })
   res.write(`retry: ${query.interval}\n\n`)
   let closed = false
-  request.raw.on('close', () => (closed = true))
+  let wake = () => {}
+  const end = () => {
+    closed = true
+    wake()
+  }
+  streams.add(end)
+  request.raw.on('close', end)
   const send = (event: string, data: string) => res.write(`event: ${event}\n${data.split('\n').map((line) => `data: ${line}`).join('\n')}\n\n`)
   const deadline = Date.now() + MAX_STREAM_MS
   try {
@@ -239,11 +258,19 @@ async function streamProject(services: Services, request: FastifyRequest, reply:
         send('end', query.format === 'json' ? JSON.stringify({ project_id: projectId, status: stats.status }) : `project ${projectId} ${stats.status}`)
         break
       }
-      await new Promise((resolve) => setTimeout(resolve, query.interval))
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, query.interval)
+        wake = () => {
+          clearTimeout(timer)
+          resolve()
+        }
+      })
     }
   } catch (error) {
-    if (!closed) send('error', JSON.stringify({ code: 'INTERNAL_ERROR', message: (error as Error).message }))
+    // not `error`: a browser's EventSource uses that name for its own connection errors
+    if (!closed) send('stream_error', JSON.stringify({ code: 'INTERNAL_ERROR', message: (error as Error).message }))
   } finally {
+    streams.delete(end)
     res.end()
   }
 }

@@ -6,6 +6,7 @@ const KEY_STORAGE = 'dcp.apiKey'
 const REFRESH_MS = 5000
 const BENCHMARK_POLL_MS = 1000
 const STREAM_INTERVAL_MS = 2000
+const JOBS_SHOWN = 20
 const EFFICIENCY_TYPES = ['tta', 'scaling', 'power', 'throughput']
 const COLORS = ['#2563eb', '#f97316', '#16a34a', '#dc2626', '#9333ea', '#0891b2', '#ca8a04', '#db2777']
 const INSTANCE_COLORS = { aws: '#f97316', user: '#2563eb' }
@@ -149,16 +150,24 @@ function drawChart(canvasId, type, data, options = {}) {
   charts.set(canvasId, new window.Chart(document.getElementById(canvasId), { type, data, options: chartOptions(options) }))
 }
 
-function chartOptions({ xTitle, yTitle, xType = 'category', timeLabels = false } = {}) {
+/**
+ * `timeLabels`: category labels that are ISO times; `epochMs`: a linear x that is a Unix time in ms. Both
+ * are shown as times without a date adapter.
+ */
+function chartOptions({ xTitle, yTitle, xType = 'category', timeLabels = false, epochMs = false } = {}) {
   const x = { type: xType, title: { display: Boolean(xTitle), text: xTitle ?? '' } }
   if (timeLabels) x.ticks = { callback(value) { return shortTime(this.getLabelForValue(value)) }, maxRotation: 0, autoSkip: true }
+  if (epochMs) x.ticks = { callback: (value) => new Date(value).toLocaleTimeString(), maxRotation: 0, autoSkip: true }
+  let tooltip = {}
+  if (timeLabels) tooltip = { callbacks: { title: (items) => items.map((i) => fmtTime(i.label)) } }
+  if (epochMs) tooltip = { callbacks: { title: (items) => items.map((i) => new Date(i.parsed.x).toLocaleString()) } }
   return {
     animation: false,
     responsive: true,
     maintainAspectRatio: false,
     interaction: { mode: 'nearest', intersect: false },
     scales: { x, y: { beginAtZero: true, title: { display: Boolean(yTitle), text: yTitle ?? '' } } },
-    plugins: { legend: { position: 'bottom' }, tooltip: timeLabels ? { callbacks: { title: (items) => items.map((i) => fmtTime(i.label)) } } : {} },
+    plugins: { legend: { position: 'bottom' }, tooltip },
   }
 }
 
@@ -171,23 +180,25 @@ const color = (i) => COLORS[i % COLORS.length]
 const lineDataset = (label, data, i) => ({ label, data, borderColor: color(i), backgroundColor: color(i), pointRadius: 2, tension: 0, spanGaps: true })
 
 /**
- * `{ series: [{ name, points: [{ x, y }] }] }` as a line chart: numeric x on a linear scale; any other x
- * (ISO times) on a category scale of every x seen, in order, each series aligned to it.
+ * `{ x_label, y_label, x_kind?, series: [{ name, unit?, points: [{ x, y }] }] }` as a line chart: numeric x on
+ * a linear scale (shown as times when `x_kind` is 'time': Unix ms); any other x (ISO times) on a category
+ * scale of every x seen, in order, each series aligned to it.
  */
 function drawSeriesChart(canvasId, body) {
   const series = Array.isArray(body.series) ? body.series : []
   const points = series.flatMap((s) => s.points ?? [])
   const numeric = points.every((p) => typeof p.x === 'number')
   const axes = { xTitle: body.x_label, yTitle: body.y_label }
+  const name = (s) => (s.unit ? `${s.name} (${s.unit})` : s.name)
   if (numeric) {
-    const datasets = series.map((s, i) => lineDataset(s.name, (s.points ?? []).map((p) => ({ x: p.x, y: p.y })), i))
-    drawChart(canvasId, 'line', { datasets }, { ...axes, xType: 'linear' })
+    const datasets = series.map((s, i) => lineDataset(name(s), (s.points ?? []).map((p) => ({ x: p.x, y: p.y })), i))
+    drawChart(canvasId, 'line', { datasets }, { ...axes, xType: 'linear', epochMs: body.x_kind === 'time' })
     return
   }
   const labels = [...new Set(points.map((p) => String(p.x)))].sort()
   const datasets = series.map((s, i) => {
     const byX = new Map((s.points ?? []).map((p) => [String(p.x), p.y]))
-    return lineDataset(s.name, labels.map((x) => byX.get(x) ?? null), i)
+    return lineDataset(name(s), labels.map((x) => byX.get(x) ?? null), i)
   })
   drawChart(canvasId, 'line', { labels, datasets }, { ...axes, timeLabels: true })
 }
@@ -237,7 +248,7 @@ async function loadUtilization() {
 
 async function loadJobs() {
   const body = await api('/dashboard/jobs')
-  const jobs = body.jobs ?? []
+  const jobs = (body.jobs ?? []).slice(0, JOBS_SHOWN)
   fillTable(
     '#job-table',
     jobs.map((j) => [el('code', j.job_id), j.type, badge(j.status), j.model_id, j.project_id, progressCell(j.progress), fmtTime(j.created_at), fmtTime(j.updated_at)]),
@@ -340,7 +351,18 @@ function openStream(id) {
     closeStream(id, source)
     setLive(id, { state: 'ended' })
   })
-  // A closed source is given up on (the next list refresh may reopen it); a connecting one reconnects by itself.
+  // The server's own failure (it ends the stream; the source reconnects).
+  source.addEventListener('stream_error', (event) => {
+    let message = event.data
+    try {
+      message = JSON.parse(event.data).message ?? message
+    } catch {
+      // not JSON: show the text as it is
+    }
+    setLive(id, { state: `error: ${message}` })
+  })
+  // The connection failed: a closed source is given up on (the next list refresh may reopen it), a
+  // connecting one reconnects by itself.
   source.addEventListener('error', () => {
     if (source.readyState === EventSource.CLOSED) {
       projects.streams.delete(id)

@@ -49,12 +49,18 @@ t.test('the page and its assets are served without auth, with their content type
   t.notOk(Object.keys(openapi.paths).some((p) => p === '/' || p.startsWith('/dashboard/assets')), 'hidden from the OpenAPI document')
 })
 
-/** Launches Debian's chromium; a missing executable fails the test (it is a dependency of the suite, not optional). */
-async function launch(t: Test): Promise<Browser | undefined> {
-  if (!existsSync(CHROMIUM)) {
-    t.fail(`Chromium not found at ${CHROMIUM}: install it with \`apt-get install -y chromium\` (or set CHROMIUM_PATH)`)
-    return undefined
-  }
+/** A missing chromium fails the test (it is a dependency of the suite, not optional). */
+function chromiumInstalled(t: Test): boolean {
+  if (existsSync(CHROMIUM)) return true
+  t.fail(`Chromium not found at ${CHROMIUM}: install it with \`apt-get install -y chromium\` (or set CHROMIUM_PATH)`)
+  return false
+}
+
+/**
+ * Launches Debian's chromium. Call it after starting the app: teardowns run last-registered first, so the
+ * browser, and with it the page's open event streams, goes before the app's close waits for them.
+ */
+async function launch(t: Test): Promise<Browser> {
   const browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS })
   t.teardown(() => browser.close())
   return browser
@@ -95,14 +101,14 @@ async function enterKey(page: Page, key: string) {
 }
 
 t.test('the dashboard in a browser: two devices, every section, an inference benchmark, no errors', async (t) => {
-  const browser = await launch(t)
-  if (!browser) return
+  if (!chromiumInstalled(t)) return
   const { url, alice, api } = await trainingSetup(t, { devices: 2 })
   const devices = await eventually(async () => {
     const r = await api('GET', '/devices')
     const ids = ((r.body.devices ?? r.body.data ?? []) as { id?: string; device_id?: string }[]).map((d) => d.id ?? d.device_id ?? '')
     return ids.length === 2 ? ids : undefined
   }, 10_000, 'two devices')
+  const browser = await launch(t)
 
   const page = await browser.newPage({ viewport: { width: 1400, height: 1000 } })
   const problems = watch(page)
@@ -144,11 +150,11 @@ t.test('the dashboard in a browser: two devices, every section, an inference ben
 })
 
 t.test('a refused key is said so in the page, and another key can be given', async (t) => {
-  const browser = await launch(t)
-  if (!browser) return
+  if (!chromiumInstalled(t)) return
   const { app, customer } = await testApp(t)
   const alice = await customer()
   const url = await app.listen({ port: 0, host: '127.0.0.1' })
+  const browser = await launch(t)
   const page = await browser.newPage()
   // the browser itself logs each 401 response to the console, so only uncaught errors count here
   const problems = watch(page)
