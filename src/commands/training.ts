@@ -348,11 +348,6 @@ export class TrainingCoordinator {
     })
   }
 
-  /** Waits until the allocation is settled (for tests and for the HTTP replies that report devices). */
-  settled(): Promise<void> {
-    return this.balancing
-  }
-
   private async applyPlan(): Promise<void> {
     const active = [...this.jobs.values()].filter((j) => j.known.state.phase === 'active')
     const plan = allocateDevices({
