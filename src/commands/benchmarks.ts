@@ -75,6 +75,16 @@ export class BenchmarkRunner {
     return benchmark
   }
 
+  /** Benchmarks the read model shows running when this process starts were cut short by a crash: record them failed. */
+  async recover(running: { benchmark_id: string; customer_id: string }[]): Promise<void> {
+    for (const b of running) {
+      const at = this.deps.now().toISOString()
+      await handleCommand(this.deps.store, benchmarkStream(b.benchmark_id), benchmarkDecider, { type: 'FailBenchmark', error: 'the server stopped while it ran', at }, { metadata: { customerId: b.customer_id, occurredAt: at } }).catch(
+        (error: Error) => this.deps.log?.(`benchmark ${b.benchmark_id}: recording the interruption: ${error.message}`),
+      )
+    }
+  }
+
   /** Ends the benchmarks in flight (each is recorded as failed) and starts no more. */
   async stop(): Promise<void> {
     this.stopped = true

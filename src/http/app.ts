@@ -7,6 +7,7 @@ import { jsonSchemaTransform, serializerCompiler, validatorCompiler } from 'fast
 import { randomBytes } from 'node:crypto'
 import { type Adapters, InProcessAdapters } from '../adapters/runtime.js'
 import { BenchmarkRunner } from '../commands/benchmarks.js'
+import { runningBenchmarks } from '../projections/benchmarks.js'
 import { DEFAULT_PRICES, type PriceTable } from '../domain/pricing.js'
 import { version } from '../version.js'
 import { adminRoutes } from './admin.js'
@@ -138,6 +139,8 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     log: (message) => app.log.warn(message),
   })
   app.addHook('onClose', () => services.benchmarks.stop())
+  // a benchmark left running by a crash ends as failed (its read model exists once the projections run)
+  await runningBenchmarks(deps.db).then((running) => services.benchmarks.recover(running), (error: Error) => app.log.warn(`benchmarks not recovered: ${error.message}`))
   await app.register(
     async (api) => {
       api.get('/openapi.json', { config: { auth: 'none' }, schema: { hide: true } }, async () => app.swagger())

@@ -74,6 +74,11 @@ export interface BenchmarkRow {
   ended_at: string | null
 }
 
+/** Benchmarks not ended (after a restart: cut short). */
+export async function runningBenchmarks(db: Kysely<any>): Promise<{ benchmark_id: string; customer_id: string }[]> {
+  return db.withSchema(schema).selectFrom('benchmarks').select(['benchmark_id', 'customer_id']).where('status', '=', 'running').execute()
+}
+
 export async function findBenchmark(db: Kysely<any>, customerId: string, benchmarkId: string): Promise<BenchmarkRow | undefined> {
   return (await db.withSchema(schema).selectFrom('benchmarks').selectAll().where('benchmark_id', '=', benchmarkId).where('customer_id', '=', customerId).executeTakeFirst()) as BenchmarkRow | undefined
 }

@@ -1,5 +1,7 @@
 import { spawn } from 'node:child_process'
 import t from 'tap'
+import { buildApp } from '../../src/http/app.js'
+import { INTERNAL_TOKEN } from '../helpers/app.js'
 import { DCP_BIN } from '../helpers/inference.js'
 import { eventually } from '../helpers/device.js'
 import { MLP, trainingBody, trainingSetup } from '../helpers/training.js'
@@ -177,9 +179,23 @@ t.test('benchmarks: a step-load run reports every step; quick inference and trai
   t.equal((await api('GET', '/dashboard/benchmark/bench_nope')).status, 404)
 })
 
-t.test('benchmarks need devices', async (t) => {
-  const { api } = await trainingSetup(t, { app: { minPerfDurationS: 1 } })
+t.test('benchmarks need devices; one left running by a crash ends as failed when the server starts again', async (t) => {
+  const { api, store, projections, database, blobs, hub, scheduler, training, alice } = await trainingSetup(t, { app: { minPerfDurationS: 1 } })
   t.equal((await api('POST', '/dashboard/benchmark', { mode: 'inference' })).body.error.code, 'NO_DEVICES')
   t.equal((await api('POST', '/dashboard/benchmark', { mode: 'training' })).body.error.code, 'NO_TRAINING_DEVICES')
   t.equal((await api('POST', '/dashboard/benchmark/perf', { duration: 2, instance_type: 'aws' })).body.error.code, 'NO_DEVICES')
+
+  const customerId = (await api('GET', '/usage')).body.customer_id
+  const started = { benchmark_id: 'bench_crashed', customer_id: customerId, mode: 'perf', config: {}, project_id: 'proj_x', started_at: new Date().toISOString() }
+  const { position } = await store.append('benchmark-bench_crashed', [{ type: 'BenchmarkStarted', data: started, metadata: { schemaVersion: 1 } }])
+  await projections.waitFor(position)
+  t.equal((await api('GET', '/dashboard/benchmark/bench_crashed')).body.status, 'running')
+  const restarted = await buildApp({ store, projections, db: database.db, blobs, hub, scheduler, training, internalToken: INTERNAL_TOKEN, logLevel: 'silent' })
+  t.teardown(() => restarted.close())
+  const after = await eventually(async () => {
+    const r = await api('GET', '/dashboard/benchmark/bench_crashed')
+    return r.body.status !== 'running' ? r.body : undefined
+  }, 10_000, 'the interrupted benchmark to be recorded')
+  t.match(after, { status: 'failed', error: /stopped while it ran/ })
+  t.ok(alice)
 })
