@@ -228,46 +228,49 @@ function checkInvariants(input: { devices: AllocDevice[]; jobs: AllocJob[] }, pl
 }
 
 t.test('over random fleets: no device twice, only eligible devices, counts within min and max, queued jobs empty', async (t) => {
-  fc.assert(
-    fc.property(arbInput, (input) => checkInvariants(input, allocateDevices(input))),
-    { seed: 20240611, numRuns: 400 },
-  )
-  t.pass()
+  t.doesNotThrow(() =>
+    fc.assert(
+      fc.property(arbInput, (input) => checkInvariants(input, allocateDevices(input))),
+      { seed: 20240611, numRuns: 400 },
+    ),
+  'every plan keeps the invariants')
 })
 
 t.test('over random fleets: input order does not matter, and carrying out a plan then planning again moves nothing', async (t) => {
-  fc.assert(
-    fc.property(arbInput, (input) => {
-      const plan = allocateDevices(input)
-      const shuffled = allocateDevices({ devices: [...input.devices].reverse(), jobs: [...input.jobs].reverse() })
-      if (JSON.stringify(shuffled) !== JSON.stringify(plan)) throw new Error('the plan depends on input order')
-      const next = carriedOut(input.devices, input.jobs, plan)
-      const again = allocateDevices(next)
-      if (again.drains.length > 0) throw new Error(`a settled fleet drains ${JSON.stringify(again.drains)}`)
-      if (JSON.stringify(again.assignments) !== JSON.stringify(plan.assignments)) throw new Error('a settled fleet is reassigned')
-    }),
-    { seed: 7, numRuns: 300 },
-  )
-  t.pass()
+  t.doesNotThrow(() =>
+    fc.assert(
+      fc.property(arbInput, (input) => {
+        const plan = allocateDevices(input)
+        const shuffled = allocateDevices({ devices: [...input.devices].reverse(), jobs: [...input.jobs].reverse() })
+        if (JSON.stringify(shuffled) !== JSON.stringify(plan)) throw new Error('the plan depends on input order')
+        const next = carriedOut(input.devices, input.jobs, plan)
+        const again = allocateDevices(next)
+        if (again.drains.length > 0) throw new Error(`a settled fleet drains ${JSON.stringify(again.drains)}`)
+        if (JSON.stringify(again.assignments) !== JSON.stringify(plan.assignments)) throw new Error('a settled fleet is reassigned')
+      }),
+      { seed: 7, numRuns: 300 },
+    ),
+  'plans do not depend on input order, and a settled fleet stays put')
 })
 
 t.test('over random homogeneous fleets: shares are Webster-proportional to weight', async (t) => {
   const arb = fc.record({ n: fc.integer({ min: 0, max: 40 }), weights: fc.array(fc.integer({ min: 1, max: 1000 }), { minLength: 1, maxLength: 5 }) })
-  fc.assert(
-    fc.property(arb, ({ n, weights }) => {
-      const jobs = weights.map((w, i) => job(`j${i}`, w, i))
-      const plan = allocateDevices({ devices: devices(n), jobs })
-      const admitted = jobs.filter((j) => !plan.queued.includes(j.job_id))
-      const count = (j: AllocJob) => plan.targets[j.job_id]!
-      // divisor-method balance: no admitted job could give a device beyond its minimum to another and stand further from its quota
-      for (const a of admitted) {
-        for (const b of admitted) {
-          if (a === b || count(a) <= 1) continue
-          if (b.weight / (count(b) + 0.5) > a.weight / (count(a) - 0.5) + 1e-12) throw new Error(`${a.job_id} should give a device to ${b.job_id}`)
+  t.doesNotThrow(() =>
+    fc.assert(
+      fc.property(arb, ({ n, weights }) => {
+        const jobs = weights.map((w, i) => job(`j${i}`, w, i))
+        const plan = allocateDevices({ devices: devices(n), jobs })
+        const admitted = jobs.filter((j) => !plan.queued.includes(j.job_id))
+        const count = (j: AllocJob) => plan.targets[j.job_id]!
+        // divisor-method balance: no admitted job could give a device beyond its minimum to another and stand further from its quota
+        for (const a of admitted) {
+          for (const b of admitted) {
+            if (a === b || count(a) <= 1) continue
+            if (b.weight / (count(b) + 0.5) > a.weight / (count(a) - 0.5) + 1e-12) throw new Error(`${a.job_id} should give a device to ${b.job_id}`)
+          }
         }
-      }
-    }),
-    { seed: 99, numRuns: 300 },
-  )
-  t.pass()
+      }),
+      { seed: 99, numRuns: 300 },
+    ),
+  'shares are Webster-proportional')
 })

@@ -82,14 +82,9 @@ function watch(page: Page) {
 
 /** Waits for a condition in the page; a timeout fails the assertion with `what` and lets the test go on. */
 async function expectIn(t: Test, what: string, wait: () => Promise<unknown>, details: () => Promise<string>): Promise<boolean> {
-  try {
-    await wait()
-    t.pass(what)
-    return true
-  } catch (error) {
-    t.fail(`${what}: ${(error as Error).message.split('\n')[0]}; page shows: ${await details().catch(() => '?')}`)
-    return false
-  }
+  const failure = await wait().then(() => undefined, (error: Error) => error.message.split('\n')[0])
+  t.equal(failure, undefined, failure === undefined ? what : `${what}: ${failure}; page shows: ${await details().catch(() => '?')}`)
+  return failure === undefined
 }
 
 /** Each message once (a failing endpoint fails on every refresh). */
