@@ -11,9 +11,6 @@ export type Loss = TrainingSpec['training_config']['loss']
 /** Samples the server keeps aside to check each round's weights. */
 const STREAM_VALIDATION_SAMPLES = 1000
 
-/** The wire name of a loss and the trainer's. */
-export const trainerLoss = (loss: Loss): LossKind => loss
-
 /**
  * Checks at submission that the trainer can train the model on the data, and picks the loss: a 400 that
  * names an unsupported operator, or a dataset whose rows do not fit the model's input or output.
@@ -46,7 +43,7 @@ export interface Validation {
 
 export async function loadValidation(spec: TrainingSpec, blobs: BlobStore): Promise<Validation> {
   const model = loadTrainable(await blobs.read(spec.model_checksum.replace(/^sha256:/, '')))
-  const loss = trainerLoss(spec.training_config.loss)
+  const loss: LossKind = spec.training_config.loss
   const initial = model.getWeights()
   const base = {
     initialWeights: () => initial,
@@ -73,7 +70,7 @@ export async function loadValidation(spec: TrainingSpec, blobs: BlobStore): Prom
 }
 
 /** Class labels as indices for cross-entropy; values as they are for MSE. */
-export function asLabels(dataset: Dataset, loss: LossKind): Labels {
+function asLabels(dataset: Dataset, loss: LossKind): Labels {
   return loss === 'mse' ? dataset.labels : Int32Array.from(dataset.labels)
 }
 

@@ -565,7 +565,7 @@ export class TrainingCoordinator {
 }
 
 /** The id of the model a job registers: derived from the job, so a retry after a crash finds it. */
-export const trainedModelIdOf = (jobId: string) => `model_${jobId.replace(/^train_/, '')}_trained`
+const trainedModelIdOf = (jobId: string) => `model_${jobId.replace(/^train_/, '')}_trained`
 
 function contribution(member: Member, frame: TrainUpdate, staleness: number): Contribution {
   return {
