@@ -51,12 +51,12 @@ export async function execute<C, E extends DomainEvent, S>(
 }
 
 /**
- * Waits until the read models (or those named) include `position`. A read model that lags past the wait
+ * Waits until the read models include `position`. A read model that lags past the wait
  * does not fail the request: what was written is written; a read right after may just not show it yet.
  */
-export async function readYourWrites(services: Services, position: Position, names?: readonly string[]): Promise<void> {
+export async function readYourWrites(services: Services, position: Position): Promise<void> {
   try {
-    await services.projections.waitFor(position, 10_000, names)
+    await services.projections.waitFor(position, 10_000)
   } catch (error) {
     if (!(error instanceof ProjectionTimeoutError)) throw error
   }

@@ -249,7 +249,7 @@ async function streamProject(
   const deadline = Date.now() + MAX_STREAM_MS
   try {
     while (!closed && Date.now() < deadline) {
-      await readYourWrites(services, await services.store.headPosition(), ['projects'])
+      await readYourWrites(services, await services.store.headPosition())
       const project = await findProject(services.db, customerId, projectId)
       if (!project) break
       const stats = await projectLiveStats(services.db, project, Math.max(1, Math.round(query.interval / 1000) * 5), services.now())

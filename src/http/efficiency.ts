@@ -6,9 +6,6 @@ import { activeRuns, CHART_TYPES, efficiencyChart, efficiencyComparison, efficie
 import { customerOf } from './auth.js'
 import { readYourWrites, type Services } from './context.js'
 
-/** The read models the figures come from. */
-const SOURCES = ['training', 'projects', 'inference', 'usage'] as const
-
 /**
  * `/efficiency`: training and inference efficiency figures of the caller's own jobs (time to accuracy,
  * throughput, energy, scaling; aws against user devices), computed from the read models. Definitions:
@@ -19,7 +16,7 @@ export const efficiencyRoutes: FastifyPluginAsync<{ services: Services }> = asyn
   const config = { auth: 'api_key' as const }
   const tags = ['efficiency']
   /** Reads see every event so far (rounds and task outcomes land just before a request may ask for them). */
-  const caughtUp = async () => readYourWrites(services, await services.store.headPosition(), SOURCES)
+  const caughtUp = async () => readYourWrites(services, await services.store.headPosition())
 
   app.get('/efficiency', {
     config,

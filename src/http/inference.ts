@@ -297,7 +297,7 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
   }, async (request) => {
     const customerId = customerOf(request)
     // read-your-writes for whatever this client did before (a sync answer does not wait for the read models)
-    await readYourWrites(services, await services.store.headPosition(), ['inference'])
+    await readYourWrites(services, await services.store.headPosition())
     const job = await findJob(services.db, customerId, request.params.jobId)
     if (!job) throw new DomainError('NOT_FOUND', `inference job ${request.params.jobId} not found`)
     const status = jobStatus(job)
@@ -337,7 +337,7 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
   }, async (request) => {
     const customerId = customerOf(request)
     // the job and its open tasks as of now (a submission does not wait for the read models)
-    await readYourWrites(services, await services.store.headPosition(), ['inference'])
+    await readYourWrites(services, await services.store.headPosition())
     const job = await findJob(services.db, customerId, request.params.jobId)
     if (!job) throw new DomainError('NOT_FOUND', `inference job ${request.params.jobId} not found`)
     const cancelled = await cancelJob(services, customerId, job)

@@ -25,7 +25,7 @@ export const projectRoutes: FastifyPluginAsync<{ services: Services }> = async (
   const app = base.withTypeProvider<ZodTypeProvider>()
   const config = { auth: 'api_key' as const }
   /** Reads see every task outcome so far (synchronous inference answers before the read models catch up). */
-  const caughtUp = async () => readYourWrites(services, await services.store.headPosition(), ['projects'])
+  const caughtUp = async () => readYourWrites(services, await services.store.headPosition())
 
   async function owned(customerId: string, projectId: string) {
     await caughtUp()

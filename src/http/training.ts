@@ -56,7 +56,7 @@ export const trainingRoutes: FastifyPluginAsync<{ services: Services }> = async 
   const training = services.training
 
   /** Reads see the job's every event so far (the coordinator writes them as devices come and go). */
-  const caughtUp = async () => readYourWrites(services, await services.store.headPosition(), ['training'])
+  const caughtUp = async () => readYourWrites(services, await services.store.headPosition())
 
   async function view(customerId: string, jobId: string) {
     await caughtUp()
@@ -111,7 +111,7 @@ export const trainingRoutes: FastifyPluginAsync<{ services: Services }> = async 
       submitted_at: at,
     }
     const position = await training.submit(spec)
-    await readYourWrites(services, position, ['training'])
+    await readYourWrites(services, position)
     return reply.status(202).send({ job_id: spec.job_id, status: 'queued', estimated_devices: Math.min(eligible, resources.max_devices ?? eligible) })
   })
 
@@ -145,7 +145,7 @@ export const trainingRoutes: FastifyPluginAsync<{ services: Services }> = async 
   const control = (action: 'pause' | 'resume' | 'cancel') => async (request: { params: { jobId: string } } & Parameters<typeof customerOf>[0]) => {
     const customerId = customerOf(request)
     const position = await training[action](request.params.jobId, customerId)
-    await readYourWrites(services, position, ['training'])
+    await readYourWrites(services, position)
     return view(customerId, request.params.jobId)
   }
   app.post('/training/:jobId/pause', { config, schema: { summary: 'Pause a job (its devices go back to the pool; resume continues from the last round)', tags: ['training'], params: JobParams } }, control('pause'))

@@ -63,7 +63,7 @@ export const usageRoutes: FastifyPluginAsync<{ services: Services }> = async (ba
   const app = base.withTypeProvider<ZodTypeProvider>()
 
   /** Reads see every task outcome so far (synchronous inference answers before the read models catch up). */
-  app.addHook('preHandler', async () => readYourWrites(services, await services.store.headPosition(), ['usage']))
+  app.addHook('preHandler', async () => readYourWrites(services, await services.store.headPosition()))
 
   function checkRange(range: { from?: string | undefined; to?: string | undefined }) {
     if (range.from && range.to && range.from > range.to) throw new DomainError('VALIDATION_ERROR', `from ${range.from} is after to ${range.to}`)

@@ -21,7 +21,12 @@ export async function readCheckpoint(db: Kysely<any>, name: string): Promise<Che
 
 /** Blocks the projection's writer (and other rebuilds or audits of it) until the transaction ends. */
 export async function lockProjection(trx: Transaction<any>, name: string): Promise<void> {
-  await sql`select pg_advisory_xact_lock(${BATCH_LOCK}, hashtext(${name}))`.execute(trx)
+  await lockProjections(trx, [name])
+}
+
+/** `lockProjection` for several projections in one statement, in the order given. */
+export async function lockProjections(trx: Transaction<any>, names: readonly string[]): Promise<void> {
+  await sql`select pg_advisory_xact_lock(${BATCH_LOCK}, hashtext(n)) from unnest(${names}::text[]) with ordinality as u(n, i) order by i`.execute(trx)
 }
 
 /** Tries to become the one writer of a projection; held by the connection until unlocked or closed. */

@@ -51,9 +51,9 @@ export function knownProjection(name: string, list: readonly Projection[] = allP
   return projection
 }
 
-/** The projections of one process: runs them, answers read-your-writes waits, rebuilds, audits. */
+/** The projections of one process: runs them (one runner, one reader, one transaction per batch for all), answers read-your-writes waits, rebuilds, audits. */
 export class Projections {
-  private readonly runners = new Map<string, ProjectionRunner>()
+  private runner: ProjectionRunner | undefined
 
   constructor(private readonly deps: RunnerDeps, readonly list: readonly Projection[] = allProjections) {}
 
@@ -62,22 +62,19 @@ export class Projections {
   }
 
   start(): void {
-    for (const projection of this.list) {
-      const runner = new ProjectionRunner(projection, this.deps)
-      this.runners.set(projection.name, runner)
-      runner.start()
-    }
+    if (this.runner) return
+    this.runner = new ProjectionRunner(this.list, this.deps)
+    this.runner.start()
   }
 
   async stop(): Promise<void> {
-    await Promise.all([...this.runners.values()].map((r) => r.stop()))
-    this.runners.clear()
+    await this.runner?.stop()
+    this.runner = undefined
   }
 
-  /** Read-your-writes: resolves once every running projection (or those named) has applied the log up to `position`. */
-  async waitFor(position: Position, timeoutMs = 10_000, names?: readonly string[]): Promise<void> {
-    const runners = [...this.runners].filter(([name]) => !names || names.includes(name))
-    await Promise.all(runners.map(([, r]) => r.waitFor(position, timeoutMs)))
+  /** Read-your-writes: resolves once the running projections (they move together) have applied the log up to `position`. */
+  async waitFor(position: Position, timeoutMs = 10_000): Promise<void> {
+    await this.runner?.waitFor(position, timeoutMs)
   }
 
   rebuild(name: string): Promise<Position> {
@@ -98,7 +95,7 @@ export class Projections {
     return Promise.all(
       this.list.map(async (projection) => {
         const checkpoint = await readCheckpoint(this.deps.db, projection.name)
-        const runner = this.runners.get(projection.name)
+        const runner = this.runner
         // A running runner knows how far it has scanned; the stored checkpoint moves only with matching events.
         const position = runner && checkpoint && runner.position > checkpoint.position ? runner.position : checkpoint?.position
         const lag = (await this.deps.store.readAll(position ?? START, LAG_COUNT_LIMIT)).length

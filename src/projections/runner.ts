@@ -1,7 +1,7 @@
-import { type Kysely, sql } from 'kysely'
-import type { EventStore, Position, Subscription } from '../event-store/port.js'
-import { START } from '../event-store/port.js'
-import { applyBatch, readCheckpoint, releaseLeadership, tryLeadership } from './checkpoints.js'
+import { type Kysely, sql, type Transaction } from 'kysely'
+import type { EventStore, Position, RecordedEvent, Subscription } from '../event-store/port.js'
+import { matchesFilter, START } from '../event-store/port.js'
+import { lockProjections, readCheckpoint, releaseLeadership, tryLeadership } from './checkpoints.js'
 import { checkProjectionName, liveSchema, type Projection } from './projection.js'
 import { rebuild } from './replay.js'
 
@@ -25,28 +25,39 @@ export class ProjectionTimeoutError extends Error {
 }
 
 /**
- * Keeps one projection's live copy up to date: becomes its one writer (advisory lock on a connection of
- * its own), creates or rebuilds the copy when it is missing or its version changed, then follows the log
- * from the checkpoint, catch-up and live alike.
+ * Keeps the live copies of a set of projections up to date with one reader and one transaction per batch:
+ * becomes the one writer of every projection of the set (advisory locks on a connection of its own),
+ * creates or rebuilds each copy that is missing or whose version changed, then follows the log from the
+ * lowest checkpoint. Each batch of the log is read once; the events each projection handles are applied to
+ * it, and every projection that got events moves its checkpoint, all in the same transaction. So the cost
+ * of a batch (a read, a commit) is paid once for all read models, not once per read model.
  */
 export class ProjectionRunner {
   state: RunnerState = 'starting'
   lastError: string | undefined
-  /** Below START until the live copy exists, so that waiting for START means waiting until it is ready. */
+  readonly projections: readonly Projection[]
+  /** Below START until every live copy exists, so that waiting for START means waiting until they are ready. */
   private horizon: Position = START - 1n
+  /** Each projection's checkpoint as this runner last wrote or read it. */
+  private readonly checkpoints = new Map<string, Position>()
   private waiters = new Set<{ position: Position; resolve: () => void }>()
   private subscription: Subscription | undefined
   private running: Promise<void> | undefined
   private stopping = false
   private wake: (() => void) | undefined
 
-  constructor(readonly projection: Projection, private readonly deps: RunnerDeps) {
-    checkProjectionName(projection.name)
+  constructor(projections: Projection | readonly Projection[], private readonly deps: RunnerDeps) {
+    this.projections = Array.isArray(projections) ? projections : [projections as Projection]
+    for (const projection of this.projections) checkProjectionName(projection.name)
   }
 
-  /** Every event at or below this position has been applied (or was not for this projection). */
+  /** Every event at or below this position has been applied (or was not for these projections). */
   get position(): Position {
     return this.horizon
+  }
+
+  private get label(): string {
+    return this.projections.length === 1 ? `projection ${this.projections[0]!.name}` : `projections (${this.projections.map((p) => p.name).join(', ')})`
   }
 
   start(): void {
@@ -61,7 +72,7 @@ export class ProjectionRunner {
     this.state = 'stopped'
   }
 
-  /** Resolves once every event up to `position` is in the read model. */
+  /** Resolves once every event up to `position` is in the read models. */
   waitFor(position: Position, timeoutMs = 10_000): Promise<void> {
     if (this.horizon >= position) return Promise.resolve()
     return new Promise((resolve, reject) => {
@@ -74,7 +85,7 @@ export class ProjectionRunner {
       }
       const timer = setTimeout(() => {
         this.waiters.delete(waiter)
-        reject(new ProjectionTimeoutError(this.projection.name, position, this.horizon))
+        reject(new ProjectionTimeoutError(this.projections.map((p) => p.name).join(', '), position, this.horizon))
       }, timeoutMs)
       this.waiters.add(waiter)
     })
@@ -93,30 +104,41 @@ export class ProjectionRunner {
 
   private async run(): Promise<void> {
     const { db } = this.deps
-    const name = this.projection.name
     await db.connection().execute(async (connection) => {
       while (!this.stopping) {
         try {
-          if (!(await tryLeadership(connection, name))) {
+          if (!(await this.lead(connection))) {
             this.state = 'standby'
             await this.pause()
             continue
           }
           try {
-            await this.ensureLiveCopy()
+            for (const projection of this.projections) await this.ensureLiveCopy(projection)
             await this.follow()
           } finally {
-            await releaseLeadership(connection, name).catch(() => {})
+            await Promise.all(this.projections.map((p) => releaseLeadership(connection, p.name).catch(() => {})))
           }
         } catch (error) {
           if (this.stopping) break
           this.state = 'failed'
           this.lastError = (error as Error).message
-          this.deps.log?.(`projection ${name}: ${this.lastError}; retrying`)
+          this.deps.log?.(`${this.label}: ${this.lastError}; retrying`)
           await this.pause()
         }
       }
     })
+  }
+
+  /** Takes the writer lock of every projection of the set, or none (another process is their writer). */
+  private async lead(connection: Kysely<any>): Promise<boolean> {
+    const taken: string[] = []
+    for (const projection of this.projections) {
+      if (await tryLeadership(connection, projection.name)) taken.push(projection.name)
+      else break
+    }
+    if (taken.length === this.projections.length) return true
+    await Promise.all(taken.map((name) => releaseLeadership(connection, name)))
+    return false
   }
 
   private pause(): Promise<void> {
@@ -130,28 +152,76 @@ export class ProjectionRunner {
   }
 
   /** Builds the live copy when there is none or it was built by another version of the projection. */
-  private async ensureLiveCopy(): Promise<void> {
-    const checkpoint = await readCheckpoint(this.deps.db, this.projection.name)
-    const { rows } = await sql`select 1 from pg_namespace where nspname = ${liveSchema(this.projection.name)}`.execute(this.deps.db)
-    if (checkpoint?.version === this.projection.version && rows.length > 0) return
+  private async ensureLiveCopy(projection: Projection): Promise<void> {
+    const checkpoint = await readCheckpoint(this.deps.db, projection.name)
+    const { rows } = await sql`select 1 from pg_namespace where nspname = ${liveSchema(projection.name)}`.execute(this.deps.db)
+    if (checkpoint?.version === projection.version && rows.length > 0) return
     this.state = 'rebuilding'
-    this.deps.log?.(`projection ${this.projection.name}: building version ${this.projection.version} from the log`)
-    await rebuild(this.deps, this.projection)
+    this.deps.log?.(`projection ${projection.name}: building version ${projection.version} from the log`)
+    await rebuild(this.deps, projection)
   }
 
   private async follow(): Promise<void> {
-    const target = { schema: liveSchema(this.projection.name), checkpoint: this.projection.name }
-    const from = (await readCheckpoint(this.deps.db, this.projection.name))?.position ?? START
+    let from: Position | undefined
+    for (const projection of this.projections) {
+      const position = (await readCheckpoint(this.deps.db, projection.name))?.position ?? START
+      this.checkpoints.set(projection.name, position)
+      if (from === undefined || position < from) from = position
+    }
+    from ??= START
     this.advance(from)
     this.state = 'live'
     this.lastError = undefined
-    this.subscription = this.deps.store.subscribe({ from, filter: this.projection.filter, batchSize: this.deps.batchSize ?? 1000 })
+    // One projection alone reads only what it handles; a set reads every event once.
+    const filter = this.projections.length === 1 ? this.projections[0]!.filter : undefined
+    this.subscription = this.deps.store.subscribe({ from, ...(filter ? { filter } : {}), batchSize: this.deps.batchSize ?? 1000 })
     if (this.stopping) await this.subscription.close()
     for await (const batch of this.subscription) {
-      // Batches with nothing for this projection move only the in-memory position: the stored
-      // checkpoint lags behind, and a restart scans those events again and skips them again.
-      if (batch.events.length > 0) await applyBatch(this.deps.db, this.projection, target, batch.events, batch.checkpoint)
+      // Projections with nothing in a batch move only their in-memory position: their stored checkpoints
+      // lag behind, and a restart scans those events again and skips them again.
+      const work = this.projections
+        .map((projection) => ({ projection, events: this.fresh(projection, batch.events) }))
+        .filter((w) => w.events.length > 0)
+      if (work.length > 0) {
+        const moved = await this.deps.db.transaction().execute((trx) => this.applyTogether(trx, work, batch.checkpoint))
+        for (const { name, position } of moved) this.checkpoints.set(name, position)
+      }
       this.advance(batch.checkpoint)
     }
+  }
+
+  /** The events of a batch that this projection handles and has not applied yet (as far as this runner knows). */
+  private fresh(projection: Projection, events: readonly RecordedEvent[]): RecordedEvent[] {
+    const after = this.checkpoints.get(projection.name) ?? START
+    return events.filter((e) => e.position > after && matchesFilter(e, projection.filter))
+  }
+
+  /**
+   * One transaction for the batch: the batch locks of the projections that have events (a rebuild or an
+   * audit of one of them waits, or is waited for), their stored checkpoints read again under the locks (a
+   * rebuild may have swapped a copy in that is ahead), each one's new events applied in its own schema, and
+   * their checkpoints moved in one statement.
+   */
+  private async applyTogether(trx: Transaction<any>, work: { projection: Projection; events: RecordedEvent[] }[], checkpoint: Position) {
+    const names = work.map((w) => w.projection.name)
+    await lockProjections(trx, names)
+    const { rows } = await sql<{ name: string; position: string }>`
+      select name, position from public.projection_checkpoints where name = any(${names}::text[])`.execute(trx)
+    const stored = new Map(rows.map((r) => [r.name, BigInt(r.position)]))
+    const next: { name: string; position: Position; version: number }[] = []
+    for (const { projection, events } of work) {
+      const current = stored.get(projection.name) ?? START
+      const fresh = events.filter((e) => e.position > current)
+      if (fresh.length > 0) {
+        await sql`set local search_path to ${sql.id(liveSchema(projection.name))}, public`.execute(trx)
+        await projection.apply(trx, fresh)
+      }
+      next.push({ name: projection.name, position: checkpoint > current ? checkpoint : current, version: projection.version })
+    }
+    await sql`
+      insert into public.projection_checkpoints (name, position, version)
+      select * from unnest(${next.map((n) => n.name)}::text[], ${next.map((n) => n.position.toString())}::bigint[], ${next.map((n) => n.version)}::int[])
+      on conflict (name) do update set position = excluded.position, version = excluded.version, updated_at = now()`.execute(trx)
+    return next
   }
 }
