@@ -67,7 +67,7 @@ interface Device {
 }
 
 /** What the audit's totals must add up to, summed while generating. */
-interface Expected {
+export interface Expected {
   completed: number
   failedAttempts: number
   inputs: number
@@ -157,7 +157,7 @@ function validate(events: NewEvent[]): void {
   for (const e of events) taskDecider.parse({ type: e.type, data: e.data, schemaVersion: e.metadata?.schemaVersion ?? 1 })
 }
 
-async function load(store: PostgresEventStore, expected: Expected, log: BenchContext['log']): Promise<number> {
+export async function load(store: PostgresEventStore, expected: Expected, log: BenchContext['log']): Promise<number> {
   const source = tasks(rng(20_260_101), expected)
   let written = 0
   let validated = 0

@@ -2,6 +2,7 @@ import { type Kysely, sql } from 'kysely'
 import { inferenceDecider, inferenceEventTypes } from '../domain/inference-job.js'
 import { taskDecider } from '../domain/task.js'
 import { liveSchema, type Projection } from './projection.js'
+import { RowSet } from './rows.js'
 
 /**
  * Inference jobs and their results: a row per job with its counts (in inputs), a row per task with the
@@ -52,52 +53,71 @@ export const inferenceProjection: Projection = {
   },
 
   async apply(trx, events) {
-    for (const recorded of events) {
+    const parsed = events.map((recorded) => {
       const version = recorded.metadata.schemaVersion ?? 1
-      if (recorded.type.startsWith('Inference')) {
-        const event = inferenceDecider.parse({ type: recorded.type, data: recorded.data, schemaVersion: version })
-        if (event.type === 'InferenceRequested') {
+      return recorded.type.startsWith('Inference')
+        ? inferenceDecider.parse({ type: recorded.type, data: recorded.data, schemaVersion: version })
+        : taskDecider.parse({ type: recorded.type, data: recorded.data, schemaVersion: version })
+    })
+    const jobs = new RowSet<JobRow & Record<string, unknown>>('inference_jobs', 'job_id')
+    const results = new RowSet<ResultRow>('inference_results', 'task_id')
+    await results.load(trx, parsed.flatMap((e) => (e.type.startsWith('Task') ? [(e.data as { task_id: string }).task_id] : [])))
+    const jobIds = parsed.flatMap((e) => (e.type.startsWith('Inference') ? [(e.data as { job_id: string }).job_id] : [results.get((e.data as { task_id: string }).task_id)?.job_id ?? []].flat()))
+    await jobs.load(trx, jobIds)
+    /** Moves a queued task's row to its end state and counts its inputs on its job (once: only from `queued`). */
+    const finish = (taskId: string, values: Partial<ResultRow> & { finished_at: string }, counter: 'completed' | 'failed' | undefined) => {
+      const row = results.get(taskId)
+      if (!row || row.status !== 'queued') return
+      results.update(taskId, values)
+      const job = jobs.get(row.job_id)
+      if (job) jobs.update(row.job_id, { updated_at: values.finished_at, ...(counter ? { [counter]: job[counter] + row.count } : {}) })
+    }
+    for (const event of parsed) {
+      switch (event.type) {
+        case 'InferenceRequested': {
           const d = event.data
           const total = d.tasks.reduce((n, task) => n + task.inputs, 0)
-          await trx
-            .insertInto('inference_jobs')
-            .values({ job_id: d.job_id, customer_id: d.customer_id, project_id: d.project_id, model_id: d.model_id, kind: d.kind, mode: d.mode, name: d.name, total_tasks: total, completed: 0, failed: 0, cancelled: false, requested_at: d.requested_at, updated_at: d.requested_at })
-            .onConflict((oc) => oc.doNothing())
-            .execute()
+          jobs.insert({ job_id: d.job_id, customer_id: d.customer_id, project_id: d.project_id, model_id: d.model_id, kind: d.kind, mode: d.mode, name: d.name, total_tasks: total, completed: 0, failed: 0, cancelled: false, requested_at: d.requested_at, updated_at: d.requested_at })
           let first = 0
-          const rows = d.tasks.map((task) => {
-            const row = { task_id: task.task_id, job_id: d.job_id, first_idx: first, count: task.inputs, status: 'queued' }
+          for (const task of d.tasks) {
+            results.insert({ task_id: task.task_id, job_id: d.job_id, first_idx: first, count: task.inputs, status: 'queued', outputs: null, error: null, device_id: null, finished_at: null })
             first += task.inputs
-            return row
-          })
-          for (let i = 0; i < rows.length; i += 5000) {
-            await trx.insertInto('inference_results').values(rows.slice(i, i + 5000)).onConflict((oc) => oc.doNothing()).execute()
           }
-        } else {
-          await trx.updateTable('inference_jobs').set({ cancelled: true, updated_at: event.data.cancelled_at }).where('job_id', '=', event.data.job_id).execute()
+          break
         }
-        continue
-      }
-      const task = taskDecider.parse({ type: recorded.type, data: recorded.data, schemaVersion: version })
-      if (task.type === 'TaskCompleted') {
-        const { task_id, outputs, device_id, completed_at } = task.data
-        await finish(trx, task_id, { status: 'completed', outputs: JSON.stringify(outputs), device_id, finished_at: completed_at }, 'completed')
-      } else if (task.type === 'TaskFailed') {
-        await finish(trx, task.data.task_id, { status: 'failed', error: task.data.reason, finished_at: task.data.failed_at }, 'failed')
-      } else if (task.type === 'TaskCancelled') {
-        await finish(trx, task.data.task_id, { status: 'cancelled', finished_at: task.data.cancelled_at }, undefined)
+        case 'InferenceCancelled':
+          jobs.update(event.data.job_id, { cancelled: true, updated_at: event.data.cancelled_at })
+          break
+        case 'TaskCompleted': {
+          const { task_id, outputs, device_id, completed_at } = event.data
+          finish(task_id, { status: 'completed', outputs, device_id, finished_at: completed_at }, 'completed')
+          break
+        }
+        case 'TaskFailed':
+          finish(event.data.task_id, { status: 'failed', error: event.data.reason, finished_at: event.data.failed_at }, 'failed')
+          break
+        case 'TaskCancelled':
+          finish(event.data.task_id, { status: 'cancelled', finished_at: event.data.cancelled_at }, undefined)
+          break
+        default:
+          break
       }
     }
+    await jobs.save(trx)
+    await results.save(trx)
   },
 }
 
-/** Moves a queued task's row to its end state and counts its inputs on its job (once: only from `queued`). */
-async function finish(trx: Kysely<any>, taskId: string, values: Record<string, unknown>, counter: 'completed' | 'failed' | undefined) {
-  const moved = await trx.updateTable('inference_results').set(values).where('task_id', '=', taskId).where('status', '=', 'queued').returning(['job_id', 'count']).executeTakeFirst()
-  if (!moved) return
-  const set: Record<string, unknown> = { updated_at: values.finished_at }
-  if (counter) set[counter] = sql`${sql.ref(counter)} + ${moved.count}`
-  await trx.updateTable('inference_jobs').set(set).where('job_id', '=', moved.job_id).execute()
+interface ResultRow extends Record<string, unknown> {
+  task_id: string
+  job_id: string
+  first_idx: number
+  count: number
+  status: string
+  outputs: unknown
+  error: string | null
+  device_id: string | null
+  finished_at: string | null
 }
 
 const schema = liveSchema(inferenceProjection.name)

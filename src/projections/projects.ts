@@ -3,6 +3,7 @@ import { deviceDecider } from '../domain/device.js'
 import { projectDecider, projectEventTypes } from '../domain/project.js'
 import { taskDecider } from '../domain/task.js'
 import { liveSchema, type Projection } from './projection.js'
+import { RowSet } from './rows.js'
 
 /**
  * Projects and what ran in them: a row per project with its counts (in inputs), a row per task of a
@@ -63,89 +64,102 @@ export const projectsProjection: Projection = {
   },
 
   async apply(trx, events) {
-    for (const recorded of events) {
+    const parsed = events.map((recorded) => {
       const version = recorded.metadata.schemaVersion ?? 1
-      if (recorded.type.startsWith('Project')) {
-        const event = projectDecider.parse({ type: recorded.type, data: recorded.data, schemaVersion: version })
-        if (event.type === 'ProjectCreated') {
+      const input = { type: recorded.type, data: recorded.data, schemaVersion: version }
+      if (recorded.type.startsWith('Project')) return projectDecider.parse(input)
+      if (recorded.type === 'DeviceRegistered') return deviceDecider.parse(input)
+      return taskDecider.parse(input)
+    })
+    const projects = new RowSet<ProjectRecord>('projects', 'project_id')
+    const tasks = new RowSet<ProjectTaskRow>('project_tasks', 'task_id')
+    const instanceTypes = new RowSet<{ device_id: string; instance_type: string }>('device_instance_types', 'device_id')
+    const data = (e: (typeof parsed)[number]) => e.data as { task_id?: string; project_id?: string | null; device_id?: string }
+    await tasks.load(trx, parsed.flatMap((e) => (e.type.startsWith('Task') ? [data(e).task_id!] : [])))
+    await instanceTypes.load(trx, parsed.flatMap((e) => (e.type === 'TaskLeased' || e.type === 'TaskCompleted' ? [data(e).device_id!] : [])))
+    await projects.load(trx, parsed.flatMap((e) => {
+      const d = data(e)
+      if (d.project_id) return [d.project_id]
+      const task = d.task_id ? tasks.get(d.task_id) : undefined
+      return task ? [task.project_id] : []
+    }))
+    const instanceTypeOf = (deviceId: string) => instanceTypes.get(deviceId)?.instance_type ?? null
+    const count = (projectId: string, counter: 'submitted' | 'completed' | 'failed' | 'cancelled', n: number, at: string) => {
+      const project = projects.get(projectId)
+      if (!project) return
+      const when = new Date(at)
+      projects.update(projectId, { [counter]: project[counter] + n, updated_at: when > new Date(project.updated_at) ? when : project.updated_at })
+    }
+    /** Ends a project task once (only from queued) and counts its inputs on the project. */
+    const finish = (taskId: string, status: 'completed' | 'failed' | 'cancelled', at: string, deviceId?: string) => {
+      const task = tasks.get(taskId)
+      if (!task || task.status !== 'queued') return
+      const values: Partial<ProjectTaskRow> = { status, finished_at: at }
+      if (status === 'completed') values.latency_ms = Date.parse(at) - new Date(task.queued_at).getTime()
+      if (deviceId) Object.assign(values, { device_id: deviceId, instance_type: task.instance_type ?? instanceTypeOf(deviceId) })
+      tasks.update(taskId, values)
+      count(task.project_id, status, task.inputs, at)
+    }
+    for (const event of parsed) {
+      switch (event.type) {
+        case 'ProjectCreated': {
           const d = event.data
-          await trx
-            .insertInto('projects')
-            .values({ project_id: d.project_id, customer_id: d.customer_id, name: d.name, type: d.project_type, model_id: d.model_id, expected_tasks: d.total_tasks, state: 'active', submitted: 0, completed: 0, failed: 0, cancelled: 0, created_at: d.created_at, updated_at: d.created_at })
-            .onConflict((oc) => oc.doNothing())
-            .execute()
-        } else {
-          const [state, at] = event.type === 'ProjectCompleted' ? ['completed', event.data.completed_at] : ['cancelled', event.data.cancelled_at]
-          await trx.updateTable('projects').set({ state, ended_at: at, updated_at: at }).where('project_id', '=', event.data.project_id).execute()
+          projects.insert({ project_id: d.project_id, customer_id: d.customer_id, name: d.name, type: d.project_type, model_id: d.model_id, expected_tasks: d.total_tasks, state: 'active', submitted: 0, completed: 0, failed: 0, cancelled: 0, created_at: d.created_at, updated_at: d.created_at, ended_at: null })
+          break
         }
-        continue
-      }
-      if (recorded.type === 'DeviceRegistered') {
-        const event = deviceDecider.parse({ type: recorded.type, data: recorded.data, schemaVersion: version })
-        if (event.type === 'DeviceRegistered') {
-          await trx
-            .insertInto('device_instance_types')
-            .values({ device_id: event.data.device_id, instance_type: event.data.instance_type })
-            .onConflict((oc) => oc.column('device_id').doUpdateSet({ instance_type: event.data.instance_type }))
-            .execute()
-        }
-        continue
-      }
-      const task = taskDecider.parse({ type: recorded.type, data: recorded.data, schemaVersion: version })
-      switch (task.type) {
+        case 'ProjectCompleted':
+          projects.update(event.data.project_id, { state: 'completed', ended_at: event.data.completed_at, updated_at: event.data.completed_at })
+          break
+        case 'ProjectCancelled':
+          projects.update(event.data.project_id, { state: 'cancelled', ended_at: event.data.cancelled_at, updated_at: event.data.cancelled_at })
+          break
+        case 'DeviceRegistered':
+          instanceTypes.put({ device_id: event.data.device_id, instance_type: event.data.instance_type })
+          break
         case 'TaskQueued': {
-          const d = task.data
+          const d = event.data
           if (!d.project_id) break
-          const added = await trx
-            .insertInto('project_tasks')
-            .values({ task_id: d.task_id, project_id: d.project_id, job_id: d.job_id, inputs: d.inputs.length, status: 'queued', queued_at: d.queued_at })
-            .onConflict((oc) => oc.doNothing())
-            .returning('task_id')
-            .executeTakeFirst()
-          if (added) await count(trx, d.project_id, 'submitted', d.inputs.length, d.queued_at)
+          const added = tasks.insert({ task_id: d.task_id, project_id: d.project_id, job_id: d.job_id, inputs: d.inputs.length, status: 'queued', device_id: null, instance_type: null, queued_at: d.queued_at, finished_at: null, latency_ms: null })
+          if (added) count(d.project_id, 'submitted', d.inputs.length, d.queued_at)
           break
         }
         case 'TaskLeased':
-          await trx
-            .updateTable('project_tasks')
-            .set({ device_id: task.data.device_id, instance_type: sql`(select instance_type from device_instance_types where device_id = ${task.data.device_id})` })
-            .where('task_id', '=', task.data.task_id)
-            .execute()
+          tasks.update(event.data.task_id, { device_id: event.data.device_id, instance_type: instanceTypeOf(event.data.device_id) })
           break
         case 'TaskCompleted':
-          await finish(trx, task.data.task_id, 'completed', task.data.completed_at, task.data.device_id)
+          finish(event.data.task_id, 'completed', event.data.completed_at, event.data.device_id)
           break
         case 'TaskFailed':
-          await finish(trx, task.data.task_id, 'failed', task.data.failed_at)
+          finish(event.data.task_id, 'failed', event.data.failed_at)
           break
         case 'TaskCancelled':
-          await finish(trx, task.data.task_id, 'cancelled', task.data.cancelled_at)
+          finish(event.data.task_id, 'cancelled', event.data.cancelled_at)
           break
         default:
           break
       }
     }
+    await instanceTypes.save(trx)
+    await projects.save(trx)
+    await tasks.save(trx)
   },
 }
 
-async function count(trx: Kysely<any>, projectId: string, counter: 'submitted' | 'completed' | 'failed' | 'cancelled', n: number, at: string) {
-  await trx
-    .updateTable('projects')
-    .set({ [counter]: sql`${sql.ref(counter)} + ${n}`, updated_at: sql`greatest(updated_at, ${at}::timestamptz)` })
-    .where('project_id', '=', projectId)
-    .execute()
-}
+/** A projects row as the fold holds it: times as stored (Date) or as the events give them (ISO strings). */
+type ProjectRecord = Omit<ProjectRow, 'created_at' | 'updated_at' | 'ended_at'> & Record<string, unknown> & { created_at: Date | string; updated_at: Date | string; ended_at: Date | string | null }
 
-/** Ends a project task once (only from queued) and counts its inputs on the project. */
-async function finish(trx: Kysely<any>, taskId: string, status: 'completed' | 'failed' | 'cancelled', at: string, deviceId?: string) {
-  const values: Record<string, unknown> = { status, finished_at: at }
-  if (status === 'completed') values.latency_ms = sql`extract(epoch from (${at}::timestamptz - queued_at)) * 1000`
-  if (deviceId) {
-    values.device_id = deviceId
-    values.instance_type = sql`coalesce(instance_type, (select instance_type from device_instance_types where device_id = ${deviceId}))`
-  }
-  const moved = await trx.updateTable('project_tasks').set(values).where('task_id', '=', taskId).where('status', '=', 'queued').returning(['project_id', 'inputs']).executeTakeFirst()
-  if (moved) await count(trx, moved.project_id, status, moved.inputs, at)
+interface ProjectTaskRow extends Record<string, unknown> {
+  task_id: string
+  project_id: string
+  job_id: string
+  inputs: number
+  status: string
+  device_id: string | null
+  instance_type: string | null
+  queued_at: string | Date
+  finished_at: string | Date | null
+  /** From queued to completed. */
+  latency_ms: number | null
 }
 
 const schema = liveSchema(projectsProjection.name)

@@ -1,10 +1,11 @@
 import { type Kysely, sql } from 'kysely'
 import { taskDecider, taskEventTypes } from '../domain/task.js'
 import { liveSchema, type Projection } from './projection.js'
+import { RowSet } from './rows.js'
 
 /**
  * Every task's current state: what the scheduler rebuilds its queue and leases from after a restart, and
- * what job views read. Inputs and outputs stay in the log.
+ * what job views read. Inputs and outputs stay in the log. A batch is folded in memory (rows.ts).
  */
 export const tasksProjection: Projection = {
   name: 'tasks',
@@ -32,39 +33,50 @@ export const tasksProjection: Projection = {
   },
 
   async apply(trx, events) {
-    for (const recorded of events) {
-      const event = taskDecider.parse({ type: recorded.type, data: recorded.data, schemaVersion: recorded.metadata.schemaVersion ?? 1 })
-      const where = (q: any) => q.where('task_id', '=', event.data.task_id)
+    const parsed = events.map((recorded) => taskDecider.parse({ type: recorded.type, data: recorded.data, schemaVersion: recorded.metadata.schemaVersion ?? 1 }))
+    const tasks = new RowSet<TaskRow>('tasks', 'task_id')
+    await tasks.load(trx, parsed.map((e) => e.data.task_id))
+    for (const event of parsed) {
+      const id = event.data.task_id
       switch (event.type) {
         case 'TaskQueued': {
           const d = event.data
-          await trx
-            .insertInto('tasks')
-            .values({ task_id: d.task_id, job_id: d.job_id, customer_id: d.customer_id, model_id: d.model.id, status: 'queued', attempts: 0, queued_at: d.queued_at, updated_at: d.queued_at })
-            .onConflict((oc) => oc.doNothing())
-            .execute()
+          tasks.insert({ task_id: id, job_id: d.job_id, customer_id: d.customer_id, model_id: d.model.id, status: 'queued', attempts: 0, device_id: null, lease_id: null, error: null, queued_at: d.queued_at, updated_at: d.queued_at })
           break
         }
         case 'TaskLeased':
-          await where(trx.updateTable('tasks').set({ status: 'leased', attempts: event.data.attempt, device_id: event.data.device_id, lease_id: event.data.lease_id, updated_at: event.data.leased_at })).execute()
+          tasks.update(id, { status: 'leased', attempts: event.data.attempt, device_id: event.data.device_id, lease_id: event.data.lease_id, updated_at: event.data.leased_at })
           break
         case 'TaskCompleted':
-          await where(trx.updateTable('tasks').set({ status: 'completed', lease_id: null, updated_at: event.data.completed_at })).execute()
+          tasks.update(id, { status: 'completed', lease_id: null, updated_at: event.data.completed_at })
           break
         case 'TaskAttemptFailed':
-          await where(
-            trx.updateTable('tasks').set({ status: event.data.requeued ? 'queued' : 'failed', lease_id: null, error: event.data.reason, updated_at: event.data.failed_at }),
-          ).execute()
+          tasks.update(id, { status: event.data.requeued ? 'queued' : 'failed', lease_id: null, error: event.data.reason, updated_at: event.data.failed_at })
           break
         case 'TaskFailed':
-          await where(trx.updateTable('tasks').set({ status: 'failed', lease_id: null, error: event.data.reason, updated_at: event.data.failed_at })).execute()
+          tasks.update(id, { status: 'failed', lease_id: null, error: event.data.reason, updated_at: event.data.failed_at })
           break
         case 'TaskCancelled':
-          await where(trx.updateTable('tasks').set({ status: 'cancelled', lease_id: null, updated_at: event.data.cancelled_at })).execute()
+          tasks.update(id, { status: 'cancelled', lease_id: null, updated_at: event.data.cancelled_at })
           break
       }
     }
+    await tasks.save(trx)
   },
+}
+
+interface TaskRow extends Record<string, unknown> {
+  task_id: string
+  job_id: string
+  customer_id: string
+  model_id: string
+  status: string
+  attempts: number
+  device_id: string | null
+  lease_id: string | null
+  error: string | null
+  queued_at: string
+  updated_at: string
 }
 
 const schema = liveSchema(tasksProjection.name)
