@@ -196,7 +196,7 @@ export class PostgresEventStore implements EventStore {
    */
   private async writeOnce(client: pg.PoolClient, batch: PendingAppend[], fresh: boolean): Promise<Outcome[]> {
     const streamIds = [...new Set(batch.map((a) => a.streamId))]
-    const cached = fresh ? undefined : this.cachedHeads(streamIds)
+    const cached = fresh ? undefined : this.knownHeads(batch)
     const { heads, stored } = cached ? { heads: cached, stored: new Map<string, StoredId>() } : await this.readState(client, streamIds, batch)
     // 2. decide
     const plan = planBatch(batch, heads, stored)
@@ -228,13 +228,19 @@ export class PostgresEventStore implements EventStore {
     return plan.outcomes.map((o) => (o.ok ? { ok: true, result: o.result() } : o))
   }
 
-  /** The heads of all these streams if every one is cached, else undefined. */
-  private cachedHeads(streamIds: string[]): Map<string, { revision: number; position: Position }> | undefined {
+  /**
+   * The heads of the batch's streams when no read is needed to know them, else undefined: a stream's head is
+   * in the cache of heads this store wrote, or every append to it in the batch expects no stream (a new
+   * stream: its commands start with a fresh id), which is taken at its word. A wrong guess, like a stale
+   * cached head or an event id already stored, fails the insert on a unique constraint, and the batch is
+   * then read and decided afresh.
+   */
+  private knownHeads(batch: readonly PendingAppend[]): Map<string, { revision: number; position: Position }> | undefined {
     const heads = new Map<string, { revision: number; position: Position }>()
-    for (const id of streamIds) {
-      const head = this.heads.get(id)
-      if (!head) return undefined
-      heads.set(id, { ...head })
+    for (const append of batch) {
+      const head = this.heads.get(append.streamId)
+      if (head) heads.set(append.streamId, { ...head })
+      else if (append.expected !== 'no_stream' || append.events.length === 0) return undefined
     }
     return heads
   }

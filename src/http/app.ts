@@ -82,7 +82,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     const methods = Array.isArray(route.method) ? route.method : [route.method]
     for (const method of methods) if (method !== 'HEAD') routeTable.push({ method, url: route.url, auth: route.config?.auth ?? 'none' })
   })
-  registerAuth(app, { db: deps.db, adminKey: deps.adminKey, internalToken: deps.internalToken })
+  registerAuth(app, { db: deps.db, cached: (name, key, load) => deps.projections.cached(name, key, load), adminKey: deps.adminKey, internalToken: deps.internalToken })
   const loadToken = randomBytes(24).toString('hex')
   await app.register(rateLimit, {
     max: deps.rateLimit?.max ?? 1000,

@@ -44,6 +44,8 @@ declare module 'fastify' {
 
 export interface AuthOptions {
   db: Kysely<any>
+  /** Remembers a credential read until the credentials read model changes (Projections.cached). */
+  cached?: <V>(name: string, key: string, load: () => Promise<V>) => Promise<V>
   adminKey: string | undefined
   internalToken: string
 }
@@ -80,7 +82,8 @@ async function authenticate(request: FastifyRequest, kind: Exclude<AuthKind, 'no
     case 'api_key':
     case 'sdk': {
       const hash = sha256(secret)
-      const credential = await findCredential(options.db, hash)
+      const find = () => findCredential(options.db, hash)
+      const credential = await (options.cached ? options.cached('customers', hash, find) : find())
       const wanted = kind === 'api_key' ? 'api_key' : 'sdk_token'
       const valid = credential !== undefined && timingSafeEqual(Buffer.from(credential.key_hash), Buffer.from(hash)) && credential.kind === wanted
       if (!valid) throw new DomainError('AUTH_INVALID', `invalid ${headerName(header)}`)

@@ -178,7 +178,7 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
     /** Called with the task ids before they are queued: a waiter set up here cannot miss the outcome. */
     beforeQueue: (taskIds: string[]) => void = () => {},
   ) {
-    const model = await findModel(services.db, customerId, body.model_id)
+    const model = await services.projections.cached('models', `${customerId}/${body.model_id}`, () => findModel(services.db, customerId, body.model_id))
     if (!model) throw new DomainError('NO_MODEL', `model ${body.model_id} not found`)
     const inputs = await toTensors(model, rawInputs, (i) => (kind === 'single' ? 'input' : `inputs.${i}`))
     const instanceType = placement?.instance_type

@@ -18,6 +18,9 @@ import { auditUsage, type UsageAuditOptions, type UsageAuditReport } from './usa
 import { ProjectionRunner, type RunnerDeps, type RunnerState } from './runner.js'
 
 const LAG_COUNT_LIMIT = 10_000
+/** A cached read is used at most this long, even when nothing says its read model changed. */
+const CACHE_TTL_MS = 5_000
+const CACHE_MAX_ENTRIES = 10_000
 
 /** Every projection of dcp. A new read model is added here. */
 export const allProjections: readonly Projection[] = [eventCounts, customersProjection, modelsProjection, devicesProjection, tasksProjection, inferenceProjection, projectsProjection, usageProjection, trainingProjection, datasetsProjection, benchmarksProjection]
@@ -54,6 +57,7 @@ export function knownProjection(name: string, list: readonly Projection[] = allP
 /** The projections of one process: runs them (one runner, one reader, one transaction per batch for all), answers read-your-writes waits, rebuilds, audits. */
 export class Projections {
   private runner: ProjectionRunner | undefined
+  private readonly caches = new Map<string, Map<string, { generation: number; at: number; value: Promise<unknown> }>>()
 
   constructor(private readonly deps: RunnerDeps, readonly list: readonly Projection[] = allProjections) {}
 
@@ -75,6 +79,29 @@ export class Projections {
   /** Read-your-writes: resolves once the running projections (they move together) have applied the log up to `position`. */
   async waitFor(position: Position, timeoutMs = 10_000): Promise<void> {
     await this.runner?.waitFor(position, timeoutMs)
+  }
+
+  /**
+   * A read of one read model, remembered until that read model changes: while this process is its writer,
+   * every batch it applies to it drops what was remembered, so a read after a write sees the write (with
+   * read-your-writes). Without a live runner here, nothing is remembered. Hot reads on every request (the
+   * caller's credential, the model it names) cost no query this way.
+   */
+  cached<V>(name: string, key: string, load: () => Promise<V>): Promise<V> {
+    const generation = this.runner?.generation(name)
+    if (generation === undefined) return load()
+    let cache = this.caches.get(name)
+    if (!cache) this.caches.set(name, (cache = new Map()))
+    const now = Date.now()
+    const hit = cache.get(key)
+    if (hit && hit.generation === generation && now - hit.at < CACHE_TTL_MS) return hit.value as Promise<V>
+    if (cache.size >= CACHE_MAX_ENTRIES) cache.clear()
+    const value = load()
+    cache.set(key, { generation, at: now, value })
+    value.catch(() => {
+      if (cache.get(key)?.value === value) cache.delete(key) // a failed read is not remembered
+    })
+    return value
   }
 
   rebuild(name: string): Promise<Position> {

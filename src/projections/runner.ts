@@ -40,6 +40,8 @@ export class ProjectionRunner {
   private horizon: Position = START - 1n
   /** Each projection's checkpoint as this runner last wrote or read it. */
   private readonly checkpoints = new Map<string, Position>()
+  /** Per projection, how many batches changed it since this runner went live. */
+  private readonly changes = new Map<string, number>()
   private waiters = new Set<{ position: Position; resolve: () => void }>()
   private subscription: Subscription | undefined
   private running: Promise<void> | undefined
@@ -54,6 +56,14 @@ export class ProjectionRunner {
   /** Every event at or below this position has been applied (or was not for these projections). */
   get position(): Position {
     return this.horizon
+  }
+
+  /**
+   * A number that moves whenever this runner changes the projection's live copy, while it is its writer
+   * (live); undefined otherwise (another process may be changing it unseen). Caches of reads compare it.
+   */
+  generation(name: string): number | undefined {
+    return this.state === 'live' ? (this.changes.get(name) ?? 0) : undefined
   }
 
   private get label(): string {
@@ -184,7 +194,10 @@ export class ProjectionRunner {
         .filter((w) => w.events.length > 0)
       if (work.length > 0) {
         const moved = await this.deps.db.transaction().execute((trx) => this.applyTogether(trx, work, batch.checkpoint))
-        for (const { name, position } of moved) this.checkpoints.set(name, position)
+        for (const { name, position } of moved) {
+          this.checkpoints.set(name, position)
+          this.changes.set(name, (this.changes.get(name) ?? 0) + 1)
+        }
       }
       this.advance(batch.checkpoint)
     }
