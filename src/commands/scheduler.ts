@@ -2,7 +2,7 @@ import { EventEmitter } from 'node:events'
 import type { z } from 'zod'
 import type { Kysely } from 'kysely'
 import { DomainError } from '../domain/errors.js'
-import { type TaskCommand, taskDecider, type TaskSpec, type TaskState, taskStream } from '../domain/task.js'
+import { type LeaseGrant, type TaskCommand, taskDecider, type TaskSpec, type TaskState, taskStream } from '../domain/task.js'
 import type { EventStore, Position } from '../event-store/port.js'
 import { newEventId } from '../event-store/event-id.js'
 import type { CancelTask, Metrics, TaskAssignment, TaskResult, Tensor } from '../protocol/frames.js'
@@ -151,14 +151,29 @@ export class TaskScheduler {
     return this.leases.size
   }
 
-  /** Queues a task (`task.max_attempts` defaults to the scheduler's) and dispatches it when a device can take it. */
+  /**
+   * Queues a task (`task.max_attempts` defaults to the scheduler's) and dispatches it when a device can take
+   * it. When nothing waits in the queue and a capable device has room now, the task is queued and leased in
+   * one append and goes straight to that device.
+   */
   async submit(task: NewTask, metadata: { customerId: string }): Promise<Position> {
     const spec: TaskSpec = { ...task, project_id: task.project_id ?? null, output_shape: task.output_shape ?? null, instance_type: task.instance_type ?? null, max_attempts: task.max_attempts ?? this.maxAttempts }
     this.known.set(spec.task_id, { state: taskDecider.initialState(), revision: -1 }) // a new stream
-    const result = await this.command(spec.task_id, { type: 'QueueTask', task: spec, at: this.now().toISOString() }, metadata.customerId)
+    const device = this.queue.length === 0 ? this.pickDevice(spec) : undefined
+    const lease = device && this.reserve(spec, device)
+    let result
+    try {
+      result = await this.command(spec.task_id, { type: 'QueueTask', task: spec, at: this.now().toISOString(), ...(lease ? { lease: grantOf(lease, device) } : {}) }, metadata.customerId)
+    } catch (error) {
+      if (lease) this.release(lease)
+      throw error
+    }
     this.specs.set(spec.task_id, spec)
-    this.enqueue(spec)
-    this.kick()
+    if (lease) await this.deliver(spec, device, lease)
+    else {
+      this.enqueue(spec)
+      this.kick()
+    }
     return result.position
   }
 
@@ -346,13 +361,19 @@ export class TaskScheduler {
     return best
   }
 
-  private async lease(task: TaskSpec, device: DeviceSlot): Promise<void> {
+  /** Takes a slot of the device for the task under a new lease (recorded by the caller). */
+  private reserve(task: TaskSpec, device: DeviceSlot): Lease {
     const leaseId = `lease_${newEventId().replaceAll('-', '').slice(0, 16)}`
     const lease: Lease = { leaseId, taskId: task.task_id, deviceId: device.deviceId, modelId: task.model.id, deadline: Date.now() + this.leaseTimeoutMs }
     device.leases.add(leaseId)
     this.leases.set(leaseId, lease)
+    return lease
+  }
+
+  private async lease(task: TaskSpec, device: DeviceSlot): Promise<void> {
+    const lease = this.reserve(task, device)
     try {
-      await this.command(task.task_id, { type: 'LeaseTask', leaseId, deviceId: device.deviceId, sdkUuid: device.sdkUuid, instanceType: device.instanceType, at: this.now().toISOString() })
+      await this.command(task.task_id, { type: 'LeaseTask', ...grantOf(lease, device), at: this.now().toISOString() })
     } catch (error) {
       this.release(lease)
       if (error instanceof DomainError && error.code === 'CONFLICT') return // cancelled meanwhile
@@ -360,10 +381,21 @@ export class TaskScheduler {
       this.options.log?.(`scheduler: leasing ${task.task_id}: ${(error as Error).message}`)
       return
     }
+    await this.deliver(task, device, lease)
+  }
+
+  /** Sends a recorded lease's task to its device; a device gone meanwhile fails the attempt. */
+  private async deliver(task: TaskSpec, device: DeviceSlot, lease: Lease): Promise<void> {
+    if (!this.leases.has(lease.leaseId)) {
+      // its device went away while the lease was being recorded: now that it is recorded, fail it
+      this.leases.set(lease.leaseId, lease)
+      await this.failAttempt(lease, 'the device went away while the task was being leased', null)
+      return
+    }
     const sent = device.send({
       type: 'task',
       task_id: task.task_id,
-      lease_id: leaseId,
+      lease_id: lease.leaseId,
       lease_deadline: new Date(lease.deadline).toISOString(),
       model: { id: task.model.id, format: task.model.format, checksum: task.model.checksum, download_path: `/api/v1/sdk/models/${task.model.id}` },
       ...(task.inputs.length === 1 ? { input: task.inputs[0] } : { inputs: task.inputs }),
@@ -392,3 +424,5 @@ export class TaskScheduler {
     return result
   }
 }
+
+const grantOf = (lease: Lease, device: DeviceSlot): LeaseGrant => ({ leaseId: lease.leaseId, deviceId: device.deviceId, sdkUuid: device.sdkUuid, instanceType: device.instanceType })

@@ -83,11 +83,20 @@ export type TaskEvent = z.infer<typeof TaskEvent>
 export const taskEventTypes = TaskEvent.options.map((o) => o.shape.type.value)
 
 export type TaskCommand =
-  | { type: 'QueueTask'; task: TaskSpec; at: string }
-  | { type: 'LeaseTask'; leaseId: string; deviceId: string; sdkUuid: string | null; instanceType: 'aws' | 'user' | null; at: string }
+  /** Queues a task; with `lease`, a device took it at once (both events in one append). */
+  | { type: 'QueueTask'; task: TaskSpec; at: string; lease?: LeaseGrant }
+  | ({ type: 'LeaseTask'; at: string } & LeaseGrant)
   | { type: 'CompleteTask'; leaseId: string; outputs: z.infer<typeof TensorData>[]; metrics: z.infer<typeof Metrics>; at: string }
   | { type: 'FailAttempt'; leaseId: string; reason: string; metrics: z.infer<typeof Metrics> | null; at: string }
   | { type: 'CancelTask'; at: string }
+
+/** A device taking a task under a lease. */
+export interface LeaseGrant {
+  leaseId: string
+  deviceId: string
+  sdkUuid: string | null
+  instanceType: 'aws' | 'user' | null
+}
 
 interface Lease {
   id: string
@@ -134,14 +143,16 @@ export const taskDecider: Decider<TaskCommand, TaskEvent, TaskState> = {
 
   decide(command, state) {
     switch (command.type) {
-      case 'QueueTask':
+      case 'QueueTask': {
         if (state.status !== 'new') throw new DomainError('CONFLICT', `task ${command.task.task_id} already exists`)
-        return [{ type: 'TaskQueued', data: { ...command.task, queued_at: command.at } }]
+        const queued: TaskEvent = { type: 'TaskQueued', data: { ...command.task, queued_at: command.at } }
+        if (!command.lease) return [queued]
+        return [queued, leased(command.task, 1, command.lease, command.at)]
+      }
       case 'LeaseTask': {
         const spec = requireSpec(state)
         if (state.status !== 'queued') throw new DomainError('CONFLICT', `task ${spec.task_id} is ${state.status}, not queued`)
-        const data = { task_id: spec.task_id, lease_id: command.leaseId, device_id: command.deviceId, sdk_uuid: command.sdkUuid, instance_type: command.instanceType }
-        return [{ type: 'TaskLeased', data: { ...data, attempt: state.attempts + 1, leased_at: command.at } }]
+        return [leased(spec, state.attempts + 1, command, command.at)]
       }
       case 'CompleteTask': {
         const spec = requireSpec(state)
@@ -174,6 +185,13 @@ export const taskDecider: Decider<TaskCommand, TaskEvent, TaskState> = {
   },
 
   parse: ({ type, data }) => TaskEvent.parse({ type, data: upcast(type, data) }),
+}
+
+function leased(spec: TaskSpec, attempt: number, grant: LeaseGrant, at: string): TaskEvent {
+  return {
+    type: 'TaskLeased',
+    data: { task_id: spec.task_id, lease_id: grant.leaseId, device_id: grant.deviceId, sdk_uuid: grant.sdkUuid, instance_type: grant.instanceType, attempt, leased_at: at },
+  }
 }
 
 function requireSpec(state: TaskState): TaskSpec {
