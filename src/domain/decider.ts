@@ -15,3 +15,21 @@ export interface Decider<Command, Event extends DomainEvent, State> {
   decide: (command: Command, state: State) => Event[]
   parse: (event: { type: string; data: unknown; schemaVersion: number }) => Event
 }
+
+const parsedEvents = new WeakMap<object, Map<object, DomainEvent>>()
+
+/**
+ * `decider.parse` of an event read from the log, done once per event object and decider: the projections
+ * of one batch share the same recorded events, and a task event that five read models handle is checked
+ * once, not five times. The parsed event is shared, so it is read, never changed.
+ */
+export function parseRecorded<Event extends DomainEvent>(
+  decider: Pick<Decider<never, Event, never>, 'parse'>,
+  recorded: { type: string; data: unknown; metadata: { schemaVersion?: number | undefined } },
+): Event {
+  let byDecider = parsedEvents.get(recorded)
+  if (!byDecider) parsedEvents.set(recorded, (byDecider = new Map()))
+  let event = byDecider.get(decider) as Event | undefined
+  if (!event) byDecider.set(decider, (event = decider.parse({ type: recorded.type, data: recorded.data, schemaVersion: recorded.metadata.schemaVersion ?? 1 })))
+  return event
+}

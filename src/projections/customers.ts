@@ -1,6 +1,7 @@
 import type { Kysely } from 'kysely'
 import { customerDecider, customerEventTypes } from '../domain/customer.js'
 import { deviceDecider } from '../domain/device.js'
+import { parseRecorded } from '../domain/decider.js'
 import { liveSchema, type Projection } from './projection.js'
 
 /**
@@ -39,7 +40,7 @@ export const customersProjection: Projection = {
   async apply(trx, events) {
     for (const recorded of events) {
       if (recorded.type === 'DeviceRegistered') {
-        const device = deviceDecider.parse({ type: recorded.type, data: recorded.data, schemaVersion: recorded.metadata.schemaVersion ?? 1 })
+        const device = parseRecorded(deviceDecider, recorded)
         if (device.type !== 'DeviceRegistered') continue
         const { token_hash, device_id, registered_at } = device.data
         await trx

@@ -2,6 +2,7 @@ import { type Kysely, sql } from 'kysely'
 import { deviceDecider, deviceEventTypes, HeartbeatReceived } from '../domain/device.js'
 import { taskDecider } from '../domain/task.js'
 import type { RecordedEvent } from '../event-store/port.js'
+import { parseRecorded } from '../domain/decider.js'
 import { liveSchema, type Projection } from './projection.js'
 
 /**
@@ -83,7 +84,6 @@ function deviceIdOf(event: RecordedEvent): string | undefined {
 }
 
 function fold(rows: Map<string, DeviceRow>, recorded: RecordedEvent): void {
-  const version = recorded.metadata.schemaVersion ?? 1
   if (recorded.type === 'HeartbeatReceived') {
     const { data } = HeartbeatReceived.parse({ type: recorded.type, data: recorded.data })
     const row = rows.get(data.device_id)
@@ -91,7 +91,7 @@ function fold(rows: Map<string, DeviceRow>, recorded: RecordedEvent): void {
     return
   }
   if (recorded.type.startsWith('Device')) {
-    const event = deviceDecider.parse({ type: recorded.type, data: recorded.data, schemaVersion: version })
+    const event = parseRecorded(deviceDecider, recorded)
     const row = rows.get(event.data.device_id)
     switch (event.type) {
       case 'DeviceRegistered': {
@@ -113,7 +113,7 @@ function fold(rows: Map<string, DeviceRow>, recorded: RecordedEvent): void {
         return
     }
   }
-  const task = taskDecider.parse({ type: recorded.type, data: recorded.data, schemaVersion: version })
+  const task = parseRecorded(taskDecider, recorded)
   const holder = task.type === 'TaskQueued' || task.type === 'TaskFailed' ? undefined : task.data.device_id
   const row = holder ? rows.get(holder) : undefined
   if (!row) return

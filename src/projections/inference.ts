@@ -1,6 +1,7 @@
 import { type Kysely, sql } from 'kysely'
 import { inferenceDecider, inferenceEventTypes } from '../domain/inference-job.js'
 import { taskDecider } from '../domain/task.js'
+import { parseRecorded } from '../domain/decider.js'
 import { liveSchema, type Projection } from './projection.js'
 import { RowSet } from './rows.js'
 
@@ -53,12 +54,7 @@ export const inferenceProjection: Projection = {
   },
 
   async apply(trx, events) {
-    const parsed = events.map((recorded) => {
-      const version = recorded.metadata.schemaVersion ?? 1
-      return recorded.type.startsWith('Inference')
-        ? inferenceDecider.parse({ type: recorded.type, data: recorded.data, schemaVersion: version })
-        : taskDecider.parse({ type: recorded.type, data: recorded.data, schemaVersion: version })
-    })
+    const parsed = events.map((recorded) => (recorded.type.startsWith('Inference') ? parseRecorded(inferenceDecider, recorded) : parseRecorded(taskDecider, recorded)))
     const jobs = new RowSet<JobRow & Record<string, unknown>>('inference_jobs', 'job_id')
     const results = new RowSet<ResultRow>('inference_results', 'task_id')
     await results.load(trx, parsed.flatMap((e) => (e.type.startsWith('Task') ? [(e.data as { task_id: string }).task_id] : [])))

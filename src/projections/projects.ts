@@ -2,6 +2,7 @@ import { type Kysely, sql } from 'kysely'
 import { deviceDecider } from '../domain/device.js'
 import { projectDecider, projectEventTypes } from '../domain/project.js'
 import { taskDecider } from '../domain/task.js'
+import { parseRecorded } from '../domain/decider.js'
 import { liveSchema, type Projection } from './projection.js'
 import { RowSet } from './rows.js'
 
@@ -65,11 +66,9 @@ export const projectsProjection: Projection = {
 
   async apply(trx, events) {
     const parsed = events.map((recorded) => {
-      const version = recorded.metadata.schemaVersion ?? 1
-      const input = { type: recorded.type, data: recorded.data, schemaVersion: version }
-      if (recorded.type.startsWith('Project')) return projectDecider.parse(input)
-      if (recorded.type === 'DeviceRegistered') return deviceDecider.parse(input)
-      return taskDecider.parse(input)
+      if (recorded.type.startsWith('Project')) return parseRecorded(projectDecider, recorded)
+      if (recorded.type === 'DeviceRegistered') return parseRecorded(deviceDecider, recorded)
+      return parseRecorded(taskDecider, recorded)
     })
     const projects = new RowSet<ProjectRecord>('projects', 'project_id')
     const tasks = new RowSet<ProjectTaskRow>('project_tasks', 'task_id')

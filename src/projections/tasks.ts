@@ -1,5 +1,6 @@
 import { type Kysely, sql } from 'kysely'
 import { taskDecider, taskEventTypes } from '../domain/task.js'
+import { parseRecorded } from '../domain/decider.js'
 import { liveSchema, type Projection } from './projection.js'
 import { RowSet } from './rows.js'
 
@@ -33,7 +34,7 @@ export const tasksProjection: Projection = {
   },
 
   async apply(trx, events) {
-    const parsed = events.map((recorded) => taskDecider.parse({ type: recorded.type, data: recorded.data, schemaVersion: recorded.metadata.schemaVersion ?? 1 }))
+    const parsed = events.map((recorded) => parseRecorded(taskDecider, recorded))
     const tasks = new RowSet<TaskRow>('tasks', 'task_id')
     await tasks.load(trx, parsed.map((e) => e.data.task_id))
     for (const event of parsed) {
