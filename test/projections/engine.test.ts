@@ -161,3 +161,67 @@ t.test('events are applied with their recorded data', async (t) => {
   t.ok(await rebuild({ db, store }, spy) > 0n)
   t.ok((await audit({ db, store }, spy)).ok)
 })
+
+/** A second read model for the group tests: the number of events of each stream whose type starts with "A". */
+const aCounts: Projection = {
+  name: 'a_counts',
+  version: 1,
+  filter: { types: ['A1', 'A2'] },
+  tables: [{ name: 'a_counts', primaryKey: ['stream_id'] }],
+  async createTables(db) {
+    await db.schema.createTable('a_counts').addColumn('stream_id', 'text', (c) => c.primaryKey()).addColumn('n', 'integer', (c) => c.notNull()).execute()
+  },
+  async apply(trx, events) {
+    for (const e of events) {
+      if (!e.type.startsWith('A')) throw new Error(`a_counts got ${e.type}, which its filter leaves out`)
+      await sql`insert into a_counts values (${e.streamId}, 1) on conflict (stream_id) do update set n = a_counts.n + 1`.execute(trx)
+    }
+  },
+}
+
+t.test('one runner keeps several read models, each with the events it handles and its own checkpoint', async (t) => {
+  const { db, store } = await setup(t)
+  await store.append('s-1', [{ type: 'A1', data: {} }, { type: 'B', data: {} }])
+  const projections = new Projections({ db, store, retryMs: 50 }, [eventCounts, aCounts])
+  // a_counts exists already and is ahead of event_counts: the runner must not apply its events twice
+  await projections.rebuild('a_counts')
+  projections.start()
+  t.teardown(() => projections.stop())
+  await store.append('s-1', [{ type: 'A2', data: {} }])
+  const last = await store.append('s-2', [{ type: 'B', data: {} }, { type: 'A1', data: {} }, { type: 'C', data: {} }])
+  await projections.waitFor(last.position)
+  t.same(await counts(db), ['s/A1=2', 's/A2=1', 's/B=2', 's/C=1'])
+  const { rows } = await sql<{ stream_id: string; n: number }>`select stream_id, n from rm_a_counts.a_counts order by stream_id`.execute(db)
+  t.same(rows, [{ stream_id: 's-1', n: 2 }, { stream_id: 's-2', n: 1 }], 'each A event counted once, across the rebuild')
+  const status = await projections.status()
+  t.same(status.map((s) => [s.name, s.state, s.lag]), [['event_counts', 'live', 0], ['a_counts', 'live', 0]])
+  // a batch with nothing for a_counts leaves its stored checkpoint where it was
+  const before = (await readCheckpoint(db, 'a_counts'))!.position
+  await projections.waitFor((await store.append('s-3', [{ type: 'B', data: {} }])).position)
+  t.equal((await readCheckpoint(db, 'a_counts'))!.position, before)
+  t.equal((await readCheckpoint(db, 'event_counts'))!.position, await store.headPosition())
+  t.ok((await projections.audit('a_counts')).ok)
+  t.ok((await projections.audit('event_counts')).ok)
+})
+
+t.test('a cached read is kept until its read model changes, and is never kept without a live runner', async (t) => {
+  const { db, store } = await setup(t)
+  const projections = new Projections({ db, store, retryMs: 50 }, [eventCounts, aCounts])
+  let reads = 0
+  const read = () => projections.cached('a_counts', 's-1', async () => ++reads)
+  t.equal(await read(), 1)
+  t.equal(await read(), 2, 'no runner: every call reads')
+  projections.start()
+  t.teardown(() => projections.stop())
+  await projections.waitFor(await store.headPosition())
+  const first = await read()
+  t.equal(await read(), first, 'live and unchanged: remembered')
+  await projections.waitFor((await store.append('s-1', [{ type: 'B', data: {} }])).position)
+  t.equal(await read(), first, 'a batch that does not touch a_counts keeps it')
+  await projections.waitFor((await store.append('s-1', [{ type: 'A1', data: {} }])).position)
+  t.equal(await read(), first + 1, 'a batch applied to a_counts drops it')
+  let failures = 0
+  await t.rejects(projections.cached('a_counts', 'bad', async () => { failures++; throw new Error('down') }))
+  await t.rejects(projections.cached('a_counts', 'bad', async () => { failures++; throw new Error('down') }))
+  t.equal(failures, 2, 'a failed read is not remembered')
+})
