@@ -2,7 +2,7 @@ import type { Decider, DomainEvent } from '../domain/decider.js'
 import { WrongExpectedRevisionError } from '../event-store/errors.js'
 import { eventIdFor, newEventId } from '../event-store/event-id.js'
 import type { EventMetadata, EventStore, Position, RecordedEvent } from '../event-store/port.js'
-import { START } from '../event-store/port.js'
+import { appendAll, START } from '../event-store/port.js'
 
 export interface CommandOptions {
   /**
@@ -103,6 +103,38 @@ function decideOn<Command, Event extends DomainEvent, State>(decider: Decider<Co
   } catch {
     return undefined
   }
+}
+
+/** A command that starts a new stream, for `startStreams`. */
+export interface StreamStart<Command = any, Event extends DomainEvent = any, State = any> {
+  streamId: string
+  decider: Decider<Command, Event, State>
+  command: Command
+  metadata?: EventMetadata
+}
+
+/**
+ * Commands that each start a new stream (fresh ids: there is nothing to read), decided on their deciders'
+ * initial state and appended together, all or nothing where the store can (`appendAll`): a job and its
+ * first tasks are recorded in one transaction, and one commit. A stream that exists already refuses the
+ * whole lot with WrongExpectedRevisionError.
+ */
+export async function startStreams(store: EventStore, starts: readonly StreamStart[]): Promise<CommandResult<DomainEvent, unknown>[]> {
+  const decided = starts.map((start) => {
+    const state = start.decider.initialState()
+    return { start, state, events: start.decider.decide(start.command, state) }
+  })
+  const results = await appendAll(
+    store,
+    decided.map(({ start, events }) => ({ streamId: start.streamId, events: toNewEvents(events, { ...(start.metadata ? { metadata: start.metadata } : {}) }), options: { expectedRevision: 'no_stream' as const } })),
+  )
+  return decided.map(({ start, state, events }, i) => ({
+    events,
+    state: events.reduce(start.decider.evolve, state),
+    nextRevision: results[i]!.nextRevision,
+    position: results[i]!.position,
+    repeated: false,
+  }))
 }
 
 function toNewEvents(events: DomainEvent[], options: CommandOptions) {

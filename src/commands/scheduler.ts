@@ -3,11 +3,11 @@ import type { z } from 'zod'
 import type { Kysely } from 'kysely'
 import { DomainError } from '../domain/errors.js'
 import { type LeaseGrant, type TaskCommand, taskDecider, type TaskSpec, type TaskState, taskStream } from '../domain/task.js'
-import type { EventStore, Position } from '../event-store/port.js'
+import { type EventStore, type Position, START } from '../event-store/port.js'
 import { newEventId } from '../event-store/event-id.js'
 import type { CancelTask, Metrics, TaskAssignment, TaskResult, Tensor } from '../protocol/frames.js'
 import { openTasks } from '../projections/tasks.js'
-import { handleCommand, type KnownState } from './handle-command.js'
+import { handleCommand, type KnownState, startStreams, type StreamStart } from './handle-command.js'
 
 type CancelTaskFrame = z.infer<typeof CancelTask>
 type TaskResultFrame = z.infer<typeof TaskResult>
@@ -151,30 +151,51 @@ export class TaskScheduler {
     return this.leases.size
   }
 
+  /** Queues one task; see `submitAll`. */
+  submit(task: NewTask, metadata: { customerId: string }): Promise<Position> {
+    return this.submitAll([task], metadata)
+  }
+
   /**
-   * Queues a task (`task.max_attempts` defaults to the scheduler's) and dispatches it when a device can take
-   * it. When nothing waits in the queue and a capable device has room now, the task is queued and leased in
-   * one append and goes straight to that device.
+   * Queues tasks (`max_attempts` defaults to the scheduler's), recorded in one transaction together with
+   * the other new streams given (`alongside`: the job they belong to), so a crash never leaves a job with
+   * half its tasks. While nothing waits in the queue, a task that a capable device has room for now is
+   * queued and leased in the same append and goes straight to that device; the others wait in the queue.
+   * Resolves with the position of the last event written.
    */
-  async submit(task: NewTask, metadata: { customerId: string }): Promise<Position> {
-    const spec: TaskSpec = { ...task, project_id: task.project_id ?? null, output_shape: task.output_shape ?? null, instance_type: task.instance_type ?? null, max_attempts: task.max_attempts ?? this.maxAttempts }
-    this.known.set(spec.task_id, { state: taskDecider.initialState(), revision: -1 }) // a new stream
-    const device = this.queue.length === 0 ? this.pickDevice(spec) : undefined
-    const lease = device && this.reserve(spec, device)
-    let result
+  async submitAll(tasks: readonly NewTask[], metadata: { customerId: string }, alongside: readonly StreamStart[] = []): Promise<Position> {
+    const at = this.now().toISOString()
+    const planned = tasks.map((task) => {
+      const spec: TaskSpec = { ...task, project_id: task.project_id ?? null, output_shape: task.output_shape ?? null, instance_type: task.instance_type ?? null, max_attempts: task.max_attempts ?? this.maxAttempts }
+      const device = this.queue.length === 0 ? this.pickDevice(spec) : undefined
+      return { spec, device, lease: device && this.reserve(spec, device) }
+    })
+    let results
     try {
-      result = await this.command(spec.task_id, { type: 'QueueTask', task: spec, at: this.now().toISOString(), ...(lease ? { lease: grantOf(lease, device) } : {}) }, metadata.customerId)
+      results = await startStreams(this.options.store, [
+        ...alongside,
+        ...planned.map(({ spec, device, lease }) => ({
+          streamId: taskStream(spec.task_id),
+          decider: taskDecider,
+          command: { type: 'QueueTask', task: spec, at, ...(lease && device ? { lease: grantOf(lease, device) } : {}) } satisfies TaskCommand,
+          metadata: { customerId: metadata.customerId, occurredAt: at },
+        })),
+      ])
     } catch (error) {
-      if (lease) this.release(lease)
+      for (const { lease } of planned) if (lease) this.release(lease)
       throw error
     }
-    this.specs.set(spec.task_id, spec)
-    if (lease) await this.deliver(spec, device, lease)
-    else {
-      this.enqueue(spec)
-      this.kick()
-    }
-    return result.position
+    const deliveries: Promise<void>[] = []
+    planned.forEach(({ spec, device, lease }, i) => {
+      const result = results[alongside.length + i]!
+      this.known.set(spec.task_id, { state: result.state as TaskState, revision: result.nextRevision })
+      this.specs.set(spec.task_id, spec)
+      if (lease && device) deliveries.push(this.deliver(spec, device, lease))
+      else this.enqueue(spec)
+    })
+    this.kick()
+    await Promise.all(deliveries)
+    return results.reduce((last, r) => (r.position > last ? r.position : last), START)
   }
 
   /** Resolves with the task's outcome (completed, failed for good, or cancelled). */

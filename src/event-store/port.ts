@@ -100,8 +100,21 @@ export interface Subscription extends AsyncIterable<SubscriptionBatch> {
   close(): Promise<void>
 }
 
+/** One stream's part of an `appendMany`. */
+export interface StreamAppend {
+  streamId: string
+  events: readonly NewEvent[]
+  options?: AppendOptions
+}
+
 export interface EventStore {
   append(streamId: string, events: readonly NewEvent[], options?: AppendOptions): Promise<AppendResult>
+  /**
+   * Optional: appends to several streams all or nothing (one transaction): each keeps its own expected
+   * revision, and if one is refused, none is written and every one rejects with that error. A store that
+   * cannot (EventStoreDB appends to one stream at a time) leaves it out; see `appendAll`.
+   */
+  appendMany?(appends: readonly StreamAppend[]): Promise<AppendResult[]>
   /** Events of one stream in revision order; an empty array for a stream that does not exist. */
   readStream(streamId: string, options?: ReadStreamOptions): Promise<RecordedEvent[]>
   /** Up to `limit` events after position `after` (exclusive), in position order. */
@@ -124,4 +137,15 @@ export function matchesFilter(event: { type: string; streamId: string }, filter:
   if (filter.types && !filter.types.includes(event.type)) return false
   if (filter.streamPrefixes && !filter.streamPrefixes.some((p) => event.streamId.startsWith(p))) return false
   return true
+}
+
+/**
+ * Appends to several streams: atomically where the store can (`appendMany`), else one stream after
+ * another in the order given (a failure part way leaves the earlier streams written).
+ */
+export async function appendAll(store: EventStore, appends: readonly StreamAppend[]): Promise<AppendResult[]> {
+  if (store.appendMany) return store.appendMany(appends)
+  const results: AppendResult[] = []
+  for (const a of appends) results.push(await store.append(a.streamId, a.events, a.options))
+  return results
 }

@@ -12,6 +12,7 @@ import type {
   Position,
   ReadStreamOptions,
   RecordedEvent,
+  StreamAppend,
   SubscribeOptions,
   Subscription,
 } from './port.js'
@@ -34,6 +35,8 @@ interface PendingAppend {
   streamId: string
   events: { id: string; type: string; data: string; metadata: string }[]
   expected: ExpectedRevision
+  /** Set on the appends of one `appendMany`: they sit next to each other in the queue and are written, or refused, together. */
+  group?: { size: number }
   resolve(result: AppendResult): void
   reject(error: unknown): void
 }
@@ -100,6 +103,26 @@ export class PostgresEventStore implements EventStore {
     })
   }
 
+  appendMany(appends: readonly StreamAppend[]): Promise<AppendResult[]> {
+    if (this.closed) return Promise.reject(new EventStoreUnavailableError('event store is closed'))
+    if (appends.length === 0) return Promise.resolve([])
+    let rows: PendingAppend['events'][]
+    try {
+      rows = appends.map((a) => a.events.map(toRow))
+    } catch (error) {
+      return Promise.reject(error)
+    }
+    const group = { size: appends.length }
+    const results = appends.map(
+      (a, i) =>
+        new Promise<AppendResult>((resolve, reject) => {
+          this.queue.push({ streamId: a.streamId, expected: a.options?.expectedRevision ?? 'any', events: rows[i]!, group, resolve, reject })
+        }),
+    )
+    this.schedulePump()
+    return Promise.all(results)
+  }
+
   /** Starts batches on the next turn of the event loop, so appends made together share one. */
   private schedulePump(): void {
     if (this.pumpScheduled) return
@@ -139,15 +162,19 @@ export class PostgresEventStore implements EventStore {
     const rest: PendingAppend[] = []
     const skipped = new Set<string>()
     let count = 0
-    for (const append of this.queue) {
-      const blocked = this.busyStreams.has(append.streamId) || skipped.has(append.streamId)
-      const fits = batch.length === 0 || count + append.events.length <= limit
+    for (let i = 0; i < this.queue.length; ) {
+      // an appendMany's appends are one unit: taken together or left together
+      const unit = this.queue.slice(i, i + (this.queue[i]!.group?.size ?? 1))
+      i += unit.length
+      const events = unit.reduce((n, a) => n + a.events.length, 0)
+      const blocked = unit.some((a) => this.busyStreams.has(a.streamId) || skipped.has(a.streamId))
+      const fits = batch.length === 0 || count + events <= limit
       if (blocked || !fits) {
-        skipped.add(append.streamId)
-        rest.push(append)
+        for (const a of unit) skipped.add(a.streamId)
+        rest.push(...unit)
       } else {
-        batch.push(append)
-        count += append.events.length
+        batch.push(...unit)
+        count += events
       }
     }
     this.queue = rest
@@ -412,43 +439,70 @@ interface PlannedRow {
  * the rows have positions.
  */
 export function planBatch(
-  batch: readonly Pick<PendingAppend, 'streamId' | 'events' | 'expected'>[],
+  batch: readonly Pick<PendingAppend, 'streamId' | 'events' | 'expected' | 'group'>[],
   heads: Map<string, { revision: number; position: Position }>,
   stored: Map<string, StoredId>,
-): { rows: PlannedRow[]; outcomes: ({ ok: true; result: () => AppendResult } | { ok: false; error: Error })[] } {
+): { rows: PlannedRow[]; outcomes: PlannedOutcome[] } {
   const rows: PlannedRow[] = []
   const inBatch = new Map<string, PlannedRow>()
-  const outcomes = batch.map((append) => {
-    const ids = append.events.map((e) => e.id)
-    const already = ids.map((id) => stored.get(id) ?? inBatch.get(id))
-    const found = already.filter((x) => x !== undefined)
-    // a retry of an append that is stored (or queued just before in this batch): the original result
-    if (ids.length > 0 && found.length === ids.length && found.every((x) => x.streamId === append.streamId)) {
-      return { ok: true as const, result: () => resultOf(already as { revision: number; position?: Position }[]) }
-    }
-    if (found.length > 0) {
-      return { ok: false as const, error: new DuplicateEventIdError(append.streamId, ids.filter((_, i) => already[i])) }
-    }
-    const head = heads.get(append.streamId)
-    const current = head ? head.revision : -1
-    if (!revisionMatches(append.expected, current)) {
-      return { ok: false as const, error: new WrongExpectedRevisionError(append.streamId, append.expected, head ? current : 'no_stream') }
-    }
-    if (ids.length === 0) {
-      const position = head?.position ?? START
-      return { ok: true as const, result: () => ({ nextRevision: current, position }) }
-    }
-    const mine = append.events.map((e, i) => {
-      const row: PlannedRow = { streamId: append.streamId, revision: current + 1 + i, ...e }
-      inBatch.set(e.id, row)
-      rows.push(row)
-      return row
-    })
-    const last = mine.at(-1)!
-    heads.set(append.streamId, { revision: last.revision, position: START })
-    return { ok: true as const, result: () => resultOf(mine) }
-  })
+  const outcomes: PlannedOutcome[] = []
+  for (let i = 0; i < batch.length; ) {
+    const unit = batch.slice(i, i + (batch[i]!.group?.size ?? 1))
+    i += unit.length
+    // what a refused unit must undo
+    const rowCount = rows.length
+    const headsBefore = unit.map((a) => [a.streamId, heads.get(a.streamId)] as const)
+    const planned = unit.map((append) => planAppend(append, heads, stored, inBatch, rows))
+    const refused = planned.find((o) => !o.ok)
+    if (refused && unit.length > 1) {
+      for (const row of rows.splice(rowCount)) inBatch.delete(row.id)
+      for (const [stream, head] of headsBefore.reverse()) {
+        if (head) heads.set(stream, head)
+        else heads.delete(stream)
+      }
+      outcomes.push(...unit.map(() => refused))
+    } else outcomes.push(...planned)
+  }
   return { rows, outcomes }
+}
+
+type PlannedOutcome = { ok: true; result: () => AppendResult } | { ok: false; error: Error }
+
+function planAppend(
+  append: Pick<PendingAppend, 'streamId' | 'events' | 'expected'>,
+  heads: Map<string, { revision: number; position: Position }>,
+  stored: Map<string, StoredId>,
+  inBatch: Map<string, PlannedRow>,
+  rows: PlannedRow[],
+): PlannedOutcome {
+  const ids = append.events.map((e) => e.id)
+  const already = ids.map((id) => stored.get(id) ?? inBatch.get(id))
+  const found = already.filter((x) => x !== undefined)
+  // a retry of an append that is stored (or queued just before in this batch): the original result
+  if (ids.length > 0 && found.length === ids.length && found.every((x) => x.streamId === append.streamId)) {
+    return { ok: true as const, result: () => resultOf(already as { revision: number; position?: Position }[]) }
+  }
+  if (found.length > 0) {
+    return { ok: false as const, error: new DuplicateEventIdError(append.streamId, ids.filter((_, i) => already[i])) }
+  }
+  const head = heads.get(append.streamId)
+  const current = head ? head.revision : -1
+  if (!revisionMatches(append.expected, current)) {
+    return { ok: false as const, error: new WrongExpectedRevisionError(append.streamId, append.expected, head ? current : 'no_stream') }
+  }
+  if (ids.length === 0) {
+    const position = head?.position ?? START
+    return { ok: true as const, result: () => ({ nextRevision: current, position }) }
+  }
+  const mine = append.events.map((e, i) => {
+    const row: PlannedRow = { streamId: append.streamId, revision: current + 1 + i, ...e }
+    inBatch.set(e.id, row)
+    rows.push(row)
+    return row
+  })
+  const last = mine.at(-1)!
+  heads.set(append.streamId, { revision: last.revision, position: START })
+  return { ok: true as const, result: () => resultOf(mine) }
 }
 
 function resultOf(events: { revision: number; position?: Position }[]): AppendResult {

@@ -11,7 +11,6 @@ import { findJob, type JobRow, jobResults, jobStatus, openTaskIds } from '../pro
 import { findModel, type ModelRow } from '../projections/models.js'
 import { findProject } from '../projections/projects.js'
 import { customerOf } from './auth.js'
-import { handleCommand } from '../commands/handle-command.js'
 import { execute, readYourWrites, type Services } from './context.js'
 import { pageQuery } from './pagination.js'
 import { newId } from './ids.js'
@@ -194,33 +193,25 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
     const sizes = kind === 'single' ? [1] : chunkSizes(inputs.length, capacity)
     const tasks = sizes.map((n, i) => ({ task_id: inferenceTaskId(jobId, i), inputs: n }))
     const request = { job_id: jobId, customer_id: customerId, project_id: projectId, model_id: model.model_id, kind, mode, name: body.name ?? null, tasks, requested_at: at }
-    // A new job id: its stream does not exist yet, no need to read it. No wait for the read models either:
-    // the reads of jobs, projects and usage wait for their own read model to reach the head of the log.
-    await handleCommand(services.store, inferenceStream(jobId), inferenceDecider, { type: 'RequestInference', request }, {
-      metadata: { customerId, occurredAt: at },
-      known: { state: inferenceDecider.initialState(), revision: -1 },
-    })
-    const taskIds = tasks.map((t) => t.task_id)
-    beforeQueue(taskIds)
+    // The job and its tasks are new streams, written in one transaction (and one commit): no job is ever
+    // recorded without its tasks. No wait for the read models: the reads of jobs, projects and usage wait
+    // for them to reach the head of the log.
+    beforeQueue(tasks.map((t) => t.task_id))
     let first = 0
-    await Promise.all(
-      tasks.map((task) => {
-        const chunk = inputs.slice(first, (first += task.inputs))
-        return services.scheduler.submit(
-          {
-            task_id: task.task_id,
-            customer_id: customerId,
-            job_id: jobId,
-            project_id: projectId,
-            model: { id: model.model_id, format: model.format, checksum: model.checksum },
-            inputs: chunk,
-            output_shape: model.output_shape,
-            prefer_gpu: placement?.prefer_gpu ?? false,
-            instance_type: instanceType ?? null,
-          },
-          { customerId },
-        )
-      }),
+    await services.scheduler.submitAll(
+      tasks.map((task) => ({
+        task_id: task.task_id,
+        customer_id: customerId,
+        job_id: jobId,
+        project_id: projectId,
+        model: { id: model.model_id, format: model.format, checksum: model.checksum },
+        inputs: inputs.slice(first, (first += task.inputs)),
+        output_shape: model.output_shape,
+        prefer_gpu: placement?.prefer_gpu ?? false,
+        instance_type: instanceType ?? null,
+      })),
+      { customerId },
+      [{ streamId: inferenceStream(jobId), decider: inferenceDecider, command: { type: 'RequestInference', request }, metadata: { customerId, occurredAt: at } }],
     )
     return { jobId, total: inputs.length, projectId, model }
   }

@@ -132,3 +132,50 @@ t.test('two stores on one database (two processes): cached stream heads never de
   t.equal(retry.nextRevision, 7, 'a retry through the other store finds the stored event')
   t.same((await a.readStream('shared-1')).map((e) => e.type), ['A0', 'A1', 'B2', 'B3', 'A4', 'B5', 'A6', 'A7'])
 })
+
+t.test('appendMany: several streams all or nothing, each with its own expected revision', async (t) => {
+  const database = await freshDatabase(t)
+  const store = new PostgresEventStore(database.pool)
+  t.teardown(() => store.close())
+  await store.append('m-1', [{ type: 'A', data: {} }])
+  // m-2 is new, m-1 is at revision 0: both pass, in one transaction, in the order given
+  const jobId = randomUUID()
+  const [first, second] = await store.appendMany([
+    { streamId: 'm-2', events: [{ id: jobId, type: 'Job', data: {} }], options: { expectedRevision: 'no_stream' } },
+    { streamId: 'm-1', events: [{ type: 'B', data: {} }, { type: 'C', data: {} }], options: { expectedRevision: 0 } },
+  ])
+  t.equal(first!.nextRevision, 0)
+  t.equal(second!.nextRevision, 2)
+  t.ok(second!.position > first!.position)
+  t.equal(first!.position >> 20n, second!.position >> 20n, 'one transaction')
+  // one refused (m-1 is not new): nothing of the lot is written, every part rejects; other appends go on
+  const [many, alone] = await Promise.allSettled([
+    store.appendMany([
+      { streamId: 'm-3', events: [{ type: 'D', data: {} }], options: { expectedRevision: 'no_stream' } },
+      { streamId: 'm-1', events: [{ type: 'E', data: {} }], options: { expectedRevision: 'no_stream' } },
+    ]),
+    store.append('m-4', [{ type: 'F', data: {} }]),
+  ])
+  t.equal(many.status, 'rejected')
+  t.type((many as PromiseRejectedResult).reason, WrongExpectedRevisionError)
+  t.equal(alone.status, 'fulfilled')
+  t.same((await store.readStream('m-3')).length, 0, 'the accepted part was not written either')
+  t.same((await store.readAll()).map((e) => `${e.streamId}/${e.type}`), ['m-1/A', 'm-2/Job', 'm-1/B', 'm-1/C', 'm-4/F'])
+  // a retried appendMany (same event ids) answers with the first run's positions, and writes nothing new
+  const again = await store.appendMany([{ streamId: 'm-2', events: [{ id: jobId, type: 'Job', data: {} }], options: { expectedRevision: 'no_stream' } }])
+  t.equal(again[0]!.position, first!.position)
+  t.equal((await store.readAll()).length, 5)
+})
+
+t.test('appendMany under concurrency: every lot lands whole', async (t) => {
+  const database = await freshDatabase(t)
+  const store = new PostgresEventStore(database.pool, { maxBatchEvents: 7 })
+  t.teardown(() => store.close())
+  const lots = Array.from({ length: 60 }, (_, i) => store.appendMany(
+    Array.from({ length: 1 + (i % 4) }, (_, j) => ({ streamId: `lot-${i}-${j}`, events: [{ type: 'L', data: { i, j } }], options: { expectedRevision: 'no_stream' as const } })),
+  ))
+  const results = await Promise.all(lots)
+  const spread = results.filter((result) => new Set(result.map((r) => r.position >> 20n)).size !== 1)
+  t.equal(spread.length, 0, 'no lot spread over several transactions')
+  t.equal((await store.readAll(undefined, 1000)).length, results.reduce((n, r) => n + r.length, 0), 'every event of every lot stored')
+})
