@@ -43,6 +43,8 @@ interface PendingAppend {
 
 /** Bits of a position that number the events of one transaction; the bits above are its transaction id. */
 const SEQUENCE_BITS = 20n
+/** Queued events that make it worth writing a second batch while one is in flight. */
+const MIN_PARALLEL_EVENTS = 16
 /** Stream heads kept in memory (the oldest written are forgotten first). */
 const HEAD_CACHE_SIZE = 100_000
 const RETRYABLE = new Set(['23505', '40001', '40P01']) // a racing writer outside this process; serialisation; deadlock
@@ -133,11 +135,17 @@ export class PostgresEventStore implements EventStore {
     })
   }
 
-  /** Starts batches while there are free slots and queued appends whose streams are not being written. */
+  /**
+   * Starts batches while there are free slots and queued appends whose streams are not being written. With
+   * a batch already being written, another starts only for a queue of MIN_PARALLEL_EVENTS or more: a few
+   * appends wait for the batch in flight and go together in the next one (one insert and one commit for
+   * all of them) instead of each taking a slot of its own.
+   */
   private pump(): void {
     while (this.inFlight < this.maxConcurrentBatches) {
-      // Share what is queued between the free slots, so the batches run side by side.
       const queued = this.queue.reduce((n, a) => n + a.events.length, 0)
+      if (this.inFlight > 0 && queued < MIN_PARALLEL_EVENTS) break
+      // Share what is queued between the free slots, so the batches run side by side.
       const batch = this.takeBatch(Math.ceil(queued / (this.maxConcurrentBatches - this.inFlight)))
       if (batch.length === 0) break
       const streams = new Set(batch.map((a) => a.streamId))
