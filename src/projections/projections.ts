@@ -67,6 +67,7 @@ export class Projections {
 
   start(): void {
     if (this.runner) return
+    this.caches.clear() // remembered under an earlier runner, whose generations a new one does not continue
     this.runner = new ProjectionRunner(this.list, this.deps)
     this.runner.start()
   }
