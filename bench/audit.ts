@@ -4,17 +4,17 @@
  * attempt and a second lease first), builds the live usage read model with `rebuild`, then times a full
  * `auditUsage` (replay into a shadow schema, row-by-row comparison, totals and digests) and checks its
  * totals against sums kept while generating. Target: under 30 s for 1,000,000 events on a 2-core machine.
- * Baseline in the same run: `store.readAll` over the whole log in pages of 5,000 (the audit's page size),
- * the floor any replay through the store pays; ratio = baseline seconds / audit seconds.
+ * Baseline in the same run: `store.readAll` over the whole log in pages of 5,000, what reading every
+ * event in full through the store costs; ratio = baseline seconds / audit seconds.
  * BENCH_PROFILE=1 adds a second, instrumented audit and a breakdown of where its time goes (`profile`).
  */
 import { sql, type Transaction } from 'kysely'
-import type { NewEvent, Position, RecordedEvent } from '../src/event-store/port.js'
-import { matchesFilter, START } from '../src/event-store/port.js'
+import type { EventFilter, NewEvent, Position, RecordedEvent } from '../src/event-store/port.js'
+import { START } from '../src/event-store/port.js'
 import { PostgresEventStore } from '../src/event-store/postgres.js'
 import { taskDecider } from '../src/domain/task.js'
 import { rebuild } from '../src/projections/replay.js'
-import { usageProjection } from '../src/projections/usage.js'
+import { usageBulkLoad, usageProjection } from '../src/projections/usage.js'
 import { auditUsage, type UsageAuditReport } from '../src/projections/usage-audit.js'
 import type { BenchContext } from './run.js'
 
@@ -67,7 +67,7 @@ interface Device {
 }
 
 /** What the audit's totals must add up to, summed while generating. */
-export interface Expected {
+interface Expected {
   completed: number
   failedAttempts: number
   inputs: number
@@ -157,7 +157,7 @@ function validate(events: NewEvent[]): void {
   for (const e of events) taskDecider.parse({ type: e.type, data: e.data, schemaVersion: e.metadata?.schemaVersion ?? 1 })
 }
 
-export async function load(store: PostgresEventStore, expected: Expected, log: BenchContext['log']): Promise<number> {
+async function load(store: PostgresEventStore, expected: Expected, log: BenchContext['log']): Promise<number> {
   const source = tasks(rng(20_260_101), expected)
   let written = 0
   let validated = 0
@@ -266,10 +266,12 @@ export async function auditBench({ database, log }: BenchContext): Promise<strin
 }
 
 /**
- * Where the audit's time goes: a second audit with the store's reads timed (they overlap the applies: the
- * next page is read while the current one is applied) and the end of its replay marked; then its parts
- * alone: the read without row decoding, the read of the usage events only, and `usageProjection.apply`
- * (zod parsing included) over the same pages into a scratch schema.
+ * Where the audit's time goes: a second audit with the store's reads timed (two readers read at once, and
+ * each reads its next page while the current one is folded, so the reads overlap each other and the
+ * folding) and the ends of its replay, of its bulk load's writes and of its comparison marked; then its
+ * parts alone: the read without row decoding, the read of the usage events only, `taskDecider.parse`,
+ * the bulk load over the same pages into a scratch schema, and, for comparison, `usageProjection.apply`
+ * over them page by page (what a rebuild and the live runner do).
  */
 async function profile({ db, pool }: BenchContext['database'], store: PostgresEventStore, log: BenchContext['log']): Promise<void> {
   let readMs = 0
@@ -277,13 +279,13 @@ async function profile({ db, pool }: BenchContext['database'], store: PostgresEv
   let lastRead = 0
   const pages: RecordedEvent[][] = []
   const timed = Object.assign(Object.create(store) as PostgresEventStore, {
-    readAll: async (after?: Position, limit?: number) => {
+    readFilteredPage: async (after: Position, limit: number, filter: EventFilter) => {
       const s = performance.now()
-      const page = await store.readAll(after, limit)
+      const page = await store.readFilteredPage(after, limit, filter)
       lastRead = performance.now()
       readMs += lastRead - s
       reads++
-      pages.push(page.filter((e) => matchesFilter(e, usageProjection.filter)))
+      pages.push(page.events)
       return page
     },
   })
@@ -291,8 +293,8 @@ async function profile({ db, pool }: BenchContext['database'], store: PostgresEv
   await auditUsage({ db, store: timed })
   const end = performance.now()
   log(
-    `profile: audit ${seconds(end - started)} s; store.readAll ${reads} x ${(readMs / reads).toFixed(0)} ms = ${seconds(readMs)} s (overlapping the applies); ` +
-      `its replay ends ${seconds(lastRead - started)} s in; then compare, totals and digests ${seconds(end - lastRead)} s`,
+    `profile: audit ${seconds(end - started)} s; store.readFilteredPage ${reads} x ${(readMs / reads).toFixed(0)} ms = ${seconds(readMs)} s (two readers at once, overlapping the folding); ` +
+      `its replay's reads end ${seconds(lastRead - started)} s in; then the shadow's writes, the comparison, totals and digest ${seconds(end - lastRead)} s`,
   )
   const raw = { getTypeParser: () => (value: string) => value }
   for (const [label, condition] of [['every event, rows left as text (no JSON.parse, Date, BigInt)', ''], ['only TaskCompleted/TaskAttemptFailed (type filter in SQL), as text', `and type in ('TaskCompleted', 'TaskAttemptFailed')`]] as const) {
@@ -311,13 +313,24 @@ async function profile({ db, pool }: BenchContext['database'], store: PostgresEv
   let s = performance.now()
   for (const e of usageEvents) taskDecider.parse({ type: e.type, data: e.data, schemaVersion: e.metadata.schemaVersion ?? 1 })
   log(`profile: taskDecider.parse of the ${usageEvents.length} usage events alone: ${seconds(performance.now() - s)} s`)
-  await sql`drop schema if exists bench_usage_scratch cascade`.execute(db)
-  await sql`create schema bench_usage_scratch`.execute(db)
-  const inScratch = (f: (trx: Transaction<any>) => Promise<void>) => db.transaction().execute(async (trx) => {
+  const scratch = async () => {
+    await sql`drop schema if exists bench_usage_scratch cascade`.execute(db)
+    await sql`create schema bench_usage_scratch`.execute(db)
+    await inScratch((trx) => usageProjection.createTables(trx))
+  }
+  const inScratch = <T>(f: (trx: Transaction<any>) => Promise<T>) => db.transaction().execute(async (trx) => {
     await sql`set local search_path to bench_usage_scratch, public`.execute(trx)
-    await f(trx)
+    return f(trx)
   })
-  await inScratch((trx) => usageProjection.createTables(trx))
+  await scratch()
+  const bulk = usageBulkLoad()
+  s = performance.now()
+  await bulk.begin(inScratch)
+  for (const page of pages) if (page.length > 0) await bulk.add(page, inScratch)
+  const folded = performance.now()
+  await bulk.finish(inScratch)
+  log(`profile: usageBulkLoad alone, ${pages.length} pages: ${seconds(performance.now() - s)} s (folding ${seconds(folded - s)} s, writing ${seconds(performance.now() - folded)} s)`)
+  await scratch()
   s = performance.now()
   for (const page of pages) if (page.length > 0) await inScratch((trx) => usageProjection.apply(trx, page))
   log(`profile: usageProjection.apply alone, ${pages.length} pages, one transaction each: ${seconds(performance.now() - s)} s`)

@@ -1,6 +1,6 @@
 import { type RawBuilder, sql, type Transaction } from 'kysely'
 import { audit, type AuditReport, type ReplayDeps } from './replay.js'
-import { usageProjection } from './usage.js'
+import { usageBulkLoad, usageProjection } from './usage.js'
 
 export interface UsageAuditOptions {
   /** Inclusive UTC hours, `YYYY-MM-DDTHH`. */
@@ -50,11 +50,15 @@ export async function auditUsage(deps: ReplayDeps, options: UsageAuditOptions = 
   const report = await audit(deps, usageProjection, {
     maxDifferences: options.maxDifferences ?? 100,
     where,
-    inspect: async (trx, schemas) => ({
-      totals: await totals(trx, schemas.replayed, where()),
-      digest: await digest(trx, schemas.replayed, where()),
-      liveDigest: await digest(trx, schemas.live, where()),
-    }),
+    bulkLoad: usageBulkLoad(),
+    inspect: async (trx, schemas, compared) => {
+      const replayed = await digest(trx, schemas.replayed, where())
+      const replayedTotals = await totals(trx, schemas.replayed, where())
+      // No row differs (compared as records, within the same filter): the live rows are the replayed rows,
+      // byte for byte, and so is their digest; it is computed over the live rows only when they differ.
+      const same = (await compared).every((table) => table.differenceCount === 0)
+      return { totals: replayedTotals, digest: replayed, liveDigest: same ? replayed : await digest(trx, schemas.live, where()) }
+    },
   })
   const { extra, ...rest } = report
   return { ...rest, filter: { from: options.from ?? null, to: options.to ?? null, customer: options.customer ?? null }, ...extra }
@@ -83,10 +87,12 @@ async function totals(trx: Transaction<any>, schema: string, where: RawBuilder<b
 
 /**
  * SHA-256 over the rows in key order, each a line `["customer_id","project_id",...]` (every column as a JSON
- * string) ending in a newline, computed in Postgres so the rows never leave it.
+ * string) ending in a newline, computed in Postgres so the rows never leave it. The line is one
+ * `array_to_json` of the columns as text: the same bytes as each column's `to_json(...::text)` joined with
+ * commas, for a fraction of the work.
  */
 async function digest(trx: Transaction<any>, schema: string, where: RawBuilder<boolean>): Promise<string> {
-  const line = sql`'[' || ${sql.join(COLUMNS.map((c) => sql`to_json(${sql.ref(`t.${c}`)}::text)::text`), sql` || ',' || `)} || ']' || chr(10)`
+  const line = sql`array_to_json(array[${sql.join(COLUMNS.map((c) => sql`${sql.ref(`t.${c}`)}::text`))}])::text || chr(10)`
   const { rows } = await sql<{ digest: string }>`
     select encode(sha256(convert_to(coalesce(string_agg(${line}, '' order by t.customer_id, t.project_id, t.hour, t.sdk_uuid, t.instance_type, t.outcome), ''), 'UTF8')), 'hex') as digest
     from ${sql.table(`${schema}.usage_hourly`)} as t where ${where}`.execute(trx)
