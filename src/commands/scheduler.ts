@@ -261,6 +261,10 @@ export class TaskScheduler {
     if (!lease || lease.deviceId !== deviceId || lease.taskId !== frame.task_id) {
       throw new DomainError('STALE_LEASE', `lease ${frame.lease_id} for task ${frame.task_id} is not current`)
     }
+    // The device is done with the task: its slot takes new work while the outcome is being recorded (the
+    // lease itself stays until then, so a second result under it is still refused).
+    const device = this.devices.get(deviceId)
+    if (device?.leases.delete(lease.leaseId)) this.kick()
     const outputs = frame.outputs ?? (frame.output ? [frame.output] : undefined)
     if (frame.status !== 'completed' || !outputs) {
       await this.failAttempt(lease, frame.error ?? 'the device reported a failure without an output', frame.metrics)

@@ -317,17 +317,22 @@ export class PostgresEventStore implements EventStore {
 
   private async readPage(after: Position, limit: number, filter?: EventFilter): Promise<Page> {
     if (filter) return this.readFilteredPage(after, limit, filter)
-    // a scalar subquery is an init plan: the bound is computed once per read, not once per row
+    // The page stops below the bound (the bound is computed once: a materialised CTE). Rows at or above it
+    // are not read in full: under a steady stream of appends there always are some, and a subscriber that
+    // re-reads a held page every few ms would parse them again each time. One extra row (position only)
+    // tells whether the page was held back.
     const result = await this.query(
-      `select ${SELECT_COLUMNS}, position >= (select dcp_position_bound()) as in_flight
-         from events where position > $1 order by position limit $2`,
+      `with b as materialized (select dcp_position_bound() as bound)
+       (select ${SELECT_COLUMNS}, false as in_flight from events where position > $1 and position < (select bound from b) order by position limit $2)
+       union all
+       (select position, null, null, null, null, null, null, null, true from events where position > $1 and position >= (select bound from b) order by position limit 1)`,
       [after.toString(), limit],
     )
     const events: RecordedEvent[] = []
     let held = false
     for (const row of result.rows) {
       if (row.in_flight) {
-        held = true
+        held = events.length < limit
         break
       }
       events.push(toRecorded(row))
