@@ -57,6 +57,8 @@ export function knownProjection(name: string, list: readonly Projection[] = allP
 /** The projections of one process: runs them (one runner, one reader, one transaction per batch for all), answers read-your-writes waits, rebuilds, audits. */
 export class Projections {
   private runner: ProjectionRunner | undefined
+  /** Projections that failed where the others did not, each followed by a runner of its own. */
+  private readonly detached = new Map<string, ProjectionRunner>()
   private readonly caches = new Map<string, Map<string, { generation: number; at: number; value: Promise<unknown> }>>()
 
   constructor(private readonly deps: RunnerDeps, readonly list: readonly Projection[] = allProjections) {}
@@ -68,13 +70,24 @@ export class Projections {
   start(): void {
     if (this.runner) return
     this.caches.clear() // remembered under an earlier runner, whose generations a new one does not continue
-    this.runner = new ProjectionRunner(this.list, this.deps)
+    this.runner = new ProjectionRunner(this.list, this.deps, (projection) => {
+      const alone = new ProjectionRunner(projection, this.deps)
+      this.detached.set(projection.name, alone)
+      alone.start()
+    })
     this.runner.start()
   }
 
   async stop(): Promise<void> {
     await this.runner?.stop()
+    await Promise.all([...this.detached.values()].map((r) => r.stop()))
     this.runner = undefined
+    this.detached.clear()
+  }
+
+  /** The runner that keeps this projection (the shared one, or its own after a failure of its own). */
+  private runnerOf(name: string): ProjectionRunner | undefined {
+    return this.detached.get(name) ?? this.runner
   }
 
   /** Read-your-writes: resolves once the running projections (they move together) have applied the log up to `position`. */
@@ -89,7 +102,7 @@ export class Projections {
    * caller's credential, the model it names) cost no query this way.
    */
   cached<V>(name: string, key: string, load: () => Promise<V>): Promise<V> {
-    const generation = this.runner?.generation(name)
+    const generation = this.runnerOf(name)?.generation(name)
     if (generation === undefined) return load()
     let cache = this.caches.get(name)
     if (!cache) this.caches.set(name, (cache = new Map()))
@@ -123,7 +136,7 @@ export class Projections {
     return Promise.all(
       this.list.map(async (projection) => {
         const checkpoint = await readCheckpoint(this.deps.db, projection.name)
-        const runner = this.runner
+        const runner = this.runnerOf(projection.name)
         // A running runner knows how far it has scanned; the stored checkpoint moves only with matching events.
         const position = runner && checkpoint && runner.position > checkpoint.position ? runner.position : checkpoint?.position
         const lag = (await this.deps.store.readAll(position ?? START, LAG_COUNT_LIMIT)).length

@@ -17,6 +17,12 @@ export interface RunnerDeps {
   retryMs?: number
 }
 
+/**
+ * Called when one projection of a set fails on events that the others apply: the set goes on without it
+ * (its writer lock released), and the callee runs it on its own (retrying at the failing batch).
+ */
+export type DetachHandler = (projection: Projection, error: Error) => void
+
 export class ProjectionTimeoutError extends Error {
   readonly code = 'PROJECTION_TIMEOUT'
   constructor(name: string, position: Position, reached: Position) {
@@ -35,7 +41,7 @@ export class ProjectionTimeoutError extends Error {
 export class ProjectionRunner {
   state: RunnerState = 'starting'
   lastError: string | undefined
-  readonly projections: readonly Projection[]
+  projections: readonly Projection[]
   /** Below START until every live copy exists, so that waiting for START means waiting until they are ready. */
   private horizon: Position = START - 1n
   /** Each projection's checkpoint as this runner last wrote or read it. */
@@ -48,7 +54,9 @@ export class ProjectionRunner {
   private stopping = false
   private wake: (() => void) | undefined
 
-  constructor(projections: Projection | readonly Projection[], private readonly deps: RunnerDeps) {
+  private leaderConnection: Kysely<any> | undefined
+
+  constructor(projections: Projection | readonly Projection[], private readonly deps: RunnerDeps, private readonly onDetach?: DetachHandler) {
     this.projections = Array.isArray(projections) ? projections : [projections as Projection]
     for (const projection of this.projections) checkProjectionName(projection.name)
   }
@@ -115,6 +123,7 @@ export class ProjectionRunner {
   private async run(): Promise<void> {
     const { db } = this.deps
     await db.connection().execute(async (connection) => {
+      this.leaderConnection = connection
       while (!this.stopping) {
         try {
           if (!(await this.lead(connection))) {
@@ -193,7 +202,7 @@ export class ProjectionRunner {
         .map((projection) => ({ projection, events: this.fresh(projection, batch.events) }))
         .filter((w) => w.events.length > 0)
       if (work.length > 0) {
-        const moved = await this.deps.db.transaction().execute((trx) => this.applyTogether(trx, work, batch.checkpoint))
+        const moved = await this.applyBatch(work, batch.checkpoint)
         for (const { name, position } of moved) {
           this.checkpoints.set(name, position)
           this.changes.set(name, (this.changes.get(name) ?? 0) + 1)
@@ -201,6 +210,41 @@ export class ProjectionRunner {
       }
       this.advance(batch.checkpoint)
     }
+  }
+
+  /**
+   * Applies a batch in one transaction. When that fails for a reason of the data (not the connection), each
+   * projection is tried alone: one that fails alone is detached (when some other one succeeds and there is
+   * a handler), so a bad event or a bug in one read model does not stop the others.
+   */
+  private async applyBatch(work: { projection: Projection; events: RecordedEvent[] }[], checkpoint: Position) {
+    const inOne = (part: typeof work) => this.deps.db.transaction().execute((trx) => this.applyTogether(trx, part, checkpoint))
+    try {
+      return await inOne(work)
+    } catch (error) {
+      if (!this.onDetach || this.projections.length < 2 || transient(error)) throw error
+      const moved: Awaited<ReturnType<typeof inOne>> = []
+      const failed: { projection: Projection; error: Error }[] = []
+      for (const part of work) {
+        try {
+          moved.push(...(await inOne([part])))
+        } catch (alone) {
+          if (transient(alone)) throw alone
+          failed.push({ projection: part.projection, error: alone as Error })
+        }
+      }
+      if (failed.length === work.length) throw error // every one: nothing to tell them apart
+      for (const { projection, error: cause } of failed) await this.detach(projection, cause)
+      return moved
+    }
+  }
+
+  private async detach(projection: Projection, error: Error): Promise<void> {
+    this.projections = this.projections.filter((p) => p !== projection)
+    this.checkpoints.delete(projection.name)
+    if (this.leaderConnection) await releaseLeadership(this.leaderConnection, projection.name).catch(() => {})
+    this.deps.log?.(`projection ${projection.name}: ${error.message}; it goes on alone, retrying that batch`)
+    this.onDetach!(projection, error)
   }
 
   /** The events of a batch that this projection handles and has not applied yet (as far as this runner knows). */
@@ -237,4 +281,11 @@ export class ProjectionRunner {
       on conflict (name) do update set position = excluded.position, version = excluded.version, updated_at = now()`.execute(trx)
     return next
   }
+}
+
+/** An error of the connection or the server's state (retry the same batch), not of the events or the code. */
+function transient(error: unknown): boolean {
+  const code = (error as { code?: unknown }).code
+  if (typeof code !== 'string') return error instanceof Error && /connect|terminat|timeout|ECONN/i.test(error.message)
+  return /^(08|53|57|58|40)/.test(code) || code.startsWith('E')
 }

@@ -225,3 +225,35 @@ t.test('a cached read is kept until its read model changes, and is never kept wi
   await t.rejects(projections.cached('a_counts', 'bad', async () => { failures++; throw new Error('down') }))
   t.equal(failures, 2, 'a failed read is not remembered')
 })
+
+t.test('a read model that fails on an event goes on alone; the others keep up', async (t) => {
+  const { db, store } = await setup(t)
+  const fragile: Projection = {
+    ...aCounts,
+    filter: { types: ['A1', 'A2', 'Poison'] },
+    async apply(trx, events) {
+      if (events.some((e) => e.type === 'Poison')) throw new Error('cannot read a Poison event')
+      await aCounts.apply(trx, events)
+    },
+  }
+  const logs: string[] = []
+  const projections = new Projections({ db, store, retryMs: 50, log: (line) => logs.push(line) }, [eventCounts, fragile])
+  projections.start()
+  t.teardown(() => projections.stop())
+  const before = await store.append('s-1', [{ type: 'A1', data: {} }])
+  await projections.waitFor(before.position)
+  await store.append('s-1', [{ type: 'Poison', data: {} }])
+  const last = await store.append('s-2', [{ type: 'A1', data: {} }, { type: 'B', data: {} }])
+  await projections.waitFor(last.position, 5000)
+  t.same(await counts(db), ['s/A1=2', 's/B=1', 's/Poison=1'], 'event_counts went past the poison')
+  await new Promise((r) => setTimeout(r, 300)) // the fragile one retries meanwhile
+  const status = Object.fromEntries((await projections.status()).map((s) => [s.name, s]))
+  t.equal(status.event_counts!.state, 'live')
+  t.equal(status.event_counts!.lag, 0)
+  t.equal(status.a_counts!.state, 'failed')
+  t.match(status.a_counts!.lastError, /Poison/)
+  t.equal(status.a_counts!.checkpoint, before.position.toString(), 'it stays before the event it cannot apply')
+  t.ok(logs.some((line) => /a_counts: .*goes on alone/.test(line)), 'the log says so')
+  const { rows } = await sql<{ n: number }>`select n from rm_a_counts.a_counts`.execute(db)
+  t.same(rows, [{ n: 1 }], 'nothing of the failed batch was applied to it')
+})
