@@ -189,8 +189,13 @@ export class ProjectionRunner {
     }
     from ??= START
     this.advance(from)
-    this.state = 'live'
-    this.lastError = undefined
+    // After a failure it counts as live again only once a batch went through: a retry that fails again must
+    // not show it live (with no error) in between.
+    const live = () => {
+      this.state = 'live'
+      this.lastError = undefined
+    }
+    if (this.state !== 'failed') live()
     // One projection alone reads only what it handles; a set reads every event once.
     const filter = this.projections.length === 1 ? this.projections[0]!.filter : undefined
     this.subscription = this.deps.store.subscribe({ from, ...(filter ? { filter } : {}), batchSize: this.deps.batchSize ?? 1000 })
@@ -208,6 +213,7 @@ export class ProjectionRunner {
           this.changes.set(name, (this.changes.get(name) ?? 0) + 1)
         }
       }
+      if (this.state === 'failed') live()
       this.advance(batch.checkpoint)
     }
   }
