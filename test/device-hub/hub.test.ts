@@ -68,7 +68,8 @@ t.test('missed heartbeats mark a device offline; it comes back with the same id;
 })
 
 t.test('bad frames get an error frame or a close, never a crash', async (t) => {
-  const { url, get } = await listening(t)
+  // a long heartbeat interval: the watchdog (missed heartbeats, unanswered pings) must not close these sockets first
+  const { url, get } = await listening(t, 10_000)
   const device = await SimDevice.connect(url)
   device.send('this is not json')
   t.match(await device.next((f) => f.type === 'error'), { code: 'INVALID_FRAME', message: /invalid frame/ })
@@ -84,9 +85,10 @@ t.test('bad frames get an error frame or a close, never a crash', async (t) => {
   for (let i = 0; i < 10; i++) device.send({ type: 'nonsense', i })
   t.equal((await device.waitClosed()).code, 4402, 'too many malformed frames close the socket')
 
+  const oversized = JSON.stringify({ type: 'heartbeat', pad: 'x'.repeat(MAX_FRAME_BYTES + 10) })
   const huge = await SimDevice.connect(url)
   await huge.register()
-  huge.send(JSON.stringify({ type: 'heartbeat', pad: 'x'.repeat(MAX_FRAME_BYTES + 10) }))
+  huge.send(oversized)
   t.equal((await huge.waitClosed()).code, 1009, 'an oversized frame closes with 1009')
 
   const fine = await SimDevice.connect(url)

@@ -78,6 +78,7 @@ t.test('a real worker killed with SIGKILL mid-task: the task completes once on a
   zombie.send({ type: 'task_result', task_id: spec.task_id, lease_id: dead.lease_id, status: 'completed', output: { data: [9, 9, 9], shape: [1, 3] }, metrics: { cpu_ms: 1, gpu_ms: 0, bytes_in: 0, bytes_out: 12 } })
   t.match(await zombie.next((f) => f.type === 'error'), { code: 'STALE_LEASE' })
   t.equal((await store.readStream(taskStream(spec.task_id))).filter((e) => e.type === 'TaskCompleted').length, 1, 'completed exactly once')
+  await context.projections.waitFor(await store.headPosition())
   const { rows } = await database.pool.query(`select status, attempts, device_id from rm_tasks.tasks where task_id = $1`, [spec.task_id])
   t.match(rows[0], { status: 'completed', device_id: second.deviceId })
   t.ok(rows[0].attempts >= 2)
