@@ -12,6 +12,7 @@ import type { BenchContext } from './run.js'
 
 const WRITERS = Number(process.env.BENCH_WRITERS ?? 64)
 /** Store instances sharing the pool (writers split between them): more than one overlaps their batches. */
+/** BENCH_BATCHES: group-commit batches in flight per store (the store's default when unset). */
 const STORES = Number(process.env.BENCH_STORES ?? 1)
 const BASELINE_CONNECTIONS = Number(process.env.BENCH_BASELINE_CONNECTIONS ?? 4)
 const BASELINE_ROWS = 100
@@ -65,7 +66,7 @@ export async function appendBench({ database, log }: BenchContext): Promise<stri
   log(`event size: data ${JSON.stringify(sample.data).length} B, metadata ${JSON.stringify(sample.metadata).length} B`)
 
   // --- the store -------------------------------------------------------------------------------------
-  const stores = Array.from({ length: STORES }, () => new PostgresEventStore(pool))
+  const stores = Array.from({ length: STORES }, () => new PostgresEventStore(pool, process.env.BENCH_BATCHES ? { maxConcurrentBatches: Number(process.env.BENCH_BATCHES) } : {}))
   // Count group-commit batches: the store takes one pool client per batch (pool.connect() with no callback).
   let batches = 0
   const connect = pool.connect.bind(pool) as (...a: unknown[]) => unknown
@@ -79,12 +80,14 @@ export async function appendBench({ database, log }: BenchContext): Promise<stri
     if (!profiling) return got
     return got.then((client) => {
       const query = client.query
-      const timed = async (text: string, values?: unknown[]) => {
+      const timed = async (text: string | { text: string; done?: Promise<unknown> }, values?: unknown[]) => {
         const t0 = performance.now()
         try {
-          return await (query as (t: string, v?: unknown[]) => Promise<pg.QueryResult>).call(client, text, values)
+          const result = (query as (t: unknown, v?: unknown[]) => unknown).call(client, text, values)
+          // a submittable (the COPY append) is its own result: time it until it is done
+          return typeof text === 'object' && text.done ? (await text.done, result) : await result
         } finally {
-          const key = text.trim().split(/\s+/, 1)[0]!.replace(/;$/, '')
+          const key = (typeof text === 'string' ? text : text.text).trim().split(/\s+/, 1)[0]!.replace(/;$/, '')
           const s = statementMs.get(key) ?? { n: 0, ms: 0 }
           s.n++
           s.ms += performance.now() - t0

@@ -1,4 +1,5 @@
 import pg from 'pg'
+import { copyAppend } from './copy-append.js'
 import { DuplicateEventIdError, EventStoreUnavailableError, WrongExpectedRevisionError } from './errors.js'
 import { newEventId } from './event-id.js'
 import type {
@@ -239,19 +240,8 @@ export class PostgresEventStore implements EventStore {
     if (cached && plan.outcomes.some((o) => !o.ok && o.error instanceof WrongExpectedRevisionError)) return this.writeOnce(client, batch, true)
     // 3. insert and commit
     if (plan.rows.length > 0) {
-      // The rows go as one JSON array (their data and metadata are JSON already and are put in as they are):
-      // one parameter that Postgres parses once, instead of six arrays the driver escapes value by value.
-      const inserted = await client.query<{ first: string }>({
-        name: 'dcp-append-insert',
-        text: `with rows as (
-                 insert into events (position, stream_id, revision, event_id, type, data, metadata)
-                 select (pg_current_xact_id()::text::bigint << ${SEQUENCE_BITS}) + (n - 1), e->>0, (e->>1)::bigint, (e->>2)::uuid, e->>3, e->4, e->5
-                 from json_array_elements($1::json) with ordinality as u(e, n)
-                 returning position)
-               select min(position)::text as first from rows`,
-        values: [`[${plan.rows.map((r) => `[${JSON.stringify(r.streamId)},${r.revision},"${r.id}",${JSON.stringify(r.type)},${r.data},${r.metadata}]`).join(',')}]`],
-      })
-      const first = BigInt(inserted.rows[0]!.first)
+      // COPY, with the positions made of the transaction id it runs in (see copy-append.ts)
+      const first = await copyAppend(client, plan.rows, SEQUENCE_BITS)
       plan.rows.forEach((row, i) => (row.position = first + BigInt(i)))
       for (const row of plan.rows) this.remember(row.streamId, { revision: row.revision, position: row.position! })
     }

@@ -179,3 +179,29 @@ t.test('appendMany under concurrency: every lot lands whole', async (t) => {
   t.equal(spread.length, 0, 'no lot spread over several transactions')
   t.equal((await store.readAll(undefined, 1000)).length, results.reduce((n, r) => n + r.length, 0), 'every event of every lot stored')
 })
+
+t.test('appends go in by COPY: every character of ids, types and JSON comes back as it was written', async (t) => {
+  const database = await freshDatabase(t)
+  const store = new PostgresEventStore(database.pool)
+  t.teardown(() => store.close())
+  const awkward = 'tab\there, new\nline, cr\rreturn, back\\slash, \\N, \\., quote " and \' ünïcödé 🚀 \u2028'
+  const streams = [`stream ${awkward}`, 'plain', '\\N']
+  const data = { text: awkward, nested: { list: [awkward, 1.5, null, true], empty: '' }, escapes: '\\\\t \\n' }
+  const metadata = { note: awkward }
+  const written = await Promise.all(streams.map((s, i) => store.append(s, [{ type: `Type ${awkward} ${i}`, data, metadata }, { type: 'Second', data: { i } }], { expectedRevision: 'no_stream' })))
+  t.same(written.map((w) => w.nextRevision), [1, 1, 1])
+  for (const [i, stream] of streams.entries()) {
+    const read = await store.readStream(stream)
+    t.equal(read.length, 2, `stream ${i} has its two events`)
+    t.equal(read[0]!.streamId, stream)
+    t.equal(read[0]!.type, `Type ${awkward} ${i}`)
+    t.same(read[0]!.data, data)
+    t.match(read[0]!.metadata, metadata)
+    t.same(read[1]!.data, { i })
+    t.ok(read[1]!.position > read[0]!.position, 'positions follow the revisions')
+  }
+  // the log holds them in position order with each batch's positions contiguous from its transaction's id
+  const all = await store.readAll(0n, 100)
+  t.equal(all.length, 6)
+  t.same(all.map((e) => e.position), [...all.map((e) => e.position)].sort((a, b) => (a < b ? -1 : 1)))
+})
