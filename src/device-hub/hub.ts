@@ -11,6 +11,7 @@ import type { EventStore, Position } from '../event-store/port.js'
 import { sameSecret, sha256 } from '../http/auth.js'
 import { newId, newSecret } from '../http/ids.js'
 import { CLOSE, DeviceFrame, type HubFrame, type LogLine, MAX_FRAME_BYTES, PROTOCOL_VERSION } from '../protocol/frames.js'
+import { sendText } from '../protocol/send.js'
 
 export const DEVICE_PATH = '/api/v1/devices/connect'
 
@@ -378,7 +379,7 @@ export class DeviceHub {
 
   private send(connection: Connection, frame: HubFrame): boolean {
     if (connection.socket.readyState !== connection.socket.OPEN) return false
-    connection.socket.send(JSON.stringify(frame))
+    sendText(connection.socket, JSON.stringify(frame))
     return true
   }
 }

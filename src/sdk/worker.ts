@@ -23,6 +23,7 @@ import { describeHardware, machineReadings } from './machine.js'
 import { ModelStore } from './models.js'
 import { runTask, type TaskResultFrame } from './task.js'
 import { TrainingSession } from './training.js'
+import { sendText } from '../protocol/send.js'
 
 const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string }
 export const SDK_VERSION: string = pkg.version
@@ -280,7 +281,7 @@ export class DeviceWorker extends EventEmitter<DeviceWorkerEvents> {
 
   private send(frame: DeviceFrame): boolean {
     if (this.socket?.readyState !== WebSocket.OPEN) return false
-    this.socket.send(JSON.stringify(frame))
+    sendText(this.socket, JSON.stringify(frame))
     return true
   }
 
