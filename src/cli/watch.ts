@@ -1,4 +1,5 @@
 import { parse, UsageError } from './args.js'
+import { sseEvents } from './sse.js'
 
 /**
  * `dcp watch <project>`: follows a project's live stream (`/dashboard/projects/:id/stream?format=text`) in the
@@ -35,28 +36,18 @@ export async function watchCommand(args: string[]): Promise<number> {
   }
   const tty = process.stdout.isTTY
   let drawn = 0
-  const decoder = new TextDecoder()
-  let buffer = ''
-  for await (const chunk of response.body as unknown as AsyncIterable<Uint8Array>) {
-    buffer += decoder.decode(chunk, { stream: true })
-    let end: number
-    while ((end = buffer.indexOf('\n\n')) >= 0) {
-      const block = buffer.slice(0, end)
-      buffer = buffer.slice(end + 2)
-      const event = /^event: (.*)$/m.exec(block)?.[1] ?? 'message'
-      const data = block.split('\n').filter((l) => l.startsWith('data: ')).map((l) => l.slice(6)).join('\n')
-      if (event === 'stats') {
-        // redraw in place on a terminal; one block after another when piped
-        if (tty && drawn > 0) process.stdout.write(`\u001b[${drawn}A\u001b[J`)
-        process.stdout.write(`${data}\n`)
-        drawn = data.split('\n').length
-      } else if (event === 'end') {
-        process.stdout.write(`${data}\n`)
-        return 0
-      } else if (event === 'stream_error') {
-        console.error(`dcp watch: ${data}`)
-        return 1
-      }
+  for await (const { event, data } of sseEvents(response.body as unknown as AsyncIterable<Uint8Array>)) {
+    if (event === 'stats') {
+      // redraw in place on a terminal; one block after another when piped
+      if (tty && drawn > 0) process.stdout.write(`\u001b[${drawn}A\u001b[J`)
+      process.stdout.write(`${data}\n`)
+      drawn = data.split('\n').length
+    } else if (event === 'end') {
+      process.stdout.write(`${data}\n`)
+      return 0
+    } else if (event === 'stream_error') {
+      console.error(`dcp watch: ${data}`)
+      return 1
     }
   }
   console.error('dcp watch: the stream ended before the project completed (run it again to follow on)')

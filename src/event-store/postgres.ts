@@ -1,5 +1,5 @@
 import pg from 'pg'
-import { copyAppend } from './copy-append.js'
+import { copyAppend, type CopyRow } from './copy-append.js'
 import { DuplicateEventIdError, EventStoreUnavailableError, WrongExpectedRevisionError } from './errors.js'
 import { newEventId } from './event-id.js'
 import type {
@@ -426,13 +426,7 @@ interface StoredId {
 
 type Outcome = { ok: true; result: AppendResult } | { ok: false; error: Error }
 
-interface PlannedRow {
-  streamId: string
-  revision: number
-  id: string
-  type: string
-  data: string
-  metadata: string
+interface PlannedRow extends CopyRow {
   position?: Position
 }
 

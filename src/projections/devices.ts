@@ -4,6 +4,7 @@ import { taskDecider } from '../domain/task.js'
 import type { RecordedEvent } from '../event-store/port.js'
 import { parseRecorded } from '../domain/decider.js'
 import { liveSchema, type Projection } from './projection.js'
+import { RowSet } from './rows.js'
 
 /**
  * The fleet: each device with its description, whether it is connected, its last heartbeat and how many
@@ -40,26 +41,14 @@ export const devicesProjection: Projection = {
   },
 
   async apply(trx, events) {
-    const ids = [...new Set(events.map(deviceIdOf).filter((id): id is string => id !== undefined))]
-    const existing = await trx.selectFrom('devices').selectAll().where('device_id', 'in', ids.length ? ids : ['']).execute()
-    const rows = new Map<string, DeviceRow>(existing.map((r) => [r.device_id, { ...r, heartbeats: Number(r.heartbeats) } as DeviceRow]))
+    const rows = new RowSet<DeviceRow>('devices', 'device_id', (row) => ({ ...row, heartbeats: Number(row.heartbeats) }))
+    await rows.load(trx, events.map(deviceIdOf).filter((id): id is string => id !== undefined))
     for (const event of events) fold(rows, event)
-    const changed = ids.map((id) => rows.get(id)).filter((r): r is DeviceRow => r !== undefined)
-    if (changed.length === 0) return
-    await trx
-      .insertInto('devices')
-      .values(changed.map((r) => ({ ...r, hardware: JSON.stringify(r.hardware), capabilities: JSON.stringify(r.capabilities) })))
-      .onConflict((oc) => oc.column('device_id').doUpdateSet((eb) => Object.fromEntries(COLUMNS.map((c) => [c, eb.ref(`excluded.${c}`)]))))
-      .execute()
+    await rows.save(trx)
   },
 }
 
-const COLUMNS = [
-  'platform', 'sdk_version', 'sdk_uuid', 'instance_type', 'hardware', 'capabilities', 'connected', 'running_tasks', 'heartbeats',
-  'load', 'memory_used_mb', 'power_watts', 'registered_at', 'last_seen_at', 'disconnect_reason',
-] as const
-
-interface DeviceRow {
+interface DeviceRow extends Record<string, unknown> {
   device_id: string
   platform: string
   sdk_version: string
@@ -83,42 +72,40 @@ function deviceIdOf(event: RecordedEvent): string | undefined {
   return typeof data?.device_id === 'string' ? data.device_id : undefined
 }
 
-function fold(rows: Map<string, DeviceRow>, recorded: RecordedEvent): void {
+function fold(rows: RowSet<DeviceRow>, recorded: RecordedEvent): void {
   if (recorded.type === 'HeartbeatReceived') {
     const { data } = HeartbeatReceived.parse({ type: recorded.type, data: recorded.data })
     const row = rows.get(data.device_id)
-    if (row) Object.assign(row, { heartbeats: row.heartbeats + 1, load: data.load, memory_used_mb: data.memory_used_mb, power_watts: data.power_watts, last_seen_at: data.at })
+    if (row) rows.update(data.device_id, { heartbeats: row.heartbeats + 1, load: data.load, memory_used_mb: data.memory_used_mb, power_watts: data.power_watts, last_seen_at: data.at })
     return
   }
   if (recorded.type.startsWith('Device')) {
     const event = parseRecorded(deviceDecider, recorded)
-    const row = rows.get(event.data.device_id)
+    const id = event.data.device_id
     switch (event.type) {
       case 'DeviceRegistered': {
         const { token_hash: _hash, registered_at, ...device } = event.data
-        rows.set(device.device_id, {
+        rows.put({
           ...device, connected: false, running_tasks: 0, heartbeats: 0, load: null, memory_used_mb: null, power_watts: null,
           registered_at, last_seen_at: registered_at, disconnect_reason: null,
         })
         return
       }
       case 'DeviceConnected': {
-        if (!row) return
         const { connected_at, ...device } = event.data
-        Object.assign(row, device, { connected: true, last_seen_at: connected_at, disconnect_reason: null })
+        rows.update(id, { ...device, connected: true, last_seen_at: connected_at, disconnect_reason: null })
         return
       }
       case 'DeviceDisconnected':
-        if (row) Object.assign(row, { connected: false, last_seen_at: event.data.disconnected_at, disconnect_reason: event.data.reason })
+        rows.update(id, { connected: false, last_seen_at: event.data.disconnected_at, disconnect_reason: event.data.reason })
         return
     }
   }
   const task = parseRecorded(taskDecider, recorded)
   const holder = task.type === 'TaskQueued' || task.type === 'TaskFailed' ? undefined : task.data.device_id
   const row = holder ? rows.get(holder) : undefined
-  if (!row) return
-  if (task.type === 'TaskLeased') row.running_tasks++
-  else row.running_tasks = Math.max(0, row.running_tasks - 1)
+  if (!holder || !row) return
+  rows.update(holder, { running_tasks: task.type === 'TaskLeased' ? row.running_tasks + 1 : Math.max(0, row.running_tasks - 1) })
 }
 
 const schema = liveSchema(devicesProjection.name)

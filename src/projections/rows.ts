@@ -14,7 +14,8 @@ export class RowSet<Row extends Record<string, unknown>> {
   private readonly loaded = new Set<string>()
   private readonly dirty = new Set<string>()
 
-  constructor(private readonly table: string, private readonly key: keyof Row & string) {}
+  /** `parse` turns a row as the driver returns it into a Row (e.g. a bigint column's string into a number). */
+  constructor(private readonly table: string, private readonly key: keyof Row & string, private readonly parse: (row: Row) => Row = (row) => row) {}
 
   /** Loads the stored rows of these keys (those not loaded yet); one statement. */
   async load(trx: Transaction<any>, keys: Iterable<string>): Promise<void> {
@@ -22,7 +23,7 @@ export class RowSet<Row extends Record<string, unknown>> {
     if (wanted.length === 0) return
     for (const k of wanted) this.loaded.add(k)
     const { rows } = await sql<Row>`select * from ${sql.table(this.table)} where ${sql.ref(this.key)} = any(${wanted}::text[])`.execute(trx)
-    for (const row of rows) if (!this.rows.has(String(row[this.key]))) this.rows.set(String(row[this.key]), row)
+    for (const row of rows) if (!this.rows.has(String(row[this.key]))) this.rows.set(String(row[this.key]), this.parse(row))
   }
 
   get(key: string): Row | undefined {

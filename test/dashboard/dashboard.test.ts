@@ -1,5 +1,6 @@
 import { spawn } from 'node:child_process'
 import t from 'tap'
+import { sseEvents } from '../../src/cli/sse.js'
 import { buildApp } from '../../src/http/app.js'
 import { INTERNAL_TOKEN } from '../helpers/app.js'
 import { DCP_BIN } from '../helpers/inference.js'
@@ -11,19 +12,9 @@ const input = (i: number) => ({ data: Array.from({ length: MLP.inputs }, (_, j) 
 /** Reads Server-Sent Events from a response until `stop` says so or the stream ends. */
 async function readEvents(response: Response, stop: (events: { event: string; data: string; at: number }[]) => boolean) {
   const events: { event: string; data: string; at: number }[] = []
-  const decoder = new TextDecoder()
-  let buffer = ''
-  for await (const chunk of response.body as unknown as AsyncIterable<Uint8Array>) {
-    buffer += decoder.decode(chunk, { stream: true })
-    let end: number
-    while ((end = buffer.indexOf('\n\n')) >= 0) {
-      const block = buffer.slice(0, end)
-      buffer = buffer.slice(end + 2)
-      const event = /^event: (.*)$/m.exec(block)?.[1]
-      if (!event) continue
-      events.push({ event, data: block.split('\n').filter((l) => l.startsWith('data: ')).map((l) => l.slice(6)).join('\n'), at: Date.now() })
-      if (stop(events)) return { events, ended: false }
-    }
+  for await (const { event, data } of sseEvents(response.body as unknown as AsyncIterable<Uint8Array>)) {
+    events.push({ event, data, at: Date.now() })
+    if (stop(events)) return { events, ended: false }
   }
   return { events, ended: true }
 }
