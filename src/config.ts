@@ -30,6 +30,7 @@ const Env = z.object({
   MAX_QUEUED_INPUTS: z.coerce.number().int().min(1).default(1_000_000),
   /** Attempts before a task fails for good. */
   MAX_TASK_ATTEMPTS: z.coerce.number().int().min(1).max(100).default(3),
+  TASK_PREFETCH: z.coerce.number().int().min(1).max(64).default(4),
   /** Secret a new device must present to register; without it, enrollment is open (refused in production). */
   ENROLLMENT_SECRET: z.string().min(8).optional(),
   /** The price table for estimated costs, as JSON (see src/domain/pricing.ts); default DEFAULT_PRICES. */
@@ -52,6 +53,8 @@ export interface Config {
   heartbeatIntervalMs: number
   leaseTimeoutMs: number
   maxTaskAttempts: number
+  /** Tasks a device may hold per task it runs at once (TaskScheduler `prefetch`). */
+  taskPrefetch: number
   maxQueuedInputs: number
   prices: PriceTable
   enrollmentSecret: string | undefined
@@ -99,6 +102,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, overrides: Part
     heartbeatIntervalMs: e.HEARTBEAT_INTERVAL_MS,
     leaseTimeoutMs: e.LEASE_TIMEOUT_MS,
     maxTaskAttempts: e.MAX_TASK_ATTEMPTS,
+    taskPrefetch: e.TASK_PREFETCH,
     maxQueuedInputs: e.MAX_QUEUED_INPUTS,
     prices: parsePrices(e.PRICE_TABLE),
     enrollmentSecret: e.ENROLLMENT_SECRET,

@@ -71,6 +71,12 @@ export interface SchedulerOptions {
   leaseTimeoutMs?: number
   /** Attempts before a task fails for good. Default 3. */
   maxAttempts?: number
+  /**
+   * Tasks a device may hold per task it runs at once (its `max_concurrent_tasks`): the ones beyond wait on
+   * the device, so that it starts the next as soon as one ends instead of waiting for the next lease to be
+   * recorded and sent. 1 leases only what it runs. Default 4 (Celery's prefetch multiplier).
+   */
+  prefetch?: number
   now?: () => Date
   log?: (message: string) => void
 }
@@ -97,11 +103,14 @@ export class TaskScheduler {
   private sweeper: NodeJS.Timeout | undefined
   readonly leaseTimeoutMs: number
   readonly maxAttempts: number
+  readonly prefetch: number
   private readonly now: () => Date
 
   constructor(private readonly options: SchedulerOptions) {
     this.leaseTimeoutMs = options.leaseTimeoutMs ?? 30_000
     this.maxAttempts = options.maxAttempts ?? 3
+    this.prefetch = options.prefetch ?? 4
+    if (!Number.isInteger(this.prefetch) || this.prefetch < 1) throw new RangeError('prefetch must be a whole number of 1 or more')
     this.now = options.now ?? (() => new Date())
     this.outcomes.setMaxListeners(0)
   }
@@ -366,8 +375,13 @@ export class TaskScheduler {
 
   /** Is there a device that could take one more task (so scanning the queue may find work for it)? */
   private hasRoom(): boolean {
-    for (const device of this.devices.values()) if (!device.draining && !device.training && device.leases.size < device.maxConcurrent) return true
+    for (const device of this.devices.values()) if (!device.draining && !device.training && this.hasSpace(device)) return true
     return false
+  }
+
+  /** May the device hold one more task (running or waiting on it)? */
+  private hasSpace(device: DeviceSlot): boolean {
+    return device.leases.size < device.maxConcurrent * this.prefetch
   }
 
   /** A capable device with room: GPU first when asked, then the least loaded. */
@@ -375,7 +389,7 @@ export class TaskScheduler {
     let best: DeviceSlot | undefined
     let bestScore = Infinity
     for (const device of this.devices.values()) {
-      if (device.draining || device.training || device.leases.size >= device.maxConcurrent || device.maxBatchInputs < task.inputs.length || !device.formats.includes(task.model.format)) continue
+      if (device.draining || device.training || !this.hasSpace(device) || device.maxBatchInputs < task.inputs.length || !device.formats.includes(task.model.format)) continue
       if (task.instance_type && device.instanceType !== task.instance_type) continue
       const score = (task.prefer_gpu && device.gpu ? 0 : 10) + device.leases.size / device.maxConcurrent + device.load
       if (score < bestScore) {

@@ -127,7 +127,7 @@ export class DeviceHub {
       if (!slot) continue
       figures.devices++
       figures.slots += slot.maxConcurrent
-      figures.used += slot.leases.size
+      figures.used += Math.min(slot.leases.size, slot.maxConcurrent) // held beyond that, tasks wait on the device
       if (slot.draining) figures.draining++
       if (slot.training) figures.training++
     }

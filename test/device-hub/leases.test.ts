@@ -16,8 +16,8 @@ const task = (overrides: Record<string, unknown> = {}) => ({
   ...overrides,
 })
 
-async function setup(t: Test, leaseTimeoutMs = 1500) {
-  const context = await testApp(t, {}, { heartbeatIntervalMs: 60_000, leaseTimeoutMs })
+async function setup(t: Test, leaseTimeoutMs = 1500, prefetch?: number) {
+  const context = await testApp(t, {}, { heartbeatIntervalMs: 60_000, leaseTimeoutMs, prefetch })
   const url = await context.app.listen({ port: 0, host: '127.0.0.1' })
   const devices: SimDevice[] = []
   t.teardown(() => devices.forEach((d) => d.kill()))
@@ -131,4 +131,31 @@ t.test('after a restart the scheduler rebuilds its queue and leases from the log
   t.equal(restarted.queued, 1, 'the queued task is queued again')
   t.equal(restarted.leased, 1, 'the leased task keeps its lease')
   t.ok(restarted.holdsModel(a.deviceId, 'model_test'))
+})
+
+t.test('prefetch: a device holds up to prefetch x max_concurrent_tasks, runs the first, and the rest wait in the queue', async (t) => {
+  const { scheduler, device, hub } = await setup(t, 10_000, 3)
+  const a = await device({ maxTasks: 2 }) // runs 2 at once, so holds up to 6
+  const specs = Array.from({ length: 8 }, () => task())
+  const outcomes = specs.map((s) => scheduler.outcome(s.task_id, 20_000))
+  for (const spec of specs) await scheduler.submit(spec, { customerId: 'cust_test' })
+  await eventually(async () => a.frames.filter((f) => f.type === 'task').length === 6 || undefined, 5000, 'six tasks on the device')
+  await new Promise((r) => setTimeout(r, 200))
+  const given = a.frames.filter((f) => f.type === 'task')
+  t.equal(given.length, 6, 'no more than 3 x 2 tasks held')
+  t.equal(scheduler.queued, 2, 'the other two wait in the queue')
+  t.same(hub.utilization(), { devices: 1, slots: 2, used: 2, draining: 0, training: 0 }, 'utilization counts the running slots, not the prefetched tasks')
+  // each result frees room for one queued task
+  for (const frame of given) a.send({ type: 'task_result', task_id: frame.task_id, lease_id: frame.lease_id, status: 'completed', output: { data: [1], shape: [1] }, metrics })
+  await eventually(async () => a.frames.filter((f) => f.type === 'task').length === 8 || undefined, 5000, 'the queued two delivered')
+  t.equal(scheduler.queued, 0)
+  for (const frame of a.frames.filter((f) => f.type === 'task').slice(6)) a.send({ type: 'task_result', task_id: frame.task_id, lease_id: frame.lease_id, status: 'completed', output: { data: [1], shape: [1] }, metrics })
+  t.same((await Promise.all(outcomes)).map((o) => o.status), Array(8).fill('completed'))
+})
+
+t.test('prefetch must be a whole number of 1 or more', async (t) => {
+  const { store, database } = await setup(t)
+  t.throws(() => new TaskScheduler({ store, db: database.db, prefetch: 0 }), /prefetch/)
+  t.throws(() => new TaskScheduler({ store, db: database.db, prefetch: 1.5 }), /prefetch/)
+  t.equal(new TaskScheduler({ store, db: database.db }).prefetch, 4, 'default 4')
 })

@@ -21,12 +21,14 @@ export interface InferenceSetupOptions {
   modelFields?: Record<string, string>
   model?: Buffer
   leaseTimeoutMs?: number
+  /** Tasks a device may hold per task it runs at once (the scheduler's default when absent). */
+  prefetch?: number
   overrides?: Partial<AppDeps>
 }
 
 /** A test app on a real socket, a customer, a model built in the test, and real worker processes. */
 export async function inferenceSetup(t: Test, options: InferenceSetupOptions = {}) {
-  const context = await testApp(t, { rateLimit: { max: 100_000, windowMs: 60_000 }, ...options.overrides }, { heartbeatIntervalMs: 2000, leaseTimeoutMs: options.leaseTimeoutMs ?? 10_000 })
+  const context = await testApp(t, { rateLimit: { max: 100_000, windowMs: 60_000 }, ...options.overrides }, { heartbeatIntervalMs: 2000, leaseTimeoutMs: options.leaseTimeoutMs ?? 10_000, prefetch: options.prefetch })
   const url = await context.app.listen({ port: 0, host: '127.0.0.1' })
   const alice = await context.customer()
   const bytes = options.model ?? denseOnnxModel({ inputs: 10, outputs: 2 })

@@ -52,16 +52,28 @@ t.test('cancelling a batch midway: finished inputs keep their results, the rest 
   await stuck.register({ batchInputs: 1024 })
   const inputs = Array.from({ length: 200 }, (_, i) => ({ data: input(i), shape: [1, 10] }))
   const queued = await api('POST', '/inference/batch', { model_id: model.id, inputs })
-  const held = await stuck.next((f) => f.type === 'task')
-  const held_inputs = (held.inputs ?? [held.input]).length
+  // the stuck device holds what the scheduler gives it: the tasks it runs at once and those it prefetches
+  const heldTasks = () => stuck.frames.filter((f) => f.type === 'task')
+  // alive but stuck: it keeps listing its leases, so they do not expire and move elsewhere
+  const beat = setInterval(() => stuck.heartbeat(heldTasks().map((f) => f.lease_id)), 500)
+  t.teardown(() => clearInterval(beat))
+  const heldInputs = () => heldTasks().reduce((n, f) => n + (f.inputs ?? [f.input]).length, 0)
+  await stuck.next((f) => f.type === 'task')
   const running = await eventually(async () => {
     const r = await api('GET', `/inference/${queued.body.job_id}?limit=1000`)
-    return r.body.progress.completed === 200 - held_inputs ? r.body : undefined
-  }, 30_000, 'all but the stuck task done')
+    return r.body.progress.completed === 200 - heldInputs() ? r.body : undefined
+  }, 30_000, 'all but the stuck tasks done')
+  const held = heldTasks()
+  const held_inputs = heldInputs()
+  t.ok(held_inputs > 0 && held_inputs < 200, `the stuck device holds ${held.length} tasks, ${held_inputs} inputs`)
   t.equal(running.status, 'running')
   const cancelled = await api('DELETE', `/inference/${queued.body.job_id}`)
   t.equal(cancelled.status, 200)
-  t.match(await stuck.next((f) => f.type === 'cancel_task'), { task_id: held.task_id, lease_id: held.lease_id })
+  const cancels = await eventually(async () => {
+    const frames = stuck.frames.filter((f) => f.type === 'cancel_task')
+    return frames.length >= held.length ? frames : undefined
+  }, 10_000, 'a cancel for every held task')
+  t.same(cancels.map((f) => `${f.task_id}/${f.lease_id}`).sort(), held.map((f) => `${f.task_id}/${f.lease_id}`).sort(), 'each held task is cancelled under its lease')
   const after = (await api('GET', `/inference/${queued.body.job_id}?limit=1000`)).body
   t.equal(after.status, 'cancelled')
   t.match(after.progress, { completed: 200 - held_inputs, failed: 0, pending: 0 })
@@ -71,7 +83,8 @@ t.test('cancelling a batch midway: finished inputs keep their results, the rest 
   for (const r of after.results) if (r.status === 'completed' && close(r.result.data, await direct(input(r.index)))) same++
   t.equal(same, 200 - held_inputs, 'the finished inputs keep their results')
   // A result the stuck device sends anyway is refused: the lease is gone.
-  stuck.send({ type: 'task_result', task_id: held.task_id, lease_id: held.lease_id, status: 'completed', outputs: (held.inputs ?? [held.input]).map(() => ({ data: [0.5, 0.5], shape: [1, 2] })), metrics: { cpu_ms: 1, gpu_ms: 0, bytes_in: 0, bytes_out: 0 } })
+  const late = held[0]
+  stuck.send({ type: 'task_result', task_id: late.task_id, lease_id: late.lease_id, status: 'completed', outputs: (late.inputs ?? [late.input]).map(() => ({ data: [0.5, 0.5], shape: [1, 2] })), metrics: { cpu_ms: 1, gpu_ms: 0, bytes_in: 0, bytes_out: 0 } })
   await new Promise((r) => setTimeout(r, 300))
   t.equal((await api('GET', `/inference/${queued.body.job_id}`)).body.progress.completed, 200 - held_inputs)
 })

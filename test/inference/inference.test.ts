@@ -125,7 +125,8 @@ t.test("a result that does not fit the model's declared output fails the attempt
 })
 
 t.test('the queue is bounded: past MAX_QUEUED_INPUTS new work is refused until it drains', async (t) => {
-  const { api, model, url } = await inferenceSetup(t, { overrides: { maxQueuedInputs: 3 } })
+  // no prefetch: the device holds exactly the one task it runs, so what waits is in the scheduler's queue
+  const { api, model, url } = await inferenceSetup(t, { prefetch: 1, overrides: { maxQueuedInputs: 3 } })
   const device = await SimDevice.connect(url) // takes one task and never answers
   t.teardown(() => device.kill())
   await device.register()
