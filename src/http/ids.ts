@@ -1,12 +1,25 @@
-import { randomBytes } from 'node:crypto'
+import { randomBytes, randomFillSync } from 'node:crypto'
 
 const ALPHABET = 'abcdefghijklmnopqrstuvwxyz0123456789'
+/** Random bytes drawn 4 KiB at a time (one call into the generator per ~500 ids, not one per id). */
+const pool = Buffer.alloc(4096)
+let used = pool.length
+
+function randomByte(): number {
+  if (used === pool.length) {
+    randomFillSync(pool)
+    used = 0
+  }
+  return pool[used++]!
+}
 
 /** A resource id in the spec's style: `<prefix>_<8 random lowercase letters or digits>` (~41 bits). */
 export function newId(prefix: string, length = 8): string {
-  const bytes = randomBytes(length)
   let id = ''
-  for (const b of bytes) id += ALPHABET[b % ALPHABET.length]
+  while (id.length < length) {
+    const b = randomByte()
+    if (b < 252) id += ALPHABET[b % 36] // 252 = 7 x 36: every character equally likely
+  }
   return `${prefix}_${id}`
 }
 
