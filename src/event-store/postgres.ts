@@ -50,6 +50,8 @@ const MIN_PARALLEL_EVENTS = 16
 const HEAD_CACHE_SIZE = 100_000
 const RETRYABLE = new Set(['23505', '40001', '40P01']) // a racing writer outside this process; serialisation; deadlock
 const MAX_ATTEMPTS = 5
+/** Longest `readAll` waits for a page held back by a transaction that may still commit. */
+const READ_ALL_WAIT_MS = 1000
 
 const SELECT_COLUMNS = 'position, stream_id, revision, event_id, type, data, metadata, recorded_at'
 
@@ -301,8 +303,23 @@ export class PostgresEventStore implements EventStore {
     return result.rows.map(toRecorded)
   }
 
+  /**
+   * A page of the log. When the page is held back below a transaction that may still commit while events
+   * committed before this call lie past it (another writer's transaction, or one of another database that
+   * has just ended, holds the bound for a moment), it is read again every few ms, for up to a second, until
+   * those events are final: a read right after an append sees it. Events committed after the call do not
+   * make it wait.
+   */
   async readAll(after: Position = START, limit = 1000): Promise<RecordedEvent[]> {
-    return (await this.readPage(after, limit)).events
+    let page = await this.readPage(after, limit)
+    if (!page.held) return page.events
+    const head = await this.headPosition()
+    const deadline = Date.now() + READ_ALL_WAIT_MS
+    while (page.held && page.last < head && Date.now() < deadline) {
+      await new Promise((resolve) => setTimeout(resolve, this.heldPollMs))
+      page = await this.readPage(after, limit)
+    }
+    return page.events
   }
 
   private async readPage(after: Position, limit: number, filter?: EventFilter): Promise<Page> {

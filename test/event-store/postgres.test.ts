@@ -205,3 +205,23 @@ t.test('appends go in by COPY: every character of ids, types and JSON comes back
   t.equal(all.length, 6)
   t.same(all.map((e) => e.position), [...all.map((e) => e.position)].sort((a, b) => (a < b ? -1 : 1)))
 })
+
+t.test('readAll waits a moment for a transaction below its page to end, then returns everything up to it', async (t) => {
+  const database = await freshDatabase(t)
+  const store = new PostgresEventStore(database.pool)
+  t.teardown(() => store.close())
+  const from = await store.headPosition()
+  const slow = new pg.Client({ connectionString: database.url })
+  await slow.connect()
+  t.teardown(() => slow.end())
+  await slow.query('begin')
+  await slow.query(`insert into events (stream_id, revision, event_id, type, data, metadata) values ('held-slow', 0, $1, 'Slow', '{}', '{}')`, [randomUUID()])
+  await store.append('held-fast', [{ type: 'Fast', data: {} }])
+  const started = Date.now()
+  const reading = store.readAll(from)
+  const committing = new Promise((r) => setTimeout(r, 150)).then(() => slow.query('commit'))
+  const events = await reading
+  await committing
+  t.same(events.map((e) => e.type), ['Slow', 'Fast'], 'both, in position order, once the slow one committed')
+  t.ok(Date.now() - started >= 100, 'it waited for the commit')
+})
