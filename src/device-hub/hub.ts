@@ -42,7 +42,8 @@ interface Connection {
   deviceId?: string
   slot?: DeviceSlot
   lastHeartbeat: number
-  alive: boolean
+  /** Last pong: the device still reads what the hub sends (heartbeats prove only the other way). */
+  lastPong: number
   malformed: number
 }
 
@@ -65,6 +66,8 @@ export class DeviceHub {
   private readonly pendingLogs = new Map<string, { deviceId: string; resolve: (lines: LogLine[]) => void }>()
   private readonly timer: NodeJS.Timeout
   private watchRound: Connection[] = []
+  private readonly watchEveryMs: number
+  private lastWatch = Date.now()
   private closing = false
   readonly heartbeatIntervalMs: number
   private readonly now: () => Date
@@ -75,7 +78,8 @@ export class DeviceHub {
     this.wss = new WebSocketServer({ noServer: true, maxPayload: MAX_FRAME_BYTES })
     this.wss.on('connection', (socket) => this.accept(socket))
     // the watch visits a tenth of the sockets at a time, so 10,000 pings never stall the event loop at once
-    this.timer = setInterval(() => this.watch(), Math.max(50, this.heartbeatIntervalMs / WATCH_SLICES))
+    this.watchEveryMs = Math.max(50, this.heartbeatIntervalMs / WATCH_SLICES)
+    this.timer = setInterval(() => this.watch(), this.watchEveryMs)
     this.timer.unref()
   }
 
@@ -184,11 +188,11 @@ export class DeviceHub {
   }
 
   private accept(socket: WebSocket): void {
-    const connection: Connection = { socket, lastHeartbeat: Date.now(), alive: true, malformed: 0 }
+    const connection: Connection = { socket, lastHeartbeat: Date.now(), lastPong: Date.now(), malformed: 0 }
     const registerTimer = setTimeout(() => {
       if (!connection.deviceId) socket.close(CLOSE.TIMEOUT, 'register first')
     }, this.options.registerTimeoutMs ?? 10_000)
-    socket.on('pong', () => (connection.alive = true))
+    socket.on('pong', () => (connection.lastPong = Date.now()))
     socket.on('message', (raw, isBinary) => void this.receive(connection, raw as Buffer, isBinary))
     socket.on('error', () => {}) // a protocol error (e.g. an oversized frame) closes the socket; 'close' follows
     socket.on('close', () => {
@@ -291,7 +295,7 @@ export class DeviceHub {
     connection.deviceId = deviceId!
     this.byDevice.set(deviceId!, connection)
     if (previous) previous.socket.close(CLOSE.REPLACED, 'the device connected again')
-    connection.lastHeartbeat = Date.now()
+    connection.lastHeartbeat = connection.lastPong = Date.now()
     connection.slot = {
       deviceId: deviceId!,
       formats: frame.capabilities.formats,
@@ -353,26 +357,36 @@ export class DeviceHub {
   }
 
   /**
-   * Each slice of an interval, a slice of the sockets: ping each; end those that missed the last pong or
-   * three heartbeats.
+   * Each slice of an interval, a slice of the sockets: ping each; end those that sent no heartbeat, or
+   * answered none of the pings, for three intervals. Time the hub itself was held up (a late tick:
+   * a blocked event loop, a starved process) does not count against the devices: what they sent meanwhile
+   * may be waiting unread in the sockets.
    */
   private watch(): void {
+    const now = Date.now()
+    const stalled = now - this.lastWatch - this.watchEveryMs
+    this.lastWatch = now
+    if (stalled > this.watchEveryMs) {
+      for (const connection of this.byDevice.values()) {
+        connection.lastHeartbeat += stalled
+        connection.lastPong += stalled
+      }
+    }
     if (this.watchRound.length === 0) this.watchRound = [...this.byDevice.values()]
     const slice = this.watchRound.splice(0, Math.ceil(this.byDevice.size / WATCH_SLICES))
-    const now = Date.now()
+    const deadline = now - 3 * this.heartbeatIntervalMs
     for (const connection of slice) {
       if (this.byDevice.get(connection.deviceId!) !== connection) continue // gone since the round began
-      if (now - connection.lastHeartbeat > 3 * this.heartbeatIntervalMs) {
+      if (connection.lastHeartbeat < deadline) {
         connection.socket.close(CLOSE.TIMEOUT, 'missed heartbeats')
         void this.disconnected(connection, 'missed heartbeats')
         continue
       }
-      if (!connection.alive) {
+      if (connection.lastPong < deadline) {
         connection.socket.terminate()
         void this.disconnected(connection, 'no answer to ping')
         continue
       }
-      connection.alive = false
       connection.socket.ping()
     }
   }

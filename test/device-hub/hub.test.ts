@@ -67,6 +67,45 @@ t.test('missed heartbeats mark a device offline; it comes back with the same id;
   t.equal((await get('/devices/stats')).body.total, 1, 'no extra device')
 })
 
+t.test('a device that heartbeats but answers no ping is dropped; one that answers stays', async (t) => {
+  const { url, get } = await listening(t)
+  const deaf = await SimDevice.connect(url, { autoPong: false })
+  const fine = await SimDevice.connect(url)
+  t.teardown(() => (deaf.kill(), fine.kill()))
+  await deaf.register()
+  await fine.register()
+  const beat = setInterval(() => (deaf.heartbeat(), fine.heartbeat()), 200)
+  t.teardown(() => clearInterval(beat))
+  // three intervals (500 ms each) without a pong: the hub drops the TCP connection, no close frame
+  const closed = await deaf.waitClosed(5000)
+  t.equal(closed.code, 1006)
+  await eventually(async () => (await get(`/devices/${deaf.deviceId}`)).body.disconnect_reason === 'no answer to ping', 5000, 'offline')
+  t.equal(fine.closed, undefined, 'the device that answers pings is still connected')
+  t.equal((await get(`/devices/${fine.deviceId}`)).body.status, 'idle')
+})
+
+t.test('a hub held up for longer than three intervals does not drop the devices it could not hear meanwhile', async (t) => {
+  const { url, get } = await listening(t)
+  const device = await SimDevice.connect(url)
+  t.teardown(() => device.kill())
+  await device.register()
+  const beat = setInterval(() => device.heartbeat(), 200)
+  t.teardown(() => clearInterval(beat))
+  await new Promise((resolve) => setTimeout(resolve, 700))
+  // Block this process (the hub's) for 2 s inside a timer: the hub's watch tick runs in the same timers
+  // phase right after, before any socket is read. The heartbeats are late because the hub was, not the device.
+  await new Promise<void>((resolve) =>
+    setTimeout(() => {
+      const until = Date.now() + 2000
+      while (Date.now() < until);
+      resolve()
+    }, 0),
+  )
+  await new Promise((resolve) => setTimeout(resolve, 1000))
+  t.equal(device.closed, undefined, 'still connected')
+  t.equal((await get(`/devices/${device.deviceId}`)).body.status, 'idle')
+})
+
 t.test('bad frames get an error frame or a close, never a crash', async (t) => {
   // a long heartbeat interval: the watchdog (missed heartbeats, unanswered pings) must not close these sockets first
   const { url, get } = await listening(t, 10_000)

@@ -24,8 +24,9 @@ export class SimDevice {
     socket.on('error', () => {})
   }
 
-  static async connect(baseUrl: string): Promise<SimDevice> {
-    const socket = new WebSocket(`${baseUrl.replace(/^http/, 'ws')}/api/v1/devices/connect`)
+  /** `autoPong: false` makes a device that never answers the hub's pings. */
+  static async connect(baseUrl: string, options: { autoPong?: boolean } = {}): Promise<SimDevice> {
+    const socket = new WebSocket(`${baseUrl.replace(/^http/, 'ws')}/api/v1/devices/connect`, { autoPong: options.autoPong ?? true })
     await new Promise((resolve, reject) => {
       socket.once('open', resolve)
       socket.once('error', reject)

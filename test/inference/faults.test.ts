@@ -117,7 +117,8 @@ t.test('the server killed in the middle of a batch: after a restart the batch co
     const r = await api('GET', `/inference/${queued.body.job_id}?limit=1000`)
     return r.body.status === 'completed' ? r.body : undefined
   }, 90_000, 'the batch to complete after the restart')
-  t.match(done.progress, { completed: total, failed: 0, pending: 0 })
+  const reasons = [...new Set(done.results.filter((r: { status: string }) => r.status !== 'completed').map((r: { error: string | null }) => r.error))]
+  t.match(done.progress, { completed: total, failed: 0, pending: 0 }, `every input completed${reasons.length ? `; failures: ${reasons.join(' | ')}` : ''}`)
   const session = await ort.InferenceSession.create(bytes)
   const direct = async (data: number[]) => Array.from((await session.run({ input: new ort.Tensor('float32', Float32Array.from(data), [1, 10]) })).output!.data as Float32Array)
   const store = new PostgresEventStore(database.pool)
