@@ -237,11 +237,19 @@ export class TaskScheduler {
     if (!jobId) this.kick()
   }
 
-  /** The device is gone: every lease it held fails, and its tasks go back to the queue. */
+  /**
+   * The device is gone: its leases end and their tasks go back to the queue. A device runs
+   * `max_concurrent_tasks` at once and queues the rest in arrival order (the protocol, §5.1), so only the
+   * first that many of the leases it still held (in the order they were granted) can have started: those
+   * attempts failed. The others were never started: they are returned without using an attempt, so a device
+   * that dies holding prefetched tasks does not wear out tasks it never touched.
+   */
   async deviceLost(deviceId: string, reason: string): Promise<void> {
+    const slot = this.devices.get(deviceId)
     this.devices.delete(deviceId)
+    const unstarted = new Set(slot ? [...slot.leases].slice(slot.maxConcurrent) : [])
     const lost = [...this.leases.values()].filter((l) => l.deviceId === deviceId)
-    await Promise.all(lost.map((lease) => this.failAttempt(lease, reason, null)))
+    await Promise.all(lost.map((lease) => (unstarted.has(lease.leaseId) ? this.returnLease(lease, `${reason}; the task had not started`) : this.failAttempt(lease, reason, null))))
   }
 
   /** A heartbeat lists the leases the device is working on: those are extended. */
@@ -314,11 +322,20 @@ export class TaskScheduler {
     await Promise.all(expired.map((lease) => this.failAttempt(lease, 'lease expired: the device stopped reporting the task', null)))
   }
 
-  private async failAttempt(lease: Lease, reason: string, metrics: Metrics | null): Promise<void> {
+  private failAttempt(lease: Lease, reason: string, metrics: Metrics | null): Promise<void> {
+    return this.endLease(lease, { type: 'FailAttempt', leaseId: lease.leaseId, reason, metrics, at: this.now().toISOString() })
+  }
+
+  private returnLease(lease: Lease, reason: string): Promise<void> {
+    return this.endLease(lease, { type: 'ReturnLease', leaseId: lease.leaseId, reason, at: this.now().toISOString() })
+  }
+
+  /** Ends a lease that did not complete: the task goes back to the front of the queue, or fails for good. */
+  private async endLease(lease: Lease, command: Extract<TaskCommand, { type: 'FailAttempt' | 'ReturnLease' }>): Promise<void> {
     if (!this.leases.has(lease.leaseId)) return
     this.release(lease)
     try {
-      const result = await this.command(lease.taskId, { type: 'FailAttempt', leaseId: lease.leaseId, reason, metrics, at: this.now().toISOString() })
+      const result = await this.command(lease.taskId, command)
       const failed = result.events.find((e) => e.type === 'TaskFailed')
       if (failed) {
         this.outcomes.emit(lease.taskId, { status: 'failed', taskId: lease.taskId, reason: (failed.data as { reason: string }).reason, position: result.position })
@@ -327,7 +344,7 @@ export class TaskScheduler {
         if (spec) this.enqueue(spec, true) // back to the front: it has waited already
       }
     } catch (error) {
-      if (!(error instanceof DomainError && error.code === 'STALE_LEASE')) this.options.log?.(`scheduler: failing lease ${lease.leaseId}: ${(error as Error).message}`)
+      if (!(error instanceof DomainError && error.code === 'STALE_LEASE')) this.options.log?.(`scheduler: ending lease ${lease.leaseId}: ${(error as Error).message}`)
     }
     this.kick()
   }

@@ -75,10 +75,18 @@ const TaskAttemptFailed = z.object({
     failed_at: z.string(),
   }),
 })
+/**
+ * The lease ended before the device started the task (it was queued on the device behind running ones, and
+ * the device went away): the task goes back to the queue and the attempt is not counted.
+ */
+const TaskLeaseReturned = z.object({
+  type: z.literal('TaskLeaseReturned'),
+  data: z.object({ task_id: z.string(), job_id: z.string(), lease_id: z.string(), device_id: z.string(), reason: z.string(), returned_at: z.string() }),
+})
 const TaskFailed = z.object({ type: z.literal('TaskFailed'), data: z.object({ task_id: z.string(), job_id: z.string(), reason: z.string(), failed_at: z.string() }) })
 const TaskCancelled = z.object({ type: z.literal('TaskCancelled'), data: z.object({ task_id: z.string(), job_id: z.string(), lease_id: z.string().nullable(), device_id: z.string().nullable(), cancelled_at: z.string() }) })
 
-const TaskEvent = z.discriminatedUnion('type', [TaskQueued, TaskLeased, TaskCompleted, TaskAttemptFailed, TaskFailed, TaskCancelled])
+const TaskEvent = z.discriminatedUnion('type', [TaskQueued, TaskLeased, TaskCompleted, TaskAttemptFailed, TaskLeaseReturned, TaskFailed, TaskCancelled])
 export type TaskEvent = z.infer<typeof TaskEvent>
 export const taskEventTypes = TaskEvent.options.map((o) => o.shape.type.value)
 
@@ -88,6 +96,7 @@ export type TaskCommand =
   | ({ type: 'LeaseTask'; at: string } & LeaseGrant)
   | { type: 'CompleteTask'; leaseId: string; outputs: z.infer<typeof TensorData>[]; metrics: z.infer<typeof Metrics>; at: string }
   | { type: 'FailAttempt'; leaseId: string; reason: string; metrics: z.infer<typeof Metrics> | null; at: string }
+  | { type: 'ReturnLease'; leaseId: string; reason: string; at: string }
   | { type: 'CancelTask'; at: string }
 
 /** A device taking a task under a lease. */
@@ -134,6 +143,8 @@ export const taskDecider: Decider<TaskCommand, TaskEvent, TaskState> = {
         return { ...state, status: 'completed', lease: undefined }
       case 'TaskAttemptFailed':
         return { ...state, status: event.data.requeued ? 'queued' : state.status, lease: undefined }
+      case 'TaskLeaseReturned':
+        return { ...state, status: 'queued', attempts: state.attempts - 1, lease: undefined }
       case 'TaskFailed':
         return { ...state, status: 'failed', lease: undefined }
       case 'TaskCancelled':
@@ -170,6 +181,11 @@ export const taskDecider: Decider<TaskCommand, TaskEvent, TaskState> = {
         if (requeued) return [failed]
         const reason = `failed after ${state.attempts} attempt${state.attempts === 1 ? '' : 's'}; last: ${command.reason}`
         return [failed, { type: 'TaskFailed', data: { task_id: spec.task_id, job_id: spec.job_id, reason, failed_at: command.at } }]
+      }
+      case 'ReturnLease': {
+        const spec = requireSpec(state)
+        const lease = currentLease(state, command.leaseId)
+        return [{ type: 'TaskLeaseReturned', data: { task_id: spec.task_id, job_id: spec.job_id, lease_id: lease.id, device_id: lease.deviceId, reason: command.reason, returned_at: command.at } }]
       }
       case 'CancelTask': {
         const spec = requireSpec(state)

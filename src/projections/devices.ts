@@ -14,7 +14,7 @@ import { RowSet } from './rows.js'
 export const devicesProjection: Projection = {
   name: 'devices',
   version: 1,
-  filter: { types: [...deviceEventTypes, 'HeartbeatReceived', 'TaskLeased', 'TaskCompleted', 'TaskAttemptFailed', 'TaskCancelled'] },
+  filter: { types: [...deviceEventTypes, 'HeartbeatReceived', 'TaskLeased', 'TaskCompleted', 'TaskAttemptFailed', 'TaskLeaseReturned', 'TaskCancelled'] },
   tables: [{ name: 'devices', primaryKey: ['device_id'] }],
 
   async createTables(db) {

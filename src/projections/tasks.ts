@@ -54,6 +54,9 @@ export const tasksProjection: Projection = {
         case 'TaskAttemptFailed':
           tasks.update(id, { status: event.data.requeued ? 'queued' : 'failed', lease_id: null, error: event.data.reason, updated_at: event.data.failed_at })
           break
+        case 'TaskLeaseReturned':
+          tasks.update(id, { status: 'queued', attempts: Math.max(0, (tasks.get(id)?.attempts ?? 1) - 1), lease_id: null, updated_at: event.data.returned_at })
+          break
         case 'TaskFailed':
           tasks.update(id, { status: 'failed', lease_id: null, error: event.data.reason, updated_at: event.data.failed_at })
           break

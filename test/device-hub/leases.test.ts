@@ -153,6 +153,31 @@ t.test('prefetch: a device holds up to prefetch x max_concurrent_tasks, runs the
   t.same((await Promise.all(outcomes)).map((o) => o.status), Array(8).fill('completed'))
 })
 
+t.test('a device lost while holding prefetched tasks: only the tasks it ran use an attempt', async (t) => {
+  const { scheduler, device, types, store } = await setup(t, 10_000, 3)
+  const a = await device({ maxTasks: 2 }) // runs the first 2 it is given, queues the next 4
+  // one attempt each: a task charged for the loss fails for good, one returned is queued again
+  const specs = Array.from({ length: 6 }, () => task({ max_attempts: 1 }))
+  const outcomes = specs.map((s) => scheduler.outcome(s.task_id, 20_000))
+  for (const spec of specs) await scheduler.submit(spec, { customerId: 'cust_test' })
+  await eventually(async () => a.frames.filter((f) => f.type === 'task').length === 6 || undefined, 5000, 'six tasks on the device')
+  const given = a.frames.filter((f) => f.type === 'task')
+  a.kill()
+  const running = given.slice(0, 2).map((f) => f.task_id)
+  const waiting = given.slice(2).map((f) => f.task_id)
+  for (const id of running) t.match(await outcomes[specs.findIndex((s) => s.task_id === id)], { status: 'failed', reason: /failed after 1 attempt/ }, 'a task it may have run used its one attempt')
+  const b = await device({ maxTasks: 4 })
+  await eventually(async () => b.frames.filter((f) => f.type === 'task').length === 4 || undefined, 5000, 'the four it never started go to the next device')
+  const moved = b.frames.filter((f) => f.type === 'task')
+  t.same(moved.map((f) => f.task_id).sort(), [...waiting].sort())
+  for (const frame of moved) b.send({ type: 'task_result', task_id: frame.task_id, lease_id: frame.lease_id, status: 'completed', output: { data: [1], shape: [1] }, metrics })
+  for (const id of waiting) t.match(await outcomes[specs.findIndex((s) => s.task_id === id)], { status: 'completed', deviceId: b.deviceId })
+  t.same(await types(waiting[0]!), ['TaskQueued', 'TaskLeased', 'TaskLeaseReturned', 'TaskLeased', 'TaskCompleted'])
+  const stream = await store.readStream(taskStream(waiting[0]!))
+  t.match(stream.find((e) => e.type === 'TaskLeaseReturned')?.data, { reason: "device disconnected (socket closed); the task had not started" })
+  t.same(stream.filter((e) => e.type === 'TaskLeased').map((e) => (e.data as { attempt: number }).attempt), [1, 1], 'the second lease is still attempt 1')
+})
+
 t.test('prefetch must be a whole number of 1 or more', async (t) => {
   const { store, database } = await setup(t)
   t.throws(() => new TaskScheduler({ store, db: database.db, prefetch: 0 }), /prefetch/)
