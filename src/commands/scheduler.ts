@@ -117,16 +117,21 @@ export class TaskScheduler {
 
   /** Loads queued and leased tasks from the read model and starts the lease sweeper. */
   async recover(): Promise<void> {
+    const recovered: { lease: Lease; leasedAt: Position }[] = []
     for (const open of await openTasks(this.options.db)) {
-      const { state, revision } = await this.fold(open.task_id)
+      const { state, revision, leasedAt } = await this.fold(open.task_id)
       if (!state.spec) continue
       this.known.set(open.task_id, { state, revision })
       this.specs.set(open.task_id, state.spec)
       if (state.status === 'queued') this.enqueue(state.spec)
       else if (state.status === 'leased' && state.lease) {
-        this.leases.set(state.lease.id, { leaseId: state.lease.id, taskId: open.task_id, deviceId: state.lease.deviceId, modelId: state.spec.model.id, deadline: Date.now() + this.leaseTimeoutMs })
+        const lease = { leaseId: state.lease.id, taskId: open.task_id, deviceId: state.lease.deviceId, modelId: state.spec.model.id, deadline: Date.now() + this.leaseTimeoutMs }
+        recovered.push({ lease, leasedAt: leasedAt ?? START })
       }
     }
+    // in the order they were granted: a device that comes back holds them in that order (see deviceLost)
+    recovered.sort((a, b) => (a.leasedAt < b.leasedAt ? -1 : a.leasedAt > b.leasedAt ? 1 : 0))
+    for (const { lease } of recovered) this.leases.set(lease.leaseId, lease)
     this.sweeper = setInterval(() => void this.sweep(), Math.min(1000, this.leaseTimeoutMs / 4))
     this.sweeper.unref()
     this.kick()
@@ -460,10 +465,11 @@ export class TaskScheduler {
     if (!sent) await this.failAttempt(lease, 'the device was gone before the task reached it', null)
   }
 
-  private async fold(taskId: string): Promise<KnownState<TaskState>> {
+  /** The task's state from its stream, and the position of its last lease. */
+  private async fold(taskId: string): Promise<KnownState<TaskState> & { leasedAt: Position | undefined }> {
     const events = await this.options.store.readStream(taskStream(taskId))
     const state = events.map((e) => taskDecider.parse({ type: e.type, data: e.data, schemaVersion: e.metadata.schemaVersion ?? 1 })).reduce(taskDecider.evolve, taskDecider.initialState())
-    return { state, revision: events.at(-1)?.revision ?? -1 }
+    return { state, revision: events.at(-1)?.revision ?? -1, leasedAt: events.findLast((e) => e.type === 'TaskLeased')?.position }
   }
 
   /** Runs a task command, deciding on the state this scheduler last wrote (one round trip) when it has it. */

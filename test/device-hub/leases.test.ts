@@ -178,6 +178,27 @@ t.test('a device lost while holding prefetched tasks: only the tasks it ran use 
   t.same(stream.filter((e) => e.type === 'TaskLeased').map((e) => (e.data as { attempt: number }).attempt), [1, 1], 'the second lease is still attempt 1')
 })
 
+t.test('after a restart, a device that comes back holds its leases in the order they were granted', async (t) => {
+  const { scheduler, device, store, database, projections, types } = await setup(t, 60_000, 6)
+  const a = await device({ maxTasks: 3 })
+  // one submit: the same queued_at for all, and ids whose text order (t-0, t-1, t-10, t-11, t-2...) is not the grant order
+  const prefix = `t${Math.random().toString(36).slice(2, 8)}`
+  const specs = Array.from({ length: 12 }, (_, i) => task({ task_id: `${prefix}-${i}` }))
+  await scheduler.submitAll(specs, { customerId: 'cust_test' })
+  await eventually(async () => a.frames.filter((f) => f.type === 'task').length === 12 || undefined, 5000, 'twelve tasks on the device')
+  const granted = a.frames.filter((f) => f.type === 'task').map((f) => f.lease_id as string)
+  await projections.waitFor(await store.headPosition())
+  const restarted = new TaskScheduler({ store, db: database.db, leaseTimeoutMs: 60_000, prefetch: 6 })
+  t.teardown(() => restarted.stop())
+  await restarted.recover()
+  const slot = { deviceId: a.deviceId, formats: ['onnx'], gpu: false, maxConcurrent: 3, maxBatchInputs: 1, sdkUuid: 'x', instanceType: 'user' as const, leases: new Set<string>(), draining: false, load: 0, send: () => true }
+  restarted.deviceConnected(slot)
+  t.same([...slot.leases], granted, 'the leases, in the order the device was given them')
+  await restarted.deviceLost(a.deviceId, 'gone')
+  const outcomes = await Promise.all(specs.map(async (s) => (await types(s.task_id)).at(-1)))
+  t.same(outcomes, [...Array(3).fill('TaskAttemptFailed'), ...Array(9).fill('TaskLeaseReturned')], 'the first three it ran used an attempt; the nine queued behind them did not')
+})
+
 t.test('prefetch must be a whole number of 1 or more', async (t) => {
   const { store, database } = await setup(t)
   t.throws(() => new TaskScheduler({ store, db: database.db, prefetch: 0 }), /prefetch/)
