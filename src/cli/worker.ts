@@ -16,6 +16,7 @@ export async function workerCommand(args: string[]): Promise<number> {
     'instance-type': { type: 'string' },
     'state-dir': { type: 'string' },
     'max-tasks': { type: 'string' },
+    threads: { type: 'string' },
     cuda: { type: 'boolean' },
     'no-train': { type: 'boolean' },
     'enrollment-secret': { type: 'string' },
@@ -29,6 +30,8 @@ export async function workerCommand(args: string[]): Promise<number> {
   if (!(INSTANCE_TYPES as readonly string[]).includes(instanceType)) throw new UsageError(`--instance-type must be aws or user, got ${instanceType}`)
   const maxTasks = values['max-tasks'] === undefined ? DEFAULT_MAX_TASKS : Number(values['max-tasks'])
   if (!Number.isInteger(maxTasks) || maxTasks < 1 || maxTasks > 256) throw new UsageError(`--max-tasks must be 1..256, got ${values['max-tasks']}`)
+  const threads = values.threads === undefined ? undefined : Number(values.threads)
+  if (threads !== undefined && !(Number.isInteger(threads) && threads >= 1 && threads <= 256)) throw new UsageError(`--threads must be 1..256, got ${values.threads}`)
 
   const verbose = values.verbose ?? false
   const worker = new DeviceWorker({
@@ -36,6 +39,7 @@ export async function workerCommand(args: string[]): Promise<number> {
     instanceType: instanceType as 'aws' | 'user',
     ...(values['state-dir'] ? { stateDir: path.resolve(values['state-dir']) } : {}),
     maxConcurrentTasks: maxTasks,
+    ...(threads !== undefined ? { threadsPerTask: threads } : {}),
     cuda: values.cuda ?? false,
     canTrain: !(values['no-train'] ?? false),
     enrollmentSecret: values['enrollment-secret'] ?? process.env.DCP_ENROLLMENT_SECRET,

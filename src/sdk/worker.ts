@@ -50,6 +50,11 @@ export interface DeviceWorkerOptions {
   enrollmentSecret?: string
   /** Tasks run at once; more are queued locally. Default 1. */
   maxConcurrentTasks?: number
+  /**
+   * onnxruntime threads one task's run may use (intra-op). Default: the machine's cores divided by
+   * `maxConcurrentTasks`, at least 1, so that tasks running side by side do not each spread over every core.
+   */
+  threadsPerTask?: number
   /** Most inputs it takes in one task (chunks of a batch; stacked into one run when the model allows). Default 1024. */
   maxBatchInputs?: number
   /** Offer the device for federated training (the trainer runs in this process). Default true. */
@@ -118,6 +123,8 @@ export class DeviceWorker extends EventEmitter<DeviceWorkerEvents> {
     this.socketUrl = url.toString()
     this.maxTasks = options.maxConcurrentTasks ?? 1
     if (!Number.isInteger(this.maxTasks) || this.maxTasks < 1 || this.maxTasks > 256) throw new RangeError('maxConcurrentTasks must be 1..256')
+    const threads = options.threadsPerTask ?? Math.max(1, Math.floor(os.availableParallelism() / this.maxTasks))
+    if (!Number.isInteger(threads) || threads < 1 || threads > 256) throw new RangeError('threadsPerTask must be 1..256')
     this.maxBatchInputs = options.maxBatchInputs ?? DEFAULT_BATCH_INPUTS
     if (!Number.isInteger(this.maxBatchInputs) || this.maxBatchInputs < 1 || this.maxBatchInputs > MAX_BATCH_INPUTS) throw new RangeError(`maxBatchInputs must be 1..${MAX_BATCH_INPUTS}`)
     this.stateDir = options.stateDir ?? path.join(os.homedir(), '.dcp-worker')
@@ -126,6 +133,7 @@ export class DeviceWorker extends EventEmitter<DeviceWorkerEvents> {
       server: this.base,
       cacheDir: options.cacheDir ?? path.join(this.stateDir, 'models'),
       cuda: options.cuda ?? false,
+      threads,
       log: this.log,
       token: () => this.state?.sdk_token,
     })

@@ -257,6 +257,26 @@ t.test('cuda: asks for the CUDA provider and falls back to CPU with a warning', 
   else t.ok(result.metrics.gpu_ms > 0, 'on CUDA: GPU time is the run time')
 })
 
+t.test('threadsPerTask: each model session gets that many onnxruntime threads', async (t) => {
+  // Linux only: the process's thread count, from /proc
+  const threads = async () => Number(/Threads:\s+(\d+)/.exec(await readFile('/proc/self/status', 'utf8'))![1])
+  const warm = await ort.InferenceSession.create(MODEL, { intraOpNumThreads: 1 }) // onnxruntime's own start-up threads
+  t.teardown(() => warm.release())
+  t.throws(() => new DeviceWorker({ server: 'http://localhost:1', threadsPerTask: 0 }), /threadsPerTask must be 1\.\.256/)
+  const run = async (threadsPerTask: number, outputs: number) => {
+    const { hub, worker } = await setup(t, { threadsPerTask })
+    await worker.start()
+    const before = await threads()
+    const job = task(hub.addModel(`m${outputs}`, denseOnnxModel({ inputs: 10, outputs })))
+    hub.send(job)
+    t.match(await hub.next('task_result', (frame) => frame.task_id === job.task_id), { status: 'completed' })
+    return (await threads()) - before
+  }
+  const one = await run(1, 3)
+  const four = await run(4, 4)
+  t.equal(four - one, 3, `a session of 4 threads starts 3 more than one of 1 (${one} and ${four} new threads)`)
+})
+
 t.test('power estimate and backoff', async (t) => {
   // idle = 5 + 4 = 9 W; peak = 9 + 32 W (+150 W per busy GPU)
   t.equal(estimatePowerWatts({ cores: 4, load: 0 }), 9)
