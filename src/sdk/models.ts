@@ -133,9 +133,9 @@ export class ModelStore {
   }
 
   /**
-   * Each session gets a pool of `threads`. onnxruntime's default, a thread per core in every session,
-   * oversubscribes the cores as soon as tasks run side by side (measured under sync load on 2 cores, 4 tasks
-   * per worker: ~8% fewer requests/s than 1 thread each).
+   * Each session gets a pool of `threads`. onnxruntime's default is a thread per core in every session, so
+   * with several tasks running side by side a many-core machine would run tasks × cores threads. (On the
+   * 2-core machine the benches run on, 1 and 2 threads a session measured the same within the noise.)
    */
   private threading(): ort.InferenceSession.SessionOptions {
     return { intraOpNumThreads: this.options.threads, interOpNumThreads: 1 }
