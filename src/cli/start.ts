@@ -14,7 +14,7 @@ import { buildApp } from '../http/app.js'
 import { sha256 } from '../http/auth.js'
 import { ensureInternalToken } from '../internal-token.js'
 import { openPlatform } from '../platform.js'
-import { parse, UsageError } from './args.js'
+import { parse, UsageError, wholeNumber } from './args.js'
 
 const DCP_BIN = fileURLToPath(new URL('../../bin/dcp.js', import.meta.url))
 
@@ -93,10 +93,8 @@ function configFrom(args: string[]): Config {
     workers: { type: 'string' },
   })
   if (positionals.length > 0) throw new UsageError(`dcp start takes no arguments, got ${positionals.join(' ')}`)
-  const port = values.port === undefined ? undefined : Number(values.port)
-  if (port !== undefined && !(Number.isInteger(port) && port >= 0 && port <= 65535)) throw new UsageError(`--port must be a port number, got ${String(values.port)}`)
-  const workers = values.workers === undefined ? undefined : Number(values.workers)
-  if (workers !== undefined && !(Number.isInteger(workers) && workers >= 0 && workers <= 64)) throw new UsageError(`--workers must be a number from 0 to 64, got ${String(values.workers)}`)
+  const port = wholeNumber('port', values.port, 0, 65535)
+  const workers = wholeNumber('workers', values.workers, 0, 64)
   return loadConfig(process.env, {
     ...(port !== undefined ? { port } : {}),
     ...(workers !== undefined ? { workers } : {}),

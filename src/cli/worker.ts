@@ -1,7 +1,7 @@
 import path from 'node:path'
 import { INSTANCE_TYPES } from '../protocol/frames.js'
 import { DeviceWorker } from '../sdk/index.js'
-import { parse, UsageError } from './args.js'
+import { parse, UsageError, wholeNumber } from './args.js'
 
 /** Tasks a worker runs at once unless told: one waits on the network while another runs. */
 const DEFAULT_MAX_TASKS = 4
@@ -28,10 +28,8 @@ export async function workerCommand(args: string[]): Promise<number> {
   if (!isHttpUrl(server)) throw new UsageError(`--server must be an http(s) URL, got ${JSON.stringify(server)}`)
   const instanceType = values['instance-type'] ?? 'user'
   if (!(INSTANCE_TYPES as readonly string[]).includes(instanceType)) throw new UsageError(`--instance-type must be aws or user, got ${instanceType}`)
-  const maxTasks = values['max-tasks'] === undefined ? DEFAULT_MAX_TASKS : Number(values['max-tasks'])
-  if (!Number.isInteger(maxTasks) || maxTasks < 1 || maxTasks > 256) throw new UsageError(`--max-tasks must be 1..256, got ${values['max-tasks']}`)
-  const threads = values.threads === undefined ? undefined : Number(values.threads)
-  if (threads !== undefined && !(Number.isInteger(threads) && threads >= 1 && threads <= 256)) throw new UsageError(`--threads must be 1..256, got ${values.threads}`)
+  const maxTasks = wholeNumber('max-tasks', values['max-tasks'], 1, 256) ?? DEFAULT_MAX_TASKS
+  const threads = wholeNumber('threads', values.threads, 1, 256)
 
   const verbose = values.verbose ?? false
   const worker = new DeviceWorker({

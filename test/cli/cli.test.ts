@@ -68,7 +68,7 @@ t.test('bad arguments: a clear message and exit code 2', async (t) => {
   t.equal(flag.code, 2)
   t.match(flag.stderr, /--prot/)
   t.equal(port.code, 2)
-  t.match(port.stderr, /--port must be a port number/)
+  t.match(port.stderr, /--port must be a whole number from 0 to 65535, got "abc"/)
   t.equal(projection.code, 2)
   t.match(projection.stderr, /unknown projection "no_such_thing"; known: event_counts/)
   t.equal(missing.code, 2)
