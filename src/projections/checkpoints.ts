@@ -1,4 +1,4 @@
-import { type Kysely, sql, type Transaction } from 'kysely'
+import { type Kysely, type RawBuilder, sql, type Transaction } from 'kysely'
 import type { Position, RecordedEvent } from '../event-store/port.js'
 import { START } from '../event-store/port.js'
 import type { Projection } from './projection.js'
@@ -27,6 +27,11 @@ export async function lockProjection(trx: Transaction<any>, name: string): Promi
 /** `lockProjection` for several projections in one statement, in the order given. */
 export async function lockProjections(trx: Transaction<any>, names: readonly string[]): Promise<void> {
   await sql`select pg_advisory_xact_lock(${BATCH_LOCK}, hashtext(n)) from unnest(${names}::text[]) with ordinality as u(n, i) order by i`.execute(trx)
+}
+
+/** SQL that takes the batch lock of the projection named by `name` if it is free at once (true), else false; held to the transaction's end. */
+export function tryLockProjection(name: RawBuilder<unknown>) {
+  return sql<boolean>`pg_try_advisory_xact_lock(${BATCH_LOCK}, hashtext(${name}))`
 }
 
 /** Tries to become the one writer of a projection; held by the connection until unlocked or closed. */

@@ -1,7 +1,7 @@
 import { type Kysely, sql, type Transaction } from 'kysely'
 import type { EventStore, Position, RecordedEvent, Subscription } from '../event-store/port.js'
 import { matchesFilter, START } from '../event-store/port.js'
-import { lockProjections, readCheckpoint, releaseLeadership, tryLeadership } from './checkpoints.js'
+import { lockProjections, readCheckpoint, releaseLeadership, tryLeadership, tryLockProjection } from './checkpoints.js'
 import { checkProjectionName, liveSchema, type Projection } from './projection.js'
 import { rebuild } from './replay.js'
 
@@ -201,16 +201,16 @@ export class ProjectionRunner {
     this.subscription = this.deps.store.subscribe({ from, ...(filter ? { filter } : {}), batchSize: this.deps.batchSize ?? 1000 })
     if (this.stopping) await this.subscription.close()
     for await (const batch of this.subscription) {
-      // Projections with nothing in a batch move only their in-memory position: their stored checkpoints
-      // lag behind, and a restart scans those events again and skips them again.
+      // Projections with nothing in a batch have their checkpoints moved along in the same transaction
+      // (see applyTogether): one that never gets an event (no training on this platform) would otherwise
+      // keep the whole set reading the log from the start after every restart.
       const work = this.projections
         .map((projection) => ({ projection, events: this.fresh(projection, batch.events) }))
-        .filter((w) => w.events.length > 0)
-      if (work.length > 0) {
+      if (work.some((w) => w.events.length > 0)) {
         const moved = await this.applyBatch(work, batch.checkpoint)
-        for (const { name, position } of moved) {
+        for (const { name, position, changed } of moved) {
           this.checkpoints.set(name, position)
-          this.changes.set(name, (this.changes.get(name) ?? 0) + 1)
+          if (changed) this.changes.set(name, (this.changes.get(name) ?? 0) + 1)
         }
       }
       if (this.state === 'failed') live()
@@ -231,7 +231,7 @@ export class ProjectionRunner {
       if (!this.onDetach || this.projections.length < 2 || transient(error)) throw error
       const moved: Awaited<ReturnType<typeof inOne>> = []
       const failed: { projection: Projection; error: Error }[] = []
-      for (const part of work) {
+      for (const part of work.filter((w) => w.events.length > 0)) {
         try {
           moved.push(...(await inOne([part])))
         } catch (alone) {
@@ -239,7 +239,7 @@ export class ProjectionRunner {
           failed.push({ projection: part.projection, error: alone as Error })
         }
       }
-      if (failed.length === work.length) throw error // every one: nothing to tell them apart
+      if (moved.length === 0) throw error // every one: nothing to tell them apart
       for (const { projection, error: cause } of failed) await this.detach(projection, cause)
       return moved
     }
@@ -263,23 +263,29 @@ export class ProjectionRunner {
    * One transaction for the batch: the batch locks of the projections that have events (a rebuild or an
    * audit of one of them waits, or is waited for), their stored checkpoints read again under the locks (a
    * rebuild may have swapped a copy in that is ahead), each one's new events applied in its own schema, and
-   * their checkpoints moved in one statement.
+   * their checkpoints moved in one statement. The checkpoints of the projections with nothing in the batch
+   * move too, each only when its lock is free at once (an audit or a rebuild of a read model that has
+   * nothing to do with this batch never holds the others up; its checkpoint moves with a later batch).
    */
   private async applyTogether(trx: Transaction<any>, work: { projection: Projection; events: RecordedEvent[] }[], checkpoint: Position) {
-    const names = work.map((w) => w.projection.name)
-    await lockProjections(trx, names)
-    const { rows } = await sql<{ name: string; position: string }>`
-      select name, position from public.projection_checkpoints where name = any(${names}::text[])`.execute(trx)
-    const stored = new Map(rows.map((r) => [r.name, BigInt(r.position)]))
-    const next: { name: string; position: Position; version: number }[] = []
+    const busy = work.filter((w) => w.events.length > 0).map((w) => w.projection.name)
+    const idle = work.filter((w) => w.events.length === 0).map((w) => w.projection.name)
+    await lockProjections(trx, busy)
+    const { rows } = await sql<{ name: string; position: string | null }>`
+      with idle as materialized (select n from unnest(${idle}::text[]) n where ${tryLockProjection(sql.ref('n'))})
+      select u.n as name, c.position from (select unnest(${busy}::text[]) union all select n from idle) u(n)
+      left join public.projection_checkpoints c on c.name = u.n`.execute(trx)
+    const stored = new Map(rows.map((r) => [r.name, r.position === null ? START : BigInt(r.position)]))
+    const next: { name: string; position: Position; version: number; changed: boolean }[] = []
     for (const { projection, events } of work) {
-      const current = stored.get(projection.name) ?? START
+      const current = stored.get(projection.name)
+      if (current === undefined) continue // idle, and its lock is held elsewhere
       const fresh = events.filter((e) => e.position > current)
       if (fresh.length > 0) {
         await sql`set local search_path to ${sql.id(liveSchema(projection.name))}, public`.execute(trx)
         await projection.apply(trx, fresh)
       }
-      next.push({ name: projection.name, position: checkpoint > current ? checkpoint : current, version: projection.version })
+      next.push({ name: projection.name, position: checkpoint > current ? checkpoint : current, version: projection.version, changed: fresh.length > 0 })
     }
     await sql`
       insert into public.projection_checkpoints (name, position, version)

@@ -2,7 +2,7 @@ import { sql } from 'kysely'
 import t, { type Test } from 'tap'
 import { PostgresEventStore } from '../../src/event-store/postgres.js'
 import type { RecordedEvent } from '../../src/event-store/port.js'
-import { applyBatch, readCheckpoint } from '../../src/projections/checkpoints.js'
+import { applyBatch, lockProjection, readCheckpoint } from '../../src/projections/checkpoints.js'
 import { eventCounts } from '../../src/projections/event-counts.js'
 import type { Projection } from '../../src/projections/projection.js'
 import { Projections } from '../../src/projections/projections.js'
@@ -195,11 +195,28 @@ t.test('one runner keeps several read models, each with the events it handles an
   t.same(rows, [{ stream_id: 's-1', n: 2 }, { stream_id: 's-2', n: 1 }], 'each A event counted once, across the rebuild')
   const status = await projections.status()
   t.same(status.map((s) => [s.name, s.state, s.lag]), [['event_counts', 'live', 0], ['a_counts', 'live', 0]])
-  // a batch with nothing for a_counts leaves its stored checkpoint where it was
+  // a batch with nothing for a_counts moves its stored checkpoint along (a restart does not scan it again)
+  await projections.waitFor((await store.append('s-3', [{ type: 'B', data: {} }])).position)
+  t.equal((await readCheckpoint(db, 'a_counts'))!.position, await store.headPosition())
+  t.equal((await readCheckpoint(db, 'event_counts'))!.position, await store.headPosition())
+  // ... unless its lock is held (an audit or a rebuild of it): the batch goes through without waiting for it
+  let held!: () => void
+  let locked!: () => void
+  const isLocked = new Promise<void>((resolve) => (locked = resolve))
+  const holder = db.transaction().execute(async (trx) => {
+    await lockProjection(trx, 'a_counts')
+    locked()
+    await new Promise<void>((resolve) => (held = resolve))
+  })
+  await isLocked
   const before = (await readCheckpoint(db, 'a_counts'))!.position
   await projections.waitFor((await store.append('s-3', [{ type: 'B', data: {} }])).position)
-  t.equal((await readCheckpoint(db, 'a_counts'))!.position, before)
+  t.equal((await readCheckpoint(db, 'a_counts'))!.position, before, 'locked elsewhere: left where it was')
   t.equal((await readCheckpoint(db, 'event_counts'))!.position, await store.headPosition())
+  held()
+  await holder
+  await projections.waitFor((await store.append('s-3', [{ type: 'C', data: {} }])).position)
+  t.equal((await readCheckpoint(db, 'a_counts'))!.position, await store.headPosition(), 'moved with the next batch')
   t.ok((await projections.audit('a_counts')).ok)
   t.ok((await projections.audit('event_counts')).ok)
 })
