@@ -5,7 +5,7 @@ import { DomainError } from '../domain/errors.js'
 import { type LeaseGrant, type TaskCommand, taskDecider, type TaskSpec, type TaskState, taskStream } from '../domain/task.js'
 import { type EventStore, type Position, START } from '../event-store/port.js'
 import { newEventId } from '../event-store/event-id.js'
-import type { CancelTask, Metrics, TaskAssignment, TaskResult, Tensor } from '../protocol/frames.js'
+import { type CancelTask, MAX_HEARTBEAT_LEASES, type Metrics, type TaskAssignment, type TaskResult, type Tensor } from '../protocol/frames.js'
 import { openTasks } from '../projections/tasks.js'
 import { handleCommand, type KnownState, startStreams, type StreamStart } from './handle-command.js'
 
@@ -97,6 +97,8 @@ export class TaskScheduler {
   private readonly known = new Map<string, KnownState<TaskState>>()
   private readonly leases = new Map<string, Lease>()
   private readonly devices = new Map<string, DeviceSlot>()
+  /** Per device that connected holding leases from before, those leases (in grant order) until its first heartbeat. */
+  private readonly inherited = new Map<string, string[]>()
   private readonly outcomes = new EventEmitter()
   private dispatching: Promise<void> | undefined
   private again = false
@@ -229,8 +231,11 @@ export class TaskScheduler {
 
   deviceConnected(slot: DeviceSlot): void {
     this.devices.set(slot.deviceId, slot)
-    // leases it held before a restart or a reconnect are its again
+    // Leases it held before a restart or a reconnect are its again, until its first heartbeat says which
+    // of them it still has (see heartbeat).
     for (const lease of this.leases.values()) if (lease.deviceId === slot.deviceId) slot.leases.add(lease.leaseId)
+    if (slot.leases.size > 0) this.inherited.set(slot.deviceId, [...slot.leases])
+    else this.inherited.delete(slot.deviceId)
     this.kick()
   }
 
@@ -252,12 +257,27 @@ export class TaskScheduler {
   async deviceLost(deviceId: string, reason: string): Promise<void> {
     const slot = this.devices.get(deviceId)
     this.devices.delete(deviceId)
+    this.inherited.delete(deviceId)
+    await this.endLost(slot, [...this.leases.values()].filter((l) => l.deviceId === deviceId), reason)
+  }
+
+  /**
+   * Leases a device no longer has. It runs `max_concurrent_tasks` at once and queues the rest in the order
+   * they were granted, so only the first that many (of all it held, in that order) can have started: those
+   * attempts failed; the others are returned without using an attempt.
+   */
+  private async endLost(slot: DeviceSlot | undefined, lost: readonly Lease[], reason: string): Promise<void> {
     const unstarted = new Set(slot ? [...slot.leases].slice(slot.maxConcurrent) : [])
-    const lost = [...this.leases.values()].filter((l) => l.deviceId === deviceId)
     await Promise.all(lost.map((lease) => (unstarted.has(lease.leaseId) ? this.returnLease(lease, `${reason}; the task had not started`) : this.failAttempt(lease, reason, null))))
   }
 
-  /** A heartbeat lists the leases the device is working on: those are extended. */
+  /**
+   * A heartbeat lists the leases the device is working on: those are extended. The first one after the
+   * device (re)connected also settles the leases it held before: those it does not list, it no longer has
+   * (it restarted, or their task frames were lost with the old socket), and they end at once instead of
+   * holding its slots until they expire. A list of MAX_HEARTBEAT_LEASES may have been cut short: it proves
+   * nothing missing.
+   */
   heartbeat(deviceId: string, leaseIds: readonly string[], load: number): void {
     const slot = this.devices.get(deviceId)
     if (slot) slot.load = load
@@ -266,6 +286,16 @@ export class TaskScheduler {
       const lease = this.leases.get(id)
       if (lease && lease.deviceId === deviceId) lease.deadline = deadline
     }
+    const inherited = this.inherited.get(deviceId)
+    if (!inherited || !slot) return
+    this.inherited.delete(deviceId)
+    if (leaseIds.length >= MAX_HEARTBEAT_LEASES) return
+    const listed = new Set(leaseIds)
+    const lost = inherited.filter((id) => !listed.has(id)).flatMap((id) => {
+      const lease = this.leases.get(id)
+      return lease && lease.deviceId === deviceId ? [lease] : []
+    })
+    if (lost.length > 0) void this.endLost(slot, lost, 'the device came back without the task')
   }
 
   /** Does the device hold a lease on a task of this model (so it may download the model)? */

@@ -65,6 +65,9 @@ export const Register = z.object({
   capabilities: Capabilities,
 })
 
+/** Most lease ids one heartbeat lists (a device holding more lists some: the list proves nothing missing). */
+export const MAX_HEARTBEAT_LEASES = 256
+
 export const Heartbeat = z.object({
   type: z.literal('heartbeat'),
   /** 0..1: share of its CPU in use. */
@@ -72,8 +75,8 @@ export const Heartbeat = z.object({
   memory_used_mb: z.number().min(0),
   /** Estimated power draw in watts (the SDK's estimate: see docs/device-protocol.md). */
   power_watts: z.number().min(0).max(100_000),
-  /** Leases the device holds and is working on; the hub extends them and forgets any it does not list. */
-  leases: z.array(Id).max(256).default([]),
+  /** Leases the device holds and is working on; the hub extends them (and after a reconnect, ends at once those it held before that the first heartbeat does not list). */
+  leases: z.array(Id).max(MAX_HEARTBEAT_LEASES).default([]),
 })
 
 export const Metrics = z.object({

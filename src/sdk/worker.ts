@@ -11,6 +11,7 @@ import {
   HubFrame,
   MAX_BATCH_INPUTS,
   MAX_FRAME_BYTES,
+  MAX_HEARTBEAT_LEASES,
   PROTOCOL_VERSION,
   type Registered,
   type TaskAssignment,
@@ -386,8 +387,10 @@ export class DeviceWorker extends EventEmitter<DeviceWorkerEvents> {
       return
     }
     this.socket?.ping()
-    const leases = this.tasks.leases()
-    this.send({ type: 'heartbeat', ...machineReadings({ gpus: this.gpuCount(), gpuBusy: this.gpuRuns > 0 }), leases: leases.slice(0, 256) })
+    // every lease it still holds: running, queued, or done with a result not sent yet (the first heartbeat
+    // after a reconnect tells the hub which of its earlier leases the device still has)
+    const leases = [...this.tasks.leases(), ...this.outbox.map((result) => result.lease_id)]
+    this.send({ type: 'heartbeat', ...machineReadings({ gpus: this.gpuCount(), gpuBusy: this.gpuRuns > 0 }), leases: leases.slice(0, MAX_HEARTBEAT_LEASES) })
   }
 
   private gpuCount() {

@@ -199,6 +199,31 @@ t.test('after a restart, a device that comes back holds its leases in the order 
   t.same(outcomes, [...Array(3).fill('TaskAttemptFailed'), ...Array(9).fill('TaskLeaseReturned')], 'the first three it ran used an attempt; the nine queued behind them did not')
 })
 
+t.test('a device that comes back without some of its leases: they end at its first heartbeat, not when they expire', async (t) => {
+  // leases of a minute: without the first heartbeat's check, the lost ones would hold the device's slots that long
+  const { scheduler, device, types, store, url } = await setup(t, 60_000, 3)
+  const a = await device({ maxTasks: 1 }) // runs the first, queues the next two
+  const specs = Array.from({ length: 3 }, () => task())
+  const outcomes = specs.map((s) => scheduler.outcome(s.task_id, 20_000))
+  for (const spec of specs) await scheduler.submit(spec, { customerId: 'cust_test' })
+  await eventually(async () => a.frames.filter((f) => f.type === 'task').length === 3 || undefined, 5000, 'three tasks on the device')
+  const [first, second, third] = a.frames.filter((f) => f.type === 'task')
+  // it connects again (the old socket is replaced, its leases stay the device's) and still has only the second
+  const back = await SimDevice.connect(url)
+  t.teardown(() => back.kill())
+  await back.register({ as: { deviceId: a.deviceId, sdkToken: a.sdkToken }, maxTasks: 1 })
+  back.heartbeat([second.lease_id])
+  await eventually(async () => back.frames.filter((f) => f.type === 'task').length === 2 || undefined, 5000, 'the two it lost come back to it at once')
+  const again = back.frames.filter((f) => f.type === 'task')
+  t.same(again.map((f) => f.task_id), [first.task_id, third.task_id], 'the one it may have run first, back at the front of the queue')
+  const reasonOf = async (taskId: string, type: string) => ((await store.readStream(taskStream(taskId))).find((e) => e.type === type)?.data as { reason?: string } | undefined)?.reason
+  t.match(await reasonOf(first.task_id, 'TaskAttemptFailed'), /the device came back without the task/, 'the one it ran first used an attempt')
+  t.match(await reasonOf(third.task_id, 'TaskLeaseReturned'), /the device came back without the task; the task had not started/, 'the one queued behind the kept one did not')
+  t.same(await types(second.task_id), ['TaskQueued', 'TaskLeased'], 'the one it listed is kept')
+  for (const frame of [second, ...again]) back.send({ type: 'task_result', task_id: frame.task_id, lease_id: frame.lease_id, status: 'completed', output: { data: [1], shape: [1] }, metrics })
+  for (const outcome of outcomes) t.match(await outcome, { status: 'completed', deviceId: a.deviceId })
+})
+
 t.test('prefetch must be a whole number of 1 or more', async (t) => {
   const { store, database } = await setup(t)
   t.throws(() => new TaskScheduler({ store, db: database.db, prefetch: 0 }), /prefetch/)
