@@ -288,8 +288,10 @@ export class DeviceWorker extends EventEmitter<DeviceWorkerEvents> {
     clearTimeout(timer)
   }
 
+  /** false when the frame cannot go now: no open socket, or (for anything but `register`) not registered on it, as the hub refuses other frames before that. */
   private send(frame: DeviceFrame): boolean {
     if (this.socket?.readyState !== WebSocket.OPEN) return false
+    if (frame.type !== 'register' && !this.registered) return false
     sendText(this.socket, JSON.stringify(frame))
     return true
   }

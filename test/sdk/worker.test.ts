@@ -222,6 +222,27 @@ t.test('runs at most max_concurrent_tasks at once; cancel_task drops queued and 
   )
 })
 
+t.test('a result finished while disconnected: the first heartbeat after reconnecting lists its lease, then it is sent', async (t) => {
+  const { hub, worker } = await setup(t)
+  await worker.start()
+  hub.downloadDelayMs = 300
+  const held = task(hub.addModel('m1', MODEL))
+  const received = new Promise((resolve) => worker.once('task', resolve))
+  hub.send(held)
+  await received
+  hub.registrationDelayMs = 1500 // the next registration is answered late: the task ends before it
+  const from = hub.frames.length
+  const finished = new Promise((resolve) => worker.once('result', resolve))
+  hub.drop()
+  await finished
+  const beat = await hub.next('heartbeat', (frame) => (frame as { connection?: number }).connection === 2, { from })
+  t.same(beat.leases, [held.lease_id], 'the lease of the result it still has to send: the hub must not end it')
+  const result = await hub.next('task_result', () => true, { from })
+  t.match(result, { connection: 2, task_id: held.task_id, lease_id: held.lease_id, status: 'completed' })
+  const registered = await hub.next('register', () => true, { from })
+  t.ok(registered.index < beat.index && beat.index < result.index, 'register, heartbeat, then the result: nothing but register goes out before the hub answers (it would refuse it)')
+})
+
 t.test('stop({ drain: true }) finishes the running task, sends its result, then closes', async (t) => {
   const { hub, worker } = await setup(t)
   await worker.start()
