@@ -133,13 +133,20 @@ export class Projections {
 
   async status(): Promise<ProjectionStatus[]> {
     const head = await this.deps.store.headPosition()
+    // Read models kept by one runner share its position: their lag is counted once, not once each.
+    const lags = new Map<Position, Promise<number>>()
+    const lagAfter = (position: Position) => {
+      let lag = lags.get(position)
+      if (!lag) lags.set(position, (lag = this.deps.store.readAll(position, LAG_COUNT_LIMIT).then((events) => events.length)))
+      return lag
+    }
     return Promise.all(
       this.list.map(async (projection) => {
         const checkpoint = await readCheckpoint(this.deps.db, projection.name)
         const runner = this.runnerOf(projection.name)
         // A running runner knows how far it has scanned; the stored checkpoint moves only with matching events.
         const position = runner && checkpoint && runner.position > checkpoint.position ? runner.position : checkpoint?.position
-        const lag = (await this.deps.store.readAll(position ?? START, LAG_COUNT_LIMIT)).length
+        const lag = await lagAfter(position ?? START)
         return {
           name: projection.name,
           version: projection.version,
