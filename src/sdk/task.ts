@@ -2,6 +2,7 @@ import { performance } from 'node:perf_hooks'
 import * as ort from 'onnxruntime-node'
 import type { z } from 'zod'
 import type { Metrics, TaskAssignment, TaskResult, Tensor } from '../protocol/frames.js'
+import { processCpuMs, SharedMeter } from './meter.js'
 import type { ModelStore } from './models.js'
 
 export type TaskResultFrame = z.infer<typeof TaskResult>
@@ -12,6 +13,11 @@ const FLOAT_BYTES = 4
 export interface RunHooks {
   onRunStart?(gpu: boolean): void
   onRunEnd?(gpu: boolean): void
+  /**
+   * The meters of the process's CPU time and of GPU wall time, shared by the tasks it runs at once so that
+   * each is billed its share (see SharedMeter). Default: meters of this task alone.
+   */
+  meters?: { cpu: SharedMeter; gpu: SharedMeter }
 }
 
 /**
@@ -32,17 +38,22 @@ export async function runTask(task: TaskAssignment, models: ModelStore, hooks: R
     const outputName = session.outputNames[0]
     if (outputName === undefined) throw new Error('the model has no outputs')
     hooks.onRunStart?.(gpu)
-    const cpuBefore = process.cpuUsage()
-    const wallBefore = performance.now()
+    const meters = hooks.meters ?? { cpu: new SharedMeter(processCpuMs), gpu: new SharedMeter(() => performance.now()) }
+    const cpuRun = meters.cpu.start()
+    const gpuRun = gpu ? meters.gpu.start() : undefined
+    const stop = () => {
+      metrics.cpu_ms = meters.cpu.stop(cpuRun)
+      metrics.gpu_ms = gpuRun === undefined ? 0 : meters.gpu.stop(gpuRun)
+    }
     try {
       const run = async (input: Tensor) => outputTensor((await session.run({ [name]: inputTensor(input) }, [outputName]))[outputName])
       const outputs = (stackable(session, name, inputs) && (await runStacked(inputs, run))) || (await runEach(inputs, run))
-      const wall = performance.now() - wallBefore
-      const cpu = process.cpuUsage(cpuBefore)
-      metrics.cpu_ms = (cpu.user + cpu.system) / 1000
-      metrics.gpu_ms = gpu ? wall : 0
+      stop()
       metrics.bytes_out = FLOAT_BYTES * outputs.reduce((n, output) => n + output.data.length, 0)
       return { ...base, status: 'completed', ...(task.inputs ? { outputs } : { output: outputs[0]! }), metrics }
+    } catch (error) {
+      stop()
+      throw error
     } finally {
       hooks.onRunEnd?.(gpu)
     }
