@@ -41,7 +41,10 @@ export async function runTask(task: TaskAssignment, models: ModelStore, hooks: R
     const meters = hooks.meters ?? { cpu: new SharedMeter(processCpuMs), gpu: new SharedMeter(() => performance.now()) }
     const cpuRun = meters.cpu.start()
     const gpuRun = gpu ? meters.gpu.start() : undefined
+    let stopped = false
     const stop = () => {
+      if (stopped) return
+      stopped = true
       metrics.cpu_ms = meters.cpu.stop(cpuRun)
       metrics.gpu_ms = gpuRun === undefined ? 0 : meters.gpu.stop(gpuRun)
     }
