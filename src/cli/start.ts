@@ -77,7 +77,7 @@ export async function startCommand(args: string[]): Promise<number> {
   console.log(`dcp: ${signal}, shutting down`)
   await Promise.all(workers.map(stopWorker))
   await hub.close()
-  training.stop()
+  await training.stop()
   scheduler.stop()
   await app.close()
   await platform.close()

@@ -87,6 +87,8 @@ export class TrainingCoordinator {
   private balancing: Promise<void> = Promise.resolve()
   private rebalanceAgain = false
   private stopped = false
+  /** Work under way (each job's queue of it), awaited by `stop`. */
+  private readonly working = new Set<Promise<unknown>>()
   private readonly now: () => Date
 
   constructor(private readonly options: TrainingOptions) {
@@ -102,9 +104,15 @@ export class TrainingCoordinator {
     this.rebalance()
   }
 
-  stop(): void {
+  /**
+   * Starts nothing more (no round deadline, no rebalance) and resolves once the work already under way has
+   * settled: a round being closed writes its weights to the blob store and its event before this returns, so
+   * what is shut down after it (the store, the blob directory) is not pulled from under it.
+   */
+  async stop(): Promise<void> {
     this.stopped = true
     for (const job of this.jobs.values()) clearTimeout(job.deadline)
+    while (this.working.size > 0) await Promise.allSettled([...this.working])
   }
 
   /** Devices that could train for a job with these filters (for NO_TRAINING_DEVICES and `estimated_devices`). */
@@ -526,7 +534,7 @@ export class TrainingCoordinator {
 
   /** Runs `work` after the job's earlier work; an error is logged, and fails the job if it is not a domain refusal. */
   private serially(job: LiveJob, work: () => Promise<unknown>): Promise<void> {
-    const run = job.queue.then(work).then(
+    const run: Promise<void> = job.queue.then(work).then(
       () => undefined,
       async (error: Error) => {
         if (error instanceof DomainError) throw error
@@ -534,7 +542,10 @@ export class TrainingCoordinator {
         await this.fail(job, error.message)
       },
     )
-    job.queue = run.catch(() => undefined)
+    const settled = run.catch(() => undefined)
+    job.queue = settled
+    this.working.add(settled)
+    void settled.then(() => this.working.delete(settled))
     return run
   }
 

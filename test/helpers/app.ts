@@ -48,7 +48,7 @@ export async function testApp(t: Test, overrides: Partial<AppDeps> = {}, options
   const app = await buildApp({ store, projections, db: database.db, blobs, hub, scheduler, training, adminKey: ADMIN_KEY, internalToken: INTERNAL_TOKEN, logLevel: 'silent', ...overrides })
   t.teardown(async () => {
     await hub.close()
-    training.stop()
+    await training.stop()
     scheduler.stop()
     await app.close()
     await projections.stop()

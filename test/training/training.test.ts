@@ -195,3 +195,25 @@ t.test('a device sending weights that do not fit is refused without harming the 
   const reasons = (await store.readStream(trainingStream(jobId))).filter((e) => e.type === 'TrainingDevicesReleased').map((e) => (e.data as any).reason)
   t.same(reasons, ['training failed on the device: boom'])
 })
+
+t.test('stopping the coordinator waits for the round being closed: its weights are written before stop returns', async (t) => {
+  const { api, model, training, hub, blobs } = await trainingSetup(t, { devices: 1 })
+  // the round's weights take a while to write: stop is called while they are being written
+  let writing!: () => void
+  const started = new Promise<void>((resolve) => (writing = resolve))
+  let written = false
+  const write = blobs.write.bind(blobs)
+  blobs.write = async (...args: Parameters<typeof write>) => {
+    writing()
+    await new Promise((resolve) => setTimeout(resolve, 300))
+    const pending = await write(...args)
+    written = true
+    return pending
+  }
+  const { status } = await api('POST', '/training', trainingBody(model.id, { training: { target_accuracy: undefined, epochs: 100 } }))
+  t.equal(status, 202)
+  await started
+  await hub.close() // as on shutdown: no more frames
+  await training.stop()
+  t.ok(written, 'the weights being written when stop was called were written before it returned')
+})
