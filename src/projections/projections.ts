@@ -144,7 +144,7 @@ export class Projections {
       this.list.map(async (projection) => {
         const checkpoint = await readCheckpoint(this.deps.db, projection.name)
         const runner = this.runnerOf(projection.name)
-        // A running runner knows how far it has scanned; the stored checkpoint moves only with matching events.
+        // A running runner knows how far it has scanned; the stored checkpoint moves only when a batch is written.
         const position = runner && checkpoint && runner.position > checkpoint.position ? runner.position : checkpoint?.position
         const lag = await lagAfter(position ?? START)
         return {

@@ -45,3 +45,8 @@ export function processCpuMs(): number {
   const usage = process.cpuUsage()
   return (usage.user + usage.system) / 1000
 }
+
+/** The meters a worker shares between the tasks it runs: the process's CPU time, and wall time for GPU runs. */
+export function taskMeters(): { cpu: SharedMeter; gpu: SharedMeter } {
+  return { cpu: new SharedMeter(processCpuMs), gpu: new SharedMeter(() => performance.now()) }
+}

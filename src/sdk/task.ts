@@ -1,8 +1,7 @@
-import { performance } from 'node:perf_hooks'
 import * as ort from 'onnxruntime-node'
 import type { z } from 'zod'
 import type { Metrics, TaskAssignment, TaskResult, Tensor } from '../protocol/frames.js'
-import { processCpuMs, SharedMeter } from './meter.js'
+import { type SharedMeter, taskMeters } from './meter.js'
 import type { ModelStore } from './models.js'
 
 export type TaskResultFrame = z.infer<typeof TaskResult>
@@ -38,7 +37,7 @@ export async function runTask(task: TaskAssignment, models: ModelStore, hooks: R
     const outputName = session.outputNames[0]
     if (outputName === undefined) throw new Error('the model has no outputs')
     hooks.onRunStart?.(gpu)
-    const meters = hooks.meters ?? { cpu: new SharedMeter(processCpuMs), gpu: new SharedMeter(() => performance.now()) }
+    const meters = hooks.meters ?? taskMeters()
     const cpuRun = meters.cpu.start()
     const gpuRun = gpu ? meters.gpu.start() : undefined
     let stopped = false

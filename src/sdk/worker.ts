@@ -22,7 +22,7 @@ import { HeldTasks } from './held-tasks.js'
 import { type LogSink, WorkerLog } from './log.js'
 import { describeHardware, machineReadings } from './machine.js'
 import { ModelStore } from './models.js'
-import { processCpuMs, SharedMeter } from './meter.js'
+import { taskMeters } from './meter.js'
 import { runTask, type TaskResultFrame } from './task.js'
 import { TrainingSession } from './training.js'
 import { sendText } from '../protocol/send.js'
@@ -142,7 +142,7 @@ export class DeviceWorker extends EventEmitter<DeviceWorkerEvents> {
     const hooks = {
       onRunStart: (gpu: boolean) => void (gpu && this.gpuRuns++),
       onRunEnd: (gpu: boolean) => void (gpu && this.gpuRuns--),
-      meters: { cpu: new SharedMeter(processCpuMs), gpu: new SharedMeter(() => performance.now()) },
+      meters: taskMeters(),
     }
     this.tasks = new HeldTasks(
       this.maxTasks,

@@ -3,7 +3,7 @@ import { tmpdir } from 'node:os'
 import path from 'node:path'
 import t from 'tap'
 import { WorkerLog } from '../../src/sdk/log.js'
-import { processCpuMs, SharedMeter } from '../../src/sdk/meter.js'
+import { taskMeters } from '../../src/sdk/meter.js'
 import { ModelStore } from '../../src/sdk/models.js'
 import { type RunHooks, runTask } from '../../src/sdk/task.js'
 import { denseOnnxModel } from '../helpers/onnx.js'
@@ -35,7 +35,7 @@ t.test('tasks run side by side are billed the CPU the process used once, not onc
   // Each measuring the process on its own: every task is billed the others' CPU too (what this prevents).
   const alone = await fourAtOnce({})
   t.ok(alone.billed > alone.used * 1.5, `measured alone, four runs side by side bill ${alone.billed.toFixed(0)} ms for ${alone.used.toFixed(0)} ms used`)
-  const shared = await fourAtOnce({ meters: { cpu: new SharedMeter(processCpuMs), gpu: new SharedMeter(() => performance.now()) } })
+  const shared = await fourAtOnce({ meters: taskMeters() })
   t.ok(shared.billed <= shared.used + 1, `on shared meters they bill ${shared.billed.toFixed(1)} ms, at most the ${shared.used.toFixed(1)} ms used`)
   t.ok(shared.billed >= shared.used * 0.6, 'and most of it: the runs are what used it')
 })
