@@ -3,6 +3,7 @@ import { UsageError } from './args.js'
 import { DatabaseUnreachableError } from '../platform.js'
 import { UnknownProjectionError } from '../projections/projections.js'
 import { auditCommand } from './audit.js'
+import { exampleModelCommand } from './example-model.js'
 import { projectionsCommand } from './projections.js'
 import { startCommand } from './start.js'
 import { watchCommand } from './watch.js'
@@ -23,6 +24,9 @@ Usage:
   dcp audit <projection> [--json]                    replay the log into a shadow copy and diff it with the live one
   dcp audit usage [--from H] [--to H] [--customer ID] [--json]
                                                      the billing audit: totals per customer and hour, every difference, a digest
+  dcp example-model [FILE] [--inputs N] [--classes N] [--force]
+                                                     write a small ONNX classifier to try dcp with (default my_model.onnx,
+                                                     10 inputs, 2 classes)
   dcp help                                           this text
 
 Environment: PORT, HOST, DATA_DIR, DATABASE_URL, EVENTSTORE_URL, NODE_ENV, LOG_LEVEL, DCP_SERVER, DCP_API_KEY (see README).`
@@ -40,6 +44,8 @@ async function main(argv: string[]): Promise<number> {
       return workerCommand(rest)
     case 'watch':
       return watchCommand(rest)
+    case 'example-model':
+      return exampleModelCommand(rest)
     case undefined:
     case 'help':
     case '--help':

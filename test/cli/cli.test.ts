@@ -3,6 +3,7 @@ import { chmod, mkdtemp, readFile, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import path from 'node:path'
 import { fileURLToPath } from 'node:url'
+import * as ort from 'onnxruntime-node'
 import pg from 'pg'
 import t, { type Test } from 'tap'
 import { freshDatabase } from '../helpers/database.js'
@@ -74,6 +75,38 @@ t.test('bad arguments: a clear message and exit code 2', async (t) => {
   t.equal(missing.code, 2)
   t.equal(help.code, 0)
   t.match(help.stdout, /dcp start/)
+})
+
+t.test('example-model writes a working ONNX classifier, and never overwrites a file unless told to', async (t) => {
+  const dir = await mkdtemp(path.join(tmpdir(), 'dcp-example-'))
+  t.teardown(() => rm(dir, { recursive: true, force: true }))
+  const file = path.join(dir, 'model.onnx')
+  const written = await run(['example-model', file], {})
+  t.equal(written.code, 0, written.stderr)
+  t.match(written.stdout, /input \[N, 10\] float32 -> output \[N, 2\]/)
+  const session = await ort.InferenceSession.create(await readFile(file))
+  t.same([session.inputNames, session.outputNames], [['input'], ['output']])
+  // a batch of 3 of the README's example input: 3 rows of probabilities over 2 classes
+  const input = Float32Array.from({ length: 30 }, (_, i) => ((i % 10) + 1) / 10)
+  const { output } = await session.run({ input: new ort.Tensor('float32', input, [3, 10]) })
+  t.same(output!.dims, [3, 2])
+  for (let row = 0; row < 3; row++) {
+    const [a, b] = [output!.data[row * 2] as number, output!.data[row * 2 + 1] as number]
+    t.ok(a > 0 && b > 0 && Math.abs(a + b - 1) < 1e-5, `row ${row} is a probability distribution: ${a}, ${b}`)
+  }
+  const before = await readFile(file)
+  const again = await run(['example-model', file, '--classes', '3'], {})
+  t.equal(again.code, 1)
+  t.match(again.stderr, /it exists \(--force overwrites it\)/)
+  t.same(await readFile(file), before, 'the file is left as it was')
+  const forced = await run(['example-model', file, '--classes', '3', '--inputs', '4', '--force'], {})
+  t.equal(forced.code, 0, forced.stderr)
+  const bigger = await ort.InferenceSession.create(await readFile(file))
+  const { output: three } = await bigger.run({ input: new ort.Tensor('float32', new Float32Array(4), [1, 4]) })
+  t.same(three!.dims, [1, 3])
+  const bad = await run(['example-model', file, '--classes', '1'], {})
+  t.equal(bad.code, 2)
+  t.match(bad.stderr, /--classes must be a whole number from 2 to 10000, got "1"/)
 })
 
 t.test('an unreachable database: a clear message and exit code 1', async (t) => {
