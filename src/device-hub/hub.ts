@@ -8,6 +8,7 @@ import type { TrainingCoordinator } from '../commands/training.js'
 import { type DeviceDescription, deviceDecider, deviceStream, heartbeatStream } from '../domain/device.js'
 import { DomainError } from '../domain/errors.js'
 import type { EventStore, Position } from '../event-store/port.js'
+import { NUL_MESSAGE, nulField } from '../event-store/storable.js'
 import { sameSecret, sha256 } from '../http/auth.js'
 import { newId, newSecret } from '../http/ids.js'
 import { CLOSE, DeviceFrame, type HubFrame, type LogLine, MAX_FRAME_BYTES, PROTOCOL_VERSION } from '../protocol/frames.js'
@@ -207,6 +208,8 @@ export class DeviceHub {
       if (isBinary) throw new Error('frames are JSON text')
       const parsed = DeviceFrame.safeParse(JSON.parse(raw.toString('utf8')))
       if (!parsed.success) throw new Error(parsed.error.issues.map((i) => `${i.path.join('.') || 'frame'}: ${i.message}`).join('; '))
+      const nul = nulField(parsed.data, 'frame')
+      if (nul) throw new Error(`${nul}: ${NUL_MESSAGE}`)
       frame = parsed.data
     } catch (error) {
       return this.malformed(connection, `invalid frame: ${(error as Error).message}`)

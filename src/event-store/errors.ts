@@ -30,3 +30,15 @@ export class EventStoreUnavailableError extends Error {
     this.name = 'EventStoreUnavailableError'
   }
 }
+
+/**
+ * An event that cannot be stored as it is: its JSON holds U+0000, which Postgres text (every read model, and
+ * the Postgres log) cannot hold. Refused by both adapters alike, before it can reach a read model.
+ */
+export class UnstorableEventError extends Error {
+  readonly code = 'UNSTORABLE_EVENT'
+  constructor(readonly eventType: string) {
+    super(`event ${eventType}: a value holds the NUL character (\\u0000), which dcp cannot store`)
+    this.name = 'UnstorableEventError'
+  }
+}

@@ -49,7 +49,7 @@ import type {
   StreamingRead,
 } from '@eventstore/db-client'
 import { EventStoreUnavailableError, WrongExpectedRevisionError } from './errors.js'
-import { newEventId } from './event-id.js'
+import { assertStorable, storedId } from './storable.js'
 import type {
   AppendOptions,
   AppendResult,
@@ -467,18 +467,20 @@ export function toRecordedEvent(resolved: ResolvedEvent | AllStreamResolvedEvent
   }
 }
 
-const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i
-
 /** The port's new event -> an ESDB JSON event whose id is the port's id (so ESDB deduplicates retries). */
 export function toEsdbEvent(event: NewEvent): JSONEventData {
-  const id = event.id ?? newEventId()
-  if (!UUID.test(id)) throw new TypeError(`event id ${JSON.stringify(id)} is not a UUID`)
+  const id = storedId(event)
+  const data = event.data ?? null
+  const metadata = event.metadata ?? {}
+  // what the Postgres log refuses, this one refuses too: the read models are Postgres tables either way
+  assertStorable(event.type, JSON.stringify(data))
+  assertStorable(event.type, JSON.stringify(metadata))
   return jsonEvent({
-    id: id.toLowerCase(),
+    id,
     type: event.type,
     // the client JSON.stringifies any value; its type only names objects, arrays and strings
-    data: (event.data ?? null) as JSONType,
-    metadata: event.metadata ?? {},
+    data: data as JSONType,
+    metadata,
   })
 }
 

@@ -1,7 +1,6 @@
 import pg from 'pg'
 import { copyAppend, type CopyRow } from './copy-append.js'
 import { DuplicateEventIdError, EventStoreUnavailableError, WrongExpectedRevisionError } from './errors.js'
-import { newEventId } from './event-id.js'
 import type {
   AppendOptions,
   AppendResult,
@@ -19,6 +18,7 @@ import type {
 } from './port.js'
 import { matchesFilter, START } from './port.js'
 import { Signal } from './signal.js'
+import { assertStorable, storedId } from './storable.js'
 import { type Page, PollingSubscription } from './subscription.js'
 
 export interface PostgresEventStoreOptions {
@@ -542,18 +542,13 @@ export function revisionMatches(expected: ExpectedRevision, current: number): bo
   }
 }
 
-/** JSON's escape of U+0000: `\u0000` preceded by an even number of backslashes. */
-const NUL_ESCAPE = /(^|[^\\])(\\\\)*\\u0000/
-const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i
-
 function toRow(event: NewEvent): PendingAppend['events'][number] {
-  const id = event.id ?? newEventId()
-  if (!UUID.test(id)) throw new TypeError(`event id ${JSON.stringify(id)} is not a UUID`)
+  const id = storedId(event)
   const data = JSON.stringify(event.data ?? null)
   const metadata = JSON.stringify(event.metadata ?? {})
-  // Postgres jsonb cannot hold U+0000; refuse it here rather than fail the whole group commit.
-  if (NUL_ESCAPE.test(data) || NUL_ESCAPE.test(metadata)) throw new TypeError(`event ${event.type}: JSON must not contain U+0000`)
-  return { id: id.toLowerCase(), type: event.type, data, metadata }
+  assertStorable(event.type, data)
+  assertStorable(event.type, metadata)
+  return { id, type: event.type, data, metadata }
 }
 
 function toRecorded(row: Record<string, unknown>): RecordedEvent {

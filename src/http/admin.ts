@@ -29,7 +29,7 @@ export const adminRoutes: FastifyPluginAsync<{ services: Services }> = async (ba
   }
 
   app.post('/admin/customers', {
-    config,
+    config: { ...config, success: { 201: 'The customer and its first API key' } },
     schema: {
       summary: 'Create a customer and its first API key (shown once)',
       tags: ['admin'],
@@ -51,7 +51,7 @@ export const adminRoutes: FastifyPluginAsync<{ services: Services }> = async (ba
   })
 
   app.post('/admin/customers/:id/keys', {
-    config,
+    config: { ...config, success: { 201: 'The new key' } },
     schema: { summary: 'Issue another API key for a customer (shown once)', tags: ['admin'], params: CustomerId },
   }, async (request, reply) => {
     if (!(await customerExists(services.db, request.params.id))) throw new DomainError('NOT_FOUND', `customer ${request.params.id} not found`)
@@ -67,7 +67,7 @@ export const adminRoutes: FastifyPluginAsync<{ services: Services }> = async (ba
   })
 
   app.delete('/admin/customers/:id/keys/:keyId', {
-    config,
+    config: { ...config, success: { 204: 'Revoked' } },
     schema: { summary: 'Revoke an API key; requests with it are refused at once', tags: ['admin'], params: KeyParams },
   }, async (request, reply) => {
     const at = services.now().toISOString()

@@ -51,6 +51,8 @@ export interface RouteInfo {
   method: string
   url: string
   auth: AuthKind
+  /** Success statuses other than a plain 200, with what each means. */
+  success?: Partial<Record<number, string>>
 }
 
 declare module 'fastify' {
@@ -80,7 +82,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   app.decorate('routeTable', routeTable)
   app.addHook('onRoute', (route) => {
     const methods = Array.isArray(route.method) ? route.method : [route.method]
-    for (const method of methods) if (method !== 'HEAD') routeTable.push({ method, url: route.url, auth: route.config?.auth ?? 'none' })
+    for (const method of methods) if (method !== 'HEAD') routeTable.push({ method, url: route.url, auth: route.config?.auth ?? 'none', ...(route.config?.success ? { success: route.config.success } : {}) })
   })
   registerAuth(app, { db: deps.db, cached: (name, key, load) => deps.projections.cached(name, key, load), adminKey: deps.adminKey, internalToken: deps.internalToken })
   const loadToken = randomBytes(24).toString('hex')
@@ -112,7 +114,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
       },
     },
     transform: jsonSchemaTransform,
-    transformObject: (document) => ('openapiObject' in document ? addSecurity(document.openapiObject, routeTable) : document.swaggerObject),
+    transformObject: (document) => ('openapiObject' in document ? describeOperations(document.openapiObject, routeTable) : document.swaggerObject),
   })
   await app.register(swaggerUi, { routePrefix: '/docs', uiConfig: { url: '/api/v1/openapi.json' } as never })
 
@@ -165,13 +167,42 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
 
 const SECURITY: Record<Exclude<AuthKind, 'none'>, string> = { api_key: 'apiKey', admin: 'adminKey', internal: 'internalToken', sdk: 'sdkToken' }
 
-/** Marks each operation of the OpenAPI document with the header it needs. */
-function addSecurity(document: Record<string, any>, routes: RouteInfo[]): Record<string, any> {
+const ERROR_SCHEMA = {
+  type: 'object',
+  required: ['error'],
+  properties: {
+    error: {
+      type: 'object',
+      required: ['code', 'message'],
+      properties: { code: { type: 'string', example: 'VALIDATION_ERROR' }, message: { type: 'string', example: 'body.input.shape: Required' } },
+    },
+  },
+}
+const ERROR_CONTENT = { 'application/json': { schema: { $ref: '#/components/schemas/Error' } } }
+
+/**
+ * Completes each operation of the OpenAPI document with what the routes do not say in their zod schemas: the
+ * header it authenticates with, its success statuses (a plain 200 unless the route's `success` says
+ * otherwise), and the error contract, `{"error":{"code","message"}}`, for every 4xx and 5xx answer.
+ */
+function describeOperations(document: Record<string, any>, routes: RouteInfo[]): Record<string, any> {
+  document.components = { ...document.components, schemas: { ...document.components?.schemas, Error: ERROR_SCHEMA } }
   for (const route of routes) {
-    if (route.auth === 'none') continue
     const path = route.url.replace(/:([A-Za-z]+)/g, '{$1}')
     const operation = document.paths?.[path]?.[route.method.toLowerCase()]
-    if (operation) operation.security = [{ [SECURITY[route.auth]]: [] }]
+    if (!operation) continue
+    if (route.auth !== 'none') operation.security = [{ [SECURITY[route.auth]]: [] }]
+    const responses: Record<string, unknown> = {}
+    if (route.success) for (const [status, description] of Object.entries(route.success)) responses[status] = { description }
+    else responses['200'] = operation.responses?.['200'] ?? { description: 'Success' }
+    responses['4XX'] = {
+      description:
+        'Refused: 400 VALIDATION_ERROR (naming the field), 401 AUTH_REQUIRED or AUTH_INVALID, 403 FORBIDDEN, 404 NOT_FOUND, ' +
+        '409 (a state that does not allow it, e.g. CANNOT_CANCEL), 413 PAYLOAD_TOO_LARGE, 415 UNSUPPORTED_MEDIA_TYPE, 429 RATE_LIMITED (with Retry-After), ...',
+      content: ERROR_CONTENT,
+    }
+    responses['5XX'] = { description: "500 INTERNAL_ERROR (dcp's own fault), or 502/503/504 when something it depends on failed, is unavailable or timed out", content: ERROR_CONTENT }
+    operation.responses = responses
   }
   return document
 }

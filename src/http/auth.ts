@@ -39,6 +39,8 @@ declare module 'fastify' {
     auth?: AuthKind
     /** An API key route that also takes the key as `?api_key=` (for EventSource, which cannot send headers). */
     keyInQuery?: boolean
+    /** The route's success statuses and what each means, for the OpenAPI document (default: 200). */
+    success?: Partial<Record<200 | 201 | 202 | 204, string>>
   }
 }
 

@@ -141,7 +141,7 @@ export const dashboardRoutes: FastifyPluginAsync<{ services: Services }> = async
 
   // ---- benchmarks -------------------------------------------------------------------------------------
 
-  app.post('/dashboard/benchmark', { config, schema: { summary: 'Start a quick inference or training benchmark (202; GET /dashboard/benchmark/:id for its result)', tags: ['benchmarks'], body: QuickBody } }, async (request, reply) => {
+  app.post('/dashboard/benchmark', { config: { ...config, success: { 202: 'Started' } }, schema: { summary: 'Start a quick inference or training benchmark (202; GET /dashboard/benchmark/:id for its result)', tags: ['benchmarks'], body: QuickBody } }, async (request, reply) => {
     const customerId = customerOf(request)
     const body = request.body
     if (body.mode === 'inference') requireDevices(services)
@@ -158,7 +158,7 @@ export const dashboardRoutes: FastifyPluginAsync<{ services: Services }> = async
   })
 
   app.post('/dashboard/benchmark/perf', {
-    config,
+    config: { ...config, success: { 202: 'Started' } },
     schema: {
       summary: 'Start a step-load benchmark: each rate of rps_steps for duration / steps seconds, at most max_concurrency requests in flight',
       tags: ['benchmarks'],

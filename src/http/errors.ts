@@ -2,6 +2,8 @@ import type { FastifyError, FastifyInstance } from 'fastify'
 import { hasZodFastifySchemaValidationErrors } from 'fastify-type-provider-zod'
 import { BlobTooLargeError } from '../blobs/blob-store.js'
 import { DomainError } from '../domain/errors.js'
+import { UnstorableEventError } from '../event-store/errors.js'
+import { NUL_MESSAGE, nulField } from '../event-store/storable.js'
 
 /** HTTP status of each error code: the spec's codes, and dcp's own where the spec is silent. */
 const STATUS: Record<string, number> = {
@@ -59,12 +61,19 @@ const FASTIFY_CODES: Record<string, string> = {
 
 /** Every error leaves as `{"error":{"code","message"}}`: domain errors, validation, fastify's own, unknown routes. */
 export function registerErrorContract(app: FastifyInstance): void {
+  // before the route's own validation: every route, whatever its schema
+  app.addHook('preValidation', async (request, reply) => {
+    const field = nulField(request.params, 'params') ?? nulField(request.query, 'querystring') ?? nulField(request.body, 'body')
+    if (field) return reply.status(400).send(errorBody('VALIDATION_ERROR', `${field}: ${NUL_MESSAGE}`))
+  })
   app.setNotFoundHandler((request, reply) => {
     void reply.status(404).send(errorBody('NOT_FOUND', `no route ${request.method} ${request.url.split('?')[0]}`))
   })
   app.setErrorHandler((error: FastifyError | Error, request, reply) => {
     if (error instanceof DomainError) return reply.status(statusOf(error.code)).send(errorBody(error.code, error.message))
     if (error instanceof BlobTooLargeError) return reply.status(413).send(errorBody('PAYLOAD_TOO_LARGE', error.message))
+    // the last line of defence for NUL (the hook above names the field when it is in the JSON, query or path)
+    if (error instanceof UnstorableEventError) return reply.status(400).send(errorBody('VALIDATION_ERROR', `the request holds the NUL character (\\u0000) in a value dcp would store (${error.eventType})`))
     if (hasZodFastifySchemaValidationErrors(error)) {
       const where = error.validationContext ?? 'request'
       const message = error.validation

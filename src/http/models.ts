@@ -8,6 +8,7 @@ import type { PendingBlob } from '../blobs/blob-store.js'
 import { DomainError } from '../domain/errors.js'
 import { inspectModelFile, ModelFileError, sniffFormat } from '../domain/model-file.js'
 import { applyChanges, MODEL_FORMATS, type ModelDescription, modelDecider, modelStream, POSTPROCESSING, PREPROCESSING, SchemaChanges } from '../domain/model.js'
+import { NUL_MESSAGE } from '../event-store/storable.js'
 import { findModel, listModels } from '../projections/models.js'
 import { customerOf } from './auth.js'
 import { execute, type Services } from './context.js'
@@ -134,7 +135,9 @@ export async function readUpload(request: FastifyRequest, services: Services, fi
         if (part.file.truncated) throw new DomainError('PAYLOAD_TOO_LARGE', `${field}: larger than the limit of ${maxBytes} bytes`)
         filename = part.filename
       } else {
-        fields[part.fieldname] = String(part.value)
+        const value = String(part.value)
+        if (part.fieldname.includes('\u0000') || value.includes('\u0000')) throw new DomainError('VALIDATION_ERROR', `body.${part.fieldname}: ${NUL_MESSAGE}`)
+        fields[part.fieldname] = value
       }
     }
   } catch (error) {
@@ -150,7 +153,7 @@ export const modelRoutes: FastifyPluginAsync<{ services: Services }> = async (ba
   const config = { auth: 'api_key' as const }
 
   app.post('/models', {
-    config,
+    config: { ...config, success: { 201: 'The model' } },
     schema: {
       summary: 'Upload a model (multipart/form-data: model file, name, format, input_shape, output_shape, input_schema, output_schema, labels, preprocessing, postprocessing)',
       tags: ['models'],
@@ -219,7 +222,7 @@ export const modelRoutes: FastifyPluginAsync<{ services: Services }> = async (ba
   })
 
   app.delete('/models/:id', {
-    config,
+    config: { ...config, success: { 204: 'Deleted' } },
     schema: { summary: 'Delete a model (new inference on it is refused; work already queued or running finishes)', tags: ['models'], params: ModelParams },
   }, async (request, reply) => {
     const customerId = customerOf(request)

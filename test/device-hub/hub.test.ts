@@ -117,6 +117,8 @@ t.test('bad frames get an error frame or a close, never a crash', async (t) => {
   await device.register()
   device.send({ type: 'heartbeat', load: 7 })
   t.match(await device.next((f) => f.type === 'error'), { code: 'INVALID_FRAME', message: /load/ })
+  device.send({ type: 'heartbeat', load: 0.1, memory_used_mb: 1, power_watts: 1, leases: ['lease\u0000x'] })
+  t.match(await device.next((f) => f.type === 'error'), { code: 'INVALID_FRAME', message: 'invalid frame: frame.leases.0: must not contain the NUL character (\\u0000)' })
   device.send({ type: 'task_result', task_id: 'task_x', lease_id: 'lease_x', status: 'completed', output: { data: [1], shape: [1] }, metrics: { cpu_ms: 1, gpu_ms: 0, bytes_in: 1, bytes_out: 1 } })
   t.match(await device.next((f) => f.type === 'error'), { code: 'STALE_LEASE' })
   device.socket.send(Buffer.from([1, 2, 3]), { binary: true })

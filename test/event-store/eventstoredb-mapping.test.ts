@@ -13,7 +13,7 @@ import {
 } from '@eventstore/db-client'
 import type { AllStreamResolvedEvent, ResolvedEvent, SubscribeToAllOptions } from '@eventstore/db-client'
 import t from 'tap'
-import { EventStoreUnavailableError, WrongExpectedRevisionError } from '../../src/event-store/errors.js'
+import { EventStoreUnavailableError, UnstorableEventError, WrongExpectedRevisionError } from '../../src/event-store/errors.js'
 import {
   assembleBatch,
   CheckpointMarker,
@@ -147,6 +147,10 @@ t.test('new events become JSON events carrying the port id', async (t) => {
   t.equal(bare.data, null)
   t.same(bare.metadata, {})
   t.throws(() => toEsdbEvent({ id: 'retry-1', type: 'X', data: {} }), TypeError)
+  // what the Postgres log refuses, this one refuses too: read models are Postgres tables either way
+  t.throws(() => toEsdbEvent({ type: 'Nul', data: { text: 'a\u0000b' } }), UnstorableEventError)
+  t.throws(() => toEsdbEvent({ type: 'Nul', data: {}, metadata: { ['k\u0000']: 1 } }), UnstorableEventError)
+  t.same(toEsdbEvent({ type: 'Fine', data: { text: 'a\\u0000b is only text' } }).data, { text: 'a\\u0000b is only text' })
 })
 
 t.test('assembleBatch: checkpoint over filtered and system events, nothing at or before `after`', async (t) => {

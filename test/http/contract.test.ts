@@ -1,4 +1,5 @@
 import fc from 'fast-check'
+import type { InjectOptions } from 'fastify'
 import t from 'tap'
 import { ADMIN_KEY, INTERNAL_TOKEN, multipart, testApp } from '../helpers/app.js'
 import { denseOnnxModel } from '../helpers/onnx.js'
@@ -54,6 +55,21 @@ t.test('OpenAPI from the same zod schemas, and a docs page', async (t) => {
   const limit = doc.paths['/api/v1/models'].get.parameters.find((p: { name: string }) => p.name === 'limit')
   t.match(limit, { in: 'query', schema: { maximum: 1000 } }, 'query schema comes from zod')
   t.match(doc.paths['/api/v1/admin/customers'].post.requestBody.content['application/json'].schema.properties.name, { type: 'string', minLength: 1 })
+  // success statuses as the routes answer them, and the error contract on every operation
+  t.same(Object.keys(doc.paths['/api/v1/inference'].post.responses), ['200', '202', '4XX', '5XX'])
+  t.same(Object.keys(doc.paths['/api/v1/models/{id}'].delete.responses), ['204', '4XX', '5XX'])
+  t.same(Object.keys(doc.paths['/api/v1/training'].post.responses), ['202', '4XX', '5XX'])
+  t.match(doc.components.schemas.Error, { required: ['error'], properties: { error: { required: ['code', 'message'] } } })
+  const operations = Object.values(doc.paths as Record<string, Record<string, { responses: Record<string, any> }>>).flatMap((p) => Object.values(p))
+  t.ok(operations.length >= 50, `${operations.length} operations`)
+  t.ok(
+    operations.every((o) => ['4XX', '5XX'].every((range) => o.responses[range]?.content['application/json'].schema.$ref === '#/components/schemas/Error')),
+    'every operation documents its 4xx and 5xx answers as the error envelope',
+  )
+  // as documented: a refusal is the envelope
+  const refused = await app.inject({ method: 'POST', url: '/api/v1/inference', headers: { 'x-api-key': 'nope' }, payload: {} })
+  t.equal(refused.statusCode, 401)
+  t.match(refused.json(), { error: { code: String, message: String } })
   const docs = await app.inject({ method: 'GET', url: '/docs' })
   t.ok([200, 302].includes(docs.statusCode))
   const page = await app.inject({ method: 'GET', url: '/docs/' })
@@ -92,4 +108,29 @@ t.test('fuzz: generated bad bodies, queries and ids on every route never give a 
     checked++
   }
   t.ok(checked >= 10, `${checked} routes fuzzed, no 5xx and always the error format`)
+})
+
+t.test('the NUL character (which Postgres text cannot hold): a 400 naming the field, however it comes in, and nothing stored', async (t) => {
+  const { app, customer, database } = await testApp(t)
+  const alice = await customer()
+  const headers = { 'x-api-key': alice.key }
+  const events = async () => Number((await database.pool.query('select count(*) as n from events')).rows[0].n)
+  const before = await events()
+  const refused = async (request: InjectOptions, field: string) => {
+    const response = await app.inject(request)
+    t.equal(response.statusCode, 400, `${field}: ${response.body}`)
+    t.same(response.json(), { error: { code: 'VALIDATION_ERROR', message: `${field}: must not contain the NUL character (\\u0000)` } })
+  }
+  await refused({ method: 'POST', url: '/api/v1/projects', headers, payload: { name: 'a\u0000b', type: 'realtime' } }, 'body.name')
+  await refused({ method: 'POST', url: '/api/v1/projects', headers, payload: { name: 'ok', type: 'realtime', ['key\u0000']: 1 } }, 'body."key\\u0000"')
+  await refused({ method: 'POST', url: '/api/v1/inference/batch', headers, payload: { model_id: 'model_x', inputs: [{ data: [1], shape: [1] }, { data: [1], shape: [1], note: ['fine', 'bad\u0000'] }] } }, 'body.inputs.1.note.1')
+  await refused({ method: 'GET', url: '/api/v1/projects/proj%00x', headers }, 'params.id')
+  await refused({ method: 'GET', url: '/api/v1/models?status=%00', headers }, 'querystring.status')
+  const upload = multipart({ name: 'my\u0000model' }, { name: 'model.onnx', content: denseOnnxModel() })
+  await refused({ method: 'POST', url: '/api/v1/models', headers: { ...headers, ...upload.headers }, payload: upload.payload }, 'body.name')
+  t.equal(await events(), before, 'no event appended')
+  // the same text with the backslash escaped is only text, and is kept as sent
+  const fine = await app.inject({ method: 'POST', url: '/api/v1/projects', headers, payload: { name: 'a\\u0000b', type: 'realtime' } })
+  t.equal(fine.statusCode, 201, fine.body)
+  t.equal(fine.json().name, 'a\\u0000b')
 })
