@@ -82,14 +82,16 @@ t.test('fuzz: generated bad bodies, queries and ids on every route never give a 
   const alice = await customer()
   await app.ready()
   const credentials = { api_key: { 'x-api-key': alice.key }, admin: { 'x-admin-key': ADMIN_KEY }, internal: { 'x-internal-token': INTERNAL_TOKEN }, sdk: {}, none: {} }
-  const segment = fc.oneof(fc.string({ maxLength: 30 }), fc.constantFrom('model_x', '..', '%00', '0', '-1', 'a'.repeat(300)))
-  const value = fc.oneof(fc.string({ maxLength: 20 }), fc.integer().map(String), fc.constantFrom('-1', '1e309', 'NaN', '[]', '{}', 'null', '%', ''))
+  // '\u0000' too: Postgres text cannot hold it (schemathesis found a 500 with one that these strings never drew)
+  const segment = fc.oneof(fc.string({ maxLength: 30 }), fc.constantFrom('model_x', '..', '%00', '0', '-1', 'a'.repeat(300), 'a\u0000b'))
+  const value = fc.oneof(fc.string({ maxLength: 20 }), fc.integer().map(String), fc.constantFrom('-1', '1e309', 'NaN', '[]', '{}', 'null', '%', '', '\u0000'))
+  const json = fc.oneof(fc.jsonValue({ maxDepth: 3 }), fc.dictionary(fc.constantFrom('name', 'model_id', 'type', 'input', 'x\u0000'), fc.constantFrom('a\u0000', 'realtime', 1), { maxKeys: 3 }))
   const query = fc.dictionary(fc.constantFrom('limit', 'offset', 'status', 'hours', 'from', 'to', 'x'), value, { maxKeys: 3 })
   let checked = 0
   for (const route of app.routeTable) {
     if (route.url.startsWith('/docs')) continue
     await fc.assert(
-      fc.asyncProperty(segment, query, fc.jsonValue({ maxDepth: 3 }), fc.boolean(), async (id, q, body, raw) => {
+      fc.asyncProperty(segment, query, json, fc.boolean(), async (id, q, body, raw) => {
         const url = route.url.replace(/:[A-Za-z]+/g, () => encodeURIComponent(id)) + '?' + new URLSearchParams(q).toString()
         const withBody = ['POST', 'PATCH', 'PUT', 'DELETE'].includes(route.method)
         const headers: Record<string, string> = { ...credentials[route.auth] }
