@@ -42,9 +42,12 @@ function nulPath(value: unknown): (string | number)[] | undefined {
     }
     return undefined
   }
-  for (const key of Object.keys(value)) {
+  for (const key in value) {
+    if (!Object.hasOwn(value, key)) continue
     if (key.includes('\u0000')) return [JSON.stringify(key)]
-    const path = nulPath((value as Record<string, unknown>)[key])
+    const item: unknown = (value as Record<string, unknown>)[key]
+    if (typeof item !== 'object' && typeof item !== 'string') continue
+    const path = nulPath(item)
     if (path) return (path.unshift(key), path)
   }
   return undefined
