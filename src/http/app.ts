@@ -77,8 +77,8 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   app.removeContentTypeParser('text/plain')
   app.setValidatorCompiler(validatorCompiler)
   app.setSerializerCompiler(serializerCompiler)
-  registerErrorContract(app)
   const routeTable: RouteInfo[] = []
+  registerErrorContract(app, () => routeTable)
   app.decorate('routeTable', routeTable)
   app.addHook('onRoute', (route) => {
     const methods = Array.isArray(route.method) ? route.method : [route.method]
@@ -197,7 +197,7 @@ function describeOperations(document: Record<string, any>, routes: RouteInfo[]):
     else responses['200'] = operation.responses?.['200'] ?? { description: 'Success' }
     responses['4XX'] = {
       description:
-        'Refused: 400 VALIDATION_ERROR (naming the field), 401 AUTH_REQUIRED or AUTH_INVALID, 403 FORBIDDEN, 404 NOT_FOUND, ' +
+        'Refused: 400 VALIDATION_ERROR (naming the field), 401 AUTH_REQUIRED or AUTH_INVALID, 403 FORBIDDEN, 404 NOT_FOUND, 405 METHOD_NOT_ALLOWED, ' +
         '409 (a state that does not allow it, e.g. CANNOT_CANCEL), 413 PAYLOAD_TOO_LARGE, 415 UNSUPPORTED_MEDIA_TYPE, 429 RATE_LIMITED (with Retry-After), ...',
       content: ERROR_CONTENT,
     }

@@ -59,8 +59,32 @@ const FASTIFY_CODES: Record<string, string> = {
   FST_ERR_VALIDATION: 'VALIDATION_ERROR',
 }
 
-/** Every error leaves as `{"error":{"code","message"}}`: domain errors, validation, fastify's own, unknown routes. */
-export function registerErrorContract(app: FastifyInstance): void {
+/** A route's path as a pattern: `:name` is one segment, a trailing `*` anything. */
+function pathPattern(url: string): RegExp {
+  const source = url
+    .split('/')
+    .map((segment) => (segment.startsWith(':') ? '[^/]+' : segment === '*' ? '.*' : segment.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')))
+    .join('/')
+  return new RegExp(`^${source}/?$`)
+}
+
+/**
+ * Every error leaves as `{"error":{"code","message"}}`: domain errors, validation, fastify's own, unknown
+ * routes. `routes` (the route table, read when a request misses) tells a path that exists under other
+ * methods, which is a 405 with `Allow`, from one that does not (404).
+ */
+export function registerErrorContract(app: FastifyInstance, routes: () => readonly { method: string; url: string }[] = () => []): void {
+  const patterns = new Map<string, RegExp>()
+  const allowedMethods = (path: string) => {
+    const methods = new Set<string>()
+    for (const route of routes()) {
+      let pattern = patterns.get(route.url)
+      if (!pattern) patterns.set(route.url, (pattern = pathPattern(route.url)))
+      if (pattern.test(path)) methods.add(route.method)
+    }
+    if (methods.has('GET')) methods.add('HEAD')
+    return [...methods].sort()
+  }
   // before the route's own validation: every route, whatever its schema
   // (callback style: no promise per request on the hot path)
   app.addHook('preValidation', (request, reply, done) => {
@@ -69,7 +93,13 @@ export function registerErrorContract(app: FastifyInstance): void {
     void reply.status(400).send(errorBody('VALIDATION_ERROR', `${field}: ${NUL_MESSAGE}`))
   })
   app.setNotFoundHandler((request, reply) => {
-    void reply.status(404).send(errorBody('NOT_FOUND', `no route ${request.method} ${request.url.split('?')[0]}`))
+    const path = request.url.split('?')[0]!
+    const allowed = allowedMethods(path)
+    if (allowed.length > 0) {
+      void reply.status(405).header('allow', allowed.join(', ')).send(errorBody('METHOD_NOT_ALLOWED', `${request.method} is not allowed on ${path}; it takes ${allowed.join(', ')}`))
+      return
+    }
+    void reply.status(404).send(errorBody('NOT_FOUND', `no route ${request.method} ${path}`))
   })
   app.setErrorHandler((error: FastifyError | Error, request, reply) => {
     if (error instanceof DomainError) return reply.status(statusOf(error.code)).send(errorBody(error.code, error.message))

@@ -10,6 +10,15 @@ t.test('errors always use the error format: unknown routes, malformed JSON, wron
   const unknown = await app.inject({ method: 'GET', url: '/api/v1/nope?x=1' })
   t.equal(unknown.statusCode, 404)
   t.same(unknown.json(), { error: { code: 'NOT_FOUND', message: 'no route GET /api/v1/nope' } })
+  // a path that exists under other methods: 405 with the methods it takes
+  const put = await app.inject({ method: 'PUT', url: '/api/v1/models', headers: { 'x-api-key': alice.key } })
+  t.equal(put.statusCode, 405)
+  t.equal(put.headers.allow, 'GET, HEAD, POST')
+  t.same(put.json(), { error: { code: 'METHOD_NOT_ALLOWED', message: 'PUT is not allowed on /api/v1/models; it takes GET, HEAD, POST' } })
+  const post = await app.inject({ method: 'POST', url: '/api/v1/projects/proj_x/analytics?x=1' })
+  t.equal(post.statusCode, 405)
+  t.equal(post.headers.allow, 'GET, HEAD')
+  t.equal((await app.inject({ method: 'GET', url: '/api/v1/projects/proj_x/nope' })).statusCode, 404, 'one segment more is another path')
   const body = multipart({}, { name: 'm.onnx', content: denseOnnxModel() })
   const model = (await app.inject({ method: 'POST', url: '/api/v1/models', headers: { ...body.headers, 'x-api-key': alice.key }, payload: body.payload })).json()
   const headers = { 'x-api-key': alice.key, 'content-type': 'application/json' }
