@@ -208,7 +208,8 @@ export class DeviceHub {
       if (isBinary) throw new Error('frames are JSON text')
       const parsed = DeviceFrame.safeParse(JSON.parse(raw.toString('utf8')))
       if (!parsed.success) throw new Error(parsed.error.issues.map((i) => `${i.path.join('.') || 'frame'}: ${i.message}`).join('; '))
-      const nul = nulField(parsed.data, 'frame')
+      // a device's log lines are passed on, never stored: they may hold anything JSON can
+      const nul = parsed.data.type === 'logs' ? undefined : nulField(parsed.data, 'frame')
       if (nul) throw new Error(`${nul}: ${NUL_MESSAGE}`)
       frame = parsed.data
     } catch (error) {

@@ -68,6 +68,16 @@ export const Register = z.object({
 /** Most lease ids one heartbeat lists (a device holding more lists some: the list proves nothing missing). */
 export const MAX_HEARTBEAT_LEASES = 256
 
+/**
+ * An error's message as a device sends it (`task_result.error`, `train_error.error`): at most `max`
+ * characters, with any NUL character replaced by U+FFFD, since the hub refuses frames holding one (dcp cannot
+ * store it) and the error would be lost with the frame.
+ */
+export function errorText(error: unknown, max = 4000): string {
+  const message = error instanceof Error ? error.message : String(error)
+  return message.replaceAll('\u0000', '\ufffd').slice(0, max)
+}
+
 export const Heartbeat = z.object({
   type: z.literal('heartbeat'),
   /** 0..1: share of its CPU in use. */

@@ -1,6 +1,6 @@
 import * as ort from 'onnxruntime-node'
 import type { z } from 'zod'
-import type { Metrics, TaskAssignment, TaskResult, Tensor } from '../protocol/frames.js'
+import { errorText, type Metrics, type TaskAssignment, type TaskResult, type Tensor } from '../protocol/frames.js'
 import { type SharedMeter, taskMeters } from './meter.js'
 import type { ModelStore } from './models.js'
 
@@ -60,7 +60,7 @@ export async function runTask(task: TaskAssignment, models: ModelStore, hooks: R
       hooks.onRunEnd?.(gpu)
     }
   } catch (error) {
-    return { ...base, status: 'failed', error: (error as Error).message.slice(0, 4096) || 'task failed', metrics }
+    return { ...base, status: 'failed', error: errorText(error, 4096) || 'task failed', metrics }
   }
 }
 

@@ -2,7 +2,7 @@ import { performance } from 'node:perf_hooks'
 import { setImmediate as nextTurn } from 'node:timers/promises'
 import { parseDataset, splitDataset } from '../datasets/parse.js'
 import { weightsFromBase64, weightsToBase64 } from '../domain/fedavg.js'
-import type { DeviceFrame, TrainData, TrainStart, TrainWeights } from '../protocol/frames.js'
+import { type DeviceFrame, errorText, type TrainData, type TrainStart, type TrainWeights } from '../protocol/frames.js'
 import { createOptimizer, type Labels, loadTrainable, type LossKind, syntheticTask, type TrainableModel, trainStep } from './trainer/index.js'
 import { mixSeeds, Random } from './trainer/random.js'
 
@@ -57,7 +57,7 @@ export class TrainingSession {
     }
     this.finished = this.run().catch((error: Error) => {
       options.log('warn', `training ${this.jobId} stopped: ${error.message}`)
-      if (!this.stopped) options.send({ type: 'train_error', job_id: this.jobId, error: error.message.slice(0, 4000) })
+      if (!this.stopped) options.send({ type: 'train_error', job_id: this.jobId, error: errorText(error) })
       this.stop()
     })
   }

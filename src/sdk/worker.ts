@@ -7,6 +7,7 @@ import { z } from 'zod'
 import {
   CLOSE,
   type DeviceFrame,
+  errorText,
   type Hardware,
   HubFrame,
   MAX_BATCH_INPUTS,
@@ -345,7 +346,7 @@ export class DeviceWorker extends EventEmitter<DeviceWorkerEvents> {
       case 'train_start':
         return void this.startTraining(frame).catch((error: Error) => {
           this.log.error(`training ${frame.job_id} could not start: ${error.message}`)
-          this.send({ type: 'train_error', job_id: frame.job_id, error: error.message.slice(0, 4000) })
+          this.send({ type: 'train_error', job_id: frame.job_id, error: errorText(error) })
         })
       case 'train_weights':
         return this.training.get(frame.job_id)?.weights(frame)

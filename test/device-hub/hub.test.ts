@@ -149,10 +149,11 @@ t.test('log pull round trip, and a device that never answers', async (t) => {
   const pull = get(`/devices/${device.deviceId}/logs?lines=2&level=warn&timeout=5000`)
   const request = await device.next((f) => f.type === 'logs_request')
   t.match(request, { lines: 2, level: 'warn' })
-  device.send({ type: 'logs', request_id: request.request_id, lines: [{ ts: '2026-01-01T00:00:00Z', level: 'warn', message: 'disk almost full' }] })
+  // log lines are passed on, never stored: even a NUL character goes through
+  device.send({ type: 'logs', request_id: request.request_id, lines: [{ ts: '2026-01-01T00:00:00Z', level: 'warn', message: 'disk almost full\u0000' }] })
   const pulled = await pull
   t.equal(pulled.status, 200)
-  t.same(pulled.body.lines, [{ ts: '2026-01-01T00:00:00Z', level: 'warn', message: 'disk almost full' }])
+  t.same(pulled.body.lines, [{ ts: '2026-01-01T00:00:00Z', level: 'warn', message: 'disk almost full\u0000' }])
 
   const silent = await get(`/devices/${device.deviceId}/logs?timeout=300`)
   t.equal(silent.status, 504)
