@@ -8,7 +8,7 @@ import type { PendingBlob } from '../blobs/blob-store.js'
 import { DomainError } from '../domain/errors.js'
 import { inspectModelFile, ModelFileError, sniffFormat } from '../domain/model-file.js'
 import { applyChanges, MODEL_FORMATS, type ModelDescription, modelDecider, modelStream, POSTPROCESSING, PREPROCESSING, SchemaChanges } from '../domain/model.js'
-import { NUL_MESSAGE } from '../event-store/storable.js'
+import { NUL_MESSAGE, nulField } from '../event-store/storable.js'
 import { findModel, listModels } from '../projections/models.js'
 import { customerOf } from './auth.js'
 import { execute, type Services } from './context.js'
@@ -136,7 +136,8 @@ export async function readUpload(request: FastifyRequest, services: Services, fi
         filename = part.filename
       } else {
         const value = String(part.value)
-        if (part.fieldname.includes('\u0000') || value.includes('\u0000')) throw new DomainError('VALIDATION_ERROR', `body.${part.fieldname}: ${NUL_MESSAGE}`)
+        const nul = nulField({ [part.fieldname]: value }, 'body') // named as in a JSON body
+        if (nul) throw new DomainError('VALIDATION_ERROR', `${nul}: ${NUL_MESSAGE}`)
         fields[part.fieldname] = value
       }
     }
