@@ -1,3 +1,4 @@
+import { randomUUID } from 'node:crypto'
 import pg from 'pg'
 import { copyAppend, type CopyRow } from './copy-append.js'
 import { DuplicateEventIdError, EventStoreUnavailableError, WrongExpectedRevisionError } from './errors.js'
@@ -81,6 +82,11 @@ export class PostgresEventStore implements EventStore {
   private readonly signal = new Signal()
   private listener: pg.Client | undefined
   private listening: Promise<void> | undefined
+  /** Names this store in the notifications it sends, so that its own listener does not wake its subscribers twice. */
+  private readonly instance = randomUUID()
+  /** The NOTIFY being sent, and whether another commit came after it started (one more is owed). */
+  private announcing: Promise<void> | undefined
+  private announceAgain = false
   private closed = false
   private readonly maxBatchEvents: number
   private readonly maxConcurrentBatches: number
@@ -246,6 +252,7 @@ export class PostgresEventStore implements EventStore {
       const first = await copyAppend(client, plan.rows, SEQUENCE_BITS)
       plan.rows.forEach((row, i) => (row.position = first + BigInt(i)))
       for (const row of plan.rows) this.remember(row.streamId, { revision: row.revision, position: row.position! })
+      this.committed()
     }
     return plan.outcomes.map((o) => (o.ok ? { ok: true, result: o.result() } : o))
   }
@@ -265,6 +272,29 @@ export class PostgresEventStore implements EventStore {
       else if (append.expected !== 'no_stream' || append.events.length === 0) return undefined
     }
     return heads
+  }
+
+  /**
+   * Wakes subscribers after a commit: this store's own at once, other stores' (other processes) with
+   * `NOTIFY dcp_events`, sent after the commit rather than inside the transaction. A NOTIFY in the writing
+   * transaction holds Postgres' notify lock through the commit's WAL flush, so appending transactions
+   * would commit one at a time. Commits made while a NOTIFY is on its way share the next one. A NOTIFY
+   * lost with a connection (or a process that dies right after its commit) costs other stores' subscribers
+   * at most their idle poll (`idlePollMs`), never an event.
+   */
+  private committed(): void {
+    this.signal.notify()
+    if (this.announcing) {
+      this.announceAgain = true
+      return
+    }
+    this.announcing = (async () => {
+      do {
+        this.announceAgain = false
+        await this.pool.query(`select pg_notify('dcp_events', $1)`, [this.instance]).catch(() => {})
+      } while (this.announceAgain)
+      this.announcing = undefined
+    })()
   }
 
   /** Caches a stream's head (most recently written first out last; bounded). */
@@ -394,6 +424,7 @@ export class PostgresEventStore implements EventStore {
     this.closed = true
     this.signal.notify()
     if (this.inFlight > 0 || this.queue.length > 0) await new Promise<void>((resolve) => (this.idle = resolve))
+    await this.announcing
     const listener = this.listener
     this.listener = undefined
     await listener?.end().catch(() => {})
@@ -413,7 +444,10 @@ export class PostgresEventStore implements EventStore {
     if (this.listening || this.closed) return this.listening ?? Promise.resolve()
     this.listening = (async () => {
       const client = new pg.Client(this.pool.options)
-      client.on('notification', () => this.signal.notify())
+      // another store's commit (an empty payload: a writer from before notifications named their store)
+      client.on('notification', (message) => {
+        if (message.payload !== this.instance) this.signal.notify()
+      })
       client.on('error', () => {})
       client.on('end', () => {
         if (this.listener === client) this.listener = undefined

@@ -38,7 +38,7 @@ const migrations: Record<string, Migration> = {
             where a.backend_xid::text::bigint = (x::text::bigint & 4294967295)
               and a.datname is distinct from current_database())
         $$`.execute(db)
-      // Wakes subscribers after every committed insert, whoever the writer is.
+      // Wakes subscribers after every committed insert, whoever the writer is (dropped by 0003).
       await sql`
         create function dcp_notify_events() returns trigger language plpgsql as $$
         begin
@@ -59,6 +59,15 @@ const migrations: Record<string, Migration> = {
           version integer not null,
           updated_at timestamptz not null default now()
         )`.execute(db)
+    },
+  },
+  '0003_notify_after_commit': {
+    // A NOTIFY inside the writing transaction holds Postgres' notify lock through the commit's WAL flush, so
+    // appending transactions committed one at a time (measured: ~14% fewer appends per second). The event
+    // store now sends `NOTIFY dcp_events` itself, after its transaction has committed (postgres.ts).
+    async up(db) {
+      await sql`drop trigger if exists events_notify on events`.execute(db)
+      await sql`drop function if exists dcp_notify_events()`.execute(db)
     },
   },
 }

@@ -226,3 +226,39 @@ t.test('readAll waits a moment for a transaction below its page to end, then ret
   t.same(events.map((e) => e.type), ['Slow', 'Fast'], 'both, in position order, once the slow one committed')
   t.ok(Date.now() - started >= 100, 'it waited for the commit')
 })
+
+t.test('subscribers wake on a commit, not on their idle poll: in the same store, and in another process by NOTIFY', async (t) => {
+  const database = await freshDatabase(t)
+  // Another process: a store on a pool of its own. Idle polls of a minute: only a wake-up can deliver in time.
+  const otherPool = new pg.Pool({ connectionString: database.url, max: 2 })
+  const writer = new PostgresEventStore(database.pool, { idlePollMs: 60_000 })
+  const other = new PostgresEventStore(otherPool, { idlePollMs: 60_000 })
+  const from = await writer.headPosition()
+  const own = writer.subscribe({ from })
+  const remote = other.subscribe({ from })
+  t.teardown(async () => {
+    await own.close()
+    await remote.close()
+    await writer.close()
+    await other.close()
+    await otherPool.end()
+  })
+  // the first events a subscription delivers, or none after 5 s
+  const first = (subscription: AsyncIterable<{ events: RecordedEvent[] }>) =>
+    Promise.race([
+      (async () => {
+        for await (const batch of subscription) if (batch.events.length > 0) return batch.events
+        return []
+      })(),
+      new Promise<RecordedEvent[]>((r) => setTimeout(() => r([]), 5000)),
+    ])
+  const reading = Promise.all([first(own), first(remote)])
+  // let both read an empty first page and wait, and the other store's LISTEN connect
+  await new Promise((r) => setTimeout(r, 500))
+  const started = Date.now()
+  await writer.append('wake-1', [{ type: 'Woken', data: {} }])
+  const [mine, theirs] = await reading
+  t.same(mine.map((e) => e.type), ['Woken'], 'the writing store wakes its own subscriber')
+  t.same(theirs.map((e) => e.type), ['Woken'], 'a store in another process is woken by NOTIFY')
+  t.ok(Date.now() - started < 5000, `both within seconds (${Date.now() - started} ms), not after the minute's poll`)
+})
