@@ -1,8 +1,11 @@
 /**
  * Append throughput: 64 concurrent writers, each appending one event at a time to its own stream with an
- * exact expected revision, through PostgresEventStore (group commit), for BENCH_SECONDS (default 10).
+ * exact expected revision, through PostgresEventStore (group commit), for BENCH_SECONDS (default 10) in all.
  * Baseline in the same run: a few connections doing autocommitted 100-row INSERTs of the same kind of rows
- * into a plain table with the same columns and indexes as `events` (no trigger, no checks, no locks).
+ * into a plain table with the same columns and indexes as `events` (no checks, no locks), for as long.
+ * The two take turns in BENCH_SLICES slices (default 5) of BENCH_SECONDS / BENCH_SLICES each, so that a
+ * machine that speeds up or slows down during the run (this VM does, by tens of percent) weighs on both
+ * alike and the ratio compares them under the same conditions.
  */
 import { randomBytes, randomUUID } from 'node:crypto'
 import type pg from 'pg'
@@ -17,6 +20,7 @@ const STORES = Number(process.env.BENCH_STORES ?? 1)
 const BASELINE_CONNECTIONS = Number(process.env.BENCH_BASELINE_CONNECTIONS ?? 4)
 const BASELINE_ROWS = 100
 const SECONDS = Number(process.env.BENCH_SECONDS ?? 10)
+const SLICES = Math.max(1, Number(process.env.BENCH_SLICES ?? 5))
 
 const hex = (bytes: number) => randomBytes(bytes).toString('hex')
 /**
@@ -67,6 +71,7 @@ export async function appendBench({ database, log }: BenchContext): Promise<stri
 
   // --- the store -------------------------------------------------------------------------------------
   const stores = Array.from({ length: STORES }, () => new PostgresEventStore(pool, process.env.BENCH_BATCHES ? { maxConcurrentBatches: Number(process.env.BENCH_BATCHES) } : {}))
+  let storePhase = false
   // Count group-commit batches: the store takes one pool client per batch (pool.connect() with no callback).
   let batches = 0
   const connect = pool.connect.bind(pool) as (...a: unknown[]) => unknown
@@ -74,7 +79,7 @@ export async function appendBench({ database, log }: BenchContext): Promise<stri
   const profiling = process.env.BENCH_PROFILE === '1'
   const statementMs = new Map<string, { n: number; ms: number }>()
   ;(pool as unknown as { connect: (...a: unknown[]) => unknown }).connect = (...a: unknown[]) => {
-    if (a.length > 0) return connect(...a)
+    if (a.length > 0 || !storePhase) return connect(...a)
     batches++
     const got = connect() as Promise<pg.PoolClient>
     if (!profiling) return got
@@ -104,9 +109,10 @@ export async function appendBench({ database, log }: BenchContext): Promise<stri
       return client
     })
   }
-  const cpu0 = process.cpuUsage()
-
-  log(`append: ${WRITERS} writers, one event per append, ${SECONDS} s${STORES > 1 ? `, ${STORES} store instances` : ''}`)
+  log(
+    `append: ${WRITERS} writers, one event per append; baseline: ${BASELINE_CONNECTIONS} connections, autocommitted ${BASELINE_ROWS}-row INSERTs; ` +
+      `${SECONDS} s each, taking turns in ${SLICES} slices${STORES > 1 ? `; ${STORES} store instances` : ''}`,
+  )
   let latencies = new Float64Array(1 << 16)
   let count = 0
   const record = (ms: number) => {
@@ -117,71 +123,32 @@ export async function appendBench({ database, log }: BenchContext): Promise<stri
     }
     latencies[count++] = ms
   }
-  const start = performance.now()
-  const deadline = start + SECONDS * 1000
-  let lastReport = start
-  let lastCount = 0
-  const ticker = setInterval(() => {
-    const now = performance.now()
-    log(`  append: ${count} events, ${Math.round(((count - lastCount) * 1000) / (now - lastReport))}/s over the last second`)
-    lastReport = now
-    lastCount = count
-  }, 1000)
-  const writer = async (w: number) => {
-    const store = stores[w % STORES]!
-    const streamId = `job-${hex(4)}-w${w}`
-    const jobId = randomUUID()
-    let revision = -1
+  // each writer's stream, kept from slice to slice
+  const writers = Array.from({ length: WRITERS }, (_, w) => ({ store: stores[w % STORES]!, streamId: `job-${hex(4)}-w${w}`, jobId: randomUUID(), revision: -1 }))
+  const writer = async (state: (typeof writers)[number], w: number, deadline: number) => {
     while (performance.now() < deadline) {
-      const event = taskCompleted(jobId, `device-${w}`, revision + 1)
+      const event = taskCompleted(state.jobId, `device-${w}`, state.revision + 1)
       const t0 = performance.now()
-      const result = await store.append(streamId, [event], { expectedRevision: revision < 0 ? 'no_stream' : revision })
+      const result = await state.store.append(state.streamId, [event], { expectedRevision: state.revision < 0 ? 'no_stream' : state.revision })
       record(performance.now() - t0)
-      revision = result.nextRevision
+      state.revision = result.nextRevision
     }
   }
-  await Promise.all(Array.from({ length: WRITERS }, (_, w) => writer(w)))
-  const elapsed = (performance.now() - start) / 1000
-  const cpu = process.cpuUsage(cpu0)
-  clearInterval(ticker)
-  await Promise.all(stores.map((s) => s.close()))
-  ;(pool as unknown as { connect: unknown }).connect = connect
 
-  const stored = Number((await pool.query('select count(*) as n from events')).rows[0].n)
-  if (stored !== count) throw new Error(`append: ${count} appends acknowledged but ${stored} events stored`)
-  const eventsPerS = count / elapsed
-  const sorted = latencies.slice(0, count).sort()
-  log(
-    `append: ${count} events in ${elapsed.toFixed(2)} s = ${Math.round(eventsPerS)} events/s; ` +
-      `latency p50 ${percentile(sorted, 50).toFixed(2)} ms, p99 ${percentile(sorted, 99).toFixed(2)} ms, max ${sorted[count - 1]?.toFixed(2)} ms; ` +
-      `${batches} group commits, ${(count / batches).toFixed(1)} events per commit, ${((elapsed * 1000) / batches).toFixed(2)} ms per commit`,
-  )
-
-  log(`append: this process used ${((cpu.user + cpu.system) / 1e4 / elapsed).toFixed(0)}% of one core (${((cpu.user + cpu.system) / count).toFixed(0)} µs CPU per event)`)
-  if (profiling) {
-    for (const [key, s] of statementMs) log(`  profile: '${key}' ${s.n} x ${(s.ms / s.n).toFixed(2)} ms = ${((s.ms / 1000 / elapsed) * 100).toFixed(0)}% of the run`)
-  }
-
-  // --- the baseline ----------------------------------------------------------------------------------
-  // the same columns, defaults, constraints and indexes as the events table, without its trigger
+  // the same columns, defaults, constraints and indexes as the events table
   await pool.query('create table baseline_events (like events including all)')
   const placeholders = Array.from({ length: BASELINE_ROWS }, (_, r) => `(${[1, 2, 3, 4, 5, 6].map((c) => `$${r * 6 + c}`).join(', ')})`)
   const insert = `insert into baseline_events (stream_id, revision, event_id, type, data, metadata) values ${placeholders.join(', ')}`
-  log(`baseline: ${BASELINE_CONNECTIONS} connections, autocommitted ${BASELINE_ROWS}-row INSERTs, ${SECONDS} s`)
   let rows = 0
-  const baselineStart = performance.now()
-  const baselineDeadline = baselineStart + SECONDS * 1000
-  const inserter = async (c: number) => {
+  const inserters = Array.from({ length: BASELINE_CONNECTIONS }, (_, c) => ({ streamId: `job-${hex(4)}-b${c}`, jobId: randomUUID(), revision: 0 }))
+  const inserter = async (state: (typeof inserters)[number], c: number, deadline: number) => {
     const client: pg.PoolClient = await pool.connect()
     try {
-      const streamId = `job-${hex(4)}-b${c}`
-      const jobId = randomUUID()
-      let revision = 0
-      while (performance.now() < baselineDeadline) {
+      while (performance.now() < deadline) {
         const values: unknown[] = []
-        for (let i = 0; i < BASELINE_ROWS; i++, revision++) {
-          const e = taskCompleted(jobId, `device-${c}`, revision)
-          values.push(streamId, revision, e.id, e.type, JSON.stringify(e.data), JSON.stringify(e.metadata))
+        for (let i = 0; i < BASELINE_ROWS; i++, state.revision++) {
+          const e = taskCompleted(state.jobId, `device-${c}`, state.revision)
+          values.push(state.streamId, state.revision, e.id, e.type, JSON.stringify(e.data), JSON.stringify(e.metadata))
         }
         await client.query(insert, values)
         rows += BASELINE_ROWS
@@ -190,10 +157,55 @@ export async function appendBench({ database, log }: BenchContext): Promise<stri
       client.release()
     }
   }
-  await Promise.all(Array.from({ length: BASELINE_CONNECTIONS }, (_, c) => inserter(c)))
-  const baselineElapsed = (performance.now() - baselineStart) / 1000
-  const baselinePerS = rows / baselineElapsed
-  log(`baseline: ${rows} rows in ${baselineElapsed.toFixed(2)} s = ${Math.round(baselinePerS)} rows/s`)
+
+  const sliceMs = (SECONDS * 1000) / SLICES
+  let storeMs = 0
+  let baselineMs = 0
+  let batchesDuringStore = 0
+  let cpuDuringStore = 0
+  for (let slice = 1; slice <= SLICES; slice++) {
+    const events0 = count
+    const batches0 = batches
+    const cpu0 = process.cpuUsage()
+    const t0 = performance.now()
+    storePhase = true
+    await Promise.all(writers.map((state, w) => writer(state, w, t0 + sliceMs)))
+    storePhase = false
+    const t1 = performance.now()
+    const cpu = process.cpuUsage(cpu0)
+    storeMs += t1 - t0
+    batchesDuringStore += batches - batches0
+    cpuDuringStore += cpu.user + cpu.system
+    const rows0 = rows
+    await Promise.all(inserters.map((state, c) => inserter(state, c, t1 + sliceMs)))
+    const t2 = performance.now()
+    baselineMs += t2 - t1
+    log(
+      `  slice ${slice}/${SLICES}: dcp ${Math.round(((count - events0) * 1000) / (t1 - t0))} events/s, ` +
+        `baseline ${Math.round(((rows - rows0) * 1000) / (t2 - t1))} rows/s`,
+    )
+  }
+  await Promise.all(stores.map((s) => s.close()))
+  ;(pool as unknown as { connect: unknown }).connect = connect
+
+  const stored = Number((await pool.query('select count(*) as n from events')).rows[0].n)
+  if (stored !== count) throw new Error(`append: ${count} appends acknowledged but ${stored} events stored`)
+  const storedBaseline = Number((await pool.query('select count(*) as n from baseline_events')).rows[0].n)
+  if (storedBaseline !== rows) throw new Error(`baseline: ${rows} rows inserted but ${storedBaseline} stored`)
+  const elapsed = storeMs / 1000
+  const eventsPerS = count / elapsed
+  const sorted = latencies.slice(0, count).sort()
+  log(
+    `append: ${count} events in ${elapsed.toFixed(2)} s = ${Math.round(eventsPerS)} events/s; ` +
+      `latency p50 ${percentile(sorted, 50).toFixed(2)} ms, p99 ${percentile(sorted, 99).toFixed(2)} ms, max ${sorted[count - 1]?.toFixed(2)} ms; ` +
+      `${batchesDuringStore} group commits, ${(count / batchesDuringStore).toFixed(1)} events per commit, ${((elapsed * 1000) / batchesDuringStore).toFixed(2)} ms per commit`,
+  )
+  log(`append: this process used ${(cpuDuringStore / 1e4 / elapsed).toFixed(0)}% of one core (${(cpuDuringStore / count).toFixed(0)} µs CPU per event, the bench's own event making included)`)
+  if (profiling) {
+    for (const [key, s] of statementMs) log(`  profile: '${key}' ${s.n} x ${(s.ms / s.n).toFixed(2)} ms = ${((s.ms / 1000 / elapsed) * 100).toFixed(0)}% of the run`)
+  }
+  const baselinePerS = rows / (baselineMs / 1000)
+  log(`baseline: ${rows} rows in ${(baselineMs / 1000).toFixed(2)} s = ${Math.round(baselinePerS)} rows/s`)
 
   return `RESULT name=append events_per_s=${Math.round(eventsPerS)} baseline_rows_per_s=${Math.round(baselinePerS)} ratio=${(eventsPerS / baselinePerS).toFixed(2)}`
 }
