@@ -1,4 +1,4 @@
-import type { FastifyError, FastifyInstance } from 'fastify'
+import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import { hasZodFastifySchemaValidationErrors } from 'fastify-type-provider-zod'
 import { BlobTooLargeError } from '../blobs/blob-store.js'
 import { DomainError } from '../domain/errors.js'
@@ -92,16 +92,19 @@ export function registerErrorContract(app: FastifyInstance, routes: () => readon
     if (!field) return done()
     void reply.status(400).send(errorBody('VALIDATION_ERROR', `${field}: ${NUL_MESSAGE}`))
   })
-  app.setNotFoundHandler((request, reply) => {
+  const noRoute = (request: FastifyRequest, reply: FastifyReply) => {
     const path = request.url.split('?')[0]!
     const allowed = allowedMethods(path)
     if (allowed.length > 0) {
-      void reply.status(405).header('allow', allowed.join(', ')).send(errorBody('METHOD_NOT_ALLOWED', `${request.method} is not allowed on ${path}; it takes ${allowed.join(', ')}`))
-      return
+      return reply.status(405).header('allow', allowed.join(', ')).send(errorBody('METHOD_NOT_ALLOWED', `${request.method} is not allowed on ${path}; it takes ${allowed.join(', ')}`))
     }
-    void reply.status(404).send(errorBody('NOT_FOUND', `no route ${request.method} ${path}`))
-  })
+    return reply.status(404).send(errorBody('NOT_FOUND', `no route ${request.method} ${path}`))
+  }
+  app.setNotFoundHandler((request, reply) => void noRoute(request, reply))
   app.setErrorHandler((error: FastifyError | Error, request, reply) => {
+    // no route takes the request: that is the answer, whatever else is wrong with it (e.g. a body sent with
+    // a method no route takes, which fastify reads, and refuses, before the not-found handler)
+    if (request.is404) return noRoute(request, reply)
     if (error instanceof DomainError) return reply.status(statusOf(error.code)).send(errorBody(error.code, error.message))
     if (error instanceof BlobTooLargeError) return reply.status(413).send(errorBody('PAYLOAD_TOO_LARGE', error.message))
     // the last line of defence for NUL (the hook above names the field when it is in the JSON, query or path)

@@ -19,6 +19,14 @@ t.test('errors always use the error format: unknown routes, malformed JSON, wron
   t.equal(post.statusCode, 405)
   t.equal(post.headers.allow, 'GET, HEAD')
   t.equal((await app.inject({ method: 'GET', url: '/api/v1/projects/proj_x/nope' })).statusCode, 404, 'one segment more is another path')
+  // a method that carries a body, with none or a bad one, on a path no route takes under it (found by schemathesis)
+  for (const [method, extra] of [['QUERY', {}], ['PUT', { headers: { 'content-type': 'application/json' }, payload: '{"broken' }]] as const) {
+    const odd = await app.inject({ method: method as InjectOptions['method'], url: '/api/v1/models', ...extra })
+    t.equal(odd.statusCode, 405, `${method} with a bad body is still 405`)
+    t.equal(odd.json().error.code, 'METHOD_NOT_ALLOWED')
+  }
+  const lost = await app.inject({ method: 'POST', url: '/api/v1/nope', headers: { 'content-type': 'application/json' }, payload: '{"broken' })
+  t.same(lost.json(), { error: { code: 'NOT_FOUND', message: 'no route POST /api/v1/nope' } }, 'a bad body on no route at all is 404')
   const body = multipart({}, { name: 'm.onnx', content: denseOnnxModel() })
   const model = (await app.inject({ method: 'POST', url: '/api/v1/models', headers: { ...body.headers, 'x-api-key': alice.key }, payload: body.payload })).json()
   const headers = { 'x-api-key': alice.key, 'content-type': 'application/json' }
