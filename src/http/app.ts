@@ -67,7 +67,11 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   const app = Fastify({
     logger: { level: deps.logLevel ?? 'info' },
     bodyLimit: 10 * 1024 * 1024,
-    // errors the router raises before any route runs (a bad URL, a path parameter over 100 characters)
+    // Path parameters are limited by their route's schema (a 400 naming the field and its limit), not by
+    // the router's default of 100 characters (a 414 that named neither). Node's header size limit still
+    // bounds the whole URL.
+    routerOptions: { maxParamLength: 4096 },
+    // errors the router raises before any route runs (a bad URL, a path parameter over 4096 characters)
     frameworkErrors: (error, _request, reply) => {
       const status = error.statusCode && error.statusCode < 500 ? error.statusCode : 400
       void (reply as FastifyReply).status(status).send(errorBody('VALIDATION_ERROR', error.message))

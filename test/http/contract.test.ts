@@ -25,6 +25,12 @@ t.test('errors always use the error format: unknown routes, malformed JSON, wron
     t.equal(odd.statusCode, 405, `${method} with a bad body is still 405`)
     t.equal(odd.json().error.code, 'METHOD_NOT_ALLOWED')
   }
+  // path parameters: their schema's limits (64 characters for a model id), not the router's (100 was a 414)
+  for (const length of [65, 150, 3000]) {
+    const long = await app.inject({ method: 'GET', url: `/api/v1/models/${'a'.repeat(length)}`, headers: { 'x-api-key': alice.key } })
+    t.equal(long.statusCode, 400, `an id of ${length} characters is a 400`)
+    t.match(long.json().error, { code: 'VALIDATION_ERROR', message: /params\.id/ })
+  }
   const lost = await app.inject({ method: 'POST', url: '/api/v1/nope', headers: { 'content-type': 'application/json' }, payload: '{"broken' })
   t.same(lost.json(), { error: { code: 'NOT_FOUND', message: 'no route POST /api/v1/nope' } }, 'a bad body on no route at all is 404')
   const body = multipart({}, { name: 'm.onnx', content: denseOnnxModel() })
