@@ -15,7 +15,9 @@ const WINDOW_HOURS = 72
 
 const Hour = z
   .string()
-  .regex(/^\d{4}-\d{2}-\d{2}T\d{2}$/, 'must be an hour as YYYY-MM-DDTHH (UTC), e.g. 2026-03-15T21')
+  // the pattern (in the OpenAPI document too) takes only months 01-12, days 01-31 and hours 00-23; the
+  // refinement the rest (no 30 February)
+  .regex(/^\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])T([01]\d|2[0-3])$/, 'must be an hour as YYYY-MM-DDTHH (UTC), e.g. 2026-03-15T21')
   .refine((h) => !Number.isNaN(Date.parse(`${h}:00:00Z`)) && hourOf(`${h}:00:00Z`) === h, 'is not a real hour')
 const Range = z.object({ from: Hour.optional(), to: Hour.optional() })
 

@@ -174,7 +174,8 @@ t.test('usage endpoints validate their hours and windows', async (t) => {
   const cases: [string, RegExp][] = [
     ['', /querystring\.from/],
     ['?from=2026-03-15', /YYYY-MM-DDTHH/],
-    ['?from=2026-13-01T00', /not a real hour/],
+    ['?from=2026-13-01T00', /YYYY-MM-DDTHH/],
+    ['?from=2026-02-30T00', /not a real hour/],
     [`?from=${hour(-72)}`, /outside the rolling 3-day window/],
     [`?from=${hour(-1)}&to=${hour(1)}`, /in the future/],
     [`?from=${hour(0)}&to=${hour(-2)}`, /is after to/],
