@@ -100,6 +100,9 @@ export class TaskScheduler {
   /** Per device that connected holding leases from before, those leases (in grant order) until its first heartbeat. */
   private readonly inherited = new Map<string, string[]>()
   private readonly outcomes = new EventEmitter()
+  /** Whoever waits for an outcome, to be answered at `stop`. */
+  private readonly waiting = new Set<() => void>()
+  private stopped = false
   private dispatching: Promise<void> | undefined
   private again = false
   private sweeper: NodeJS.Timeout | undefined
@@ -139,8 +142,15 @@ export class TaskScheduler {
     this.kick()
   }
 
+  /**
+   * Stops the sweeper and answers everyone still waiting for an outcome with SERVICE_UNAVAILABLE: the server
+   * is shutting down, and a sync request must not hold the shutdown up for its timeout. Their tasks stay
+   * in the log, queued or leased, and run after the restart (`recover`).
+   */
   stop(): void {
     if (this.sweeper) clearInterval(this.sweeper)
+    this.stopped = true
+    for (const abandon of [...this.waiting]) abandon()
   }
 
   get queued(): number {
@@ -217,15 +227,19 @@ export class TaskScheduler {
   /** Resolves with the task's outcome (completed, failed for good, or cancelled). */
   outcome(taskId: string, timeoutMs: number): Promise<TaskOutcome> {
     return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => {
-        this.outcomes.off(taskId, done)
-        reject(new DomainError('TIMEOUT', `task ${taskId} did not finish within ${timeoutMs} ms`))
-      }, timeoutMs)
-      const done = (outcome: TaskOutcome) => {
+      const end = (error?: DomainError, outcome?: TaskOutcome) => {
         clearTimeout(timer)
-        resolve(outcome)
+        this.outcomes.off(taskId, done)
+        this.waiting.delete(abandon)
+        if (error) reject(error)
+        else resolve(outcome!)
       }
+      const done = (outcome: TaskOutcome) => end(undefined, outcome)
+      const abandon = () => end(new DomainError('SERVICE_UNAVAILABLE', `the server is shutting down before task ${taskId} finished`))
+      const timer = setTimeout(() => end(new DomainError('TIMEOUT', `task ${taskId} did not finish within ${timeoutMs} ms`)), timeoutMs)
       this.outcomes.once(taskId, done)
+      this.waiting.add(abandon)
+      if (this.stopped) abandon()
     })
   }
 

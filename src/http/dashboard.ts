@@ -34,9 +34,12 @@ export const dashboardRoutes: FastifyPluginAsync<{ services: Services }> = async
   const tags = ['dashboard']
   /** Reads see everything written so far. */
   const caughtUp = async () => readYourWrites(services, await services.store.headPosition())
-  /** Open live streams: ended when the server closes, so a browser left open does not hold up a shutdown. */
+  /**
+   * Open live streams: ended as the server starts to close, so a browser left open does not hold up a
+   * shutdown. (`preClose`, not `onClose`: fastify waits for open connections before the onClose hooks run.)
+   */
   const streams = new Set<() => void>()
-  base.addHook('onClose', async () => {
+  base.addHook('preClose', async () => {
     for (const end of streams) end()
   })
 

@@ -125,3 +125,51 @@ t.test('the server killed in the middle of a batch: after a restart the batch co
   await checkExactlyOnce(t, store, done, total, direct)
   server.kill('SIGINT')
 })
+
+t.test('a server shut down while a sync request waits and a live stream is open: both end at once, the server exits, the job runs after the restart', async (t) => {
+  const { database, dataDir, port, url, children } = await serverFixture(t, 'shutdown')
+  const env = { ...process.env, DATABASE_URL: database.url, DATA_DIR: dataDir, LOG_LEVEL: 'warn' }
+  const headers = { 'x-api-key': 'test-api-key', 'content-type': 'application/json' }
+  let server = await startServerProcess({ port, env, children })
+  const form = multipart({ name: 'shutdown' }, { name: 'm.onnx', content: denseOnnxModel({ inputs: 10, outputs: 2 }) })
+  const model = (await (await fetch(`${url}/api/v1/models`, { method: 'POST', headers: { ...form.headers, 'x-api-key': 'test-api-key' }, body: form.payload })).json()) as { id: string }
+  // a device that takes the task and never answers, alive (its heartbeats keep the lease)
+  const stuck = await SimDevice.connect(url)
+  t.teardown(() => stuck.kill())
+  await stuck.register()
+  const beat = setInterval(() => stuck.heartbeat(stuck.frames.filter((f) => f.type === 'task').map((f) => f.lease_id)), 500)
+  t.teardown(() => clearInterval(beat))
+  // a sync request that would wait ten minutes, and a live project stream that would run for as long
+  const project = (await (await fetch(`${url}/api/v1/projects`, { method: 'POST', headers, body: JSON.stringify({ name: 'live', type: 'realtime' }) })).json()) as { project_id: string }
+  const stream = await fetch(`${url}/api/v1/dashboard/projects/${project.project_id}/stream?interval=60000`, { headers })
+  t.equal(stream.status, 200)
+  const streamText = stream.text()
+  const sync = fetch(`${url}/api/v1/inference`, { method: 'POST', headers, body: JSON.stringify({ model_id: model.id, input: { data: input(0), shape: [1, 10] }, options: { timeout: 600_000 } }) })
+  await stuck.next((f) => f.type === 'task')
+
+  // each within seconds (a regression would otherwise wait out the ten minutes)
+  const within = <T>(promise: Promise<T>, what: string) =>
+    Promise.race([promise, new Promise<never>((_, reject) => setTimeout(() => reject(new Error(`${what}: not within 20 s of the SIGINT`)), 20_000))])
+  const stopped = Date.now()
+  server.kill('SIGINT')
+  const answer = await within(sync, 'the sync answer')
+  const body = (await answer.json()) as { error: { code: string; message: string } }
+  t.equal(answer.status, 503)
+  t.equal(body.error.code, 'SERVICE_UNAVAILABLE')
+  const jobId = /poll \/api\/v1\/inference\/(\S+)$/.exec(body.error.message)?.[1]
+  t.ok(jobId, `the answer says where to poll (${body.error.message})`)
+  t.match(await within(streamText, 'the end of the stream'), /event: stats/, 'the stream ended')
+  const code = await within(new Promise<number | null>((resolve) => server.once('exit', resolve)), 'the exit')
+  t.equal(code, 0)
+  t.ok(Date.now() - stopped < 15_000, `the server stopped in ${Date.now() - stopped} ms`)
+
+  // the job was kept: after a restart a worker runs it
+  server = await startServerProcess({ port, env, children })
+  children.push(spawn(process.execPath, [DCP_BIN, 'worker', '--server', url, '--state-dir', path.join(dataDir, 'worker')], { stdio: 'ignore' }))
+  const done = await eventually(async () => {
+    const r = (await (await fetch(`${url}/api/v1/inference/${jobId}`, { headers })).json()) as { status: string; result?: { data: number[] } }
+    return r.status === 'completed' ? r : undefined
+  }, 60_000, 'the job to complete after the restart')
+  t.equal(done.result?.data.length, 2, 'with its result')
+  server.kill('SIGINT')
+})
