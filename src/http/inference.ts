@@ -256,12 +256,9 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
     try {
       outcome = await waiting
     } catch (error) {
-      if (error instanceof DomainError && error.code === 'TIMEOUT') {
-        throw new DomainError('TIMEOUT', `no result within ${body.options?.timeout ?? DEFAULT_TIMEOUT_MS} ms; the job goes on: poll /api/v1/inference/${jobId}`)
-      }
-      if (error instanceof DomainError && error.code === 'SERVICE_UNAVAILABLE') {
-        throw new DomainError('SERVICE_UNAVAILABLE', `the server is shutting down; the job is kept and goes on when it is back: poll /api/v1/inference/${jobId}`)
-      }
+      // the request stops waiting, the job does not: say where to find its result
+      const why = error instanceof DomainError && { TIMEOUT: `no result within ${body.options?.timeout ?? DEFAULT_TIMEOUT_MS} ms`, SERVICE_UNAVAILABLE: 'the server is shutting down' }[error.code]
+      if (why) throw new DomainError((error as DomainError).code, `${why}; the job goes on: poll /api/v1/inference/${jobId}`)
       throw error
     }
     if (outcome.status !== 'completed') throw new DomainError('INFERENCE_FAILED', outcome.status === 'failed' ? outcome.reason : 'the job was cancelled')
