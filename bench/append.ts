@@ -10,6 +10,7 @@
 import { randomBytes, randomUUID } from 'node:crypto'
 import type pg from 'pg'
 import type { NewEvent } from '../src/event-store/port.js'
+import { CopyAppend } from '../src/event-store/copy-append.js'
 import { PostgresEventStore } from '../src/event-store/postgres.js'
 import type { BenchContext } from './run.js'
 
@@ -72,35 +73,42 @@ export async function appendBench({ database, log }: BenchContext): Promise<stri
   // --- the store -------------------------------------------------------------------------------------
   const stores = Array.from({ length: STORES }, () => new PostgresEventStore(pool, process.env.BENCH_BATCHES ? { maxConcurrentBatches: Number(process.env.BENCH_BATCHES) } : {}))
   let storePhase = false
-  // Count group-commit batches: the store takes one pool client per batch (pool.connect() with no callback).
+  // Count group-commit batches (each is one CopyAppend query), and those that took one round trip (written on
+  // a transaction the writer's previous batch left open: the query starts with the COPY). The store's
+  // writers check clients out with pool.connect() and no callback.
   let batches = 0
+  let oneTrip = 0
   const connect = pool.connect.bind(pool) as (...a: unknown[]) => unknown
-  // With BENCH_PROFILE=1, also time each statement of the group-commit transaction on that client.
+  // With BENCH_PROFILE=1, also time each statement the writers send, by its first word.
   const profiling = process.env.BENCH_PROFILE === '1'
   const statementMs = new Map<string, { n: number; ms: number }>()
   ;(pool as unknown as { connect: (...a: unknown[]) => unknown }).connect = (...a: unknown[]) => {
     if (a.length > 0 || !storePhase) return connect(...a)
-    batches++
-    const got = connect() as Promise<pg.PoolClient>
-    if (!profiling) return got
-    return got.then((client) => {
+    return (connect() as Promise<pg.PoolClient>).then((client) => {
       const query = client.query
-      const timed = async (text: string | { text: string; done?: Promise<unknown> }, values?: unknown[]) => {
-        const t0 = performance.now()
-        try {
-          const result = (query as (t: unknown, v?: unknown[]) => unknown).call(client, text, values)
-          // a submittable (the COPY append) is its own result: time it until it is done
-          return typeof text === 'object' && text.done ? (await text.done, result) : await result
-        } finally {
-          const key = (typeof text === 'string' ? text : text.text).trim().split(/\s+/, 1)[0]!.replace(/;$/, '')
-          const s = statementMs.get(key) ?? { n: 0, ms: 0 }
-          s.n++
-          s.ms += performance.now() - t0
-          statementMs.set(key, s)
+      const watched = (text: string | { text: string; done?: Promise<unknown> }, values?: unknown[]) => {
+        if (text instanceof CopyAppend) {
+          batches++
+          if (text.text.startsWith('copy')) oneTrip++
         }
+        const result = (query as (t: unknown, v?: unknown[]) => unknown).call(client, text, values)
+        if (!profiling) return result
+        const t0 = performance.now()
+        // a submittable (the COPY append) is its own result: time it until it is done
+        const finished = typeof text === 'object' && text.done ? text.done : (result as Promise<unknown>)
+        void Promise.resolve(finished)
+          .catch(() => {})
+          .then(() => {
+            const key = (typeof text === 'string' ? text : text.text).trim().split(/\s+/, 1)[0]!.replace(/;$/, '')
+            const s = statementMs.get(key) ?? { n: 0, ms: 0 }
+            s.n++
+            s.ms += performance.now() - t0
+            statementMs.set(key, s)
+          })
+        return result
       }
       const release = client.release
-      ;(client as unknown as { query: unknown }).query = timed
+      ;(client as unknown as { query: unknown }).query = watched
       ;(client as unknown as { release: unknown }).release = (err?: Error | boolean) => {
         ;(client as unknown as { query: unknown }).query = query
         ;(client as unknown as { release: unknown }).release = release
@@ -162,10 +170,12 @@ export async function appendBench({ database, log }: BenchContext): Promise<stri
   let storeMs = 0
   let baselineMs = 0
   let batchesDuringStore = 0
+  let oneTripDuringStore = 0
   let cpuDuringStore = 0
   for (let slice = 1; slice <= SLICES; slice++) {
     const events0 = count
     const batches0 = batches
+    const oneTrip0 = oneTrip
     const cpu0 = process.cpuUsage()
     const t0 = performance.now()
     storePhase = true
@@ -175,6 +185,7 @@ export async function appendBench({ database, log }: BenchContext): Promise<stri
     const cpu = process.cpuUsage(cpu0)
     storeMs += t1 - t0
     batchesDuringStore += batches - batches0
+    oneTripDuringStore += oneTrip - oneTrip0
     cpuDuringStore += cpu.user + cpu.system
     const rows0 = rows
     await Promise.all(inserters.map((state, c) => inserter(state, c, t1 + sliceMs)))
@@ -198,7 +209,7 @@ export async function appendBench({ database, log }: BenchContext): Promise<stri
   log(
     `append: ${count} events in ${elapsed.toFixed(2)} s = ${Math.round(eventsPerS)} events/s; ` +
       `latency p50 ${percentile(sorted, 50).toFixed(2)} ms, p99 ${percentile(sorted, 99).toFixed(2)} ms, max ${sorted[count - 1]?.toFixed(2)} ms; ` +
-      `${batchesDuringStore} group commits, ${(count / batchesDuringStore).toFixed(1)} events per commit, ${((elapsed * 1000) / batchesDuringStore).toFixed(2)} ms per commit`,
+      `${batchesDuringStore} group commits (${Math.round((oneTripDuringStore / batchesDuringStore) * 100)}% in one round trip), ${(count / batchesDuringStore).toFixed(1)} events per commit, ${Math.round(batchesDuringStore / elapsed)} commits/s`,
   )
   log(`append: this process used ${(cpuDuringStore / 1e4 / elapsed).toFixed(0)}% of one core (${(cpuDuringStore / count).toFixed(0)} µs CPU per event, the bench's own event making included)`)
   if (profiling) {

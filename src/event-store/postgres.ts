@@ -74,6 +74,8 @@ export class PostgresEventStore implements EventStore {
   private queue: PendingAppend[] = []
   /** Streams in a batch being written: their next appends wait, so batches never race each other. */
   private readonly busyStreams = new Set<string>()
+  /** Writers rolling back the transaction they held open, on their way back to the pool. */
+  private readonly retiring = new Set<Promise<void>>()
   private inFlight = 0
   /** Heads of streams this store wrote, so the next append to them can skip reading. */
   private readonly heads = new Map<string, { revision: number; position: Position }>()
@@ -145,28 +147,78 @@ export class PostgresEventStore implements EventStore {
   }
 
   /**
-   * Starts batches while there are free slots and queued appends whose streams are not being written. With
-   * a batch already being written, another starts only for a queue of MIN_PARALLEL_EVENTS or more: a few
-   * appends wait for the batch in flight and go together in the next one (one insert and one commit for
-   * all of them) instead of each taking a slot of its own.
+   * Starts writers while there are free slots and queued appends whose streams are not being written. With
+   * a batch already being written, another writer starts only for a queue of MIN_PARALLEL_EVENTS or more: a
+   * few appends wait for the batch in flight and go together in the next one (one COPY and one commit for
+   * all of them) instead of each taking a connection of its own.
    */
   private pump(): void {
     while (this.inFlight < this.maxConcurrentBatches) {
-      const queued = this.queue.reduce((n, a) => n + a.events.length, 0)
-      if (this.inFlight > 0 && queued < MIN_PARALLEL_EVENTS) break
-      // Share what is queued between the free slots, so the batches run side by side.
-      const batch = this.takeBatch(Math.ceil(queued / (this.maxConcurrentBatches - this.inFlight)))
-      if (batch.length === 0) break
+      const batch = this.nextBatch(false)
+      if (!batch) break
+      this.inFlight++
+      void this.runWriter(batch)
+    }
+  }
+
+  /**
+   * The next batch: what is queued, shared between the free slots so that batches run side by side. A
+   * writer that has just finished one (`continuing`) takes whatever is queued.
+   */
+  private nextBatch(continuing: boolean): PendingAppend[] | undefined {
+    let queued = 0
+    for (const append of this.queue) queued += append.events.length
+    if (queued === 0 && this.queue.length === 0) return undefined
+    if (!continuing && this.inFlight > 0 && queued < MIN_PARALLEL_EVENTS) return undefined
+    const free = this.maxConcurrentBatches - this.inFlight + (continuing ? 1 : 0)
+    const batch = this.takeBatch(Math.ceil(queued / Math.max(1, free)))
+    return batch.length > 0 ? batch : undefined
+  }
+
+  /**
+   * One slot's writer: a connection that writes batches as long as there are appends for it. Each batch
+   * written while more are coming leaves a transaction open for the next (see CopyAppend), so under load a
+   * batch takes one round trip. When the queue runs dry the open transaction is rolled back at once (it holds
+   * readers below its position) and the connection goes back to the pool.
+   */
+  private async runWriter(first: PendingAppend[]): Promise<void> {
+    let writer: Writer | undefined
+    try {
+      writer = { client: await this.pool.connect(), xid: undefined }
+    } catch (cause) {
+      const error = new EventStoreUnavailableError(`cannot reach the event store database: ${(cause as Error).message}`, { cause })
+      for (const append of first) append.reject(error)
+    }
+    let batch: PendingAppend[] | undefined = writer && first
+    while (writer && batch) {
       const streams = new Set(batch.map((a) => a.streamId))
       for (const stream of streams) this.busyStreams.add(stream)
-      this.inFlight++
-      void this.writeBatch(batch).finally(() => {
+      try {
+        await this.writeBatch(writer, batch)
+      } finally {
         for (const stream of streams) this.busyStreams.delete(stream)
-        this.inFlight--
-        if (this.queue.length > 0) this.pump()
-        else if (this.inFlight === 0) this.idle?.()
-      })
+      }
+      if (writer.broken) break
+      batch = this.nextBatch(true)
+      // what this writer leaves may be enough for another
+      if (batch && this.queue.length > 0) this.pump()
     }
+    this.inFlight--
+    if (writer) this.retire(writer)
+    if (this.queue.length > 0) this.pump()
+    else if (this.inFlight === 0) this.idle?.()
+  }
+
+  /** Rolls back the transaction a writer left open and returns its connection to the pool. */
+  private retire(writer: Writer): void {
+    const done = (async () => {
+      if (!writer.broken && writer.xid !== undefined) {
+        await writer.client.query('rollback').catch((error: Error) => (writer.broken = error))
+      }
+      writer.client.release(writer.broken)
+    })()
+    this.retiring.add(done)
+    void done.finally(() => this.retiring.delete(done))
   }
 
   /**
@@ -198,58 +250,57 @@ export class PostgresEventStore implements EventStore {
     return batch
   }
 
-  private async writeBatch(batch: PendingAppend[]): Promise<void> {
-    let client: pg.PoolClient
-    try {
-      client = await this.pool.connect()
-    } catch (cause) {
-      const error = new EventStoreUnavailableError(`cannot reach the event store database: ${(cause as Error).message}`, { cause })
-      for (const append of batch) append.reject(error)
-      return
-    }
-    let broken: Error | undefined
-    try {
-      for (let attempt = 1; ; attempt++) {
-        try {
-          const outcomes = await this.writeOnce(client, batch, attempt > 1)
-          outcomes.forEach((outcome, i) => (outcome.ok ? batch[i]!.resolve(outcome.result) : batch[i]!.reject(outcome.error)))
+  /** Writes a batch on the writer's connection, retrying what a racing writer elsewhere made fail; settles every append. */
+  private async writeBatch(writer: Writer, batch: PendingAppend[]): Promise<void> {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        const outcomes = await this.writeOnce(writer, batch, attempt > 1)
+        outcomes.forEach((outcome, i) => (outcome.ok ? batch[i]!.resolve(outcome.result) : batch[i]!.reject(outcome.error)))
+        return
+      } catch (error) {
+        for (const append of batch) this.heads.delete(append.streamId)
+        if (!(error instanceof pg.DatabaseError)) writer.broken = error as Error
+        // the transaction failed: end it (a warning only, when it had ended already)
+        else await writer.client.query('rollback').catch((e: Error) => (writer.broken = e))
+        writer.xid = undefined
+        const code = (error as { code?: string }).code
+        if (writer.broken || !code || !RETRYABLE.has(code) || attempt >= MAX_ATTEMPTS) {
+          for (const append of batch) append.reject(error)
           return
-        } catch (error) {
-          if (!(error instanceof pg.DatabaseError)) broken = error as Error
-          for (const append of batch) this.heads.delete(append.streamId)
-          const code = (error as { code?: string }).code
-          if (broken || !code || !RETRYABLE.has(code) || attempt >= MAX_ATTEMPTS) {
-            for (const append of batch) append.reject(error)
-            return
-          }
         }
+        // a writer elsewhere got there first: give it a moment (random, growing), so that two racing on the
+        // same streams do not keep failing each other in step
+        await new Promise((resolve) => setTimeout(resolve, Math.random() * 2 ** attempt))
       }
-    } finally {
-      client.release(broken)
     }
   }
 
   /**
-   * At most two round trips for the whole batch: 1. read the heads of its streams and any of its ids
-   * already stored, unless every stream's head is in the cache of heads this store wrote; 2. decide each
-   * append in queue order; 3. insert the accepted events in one statement, which is its own transaction:
-   * positions come from its transaction id, and it commits (one fsync) as it ends.
+   * A few round trips for the whole batch, whatever its size: 1. read the heads of its streams and any of
+   * its ids already stored, unless every stream's head is in the cache of heads this store wrote; 2. decide
+   * each append in queue order; 3. insert the accepted events with one COPY and commit (one fsync):
+   * positions come from the transaction's id. Under load that is one round trip (the writer's transaction
+   * is open already, see CopyAppend), else two.
    * Whatever made the decision wrong fails the insert on a unique constraint: a writer in another process
    * that appended to one of the streams (the revision is taken), an id already stored (a retried append),
    * and then the batch is read afresh and decided again.
    */
-  private async writeOnce(client: pg.PoolClient, batch: PendingAppend[], fresh: boolean): Promise<Outcome[]> {
+  private async writeOnce(writer: Writer, batch: PendingAppend[], fresh: boolean): Promise<Outcome[]> {
     const streamIds = [...new Set(batch.map((a) => a.streamId))]
     const cached = fresh ? undefined : this.knownHeads(batch)
-    const { heads, stored } = cached ? { heads: cached, stored: new Map<string, StoredId>() } : await this.readState(client, streamIds, batch)
+    const { heads, stored } = cached ? { heads: cached, stored: new Map<string, StoredId>() } : await this.readState(writer.client, streamIds, batch)
     // 2. decide
     const plan = planBatch(batch, heads, stored)
     // a cached head may be stale (another process appended): only the database may refuse an append
-    if (cached && plan.outcomes.some((o) => !o.ok && o.error instanceof WrongExpectedRevisionError)) return this.writeOnce(client, batch, true)
+    if (cached && plan.outcomes.some((o) => !o.ok && o.error instanceof WrongExpectedRevisionError)) return this.writeOnce(writer, batch, true)
     // 3. insert and commit
     if (plan.rows.length > 0) {
-      // COPY, with the positions made of the transaction id it runs in (see copy-append.ts)
-      const first = await copyAppend(client, plan.rows, SEQUENCE_BITS)
+      // COPY, with the positions made of the transaction id it runs in (see copy-append.ts); with more
+      // appends coming (queued, or other batches in flight), leave a transaction open for the next batch
+      const xid = writer.xid
+      writer.xid = undefined
+      const { first, next } = await copyAppend(writer.client, plan.rows, SEQUENCE_BITS, { xid, openNext: this.queue.length > 0 || this.inFlight > 1 })
+      writer.xid = next
       plan.rows.forEach((row, i) => (row.position = first + BigInt(i)))
       for (const row of plan.rows) this.remember(row.streamId, { revision: row.revision, position: row.position! })
       this.committed()
@@ -424,6 +475,7 @@ export class PostgresEventStore implements EventStore {
     this.closed = true
     this.signal.notify()
     if (this.inFlight > 0 || this.queue.length > 0) await new Promise<void>((resolve) => (this.idle = resolve))
+    await Promise.all(this.retiring)
     await this.announcing
     const listener = this.listener
     this.listener = undefined
@@ -467,6 +519,14 @@ export class PostgresEventStore implements EventStore {
     })()
     return this.listening
   }
+}
+
+/** A connection writing batches, and the transaction it holds open for its next one (its id), if any. */
+interface Writer {
+  client: pg.PoolClient
+  xid: bigint | undefined
+  /** Set when the connection failed: it leaves the pool. */
+  broken?: Error
 }
 
 interface StoredId {

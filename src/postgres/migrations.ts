@@ -70,6 +70,15 @@ const migrations: Record<string, Migration> = {
       await sql`drop function if exists dcp_notify_events()`.execute(db)
     },
   },
+  '0004_recorded_at_statement_time': {
+    // The store's writers keep a transaction open for their next batch under load (copy-append.ts), so the
+    // transaction's start (now()) can be a batch earlier than the append. The statement's time is when
+    // the batch reached the database: after every append in it was made. Stable, as now() is, so COPY
+    // still inserts rows in bulk.
+    async up(db) {
+      await sql`alter table events alter column recorded_at set default statement_timestamp()`.execute(db)
+    },
+  },
 }
 
 export async function migrateToLatest(db: Kysely<any>): Promise<void> {

@@ -4,6 +4,8 @@ import t from 'tap'
 import { DuplicateEventIdError, UnstorableEventError, WrongExpectedRevisionError } from '../../src/event-store/errors.js'
 import type { RecordedEvent } from '../../src/event-store/port.js'
 import { PostgresEventStore } from '../../src/event-store/postgres.js'
+import { CopyAppend } from '../../src/event-store/copy-append.js'
+import { connect } from '../../src/postgres/database.js'
 import { freshDatabase } from '../helpers/database.js'
 import { eventStoreContract } from './contract.js'
 
@@ -108,6 +110,91 @@ t.test('an unreachable database rejects appends and reads with a clear error', a
   await t.rejects(store.readAll(), { code: 'EVENT_STORE_UNAVAILABLE' })
   await store.close()
   await pool.end()
+})
+
+t.test('under load a batch takes one round trip on a transaction left open by the one before; conflicts on it and the end of the load leave nothing open', async (t) => {
+  const database = await freshDatabase(t, { max: 10 })
+  // a second process: its own pool and store, appending to streams the first has cached
+  const other = connect(database.url, { max: 10 })
+  t.teardown(() => other.close())
+  // which form each batch took: `copy ...` on a transaction already open (one round trip) or `begin; ...`;
+  // and how many of the first kind a unique violation failed
+  const forms = { open: 0, fresh: 0, openFailed: 0 }
+  const connectA = database.pool.connect.bind(database.pool) as (...a: unknown[]) => Promise<pg.PoolClient>
+  ;(database.pool as unknown as { connect: (...a: unknown[]) => Promise<pg.PoolClient> }).connect = async (...a: unknown[]) => {
+    if (a.length > 0) return connectA(...a) // pool.query's own checkout (with a callback)
+    const client = await connectA()
+    const query = client.query
+    client.query = ((config: unknown, ...rest: unknown[]) => {
+      if (config instanceof CopyAppend) {
+        const open = config.text.startsWith('copy events')
+        if (open) forms.open++
+        else forms.fresh++
+        config.done.catch((error: { code?: string }) => void (open && error.code === '23505' && forms.openFailed++))
+      }
+      return (query as (...a: unknown[]) => unknown).call(client, config, ...rest)
+    }) as typeof client.query
+    const release = client.release
+    client.release = (error?: Error | boolean) => {
+      client.query = query
+      client.release = release
+      return release.call(client, error)
+    }
+    return client
+  }
+  const a = new PostgresEventStore(database.pool)
+  const b = new PostgresEventStore(other.pool)
+  t.teardown(async () => {
+    await a.close()
+    await b.close()
+  })
+  const acknowledged: { id: string; stream: string; position: bigint; calledAt: number }[] = []
+  const append = async (store: PostgresEventStore, stream: string, data: object) => {
+    const id = randomUUID()
+    const calledAt = Date.now()
+    const { position } = await store.append(stream, [{ id, type: 'E', data }])
+    acknowledged.push({ id, stream, position, calledAt })
+  }
+  // the load: 24 writers on streams of their own
+  const load = async (w: number) => {
+    for (let i = 0; i < 80; i++) await append(a, `own-${w}`, { w, i })
+  }
+  // the conflicts: each of these streams is written by the two stores in turn, so each store's cached head
+  // is stale at its next append there, whose batch then fails on the unique (stream, revision) and is retried
+  const turns = async (k: number) => {
+    for (let i = 0; i < 12; i++) {
+      await append(a, `shared-${k}`, { k, i, by: 'a' })
+      await append(b, `shared-${k}`, { k, i, by: 'b' })
+    }
+  }
+  await Promise.all([...Array.from({ length: 24 }, (_, w) => load(w)), ...Array.from({ length: 6 }, (_, k) => turns(k))])
+
+  const rows = await database.pool.query<{ event_id: string; stream_id: string; revision: string; position: string; recorded_at: Date }>(
+    'select event_id, stream_id, revision, position, recorded_at from events order by position',
+  )
+  t.equal(rows.rowCount, acknowledged.length, `${acknowledged.length} acknowledged appends, each stored once`)
+  const byId = new Map(rows.rows.map((r) => [r.event_id, r]))
+  t.ok(acknowledged.every((e) => byId.get(e.id)?.position === e.position.toString() && byId.get(e.id)?.stream_id === e.stream), 'every append is stored where it was acknowledged')
+  const revisions = new Map<string, number[]>()
+  for (const r of rows.rows) revisions.set(r.stream_id, [...(revisions.get(r.stream_id) ?? []), Number(r.revision)])
+  t.ok([...revisions.values()].every((list) => list.every((revision, i) => revision === i)), 'every stream has contiguous revisions in position order')
+  // the time of the statement that wrote the batch, not of a transaction opened before the append was made
+  const early = acknowledged.filter((e) => byId.get(e.id)!.recorded_at.getTime() < e.calledAt)
+  t.equal(early.length, 0, 'no event is recorded before its append was called')
+  t.ok(forms.open > forms.fresh, `most batches took one round trip (${forms.open} on an open transaction, ${forms.fresh} opening one)`)
+  t.ok(forms.openFailed > 0, `batches on an open transaction failed on a stale head and were retried (${forms.openFailed})`)
+
+  // the load is over: the open transactions are rolled back, so readers are not held below them
+  let open = -1
+  for (let waited = 0; waited < 2000; waited += 20) {
+    const idle = await database.pool.query(`select count(*)::int as n from pg_stat_activity where datname = current_database() and state like 'idle in transaction%'`)
+    open = idle.rows[0].n
+    if (open === 0) break
+    await new Promise((resolve) => setTimeout(resolve, 20))
+  }
+  t.equal(open, 0, 'no transaction is left open once the appends stop')
+  const bound = await database.pool.query('select dcp_position_bound() > (select max(position) from events) as past')
+  t.ok(bound.rows[0].past, 'the position bound is past every stored event')
 })
 
 t.test('two stores on one database (two processes): cached stream heads never decide wrongly', async (t) => {
