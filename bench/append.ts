@@ -5,7 +5,9 @@
  * into a plain table with the same columns and indexes as `events` (no checks, no locks), for as long.
  * The two take turns in BENCH_SLICES slices (default 5) of BENCH_SECONDS / BENCH_SLICES each, so that a
  * machine that speeds up or slows down during the run (this VM does, by tens of percent) weighs on both
- * alike and the ratio compares them under the same conditions.
+ * alike and the ratio compares them under the same conditions. Each runs BENCH_WARMUP_SECONDS (default 1)
+ * first, unmeasured: the first slice measured the store's cold start (its connections, the JIT) and was
+ * always the slowest by a third.
  */
 import { randomBytes, randomUUID } from 'node:crypto'
 import type pg from 'pg'
@@ -22,6 +24,8 @@ const BASELINE_CONNECTIONS = Number(process.env.BENCH_BASELINE_CONNECTIONS ?? 4)
 const BASELINE_ROWS = 100
 const SECONDS = Number(process.env.BENCH_SECONDS ?? 10)
 const SLICES = Math.max(1, Number(process.env.BENCH_SLICES ?? 5))
+/** Unmeasured seconds each side runs first (connections, JIT, caches), so the first slice is not a cold start. */
+const WARMUP_SECONDS = Number(process.env.BENCH_WARMUP_SECONDS ?? 1)
 
 const hex = (bytes: number) => randomBytes(bytes).toString('hex')
 /**
@@ -166,6 +170,16 @@ export async function appendBench({ database, log }: BenchContext): Promise<stri
     }
   }
 
+  // warm-up, not measured (its events are stored, and counted in the check at the end)
+  const warmupStart = performance.now()
+  storePhase = true
+  await Promise.all(writers.map((state, w) => writer(state, w, warmupStart + WARMUP_SECONDS * 1000)))
+  storePhase = false
+  await Promise.all(inserters.map((state, c) => inserter(state, c, performance.now() + WARMUP_SECONDS * 1000)))
+  const warmEvents = count
+  const warmRows = rows
+  log(`warm-up: ${WARMUP_SECONDS} s each, not measured (dcp ${warmEvents} events, baseline ${warmRows} rows)`)
+
   const sliceMs = (SECONDS * 1000) / SLICES
   let storeMs = 0
   let baselineMs = 0
@@ -204,19 +218,20 @@ export async function appendBench({ database, log }: BenchContext): Promise<stri
   const storedBaseline = Number((await pool.query('select count(*) as n from baseline_events')).rows[0].n)
   if (storedBaseline !== rows) throw new Error(`baseline: ${rows} rows inserted but ${storedBaseline} stored`)
   const elapsed = storeMs / 1000
-  const eventsPerS = count / elapsed
-  const sorted = latencies.slice(0, count).sort()
+  const measured = count - warmEvents
+  const eventsPerS = measured / elapsed
+  const sorted = latencies.slice(warmEvents, count).sort()
   log(
-    `append: ${count} events in ${elapsed.toFixed(2)} s = ${Math.round(eventsPerS)} events/s; ` +
-      `latency p50 ${percentile(sorted, 50).toFixed(2)} ms, p99 ${percentile(sorted, 99).toFixed(2)} ms, max ${sorted[count - 1]?.toFixed(2)} ms; ` +
-      `${batchesDuringStore} group commits (${Math.round((oneTripDuringStore / batchesDuringStore) * 100)}% in one round trip), ${(count / batchesDuringStore).toFixed(1)} events per commit, ${Math.round(batchesDuringStore / elapsed)} commits/s`,
+    `append: ${measured} events in ${elapsed.toFixed(2)} s = ${Math.round(eventsPerS)} events/s; ` +
+      `latency p50 ${percentile(sorted, 50).toFixed(2)} ms, p99 ${percentile(sorted, 99).toFixed(2)} ms, max ${sorted[measured - 1]?.toFixed(2)} ms; ` +
+      `${batchesDuringStore} group commits (${Math.round((oneTripDuringStore / batchesDuringStore) * 100)}% in one round trip), ${(measured / batchesDuringStore).toFixed(1)} events per commit, ${Math.round(batchesDuringStore / elapsed)} commits/s`,
   )
-  log(`append: this process used ${(cpuDuringStore / 1e4 / elapsed).toFixed(0)}% of one core (${(cpuDuringStore / count).toFixed(0)} µs CPU per event, the bench's own event making included)`)
+  log(`append: this process used ${(cpuDuringStore / 1e4 / elapsed).toFixed(0)}% of one core (${(cpuDuringStore / measured).toFixed(0)} µs CPU per event, the bench's own event making included)`)
   if (profiling) {
     for (const [key, s] of statementMs) log(`  profile: '${key}' ${s.n} x ${(s.ms / s.n).toFixed(2)} ms = ${((s.ms / 1000 / elapsed) * 100).toFixed(0)}% of the run`)
   }
-  const baselinePerS = rows / (baselineMs / 1000)
-  log(`baseline: ${rows} rows in ${(baselineMs / 1000).toFixed(2)} s = ${Math.round(baselinePerS)} rows/s`)
+  const baselinePerS = (rows - warmRows) / (baselineMs / 1000)
+  log(`baseline: ${rows - warmRows} rows in ${(baselineMs / 1000).toFixed(2)} s = ${Math.round(baselinePerS)} rows/s`)
 
   return `RESULT name=append events_per_s=${Math.round(eventsPerS)} baseline_rows_per_s=${Math.round(baselinePerS)} ratio=${(eventsPerS / baselinePerS).toFixed(2)}`
 }
