@@ -250,9 +250,16 @@ export class PostgresEventStore implements EventStore {
     return batch
   }
 
-  /** Writes a batch on the writer's connection, retrying what a racing writer elsewhere made fail; settles every append. */
-  private async writeBatch(writer: Writer, batch: PendingAppend[]): Promise<void> {
-    for (let attempt = 1; ; attempt++) {
+  /**
+   * Writes a batch on the writer's connection, retrying what a racing writer elsewhere made fail; settles
+   * every append. A stream that another process keeps appending to can fail the batch again and again (its
+   * head moves between this writer's read and its COPY): from the second time, the appends to that stream
+   * are refused with WrongExpectedRevisionError (a command re-reads and decides again) and the rest of the
+   * batch goes on without them, instead of every append of the batch failing on the database's error.
+   */
+  private async writeBatch(writer: Writer, all: PendingAppend[]): Promise<void> {
+    let batch = all
+    for (let attempt = 1, failures = 0; batch.length > 0; attempt++) {
       try {
         const outcomes = await this.writeOnce(writer, batch, attempt > 1)
         outcomes.forEach((outcome, i) => (outcome.ok ? batch[i]!.resolve(outcome.result) : batch[i]!.reject(outcome.error)))
@@ -264,7 +271,12 @@ export class PostgresEventStore implements EventStore {
         else await writer.client.query('rollback').catch((e: Error) => (writer.broken = e))
         writer.xid = undefined
         const code = (error as { code?: string }).code
-        if (writer.broken || !code || !RETRYABLE.has(code) || attempt >= MAX_ATTEMPTS) {
+        const contended = attempt > 1 ? contendedStream(error) : undefined
+        if (!writer.broken && contended) {
+          batch = refuseStream(batch, contended)
+          continue // the batch is shorter: this cannot go on for ever
+        }
+        if (writer.broken || !code || !RETRYABLE.has(code) || ++failures >= MAX_ATTEMPTS) {
           for (const append of batch) append.reject(error)
           return
         }
@@ -519,6 +531,29 @@ export class PostgresEventStore implements EventStore {
     })()
     return this.listening
   }
+}
+
+/** The stream (and the revision taken) of a unique violation on `(stream_id, revision)`, or undefined. */
+export function contendedStream(error: unknown): { streamId: string; revision: number } | undefined {
+  const { code, constraint, detail } = error as { code?: string; constraint?: string; detail?: string }
+  if (code !== '23505' || constraint !== 'events_stream_id_revision_key' || !detail) return undefined
+  // the last ", <digits>)" closes the key: a stream id may hold commas and parentheses itself
+  const match = /^Key \(stream_id, revision\)=\((.*), (\d+)\) already exists\.$/s.exec(detail)
+  return match ? { streamId: match[1]!, revision: Number(match[2]) } : undefined
+}
+
+/**
+ * Refuses the appends to a contended stream, and the `appendMany` lots they are part of (all or nothing),
+ * with WrongExpectedRevisionError; returns the rest of the batch.
+ */
+function refuseStream(batch: PendingAppend[], contended: { streamId: string; revision: number }): PendingAppend[] {
+  const groups = new Set(batch.filter((a) => a.streamId === contended.streamId && a.group).map((a) => a.group))
+  const refused = (a: PendingAppend) => a.streamId === contended.streamId || (a.group !== undefined && groups.has(a.group))
+  const error = new WrongExpectedRevisionError(contended.streamId, 'any', contended.revision)
+  for (const append of batch) {
+    if (refused(append)) append.reject(append.streamId === contended.streamId ? new WrongExpectedRevisionError(contended.streamId, append.expected, contended.revision) : error)
+  }
+  return batch.filter((a) => !refused(a))
 }
 
 /** A connection writing batches, and the transaction it holds open for its next one (its id), if any. */

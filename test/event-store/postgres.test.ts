@@ -3,7 +3,7 @@ import pg from 'pg'
 import t from 'tap'
 import { DuplicateEventIdError, UnstorableEventError, WrongExpectedRevisionError } from '../../src/event-store/errors.js'
 import type { RecordedEvent } from '../../src/event-store/port.js'
-import { PostgresEventStore } from '../../src/event-store/postgres.js'
+import { contendedStream, PostgresEventStore } from '../../src/event-store/postgres.js'
 import { CopyAppend } from '../../src/event-store/copy-append.js'
 import { connect } from '../../src/postgres/database.js'
 import { freshDatabase } from '../helpers/database.js'
@@ -195,6 +195,54 @@ t.test('under load a batch takes one round trip on a transaction left open by th
   t.equal(open, 0, 'no transaction is left open once the appends stop')
   const bound = await database.pool.query('select dcp_position_bound() > (select max(position) from events) as past')
   t.ok(bound.rows[0].past, 'the position bound is past every stored event')
+})
+
+t.test('two processes racing on the same streams: an append is stored or refused as a conflict, never failed by the database error', async (t) => {
+  const database = await freshDatabase(t, { max: 10 })
+  const other = connect(database.url, { max: 10 })
+  t.teardown(() => other.close())
+  const a = new PostgresEventStore(database.pool)
+  const b = new PostgresEventStore(other.pool)
+  t.teardown(async () => {
+    await a.close()
+    await b.close()
+  })
+  const stored: { id: string; stream: string; position: bigint }[] = []
+  const refused: WrongExpectedRevisionError[] = []
+  const others: unknown[] = []
+  // 32 writers over two stores; every fifth append goes to one of four streams both write: their heads move
+  // between a writer's read and its COPY, over and over
+  const writer = async (store: PostgresEventStore, w: number) => {
+    for (let i = 0; i < 60; i++) {
+      const stream = i % 5 === 0 ? `hot-${(w + i) % 4}` : `own-${w}`
+      const id = randomUUID()
+      try {
+        const { position } = await store.append(stream, [{ id, type: 'E', data: { w, i } }])
+        stored.push({ id, stream, position })
+      } catch (error) {
+        if (error instanceof WrongExpectedRevisionError) refused.push(error)
+        else others.push(error)
+      }
+    }
+  }
+  await Promise.all([...Array.from({ length: 24 }, (_, w) => writer(a, w)), ...Array.from({ length: 8 }, (_, w) => writer(b, 100 + w))])
+  t.same(others.map((e) => (e as Error).message), [], 'no append failed with anything but a conflict')
+  t.ok(refused.every((e) => e.streamId.startsWith('hot-')), `only appends to the contended streams were refused (${refused.length} of ${32 * 60})`)
+  const rows = await database.pool.query<{ event_id: string; stream_id: string; revision: string; position: string }>('select event_id, stream_id, revision, position from events order by position')
+  t.equal(rows.rowCount, stored.length, `every acknowledged append is stored once (${stored.length}), and nothing else`)
+  const byId = new Map(rows.rows.map((r) => [r.event_id, r]))
+  t.ok(stored.every((e) => byId.get(e.id)?.position === e.position.toString() && byId.get(e.id)?.stream_id === e.stream), 'each where it was acknowledged')
+  const revisions = new Map<string, number[]>()
+  for (const r of rows.rows) revisions.set(r.stream_id, [...(revisions.get(r.stream_id) ?? []), Number(r.revision)])
+  t.ok([...revisions.values()].every((list) => list.every((revision, i) => revision === i)), 'every stream has contiguous revisions in position order')
+})
+
+t.test('the contended stream is read off the unique violation, whatever characters its id holds', async (t) => {
+  const violation = (streamId: string, revision: number) => ({ code: '23505', constraint: 'events_stream_id_revision_key', detail: `Key (stream_id, revision)=(${streamId}, ${revision}) already exists.` })
+  t.same(contendedStream(violation('task-1', 6)), { streamId: 'task-1', revision: 6 })
+  t.same(contendedStream(violation('odd, 5) (name', 12)), { streamId: 'odd, 5) (name', revision: 12 })
+  t.equal(contendedStream({ code: '23505', constraint: 'events_event_id_key', detail: 'Key (event_id)=(x) already exists.' }), undefined, 'an event id taken is not contention')
+  t.equal(contendedStream(new Error('boom')), undefined)
 })
 
 t.test('two stores on one database (two processes): cached stream heads never decide wrongly', async (t) => {
