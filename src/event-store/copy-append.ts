@@ -34,6 +34,15 @@ export interface CopyAppended {
   next: bigint | undefined
 }
 
+export interface CopyAppendOptions {
+  /** The id of the transaction open on the connection, to write in (one round trip); else one is opened. */
+  xid?: bigint | undefined
+  /** Roll back the transaction open on the connection first (its id is too old for these rows). */
+  discard?: boolean
+  /** Leave a new transaction open for the next batch (`next`). */
+  openNext?: boolean
+}
+
 const COPY = 'copy events (position, stream_id, revision, event_id, type, data, metadata) from stdin'
 const OPEN = 'begin; select pg_current_xact_id()::text as xid'
 
@@ -47,6 +56,9 @@ const OPEN = 'begin; select pg_current_xact_id()::text as xid'
  *   COPY starts (and ignores them, as the protocol says, when the COPY failed before).
  * - no `xid`: `begin; select pg_current_xact_id(); copy ...; commit`. The id arrives before Postgres asks
  *   for the rows, which then go with their positions: two round trips.
+ *
+ * With `discard`, the query starts with `rollback`: the transaction open on the connection is not used (its
+ * id is below a head the rows follow, see postgres.ts) and a fresh one is opened.
  *
  * With `openNext`, the query ends with `begin; select pg_current_xact_id()`: the connection is left in a new
  * transaction whose id (`next`) the next batch's rows are made with, so that batch takes one round trip. A
@@ -73,13 +85,15 @@ export class CopyAppend {
   private error?: Error
   private copied = false
   private committed = false
+  private readonly discarding: boolean
   private settled = false
 
-  constructor(rows: readonly CopyRow[], private readonly sequenceBits: bigint, options: { xid?: bigint | undefined; openNext?: boolean } = {}) {
+  constructor(rows: readonly CopyRow[], private readonly sequenceBits: bigint, options: CopyAppendOptions = {}) {
     // everything but the position, made before the round trip
     this.lines = rows.map((r) => `\t${field(r.streamId)}\t${r.revision}\t${r.id}\t${field(r.type)}\t${field(r.data)}\t${field(r.metadata)}\n`)
     this.xid = options.xid
-    this.text = `${options.xid === undefined ? `${OPEN}; ` : ''}${COPY}; commit${options.openNext ? `; ${OPEN}` : ''}`
+    this.discarding = options.discard ?? false
+    this.text = `${options.discard ? 'rollback; ' : ''}${options.xid === undefined ? `${OPEN}; ` : ''}${COPY}; commit${options.openNext ? `; ${OPEN}` : ''}`
     this.done = new Promise((resolve, reject) => {
       this.resolve = resolve
       this.reject = reject
@@ -104,8 +118,9 @@ export class CopyAppend {
   }
 
   handleCommandComplete(message: { text?: string }): void {
-    // `commit` of a transaction that failed answers ROLLBACK, with no error of its own
-    if (message.text === 'ROLLBACK') this.error ??= new Error('append: the transaction was rolled back')
+    // `commit` of a transaction that failed answers ROLLBACK, with no error of its own (a `discard` answers
+    // ROLLBACK first, as asked)
+    if (message.text === 'ROLLBACK' && !(this.discarding && !this.committed && this.xids.length === 0)) this.error ??= new Error('append: the transaction was rolled back')
     if (message.text === 'COMMIT') this.committed = true
   }
 
@@ -156,7 +171,7 @@ export class CopyAppend {
 }
 
 /** Runs a CopyAppend on a client; resolves to the position of the batch's first row and the transaction opened for the next. */
-export async function copyAppend(client: pg.PoolClient, rows: readonly CopyRow[], sequenceBits: bigint, options: { xid?: bigint | undefined; openNext?: boolean } = {}): Promise<CopyAppended> {
+export async function copyAppend(client: pg.PoolClient, rows: readonly CopyRow[], sequenceBits: bigint, options: CopyAppendOptions = {}): Promise<CopyAppended> {
   const copy = new CopyAppend(rows, sequenceBits, options)
   client.query(copy as unknown as pg.QueryConfig)
   return copy.done

@@ -189,14 +189,13 @@ export class PostgresEventStore implements EventStore {
       const error = new EventStoreUnavailableError(`cannot reach the event store database: ${(cause as Error).message}`, { cause })
       for (const append of first) append.reject(error)
     }
+    if (!writer) this.release(first)
     let batch: PendingAppend[] | undefined = writer && first
     while (writer && batch) {
-      const streams = new Set(batch.map((a) => a.streamId))
-      for (const stream of streams) this.busyStreams.add(stream)
       try {
         await this.writeBatch(writer, batch)
       } finally {
-        for (const stream of streams) this.busyStreams.delete(stream)
+        this.release(batch)
       }
       if (writer.broken) break
       batch = this.nextBatch(true)
@@ -247,7 +246,14 @@ export class PostgresEventStore implements EventStore {
       }
     }
     this.queue = rest
+    // its streams are busy from now until it is written: no other batch may take them meanwhile
+    for (const append of batch) this.busyStreams.add(append.streamId)
     return batch
+  }
+
+  /** The batch is written (or failed): its streams may go into the next batches. */
+  private release(batch: readonly PendingAppend[]): void {
+    for (const append of batch) this.busyStreams.delete(append.streamId)
   }
 
   /**
@@ -301,17 +307,22 @@ export class PostgresEventStore implements EventStore {
     const streamIds = [...new Set(batch.map((a) => a.streamId))]
     const cached = fresh ? undefined : this.knownHeads(batch)
     const { heads, stored } = cached ? { heads: cached, stored: new Map<string, StoredId>() } : await this.readState(writer.client, streamIds, batch)
-    // 2. decide
+    // 2. decide (it moves the heads of the streams it writes; the newest as they were is kept first)
+    const newest = newestHead(heads)
     const plan = planBatch(batch, heads, stored)
     // a cached head may be stale (another process appended): only the database may refuse an append
     if (cached && plan.outcomes.some((o) => !o.ok && o.error instanceof WrongExpectedRevisionError)) return this.writeOnce(writer, batch, true)
     // 3. insert and commit
     if (plan.rows.length > 0) {
       // COPY, with the positions made of the transaction id it runs in (see copy-append.ts); with more
-      // appends coming (queued, or other batches in flight), leave a transaction open for the next batch
-      const xid = writer.xid
+      // appends coming (queued, or other batches in flight), leave a transaction open for the next batch.
+      // The transaction left open by the previous batch serves only if its id is above every head this
+      // batch writes after: a stream's next event must have a higher position than its last. A head
+      // written since it was opened (by another writer, here or in another process) needs a fresh one.
+      const open = writer.xid
       writer.xid = undefined
-      const { first, next } = await copyAppend(writer.client, plan.rows, SEQUENCE_BITS, { xid, openNext: this.queue.length > 0 || this.inFlight > 1 })
+      const xid = open !== undefined && open << SEQUENCE_BITS > newest ? open : undefined
+      const { first, next } = await copyAppend(writer.client, plan.rows, SEQUENCE_BITS, { xid, discard: open !== undefined && xid === undefined, openNext: this.queue.length > 0 || this.inFlight > 1 })
       writer.xid = next
       plan.rows.forEach((row, i) => (row.position = first + BigInt(i)))
       for (const row of plan.rows) this.remember(row.streamId, { revision: row.revision, position: row.position! })
@@ -531,6 +542,13 @@ export class PostgresEventStore implements EventStore {
     })()
     return this.listening
   }
+}
+
+/** The highest position among the heads of a batch's streams (START when none has a head). */
+function newestHead(heads: Map<string, { position: Position }>): Position {
+  let newest = START
+  for (const head of heads.values()) if (head.position > newest) newest = head.position
+  return newest
 }
 
 /** The stream (and the revision taken) of a unique violation on `(stream_id, revision)`, or undefined. */
