@@ -206,6 +206,34 @@ t.test('under load a batch takes one round trip on a transaction left open by th
   t.ok(bound.rows[0].past, 'the position bound is past every stored event')
 })
 
+t.test('a transaction a writer opened before a stream\'s last commit is not used to write that stream', async (t) => {
+  const database = await freshDatabase(t)
+  const other = connect(database.url, { max: 2 })
+  t.teardown(() => other.close())
+  const a = new PostgresEventStore(database.pool)
+  const b = new PostgresEventStore(other.pool)
+  t.teardown(async () => {
+    await a.close()
+    await b.close()
+  })
+  // a writer of store a, as a batch under load leaves it: a transaction open, its id taken (white box: the
+  // timing that leads here cannot be forced from outside)
+  const client = await database.pool.connect()
+  await client.query('begin')
+  const early = BigInt((await client.query('select pg_current_xact_id()::text as xid')).rows[0].xid)
+  // another process starts a stream after that id was taken: its event's position is above the id's
+  const first = await b.append('late', [{ type: 'First', data: {} }])
+  t.ok(first.position > early << 20n, 'the other process wrote above the open transaction')
+  const written = new Promise<{ position: bigint }>((resolve, reject) => {
+    const batch = [{ streamId: 'late', expected: 'any', events: [{ id: randomUUID(), type: 'Second', data: '{}', metadata: '{}' }], resolve, reject }]
+    const writer = { client, xid: early }
+    void (a as unknown as { writeBatch(w: unknown, b: unknown[]): Promise<void> }).writeBatch(writer, batch).finally(() => client.release())
+  })
+  const second = await written
+  t.ok(second.position > first.position, 'the next event of the stream is written above its last, in a fresh transaction')
+  t.same((await a.readAll()).filter((e) => e.streamId === 'late').map((e) => e.type), ['First', 'Second'], 'the log reads the stream in order')
+})
+
 t.test('a stream written by one writer after another keeps its revisions in position order (a transaction opened early is not used for a stream written since)', async (t) => {
   const database = await freshDatabase(t, { max: 10 })
   const store = new PostgresEventStore(database.pool)
