@@ -168,7 +168,7 @@ export class PostgresEventStore implements EventStore {
   private nextBatch(continuing: boolean): PendingAppend[] | undefined {
     let queued = 0
     for (const append of this.queue) queued += append.events.length
-    if (queued === 0 && this.queue.length === 0) return undefined
+    if (this.queue.length === 0) return undefined
     if (!continuing && this.inFlight > 0 && queued < MIN_PARALLEL_EVENTS) return undefined
     const free = this.maxConcurrentBatches - this.inFlight + (continuing ? 1 : 0)
     const batch = this.takeBatch(Math.ceil(queued / Math.max(1, free)))

@@ -1,13 +1,53 @@
 import { randomUUID } from 'node:crypto'
 import pg from 'pg'
-import t from 'tap'
+import t, { type Test } from 'tap'
 import { DuplicateEventIdError, UnstorableEventError, WrongExpectedRevisionError } from '../../src/event-store/errors.js'
 import type { RecordedEvent } from '../../src/event-store/port.js'
 import { contendedStream, PostgresEventStore } from '../../src/event-store/postgres.js'
 import { CopyAppend } from '../../src/event-store/copy-append.js'
-import { connect } from '../../src/postgres/database.js'
+import { connect, type Database } from '../../src/postgres/database.js'
 import { freshDatabase } from '../helpers/database.js'
 import { eventStoreContract } from './contract.js'
+
+/** Two stores on one database, each with its own pool: two processes. */
+async function twoStores(t: Test, database: Database, max: number) {
+  const other = connect(database.url, { max })
+  t.teardown(() => other.close())
+  const a = new PostgresEventStore(database.pool)
+  const b = new PostgresEventStore(other.pool)
+  t.teardown(async () => {
+    await a.close()
+    await b.close()
+  })
+  return { a, b }
+}
+
+/**
+ * Checks the log against what was acknowledged: each acknowledged append stored once, where it was
+ * acknowledged, nothing else, and every stream's revisions 0, 1, 2... in position order. Returns the rows.
+ */
+async function checkLog(t: Test, database: Database, acknowledged: readonly { id: string; stream: string; position: bigint }[]) {
+  const rows = await database.pool.query<{ event_id: string; stream_id: string; revision: string; position: string; recorded_at: Date }>(
+    'select event_id, stream_id, revision, position, recorded_at from events order by position',
+  )
+  t.equal(rows.rowCount, acknowledged.length, `${acknowledged.length} acknowledged appends, each stored once, and nothing else`)
+  const byId = new Map(rows.rows.map((r) => [r.event_id, r]))
+  t.ok(acknowledged.every((e) => byId.get(e.id)?.position === e.position.toString() && byId.get(e.id)?.stream_id === e.stream), 'every append is stored where it was acknowledged')
+  t.same(streamsOutOfOrder(rows.rows), [], 'in position order, every stream reads 0, 1, 2, ...')
+  return byId
+}
+
+/** The streams whose revisions, in the order of the rows given (position order), are not 0, 1, 2, ... */
+function streamsOutOfOrder(rows: readonly { stream_id: string; revision: string }[]): string[] {
+  const next = new Map<string, number>()
+  const wrong = new Set<string>()
+  for (const r of rows) {
+    const expected = next.get(r.stream_id) ?? 0
+    if (Number(r.revision) !== expected) wrong.add(r.stream_id)
+    next.set(r.stream_id, Number(r.revision) + 1)
+  }
+  return [...wrong]
+}
 
 t.test('contract', async (t) => {
   const database = await freshDatabase(t, { max: 30 })
@@ -114,9 +154,6 @@ t.test('an unreachable database rejects appends and reads with a clear error', a
 
 t.test('under load a batch takes one round trip on a transaction left open by the one before; conflicts on it and the end of the load leave nothing open', async (t) => {
   const database = await freshDatabase(t, { max: 10 })
-  // a second process: its own pool and store, appending to streams the first has cached
-  const other = connect(database.url, { max: 10 })
-  t.teardown(() => other.close())
   // which form each batch took: `copy ...` on a transaction already open (one round trip) or `begin; ...`;
   // and how many of the first kind a unique violation failed
   const forms = { open: 0, fresh: 0, openFailed: 0 }
@@ -142,12 +179,8 @@ t.test('under load a batch takes one round trip on a transaction left open by th
     }
     return client
   }
-  const a = new PostgresEventStore(database.pool)
-  const b = new PostgresEventStore(other.pool)
-  t.teardown(async () => {
-    await a.close()
-    await b.close()
-  })
+  // a second process (its own pool and store), appending to streams the first has cached
+  const { a, b } = await twoStores(t, database, 10)
   const acknowledged: { id: string; stream: string; position: bigint; calledAt: number }[] = []
   const append = async (store: PostgresEventStore, stream: string, data: object) => {
     const id = randomUUID()
@@ -177,16 +210,7 @@ t.test('under load a batch takes one round trip on a transaction left open by th
   }
   await Promise.all([...Array.from({ length: 24 }, (_, w) => load(w)), ...Array.from({ length: 6 }, (_, k) => turns(k)), ...Array.from({ length: 4 }, (_, k) => crossings(k))])
 
-  const rows = await database.pool.query<{ event_id: string; stream_id: string; revision: string; position: string; recorded_at: Date }>(
-    'select event_id, stream_id, revision, position, recorded_at from events order by position',
-  )
-  t.equal(rows.rowCount, acknowledged.length, `${acknowledged.length} acknowledged appends, each stored once`)
-  const byId = new Map(rows.rows.map((r) => [r.event_id, r]))
-  t.ok(acknowledged.every((e) => byId.get(e.id)?.position === e.position.toString() && byId.get(e.id)?.stream_id === e.stream), 'every append is stored where it was acknowledged')
-  const revisions = new Map<string, number[]>()
-  for (const r of rows.rows) revisions.set(r.stream_id, [...(revisions.get(r.stream_id) ?? []), Number(r.revision)])
-  const outOfOrder = [...revisions].filter(([, list]) => !list.every((revision, i) => revision === i)).map(([stream]) => stream)
-  t.same(outOfOrder, [], 'in position order, every stream reads 0, 1, 2, ...')
+  const byId = await checkLog(t, database, acknowledged)
   // the time of the statement that wrote the batch, not of a transaction opened before the append was made
   const early = acknowledged.filter((e) => byId.get(e.id)!.recorded_at.getTime() < e.calledAt)
   t.equal(early.length, 0, 'no event is recorded before its append was called')
@@ -208,14 +232,7 @@ t.test('under load a batch takes one round trip on a transaction left open by th
 
 t.test('a transaction a writer opened before a stream\'s last commit is not used to write that stream', async (t) => {
   const database = await freshDatabase(t)
-  const other = connect(database.url, { max: 2 })
-  t.teardown(() => other.close())
-  const a = new PostgresEventStore(database.pool)
-  const b = new PostgresEventStore(other.pool)
-  t.teardown(async () => {
-    await a.close()
-    await b.close()
-  })
+  const { a, b } = await twoStores(t, database, 2)
   // a writer of store a, as a batch under load leaves it: a transaction open, its id taken (white box: the
   // timing that leads here cannot be forced from outside)
   const client = await database.pool.connect()
@@ -247,22 +264,12 @@ t.test('a stream written by one writer after another keeps its revisions in posi
   )
   const rows = await database.pool.query<{ stream_id: string; revision: string }>('select stream_id, revision from events order by position')
   t.equal(rows.rowCount, 48 * 40)
-  const revisions = new Map<string, number[]>()
-  for (const r of rows.rows) revisions.set(r.stream_id, [...(revisions.get(r.stream_id) ?? []), Number(r.revision)])
-  const outOfOrder = [...revisions].filter(([, list]) => !list.every((revision, i) => revision === i)).map(([stream]) => stream)
-  t.same(outOfOrder, [], 'in position order, every stream reads 0, 1, 2, ...')
+  t.same(streamsOutOfOrder(rows.rows), [], 'in position order, every stream reads 0, 1, 2, ...')
 })
 
 t.test('two processes racing on the same streams: an append is stored or refused as a conflict, never failed by the database error', async (t) => {
   const database = await freshDatabase(t, { max: 10 })
-  const other = connect(database.url, { max: 10 })
-  t.teardown(() => other.close())
-  const a = new PostgresEventStore(database.pool)
-  const b = new PostgresEventStore(other.pool)
-  t.teardown(async () => {
-    await a.close()
-    await b.close()
-  })
+  const { a, b } = await twoStores(t, database, 10)
   const stored: { id: string; stream: string; position: bigint }[] = []
   const refused: WrongExpectedRevisionError[] = []
   const others: unknown[] = []
@@ -284,13 +291,7 @@ t.test('two processes racing on the same streams: an append is stored or refused
   await Promise.all([...Array.from({ length: 24 }, (_, w) => writer(a, w)), ...Array.from({ length: 8 }, (_, w) => writer(b, 100 + w))])
   t.same(others.map((e) => (e as Error).message), [], 'no append failed with anything but a conflict')
   t.ok(refused.every((e) => e.streamId.startsWith('hot-')), `only appends to the contended streams were refused (${refused.length} of ${32 * 60})`)
-  const rows = await database.pool.query<{ event_id: string; stream_id: string; revision: string; position: string }>('select event_id, stream_id, revision, position from events order by position')
-  t.equal(rows.rowCount, stored.length, `every acknowledged append is stored once (${stored.length}), and nothing else`)
-  const byId = new Map(rows.rows.map((r) => [r.event_id, r]))
-  t.ok(stored.every((e) => byId.get(e.id)?.position === e.position.toString() && byId.get(e.id)?.stream_id === e.stream), 'each where it was acknowledged')
-  const revisions = new Map<string, number[]>()
-  for (const r of rows.rows) revisions.set(r.stream_id, [...(revisions.get(r.stream_id) ?? []), Number(r.revision)])
-  t.ok([...revisions.values()].every((list) => list.every((revision, i) => revision === i)), 'every stream has contiguous revisions in position order')
+  await checkLog(t, database, stored)
 })
 
 t.test('the contended stream is read off the unique violation, whatever characters its id holds', async (t) => {
