@@ -9,7 +9,7 @@ import { efficiencyComparison, efficiencyChart, efficiencySummary } from '../pro
 import { findProject } from '../projections/projects.js'
 import { customerOf } from './auth.js'
 import { readYourWrites, type Services } from './context.js'
-import { pageQuery } from './pagination.js'
+import { pageQuery, wholeNumber } from './pagination.js'
 import { renderProjectText } from './project-stream-text.js'
 
 const ProjectParams = z.object({ id: z.string().min(1).max(80) })
@@ -69,7 +69,7 @@ export const dashboardRoutes: FastifyPluginAsync<{ services: Services }> = async
     schema: {
       summary: 'Recent tasks across your jobs and projects',
       tags,
-      querystring: z.object({ limit: z.coerce.number().int().min(1).max(1000).default(100), project_id: z.string().min(1).max(80).optional() }),
+      querystring: z.object({ limit: wholeNumber(1, 1000).default(100), project_id: z.string().min(1).max(80).optional() }),
     },
   }, async (request) => {
     await caughtUp()
@@ -81,7 +81,7 @@ export const dashboardRoutes: FastifyPluginAsync<{ services: Services }> = async
     schema: {
       summary: 'Completed tasks and inputs per time bucket (the latest 300 buckets)',
       tags,
-      querystring: z.object({ project_id: z.string().min(1).max(80).optional(), bucket_size: z.coerce.number().int().min(1).max(86_400).default(1).describe('seconds (default 1)') }),
+      querystring: z.object({ project_id: z.string().min(1).max(80).optional(), bucket_size: wholeNumber(1, 86_400).default(1).describe('seconds (default 1)') }),
     },
   }, async (request) => {
     await caughtUp()
@@ -131,7 +131,7 @@ export const dashboardRoutes: FastifyPluginAsync<{ services: Services }> = async
       params: ProjectParams,
       querystring: z.object({
         format: z.enum(['json', 'text']).default('json'),
-        interval: z.coerce.number().int().min(100).max(60_000).default(2000).describe('ms between updates (default 2000)'),
+        interval: wholeNumber(100, 60_000).default(2000).describe('ms between updates (default 2000)'),
         api_key: z.string().optional().describe('the API key, for clients that cannot send X-API-Key (EventSource)'),
       }),
     },

@@ -10,7 +10,7 @@ import { LOG_LEVELS } from '../protocol/frames.js'
 import { DEVICE_STATUSES, deviceStats, findDevice, listDevices } from '../projections/devices.js'
 import { findModelFile } from '../projections/models.js'
 import type { Services } from './context.js'
-import { pageQuery } from './pagination.js'
+import { pageQuery, wholeNumber } from './pagination.js'
 
 const DeviceParams = z.object({ id: z.string().min(1).max(64) })
 const REPO_ROOT = fileURLToPath(new URL('../..', import.meta.url))
@@ -52,9 +52,9 @@ export const deviceRoutes: FastifyPluginAsync<{ services: Services }> = async (b
       tags: ['devices'],
       params: DeviceParams,
       querystring: z.object({
-        lines: z.coerce.number().int().min(1).max(10_000).default(100),
+        lines: wholeNumber(1, 10_000).default(100),
         level: z.enum(['all', ...LOG_LEVELS]).default('all'),
-        timeout: z.coerce.number().int().min(100).max(120_000).default(30_000).describe('ms to wait for the device (default 30000)'),
+        timeout: wholeNumber(100, 120_000).default(30_000).describe('ms to wait for the device (default 30000)'),
       }),
     },
   }, async (request) => {

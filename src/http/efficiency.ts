@@ -5,6 +5,7 @@ import { DomainError } from '../domain/errors.js'
 import { activeRuns, CHART_TYPES, efficiencyChart, efficiencyComparison, efficiencySummary, INSTANCE_TYPES, jobEfficiency, MAX_CURVE_POINTS } from '../projections/efficiency.js'
 import { customerOf } from './auth.js'
 import { readYourWrites, type Services } from './context.js'
+import { wholeNumber } from './pagination.js'
 
 /**
  * `/efficiency`: training and inference efficiency figures of the caller's own jobs (time to accuracy,
@@ -42,7 +43,7 @@ export const efficiencyRoutes: FastifyPluginAsync<{ services: Services }> = asyn
       tags,
       params: z.object({ type: z.enum(CHART_TYPES) }),
       querystring: z.object({
-        bucket_seconds: z.coerce.number().int().min(1).max(7 * 86_400).optional().describe('power and throughput: width of a time bucket (default: the span over 60; widened to keep at most 1,000 buckets)'),
+        bucket_seconds: wholeNumber(1, 7 * 86_400).optional().describe('power and throughput: width of a time bucket (default: the span over 60; widened to keep at most 1,000 buckets)'),
       }),
     },
   }, async (request) => {
@@ -55,7 +56,7 @@ export const efficiencyRoutes: FastifyPluginAsync<{ services: Services }> = asyn
     schema: {
       summary: 'Training and inference runs in progress, with their recent throughput and power',
       tags,
-      querystring: z.object({ limit: z.coerce.number().int().min(1).max(1000).default(100).describe('runs of each kind, newest first (default 100, max 1000)') }),
+      querystring: z.object({ limit: wholeNumber(1, 1000).default(100).describe('runs of each kind, newest first (default 100, max 1000)') }),
     },
   }, async (request) => {
     await caughtUp()
@@ -69,7 +70,7 @@ export const efficiencyRoutes: FastifyPluginAsync<{ services: Services }> = asyn
       tags,
       params: z.object({ jobId: z.string().min(1).max(80) }),
       querystring: z.object({
-        curve_points: z.coerce.number().int().min(3).max(MAX_CURVE_POINTS).default(MAX_CURVE_POINTS).describe(`most points of the curve (default and max ${MAX_CURVE_POINTS}): every round, or every k-th from the first, and the last`),
+        curve_points: wholeNumber(3, MAX_CURVE_POINTS).default(MAX_CURVE_POINTS).describe(`most points of the curve (default and max ${MAX_CURVE_POINTS}): every round, or every k-th from the first, and the last`),
       }),
     },
   }, async (request) => {

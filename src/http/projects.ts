@@ -10,7 +10,7 @@ import { customerOf } from './auth.js'
 import { execute, readYourWrites, type Services } from './context.js'
 import { newId } from './ids.js'
 import { cancelJob } from './inference.js'
-import { pageQuery } from './pagination.js'
+import { pageQuery, wholeNumber } from './pagination.js'
 
 const CreateBody = z.object({
   name: z.string().trim().min(1).max(200),
@@ -69,7 +69,7 @@ export const projectRoutes: FastifyPluginAsync<{ services: Services }> = async (
       summary: 'Latency percentiles, throughput over time, and both by instance type (aws, user)',
       tags: ['projects'],
       params: ProjectParams,
-      querystring: z.object({ bucket_seconds: z.coerce.number().int().min(1).max(86_400).optional().describe('width of a throughput bucket (default: the span over 60)') }),
+      querystring: z.object({ bucket_seconds: wholeNumber(1, 86_400).optional().describe('width of a throughput bucket (default: the span over 60)') }),
     },
   }, async (request) => {
     const project = await owned(customerOf(request), request.params.id)

@@ -7,7 +7,7 @@ import { findProject } from '../projections/projects.js'
 import { countUsageGroups, hourOf, sumUsage, type UsageFilter } from '../projections/usage.js'
 import { customerOf } from './auth.js'
 import { readYourWrites, type Services } from './context.js'
-import { pageQuery } from './pagination.js'
+import { pageQuery, wholeNumber } from './pagination.js'
 
 const HOUR_MS = 3_600_000
 /** The internal usage endpoints answer for the last 72 hours, the current one included. */
@@ -100,7 +100,7 @@ export const usageRoutes: FastifyPluginAsync<{ services: Services }> = async (ba
     schema: {
       summary: 'Your usage hour by hour (UTC), the last `hours` hours up to the current one, empty hours included',
       tags: ['usage'],
-      querystring: z.object({ hours: z.coerce.number().int().min(1).max(72).default(24).describe('hours to return (default 24, max 72)') }),
+      querystring: z.object({ hours: wholeNumber(1, 72).default(24).describe('hours to return (default 24, max 72)') }),
     },
   }, async (request) => {
     const customerId = customerOf(request)

@@ -45,6 +45,18 @@ t.test('errors always use the error format: unknown routes, malformed JSON, wron
   const query = await app.inject({ method: 'GET', url: '/api/v1/models?limit=0', headers })
   t.equal(query.statusCode, 400)
   t.match(query.json().error.message, /querystring\.limit/, 'validation errors name the field')
+  // a whole-number parameter is digits only: an empty value, a decimal, an exponent or a space is refused,
+  // not read as some number the client did not write
+  for (const bad of ['offset=', 'offset=0.0', 'offset=1e2', 'offset=%207', 'limit=10.5', 'offset=-1', 'offset=0x10']) {
+    const refused = await app.inject({ method: 'GET', url: `/api/v1/models?${bad}`, headers })
+    t.equal(refused.statusCode, 400, `?${bad} is a 400`)
+    t.match(refused.json().error, { code: 'VALIDATION_ERROR', message: new RegExp(`querystring\\.${bad.split('=')[0]}`) })
+  }
+  const page = await app.inject({ method: 'GET', url: '/api/v1/models?limit=007&offset=0', headers })
+  t.equal(page.statusCode, 200, 'leading zeros are still digits')
+  t.equal(page.json().models.length, 1)
+  const hours = await app.inject({ method: 'GET', url: '/api/v1/usage/hourly?hours=2.5', headers })
+  t.equal(hours.statusCode, 400, 'the same rule on every whole-number parameter')
 })
 
 t.test('health and detailed health, without auth', async (t) => {
