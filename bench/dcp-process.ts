@@ -20,22 +20,26 @@ export async function startDcp(databaseUrl: string, dataDir: string, log: Log, o
     else if (lines === 41) log('  [dcp] (more output not shown)')
   }
   createInterface({ input: child.stderr! }).on('line', show)
-  const listening = new Promise<string>((resolve, reject) => {
+  const port = await untilListening(child, show).catch(async (error: Error) => {
+    await stopDcp(child)
+    throw error
+  })
+  return { child, url: `http://127.0.0.1:${port}` }
+}
+
+/** The port `dcp start` says it listens on (its stdout's other lines go to `other`); rejects if it exits first or takes over 120 s. */
+export function untilListening(child: ChildProcess, other: (line: string) => void): Promise<number> {
+  return new Promise<number>((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error('dcp start did not report listening within 120 s')), 120_000)
     child.once('exit', (code, signal) => reject(new Error(`dcp start exited (${code ?? signal}) before listening`)))
     createInterface({ input: child.stdout! }).on('line', (line) => {
       const match = /dcp listening on http:\/\/[^:]+:(\d+)\//.exec(line)
       if (match) {
         clearTimeout(timer)
-        resolve(`http://127.0.0.1:${match[1]}`)
-      } else show(line)
+        resolve(Number(match[1]))
+      } else other(line)
     })
   })
-  const url = await listening.catch(async (error: Error) => {
-    await stopDcp(child)
-    throw error
-  })
-  return { child, url }
 }
 
 /** SIGINT (dcp drains its workers and closes), then waits for the exit; SIGKILL after 30 s. */

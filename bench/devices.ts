@@ -25,6 +25,7 @@ import { fileURLToPath, pathToFileURL } from 'node:url'
 import type pg from 'pg'
 import WebSocket from 'ws'
 import { PROTOCOL_VERSION } from '../src/protocol/frames.js'
+import { DCP_BIN, untilListening } from './dcp-process.js'
 import type { BenchContext } from './run.js'
 import { cpuSeconds } from './proc.js'
 
@@ -40,7 +41,6 @@ const DRAIN_MS = Number(process.env.BENCH_DRAIN_MS ?? 15_000)
  * window; BENCH_PROFILE=connect: the same over the connect phase.
  */
 const PROFILE = process.env.BENCH_PROFILE === '1' || process.env.BENCH_PROFILE === 'connect' ? process.env.BENCH_PROFILE : undefined
-const DCP_BIN = fileURLToPath(new URL('../bin/dcp.js', import.meta.url))
 
 interface Device {
   index: number
@@ -122,18 +122,9 @@ async function startServer(databaseUrl: string, dataDir: string, profileDir: str
     } else if (++stderrLines <= 20) log(`  [server] ${line}`)
     else if (stderrLines === 21) log('  [server] (more stderr lines not shown)')
   })
-  const listening = new Promise<number>((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error('dcp start did not report listening within 120 s')), 120_000)
-    child.once('exit', (code, signal) => reject(new Error(`dcp start exited (${code ?? signal}) before listening`)))
-    createInterface({ input: child.stdout! }).on('line', (line) => {
-      const match = /dcp listening on http:\/\/[^:]+:(\d+)\//.exec(line)
-      if (match) {
-        clearTimeout(timer)
-        resolve(Number(match[1]))
-      } else if (!line.startsWith('dcp: development mode')) log(`  [server] ${line}`)
-    })
-  })
-  const port = await listening.catch((error: Error) => {
+  const port = await untilListening(child, (line) => {
+    if (!line.startsWith('dcp: development mode')) log(`  [server] ${line}`)
+  }).catch((error: Error) => {
     child.kill('SIGKILL')
     throw error
   })
