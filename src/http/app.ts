@@ -99,10 +99,10 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
       const key = request.headers['x-api-key']
       return typeof key === 'string' ? `key:${sha256(key)}` : `ip:${request.ip}`
     },
-    errorResponseBuilder: (_request, context) => ({
-      statusCode: 429,
-      ...errorBody('RATE_LIMITED', `rate limit of ${context.max} requests per ${context.after} exceeded; retry in ${Math.ceil(context.ttl / 1000)} s`),
-    }),
+    // what this returns is thrown, and the error handler answers it: an Error, so that its message reaches
+    // the body (a plain object's `error.message` was lost on the way)
+    errorResponseBuilder: (_request, context) =>
+      Object.assign(new Error(`rate limit of ${context.max} requests per ${context.after} exceeded; retry in ${Math.ceil(context.ttl / 1000)} s`), { statusCode: 429 }),
   })
   await app.register(multipart)
   await app.register(swagger, {
