@@ -13,7 +13,8 @@ import { cancelJob } from './inference.js'
 import { pageQuery, wholeNumber } from './pagination.js'
 
 const CreateBody = z.object({
-  name: z.string().trim().min(1).max(200),
+  // optional, as the spec has it (it marks no field of this body required); an empty name is refused
+  name: z.string().trim().min(1).max(200).optional().describe('default: the type and the time of creation, e.g. "Batch project of 2026-11-30 20:05 UTC"'),
   type: z.enum(PROJECT_TYPES).default('realtime'),
   model_id: z.string().min(1).max(64).optional(),
   total_tasks: z.number().int().min(1).max(100_000_000).optional().describe('expected tasks, for progress'),
@@ -39,7 +40,8 @@ export const projectRoutes: FastifyPluginAsync<{ services: Services }> = async (
     const body = request.body
     if (body.model_id && !(await findModel(services.db, customerId, body.model_id))) throw new DomainError('NO_MODEL', `model ${body.model_id} not found`)
     const at = services.now().toISOString()
-    const project = { project_id: newId('proj'), customer_id: customerId, name: body.name, project_type: body.type, model_id: body.model_id ?? null, total_tasks: body.total_tasks ?? null, created_at: at }
+    const name = body.name ?? `${body.type[0]!.toUpperCase()}${body.type.slice(1)} project of ${at.slice(0, 10)} ${at.slice(11, 16)} UTC`
+    const project = { project_id: newId('proj'), customer_id: customerId, name, project_type: body.type, model_id: body.model_id ?? null, total_tasks: body.total_tasks ?? null, created_at: at }
     await execute(services, projectStream(project.project_id), projectDecider, { type: 'CreateProject', project }, { metadata: { customerId, occurredAt: at } })
     return reply.status(201).send(projectView((await findProject(services.db, customerId, project.project_id))!))
   })

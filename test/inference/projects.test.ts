@@ -104,8 +104,12 @@ t.test('a batch without a project gets one of its own; projects are private and 
   const own = await api('GET', `/projects/${batch.body.project_id}`)
   t.match(own.body, { project_id: batch.body.project_id, name: 'nightly', type: 'batch', model_id: model.id, total_tasks: 1, submitted_tasks: 1 })
 
+  // no field is required (the spec marks none): a project without a name is named after its type and time
+  const unnamed = await api('POST', '/projects', { type: 'batch' })
+  t.equal(unnamed.status, 201)
+  t.match(unnamed.body, { type: 'batch', name: /^Batch project of \d{4}-\d{2}-\d{2} \d{2}:\d{2} UTC$/ })
+  t.match((await api('POST', '/projects', {})).body, { type: 'realtime', name: /^Realtime project of / }, 'an empty body is a realtime project')
   const bad = [
-    [{ type: 'batch' }, /body\.name/],
     [{ name: 'x', type: 'weekly' }, /body\.type/],
     [{ name: 'x', total_tasks: 0 }, /body\.total_tasks/],
     [{ name: ' ' }, /body\.name/],
