@@ -379,8 +379,13 @@ export class TaskScheduler {
     return this.endLease(lease, { type: 'ReturnLease', leaseId: lease.leaseId, reason, at: this.now().toISOString() })
   }
 
-  /** Ends a lease that did not complete: the task goes back to the front of the queue, or fails for good. */
-  private async endLease(lease: Lease, command: Extract<TaskCommand, { type: 'FailAttempt' | 'ReturnLease' }>): Promise<void> {
+  /**
+   * Ends a lease that did not complete: the task goes back to the front of the queue, or fails for good.
+   * When the end cannot be recorded (the store is unreachable for a moment), the lease stays current in the
+   * log, so it is kept here too, off its device's slots, and ending it is tried again after a growing pause
+   * (0.2 s doubling to 10 s): dropping it would leave the task neither queued nor leased until a restart.
+   */
+  private async endLease(lease: Lease, command: Extract<TaskCommand, { type: 'FailAttempt' | 'ReturnLease' }>, attempt = 0): Promise<void> {
     if (!this.leases.has(lease.leaseId)) return
     this.release(lease)
     try {
@@ -393,7 +398,13 @@ export class TaskScheduler {
         if (spec) this.enqueue(spec, true) // back to the front: it has waited already
       }
     } catch (error) {
+      // a refusal by the task's own rules (the lease had ended already, the task was cancelled) is final
       if (!(error instanceof DomainError && error.code === 'STALE_LEASE')) this.options.log?.(`scheduler: ending lease ${lease.leaseId}: ${(error as Error).message}`)
+      if (!(error instanceof DomainError) && !this.stopped) {
+        this.leases.set(lease.leaseId, { ...lease, deadline: Infinity }) // not swept meanwhile: this retry ends it
+        const retry = setTimeout(() => void this.endLease(this.leases.get(lease.leaseId) ?? lease, command, attempt + 1), Math.min(10_000, 200 * 2 ** attempt))
+        retry.unref()
+      }
     }
     this.kick()
   }

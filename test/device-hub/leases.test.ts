@@ -69,6 +69,36 @@ t.test('a device lost mid-task: the task is re-queued, completes once elsewhere,
   t.same(events, ['TaskQueued', 'TaskLeased', 'TaskAttemptFailed', 'TaskLeased', 'TaskCompleted'], 'completed exactly once')
 })
 
+t.test('a lease end the store cannot record at first is tried again: the task is not stranded', async (t) => {
+  const { scheduler, device, types, store } = await setup(t)
+  const a = await device()
+  const spec = task()
+  const outcome = scheduler.outcome(spec.task_id, 15_000)
+  await scheduler.submit(spec, { customerId: spec.customer_id })
+  await a.next((f) => f.type === 'task')
+  // the database is unreachable for the next two appends to the task's stream (a restart, a network blip)
+  const append = store.append.bind(store)
+  let refused = 0
+  store.append = (streamId, events, options) => {
+    if (streamId === taskStream(spec.task_id) && refused < 2) {
+      refused++
+      return Promise.reject(new Error('connection terminated unexpectedly'))
+    }
+    return append(streamId, events, options)
+  }
+  t.teardown(() => {
+    store.append = append
+  })
+  a.kill() // its lease ends: recording that fails twice
+  const b = await device()
+  const frame = await b.next((f) => f.type === 'task', 10_000)
+  t.equal(frame.task_id, spec.task_id, 'the task went back to the queue once the end was recorded')
+  t.equal(refused, 2)
+  b.send({ type: 'task_result', task_id: spec.task_id, lease_id: frame.lease_id, status: 'completed', output: { data: [1], shape: [1] }, metrics })
+  t.match(await outcome, { status: 'completed', deviceId: b.deviceId })
+  t.same(await types(spec.task_id), ['TaskQueued', 'TaskLeased', 'TaskAttemptFailed', 'TaskLeased', 'TaskCompleted'])
+})
+
 t.test('an expired lease re-queues the task; heartbeats that list a lease keep it', async (t) => {
   // a lease of 1.5 s kept by heartbeats every 200 ms: a loaded machine that delays one heartbeat a little does not end it
   const { scheduler, device, types, store } = await setup(t, 1500)
