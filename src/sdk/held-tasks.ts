@@ -40,6 +40,19 @@ export class HeldTasks {
     this.pump()
   }
 
+  /**
+   * The hub leased a task the device holds again, under a new lease (the device reconnected, and the hub had
+   * ended its leases when the socket dropped): it is held under the new lease from now on, so heartbeats
+   * list it and its result carries it (under the old one the hub would refuse it). False when the task is
+   * not held, or held under that lease already.
+   */
+  adopt(task: TaskAssignment): boolean {
+    const held = this.held.get(task.task_id)
+    if (!held || held.cancelled || held.task.lease_id === task.lease_id) return false
+    held.task = task
+    return true
+  }
+
   /** false when the task is not held under that lease. */
   cancel(taskId: string, leaseId: string): boolean {
     const held = this.held.get(taskId)
@@ -94,7 +107,8 @@ export class HeldTasks {
     void this.run(held.task).then((result) => {
       this.running--
       this.held.delete(held.task.task_id)
-      this.done(held.task, result, held.cancelled)
+      // under the lease it is held under now (adopt may have changed it while it ran)
+      this.done(held.task, result.lease_id === held.task.lease_id ? result : { ...result, lease_id: held.task.lease_id }, held.cancelled)
       this.pump()
       this.settle()
     })

@@ -444,6 +444,7 @@ export class DeviceWorker extends EventEmitter<DeviceWorkerEvents> {
 
   private onTask(task: TaskAssignment) {
     if (this.phase !== 'running') return this.log.warn(`ignored task ${task.task_id}: the worker is ${this.phase}`)
+    if (this.tasks.adopt(task)) return this.log.info(`task ${task.task_id} is held already: now under lease ${task.lease_id}`)
     if (this.tasks.has(task.task_id)) return this.log.debug(`task ${task.task_id} is already held`)
     this.log.info(`task ${task.task_id} received (model ${task.model.id}, lease ${task.lease_id})`)
     this.emit('task', task)

@@ -243,6 +243,29 @@ t.test('a result finished while disconnected: the first heartbeat after reconnec
   t.ok(registered.index < beat.index && beat.index < result.index, 'register, heartbeat, then the result: nothing but register goes out before the hub answers (it would refuse it)')
 })
 
+t.test('a task leased again after a reconnect: the worker goes on with it under the new lease', async (t) => {
+  const { hub, worker } = await setup(t)
+  await worker.start()
+  hub.downloadDelayMs = 1200 // the task is held (waiting for its model) across the reconnect
+  const first = task(hub.addModel('m1', MODEL))
+  const received = new Promise((resolve) => worker.once('task', resolve))
+  hub.send(first)
+  await received
+  const from = hub.frames.length
+  hub.drop() // the hub ends the socket's leases, and leases the task again when the device is back
+  const beat = await hub.next('heartbeat', (frame) => (frame as { connection?: number }).connection === 2, { from })
+  t.same(beat.leases, [first.lease_id], 'it still holds the task under the old lease')
+  const again = { ...first, lease_id: `${first.lease_id}_2` }
+  const sent = hub.frames.length
+  hub.send(again)
+  const listed = await hub.next('heartbeat', (frame) => frame.leases.includes(again.lease_id), { from: sent })
+  t.same(listed.leases, [again.lease_id], 'heartbeats list the new lease, not the old one')
+  const result = await hub.next('task_result', () => true, { from })
+  t.match(result, { connection: 2, task_id: first.task_id, lease_id: again.lease_id, status: 'completed' }, 'the result carries the new lease')
+  await new Promise((r) => setTimeout(r, 300))
+  t.equal(hub.frames.slice(from).filter((f) => f.type === 'task_result').length, 1, 'run once, not twice')
+})
+
 t.test('stop({ drain: true }) finishes the running task, sends its result, then closes', async (t) => {
   const { hub, worker } = await setup(t)
   await worker.start()
