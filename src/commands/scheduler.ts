@@ -456,9 +456,12 @@ export class TaskScheduler {
     return false
   }
 
-  /** May the device hold one more task (running or waiting on it)? */
+  /**
+   * May the device hold one more task (running or waiting on it)? Never more than a heartbeat can list
+   * (MAX_HEARTBEAT_LEASES): a lease it cannot list is never extended, and would expire on the device.
+   */
   private hasSpace(device: DeviceSlot): boolean {
-    return device.leases.size < device.maxConcurrent * this.prefetch
+    return device.leases.size < Math.min(device.maxConcurrent * this.prefetch, MAX_HEARTBEAT_LEASES)
   }
 
   /** A capable device with room: GPU first when asked, then the least loaded. */
@@ -500,12 +503,13 @@ export class TaskScheduler {
     await this.deliver(task, device, lease)
   }
 
-  /** Sends a recorded lease's task to its device; a device gone meanwhile fails the attempt. */
+  /** Sends a recorded lease's task to its device; a device gone meanwhile returns the lease (no attempt used). */
   private async deliver(task: TaskSpec, device: DeviceSlot, lease: Lease): Promise<void> {
     if (!this.leases.has(lease.leaseId)) {
-      // its device went away while the lease was being recorded: now that it is recorded, fail it
+      // its device went away while the lease was being recorded: now that it is recorded, end it (the task
+      // never reached the device: no attempt is used)
       this.leases.set(lease.leaseId, lease)
-      await this.failAttempt(lease, 'the device went away while the task was being leased', null)
+      await this.returnLease(lease, 'the device went away while the task was being leased')
       return
     }
     const sent = device.send({
@@ -517,7 +521,13 @@ export class TaskScheduler {
       ...(task.inputs.length === 1 ? { input: task.inputs[0] } : { inputs: task.inputs }),
       ...(task.input_name ? { input_name: task.input_name } : {}),
     })
-    if (!sent) await this.failAttempt(lease, 'the device was gone before the task reached it', null)
+    if (!sent) {
+      // Its socket is closing: it takes nothing more (the hub reports it lost once the socket has closed,
+      // which can take a while), and the task, which never reached it, goes back to the queue without using
+      // an attempt. Failing the attempt instead could fail the task for good on a device that was leaving.
+      device.draining = true
+      await this.returnLease(lease, 'the device was gone before the task reached it')
+    }
   }
 
   /** The task's state from its stream, and the position of its last lease. */

@@ -1,6 +1,7 @@
 import t, { type Test } from 'tap'
 import { TaskScheduler } from '../../src/commands/scheduler.js'
 import { taskStream } from '../../src/domain/task.js'
+import { MAX_HEARTBEAT_LEASES } from '../../src/protocol/frames.js'
 import { testApp } from '../helpers/app.js'
 import { eventually, SimDevice } from '../helpers/device.js'
 
@@ -181,6 +182,36 @@ t.test('prefetch: a device holds up to prefetch x max_concurrent_tasks, runs the
   t.equal(scheduler.queued, 0)
   for (const frame of a.frames.filter((f) => f.type === 'task').slice(6)) a.send({ type: 'task_result', task_id: frame.task_id, lease_id: frame.lease_id, status: 'completed', output: { data: [1], shape: [1] }, metrics })
   t.same((await Promise.all(outcomes)).map((o) => o.status), Array(8).fill('completed'))
+})
+
+t.test('a device never holds more leases than a heartbeat can list', async (t) => {
+  const { scheduler, device } = await setup(t, 10_000, 4)
+  const a = await device({ maxTasks: 100 }) // 4 x 100 would be 400 leases; a heartbeat lists at most 256
+  const specs = Array.from({ length: 300 }, () => task())
+  await scheduler.submitAll(specs, { customerId: 'cust_test' })
+  await eventually(async () => a.frames.filter((f) => f.type === 'task').length >= MAX_HEARTBEAT_LEASES || undefined, 10_000, 'the device filled up')
+  await new Promise((r) => setTimeout(r, 300))
+  t.equal(a.frames.filter((f) => f.type === 'task').length, MAX_HEARTBEAT_LEASES)
+  t.equal(scheduler.queued, 300 - MAX_HEARTBEAT_LEASES, 'the rest wait in the queue')
+})
+
+t.test('a task that cannot reach its device (its socket is closing) goes back to the queue without using an attempt', async (t) => {
+  const { scheduler, device, types } = await setup(t)
+  // a device whose socket is closing: the hub's send answers false until the close is reported
+  let tries = 0
+  scheduler.deviceConnected({ deviceId: 'dev_closing', formats: ['onnx'], gpu: false, maxConcurrent: 1, maxBatchInputs: 1, sdkUuid: 'sdk_closing', instanceType: 'aws', leases: new Set(), draining: false, load: 0, send: () => (tries++, false) })
+  const spec = task()
+  const outcome = scheduler.outcome(spec.task_id, 10_000)
+  await scheduler.submit(spec, { customerId: spec.customer_id })
+  await eventually(async () => (await types(spec.task_id)).includes('TaskLeaseReturned') || undefined, 5000, 'the lease is returned')
+  await new Promise((r) => setTimeout(r, 300))
+  t.equal(tries, 1, 'the closing device is not offered the task again')
+  t.same(await types(spec.task_id), ['TaskQueued', 'TaskLeased', 'TaskLeaseReturned'])
+  t.equal(scheduler.queued, 1)
+  const a = await device()
+  const frame = await a.next((f) => f.type === 'task')
+  a.send({ type: 'task_result', task_id: spec.task_id, lease_id: frame.lease_id, status: 'completed', output: { data: [1], shape: [1] }, metrics })
+  t.match(await outcome, { status: 'completed', deviceId: a.deviceId })
 })
 
 t.test('a device lost while holding prefetched tasks: only the tasks it ran use an attempt', async (t) => {
