@@ -108,7 +108,11 @@ export async function cancelJob(services: Services, customerId: string, job: Job
     metadata: { customerId, occurredAt: at },
   })
   const open = await openTaskIds(services.db, job.job_id)
-  const positions = await Promise.all(open.map((taskId) => services.scheduler.cancel(taskId, customerId).catch((e: unknown) => (e instanceof DomainError && e.code === 'CANNOT_CANCEL' ? undefined : Promise.reject(e)))))
+  const settled = await services.scheduler.cancelAll(open, customerId)
+  // a task that ended meanwhile stays as it ended; any other failure is the answer's
+  const failure = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected' && !(r.reason instanceof DomainError && r.reason.code === 'CANNOT_CANCEL'))
+  if (failure) throw failure.reason
+  const positions = settled.map((r) => (r.status === 'fulfilled' ? r.value : undefined))
   // read-your-writes: the answer's GET sees the tasks cancelled
   const last = positions.reduce<bigint | undefined>((a, b) => (b !== undefined && (a === undefined || b > a) ? b : a), undefined)
   if (last !== undefined) await readYourWrites(services, last)

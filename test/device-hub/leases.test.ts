@@ -214,6 +214,31 @@ t.test('a task that cannot reach its device (its socket is closing) goes back to
   t.match(await outcome, { status: 'completed', deviceId: a.deviceId })
 })
 
+t.test('cancelling many tasks at once: queued ones leave the queue, a held one is dropped on its device, an ended one is refused', async (t) => {
+  const { scheduler, device, types } = await setup(t)
+  const a = await device()
+  const done = task()
+  await scheduler.submit(done, { customerId: 'cust_test' })
+  const doneFrame = await a.next((f) => f.type === 'task')
+  a.send({ type: 'task_result', task_id: done.task_id, lease_id: doneFrame.lease_id, status: 'completed', output: { data: [1], shape: [1] }, metrics })
+  await scheduler.outcome(done.task_id, 5000)
+  const held = task()
+  await scheduler.submit(held, { customerId: 'cust_test' })
+  const heldFrame = await a.next((f) => f.type === 'task' && f.task_id === held.task_id)
+  const queued = Array.from({ length: 500 }, () => task({ inputs: [{ data: [1, 2, 3], shape: [1, 3] }, { data: [4, 5, 6], shape: [1, 3] }] }))
+  await scheduler.submitAll(queued, { customerId: 'cust_test' }) // the device is full: they wait
+  t.equal(scheduler.queuedInputs, 1000)
+  const outcomes = [held, ...queued].map((s) => scheduler.outcome(s.task_id, 10_000))
+  const settled = await scheduler.cancelAll([done.task_id, held.task_id, ...queued.map((s) => s.task_id)], 'cust_test')
+  t.match(settled[0], { status: 'rejected', reason: { code: 'CANNOT_CANCEL' } }, 'a completed task stays completed')
+  t.ok(settled.slice(1).every((r) => r.status === 'fulfilled'), 'the others are cancelled')
+  t.equal(scheduler.queued, 0)
+  t.equal(scheduler.queuedInputs, 0, 'the queued inputs are counted out')
+  t.match(await a.next((f) => f.type === 'cancel_task'), { task_id: held.task_id, lease_id: heldFrame.lease_id })
+  t.ok((await Promise.all(outcomes)).every((o) => o.status === 'cancelled'))
+  t.same(await types(queued[0]!.task_id), ['TaskQueued', 'TaskCancelled'])
+})
+
 t.test('a device lost while holding prefetched tasks: only the tasks it ran use an attempt', async (t) => {
   const { scheduler, device, types, store } = await setup(t, 10_000, 3)
   const a = await device({ maxTasks: 2 }) // runs the first 2 it is given, queues the next 4
