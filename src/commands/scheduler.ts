@@ -224,22 +224,29 @@ export class TaskScheduler {
     return results.reduce((last, r) => (r.position > last ? r.position : last), START)
   }
 
-  /** Resolves with the task's outcome (completed, failed for good, or cancelled). */
-  outcome(taskId: string, timeoutMs: number): Promise<TaskOutcome> {
+  /**
+   * Resolves with the task's outcome (completed, failed for good, or cancelled). `stop` ends the wait at
+   * once (e.g. the task's submission failed: no outcome will come), rejecting with its reason.
+   */
+  outcome(taskId: string, timeoutMs: number, stop?: AbortSignal): Promise<TaskOutcome> {
     return new Promise((resolve, reject) => {
-      const end = (error?: DomainError, outcome?: TaskOutcome) => {
+      const end = (error?: Error, outcome?: TaskOutcome) => {
         clearTimeout(timer)
         this.outcomes.off(taskId, done)
         this.waiting.delete(abandon)
+        stop?.removeEventListener('abort', stopped)
         if (error) reject(error)
         else resolve(outcome!)
       }
+      const stopped = () => end(stop?.reason instanceof Error ? stop.reason : new Error('the wait was stopped'))
+      stop?.addEventListener('abort', stopped)
       const done = (outcome: TaskOutcome) => end(undefined, outcome)
       const abandon = () => end(new DomainError('SERVICE_UNAVAILABLE', `the server is shutting down before task ${taskId} finished`))
       const timer = setTimeout(() => end(new DomainError('TIMEOUT', `task ${taskId} did not finish within ${timeoutMs} ms`)), timeoutMs)
       this.outcomes.once(taskId, done)
       this.waiting.add(abandon)
       if (this.stopped) abandon()
+      else if (stop?.aborted) stopped()
     })
   }
 

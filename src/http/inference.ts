@@ -248,10 +248,15 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
     const mode = wantsAsync(request, request.query, body) ? 'async' : 'sync'
     const started = performance.now()
     let waiting: Promise<TaskOutcome> | undefined
+    // a submit that fails after the wait began ends the wait (no outcome will come), not its timeout
+    const submitted = new AbortController()
     const { jobId, model } = await submit(customerId, body, [body.input], 'single', mode, body.options, (taskIds) => {
       if (mode !== 'sync') return
-      waiting = services.scheduler.outcome(taskIds[0]!, body.options?.timeout ?? DEFAULT_TIMEOUT_MS)
+      waiting = services.scheduler.outcome(taskIds[0]!, body.options?.timeout ?? DEFAULT_TIMEOUT_MS, submitted.signal)
       waiting.catch(() => {}) // awaited below; this only keeps a failed submit from leaving it unhandled
+    }).catch((error: unknown) => {
+      submitted.abort(error)
+      throw error
     })
     if (mode === 'async' || !waiting) {
       return reply.status(202).send({ job_id: jobId, status: 'queued', message: 'Inference job queued', poll_url: `/api/v1/inference/${jobId}` })

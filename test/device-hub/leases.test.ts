@@ -239,6 +239,19 @@ t.test('cancelling many tasks at once: queued ones leave the queue, a held one i
   t.same(await types(queued[0]!.task_id), ['TaskQueued', 'TaskCancelled'])
 })
 
+t.test('a wait for an outcome ends when its stop signal fires (its submit failed), not at its timeout', async (t) => {
+  const { scheduler } = await setup(t)
+  const stop = new AbortController()
+  const waiting = scheduler.outcome('task_never_queued', 60_000, stop.signal)
+  const started = Date.now()
+  stop.abort(new Error('the submit failed'))
+  await t.rejects(waiting, /the submit failed/)
+  t.ok(Date.now() - started < 1000, 'at once')
+  const stopped = new AbortController()
+  stopped.abort(new Error('already stopped'))
+  await t.rejects(scheduler.outcome('task_never_queued', 60_000, stopped.signal), /already stopped/, 'a signal stopped before the wait ends it at once')
+})
+
 t.test('a device lost while holding prefetched tasks: only the tasks it ran use an attempt', async (t) => {
   const { scheduler, device, types, store } = await setup(t, 10_000, 3)
   const a = await device({ maxTasks: 2 }) // runs the first 2 it is given, queues the next 4
