@@ -46,6 +46,8 @@ interface Connection {
   /** Last pong: the device still reads what the hub sends (heartbeats prove only the other way). */
   lastPong: number
   malformed: number
+  /** When the device's connection on this socket was recorded (DeviceConnected's connected_at). */
+  connectedAt?: string
 }
 
 export class DeviceOfflineError extends DomainError {
@@ -297,6 +299,7 @@ export class DeviceHub {
     }
     const previous = this.byDevice.get(deviceId!)
     connection.deviceId = deviceId!
+    connection.connectedAt = at
     this.byDevice.set(deviceId!, connection)
     if (previous) previous.socket.close(CLOSE.REPLACED, 'the device connected again')
     connection.lastHeartbeat = connection.lastPong = Date.now()
@@ -351,13 +354,16 @@ export class DeviceHub {
     if (this.closing || !deviceId || this.byDevice.get(deviceId) !== connection) return // shutting down, never registered, or replaced
     this.byDevice.delete(deviceId)
     const at = this.now().toISOString()
-    try {
-      await this.options.scheduler.deviceLost(deviceId, `device disconnected (${reason})`)
-      await this.options.training?.deviceLost(deviceId)
-      await handleCommand(this.options.store, deviceStream(deviceId), deviceDecider, { type: 'DisconnectDevice', reason, at }, { metadata: { occurredAt: at } })
-    } catch (error) {
-      this.options.log?.(`hub: recording the disconnect of ${deviceId}: ${(error as Error).message}`)
-    }
+    // All three start now, before the device can connect again: a part that started after the others'
+    // appends would take a new connection for the old one (the training coordinator dropped the device
+    // that had come back). The disconnect names the connection it ends, so a reconnect recorded first
+    // stays the device's state.
+    const parts = await Promise.allSettled([
+      this.options.scheduler.deviceLost(deviceId, `device disconnected (${reason})`),
+      this.options.training?.deviceLost(deviceId),
+      handleCommand(this.options.store, deviceStream(deviceId), deviceDecider, { type: 'DisconnectDevice', reason, at, ...(connection.connectedAt ? { connectedAt: connection.connectedAt } : {}) }, { metadata: { occurredAt: at } }),
+    ])
+    for (const part of parts) if (part.status === 'rejected') this.options.log?.(`hub: recording the disconnect of ${deviceId}: ${(part.reason as Error).message}`)
   }
 
   /**

@@ -41,13 +41,16 @@ export type HeartbeatReceived = z.infer<typeof HeartbeatReceived>
 export type DeviceCommand =
   | { type: 'RegisterDevice'; device: DeviceDescription; tokenHash: string; at: string }
   | { type: 'ConnectDevice'; device: DeviceDescription; tokenHash: string; at: string }
-  | { type: 'DisconnectDevice'; reason: string; at: string }
+  /** `connectedAt`: the connection it ends; when the device connected again since, there is nothing to record. */
+  | { type: 'DisconnectDevice'; reason: string; at: string; connectedAt?: string }
 
 export interface DeviceState {
   deviceId: string
   registered: boolean
   tokenHash: string
   connected: boolean
+  /** When its current connection was made. */
+  connectedAt?: string
 }
 
 export const deviceStream = (deviceId: string) => `device-${deviceId}`
@@ -61,7 +64,7 @@ export const deviceDecider: Decider<DeviceCommand, DeviceEvent, DeviceState> = {
       case 'DeviceRegistered':
         return { deviceId: event.data.device_id, registered: true, tokenHash: event.data.token_hash, connected: false }
       case 'DeviceConnected':
-        return { ...state, connected: true }
+        return { ...state, connected: true, connectedAt: event.data.connected_at }
       case 'DeviceDisconnected':
         return { ...state, connected: false }
     }
@@ -80,7 +83,7 @@ export const deviceDecider: Decider<DeviceCommand, DeviceEvent, DeviceState> = {
         if (!state.registered || state.tokenHash !== command.tokenHash) throw new DomainError('AUTH_INVALID', 'unknown device or wrong SDK token')
         return [{ type: 'DeviceConnected', data: { ...command.device, connected_at: command.at } }]
       case 'DisconnectDevice':
-        if (!state.connected) return []
+        if (!state.connected || (command.connectedAt !== undefined && command.connectedAt !== state.connectedAt)) return []
         return [{ type: 'DeviceDisconnected', data: { device_id: state.deviceId, reason: command.reason, disconnected_at: command.at } }]
       default: {
         const unknown: never = command

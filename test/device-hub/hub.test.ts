@@ -67,6 +67,36 @@ t.test('missed heartbeats mark a device offline; it comes back with the same id;
   t.equal((await get('/devices/stats')).body.total, 1, 'no extra device')
 })
 
+t.test('a device that reconnects while its disconnect is being recorded stays connected', async (t) => {
+  const { url, get, store } = await listening(t, 60_000)
+  const device = await SimDevice.connect(url)
+  await device.register()
+  const id = device.deviceId
+  // the disconnect's append is slow (a busy database): the device is back before it lands
+  const append = store.append.bind(store)
+  let slowed = 0
+  store.append = async (streamId, events, options) => {
+    if (streamId === `device-${id}` && events.some((e) => e.type === 'DeviceDisconnected')) {
+      slowed++
+      await new Promise((r) => setTimeout(r, 600))
+    }
+    return append(streamId, events, options)
+  }
+  t.teardown(() => {
+    store.append = append
+  })
+  device.kill()
+  await eventually(async () => slowed > 0 || undefined, 5000, 'the disconnect is being recorded')
+  const back = await SimDevice.connect(url)
+  t.teardown(() => back.kill())
+  await back.register({ as: { deviceId: id, sdkToken: device.sdkToken } })
+  back.heartbeat()
+  await new Promise((r) => setTimeout(r, 1500)) // the slow disconnect has long settled
+  const types = (await store.readStream(`device-${id}`)).map((e) => e.type)
+  t.equal(types.at(-1), 'DeviceConnected', `the reconnect is the last word (${types.join(', ')})`)
+  t.equal((await get(`/devices/${id}`)).body.status, 'idle', 'and the device reads as connected')
+})
+
 t.test('a device that heartbeats but answers no ping is dropped; one that answers stays', async (t) => {
   const { url, get } = await listening(t)
   const deaf = await SimDevice.connect(url, { autoPong: false })
