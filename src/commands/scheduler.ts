@@ -103,6 +103,8 @@ export class TaskScheduler {
   /** Whoever waits for an outcome, to be answered at `stop`. */
   private readonly waiting = new Set<() => void>()
   private stopped = false
+  /** Inputs of submissions in progress (see admit). */
+  private admitting = 0
   private dispatching: Promise<void> | undefined
   private again = false
   private sweeper: NodeJS.Timeout | undefined
@@ -160,6 +162,23 @@ export class TaskScheduler {
   /** Inputs waiting in the queue (a task of a batch carries several). */
   get queuedInputs(): number {
     return this.waitingInputs
+  }
+
+  /**
+   * Holds room in the queue for inputs about to be submitted, or refuses them with QUEUE_FULL when the queue
+   * and the submissions in progress would hold more than `limit`. Checked and held at once: requests that
+   * arrive together cannot all pass one check. Call the function it returns once they are submitted (they
+   * are counted in the queue then) or were not.
+   */
+  admit(inputs: number, limit: number): () => void {
+    const waiting = this.waitingInputs + this.admitting
+    if (waiting + inputs > limit) throw new DomainError('QUEUE_FULL', `${waiting} inputs are waiting for a device and the queue holds at most ${limit}; retry later`)
+    this.admitting += inputs
+    let held = true
+    return () => {
+      if (held) this.admitting -= inputs
+      held = false
+    }
   }
 
   private enqueue(spec: TaskSpec, front = false): void {

@@ -187,37 +187,38 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
     const instanceType = placement?.instance_type
     const capacity = services.hub.capacity(model.format, instanceType)
     if (capacity.slots === 0) throw new DomainError('NO_DEVICES', `no connected ${instanceType ? `${instanceType} ` : ''}device can run ${model.format} models`)
-    const waiting = services.scheduler.queuedInputs
-    if (waiting + inputs.length > services.limits.maxQueuedInputs) {
-      throw new DomainError('QUEUE_FULL', `${waiting} inputs are waiting for a device and the queue holds at most ${services.limits.maxQueuedInputs}; retry later`)
+    const admitted = services.scheduler.admit(inputs.length, services.limits.maxQueuedInputs)
+    try {
+      const projectId = await projectFor(customerId, model, body, kind, inputs.length)
+      const jobId = newId(kind === 'single' ? 'infer' : 'batch')
+      const at = services.now().toISOString()
+      const sizes = kind === 'single' ? [1] : chunkSizes(inputs.length, capacity)
+      const tasks = sizes.map((n, i) => ({ task_id: inferenceTaskId(jobId, i), inputs: n }))
+      const request = { job_id: jobId, customer_id: customerId, project_id: projectId, model_id: model.model_id, kind, mode, name: body.name ?? null, tasks, requested_at: at }
+      // The job and its tasks are new streams, written in one transaction (and one commit): no job is ever
+      // recorded without its tasks. No wait for the read models: the reads of jobs, projects and usage wait
+      // for them to reach the head of the log.
+      beforeQueue(tasks.map((t) => t.task_id))
+      let first = 0
+      await services.scheduler.submitAll(
+        tasks.map((task) => ({
+          task_id: task.task_id,
+          customer_id: customerId,
+          job_id: jobId,
+          project_id: projectId,
+          model: { id: model.model_id, format: model.format, checksum: model.checksum },
+          inputs: inputs.slice(first, (first += task.inputs)),
+          output_shape: model.output_shape,
+          prefer_gpu: placement?.prefer_gpu ?? false,
+          instance_type: instanceType ?? null,
+        })),
+        { customerId },
+        [{ streamId: inferenceStream(jobId), decider: inferenceDecider, command: { type: 'RequestInference', request }, metadata: { customerId, occurredAt: at } }],
+      )
+      return { jobId, total: inputs.length, projectId, model }
+    } finally {
+      admitted()
     }
-    const projectId = await projectFor(customerId, model, body, kind, inputs.length)
-    const jobId = newId(kind === 'single' ? 'infer' : 'batch')
-    const at = services.now().toISOString()
-    const sizes = kind === 'single' ? [1] : chunkSizes(inputs.length, capacity)
-    const tasks = sizes.map((n, i) => ({ task_id: inferenceTaskId(jobId, i), inputs: n }))
-    const request = { job_id: jobId, customer_id: customerId, project_id: projectId, model_id: model.model_id, kind, mode, name: body.name ?? null, tasks, requested_at: at }
-    // The job and its tasks are new streams, written in one transaction (and one commit): no job is ever
-    // recorded without its tasks. No wait for the read models: the reads of jobs, projects and usage wait
-    // for them to reach the head of the log.
-    beforeQueue(tasks.map((t) => t.task_id))
-    let first = 0
-    await services.scheduler.submitAll(
-      tasks.map((task) => ({
-        task_id: task.task_id,
-        customer_id: customerId,
-        job_id: jobId,
-        project_id: projectId,
-        model: { id: model.model_id, format: model.format, checksum: model.checksum },
-        inputs: inputs.slice(first, (first += task.inputs)),
-        output_shape: model.output_shape,
-        prefer_gpu: placement?.prefer_gpu ?? false,
-        instance_type: instanceType ?? null,
-      })),
-      { customerId },
-      [{ streamId: inferenceStream(jobId), decider: inferenceDecider, command: { type: 'RequestInference', request }, metadata: { customerId, occurredAt: at } }],
-    )
-    return { jobId, total: inputs.length, projectId, model }
   }
 
   /** Raw outputs in the business format of the model's postprocessing adapter (unchanged without one, or when `raw`). */

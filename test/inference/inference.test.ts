@@ -142,3 +142,17 @@ t.test('the queue is bounded: past MAX_QUEUED_INPUTS new work is refused until i
   t.equal((await api('DELETE', `/inference/${batch.body.job_id}`)).status, 200)
   t.equal((await api('POST', '/inference?async=true', one)).status, 202, 'accepted again once the queue drained')
 })
+
+t.test('the queue bound holds for requests that arrive together', async (t) => {
+  const { api, model, url } = await inferenceSetup(t, { prefetch: 1, overrides: { maxQueuedInputs: 3 } })
+  const device = await SimDevice.connect(url) // takes one task and never answers
+  t.teardown(() => device.kill())
+  await device.register()
+  t.equal((await api('POST', '/inference?async=true', { model_id: model.id, input: { data: input(1), shape: [1, 10] } })).status, 202)
+  await device.next((f) => f.type === 'task')
+  // four batches of three at once: each fits the bound alone, only one fits it with the others
+  const batch = { model_id: model.id, inputs: [1, 2, 3].map((i) => ({ data: input(i), shape: [1, 10] })) }
+  const answers = await Promise.all(Array.from({ length: 4 }, () => api('POST', '/inference/batch', batch)))
+  t.same(answers.map((a) => a.status).sort(), [202, 503, 503, 503], 'one accepted, three refused')
+  t.ok(answers.filter((a) => a.status === 503).every((a) => a.body.error.code === 'QUEUE_FULL'))
+})
