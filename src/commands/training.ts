@@ -46,6 +46,8 @@ interface Member {
   sdkUuid: string
   /** Leaves the job at its next round boundary (the scheduler gives it to another job). */
   draining: boolean
+  /** The dataset shard it trains on (of as many as the job had devices when it joined). */
+  shard: number
 }
 
 interface Pending {
@@ -375,22 +377,38 @@ export class TrainingCoordinator {
 
   private async assign(job: LiveJob, deviceIds: string[]): Promise<void> {
     if (!this.jobs.has(job.spec.job_id) || job.known.state.phase !== 'active') return
+    // a device that left (or joined another job) while this waited behind the job's work is not assigned
+    const present = deviceIds.filter((id) => this.devices.has(id) && !this.membership.has(id))
+    if (present.length === 0) return
     const at = this.at()
-    const devices = deviceIds.map((id) => ({ device_id: id, instance_type: this.devices.get(id)!.instanceType, stream_seed: seedOf(job.spec.seed, id, job.known.state.round) }))
+    const devices = present.map((id) => ({ device_id: id, instance_type: this.devices.get(id)!.instanceType, stream_seed: seedOf(job.spec.seed, id, job.known.state.round) }))
     await this.command(job, { type: 'AssignDevices', devices, at })
-    if (job.members.size === 0) {
+    // A device that left while its assignment was being recorded: its deviceLost found no membership to end,
+    // so it is released here (else it would stay a member that never trains).
+    const gone = devices.filter((d) => !this.devices.has(d.device_id) || this.membership.has(d.device_id)).map((d) => d.device_id)
+    const joining = devices.filter((d) => !gone.includes(d.device_id))
+    if (joining.length > 0 && job.members.size === 0) {
       job.roundStartedAt = this.now().getTime()
       this.armDeadline(job)
     }
-    // a dataset is cut into as many shards as the job has devices now; each new device takes one
-    const shards = job.members.size + devices.length
-    for (const device of devices) {
-      const shard = job.members.size
+    // A dataset is cut into as many shards as the job has devices now; each new device takes a shard no
+    // member holds (one that left frees its shard: taking the next index would train one twice, and leave
+    // one out).
+    const shards = job.members.size + joining.length
+    const held = new Set([...job.members.values()].map((m) => m.shard))
+    let next = 0
+    for (const device of joining) {
+      while (held.has(next)) next++
+      const shard = next++
       const sdkUuid = this.devices.get(device.device_id)?.sdkUuid ?? ''
-      job.members.set(device.device_id, { deviceId: device.device_id, instanceType: device.instance_type, sdkUuid, draining: false })
+      job.members.set(device.device_id, { deviceId: device.device_id, instanceType: device.instance_type, sdkUuid, draining: false, shard })
       this.membership.set(device.device_id, job.spec.job_id)
       this.options.onMembership?.(device.device_id, job.spec.job_id)
       this.devices.get(device.device_id)?.send(this.startFrame(job, device.stream_seed, shard, shards))
+    }
+    if (gone.length > 0) {
+      await this.command(job, { type: 'ReleaseDevices', deviceIds: gone, reason: 'the device left while it was being assigned', at: this.at() })
+      this.rebalance()
     }
   }
 

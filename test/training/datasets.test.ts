@@ -2,6 +2,7 @@ import onnxProto from 'onnx-proto'
 import t from 'tap'
 import { syntheticTask } from '../../src/sdk/trainer/synthetic.js'
 import { multipart } from '../helpers/app.js'
+import { SimDevice } from '../helpers/device.js'
 import { MLP, trainingBody, trainingSetup } from '../helpers/training.js'
 
 const { onnx } = onnxProto
@@ -75,4 +76,37 @@ t.test('a dataset is uploaded, checked, and trains a model across two devices to
     const audit = await projections.audit(name)
     t.ok(audit.ok, `${name}: ${JSON.stringify(audit.tables)}`)
   }
+})
+
+t.test('a device that joins a dataset job takes the shard a departed device left, not one another device trains', async (t) => {
+  const { app, alice, api, model, url } = await trainingSetup(t)
+  const form = multipart({}, { field: 'file', name: 'clusters.csv', content: clustersCsv(400, 5) })
+  const dataset = (await app.inject({ method: 'POST', url: '/api/v1/datasets', headers: { ...form.headers, 'x-api-key': alice.key }, payload: form.payload })).json() as { id: string }
+  const devices: SimDevice[] = []
+  t.teardown(() => devices.forEach((d) => d.kill()))
+  const beating = setInterval(() => devices.forEach((d) => d.heartbeat()), 300)
+  t.teardown(() => clearInterval(beating))
+  const connect = async () => {
+    const device = await SimDevice.connect(url)
+    devices.push(device)
+    await device.register({ canTrain: true })
+    return device
+  }
+  const join = async () => {
+    const device = await connect()
+    const start = await device.next((f) => f.type === 'train_start')
+    return { device, range: [start.data.start, start.data.end] as [number, number] }
+  }
+  const a = { device: await connect() }
+  const body = trainingBody(model.id, { data: { type: 'dataset', dataset_id: dataset.id, total_samples: undefined }, training: { target_accuracy: undefined, epochs: 100, sync_mode: 'async' }, resources: { min_devices: 1, max_devices: 2 } })
+  const started = await api('POST', '/training', body)
+  t.equal(started.status, 202, JSON.stringify(started.body))
+  const first = await a.device.next((f) => f.type === 'train_start')
+  const b = await join() // the job's second device: the second half of the rows
+  a.device.kill()
+  const c = await join()
+  t.not(first.data.start, undefined)
+  t.notSame(c.range, b.range, `the newcomer trains other rows than the device still there (${JSON.stringify(c.range)} vs ${JSON.stringify(b.range)})`)
+  t.equal(c.range[0], 0, 'it takes the free first shard')
+  t.equal((await api('DELETE', `/training/${started.body.job_id}`)).body.status, 'cancelled')
 })

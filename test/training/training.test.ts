@@ -111,6 +111,35 @@ t.test('pause releases the devices, resume continues from the last round, cancel
   t.same(rounds, rounds.map((_, i) => i + 1), 'rounds are numbered without a gap across the pause')
 })
 
+t.test('a device that leaves while it is being assigned is released, and the job goes on with the next device', async (t) => {
+  const { api, model, waitFor, store, training, startDevice } = await trainingSetup(t)
+  const first = await startDevice()
+  // recording the assignment is slow (a busy database): the device is gone before it lands
+  const append = store.append.bind(store)
+  let slowed = 0
+  store.append = async (streamId, events, options) => {
+    if (events.some((e) => e.type === 'TrainingDevicesAssigned') && slowed++ === 0) {
+      await first.stop({ drain: false })
+      await new Promise((r) => setTimeout(r, 300)) // its disconnect is handled meanwhile
+    }
+    return append(streamId, events, options)
+  }
+  t.teardown(() => {
+    store.append = append
+  })
+  const body = trainingBody(model.id, { data: { total_samples: 1_000_000 }, training: { target_accuracy: undefined, epochs: 100 } })
+  const { body: started } = await api('POST', '/training', body)
+  const jobId = started.job_id
+  await eventually(async () => (await store.readStream(trainingStream(jobId))).some((e) => e.type === 'TrainingDevicesReleased') || undefined, 10_000, 'the device released')
+  const released = (await store.readStream(trainingStream(jobId))).find((e) => e.type === 'TrainingDevicesReleased')
+  t.match(released?.data, { device_ids: [first.deviceId], reason: /left while it was being assigned/ })
+  t.equal(training.jobOfDevice(first.deviceId!), undefined, 'not kept as a member that never trains')
+  await startDevice()
+  const running = await waitFor(jobId, (job) => job.status === 'running' && job.progress.rounds >= 1, 60_000)
+  t.equal(running.assigned_devices.length, 1, 'the next device trains it')
+  t.equal((await api('DELETE', `/training/${jobId}`)).body.status, 'cancelled')
+})
+
 t.test('two jobs of weights 3:1 on four devices get 3 and 1; a third job makes the scheduler drain devices to it', async (t) => {
   const { api, model, waitFor, store } = await trainingSetup(t, { devices: 4 })
   const long = (samples: number) => trainingBody(model.id, { data: { total_samples: samples }, training: { target_accuracy: undefined, epochs: 100 } })
