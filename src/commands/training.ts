@@ -280,6 +280,11 @@ export class TrainingCoordinator {
     const samples = contributions.reduce((n, c) => n + c.samples, 0)
     const batches = state.batchesCompleted + steps
     const checked = job.validation.evaluate(weights)
+    // Weights that diverged (finite, but huge) evaluate to a NaN or infinite loss, which JSON cannot carry
+    // (it would be stored as null, and the event could not be read back): the job fails, saying why.
+    if (!Number.isFinite(checked.loss) || !Number.isFinite(checked.accuracy)) {
+      throw new Error(`training diverged: round ${state.round + 1}'s weights give a validation loss of ${checked.loss}; try a lower learning_rate`)
+    }
     const sha256 = await this.keep(encodeWeights(weights))
     const at = this.now()
     const round = {

@@ -82,18 +82,27 @@ export const Heartbeat = z.object({
   type: z.literal('heartbeat'),
   /** 0..1: share of its CPU in use. */
   load: z.number().min(0).max(1),
-  memory_used_mb: z.number().min(0),
+  memory_used_mb: z.number().min(0).max(1e9),
   /** Estimated power draw in watts (the SDK's estimate: see docs/device-protocol.md). */
   power_watts: z.number().min(0).max(100_000),
   /** Leases the device holds and is working on; the hub extends them (and after a reconnect, ends at once those it held before that the first heartbeat does not list). */
   leases: z.array(Id).max(MAX_HEARTBEAT_LEASES).default([]),
 })
 
+/**
+ * Bounds on what a device reports. A device is not trusted: a figure the read models cannot hold (a
+ * `cpu_ms` of 1e16 is past Postgres' bigint in microseconds) would stop the projection that bills it, for
+ * every customer. These are far beyond any real task: 10^10 ms (115 days) of CPU or GPU, 1 TB of data.
+ */
+export const MAX_REPORTED_MS = 1e10
+export const MAX_REPORTED_BYTES = 1e12
+const reportedMs = z.number().min(0).max(MAX_REPORTED_MS)
+
 export const Metrics = z.object({
-  cpu_ms: z.number().min(0),
-  gpu_ms: z.number().min(0),
-  bytes_in: z.number().int().min(0),
-  bytes_out: z.number().int().min(0),
+  cpu_ms: reportedMs,
+  gpu_ms: reportedMs,
+  bytes_in: z.number().int().min(0).max(MAX_REPORTED_BYTES),
+  bytes_out: z.number().int().min(0).max(MAX_REPORTED_BYTES),
 })
 export type Metrics = z.infer<typeof Metrics>
 
@@ -135,12 +144,12 @@ export const TrainUpdate = z.object({
   job_id: Id,
   base_round: z.number().int().min(0),
   weights: Weights,
-  samples: z.number().int().min(1),
-  steps: z.number().int().min(1),
-  /** Mean training loss over the steps. */
-  loss: z.number(),
+  samples: z.number().int().min(1).max(1e9),
+  steps: z.number().int().min(1).max(1e9),
+  /** Mean training loss over the steps (bounded so that a round's mean of them, weighted by samples, stays finite). */
+  loss: z.number().min(-1e15).max(1e15),
   /** CPU and GPU time the training used, and the wall time of the local steps (the time its power draw counts for). */
-  metrics: z.object({ cpu_ms: z.number().min(0), gpu_ms: z.number().min(0), wall_ms: z.number().min(0).optional() }),
+  metrics: z.object({ cpu_ms: reportedMs, gpu_ms: reportedMs, wall_ms: reportedMs.optional() }),
   power_watts: z.number().min(0).max(100_000),
 })
 export type TrainUpdate = z.infer<typeof TrainUpdate>

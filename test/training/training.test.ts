@@ -215,6 +215,13 @@ t.test('a device sending weights that do not fit is refused without harming the 
   t.match(await device.next((f) => f.type === 'error'), { code: 'INVALID_FRAME', message: /non-finite/ })
   t.equal((await api('GET', `/training/${jobId}`)).body.status, 'running', 'the job goes on')
 
+  // figures the read models could not hold are refused at the door (a loss of 1e308 over 640 samples made the
+  // round's mean loss infinite, stored as null: an event no projection could read back)
+  device.send({ ...update(weights), loss: 1e308 })
+  t.match(await device.next((f) => f.type === 'error'), { code: 'INVALID_FRAME', message: /loss/ })
+  device.send({ ...update(weights), metrics: { cpu_ms: 1e16, gpu_ms: 0 } })
+  t.match(await device.next((f) => f.type === 'error'), { code: 'INVALID_FRAME', message: /cpu_ms/ })
+
   device.send(update(weights))
   const next = await device.next((f) => f.type === 'train_weights')
   t.equal(next.round, 1, 'a good update closes the round')
@@ -223,6 +230,27 @@ t.test('a device sending weights that do not fit is refused without harming the 
   t.equal(left.status, 'queued', 'the job waits for another device')
   const reasons = (await store.readStream(trainingStream(jobId))).filter((e) => e.type === 'TrainingDevicesReleased').map((e) => (e.data as any).reason)
   t.same(reasons, ['training failed on the device: boom'])
+})
+
+t.test('weights that diverged (finite but huge) fail the job, saying why, instead of storing a round no one can read', async (t) => {
+  const { api, model, url, bytes, waitFor, store } = await trainingSetup(t)
+  const device = await SimDevice.connect(url)
+  await device.register({ canTrain: true })
+  const beat = setInterval(() => device.heartbeat(), 300)
+  t.teardown(() => {
+    clearInterval(beat)
+    device.socket.close()
+  })
+  const jobId = (await api('POST', '/training', trainingBody(model.id, { training: { sync_mode: 'full_sync' }, resources: { max_devices: 1 } }))).body.job_id
+  await device.next((f) => f.type === 'train_start')
+  const weights = loadTrainable(bytes).getWeights()
+  const huge = Object.fromEntries(Object.entries(weights).map(([name, w]) => [name, new Float32Array(w.length).fill(1e20)]))
+  device.send({ type: 'train_update', job_id: jobId, base_round: 0, weights: weightsToBase64(huge), samples: 640, steps: 20, loss: 1.2, metrics: { cpu_ms: 5, gpu_ms: 0 }, power_watts: 10 })
+  const failed = await waitFor(jobId, (job) => job.status === 'failed', 10_000)
+  t.match(failed.error, /training diverged: round 1's weights give a validation loss of (NaN|Infinity)/)
+  const events = await store.readStream(trainingStream(jobId))
+  t.notOk(events.some((e) => e.type === 'TrainingRoundCompleted'), 'no round stored')
+  t.equal((await api('GET', '/usage')).status, 200, 'the read models go on')
 })
 
 t.test('stopping the coordinator waits for the round being closed: its weights are written before stop returns', async (t) => {
