@@ -11,7 +11,7 @@ t.test('a task result reports figures the read models can hold: past the bounds 
   const result = (metrics: Record<string, number>) => ({ type: 'task_result', task_id: 't1', lease_id: 'l1', status: 'completed', output: { data: [1], shape: [1] }, metrics: { cpu_ms: 1, gpu_ms: 0, bytes_in: 1, bytes_out: 1, ...metrics } })
   t.ok(TaskResult.safeParse(result({ cpu_ms: MAX_REPORTED_MS, gpu_ms: MAX_REPORTED_MS, bytes_in: MAX_REPORTED_BYTES })).success, 'the bounds themselves pass')
   // 1e16 ms is 1e19 µs: past Postgres' bigint, where usage keeps microseconds (the usage projection stopped on it)
-  for (const bad of [{ cpu_ms: 1e16 }, { gpu_ms: MAX_REPORTED_MS * 2 }, { bytes_out: 1e18 }, { cpu_ms: -1 }]) {
+  for (const bad of [{ cpu_ms: 1e16 }, { gpu_ms: MAX_REPORTED_MS * 2 }, { bytes_out: 1e18 }, { cpu_ms: -1 }] as Record<string, number>[]) {
     t.notOk(TaskResult.safeParse(result(bad)).success, JSON.stringify(bad))
   }
 })
