@@ -128,7 +128,9 @@ export class ProjectionRunner {
         try {
           if (!(await this.lead(connection))) {
             this.state = 'standby'
-            await this.pause()
+            await this.followLeader()
+            // soon again while a request waits for the read models (read-your-writes on this node)
+            await this.pause(this.waiters.size > 0 ? Math.min(50, this.deps.retryMs ?? 1000) : undefined)
             continue
           }
           try {
@@ -160,9 +162,19 @@ export class ProjectionRunner {
     return false
   }
 
-  private pause(): Promise<void> {
+  /**
+   * On standby another process writes the read models: what they hold is what its checkpoints say, so
+   * `waitFor` here follows them (else every read-your-writes wait on this node ran to its timeout).
+   */
+  private async followLeader(): Promise<void> {
+    const checkpoints = await Promise.all(this.projections.map((p) => readCheckpoint(this.deps.db, p.name)))
+    if (checkpoints.some((c, i) => c === undefined || c.version !== this.projections[i]!.version)) return // not built yet, or by another version
+    this.advance(checkpoints.reduce((low, c) => (c!.position < low ? c!.position : low), checkpoints[0]!.position))
+  }
+
+  private pause(ms = this.deps.retryMs ?? 1000): Promise<void> {
     return new Promise((resolve) => {
-      const timer = setTimeout(resolve, this.deps.retryMs ?? 1000)
+      const timer = setTimeout(resolve, ms)
       this.wake = () => {
         clearTimeout(timer)
         resolve()
