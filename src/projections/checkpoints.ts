@@ -6,6 +6,7 @@ import type { Projection } from './projection.js'
 /** Advisory lock classes (first key); the second key is `hashtext(<checkpoint name>)`. */
 const LEADER_LOCK = 0x646370_02
 const BATCH_LOCK = 0x646370_03
+const REBUILD_LOCK = 0x646370_04
 
 export interface CheckpointRow {
   position: Position
@@ -38,6 +39,22 @@ export function tryLockProjection(name: RawBuilder<unknown>) {
 export async function tryLeadership(db: Kysely<any>, name: string): Promise<boolean> {
   const { rows } = await sql<{ ok: boolean }>`select pg_try_advisory_lock(${LEADER_LOCK}, hashtext(${name})) as ok`.execute(db)
   return rows[0]?.ok === true
+}
+
+/**
+ * Runs `f` as the one rebuild of a projection: every rebuild fills the same copy (`rm_<name>__rebuild`), so a
+ * second one at once would empty the copy the first is filling, and the first would swap in a copy with
+ * holes. A rebuild that finds another running waits for it (held by a connection of its own, for the session).
+ */
+export async function asOnlyRebuild<T>(db: Kysely<any>, name: string, f: () => Promise<T>): Promise<T> {
+  return db.connection().execute(async (connection) => {
+    await sql`select pg_advisory_lock(${REBUILD_LOCK}, hashtext(${name}))`.execute(connection)
+    try {
+      return await f()
+    } finally {
+      await sql`select pg_advisory_unlock(${REBUILD_LOCK}, hashtext(${name}))`.execute(connection)
+    }
+  })
 }
 
 export async function releaseLeadership(db: Kysely<any>, name: string): Promise<void> {

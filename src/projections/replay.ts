@@ -2,7 +2,7 @@ import { randomBytes } from 'node:crypto'
 import { type Kysely, type RawBuilder, sql, type Transaction } from 'kysely'
 import type { EventStore, Position, RecordedEvent } from '../event-store/port.js'
 import { matchesFilter, START } from '../event-store/port.js'
-import { applyBatch, applyInTransaction, lockProjection, readCheckpoint } from './checkpoints.js'
+import { applyBatch, applyInTransaction, asOnlyRebuild, lockProjection, readCheckpoint } from './checkpoints.js'
 import { liveSchema, type Projection } from './projection.js'
 
 export interface ReplayDeps {
@@ -126,9 +126,14 @@ async function readPage(deps: ReplayDeps, projection: Projection, after: Positio
 /**
  * Builds a fresh copy of a projection from the whole log while the live one keeps serving, then swaps it
  * in: under the projection's lock, the copy catches up with the last events, its schema takes the live
- * one's name and its checkpoint becomes the live checkpoint. Returns the new checkpoint.
+ * one's name and its checkpoint becomes the live checkpoint. Returns the new checkpoint. Two rebuilds of one
+ * projection run one after the other (see asOnlyRebuild).
  */
 export async function rebuild(deps: ReplayDeps, projection: Projection): Promise<Position> {
+  return asOnlyRebuild(deps.db, projection.name, () => rebuildAlone(deps, projection))
+}
+
+async function rebuildAlone(deps: ReplayDeps, projection: Projection): Promise<Position> {
   const copy = rebuildCopy(projection.name)
   const live = { schema: liveSchema(projection.name), checkpoint: projection.name }
   await resetCopy(deps.db, projection, copy)

@@ -52,6 +52,18 @@ t.test('a batch delivered twice changes nothing', async (t) => {
   t.same(await counts(db), ['job/A=2'])
 })
 
+t.test('two rebuilds of one projection at once: one after the other, and the read model is whole', async (t) => {
+  const { db, store } = await setup(t)
+  for (let i = 0; i < 30; i++) await store.appendMany(Array.from({ length: 10 }, (_, j) => ({ streamId: `job-${i}-${j}`, events: [{ type: 'Tick', data: {} }] })))
+  // small pages, so that the two would interleave
+  const a = new Projections({ db, store, batchSize: 20 }, [eventCounts])
+  const b = new Projections({ db, store, batchSize: 20 }, [eventCounts])
+  const results = await Promise.allSettled([a.rebuild('event_counts'), b.rebuild('event_counts')])
+  t.same(results.map((r) => r.status), ['fulfilled', 'fulfilled'], JSON.stringify(results.filter((r) => r.status === 'rejected')))
+  t.same(await counts(db), ['job/Tick=300'], 'every event counted once')
+  t.ok((await a.audit('event_counts')).ok)
+})
+
 t.test('a crash between the rows and the checkpoint rolls both back', async (t) => {
   const { db, store } = await setup(t)
   const crashing: Projection = {
