@@ -73,6 +73,10 @@ export const trainingRoutes: FastifyPluginAsync<{ services: Services }> = async 
     if (model.format !== 'onnx') throw new DomainError('VALIDATION_ERROR', `model_id: the trainer trains ONNX models; ${model.model_id} is ${model.format}`)
     const dataset = body.data_config.type === 'dataset' ? await datasetOf(customerId, body.data_config.dataset_id) : undefined
     if (body.data_config.type === 'stream' && body.data_config.total_samples === undefined) throw new DomainError('VALIDATION_ERROR', 'data_config.total_samples: required for a stream')
+    // accuracy is measured on held-out rows (see splitDataset): a job that would hold out none fails at its first round
+    if (dataset && dataset.rows < 2) {
+      throw new DomainError('VALIDATION_ERROR', `data_config.dataset_id: a dataset job holds out rows to measure its accuracy and trains on the others; dataset ${dataset.dataset_id} has ${dataset.rows} row, it needs at least 2`)
+    }
     // the model must be one the trainer runs, and fit the data: 400 with what is wrong
     const plan = trainingPlan(await services.blobs.read(model.checksum.replace(/^sha256:/, '')), body.training_config.loss, dataset)
     const resources = {

@@ -62,6 +62,12 @@ t.test('a dataset is uploaded, checked, and trains a model across two devices to
   t.equal(unsupported.status, 400)
   t.match(unsupported.body.error, { code: 'VALIDATION_ERROR', message: /LeakyRelu/ })
 
+  const single = await upload(clustersCsv(1, 3), 'one.csv')
+  t.equal(single.body.rows, 1)
+  const tooSmall = await api('POST', '/training', trainingBody(model.id, { data: { type: 'dataset', dataset_id: single.body.id, total_samples: undefined } }))
+  t.equal(tooSmall.status, 400, 'one row: none to hold out for validation')
+  t.match(tooSmall.body.error, { code: 'VALIDATION_ERROR', message: /data_config\.dataset_id: .* has 1 row, it needs at least 2/ })
+
   const started = await api('POST', '/training', trainingBody(model.id, { data: { type: 'dataset', dataset_id: created.body.id, total_samples: undefined }, training: { epochs: 30, sync_mode: 'full_sync' }, resources: { min_devices: 2 } }))
   t.equal(started.status, 202, JSON.stringify(started.body))
   const done = await waitFor(started.body.job_id, (job) => job.status === 'completed' || job.status === 'failed', 90_000)
