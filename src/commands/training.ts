@@ -97,11 +97,19 @@ export class TrainingCoordinator {
     this.now = options.now ?? (() => new Date())
   }
 
-  /** Loads every unfinished job (after a restart its devices are gone: they are released). */
+  /**
+   * Loads every unfinished job (after a restart its devices are gone: they are released). A job whose last
+   * round reached its goal (a crash came between that round and the job's completion) is completed now,
+   * instead of training on past its goal.
+   */
   async recover(): Promise<void> {
     for (const row of await unfinishedTrainingJobs(this.options.db)) {
       const job = await this.load(row.job_id)
-      if (job.known.state.devices.length > 0) await this.command(job, { type: 'ReleaseDevices', deviceIds: job.known.state.devices, reason: 'server restarted', at: this.at() })
+      const state = job.known.state
+      if (state.devices.length > 0) await this.command(job, { type: 'ReleaseDevices', deviceIds: state.devices, reason: 'server restarted', at: this.at() })
+      const target = job.spec.training_config.target_accuracy
+      const reached = state.phase !== 'active' ? undefined : target !== null && state.accuracy !== undefined && state.accuracy >= target ? 'target_accuracy' : state.batchesCompleted >= job.spec.total_batches ? 'epochs' : undefined
+      if (reached) await this.serially(job, () => this.finish(job, reached))
     }
     this.rebalance()
   }

@@ -1,6 +1,7 @@
 import * as ort from 'onnxruntime-node'
 import t from 'tap'
 import { decodeWeights, weightsToBase64 } from '../../src/domain/fedavg.js'
+import { TrainingCoordinator } from '../../src/commands/training.js'
 import { trainingStream } from '../../src/domain/training-job.js'
 import { loadTrainable } from '../../src/sdk/trainer/index.js'
 import { syntheticTask } from '../../src/sdk/trainer/synthetic.js'
@@ -251,6 +252,42 @@ t.test('weights that diverged (finite but huge) fail the job, saying why, instea
   const events = await store.readStream(trainingStream(jobId))
   t.notOk(events.some((e) => e.type === 'TrainingRoundCompleted'), 'no round stored')
   t.equal((await api('GET', '/usage')).status, 200, 'the read models go on')
+})
+
+t.test('a job whose last round reached its goal before a crash is completed on restart, not trained on', async (t) => {
+  const { api, model, url, bytes, waitFor, store, database, blobs, projections } = await trainingSetup(t)
+  const device = await SimDevice.connect(url)
+  await device.register({ canTrain: true })
+  const beat = setInterval(() => device.heartbeat(), 300)
+  t.teardown(() => {
+    clearInterval(beat)
+    device.socket.close()
+  })
+  // one epoch of 20 batches: one update of 20 steps reaches it
+  const body = trainingBody(model.id, { data: { total_samples: 640 }, training: { epochs: 1, target_accuracy: undefined, sync_mode: 'full_sync' }, resources: { max_devices: 1 } })
+  const jobId = (await api('POST', '/training', body)).body.job_id
+  await device.next((f) => f.type === 'train_start')
+  // the process "dies" right after the round is recorded: nothing more reaches the job's stream
+  const append = store.append.bind(store)
+  let rounds = 0
+  store.append = async (streamId, events, options) => {
+    if (streamId === trainingStream(jobId) && rounds > 0) throw new Error('the process is gone')
+    if (streamId === trainingStream(jobId) && events.some((e) => e.type === 'TrainingRoundCompleted')) rounds++
+    return append(streamId, events, options)
+  }
+  const weights = loadTrainable(bytes).getWeights()
+  device.send({ type: 'train_update', job_id: jobId, base_round: 0, weights: weightsToBase64(weights), samples: 640, steps: 20, loss: 1.2, metrics: { cpu_ms: 5, gpu_ms: 0 }, power_watts: 10 })
+  await eventually(async () => rounds > 0 || undefined, 10_000, 'the round recorded')
+  await new Promise((r) => setTimeout(r, 300))
+  store.append = append
+  t.equal((await api('GET', `/training/${jobId}`)).body.status, 'running', 'left running by the crash, at its goal')
+  // a restart: a new coordinator recovers the unfinished jobs
+  const restarted = new TrainingCoordinator({ store, db: database.db, blobs, roundDeadlineMs: 5000 })
+  t.teardown(() => restarted.stop())
+  await projections.waitFor(await store.headPosition())
+  await restarted.recover()
+  const done = await waitFor(jobId, (job) => job.status === 'completed', 10_000)
+  t.equal(done.progress.rounds, 1, 'no round past its goal')
 })
 
 t.test('stopping the coordinator waits for the round being closed: its weights are written before stop returns', async (t) => {
