@@ -1,5 +1,5 @@
 import * as ort from 'onnxruntime-node'
-import t from 'tap'
+import t, { type Test } from 'tap'
 import { decodeWeights, weightsToBase64 } from '../../src/domain/fedavg.js'
 import { TrainingCoordinator } from '../../src/commands/training.js'
 import { trainingStream } from '../../src/domain/training-job.js'
@@ -7,6 +7,21 @@ import { loadTrainable } from '../../src/sdk/trainer/index.js'
 import { syntheticTask } from '../../src/sdk/trainer/synthetic.js'
 import { eventually, SimDevice } from '../helpers/device.js'
 import { MLP, trainingBody, trainingSetup } from '../helpers/training.js'
+
+/** A simulated device that can train, heartbeating until the test ends. */
+async function trainingDevice(t: Test, url: string): Promise<SimDevice> {
+  const device = await SimDevice.connect(url)
+  await device.register({ canTrain: true })
+  const beat = setInterval(() => device.heartbeat(), 300)
+  t.teardown(() => {
+    clearInterval(beat)
+    device.socket.close()
+  })
+  return device
+}
+
+/** A device's update from round 0: these weights, 640 samples in 20 steps. */
+const trainUpdate = (jobId: string, weights: Record<string, Float32Array>) => ({ type: 'train_update', job_id: jobId, base_round: 0, weights: weightsToBase64(weights), samples: 640, steps: 20, loss: 1.2, metrics: { cpu_ms: 5, gpu_ms: 0 }, power_watts: 10 })
 
 const argmax = (values: ArrayLike<number>, from: number, size: number) => {
   let best = 0
@@ -195,19 +210,13 @@ t.test('bad submissions get clear errors', async (t) => {
 
 t.test('a device sending weights that do not fit is refused without harming the job; a device that fails leaves it', async (t) => {
   const { api, model, url, bytes, waitFor, store } = await trainingSetup(t)
-  const device = await SimDevice.connect(url)
-  await device.register({ canTrain: true })
-  const beat = setInterval(() => device.heartbeat(), 300)
-  t.teardown(() => {
-    clearInterval(beat)
-    device.socket.close()
-  })
+  const device = await trainingDevice(t, url)
   const jobId = (await api('POST', '/training', trainingBody(model.id, { training: { sync_mode: 'full_sync' }, resources: { max_devices: 1 } }))).body.job_id
   const start = await device.next((f) => f.type === 'train_start')
   t.match(start, { job_id: jobId, round: 0, config: { sync_mode: 'full_sync', local_steps: 20, loss: 'cross_entropy' }, data: { type: 'stream' } })
   t.notOk(start.weights, 'round 0 starts from the model file')
   const weights = loadTrainable(bytes).getWeights()
-  const update = (w: Record<string, Float32Array>) => ({ type: 'train_update', job_id: jobId, base_round: 0, weights: weightsToBase64(w), samples: 640, steps: 20, loss: 1.2, metrics: { cpu_ms: 5, gpu_ms: 0 }, power_watts: 10 })
+  const update = (w: Record<string, Float32Array>) => trainUpdate(jobId, w)
 
   const { W1: _dropped, ...missing } = weights
   device.send(update(missing))
@@ -235,18 +244,12 @@ t.test('a device sending weights that do not fit is refused without harming the 
 
 t.test('weights that diverged (finite but huge) fail the job, saying why, instead of storing a round no one can read', async (t) => {
   const { api, model, url, bytes, waitFor, store } = await trainingSetup(t)
-  const device = await SimDevice.connect(url)
-  await device.register({ canTrain: true })
-  const beat = setInterval(() => device.heartbeat(), 300)
-  t.teardown(() => {
-    clearInterval(beat)
-    device.socket.close()
-  })
+  const device = await trainingDevice(t, url)
   const jobId = (await api('POST', '/training', trainingBody(model.id, { training: { sync_mode: 'full_sync' }, resources: { max_devices: 1 } }))).body.job_id
   await device.next((f) => f.type === 'train_start')
   const weights = loadTrainable(bytes).getWeights()
   const huge = Object.fromEntries(Object.entries(weights).map(([name, w]) => [name, new Float32Array(w.length).fill(1e20)]))
-  device.send({ type: 'train_update', job_id: jobId, base_round: 0, weights: weightsToBase64(huge), samples: 640, steps: 20, loss: 1.2, metrics: { cpu_ms: 5, gpu_ms: 0 }, power_watts: 10 })
+  device.send(trainUpdate(jobId, huge))
   const failed = await waitFor(jobId, (job) => job.status === 'failed', 10_000)
   t.match(failed.error, /training diverged: round 1's weights give a validation loss of (NaN|Infinity)/)
   const events = await store.readStream(trainingStream(jobId))
@@ -256,13 +259,7 @@ t.test('weights that diverged (finite but huge) fail the job, saying why, instea
 
 t.test('a job whose last round reached its goal before a crash is completed on restart, not trained on', async (t) => {
   const { api, model, url, bytes, waitFor, store, database, blobs, projections } = await trainingSetup(t)
-  const device = await SimDevice.connect(url)
-  await device.register({ canTrain: true })
-  const beat = setInterval(() => device.heartbeat(), 300)
-  t.teardown(() => {
-    clearInterval(beat)
-    device.socket.close()
-  })
+  const device = await trainingDevice(t, url)
   // one epoch of 20 batches: one update of 20 steps reaches it
   const body = trainingBody(model.id, { data: { total_samples: 640 }, training: { epochs: 1, target_accuracy: undefined, sync_mode: 'full_sync' }, resources: { max_devices: 1 } })
   const jobId = (await api('POST', '/training', body)).body.job_id
@@ -276,7 +273,7 @@ t.test('a job whose last round reached its goal before a crash is completed on r
     return append(streamId, events, options)
   }
   const weights = loadTrainable(bytes).getWeights()
-  device.send({ type: 'train_update', job_id: jobId, base_round: 0, weights: weightsToBase64(weights), samples: 640, steps: 20, loss: 1.2, metrics: { cpu_ms: 5, gpu_ms: 0 }, power_watts: 10 })
+  device.send(trainUpdate(jobId, weights))
   await eventually(async () => rounds > 0 || undefined, 10_000, 'the round recorded')
   await new Promise((r) => setTimeout(r, 300))
   store.append = append
