@@ -14,7 +14,9 @@ import { RowSet } from './rows.js'
  */
 export const projectsProjection: Projection = {
   name: 'projects',
-  version: 1,
+  // 2: a task's instance type is the one its attempt is billed by (TaskLeased, TaskCompleted), not the one
+  // its device registered with (a device may connect again as another type)
+  version: 2,
   filter: { types: [...projectEventTypes, 'DeviceRegistered', 'TaskQueued', 'TaskLeased', 'TaskCompleted', 'TaskFailed', 'TaskCancelled'] },
   tables: [
     { name: 'projects', primaryKey: ['project_id'] },
@@ -90,12 +92,13 @@ export const projectsProjection: Projection = {
       projects.update(projectId, { [counter]: project[counter] + n, updated_at: when > new Date(project.updated_at) ? when : project.updated_at })
     }
     /** Ends a project task once (only from queued) and counts its inputs on the project. */
-    const finish = (taskId: string, status: 'completed' | 'failed' | 'cancelled', at: string, deviceId?: string) => {
+    const finish = (taskId: string, status: 'completed' | 'failed' | 'cancelled', at: string, deviceId?: string, instanceType?: 'aws' | 'user' | null) => {
       const task = tasks.get(taskId)
       if (!task || task.status !== 'queued') return
       const values: Partial<ProjectTaskRow> = { status, finished_at: at }
       if (status === 'completed') values.latency_ms = Date.parse(at) - new Date(task.queued_at).getTime()
-      if (deviceId) Object.assign(values, { device_id: deviceId, instance_type: task.instance_type ?? instanceTypeOf(deviceId) })
+      // the type the attempt is billed by (recorded with it); the device's registration only for old events
+      if (deviceId) Object.assign(values, { device_id: deviceId, instance_type: instanceType ?? task.instance_type ?? instanceTypeOf(deviceId) })
       tasks.update(taskId, values)
       count(task.project_id, status, task.inputs, at)
     }
@@ -123,10 +126,10 @@ export const projectsProjection: Projection = {
           break
         }
         case 'TaskLeased':
-          tasks.update(event.data.task_id, { device_id: event.data.device_id, instance_type: instanceTypeOf(event.data.device_id) })
+          tasks.update(event.data.task_id, { device_id: event.data.device_id, instance_type: event.data.instance_type ?? instanceTypeOf(event.data.device_id) })
           break
         case 'TaskCompleted':
-          finish(event.data.task_id, 'completed', event.data.completed_at, event.data.device_id)
+          finish(event.data.task_id, 'completed', event.data.completed_at, event.data.device_id, event.data.instance_type)
           break
         case 'TaskFailed':
           finish(event.data.task_id, 'failed', event.data.failed_at)
