@@ -20,6 +20,14 @@ export async function readCheckpoint(db: Kysely<any>, name: string): Promise<Che
   return row ? { position: BigInt(row.position), version: row.version } : undefined
 }
 
+/** The checkpoints of several projections in one query (undefined where a projection has none), in the order given. */
+export async function readCheckpoints(db: Kysely<any>, names: readonly string[]): Promise<(CheckpointRow | undefined)[]> {
+  const { rows } = await sql<{ name: string; position: string; version: number }>`
+    select name, position, version from public.projection_checkpoints where name = any(${names}::text[])`.execute(db)
+  const byName = new Map(rows.map((r) => [r.name, { position: BigInt(r.position), version: r.version }]))
+  return names.map((name) => byName.get(name))
+}
+
 /** Blocks the projection's writer (and other rebuilds or audits of it) until the transaction ends. */
 export async function lockProjection(trx: Transaction<any>, name: string): Promise<void> {
   await lockProjections(trx, [name])

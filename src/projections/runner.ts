@@ -1,7 +1,7 @@
 import { type Kysely, sql, type Transaction } from 'kysely'
 import type { EventStore, Position, RecordedEvent, Subscription } from '../event-store/port.js'
 import { matchesFilter, START } from '../event-store/port.js'
-import { lockProjections, readCheckpoint, releaseLeadership, tryLeadership, tryLockProjection } from './checkpoints.js'
+import { lockProjections, readCheckpoint, readCheckpoints, releaseLeadership, tryLeadership, tryLockProjection } from './checkpoints.js'
 import { checkProjectionName, liveSchema, type Projection } from './projection.js'
 import { rebuild } from './replay.js'
 
@@ -167,7 +167,7 @@ export class ProjectionRunner {
    * `waitFor` here follows them (else every read-your-writes wait on this node ran to its timeout).
    */
   private async followLeader(): Promise<void> {
-    const checkpoints = await Promise.all(this.projections.map((p) => readCheckpoint(this.deps.db, p.name)))
+    const checkpoints = await readCheckpoints(this.deps.db, this.projections.map((p) => p.name))
     if (checkpoints.some((c, i) => c === undefined || c.version !== this.projections[i]!.version)) return // not built yet, or by another version
     this.advance(checkpoints.reduce((low, c) => (c!.position < low ? c!.position : low), checkpoints[0]!.position))
   }
