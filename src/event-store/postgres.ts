@@ -47,10 +47,24 @@ interface PendingAppend {
 const SEQUENCE_BITS = 20n
 /** Queued events that make it worth writing a second batch while one is in flight. */
 const MIN_PARALLEL_EVENTS = 16
+/**
+ * How long a writer holding an open transaction waits for more appends before it rolls the transaction back
+ * and gives its connection back: under a steady trickle of appends (sync inference commits a couple of times
+ * per request), the next append comes within this and is written in one round trip on the transaction
+ * already open, instead of a rollback now and a two-trip write then.
+ */
+const WRITER_GRACE_MS = 2
 /** Stream heads kept in memory (the oldest written are forgotten first). */
 const HEAD_CACHE_SIZE = 100_000
 const RETRYABLE = new Set(['23505', '40001', '40P01']) // a racing writer outside this process; serialisation; deadlock
 const MAX_ATTEMPTS = 5
+/**
+ * Least time between two NOTIFYs of a store. Under load a store commits a thousand times a second or more; a
+ * NOTIFY for each is a transaction of its own in Postgres and a wake-up of every listening process (this
+ * one's own listener included), for subscribers in other processes that a NOTIFY a few ms later serves as
+ * well. This store's own subscribers are woken at once, without it.
+ */
+const NOTIFY_INTERVAL_MS = 10
 /** Longest `readAll` waits for a page held back by a transaction that may still commit. */
 const READ_ALL_WAIT_MS = 1000
 
@@ -80,6 +94,11 @@ export class PostgresEventStore implements EventStore {
   /** Heads of streams this store wrote, so the next append to them can skip reading. */
   private readonly heads = new Map<string, { revision: number; position: Position }>()
   private pumpScheduled = false
+  /** Writers waiting (WRITER_GRACE_MS at most) for appends, on a transaction they hold open: wake one to take work. */
+  private readonly parked = new Set<() => void>()
+  /** When the last two appends came (performance.now()): close together, a writer keeps a transaction open for the next. */
+  private lastArrival = -Infinity
+  private arrivalGap = Infinity
   private idle: (() => void) | undefined
   private readonly signal = new Signal()
   private listener: pg.Client | undefined
@@ -89,6 +108,7 @@ export class PostgresEventStore implements EventStore {
   /** The NOTIFY being sent, and whether another commit came after it started (one more is owed). */
   private announcing: Promise<void> | undefined
   private announceAgain = false
+  private announcedAt = -Infinity
   private closed = false
   private readonly maxBatchEvents: number
   private readonly maxConcurrentBatches: number
@@ -112,6 +132,7 @@ export class PostgresEventStore implements EventStore {
     }
     return new Promise((resolve, reject) => {
       this.queue.push({ streamId, expected: options.expectedRevision ?? 'any', events: rows, resolve, reject })
+      this.arrived()
       this.schedulePump()
     })
   }
@@ -132,8 +153,15 @@ export class PostgresEventStore implements EventStore {
           this.queue.push({ streamId: a.streamId, expected: a.options?.expectedRevision ?? 'any', events: rows[i]!, group, resolve, reject })
         }),
     )
+    this.arrived()
     this.schedulePump()
     return Promise.all(results)
+  }
+
+  private arrived(): void {
+    const now = performance.now()
+    this.arrivalGap = now - this.lastArrival
+    this.lastArrival = now
   }
 
   /** Starts batches on the next turn of the event loop, so appends made together share one. */
@@ -153,6 +181,10 @@ export class PostgresEventStore implements EventStore {
    * all of them) instead of each taking a connection of its own.
    */
   private pump(): void {
+    for (const wake of this.parked) {
+      if (this.queue.length === 0) break
+      wake()
+    }
     while (this.inFlight < this.maxConcurrentBatches) {
       const batch = this.nextBatch(false)
       if (!batch) break
@@ -198,7 +230,7 @@ export class PostgresEventStore implements EventStore {
         this.release(batch)
       }
       if (writer.broken) break
-      batch = this.nextBatch(true)
+      batch = this.nextBatch(true) ?? (writer.xid !== undefined && !this.closed ? await this.park() : undefined)
       // what this writer leaves may be enough for another
       if (batch && this.queue.length > 0) this.pump()
     }
@@ -206,6 +238,19 @@ export class PostgresEventStore implements EventStore {
     if (writer) this.retire(writer)
     if (this.queue.length > 0) this.pump()
     else if (this.inFlight === 0) this.idle?.()
+  }
+
+  /** Waits WRITER_GRACE_MS at most for appends (pump or close wakes it); the batch it may then take. */
+  private park(): Promise<PendingAppend[] | undefined> {
+    return new Promise((resolve) => {
+      const wake = () => {
+        clearTimeout(timer)
+        this.parked.delete(wake)
+        resolve(this.closed ? undefined : this.nextBatch(true))
+      }
+      const timer = setTimeout(wake, WRITER_GRACE_MS)
+      this.parked.add(wake)
+    })
   }
 
   /** Rolls back the transaction a writer left open and returns its connection to the pool. */
@@ -315,14 +360,15 @@ export class PostgresEventStore implements EventStore {
     // 3. insert and commit
     if (plan.rows.length > 0) {
       // COPY, with the positions made of the transaction id it runs in (see copy-append.ts); with more
-      // appends coming (queued, or other batches in flight), leave a transaction open for the next batch.
+      // appends coming (queued, other batches in flight, or appends arriving close together), leave a
+      // transaction open for the next batch.
       // The transaction left open by the previous batch serves only if its id is above every head this
       // batch writes after: a stream's next event must have a higher position than its last. A head
       // written since it was opened (by another writer, here or in another process) needs a fresh one.
       const open = writer.xid
       writer.xid = undefined
       const xid = open !== undefined && open << SEQUENCE_BITS > newest ? open : undefined
-      const { first, next } = await copyAppend(writer.client, plan.rows, SEQUENCE_BITS, { xid, discard: open !== undefined && xid === undefined, openNext: this.queue.length > 0 || this.inFlight > 1 })
+      const { first, next } = await copyAppend(writer.client, plan.rows, SEQUENCE_BITS, { xid, discard: open !== undefined && xid === undefined, openNext: this.queue.length > 0 || this.inFlight > 1 || this.arrivalGap < WRITER_GRACE_MS })
       writer.xid = next
       plan.rows.forEach((row, i) => (row.position = first + BigInt(i)))
       for (const row of plan.rows) this.remember(row.streamId, { revision: row.revision, position: row.position! })
@@ -352,8 +398,8 @@ export class PostgresEventStore implements EventStore {
    * Wakes subscribers after a commit: this store's own at once, other stores' (other processes) with
    * `NOTIFY dcp_events`, sent after the commit rather than inside the transaction. A NOTIFY in the writing
    * transaction holds Postgres' notify lock through the commit's WAL flush, so appending transactions
-   * would commit one at a time. Commits made while a NOTIFY is on its way share the next one. A NOTIFY
-   * lost with a connection (or a process that dies right after its commit) costs other stores' subscribers
+   * would commit one at a time. Commits made while a NOTIFY is on its way share the next one, which leaves
+   * NOTIFY_INTERVAL_MS after it. A NOTIFY lost with a connection (or a process that dies right after its commit) costs other stores' subscribers
    * at most their idle poll (`idlePollMs`), never an event.
    */
   private committed(): void {
@@ -364,7 +410,11 @@ export class PostgresEventStore implements EventStore {
     }
     this.announcing = (async () => {
       do {
+        // at most one NOTIFY per NOTIFY_INTERVAL_MS: commits meanwhile share it
+        const wait = this.announcedAt + NOTIFY_INTERVAL_MS - performance.now()
+        if (wait > 0 && !this.closed) await new Promise((resolve) => setTimeout(resolve, wait))
         this.announceAgain = false
+        this.announcedAt = performance.now()
         await this.pool.query(`select pg_notify('dcp_events', $1)`, [this.instance]).catch(() => {})
       } while (this.announceAgain)
       this.announcing = undefined
@@ -497,6 +547,7 @@ export class PostgresEventStore implements EventStore {
   async close(): Promise<void> {
     this.closed = true
     this.signal.notify()
+    for (const wake of this.parked) wake()
     if (this.inFlight > 0 || this.queue.length > 0) await new Promise<void>((resolve) => (this.idle = resolve))
     await Promise.all(this.retiring)
     await this.announcing

@@ -49,6 +49,49 @@ function streamsOutOfOrder(rows: readonly { stream_id: string; revision: string 
   return [...wrong]
 }
 
+/**
+ * Counts which form each batch took: `copy ...` on a transaction already open (one round trip) or
+ * `begin; ...`; and how many of the first kind a unique violation failed.
+ */
+function watchBatchForms(database: Database) {
+  const forms = { open: 0, fresh: 0, openFailed: 0 }
+  const connectA = database.pool.connect.bind(database.pool) as (...a: unknown[]) => Promise<pg.PoolClient>
+  ;(database.pool as unknown as { connect: (...a: unknown[]) => Promise<pg.PoolClient> }).connect = async (...a: unknown[]) => {
+    if (a.length > 0) return connectA(...a) // pool.query's own checkout (with a callback)
+    const client = await connectA()
+    const query = client.query
+    client.query = ((config: unknown, ...rest: unknown[]) => {
+      if (config instanceof CopyAppend) {
+        const open = config.text.startsWith('copy events')
+        if (open) forms.open++
+        else forms.fresh++
+        config.done.catch((error: { code?: string }) => void (open && error.code === '23505' && forms.openFailed++))
+      }
+      return (query as (...a: unknown[]) => unknown).call(client, config, ...rest)
+    }) as typeof client.query
+    const release = client.release
+    client.release = (error?: Error | boolean) => {
+      client.query = query
+      client.release = release
+      return release.call(client, error)
+    }
+    return client
+  }
+  return forms
+}
+
+/** How many idle-in-transaction connections the database has, once that is 0 or after 2 s. */
+async function openTransactions(database: Database): Promise<number> {
+  let open = -1
+  for (let waited = 0; waited < 2000; waited += 20) {
+    const idle = await database.pool.query(`select count(*)::int as n from pg_stat_activity where datname = current_database() and state like 'idle in transaction%'`)
+    open = idle.rows[0].n
+    if (open === 0) break
+    await new Promise((resolve) => setTimeout(resolve, 20))
+  }
+  return open
+}
+
 t.test('contract', async (t) => {
   const database = await freshDatabase(t, { max: 30 })
   eventStoreContract(t, async (t) => {
@@ -154,31 +197,7 @@ t.test('an unreachable database rejects appends and reads with a clear error', a
 
 t.test('under load a batch takes one round trip on a transaction left open by the one before; conflicts on it and the end of the load leave nothing open', async (t) => {
   const database = await freshDatabase(t, { max: 10 })
-  // which form each batch took: `copy ...` on a transaction already open (one round trip) or `begin; ...`;
-  // and how many of the first kind a unique violation failed
-  const forms = { open: 0, fresh: 0, openFailed: 0 }
-  const connectA = database.pool.connect.bind(database.pool) as (...a: unknown[]) => Promise<pg.PoolClient>
-  ;(database.pool as unknown as { connect: (...a: unknown[]) => Promise<pg.PoolClient> }).connect = async (...a: unknown[]) => {
-    if (a.length > 0) return connectA(...a) // pool.query's own checkout (with a callback)
-    const client = await connectA()
-    const query = client.query
-    client.query = ((config: unknown, ...rest: unknown[]) => {
-      if (config instanceof CopyAppend) {
-        const open = config.text.startsWith('copy events')
-        if (open) forms.open++
-        else forms.fresh++
-        config.done.catch((error: { code?: string }) => void (open && error.code === '23505' && forms.openFailed++))
-      }
-      return (query as (...a: unknown[]) => unknown).call(client, config, ...rest)
-    }) as typeof client.query
-    const release = client.release
-    client.release = (error?: Error | boolean) => {
-      client.query = query
-      client.release = release
-      return release.call(client, error)
-    }
-    return client
-  }
+  const forms = watchBatchForms(database)
   // a second process (its own pool and store), appending to streams the first has cached
   const { a, b } = await twoStores(t, database, 10)
   const acknowledged: { id: string; stream: string; position: bigint; calledAt: number }[] = []
@@ -218,16 +237,80 @@ t.test('under load a batch takes one round trip on a transaction left open by th
   t.ok(forms.openFailed > 0, `batches on an open transaction failed on a stale head and were retried (${forms.openFailed})`)
 
   // the load is over: the open transactions are rolled back, so readers are not held below them
-  let open = -1
-  for (let waited = 0; waited < 2000; waited += 20) {
-    const idle = await database.pool.query(`select count(*)::int as n from pg_stat_activity where datname = current_database() and state like 'idle in transaction%'`)
-    open = idle.rows[0].n
-    if (open === 0) break
-    await new Promise((resolve) => setTimeout(resolve, 20))
-  }
-  t.equal(open, 0, 'no transaction is left open once the appends stop')
+  t.equal(await openTransactions(database), 0, 'no transaction is left open once the appends stop')
   const bound = await database.pool.query('select dcp_position_bound() > (select max(position) from events) as past')
   t.ok(bound.rows[0].past, 'the position bound is past every stored event')
+})
+
+t.test('a trickle of appends, one at a time, is written on transactions left open for it; the last one is rolled back within ms', async (t) => {
+  const database = await freshDatabase(t)
+  const forms = watchBatchForms(database)
+  const store = new PostgresEventStore(database.pool)
+  t.teardown(() => store.close())
+  // one writer, each append made once the one before is acknowledged: never two queued, one batch in flight
+  const acknowledged: { id: string; stream: string; position: bigint }[] = []
+  for (let i = 0; i < 200; i++) {
+    const id = randomUUID()
+    const { position } = await store.append(`trickle-${i % 7}`, [{ id, type: 'E', data: { i } }])
+    acknowledged.push({ id, stream: `trickle-${i % 7}`, position })
+  }
+  await checkLog(t, database, acknowledged)
+  t.ok(forms.open > forms.fresh * 4, `nearly every batch took one round trip (${forms.open} on an open transaction, ${forms.fresh} opening one)`)
+  const ended = Date.now()
+  t.equal(await openTransactions(database), 0, 'the transaction left open for an append that did not come is rolled back')
+  t.ok(Date.now() - ended < 500, `within ms (${Date.now() - ended} ms)`)
+  const bound = await database.pool.query('select dcp_position_bound() > (select max(position) from events) as past')
+  t.ok(bound.rows[0].past, 'the position bound is past every stored event')
+  // appends far apart (more than the writer waits for the next) leave nothing open between them
+  await new Promise((resolve) => setTimeout(resolve, 50))
+  await store.append('apart', [{ type: 'E', data: {} }])
+  await new Promise((resolve) => setTimeout(resolve, 50))
+  await store.append('apart', [{ type: 'E', data: {} }])
+  t.equal(await openTransactions(database), 0, 'appends far apart leave no transaction open')
+  // a store closed while its writer waits for more appends closes at once
+  await store.append('closing', [{ type: 'E', data: {} }])
+  const closing = Date.now()
+  await store.close()
+  t.ok(Date.now() - closing < 1000, `close does not wait for appends that will not come (${Date.now() - closing} ms)`)
+})
+
+t.test('commits in quick succession share NOTIFYs; a subscriber in another process still sees every event', async (t) => {
+  const database = await freshDatabase(t)
+  const otherPool = new pg.Pool({ connectionString: database.url, max: 2 })
+  const writer = new PostgresEventStore(database.pool, { idlePollMs: 60_000 })
+  const other = new PostgresEventStore(otherPool, { idlePollMs: 60_000 })
+  // the notifications themselves, as a third process sees them
+  const listener = new pg.Client({ connectionString: database.url })
+  await listener.connect()
+  let notifications = 0
+  listener.on('notification', () => notifications++)
+  await listener.query('listen dcp_events')
+  const from = await writer.headPosition()
+  const remote = other.subscribe({ from })
+  t.teardown(async () => {
+    await remote.close()
+    await writer.close()
+    await other.close()
+    await otherPool.end()
+    await listener.end()
+  })
+  await new Promise((r) => setTimeout(r, 300)) // the other store's LISTEN connects
+  const started = Date.now()
+  const appends = 300
+  await Promise.all(
+    Array.from({ length: 6 }, async (_, w) => {
+      for (let i = 0; i < appends / 6; i++) await writer.append(`burst-${w}`, [{ type: 'Burst', data: { i } }])
+    }),
+  )
+  const took = Date.now() - started
+  let seen = 0
+  const deadline = Date.now() + 5000
+  for await (const batch of remote) {
+    seen += batch.events.length
+    if (seen >= appends || Date.now() > deadline) break
+  }
+  t.equal(seen, appends, 'the other process\'s subscriber gets every event, without its minute-long idle poll')
+  t.ok(notifications >= 1 && notifications <= took / 10 + 2, `${notifications} NOTIFYs for ${appends} commits in ${took} ms (one per 10 ms at most)`)
 })
 
 t.test('a transaction a writer opened before a stream\'s last commit is not used to write that stream', async (t) => {
