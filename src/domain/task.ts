@@ -1,5 +1,6 @@
 import { z } from 'zod'
 import { Metrics } from '../protocol/frames.js'
+import { numberArray } from '../protocol/numbers.js'
 import type { Decider } from './decider.js'
 import { DomainError } from './errors.js'
 
@@ -9,7 +10,7 @@ import { DomainError } from './errors.js'
  * again, up to `max_attempts`, after which it fails for good. Results carry the lease id: only the current
  * lease may complete the task (fencing), so a device that was given up on cannot overwrite the retry.
  */
-const TensorData = z.object({ data: z.array(z.number()), shape: z.array(z.number().int()) })
+const TensorData = z.object({ data: numberArray(), shape: numberArray({ int: true }) })
 
 export const TaskSpec = z.object({
   task_id: z.string(),

@@ -8,6 +8,7 @@
  * added within a version (receivers ignore unknown fields); removing or changing one needs a new version.
  */
 import { z } from 'zod'
+import { numberArray } from './numbers.js'
 
 export const PROTOCOL_VERSION = 1
 /** Most inputs one task may carry (a device advertises its own limit, at most this). */
@@ -21,8 +22,8 @@ export const LOG_LEVELS = ['debug', 'info', 'warn', 'error'] as const
 
 const Id = z.string().min(1).max(128)
 const Tensor = z.object({
-  data: z.array(z.number()).max(16_000_000),
-  shape: z.array(z.number().int().min(0)).min(1).max(16),
+  data: numberArray({ max: 16_000_000 }),
+  shape: numberArray({ int: true, atLeast: 0, min: 1, max: 16 }),
 })
 export type Tensor = z.infer<typeof Tensor>
 

@@ -15,3 +15,13 @@ t.test('a task result reports figures the read models can hold: past the bounds 
     t.notOk(TaskResult.safeParse(result(bad)).success, JSON.stringify(bad))
   }
 })
+
+t.test('a task result\'s tensors hold finite numbers and an integer shape, or the frame is refused', async (t) => {
+  const result = (output: unknown) => ({ type: 'task_result', task_id: 't1', lease_id: 'l1', status: 'completed', output, metrics: { cpu_ms: 1, gpu_ms: 0, bytes_in: 1, bytes_out: 1 } })
+  t.ok(TaskResult.safeParse(result({ data: [0.25, 0.75], shape: [1, 2] })).success, 'a tensor')
+  for (const bad of [{ data: [0.25, 'x'], shape: [1, 2] }, { data: [0.25, null], shape: [1, 2] }, { data: [1], shape: [0.5] }, { data: [1], shape: [] }, { data: [1], shape: [-1] }, { data: 'x', shape: [1] }]) {
+    const parsed = TaskResult.safeParse(result(bad))
+    t.notOk(parsed.success, JSON.stringify(bad))
+    if (!parsed.success) t.match(parsed.error.issues[0]!.path.join('.'), /^output\.(data|shape)$/, 'the issue names the field')
+  }
+})
