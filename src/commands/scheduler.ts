@@ -1,4 +1,3 @@
-import { EventEmitter } from 'node:events'
 import type { z } from 'zod'
 import type { Kysely } from 'kysely'
 import { DomainError } from '../domain/errors.js'
@@ -99,7 +98,8 @@ export class TaskScheduler {
   private readonly devices = new Map<string, DeviceSlot>()
   /** Per device that connected holding leases from before, those leases (in grant order) until its first heartbeat. */
   private readonly inherited = new Map<string, string[]>()
-  private readonly outcomes = new EventEmitter()
+  /** Who waits for each task's outcome (a map of sets: an EventEmitter keyed by task id churns its listener object). */
+  private readonly outcomes = new Map<string, Set<(outcome: TaskOutcome) => void>>()
   /** Whoever waits for an outcome, to be answered at `stop`. */
   private readonly waiting = new Set<() => void>()
   private stopped = false
@@ -119,7 +119,6 @@ export class TaskScheduler {
     this.prefetch = options.prefetch ?? 4
     if (!Number.isInteger(this.prefetch) || this.prefetch < 1) throw new RangeError('prefetch must be a whole number of 1 or more')
     this.now = options.now ?? (() => new Date())
-    this.outcomes.setMaxListeners(0)
   }
 
   /** Loads queued and leased tasks from the read model and starts the lease sweeper. */
@@ -251,7 +250,8 @@ export class TaskScheduler {
     return new Promise((resolve, reject) => {
       const end = (error?: Error, outcome?: TaskOutcome) => {
         clearTimeout(timer)
-        this.outcomes.off(taskId, done)
+        const waiters = this.outcomes.get(taskId)
+        if (waiters?.delete(done) && waiters.size === 0) this.outcomes.delete(taskId)
         this.waiting.delete(abandon)
         stop?.removeEventListener('abort', stopped)
         if (error) reject(error)
@@ -262,11 +262,21 @@ export class TaskScheduler {
       const done = (outcome: TaskOutcome) => end(undefined, outcome)
       const abandon = () => end(new DomainError('SERVICE_UNAVAILABLE', `the server is shutting down before task ${taskId} finished`))
       const timer = setTimeout(() => end(new DomainError('TIMEOUT', `task ${taskId} did not finish within ${timeoutMs} ms`)), timeoutMs)
-      this.outcomes.once(taskId, done)
+      const waiters = this.outcomes.get(taskId)
+      if (waiters) waiters.add(done)
+      else this.outcomes.set(taskId, new Set([done]))
       this.waiting.add(abandon)
       if (this.stopped) abandon()
       else if (stop?.aborted) stopped()
     })
+  }
+
+  /** Answers everyone waiting for the task's outcome. */
+  private settle(taskId: string, outcome: TaskOutcome): void {
+    const waiters = this.outcomes.get(taskId)
+    if (!waiters) return
+    this.outcomes.delete(taskId)
+    for (const waiter of waiters) waiter(outcome)
   }
 
   deviceConnected(slot: DeviceSlot): void {
@@ -371,7 +381,7 @@ export class TaskScheduler {
     const at = this.now().toISOString()
     const done = await this.command(lease.taskId, { type: 'CompleteTask', leaseId: lease.leaseId, outputs, metrics: frame.metrics, at })
     this.release(lease)
-    this.outcomes.emit(lease.taskId, { status: 'completed', taskId: lease.taskId, deviceId, outputs, metrics: frame.metrics, position: done.position })
+    this.settle(lease.taskId, { status: 'completed', taskId: lease.taskId, deviceId, outputs, metrics: frame.metrics, position: done.position })
     this.kick()
   }
 
@@ -400,7 +410,7 @@ export class TaskScheduler {
         this.devices.get(lease.deviceId)?.send({ type: 'cancel_task', task_id: lease.taskId, lease_id: lease.leaseId })
         this.release(lease)
       }
-      for (const [taskId, position] of cancelled) this.outcomes.emit(taskId, { status: 'cancelled', taskId, position })
+      for (const [taskId, position] of cancelled) this.settle(taskId, { status: 'cancelled', taskId, position })
       this.kick() // released slots take queued work
     }
     return settled.map((result) => (result.status === 'fulfilled' ? { status: 'fulfilled', value: result.value.position } : result))
@@ -441,7 +451,7 @@ export class TaskScheduler {
       const result = await this.command(lease.taskId, command)
       const failed = result.events.find((e) => e.type === 'TaskFailed')
       if (failed) {
-        this.outcomes.emit(lease.taskId, { status: 'failed', taskId: lease.taskId, reason: (failed.data as { reason: string }).reason, position: result.position })
+        this.settle(lease.taskId, { status: 'failed', taskId: lease.taskId, reason: (failed.data as { reason: string }).reason, position: result.position })
       } else {
         const spec = this.specs.get(lease.taskId)
         if (spec) this.enqueue(spec, true) // back to the front: it has waited already

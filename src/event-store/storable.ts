@@ -15,7 +15,8 @@ export function storedId(event: NewEvent): string {
 
 /** Refuses an event's JSON (its data or metadata) when it holds U+0000: see UnstorableEventError. */
 export function assertStorable(type: string, json: string): void {
-  if (NUL_ESCAPE.test(json)) throw new UnstorableEventError(type)
+  // the plain search first: it runs on every event written, and the pattern costs more per character
+  if (json.includes('\\u0000') && NUL_ESCAPE.test(json)) throw new UnstorableEventError(type)
 }
 
 /**
