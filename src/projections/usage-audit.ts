@@ -10,6 +10,11 @@ export interface UsageAuditOptions {
   maxDifferences?: number
 }
 
+/**
+ * One customer's usage in one hour, as `GET /usage` bills it: CPU and GPU time of completed tasks and of
+ * training rounds (both billed), completed tasks and their inputs, training's part on its own, and failed
+ * attempts (reported, not billed).
+ */
 export interface UsageTotal {
   customer_id: string
   hour: string
@@ -17,12 +22,15 @@ export interface UsageTotal {
   cpu_ms: number
   gpu_ms: number
   inputs: number
+  training_samples: number
+  training_cpu_ms: number
+  training_gpu_ms: number
   failed_attempts: number
 }
 
 export interface UsageAuditReport extends AuditReport {
   filter: { from: string | null; to: string | null; customer: string | null }
-  /** Totals per customer and hour, from the replay of the log (what the bill should say). */
+  /** Totals per customer and hour, from the replay of the log (what the bill should say, training included). */
   totals: UsageTotal[]
   /**
    * SHA-256 of the replayed rows in the filter, in key order, as canonical JSON: two audits of the same log
@@ -68,9 +76,12 @@ async function totals(trx: Transaction<any>, schema: string, where: RawBuilder<b
   const { rows } = await sql<Record<string, string>>`
     select customer_id, hour,
       sum(tasks) filter (where outcome = 'completed') as tasks,
-      sum(cpu_us) filter (where outcome = 'completed') as cpu_us,
-      sum(gpu_us) filter (where outcome = 'completed') as gpu_us,
+      sum(cpu_us) filter (where outcome in ('completed', 'training')) as cpu_us,
+      sum(gpu_us) filter (where outcome in ('completed', 'training')) as gpu_us,
       sum(inputs) filter (where outcome = 'completed') as inputs,
+      sum(inputs) filter (where outcome = 'training') as training_samples,
+      sum(cpu_us) filter (where outcome = 'training') as training_cpu_us,
+      sum(gpu_us) filter (where outcome = 'training') as training_gpu_us,
       sum(tasks) filter (where outcome = 'failed') as failed
     from ${sql.table(`${schema}.usage_hourly`)} as t where ${where}
     group by customer_id, hour order by customer_id, hour`.execute(trx)
@@ -81,6 +92,9 @@ async function totals(trx: Transaction<any>, schema: string, where: RawBuilder<b
     cpu_ms: Number(r.cpu_us ?? 0) / 1000,
     gpu_ms: Number(r.gpu_us ?? 0) / 1000,
     inputs: Number(r.inputs ?? 0),
+    training_samples: Number(r.training_samples ?? 0),
+    training_cpu_ms: Number(r.training_cpu_us ?? 0) / 1000,
+    training_gpu_ms: Number(r.training_gpu_us ?? 0) / 1000,
     failed_attempts: Number(r.failed ?? 0),
   }))
 }
@@ -107,6 +121,9 @@ export function formatUsageReport(report: UsageAuditReport): string {
   lines.push(`  ${'customer'.padEnd(24)} ${'hour'.padEnd(13)} ${'tasks'.padStart(8)} ${'cpu_ms'.padStart(14)} ${'gpu_ms'.padStart(14)} ${'inputs'.padStart(10)} ${'failed'.padStart(7)}`)
   for (const t of report.totals) {
     lines.push(`  ${t.customer_id.padEnd(24)} ${t.hour.padEnd(13)} ${String(t.tasks).padStart(8)} ${t.cpu_ms.toFixed(3).padStart(14)} ${t.gpu_ms.toFixed(3).padStart(14)} ${String(t.inputs).padStart(10)} ${String(t.failed_attempts).padStart(7)}`)
+    if (t.training_samples > 0 || t.training_cpu_ms > 0 || t.training_gpu_ms > 0) {
+      lines.push(`  ${''.padEnd(24)} ${'of which training:'.padEnd(22)} ${t.training_cpu_ms.toFixed(3).padStart(14)} ${t.training_gpu_ms.toFixed(3).padStart(14)} ${String(t.training_samples).padStart(10)} samples`)
+    }
   }
   if (report.totals.length === 0) lines.push('  (no usage)')
   for (const table of report.tables) {

@@ -5,7 +5,7 @@ import { PostgresEventStore } from '../../src/event-store/postgres.js'
 import { applyBatch, readCheckpoint } from '../../src/projections/checkpoints.js'
 import { audit, rebuild } from '../../src/projections/replay.js'
 import { usageBulkLoad, usageProjection } from '../../src/projections/usage.js'
-import { auditUsage } from '../../src/projections/usage-audit.js'
+import { auditUsage, formatUsageReport } from '../../src/projections/usage-audit.js'
 import { freshDatabase } from '../helpers/database.js'
 
 /**
@@ -159,4 +159,37 @@ t.test('a failing read ends the bulk audit with its error and drops the shadow',
   const left = await sql<{ n: string }>`select count(*) as n from projection_checkpoints where name like 'usage__audit_%'`.execute(db)
   t.equal(Number(left.rows[0]!.n), 0, 'its checkpoint forgotten')
   t.equal((await auditUsage({ db, store })).ok, true, 'the next audit runs')
+})
+
+t.test('the audit totals bill training rounds as GET /usage does: in CPU and GPU time, and on their own', async (t) => {
+  const database = await freshDatabase(t)
+  const store = new PostgresEventStore(database.pool)
+  t.teardown(() => store.close())
+  await rebuild({ db: database.db, store }, usageProjection)
+  const customer = 'cust_trainer'
+  const task = outcome(1, { customer, sdk: 'sdk-a', hour: 3 }) // i = 1: a completed task, 2 inputs, CPU only
+  const taskData = task.event.data as { metrics: { cpu_ms: number }; inputs: number }
+  const contribution = (device: string, samples: number, cpu_ms: number, gpu_ms: number) => ({ device_id: device, sdk_uuid: `sdk-${device}`, instance_type: 'aws', samples, steps: 4, loss: 0.5, staleness: 0, cpu_ms, gpu_ms, wall_ms: 20, power_watts: 0 })
+  const round = {
+    type: 'TrainingRoundCompleted',
+    data: {
+      job_id: 'train_1', customer_id: customer, round: 1, weights_sha256: 'x'.repeat(64), loss: 0.5, validation_loss: 0.6, accuracy: 0.7, samples: 160, steps: 8,
+      batches_completed: 2, epoch: 0, contributions: [contribution('d1', 100, 10.5, 0), contribution('d2', 60, 4.25, 2.5)], wall_ms: 40, at: '2026-01-02T03:30:00.000Z',
+    },
+    metadata: { customerId: customer, schemaVersion: 1 },
+  }
+  await append(store, [task])
+  await store.append('training-train_1', [round])
+  await applyLive(database.db, store, -1n)
+  const report = await auditUsage({ db: database.db, store }, { customer })
+  t.equal(report.ok, true, 'the live rows equal the replay')
+  t.equal(report.totals.length, 1)
+  const total = report.totals[0]!
+  t.match(total, { customer_id: customer, hour: '2026-01-02T03', tasks: 1, inputs: taskData.inputs, training_samples: 160, failed_attempts: 0 })
+  const taskCpu = Math.round(taskData.metrics.cpu_ms * 1000) / 1000
+  t.equal(total.cpu_ms, Math.round((taskCpu + 14.75) * 1000) / 1000, 'CPU time billed: the task and both devices\' training')
+  t.equal(total.gpu_ms, 2.5, 'GPU time billed: training\'s')
+  t.equal(total.training_cpu_ms, 14.75)
+  t.equal(total.training_gpu_ms, 2.5)
+  t.match(formatUsageReport(report), /of which training:\s+14\.750\s+2\.500\s+160 samples/, 'the text report shows training\'s part')
 })
