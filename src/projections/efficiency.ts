@@ -213,7 +213,11 @@ export type EfficiencySummary = Awaited<ReturnType<typeof efficiencySummary>>
 
 // ---- GET /efficiency/comparison -----------------------------------------------------------------------------
 
-/** aws against user devices: training from the rounds' contributions, inference from usage, tasks and results. */
+/**
+ * aws against user devices: training from the rounds' contributions, inference from usage, tasks and results,
+ * each under the instance type the work was billed as (a device's registration type only for results recorded
+ * before outcomes carried it).
+ */
 export async function efficiencyComparison(db: Kysely<any>, customerId: string) {
   const [training, usage, latency, rates] = await Promise.all([
     sql<Record<string, unknown>>`
@@ -233,11 +237,11 @@ export async function efficiencyComparison(db: Kysely<any>, customerId: string) 
       where p.customer_id = ${customerId} and t.status = 'completed'
       group by t.instance_type`.execute(db),
     sql<Record<string, unknown>>`
-      select d.instance_type, sum(ir.count) as inputs,
+      select coalesce(ir.instance_type, d.instance_type) as instance_type, sum(ir.count) as inputs,
         extract(epoch from max(ir.finished_at::timestamptz) - min(ij.requested_at::timestamptz))::float8 as span_s
-      from ${INFERENCE_RESULTS} ir join ${INFERENCE_JOBS} ij using (job_id) join ${DEVICE_TYPES} d on d.device_id = ir.device_id
+      from ${INFERENCE_RESULTS} ir join ${INFERENCE_JOBS} ij using (job_id) left join ${DEVICE_TYPES} d on d.device_id = ir.device_id
       where ij.customer_id = ${customerId} and ir.status = 'completed'
-      group by d.instance_type`.execute(db),
+      group by 1`.execute(db),
   ])
   const of = (rows: Record<string, unknown>[], type: InstanceType) => rows.find((r) => r.instance_type === type) ?? {}
   const side = (type: InstanceType) => {

@@ -11,7 +11,8 @@ import { RowSet } from './rows.js'
  */
 export const inferenceProjection: Projection = {
   name: 'inference',
-  version: 3,
+  // 4: results record the instance type the task was billed as
+  version: 4,
   filter: { types: [...inferenceEventTypes, 'TaskCompleted', 'TaskFailed', 'TaskCancelled'] },
   tables: [
     { name: 'inference_jobs', primaryKey: ['job_id'] },
@@ -48,6 +49,8 @@ export const inferenceProjection: Projection = {
       .addColumn('outputs', 'jsonb')
       .addColumn('error', 'text')
       .addColumn('device_id', 'text')
+      /** The device's kind the task ran and was billed as (`aws`, `user`); null before outcomes recorded it. */
+      .addColumn('instance_type', 'text')
       .addColumn('finished_at', 'text')
       .execute()
     await db.schema.createIndex('inference_results_by_job').on('inference_results').columns(['job_id', 'first_idx']).execute()
@@ -76,7 +79,7 @@ export const inferenceProjection: Projection = {
           jobs.insert({ job_id: d.job_id, customer_id: d.customer_id, project_id: d.project_id, model_id: d.model_id, kind: d.kind, mode: d.mode, name: d.name, total_tasks: total, completed: 0, failed: 0, cancelled: false, requested_at: d.requested_at, updated_at: d.requested_at })
           let first = 0
           for (const task of d.tasks) {
-            results.insert({ task_id: task.task_id, job_id: d.job_id, first_idx: first, count: task.inputs, status: 'queued', outputs: null, error: null, device_id: null, finished_at: null })
+            results.insert({ task_id: task.task_id, job_id: d.job_id, first_idx: first, count: task.inputs, status: 'queued', outputs: null, error: null, device_id: null, instance_type: null, finished_at: null })
             first += task.inputs
           }
           break
@@ -85,8 +88,8 @@ export const inferenceProjection: Projection = {
           jobs.update(event.data.job_id, { cancelled: true, updated_at: event.data.cancelled_at })
           break
         case 'TaskCompleted': {
-          const { task_id, outputs, device_id, completed_at } = event.data
-          finish(task_id, { status: 'completed', outputs, device_id, finished_at: completed_at }, 'completed')
+          const { task_id, outputs, device_id, instance_type, completed_at } = event.data
+          finish(task_id, { status: 'completed', outputs, device_id, instance_type, finished_at: completed_at }, 'completed')
           break
         }
         case 'TaskFailed':
@@ -113,6 +116,7 @@ interface ResultRow extends Record<string, unknown> {
   outputs: unknown
   error: string | null
   device_id: string | null
+  instance_type: string | null
   finished_at: string | null
 }
 
