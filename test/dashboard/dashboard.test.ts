@@ -102,6 +102,8 @@ t.test('the project stream: emits at its interval, in json or text, and ends whe
 
   // dcp watch follows until the project completes, then exits 0
   const watch = spawn(process.execPath, [DCP_BIN, 'watch', project.project_id, '--server', url, '--api-key', alice.key, '--interval', '200'], { stdio: ['ignore', 'pipe', 'pipe'] })
+  // its exit is awaited from now on: it may exit (the project completed) before the check below gets there
+  const exited = new Promise((resolve) => watch.once('exit', resolve))
   let output = ''
   watch.stdout.on('data', (d) => (output += d))
   await eventually(async () => /streamed/.test(output), 20_000, 'dcp watch to print the project')
@@ -113,7 +115,7 @@ t.test('the project stream: emits at its interval, in json or text, and ends whe
   t.ok(closed.ended, 'the stream closes')
   t.equal(closed.events.at(-1)!.event, 'end')
   t.match(JSON.parse(closed.events.at(-1)!.data), { project_id: project.project_id, status: 'completed' })
-  const code = await new Promise((resolve) => watch.once('exit', resolve))
+  const code = await exited
   t.equal(code, 0, output)
   t.match(output, /completed/)
 
