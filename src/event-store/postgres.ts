@@ -399,8 +399,8 @@ export class PostgresEventStore implements EventStore {
    * `NOTIFY dcp_events`, sent after the commit rather than inside the transaction. A NOTIFY in the writing
    * transaction holds Postgres' notify lock through the commit's WAL flush, so appending transactions
    * would commit one at a time. Commits made while a NOTIFY is on its way share the next one, which leaves
-   * NOTIFY_INTERVAL_MS after it. A NOTIFY lost with a connection (or a process that dies right after its commit) costs other stores' subscribers
-   * at most their idle poll (`idlePollMs`), never an event.
+   * NOTIFY_INTERVAL_MS after it. A NOTIFY lost with a connection (or a process that dies right after its
+   * commit) costs other stores' subscribers at most their idle poll (`idlePollMs`), never an event.
    */
   private committed(): void {
     this.signal.notify()

@@ -16,9 +16,12 @@ import { execute, readYourWrites, type Services } from './context.js'
 import { pageQuery } from './pagination.js'
 import { newId } from './ids.js'
 
+/** A tensor's bounds: values, and dimensions (each at least 1). */
+const MAX_TENSOR_VALUES = 1_000_000
+const MAX_TENSOR_DIMS = 8
 const Tensor = z.object({
-  data: z.array(z.number()).min(1).max(1_000_000),
-  shape: z.array(z.number().int().min(1)).min(1).max(8),
+  data: z.array(z.number()).min(1).max(MAX_TENSOR_VALUES),
+  shape: z.array(z.number().int().min(1)).min(1).max(MAX_TENSOR_DIMS),
 })
 type Tensor = z.infer<typeof Tensor>
 
@@ -60,8 +63,8 @@ const ajv = new Ajv({ strict: false, allErrors: false })
 function asTensor(input: unknown): Tensor | undefined {
   if (typeof input !== 'object' || input === null) return undefined
   const { data, shape } = input as { data?: unknown; shape?: unknown }
-  if (!isNumberArray(data) || data.length < 1 || data.length > 1_000_000) return undefined
-  if (!isNumberArray(shape, { int: true, min: 1 }) || shape.length < 1 || shape.length > 8) return undefined
+  if (!isNumberArray(data) || data.length < 1 || data.length > MAX_TENSOR_VALUES) return undefined
+  if (!isNumberArray(shape, { int: true, min: 1 }) || shape.length < 1 || shape.length > MAX_TENSOR_DIMS) return undefined
   return { data, shape }
 }
 

@@ -2,7 +2,7 @@ import { randomUUID } from 'node:crypto'
 import pg from 'pg'
 import t, { type Test } from 'tap'
 import { DuplicateEventIdError, UnstorableEventError, WrongExpectedRevisionError } from '../../src/event-store/errors.js'
-import type { RecordedEvent } from '../../src/event-store/port.js'
+import type { RecordedEvent, Subscription } from '../../src/event-store/port.js'
 import { contendedStream, PostgresEventStore } from '../../src/event-store/postgres.js'
 import { CopyAppend } from '../../src/event-store/copy-append.js'
 import { connect, type Database } from '../../src/postgres/database.js'
@@ -47,6 +47,24 @@ function streamsOutOfOrder(rows: readonly { stream_id: string; revision: string 
     next.set(r.stream_id, Number(r.revision) + 1)
   }
   return [...wrong]
+}
+
+/**
+ * A writing store and a store "in another process" (a pool of its own), both with minute-long idle polls:
+ * only a wake-up delivers in time. Subscriptions pushed to `subscriptions` are closed before the stores.
+ */
+function writerAndOtherProcess(t: Test, database: Database) {
+  const otherPool = new pg.Pool({ connectionString: database.url, max: 2 })
+  const writer = new PostgresEventStore(database.pool, { idlePollMs: 60_000 })
+  const other = new PostgresEventStore(otherPool, { idlePollMs: 60_000 })
+  const subscriptions: Subscription[] = []
+  t.teardown(async () => {
+    for (const subscription of subscriptions) await subscription.close()
+    await writer.close()
+    await other.close()
+    await otherPool.end()
+  })
+  return { writer, other, subscriptions }
 }
 
 /**
@@ -276,24 +294,16 @@ t.test('a trickle of appends, one at a time, is written on transactions left ope
 
 t.test('commits in quick succession share NOTIFYs; a subscriber in another process still sees every event', async (t) => {
   const database = await freshDatabase(t)
-  const otherPool = new pg.Pool({ connectionString: database.url, max: 2 })
-  const writer = new PostgresEventStore(database.pool, { idlePollMs: 60_000 })
-  const other = new PostgresEventStore(otherPool, { idlePollMs: 60_000 })
+  const { writer, other, subscriptions } = writerAndOtherProcess(t, database)
   // the notifications themselves, as a third process sees them
   const listener = new pg.Client({ connectionString: database.url })
   await listener.connect()
+  t.teardown(() => listener.end())
   let notifications = 0
   listener.on('notification', () => notifications++)
   await listener.query('listen dcp_events')
-  const from = await writer.headPosition()
-  const remote = other.subscribe({ from })
-  t.teardown(async () => {
-    await remote.close()
-    await writer.close()
-    await other.close()
-    await otherPool.end()
-    await listener.end()
-  })
+  const remote = other.subscribe({ from: await writer.headPosition() })
+  subscriptions.push(remote)
   await new Promise((r) => setTimeout(r, 300)) // the other store's LISTEN connects
   const started = Date.now()
   const appends = 300
@@ -504,20 +514,11 @@ t.test('readAll waits a moment for a transaction below its page to end, then ret
 
 t.test('subscribers wake on a commit, not on their idle poll: in the same store, and in another process by NOTIFY', async (t) => {
   const database = await freshDatabase(t)
-  // Another process: a store on a pool of its own. Idle polls of a minute: only a wake-up can deliver in time.
-  const otherPool = new pg.Pool({ connectionString: database.url, max: 2 })
-  const writer = new PostgresEventStore(database.pool, { idlePollMs: 60_000 })
-  const other = new PostgresEventStore(otherPool, { idlePollMs: 60_000 })
+  const { writer, other, subscriptions } = writerAndOtherProcess(t, database)
   const from = await writer.headPosition()
   const own = writer.subscribe({ from })
   const remote = other.subscribe({ from })
-  t.teardown(async () => {
-    await own.close()
-    await remote.close()
-    await writer.close()
-    await other.close()
-    await otherPool.end()
-  })
+  subscriptions.push(own, remote)
   // the first events a subscription delivers, or none after 5 s
   const first = (subscription: AsyncIterable<{ events: RecordedEvent[] }>) =>
     Promise.race([
