@@ -42,6 +42,8 @@ export interface DeviceSlot {
   /** Lease ids it holds. */
   leases: Set<string>
   draining: boolean
+  /** Quarantined or otherwise held back by the platform: connected, but given no work until released. */
+  quarantined?: boolean
   /** The training job it is working for: it takes no inference tasks meanwhile. */
   training?: string
   /** Last reported load, 0..1. */
@@ -304,11 +306,14 @@ export class TaskScheduler {
    * attempts failed. The others were never started: they are returned without using an attempt, so a device
    * that dies holding prefetched tasks does not wear out tasks it never touched.
    */
-  async deviceLost(deviceId: string, reason: string): Promise<void> {
+  async deviceLost(deviceId: string, reason: string, options: { returnAll?: boolean } = {}): Promise<void> {
     const slot = this.devices.get(deviceId)
     this.devices.delete(deviceId)
     this.inherited.delete(deviceId)
-    await this.endLost(slot, [...this.leases.values()].filter((l) => l.deviceId === deviceId), reason)
+    const lost = [...this.leases.values()].filter((l) => l.deviceId === deviceId)
+    // a device the platform removed (banned) is not the task's fault: every lease returns, no attempt used
+    if (options.returnAll) await Promise.all(lost.map((lease) => this.returnLease(lease, reason)))
+    else await this.endLost(slot, lost, reason)
   }
 
   /**
@@ -511,7 +516,7 @@ export class TaskScheduler {
 
   /** Is there a device that could take one more task (so scanning the queue may find work for it)? */
   private hasRoom(): boolean {
-    for (const device of this.devices.values()) if (!device.draining && !device.training && this.hasSpace(device)) return true
+    for (const device of this.devices.values()) if (!device.draining && !device.training && !device.quarantined && this.hasSpace(device)) return true
     return false
   }
 
@@ -528,7 +533,7 @@ export class TaskScheduler {
     let best: DeviceSlot | undefined
     let bestScore = Infinity
     for (const device of this.devices.values()) {
-      if (device.draining || device.training || !this.hasSpace(device) || device.maxBatchInputs < task.inputs.length || !device.formats.includes(task.model.format)) continue
+      if (device.draining || device.training || device.quarantined || !this.hasSpace(device) || device.maxBatchInputs < task.inputs.length || !device.formats.includes(task.model.format)) continue
       if (task.instance_type && device.instanceType !== task.instance_type) continue
       const score = (task.prefer_gpu && device.gpu ? 0 : 10) + device.leases.size / device.maxConcurrent + device.load
       if (score < bestScore) {
