@@ -2,6 +2,7 @@ import type { z } from 'zod'
 import type { Kysely } from 'kysely'
 import { DomainError } from '../domain/errors.js'
 import { type LeaseGrant, type TaskCommand, taskDecider, type TaskSpec, type TaskState, taskStream } from '../domain/task.js'
+import { NO_VALIDATION } from '../domain/validation.js'
 import { type EventStore, type Position, START } from '../event-store/port.js'
 import { newEventId } from '../event-store/event-id.js'
 import { type CancelTask, MAX_HEARTBEAT_LEASES, type Metrics, type TaskAssignment, type TaskResult, type Tensor } from '../protocol/frames.js'
@@ -12,7 +13,7 @@ type CancelTaskFrame = z.infer<typeof CancelTask>
 type TaskResultFrame = z.infer<typeof TaskResult>
 
 /** What `submit` takes: a task spec whose optional parts default (attempts: the scheduler's). */
-export type NewTask = Omit<TaskSpec, 'max_attempts' | 'project_id' | 'output_shape' | 'instance_type'> & Partial<Pick<TaskSpec, 'max_attempts' | 'project_id' | 'output_shape' | 'instance_type'>>
+export type NewTask = Omit<TaskSpec, 'max_attempts' | 'project_id' | 'output_shape' | 'instance_type' | 'validation'> & Partial<Pick<TaskSpec, 'max_attempts' | 'project_id' | 'output_shape' | 'instance_type' | 'validation'>>
 
 /** Why a result does not fit its task (one output per input, each filling the declared shape), or undefined. */
 export function outputProblem(spec: TaskSpec, outputs: readonly Tensor[]): string | undefined {
@@ -212,7 +213,7 @@ export class TaskScheduler {
   async submitAll(tasks: readonly NewTask[], metadata: { customerId: string }, alongside: readonly StreamStart[] = []): Promise<Position> {
     const at = this.now().toISOString()
     const planned = tasks.map((task) => {
-      const spec: TaskSpec = { ...task, project_id: task.project_id ?? null, output_shape: task.output_shape ?? null, instance_type: task.instance_type ?? null, max_attempts: task.max_attempts ?? this.maxAttempts }
+      const spec: TaskSpec = { ...task, project_id: task.project_id ?? null, output_shape: task.output_shape ?? null, instance_type: task.instance_type ?? null, max_attempts: task.max_attempts ?? this.maxAttempts, validation: task.validation ?? NO_VALIDATION }
       const device = this.queue.length === 0 ? this.pickDevice(spec) : undefined
       return { spec, device, lease: device && this.reserve(spec, device) }
     })

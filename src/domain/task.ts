@@ -3,6 +3,8 @@ import { Metrics } from '../protocol/frames.js'
 import { numberArray } from '../protocol/numbers.js'
 import type { Decider } from './decider.js'
 import { DomainError } from './errors.js'
+import { boundMetrics, Observed } from './metering.js'
+import { checkRequired, NO_VALIDATION, outputsAgree, ValidationPolicy, VALIDATION_DEFAULTS } from './validation.js'
 
 /**
  * One unit of work for one device: queued, leased to a device (a lease id and a deadline), then completed,
@@ -28,6 +30,8 @@ export const TaskSpec = z.object({
   /** Only devices of this kind may run it (`aws` or `user`); null: any. */
   instance_type: z.enum(['aws', 'user']).nullable().default(null),
   max_attempts: z.number().int().min(1),
+  /** How its result is checked before it is delivered (src/domain/validation.ts); none in older events. */
+  validation: ValidationPolicy.default(NO_VALIDATION),
 })
 export type TaskSpec = z.infer<typeof TaskSpec>
 
@@ -61,16 +65,77 @@ const AttemptRef = z.object({
   instance_type: z.enum(['aws', 'user']).nullable().default(null),
   inputs: z.number().int().min(1).default(1),
 })
+/**
+ * What the server saw of an attempt, and what it bills: `metrics` are the billed figures, at most the wall
+ * time between sending the task and receiving its outcome times the device's cores (GPUs for `gpu_ms`);
+ * when the device claimed more, `claimed_metrics` keeps its claim and `metering_clamped` flags it.
+ */
+const Metering = {
+  observed: Observed.nullable().default(null),
+  claimed_metrics: Metrics.nullable().default(null),
+  metering_clamped: z.boolean().default(false),
+}
 const TaskCompleted = z.object({
   type: z.literal('TaskCompleted'),
   /** One output per input, in order. */
-  data: AttemptRef.extend({ outputs: z.array(TensorData), metrics: Metrics, completed_at: z.string() }),
+  data: AttemptRef.extend({
+    outputs: z.array(TensorData),
+    metrics: Metrics,
+    ...Metering,
+    /** Completed by validation (a TaskValidated came first): the attempt named is the accepted run, not the one that just ended. */
+    validated: z.boolean().default(false),
+    completed_at: z.string(),
+  }),
 })
+/**
+ * A run's result waits for another run to agree with it (validation): the task goes back to the queue for
+ * a device that has not run it. `disagrees_with`: the devices of earlier held results it does not agree
+ * with (a dispute; empty for the first run).
+ */
+const TaskResultHeld = z.object({
+  type: z.literal('TaskResultHeld'),
+  data: AttemptRef.extend({
+    outputs: z.array(TensorData),
+    metrics: Metrics,
+    ...Metering,
+    check: z.enum(['quorum', 'spot']),
+    disagrees_with: z.array(z.string()),
+    held_at: z.string(),
+  }),
+})
+const ValidatedRun = z.object({
+  lease_id: z.string(),
+  device_id: z.string(),
+  sdk_uuid: z.string().nullable(),
+  instance_type: z.enum(['aws', 'user']).nullable(),
+  metrics: Metrics,
+  /** accepted: its result is delivered and billed; agreed: a replica that agreed (credited to its contributor, not billed); outvoted: disputed. */
+  verdict: z.enum(['accepted', 'agreed', 'outvoted']),
+})
+/**
+ * The runs of a validated task and their verdicts. `agreed` false: no two runs agreed within the task's
+ * runs (every run outvoted; the task fails). A TaskCompleted (or TaskFailed) follows in the same append.
+ */
+const TaskValidated = z.object({
+  type: z.literal('TaskValidated'),
+  data: z.object({
+    task_id: z.string(),
+    customer_id: z.string(),
+    job_id: z.string(),
+    project_id: z.string().nullable(),
+    inputs: z.number().int().min(1),
+    agreed: z.boolean(),
+    runs: z.array(ValidatedRun),
+    validated_at: z.string(),
+  }),
+})
+export type TaskValidated = z.infer<typeof TaskValidated>
 const TaskAttemptFailed = z.object({
   type: z.literal('TaskAttemptFailed'),
   data: AttemptRef.extend({
     reason: z.string(),
     metrics: Metrics.nullable(),
+    ...Metering,
     /** Whether the task went back to the queue (false: that was its last attempt). */
     requeued: z.boolean(),
     failed_at: z.string(),
@@ -87,7 +152,7 @@ const TaskLeaseReturned = z.object({
 const TaskFailed = z.object({ type: z.literal('TaskFailed'), data: z.object({ task_id: z.string(), job_id: z.string(), reason: z.string(), failed_at: z.string() }) })
 const TaskCancelled = z.object({ type: z.literal('TaskCancelled'), data: z.object({ task_id: z.string(), job_id: z.string(), lease_id: z.string().nullable(), device_id: z.string().nullable(), cancelled_at: z.string() }) })
 
-const TaskEvent = z.discriminatedUnion('type', [TaskQueued, TaskLeased, TaskCompleted, TaskAttemptFailed, TaskLeaseReturned, TaskFailed, TaskCancelled])
+const TaskEvent = z.discriminatedUnion('type', [TaskQueued, TaskLeased, TaskCompleted, TaskResultHeld, TaskValidated, TaskAttemptFailed, TaskLeaseReturned, TaskFailed, TaskCancelled])
 export type TaskEvent = z.infer<typeof TaskEvent>
 export const taskEventTypes = TaskEvent.options.map((o) => o.shape.type.value)
 
@@ -95,8 +160,9 @@ export type TaskCommand =
   /** Queues a task; with `lease`, a device took it at once (both events in one append). */
   | { type: 'QueueTask'; task: TaskSpec; at: string; lease?: LeaseGrant }
   | ({ type: 'LeaseTask'; at: string } & LeaseGrant)
-  | { type: 'CompleteTask'; leaseId: string; outputs: z.infer<typeof TensorData>[]; metrics: z.infer<typeof Metrics>; at: string }
-  | { type: 'FailAttempt'; leaseId: string; reason: string; metrics: z.infer<typeof Metrics> | null; at: string }
+  /** `observed`: what the server saw of the attempt (bounds the billed metrics; absent: billed as claimed). */
+  | { type: 'CompleteTask'; leaseId: string; outputs: z.infer<typeof TensorData>[]; metrics: z.infer<typeof Metrics>; observed?: Observed; at: string }
+  | { type: 'FailAttempt'; leaseId: string; reason: string; metrics: z.infer<typeof Metrics> | null; observed?: Observed; at: string }
   | { type: 'ReturnLease'; leaseId: string; reason: string; at: string }
   | { type: 'CancelTask'; at: string }
 
@@ -117,17 +183,33 @@ interface Lease {
 
 export type TaskStatus = 'new' | 'queued' | 'leased' | 'completed' | 'failed' | 'cancelled'
 
+/** A run's result held for validation. */
+export interface HeldRun {
+  leaseId: string
+  deviceId: string
+  sdkUuid: string | null
+  instanceType: 'aws' | 'user' | null
+  outputs: z.infer<typeof TensorData>[]
+  metrics: z.infer<typeof Metrics>
+}
+
 export interface TaskState {
   status: TaskStatus
   spec: TaskSpec | undefined
   attempts: number
   lease: Lease | undefined
+  /** Results waiting for another run to agree (validation), in the order they came. */
+  held: HeldRun[]
+  /** Why results are held (set by the first held result). */
+  check?: 'quorum' | 'spot'
+  /** Devices that failed an attempt of it (it goes to them again only when no other device can take it). */
+  failedOn: string[]
 }
 
 export const taskStream = (taskId: string) => `task-${taskId}`
 
 export const taskDecider: Decider<TaskCommand, TaskEvent, TaskState> = {
-  initialState: () => ({ status: 'new', spec: undefined, attempts: 0, lease: undefined }),
+  initialState: () => ({ status: 'new', spec: undefined, attempts: 0, lease: undefined, held: [], failedOn: [] }),
 
   evolve(state, event) {
     switch (event.type) {
@@ -142,8 +224,15 @@ export const taskDecider: Decider<TaskCommand, TaskEvent, TaskState> = {
         }
       case 'TaskCompleted':
         return { ...state, status: 'completed', lease: undefined }
+      case 'TaskResultHeld': {
+        const d = event.data
+        const run = { leaseId: d.lease_id, deviceId: d.device_id, sdkUuid: d.sdk_uuid, instanceType: d.instance_type, outputs: d.outputs, metrics: d.metrics }
+        return { ...state, status: 'queued', lease: undefined, held: [...state.held, run], check: state.check ?? d.check }
+      }
+      case 'TaskValidated':
+        return state
       case 'TaskAttemptFailed':
-        return { ...state, status: event.data.requeued ? 'queued' : state.status, lease: undefined }
+        return { ...state, status: event.data.requeued ? 'queued' : state.status, lease: undefined, failedOn: [...state.failedOn, event.data.device_id] }
       case 'TaskLeaseReturned':
         return { ...state, status: 'queued', attempts: state.attempts - 1, lease: undefined }
       case 'TaskFailed':
@@ -168,17 +257,24 @@ export const taskDecider: Decider<TaskCommand, TaskEvent, TaskState> = {
       }
       case 'CompleteTask': {
         const spec = requireSpec(state)
-        const data = attemptRef(spec, currentLease(state, command.leaseId))
+        const lease = currentLease(state, command.leaseId)
+        const data = attemptRef(spec, lease)
         if (command.outputs.length !== spec.inputs.length) {
           throw new DomainError('VALIDATION_ERROR', `task ${spec.task_id} has ${spec.inputs.length} inputs but the result has ${command.outputs.length} outputs`)
         }
-        return [{ type: 'TaskCompleted', data: { ...data, outputs: command.outputs, metrics: command.metrics, completed_at: command.at } }]
+        const metering = meter(command.metrics, command.observed)
+        // once a result is held, every later run's result is compared, whatever device it came from
+        const check = state.check ?? checkRequired(spec.validation, spec.task_id, lease.instanceType)
+        if (!check) return [{ type: 'TaskCompleted', data: { ...data, outputs: command.outputs, ...metering, validated: false, completed_at: command.at } }]
+        return validate(spec, state, { ...data, outputs: command.outputs, ...metering }, check, command.at)
       }
       case 'FailAttempt': {
         const spec = requireSpec(state)
         const data = attemptRef(spec, currentLease(state, command.leaseId))
-        const requeued = state.attempts < spec.max_attempts
-        const failed = { type: 'TaskAttemptFailed' as const, data: { ...data, reason: command.reason, metrics: command.metrics, requeued, failed_at: command.at } }
+        // a run whose result is held was not a failure: only failed attempts count against max_attempts
+        const requeued = state.attempts - state.held.length < spec.max_attempts
+        const metering = command.metrics ? meter(command.metrics, command.observed) : { metrics: null, observed: command.observed ?? null, claimed_metrics: null, metering_clamped: false }
+        const failed = { type: 'TaskAttemptFailed' as const, data: { ...data, reason: command.reason, ...metering, requeued, failed_at: command.at } }
         if (requeued) return [failed]
         const reason = `failed after ${state.attempts} attempt${state.attempts === 1 ? '' : 's'}; last: ${command.reason}`
         return [failed, { type: 'TaskFailed', data: { task_id: spec.task_id, job_id: spec.job_id, reason, failed_at: command.at } }]
@@ -209,6 +305,50 @@ function leased(spec: TaskSpec, attempt: number, grant: LeaseGrant, at: string):
     type: 'TaskLeased',
     data: { task_id: spec.task_id, lease_id: grant.leaseId, device_id: grant.deviceId, sdk_uuid: grant.sdkUuid, instance_type: grant.instanceType, attempt, leased_at: at },
   }
+}
+
+/** The billed metrics of an attempt: the claim, bounded by what the server observed (src/domain/metering.ts). */
+function meter(claimed: z.infer<typeof Metrics>, observed: Observed | undefined) {
+  if (!observed) return { metrics: claimed, observed: null, claimed_metrics: null, metering_clamped: false }
+  const { metrics, clamped } = boundMetrics(claimed, observed)
+  return { metrics, observed, claimed_metrics: clamped ? claimed : null, metering_clamped: clamped }
+}
+
+type RunResult = ReturnType<typeof attemptRef> & { outputs: z.infer<typeof TensorData>[] } & ReturnType<typeof meter> & { metrics: z.infer<typeof Metrics> }
+
+/**
+ * A result that must be checked. With no held result that agrees, it is held (the task goes back to the
+ * queue for another device); when it agrees with one, the earliest run it agrees with is accepted (its
+ * outputs delivered, its attempt billed), the runs that agree with it are replicas, the others outvoted.
+ * After `maxRuns` runs without two agreeing, the task fails and every run is outvoted.
+ */
+function validate(spec: TaskSpec, state: TaskState, run: RunResult, check: 'quorum' | 'spot', at: string): TaskEvent[] {
+  const tolerance = spec.validation.tolerance
+  const match = state.held.find((h) => outputsAgree(h.outputs, run.outputs, tolerance))
+  const base = { task_id: spec.task_id, customer_id: spec.customer_id, job_id: spec.job_id, project_id: spec.project_id, inputs: spec.inputs.length, validated_at: at }
+  const asRun = (h: { leaseId: string; deviceId: string; sdkUuid: string | null; instanceType: 'aws' | 'user' | null; metrics: z.infer<typeof Metrics> }, verdict: 'accepted' | 'agreed' | 'outvoted') => ({
+    lease_id: h.leaseId, device_id: h.deviceId, sdk_uuid: h.sdkUuid, instance_type: h.instanceType, metrics: h.metrics, verdict,
+  })
+  const current = { leaseId: run.lease_id, deviceId: run.device_id, sdkUuid: run.sdk_uuid, instanceType: run.instance_type, outputs: run.outputs, metrics: run.metrics }
+  if (match) {
+    const runs = [...state.held, current].map((h) =>
+      asRun(h, h === match ? 'accepted' : outputsAgree(match.outputs, h.outputs, tolerance) ? 'agreed' : 'outvoted'),
+    )
+    const accepted = { ...run, lease_id: match.leaseId, device_id: match.deviceId, sdk_uuid: match.sdkUuid, instance_type: match.instanceType, outputs: match.outputs, metrics: match.metrics }
+    // the accepted run's metering as it was recorded when it was held
+    return [
+      { type: 'TaskValidated', data: { ...base, agreed: true, runs } },
+      { type: 'TaskCompleted', data: { ...accepted, observed: null, claimed_metrics: null, metering_clamped: false, validated: true, completed_at: at } },
+    ]
+  }
+  const held: TaskEvent = { type: 'TaskResultHeld', data: { ...run, check, disagrees_with: state.held.map((h) => h.deviceId), held_at: at } }
+  if (state.held.length + 1 < VALIDATION_DEFAULTS.maxRuns) return [held]
+  const runs = [...state.held, current].map((h) => asRun(h, 'outvoted'))
+  return [
+    held,
+    { type: 'TaskValidated', data: { ...base, agreed: false, runs } },
+    { type: 'TaskFailed', data: { task_id: spec.task_id, job_id: spec.job_id, reason: `no two of ${runs.length} runs on different devices agreed on the result`, failed_at: at } },
+  ]
 }
 
 function requireSpec(state: TaskState): TaskSpec {

@@ -14,7 +14,7 @@ import { RowSet } from './rows.js'
 export const devicesProjection: Projection = {
   name: 'devices',
   version: 1,
-  filter: { types: [...deviceEventTypes, 'HeartbeatReceived', 'TaskLeased', 'TaskCompleted', 'TaskAttemptFailed', 'TaskLeaseReturned', 'TaskCancelled'] },
+  filter: { types: [...deviceEventTypes, 'HeartbeatReceived', 'TaskLeased', 'TaskCompleted', 'TaskResultHeld', 'TaskValidated', 'TaskAttemptFailed', 'TaskLeaseReturned', 'TaskCancelled'] },
   tables: [{ name: 'devices', primaryKey: ['device_id'] }],
 
   async createTables(db) {
@@ -102,7 +102,11 @@ function fold(rows: RowSet<DeviceRow>, recorded: RecordedEvent): void {
     }
   }
   const task = parseRecorded(taskDecider, recorded)
-  const holder = task.type === 'TaskQueued' || task.type === 'TaskFailed' ? undefined : task.data.device_id
+  // a validated completion names the accepted run; the run that just ended is the last of TaskValidated's
+  const holder =
+    task.type === 'TaskQueued' || task.type === 'TaskFailed' || (task.type === 'TaskCompleted' && task.data.validated) ? undefined
+    : task.type === 'TaskValidated' ? task.data.runs.at(-1)?.device_id
+    : task.data.device_id
   const row = holder ? rows.get(holder) : undefined
   if (!holder || !row) return
   rows.update(holder, { running_tasks: task.type === 'TaskLeased' ? row.running_tasks + 1 : Math.max(0, row.running_tasks - 1) })

@@ -51,6 +51,11 @@ export const tasksProjection: Projection = {
         case 'TaskCompleted':
           tasks.update(id, { status: 'completed', lease_id: null, updated_at: event.data.completed_at })
           break
+        case 'TaskResultHeld':
+          tasks.update(id, { status: 'queued', lease_id: null, updated_at: event.data.held_at })
+          break
+        case 'TaskValidated':
+          break
         case 'TaskAttemptFailed':
           tasks.update(id, { status: event.data.requeued ? 'queued' : 'failed', lease_id: null, error: event.data.reason, updated_at: event.data.failed_at })
           break

@@ -1,10 +1,11 @@
 import t from 'tap'
 import { type TaskCommand, taskDecider, type TaskSpec, type TaskState } from '../../src/domain/task.js'
+import { NO_VALIDATION } from '../../src/domain/validation.js'
 
 const spec: TaskSpec = {
   task_id: 'task_1', customer_id: 'cust_1', job_id: 'job_1', project_id: null,
   model: { id: 'model_1', format: 'onnx', checksum: 'abc' }, inputs: [{ data: [1, 2], shape: [1, 2] }],
-  output_shape: null, prefer_gpu: false, instance_type: null, max_attempts: 2,
+  output_shape: null, prefer_gpu: false, instance_type: null, max_attempts: 2, validation: NO_VALIDATION,
 }
 const grant = { leaseId: 'lease_1', deviceId: 'dev_1', sdkUuid: 'sdk_1', instanceType: 'aws' as const }
 const at = '2026-11-30T04:00:00.000Z'
@@ -35,4 +36,69 @@ t.test('a task queued without a lease waits in the queue', async (t) => {
   t.same(events.map((e) => e.type), ['TaskQueued'])
   t.equal(state.status, 'queued')
   t.throws(() => run(state, { type: 'QueueTask', task: spec, at, lease: grant }), /already exists/)
+})
+
+const metrics = { cpu_ms: 4, gpu_ms: 0, bytes_in: 8, bytes_out: 4 }
+const user = (n: number) => ({ leaseId: `lease_${n}`, deviceId: `dev_${n}`, sdkUuid: `sdk_${n}`, instanceType: 'user' as const })
+const output = (v: number) => [{ data: [v], shape: [1, 1] }]
+
+/** Queues a quorum task and runs it on devices 1.. in turn, each answering the value given. */
+function quorum(values: number[]) {
+  let { state } = run(taskDecider.initialState(), { type: 'QueueTask', task: { ...spec, max_attempts: 3, validation: { ...NO_VALIDATION, mode: 'quorum' } }, at })
+  const all = []
+  for (const [i, v] of values.entries()) {
+    state = run(state, { type: 'LeaseTask', ...user(i + 1), at }).state
+    const step = run(state, { type: 'CompleteTask', leaseId: `lease_${i + 1}`, outputs: output(v), metrics, at })
+    all.push(...step.events)
+    state = step.state
+  }
+  return { events: all, state }
+}
+
+t.test('quorum: a contributed device\'s result is held until another run agrees within the tolerance', async (t) => {
+  const first = quorum([0.5])
+  t.same(first.events.map((e) => e.type), ['TaskResultHeld'])
+  t.equal(first.state.status, 'queued', 'back in the queue for a second run')
+  const agreed = quorum([0.5, 0.50001])
+  t.same(agreed.events.map((e) => e.type), ['TaskResultHeld', 'TaskValidated', 'TaskCompleted'])
+  const validated = agreed.events[1]!.data as { runs: { device_id: string; verdict: string }[] }
+  t.same(validated.runs.map((r) => [r.device_id, r.verdict]), [['dev_1', 'accepted'], ['dev_2', 'agreed']])
+  t.match(agreed.events[2]!.data, { device_id: 'dev_1', outputs: output(0.5), validated: true }, 'the accepted run is delivered and billed')
+})
+
+t.test('quorum: on disagreement a third run decides, and the outvoted device is named', async (t) => {
+  const { events, state } = quorum([9, 0.5, 0.5])
+  t.same(events.map((e) => e.type), ['TaskResultHeld', 'TaskResultHeld', 'TaskValidated', 'TaskCompleted'])
+  t.same((events[1]!.data as { disagrees_with: string[] }).disagrees_with, ['dev_1'])
+  const validated = events[2]!.data as { agreed: boolean; runs: { device_id: string; verdict: string }[] }
+  t.same(validated.runs.map((r) => [r.device_id, r.verdict]), [['dev_1', 'outvoted'], ['dev_2', 'accepted'], ['dev_3', 'agreed']])
+  t.match(events[3]!.data, { device_id: 'dev_2', outputs: output(0.5) })
+  t.equal(state.status, 'completed')
+})
+
+t.test('quorum: runs that never agree fail the task after the most runs, every run outvoted', async (t) => {
+  const { events, state } = quorum([1, 2, 3, 4, 5])
+  t.same(events.map((e) => e.type).slice(-3), ['TaskResultHeld', 'TaskValidated', 'TaskFailed'])
+  t.equal(state.status, 'failed')
+})
+
+t.test('held runs do not use up attempts; a cloud result is not held', async (t) => {
+  const held = quorum([1])
+  const leased = run(held.state, { type: 'LeaseTask', ...user(2), at }).state
+  const failed = run(leased, { type: 'FailAttempt', leaseId: 'lease_2', reason: 'boom', metrics: null, at })
+  t.match(failed.events[0]!.data, { requeued: true }, 'two leases, one failure: attempts left')
+  t.same(failed.state.failedOn, ['dev_2'])
+  let { state } = run(taskDecider.initialState(), { type: 'QueueTask', task: { ...spec, validation: { ...NO_VALIDATION, mode: 'quorum' } }, at, lease: grant })
+  const done = run(state, { type: 'CompleteTask', leaseId: 'lease_1', outputs: output(1), metrics, at })
+  t.same(done.events.map((e) => e.type), ['TaskCompleted'], 'aws is run by the platform: taken as it is')
+  state = done.state
+})
+
+t.test('metering: a claim above wall time x cores is clamped and flagged, the claim kept', async (t) => {
+  const { state } = run(taskDecider.initialState(), { type: 'QueueTask', task: spec, at, lease: grant })
+  const claimed = { cpu_ms: 1e10, gpu_ms: 50, bytes_in: 8, bytes_out: 4 }
+  const { events } = run(state, { type: 'CompleteTask', leaseId: 'lease_1', outputs: output(1), metrics: claimed, observed: { wall_ms: 5, cpu_cores: 4, gpus: 0 }, at })
+  t.match(events[0]!.data, { metrics: { cpu_ms: 20, gpu_ms: 0 }, claimed_metrics: claimed, metering_clamped: true })
+  const honest = run(state, { type: 'CompleteTask', leaseId: 'lease_1', outputs: output(1), metrics, observed: { wall_ms: 5, cpu_cores: 4, gpus: 0 }, at })
+  t.match(honest.events[0]!.data, { metrics, claimed_metrics: null, metering_clamped: false })
 })
