@@ -31,6 +31,10 @@ const Env = z.object({
   /** Attempts before a task fails for good. */
   MAX_TASK_ATTEMPTS: z.coerce.number().int().min(1).max(100).default(3),
   TASK_PREFETCH: z.coerce.number().int().min(1).max(64).default(4),
+  /** Longest a task lease lives whatever the heartbeats (default 10 × LEASE_TIMEOUT_MS). */
+  MAX_LEASE_MS: z.coerce.number().int().min(100).optional(),
+  /** Share of a contributed device's tasks that `validation: spot` runs again. */
+  VALIDATION_SPOT_RATE: z.coerce.number().min(0).max(1).default(0.05),
   /** Secret a new device must present to register; without it, enrollment is open (refused in production). */
   ENROLLMENT_SECRET: z.string().min(8).optional(),
   /** The price table for estimated costs, as JSON (see src/domain/pricing.ts); default DEFAULT_PRICES. */
@@ -52,6 +56,9 @@ export interface Config {
   rateLimit: { max: number; windowMs: number }
   heartbeatIntervalMs: number
   leaseTimeoutMs: number
+  /** Longest a lease lives whatever the heartbeats. */
+  maxLeaseMs: number
+  validationSpotRate: number
   maxTaskAttempts: number
   /** Tasks a device may hold per task it runs at once (TaskScheduler `prefetch`). */
   taskPrefetch: number
@@ -101,6 +108,8 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, overrides: Part
     rateLimit: { max: e.RATE_LIMIT_MAX, windowMs: e.RATE_LIMIT_WINDOW_MS },
     heartbeatIntervalMs: e.HEARTBEAT_INTERVAL_MS,
     leaseTimeoutMs: e.LEASE_TIMEOUT_MS,
+    maxLeaseMs: e.MAX_LEASE_MS ?? 10 * e.LEASE_TIMEOUT_MS,
+    validationSpotRate: e.VALIDATION_SPOT_RATE,
     maxTaskAttempts: e.MAX_TASK_ATTEMPTS,
     taskPrefetch: e.TASK_PREFETCH,
     maxQueuedInputs: e.MAX_QUEUED_INPUTS,

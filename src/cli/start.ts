@@ -6,6 +6,7 @@ import { adaptersFromEnv } from '../adapters/config.js'
 import { BlobStore } from '../blobs/blob-store.js'
 import { DEV_API_KEY, DEV_CUSTOMER_ID, ensureDevCustomer } from '../commands/dev-customer.js'
 import { TaskScheduler } from '../commands/scheduler.js'
+import { allReputations } from '../projections/reputation.js'
 import { TrainingCoordinator } from '../commands/training.js'
 import { type Config, loadConfig } from '../config.js'
 import { DeviceHub } from '../device-hub/hub.js'
@@ -39,7 +40,16 @@ export async function startCommand(args: string[]): Promise<number> {
     console.log(`dcp: development mode: customer ${DEV_CUSTOMER_ID} with API key "${DEV_API_KEY}" (NODE_ENV=production or --production turns this off)`)
   }
   const log = (message: string) => console.error(`dcp: ${message}`)
-  const scheduler = new TaskScheduler({ store: platform.store, db: platform.database.db, leaseTimeoutMs: config.leaseTimeoutMs, maxAttempts: config.maxTaskAttempts, prefetch: config.taskPrefetch, log })
+  const scheduler = new TaskScheduler({
+    store: platform.store,
+    db: platform.database.db,
+    leaseTimeoutMs: config.leaseTimeoutMs,
+    maxLeaseMs: config.maxLeaseMs,
+    maxAttempts: config.maxTaskAttempts,
+    prefetch: config.taskPrefetch,
+    reputations: () => allReputations(platform.database.db),
+    log,
+  })
   await scheduler.recover()
   const training = new TrainingCoordinator({ store: platform.store, db: platform.database.db, blobs, onMembership: (device, job) => scheduler.setTraining(device, job), log })
   await training.recover()

@@ -1,8 +1,9 @@
 import type { z } from 'zod'
 import type { Kysely } from 'kysely'
 import { DomainError } from '../domain/errors.js'
-import { type LeaseGrant, type TaskCommand, taskDecider, type TaskSpec, type TaskState, taskStream } from '../domain/task.js'
-import { NO_VALIDATION } from '../domain/validation.js'
+import { type LeaseGrant, type TaskCommand, taskDecider, type TaskEvent, type TaskSpec, type TaskState, type TaskValidated, taskStream } from '../domain/task.js'
+import type { Observed } from '../domain/metering.js'
+import { emptyReputation, NO_VALIDATION, quarantineReason, type Reputation } from '../domain/validation.js'
 import { type EventStore, type Position, START } from '../event-store/port.js'
 import { newEventId } from '../event-store/event-id.js'
 import { type CancelTask, MAX_HEARTBEAT_LEASES, type Metrics, type TaskAssignment, type TaskResult, type Tensor } from '../protocol/frames.js'
@@ -45,6 +46,11 @@ export interface DeviceSlot {
   draining: boolean
   /** Quarantined or otherwise held back by the platform: connected, but given no work until released. */
   quarantined?: boolean
+  /** Who runs it (its enrollment token, or the device itself): replicas go to another contributor. */
+  contributor?: string
+  /** Cores and GPUs it declared: billed compute is at most the observed wall time times these. */
+  cpuCores?: number
+  gpuCount?: number
   /** The training job it is working for: it takes no inference tasks meanwhile. */
   training?: string
   /** Last reported load, 0..1. */
@@ -59,6 +65,10 @@ interface Lease {
   deviceId: string
   modelId: string
   deadline: number
+  /** No heartbeat extends the lease past this (a device cannot hold a task forever by heartbeating). */
+  expiresAt: number
+  /** When the task was sent to the device (granted, for a lease recovered after a restart): metering's bound. */
+  sentAt: number
 }
 
 export type TaskOutcome =
@@ -73,6 +83,12 @@ export interface SchedulerOptions {
   leaseTimeoutMs?: number
   /** Attempts before a task fails for good. Default 3. */
   maxAttempts?: number
+  /** Longest a lease lives whatever the heartbeats; then the task goes elsewhere. Default 10 × leaseTimeoutMs. */
+  maxLeaseMs?: number
+  /** Takes a device out of the work (reputation past its threshold: src/domain/validation.ts). */
+  quarantine?: (deviceId: string, reason: string) => Promise<void>
+  /** Reputation so far (folded from the log by the reputation read model), loaded by `recover`. */
+  reputations?: () => Promise<Map<string, Reputation>>
   /**
    * Tasks a device may hold per task it runs at once (its `max_concurrent_tasks`): the ones beyond wait on
    * the device, so that it starts the next as soon as one ends instead of waiting for the next lease to be
@@ -112,12 +128,18 @@ export class TaskScheduler {
   private again = false
   private sweeper: NodeJS.Timeout | undefined
   readonly leaseTimeoutMs: number
+  readonly maxLeaseMs: number
   readonly maxAttempts: number
+  /** Each device's contributor (replicas go to another), kept after it disconnects. */
+  private readonly contributors = new Map<string, string>()
+  /** Each device's validated and disputed results and failures of tasks that succeeded elsewhere. */
+  private readonly reputation = new Map<string, Reputation>()
   readonly prefetch: number
   private readonly now: () => Date
 
   constructor(private readonly options: SchedulerOptions) {
     this.leaseTimeoutMs = options.leaseTimeoutMs ?? 30_000
+    this.maxLeaseMs = options.maxLeaseMs ?? 10 * this.leaseTimeoutMs
     this.maxAttempts = options.maxAttempts ?? 3
     this.prefetch = options.prefetch ?? 4
     if (!Number.isInteger(this.prefetch) || this.prefetch < 1) throw new RangeError('prefetch must be a whole number of 1 or more')
@@ -127,14 +149,16 @@ export class TaskScheduler {
   /** Loads queued and leased tasks from the read model and starts the lease sweeper. */
   async recover(): Promise<void> {
     const recovered: { lease: Lease; leasedAt: Position }[] = []
+    for (const [deviceId, reputation] of (await this.options.reputations?.()) ?? []) this.reputation.set(deviceId, reputation)
     for (const open of await openTasks(this.options.db)) {
-      const { state, revision, leasedAt } = await this.fold(open.task_id)
+      const { state, revision, leasedAt, leasedTime } = await this.fold(open.task_id)
       if (!state.spec) continue
       this.known.set(open.task_id, { state, revision })
       this.specs.set(open.task_id, state.spec)
       if (state.status === 'queued') this.enqueue(state.spec)
       else if (state.status === 'leased' && state.lease) {
-        const lease = { leaseId: state.lease.id, taskId: open.task_id, deviceId: state.lease.deviceId, modelId: state.spec.model.id, deadline: Date.now() + this.leaseTimeoutMs }
+        const now = Date.now()
+        const lease = { leaseId: state.lease.id, taskId: open.task_id, deviceId: state.lease.deviceId, modelId: state.spec.model.id, deadline: now + this.leaseTimeoutMs, expiresAt: now + this.maxLeaseMs, sentAt: leasedTime ?? now }
         recovered.push({ lease, leasedAt: leasedAt ?? START })
       }
     }
@@ -284,6 +308,8 @@ export class TaskScheduler {
 
   deviceConnected(slot: DeviceSlot): void {
     this.devices.set(slot.deviceId, slot)
+    this.contributors.set(slot.deviceId, slot.contributor ?? slot.deviceId)
+    if (quarantineReason(this.reputation.get(slot.deviceId) ?? emptyReputation())) slot.quarantined = true
     // Leases it held before a restart or a reconnect are its again, until its first heartbeat says which
     // of them it still has (see heartbeat).
     for (const lease of this.leases.values()) if (lease.deviceId === slot.deviceId) slot.leases.add(lease.leaseId)
@@ -340,7 +366,7 @@ export class TaskScheduler {
     const deadline = Date.now() + this.leaseTimeoutMs
     for (const id of leaseIds) {
       const lease = this.leases.get(id)
-      if (lease && lease.deviceId === deviceId) lease.deadline = deadline
+      if (lease && lease.deviceId === deviceId) lease.deadline = Math.min(deadline, lease.expiresAt)
     }
     const inherited = this.inherited.get(deviceId)
     if (!inherited || !slot) return
@@ -373,21 +399,106 @@ export class TaskScheduler {
     // lease itself stays until then, so a second result under it is still refused).
     const device = this.devices.get(deviceId)
     if (device?.leases.delete(lease.leaseId)) this.kick()
+    const observed = this.observe(lease, device)
     const outputs = frame.outputs ?? (frame.output ? [frame.output] : undefined)
     if (frame.status !== 'completed' || !outputs) {
-      await this.failAttempt(lease, frame.error ?? 'the device reported a failure without an output', frame.metrics)
+      await this.failAttempt(lease, frame.error ?? 'the device reported a failure without an output', frame.metrics, observed)
       return
     }
     const spec = this.specs.get(lease.taskId)
     const wrong = spec && outputProblem(spec, outputs)
     if (wrong) {
-      await this.failAttempt(lease, wrong, frame.metrics)
+      await this.failAttempt(lease, wrong, frame.metrics, observed)
       return
     }
     const at = this.now().toISOString()
-    const done = await this.command(lease.taskId, { type: 'CompleteTask', leaseId: lease.leaseId, outputs, metrics: frame.metrics, at })
+    const done = await this.command(lease.taskId, { type: 'CompleteTask', leaseId: lease.leaseId, outputs, metrics: frame.metrics, ...(observed ? { observed } : {}), at })
     this.release(lease)
-    this.settle(lease.taskId, { status: 'completed', taskId: lease.taskId, deviceId, outputs, metrics: frame.metrics, position: done.position })
+    this.afterOutcome(lease.taskId, done.events, done.position)
+    this.kick()
+  }
+
+  /** What the server saw of the attempt: sent to received, and the device's declared cores and GPUs. */
+  private observe(lease: Lease, device: DeviceSlot | undefined): Observed | undefined {
+    if (!device?.cpuCores) return undefined
+    return { wall_ms: Math.max(0, Date.now() - lease.sentAt), cpu_cores: device.cpuCores, gpus: device.gpuCount ?? 0 }
+  }
+
+  /**
+   * After a task's outcome was recorded: waiters get a completion or a failure for good; a held result
+   * sends the task back to the queue for another run; verdicts and failures of work that succeeded
+   * elsewhere go into the devices' reputations.
+   */
+  private afterOutcome(taskId: string, events: readonly TaskEvent[], position: Position): void {
+    for (const event of events) {
+      switch (event.type) {
+        case 'TaskValidated':
+          this.verdicts(event.data)
+          break
+        case 'TaskCompleted': {
+          const d = event.data
+          if (!d.validated) this.noteReputation(d.device_id, (r) => r.completed++)
+          for (const failed of new Set(d.failed_on)) if (failed !== d.device_id) this.noteReputation(failed, (r) => r.failedElsewhereOk++)
+          this.settle(taskId, { status: 'completed', taskId, deviceId: d.device_id, outputs: d.outputs, metrics: d.metrics, position })
+          return
+        }
+        case 'TaskFailed':
+          this.settle(taskId, { status: 'failed', taskId, reason: event.data.reason, position })
+          return
+        case 'TaskResultHeld': {
+          const spec = this.specs.get(taskId)
+          if (spec) this.enqueue(spec, true) // a replica waits behind no new work
+          break
+        }
+      }
+    }
+  }
+
+  private verdicts(validated: TaskValidated['data']): void {
+    for (const run of validated.runs) {
+      this.noteReputation(run.device_id, (r) => {
+        if (run.verdict === 'outvoted') r.disputed++
+        else {
+          r.validated++
+          r.completed++
+        }
+      })
+    }
+  }
+
+  /** Changes a device's reputation; past the threshold it is quarantined (once). */
+  private noteReputation(deviceId: string, change: (r: Reputation) => void): void {
+    const reputation = this.reputation.get(deviceId) ?? emptyReputation()
+    change(reputation)
+    this.reputation.set(deviceId, reputation)
+    const slot = this.devices.get(deviceId)
+    const reason = quarantineReason(reputation)
+    if (!reason || slot?.quarantined) return
+    if (slot) slot.quarantined = true
+    void this.quarantineDevice(deviceId, reason)
+  }
+
+  /**
+   * Takes a device out of the work: the platform records the quarantine (the hub's), and the tasks it
+   * holds go back to the queue without using attempts (a result it sends for them is refused).
+   */
+  private async quarantineDevice(deviceId: string, reason: string): Promise<void> {
+    this.options.log?.(`scheduler: quarantining ${deviceId}: ${reason}`)
+    const held = [...this.leases.values()].filter((l) => l.deviceId === deviceId)
+    await Promise.all(held.map((lease) => this.returnLease(lease, `the device was quarantined (${reason})`)))
+    await this.options.quarantine?.(deviceId, reason).catch((error: Error) => this.options.log?.(`scheduler: recording the quarantine of ${deviceId}: ${error.message}`))
+  }
+
+  /** The device's reputation as this scheduler knows it. */
+  reputationOf(deviceId: string): Reputation {
+    return { ...(this.reputation.get(deviceId) ?? emptyReputation()) }
+  }
+
+  /** A quarantined device was released: it takes work again (its reputation starts afresh). */
+  deviceReleased(deviceId: string): void {
+    this.reputation.set(deviceId, emptyReputation())
+    const slot = this.devices.get(deviceId)
+    if (slot) slot.quarantined = false
     this.kick()
   }
 
@@ -433,11 +544,15 @@ export class TaskScheduler {
   async sweep(): Promise<void> {
     const now = Date.now()
     const expired = [...this.leases.values()].filter((l) => l.deadline <= now)
-    await Promise.all(expired.map((lease) => this.failAttempt(lease, 'lease expired: the device stopped reporting the task', null)))
+    await Promise.all(
+      expired.map((lease) =>
+        this.failAttempt(lease, lease.deadline >= lease.expiresAt ? `lease expired: the task ran past the longest a lease lives (${this.maxLeaseMs} ms)` : 'lease expired: the device stopped reporting the task', null),
+      ),
+    )
   }
 
-  private failAttempt(lease: Lease, reason: string, metrics: Metrics | null): Promise<void> {
-    return this.endLease(lease, { type: 'FailAttempt', leaseId: lease.leaseId, reason, metrics, at: this.now().toISOString() })
+  private failAttempt(lease: Lease, reason: string, metrics: Metrics | null, observed?: Observed): Promise<void> {
+    return this.endLease(lease, { type: 'FailAttempt', leaseId: lease.leaseId, reason, metrics, ...(observed ? { observed } : {}), at: this.now().toISOString() })
   }
 
   private returnLease(lease: Lease, reason: string): Promise<void> {
@@ -455,10 +570,8 @@ export class TaskScheduler {
     this.release(lease)
     try {
       const result = await this.command(lease.taskId, command)
-      const failed = result.events.find((e) => e.type === 'TaskFailed')
-      if (failed) {
-        this.settle(lease.taskId, { status: 'failed', taskId: lease.taskId, reason: (failed.data as { reason: string }).reason, position: result.position })
-      } else {
+      if (result.events.some((e) => e.type === 'TaskFailed')) this.afterOutcome(lease.taskId, result.events, result.position)
+      else {
         const spec = this.specs.get(lease.taskId)
         if (spec) this.enqueue(spec, true) // back to the front: it has waited already
       }
@@ -529,26 +642,49 @@ export class TaskScheduler {
     return device.leases.size < Math.min(device.maxConcurrent * this.prefetch, MAX_HEARTBEAT_LEASES)
   }
 
-  /** A capable device with room: GPU first when asked, then the least loaded. */
+  /**
+   * A capable device with room: GPU first when asked, then the least loaded. A task whose result is held
+   * for validation goes only to a device that has not run it, of another contributor (or a cloud device),
+   * a cloud device first. A device that failed the task gets it again only when no other capable device is
+   * connected (fault isolation: a broken device does not use up a task's attempts).
+   */
   private pickDevice(task: TaskSpec): DeviceSlot | undefined {
+    const state = this.known.get(task.task_id)?.state
+    const held = state && state.held.length > 0 ? state.held : undefined
+    const ran = held && new Set(held.map((h) => h.deviceId))
+    const ranBy = held && new Set(held.map((h) => this.contributors.get(h.deviceId) ?? h.deviceId))
+    const failedOn = state && state.failedOn.length > 0 ? new Set(state.failedOn) : undefined
     let best: DeviceSlot | undefined
     let bestScore = Infinity
+    let fallback: DeviceSlot | undefined
+    let fallbackScore = Infinity
+    let othersConnected = false
     for (const device of this.devices.values()) {
-      if (device.draining || device.training || device.quarantined || !this.hasSpace(device) || device.maxBatchInputs < task.inputs.length || !device.formats.includes(task.model.format)) continue
+      if (device.draining || device.training || device.quarantined || device.maxBatchInputs < task.inputs.length || !device.formats.includes(task.model.format)) continue
       if (task.instance_type && device.instanceType !== task.instance_type) continue
-      const score = (task.prefer_gpu && device.gpu ? 0 : 10) + device.leases.size / device.maxConcurrent + device.load
-      if (score < bestScore) {
+      if (ran && (ran.has(device.deviceId) || (device.instanceType !== 'aws' && ranBy!.has(device.contributor ?? device.deviceId)))) continue
+      const failedHere = failedOn?.has(device.deviceId) ?? false
+      if (!failedHere) othersConnected = true
+      if (!this.hasSpace(device)) continue
+      const score = (task.prefer_gpu && device.gpu ? 0 : 10) + (held && device.instanceType === 'aws' ? 0 : 5) + device.leases.size / device.maxConcurrent + device.load
+      if (failedHere) {
+        if (score < fallbackScore) {
+          fallback = device
+          fallbackScore = score
+        }
+      } else if (score < bestScore) {
         best = device
         bestScore = score
       }
     }
-    return best
+    return best ?? (othersConnected ? undefined : fallback)
   }
 
   /** Takes a slot of the device for the task under a new lease (recorded by the caller). */
   private reserve(task: TaskSpec, device: DeviceSlot): Lease {
     const leaseId = `lease_${newEventId().replaceAll('-', '').slice(0, 16)}`
-    const lease: Lease = { leaseId, taskId: task.task_id, deviceId: device.deviceId, modelId: task.model.id, deadline: Date.now() + this.leaseTimeoutMs }
+    const now = Date.now()
+    const lease: Lease = { leaseId, taskId: task.task_id, deviceId: device.deviceId, modelId: task.model.id, deadline: now + this.leaseTimeoutMs, expiresAt: now + this.maxLeaseMs, sentAt: now }
     device.leases.add(leaseId)
     this.leases.set(leaseId, lease)
     return lease
@@ -577,6 +713,7 @@ export class TaskScheduler {
       await this.returnLease(lease, 'the device went away while the task was being leased')
       return
     }
+    lease.sentAt = Date.now()
     const sent = device.send({
       type: 'task',
       task_id: task.task_id,
@@ -596,10 +733,12 @@ export class TaskScheduler {
   }
 
   /** The task's state from its stream, and the position of its last lease. */
-  private async fold(taskId: string): Promise<KnownState<TaskState> & { leasedAt: Position | undefined }> {
+  private async fold(taskId: string): Promise<KnownState<TaskState> & { leasedAt: Position | undefined; leasedTime: number | undefined }> {
     const events = await this.options.store.readStream(taskStream(taskId))
     const state = events.map((e) => taskDecider.parse({ type: e.type, data: e.data, schemaVersion: e.metadata.schemaVersion ?? 1 })).reduce(taskDecider.evolve, taskDecider.initialState())
-    return { state, revision: events.at(-1)?.revision ?? -1, leasedAt: events.findLast((e) => e.type === 'TaskLeased')?.position }
+    const leased = events.findLast((e) => e.type === 'TaskLeased')
+    const leasedTime = leased ? Date.parse((leased.data as { leased_at: string }).leased_at) : NaN
+    return { state, revision: events.at(-1)?.revision ?? -1, leasedAt: leased?.position, leasedTime: Number.isFinite(leasedTime) ? leasedTime : undefined }
   }
 
   /** Runs a task command, deciding on the state this scheduler last wrote (one round trip) when it has it. */

@@ -311,6 +311,8 @@ export class DeviceHub {
       maxBatchInputs: frame.capabilities.max_batch_inputs,
       sdkUuid: frame.sdk_uuid,
       instanceType: frame.instance_type,
+      cpuCores: frame.hardware.cpu_cores,
+      gpuCount: frame.hardware.gpus.length,
       leases: new Set(),
       draining: false,
       load: 0,

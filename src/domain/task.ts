@@ -84,6 +84,8 @@ const TaskCompleted = z.object({
     ...Metering,
     /** Completed by validation (a TaskValidated came first): the attempt named is the accepted run, not the one that just ended. */
     validated: z.boolean().default(false),
+    /** Devices that failed an attempt of it before (their reputation counts a failure of work that succeeded elsewhere). */
+    failed_on: z.array(z.string()).default([]),
     completed_at: z.string(),
   }),
 })
@@ -265,7 +267,7 @@ export const taskDecider: Decider<TaskCommand, TaskEvent, TaskState> = {
         const metering = meter(command.metrics, command.observed)
         // once a result is held, every later run's result is compared, whatever device it came from
         const check = state.check ?? checkRequired(spec.validation, spec.task_id, lease.instanceType)
-        if (!check) return [{ type: 'TaskCompleted', data: { ...data, outputs: command.outputs, ...metering, validated: false, completed_at: command.at } }]
+        if (!check) return [{ type: 'TaskCompleted', data: { ...data, outputs: command.outputs, ...metering, validated: false, failed_on: state.failedOn, completed_at: command.at } }]
         return validate(spec, state, { ...data, outputs: command.outputs, ...metering }, check, command.at)
       }
       case 'FailAttempt': {
@@ -338,7 +340,7 @@ function validate(spec: TaskSpec, state: TaskState, run: RunResult, check: 'quor
     // the accepted run's metering as it was recorded when it was held
     return [
       { type: 'TaskValidated', data: { ...base, agreed: true, runs } },
-      { type: 'TaskCompleted', data: { ...accepted, observed: null, claimed_metrics: null, metering_clamped: false, validated: true, completed_at: at } },
+      { type: 'TaskCompleted', data: { ...accepted, observed: null, claimed_metrics: null, metering_clamped: false, validated: true, failed_on: state.failedOn, completed_at: at } },
     ]
   }
   const held: TaskEvent = { type: 'TaskResultHeld', data: { ...run, check, disagrees_with: state.held.map((h) => h.deviceId), held_at: at } }

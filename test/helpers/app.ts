@@ -12,6 +12,7 @@ import { PostgresEventStore } from '../../src/event-store/postgres.js'
 import { type AppDeps, buildApp } from '../../src/http/app.js'
 import type { Database } from '../../src/postgres/database.js'
 import { Projections } from '../../src/projections/projections.js'
+import { allReputations } from '../../src/projections/reputation.js'
 import { freshDatabase } from './database.js'
 
 export const ADMIN_KEY = 'admin-secret-for-the-tests'
@@ -31,7 +32,7 @@ export interface TestApp {
 }
 
 /** The whole HTTP API on a fresh database, with every projection running; torn down with the test. */
-export async function testApp(t: Test, overrides: Partial<AppDeps> = {}, options: { heartbeatIntervalMs?: number; leaseTimeoutMs?: number; enrollmentSecret?: string; roundDeadlineMs?: number; prefetch?: number } = {}): Promise<TestApp> {
+export async function testApp(t: Test, overrides: Partial<AppDeps> = {}, options: { heartbeatIntervalMs?: number; leaseTimeoutMs?: number; enrollmentSecret?: string; roundDeadlineMs?: number; prefetch?: number; maxLeaseMs?: number } = {}): Promise<TestApp> {
   const database = await freshDatabase(t)
   const store = new PostgresEventStore(database.pool)
   const projections = new Projections({ db: database.db, store, retryMs: 50 })
@@ -40,7 +41,15 @@ export async function testApp(t: Test, overrides: Partial<AppDeps> = {}, options
   const blobs = new BlobStore(dir)
   await blobs.init()
   await projections.waitFor(START)
-  const scheduler = new TaskScheduler({ store, db: database.db, leaseTimeoutMs: options.leaseTimeoutMs ?? 2000, maxAttempts: 3, ...(options.prefetch ? { prefetch: options.prefetch } : {}) })
+  const scheduler = new TaskScheduler({
+    store,
+    db: database.db,
+    leaseTimeoutMs: options.leaseTimeoutMs ?? 2000,
+    maxAttempts: 3,
+    ...(options.prefetch ? { prefetch: options.prefetch } : {}),
+    ...(options.maxLeaseMs ? { maxLeaseMs: options.maxLeaseMs } : {}),
+    reputations: () => allReputations(database.db),
+  })
   await scheduler.recover()
   const training = new TrainingCoordinator({ store, db: database.db, blobs, onMembership: (device, job) => scheduler.setTraining(device, job), roundDeadlineMs: options.roundDeadlineMs ?? 5000 })
   await training.recover()
