@@ -68,6 +68,7 @@ export async function startCommand(args: string[]): Promise<number> {
     adminKey: config.adminKey,
     maxModelBytes: config.maxModelBytes,
     maxQueuedInputs: config.maxQueuedInputs,
+    validationSpotRate: config.validationSpotRate,
     prices: config.prices,
     rateLimit: config.rateLimit,
     logLevel: config.logLevel,

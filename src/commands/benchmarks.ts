@@ -262,6 +262,8 @@ export class BenchmarkRunner {
       preprocessing: null,
       postprocessing: null,
       adapter_options: null,
+      validation: null,
+      validation_tolerance: null,
       uploaded_at: at,
     }
     const uploaded = await handleCommand(this.deps.store, modelStream(model.model_id), modelDecider, { type: 'UploadModel', model }, { metadata: { customerId, occurredAt: at } })

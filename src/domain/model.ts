@@ -1,5 +1,6 @@
 import { z } from 'zod'
 import type { Decider } from './decider.js'
+import { VALIDATION_MODES } from './validation.js'
 import { DomainError } from './errors.js'
 
 /** The built-in adapters a model may name (their transforms come with inference). */
@@ -31,6 +32,10 @@ export const ModelDescription = z.object({
   postprocessing: z.enum(POSTPROCESSING).nullable(),
   /** Per-model settings of its adapters (docs/adapters.md), e.g. `top_k`, `threshold`, `vocabulary`, `mean`. */
   adapter_options: JsonObject.nullable().default(null),
+  /** How results are checked when a request or project does not say (src/domain/validation.ts); null: the default. */
+  validation: z.enum(VALIDATION_MODES).nullable().default(null),
+  /** Relative tolerance within which two runs' outputs agree; null: the default (1e-4). */
+  validation_tolerance: z.number().min(0).max(1).nullable().default(null),
   uploaded_at: z.string(),
 })
 export type ModelDescription = z.infer<typeof ModelDescription>
@@ -43,6 +48,8 @@ export const SchemaChanges = z.object({
   preprocessing: z.enum(PREPROCESSING).nullable().optional(),
   postprocessing: z.enum(POSTPROCESSING).nullable().optional(),
   adapter_options: JsonObject.nullable().optional(),
+  validation: z.enum(VALIDATION_MODES).nullable().optional(),
+  validation_tolerance: z.number().min(0).max(1).nullable().optional(),
 })
 export type SchemaChanges = z.infer<typeof SchemaChanges>
 

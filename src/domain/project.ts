@@ -1,4 +1,5 @@
 import { z } from 'zod'
+import { VALIDATION_MODES } from './validation.js'
 import type { Decider } from './decider.js'
 import { DomainError } from './errors.js'
 
@@ -19,6 +20,8 @@ const ProjectCreated = z.object({
     model_id: z.string().nullable(),
     /** Tasks the customer expects (for progress), when given. */
     total_tasks: z.number().int().nullable(),
+    /** How its inference results are checked unless a request says (src/domain/validation.ts); null: the model's. */
+    validation: z.enum(VALIDATION_MODES).nullable().default(null),
     created_at: z.string(),
   }),
 })

@@ -1,4 +1,5 @@
 import multipart from '@fastify/multipart'
+import { VALIDATION_DEFAULTS } from '../domain/validation.js'
 import rateLimit from '@fastify/rate-limit'
 import swagger from '@fastify/swagger'
 import swaggerUi from '@fastify/swagger-ui'
@@ -41,6 +42,8 @@ export interface AppDeps extends Omit<Services, 'limits' | 'now' | 'adapters' | 
   maxModelBytes?: number
   /** Inputs that may wait for a device before new inference is refused (QUEUE_FULL). Default 1,000,000. */
   maxQueuedInputs?: number
+  /** Share of a contributed device's tasks `validation: spot` runs again. Default 0.05. */
+  validationSpotRate?: number
   /** Requests per API key (or per address without one) per window. Default 1000 per minute. */
   rateLimit?: { max: number; windowMs: number }
   logLevel?: string
@@ -132,7 +135,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     training: deps.training,
     adapters: deps.adapters ?? new InProcessAdapters(),
     prices: deps.prices ?? DEFAULT_PRICES,
-    limits: { maxModelBytes: deps.maxModelBytes ?? 256 * 1024 * 1024, maxQueuedInputs: deps.maxQueuedInputs ?? 1_000_000, minPerfDurationS: deps.minPerfDurationS ?? 60 },
+    limits: { maxModelBytes: deps.maxModelBytes ?? 256 * 1024 * 1024, maxQueuedInputs: deps.maxQueuedInputs ?? 1_000_000, minPerfDurationS: deps.minPerfDurationS ?? 60, validationSpotRate: deps.validationSpotRate ?? VALIDATION_DEFAULTS.spotRate },
     now: deps.now ?? (() => new Date()),
     loadToken,
     benchmarks: undefined as unknown as BenchmarkRunner,
@@ -178,7 +181,11 @@ const ERROR_SCHEMA = {
     error: {
       type: 'object',
       required: ['code', 'message'],
-      properties: { code: { type: 'string', example: 'VALIDATION_ERROR' }, message: { type: 'string', example: 'body.input.shape: Required' } },
+      properties: {
+        code: { type: 'string', example: 'VALIDATION_ERROR' },
+        message: { type: 'string', example: 'body.input.shape: Required' },
+        job_id: { type: 'string', description: 'the job a failed, timed-out or interrupted synchronous inference request created (poll it)' },
+      },
     },
   },
 }

@@ -40,8 +40,9 @@ export function statusOf(code: string): number {
   return STATUS[code] ?? 400
 }
 
-export function errorBody(code: string, message: string) {
-  return { error: { code, message } }
+/** The error contract's body; `details` (e.g. a sync request's `job_id`) go beside the code and message. */
+export function errorBody(code: string, message: string, details?: Record<string, unknown>) {
+  return { error: { code, message, ...details } }
 }
 
 /** fastify's own client errors (bad JSON, wrong content type, too large, ...) and their codes here. */
@@ -105,7 +106,7 @@ export function registerErrorContract(app: FastifyInstance, routes: () => readon
     // no route takes the request: that is the answer, whatever else is wrong with it (e.g. a body sent with
     // a method no route takes, which fastify reads, and refuses, before the not-found handler)
     if (request.is404) return noRoute(request, reply)
-    if (error instanceof DomainError) return reply.status(statusOf(error.code)).send(errorBody(error.code, error.message))
+    if (error instanceof DomainError) return reply.status(statusOf(error.code)).send(errorBody(error.code, error.message, error.details))
     if (error instanceof BlobTooLargeError) return reply.status(413).send(errorBody('PAYLOAD_TOO_LARGE', error.message))
     // the last line of defence for NUL (the hook above names the field when it is in the JSON, query or path)
     if (error instanceof UnstorableEventError) return reply.status(400).send(errorBody('VALIDATION_ERROR', `the request holds the NUL character (\\u0000) in a value dcp would store (${error.eventType})`))

@@ -1,4 +1,5 @@
 import { Ajv } from 'ajv'
+import { resolvePolicy, VALIDATION_MODES, type ValidationMode } from '../domain/validation.js'
 import type { FastifyPluginAsync, FastifyRequest } from 'fastify'
 import type { ZodTypeProvider } from 'fastify-type-provider-zod'
 import { z } from 'zod'
@@ -31,6 +32,11 @@ type Tensor = z.infer<typeof Tensor>
  */
 const Input = z.union([Tensor, z.record(z.string(), z.unknown())]).describe('a tensor {data, shape}, or the business format of the model\'s preprocessing adapter')
 
+const Validation = z
+  .enum(VALIDATION_MODES)
+  .optional()
+  .describe("how a contributed device's result is checked before it is delivered: none, spot (a sampled share runs again elsewhere) or quorum (every one runs again on another contributor's or a cloud device); default: the project's, else the model's, else none")
+
 const SingleBody = z.object({
   model_id: z.string().min(1).max(64),
   input: Input,
@@ -41,6 +47,7 @@ const SingleBody = z.object({
       timeout: z.number().int().min(1).max(600_000).optional().describe('ms a synchronous request waits (default 30000)'),
       prefer_gpu: z.boolean().optional(),
       instance_type: z.enum(['aws', 'user']).optional().describe('run only on cloud (aws) or contributed (user) devices'),
+      validation: Validation,
     })
     .optional(),
 })
@@ -50,7 +57,7 @@ const BatchBody = z.object({
   inputs: z.array(Input).min(1).max(100_000),
   name: z.string().max(200).optional(),
   project_id: z.string().min(1).max(64).optional(),
-  options: z.object({ prefer_gpu: z.boolean().optional(), instance_type: z.enum(['aws', 'user']).optional() }).optional(),
+  options: z.object({ prefer_gpu: z.boolean().optional(), instance_type: z.enum(['aws', 'user']).optional(), validation: Validation }).optional(),
 })
 
 const JobParams = z.object({ jobId: z.string().min(1).max(80) })
@@ -166,21 +173,21 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
   }
 
   /** The project new work counts towards: the one named (it must be the customer's and still open), or for a batch without one a new batch project. */
-  async function projectFor(customerId: string, model: ModelRow, body: { project_id?: string | undefined; name?: string | undefined }, kind: 'single' | 'batch', inputs: number): Promise<string | null> {
+  async function projectFor(customerId: string, model: ModelRow, body: { project_id?: string | undefined; name?: string | undefined }, kind: 'single' | 'batch', inputs: number): Promise<{ id: string | null; validation?: ValidationMode | null }> {
     if (body.project_id) {
       const project = await findProject(services.db, customerId, body.project_id)
       if (!project) throw new DomainError('NOT_FOUND', `project ${body.project_id} not found`)
       if (project.state !== 'active') throw new DomainError('CONFLICT', `project ${body.project_id} is ${project.state}; it takes no new work`)
-      return project.project_id
+      return { id: project.project_id, validation: project.validation }
     }
-    if (kind === 'single') return null
+    if (kind === 'single') return { id: null }
     const at = services.now()
     for (let attempt = 0; ; attempt++) {
       const projectId = attempt === 0 ? `batch_${at.getTime()}` : `batch_${at.getTime()}_${newId('').slice(1, 7)}`
-      const project = { project_id: projectId, customer_id: customerId, name: body.name ?? `Batch of ${inputs}`, project_type: 'batch' as const, model_id: model.model_id, total_tasks: inputs, created_at: at.toISOString() }
+      const project = { project_id: projectId, customer_id: customerId, name: body.name ?? `Batch of ${inputs}`, project_type: 'batch' as const, model_id: model.model_id, total_tasks: inputs, validation: null, created_at: at.toISOString() }
       try {
         await execute(services, projectStream(projectId), projectDecider, { type: 'CreateProject', project }, { metadata: { customerId, occurredAt: project.created_at } })
-        return projectId
+        return { id: projectId }
       } catch (error) {
         if (!(error instanceof DomainError && error.code === 'CONFLICT') || attempt >= 3) throw error
       }
@@ -194,7 +201,7 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
     rawInputs: unknown[],
     kind: 'single' | 'batch',
     mode: 'sync' | 'async',
-    placement: { prefer_gpu?: boolean | undefined; instance_type?: 'aws' | 'user' | undefined } | undefined,
+    placement: { prefer_gpu?: boolean | undefined; instance_type?: 'aws' | 'user' | undefined; validation?: ValidationMode | undefined } | undefined,
     /** Called with the task ids before they are queued: a waiter set up here cannot miss the outcome. */
     beforeQueue: (taskIds: string[]) => void = () => {},
   ) {
@@ -206,7 +213,9 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
     if (capacity.slots === 0) throw new DomainError('NO_DEVICES', `no connected ${instanceType ? `${instanceType} ` : ''}device can run ${model.format} models`)
     const admitted = services.scheduler.admit(inputs.length, services.limits.maxQueuedInputs)
     try {
-      const projectId = await projectFor(customerId, model, body, kind, inputs.length)
+      const project = await projectFor(customerId, model, body, kind, inputs.length)
+      const projectId = project.id
+      const validation = resolvePolicy(placement?.validation, project.validation, { mode: model.validation ?? undefined, tolerance: model.validation_tolerance ?? undefined }, services.limits.validationSpotRate)
       const jobId = newId(kind === 'single' ? 'infer' : 'batch')
       const at = services.now().toISOString()
       const sizes = kind === 'single' ? [1] : chunkSizes(inputs.length, capacity)
@@ -228,6 +237,7 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
           output_shape: model.output_shape,
           prefer_gpu: placement?.prefer_gpu ?? false,
           instance_type: instanceType ?? null,
+          validation,
         })),
         { customerId },
         [{ streamId: inferenceStream(jobId), decider: inferenceDecider, command: { type: 'RequestInference', request }, metadata: { customerId, occurredAt: at } }],
@@ -285,10 +295,10 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
     } catch (error) {
       // the request stops waiting, the job does not: say where to find its result
       const why = error instanceof DomainError && { TIMEOUT: `no result within ${body.options?.timeout ?? DEFAULT_TIMEOUT_MS} ms`, SERVICE_UNAVAILABLE: 'the server is shutting down' }[error.code]
-      if (why) throw new DomainError((error as DomainError).code, `${why}; the job goes on: poll /api/v1/inference/${jobId}`)
+      if (why) throw new DomainError((error as DomainError).code, `${why}; the job goes on: poll /api/v1/inference/${jobId}`, { job_id: jobId })
       throw error
     }
-    if (outcome.status !== 'completed') throw new DomainError('INFERENCE_FAILED', outcome.status === 'failed' ? outcome.reason : 'the job was cancelled')
+    if (outcome.status !== 'completed') throw new DomainError('INFERENCE_FAILED', outcome.status === 'failed' ? outcome.reason : 'the job was cancelled', { job_id: jobId })
     // No wait for the read models here: the answer carries the result, and a GET of the job waits for them.
     const [result] = await present(model, outcome.outputs, request.query.raw === 'true')
     return { job_id: jobId, status: 'completed', result, latency_ms: Math.round(performance.now() - started), device_id: outcome.deviceId }

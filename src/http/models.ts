@@ -1,4 +1,5 @@
 import type {} from '@fastify/multipart'
+import { VALIDATION_MODES } from '../domain/validation.js'
 import { Ajv } from 'ajv'
 import type { FastifyPluginAsync, FastifyRequest } from 'fastify'
 import type { ZodTypeProvider } from 'fastify-type-provider-zod'
@@ -43,6 +44,8 @@ const UploadFields = z.strictObject({
   preprocessing: z.enum(PREPROCESSING).optional(),
   postprocessing: z.enum(POSTPROCESSING).optional(),
   adapter_options: json(JsonObject).optional(),
+  validation: z.enum(VALIDATION_MODES).optional(),
+  validation_tolerance: json(z.number().min(0).max(1)).optional(),
 })
 
 const ModelParams = z.object({ id: z.string().min(1).max(64) })
@@ -90,6 +93,8 @@ export function modelView(m: ModelDescription & { updated_at?: string }) {
     output_schema: m.output_schema,
     labels: m.labels,
     adapter_options: m.adapter_options ?? null,
+    validation: m.validation ?? null,
+    validation_tolerance: m.validation_tolerance ?? null,
   }
 }
 
@@ -197,6 +202,8 @@ export const modelRoutes: FastifyPluginAsync<{ services: Services }> = async (ba
         preprocessing: input.preprocessing ?? null,
         postprocessing: input.postprocessing ?? null,
         adapter_options: input.adapter_options ?? null,
+        validation: input.validation ?? null,
+        validation_tolerance: input.validation_tolerance ?? null,
         uploaded_at: services.now().toISOString(),
       }
       checkAdapters(model)

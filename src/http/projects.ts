@@ -1,4 +1,5 @@
 import type { FastifyPluginAsync } from 'fastify'
+import { VALIDATION_MODES } from '../domain/validation.js'
 import type { ZodTypeProvider } from 'fastify-type-provider-zod'
 import { z } from 'zod'
 import { DomainError } from '../domain/errors.js'
@@ -18,6 +19,7 @@ const CreateBody = z.object({
   type: z.enum(PROJECT_TYPES).default('realtime'),
   model_id: z.string().min(1).max(64).optional(),
   total_tasks: z.number().int().min(1).max(100_000_000).optional().describe('expected tasks, for progress'),
+  validation: z.enum(VALIDATION_MODES).optional().describe("how results from contributed devices are checked (none, spot, quorum) unless a request says; default: the model's"),
 })
 const ProjectParams = z.object({ id: z.string().min(1).max(80) })
 
@@ -41,7 +43,7 @@ export const projectRoutes: FastifyPluginAsync<{ services: Services }> = async (
     if (body.model_id && !(await findModel(services.db, customerId, body.model_id))) throw new DomainError('NO_MODEL', `model ${body.model_id} not found`)
     const at = services.now().toISOString()
     const name = body.name ?? `${body.type[0]!.toUpperCase()}${body.type.slice(1)} project of ${at.slice(0, 10)} ${at.slice(11, 16)} UTC`
-    const project = { project_id: newId('proj'), customer_id: customerId, name, project_type: body.type, model_id: body.model_id ?? null, total_tasks: body.total_tasks ?? null, created_at: at }
+    const project = { project_id: newId('proj'), customer_id: customerId, name, project_type: body.type, model_id: body.model_id ?? null, total_tasks: body.total_tasks ?? null, validation: body.validation ?? null, created_at: at }
     await execute(services, projectStream(project.project_id), projectDecider, { type: 'CreateProject', project }, { metadata: { customerId, occurredAt: at } })
     return reply.status(201).send(projectView((await findProject(services.db, customerId, project.project_id))!))
   })

@@ -154,11 +154,13 @@ export const usageRoutes: FastifyPluginAsync<{ services: Services }> = async (ba
     return { from: query.from, to }
   }
 
-  for (const [path, outcome] of [['/internal/uuid-usage', 'completed'], ['/internal/uuid-usage/errors', 'failed']] as const) {
+  // a contributor is credited with work that stood (its completions and the replicas that agreed with
+  // an accepted result); its errors include runs that validation outvoted
+  for (const [path, outcome] of [['/internal/uuid-usage', ['completed', 'replica']], ['/internal/uuid-usage/errors', ['failed', 'disputed']]] as const) {
     app.get(path, {
       config: { auth: 'internal' },
       schema: {
-        summary: outcome === 'completed' ? 'Per-SDK-UUID usage of successful tasks, by hour (rolling 3-day window, hours with activity only)' : 'Per-SDK-UUID usage of failed attempts, by hour',
+        summary: path === '/internal/uuid-usage' ? 'Per-SDK-UUID usage of successful tasks, by hour (rolling 3-day window, hours with activity only)' : 'Per-SDK-UUID usage of failed attempts, by hour',
         tags: ['internal'],
         querystring: z.object({ from: Hour, to: Hour.optional() }),
       },

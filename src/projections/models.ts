@@ -7,7 +7,8 @@ const JSON_COLUMNS = ['input_shape', 'output_shape', 'inputs', 'outputs', 'input
 /** Every customer's models as the API shows them; deleted ones keep their row with `deleted_at`. */
 export const modelsProjection: Projection = {
   name: 'models',
-  version: 2,
+  // 3: validation and validation_tolerance
+  version: 3,
   filter: { types: modelEventTypes },
   tables: [{ name: 'models', primaryKey: ['model_id'] }],
 
@@ -22,6 +23,8 @@ export const modelsProjection: Projection = {
       .addColumn('checksum', 'text', (c) => c.notNull())
       .addColumn('preprocessing', 'text')
       .addColumn('postprocessing', 'text')
+      .addColumn('validation', 'text')
+      .addColumn('validation_tolerance', 'double precision')
       .addColumn('uploaded_at', 'text', (c) => c.notNull())
       .addColumn('updated_at', 'text', (c) => c.notNull())
       .addColumn('deleted_at', 'text')

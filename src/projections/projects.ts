@@ -16,7 +16,8 @@ export const projectsProjection: Projection = {
   name: 'projects',
   // 2: a task's instance type is the one its attempt is billed by (TaskLeased, TaskCompleted), not the one
   // its device registered with (a device may connect again as another type)
-  version: 2,
+  // 3: validation
+  version: 3,
   filter: { types: [...projectEventTypes, 'DeviceRegistered', 'TaskQueued', 'TaskLeased', 'TaskCompleted', 'TaskFailed', 'TaskCancelled'] },
   tables: [
     { name: 'projects', primaryKey: ['project_id'] },
@@ -33,6 +34,7 @@ export const projectsProjection: Projection = {
       .addColumn('type', 'text', (c) => c.notNull())
       .addColumn('model_id', 'text')
       .addColumn('expected_tasks', 'integer')
+      .addColumn('validation', 'text')
       /** active, completed or cancelled, as recorded (a batch project that finished its work reads as completed). */
       .addColumn('state', 'text', (c) => c.notNull())
       .addColumn('submitted', 'integer', (c) => c.notNull())
@@ -106,7 +108,7 @@ export const projectsProjection: Projection = {
       switch (event.type) {
         case 'ProjectCreated': {
           const d = event.data
-          projects.insert({ project_id: d.project_id, customer_id: d.customer_id, name: d.name, type: d.project_type, model_id: d.model_id, expected_tasks: d.total_tasks, state: 'active', submitted: 0, completed: 0, failed: 0, cancelled: 0, created_at: d.created_at, updated_at: d.created_at, ended_at: null })
+          projects.insert({ project_id: d.project_id, customer_id: d.customer_id, name: d.name, type: d.project_type, model_id: d.model_id, expected_tasks: d.total_tasks, validation: d.validation, state: 'active', submitted: 0, completed: 0, failed: 0, cancelled: 0, created_at: d.created_at, updated_at: d.created_at, ended_at: null })
           break
         }
         case 'ProjectCompleted':
@@ -173,6 +175,7 @@ export interface ProjectRow {
   type: string
   model_id: string | null
   expected_tasks: number | null
+  validation: 'none' | 'spot' | 'quorum' | null
   state: string
   submitted: number
   completed: number
@@ -194,6 +197,7 @@ export function projectView(p: ProjectRow) {
     name: p.name,
     type: p.type,
     model_id: p.model_id,
+    validation: p.validation ?? null,
     status,
     total_tasks: total,
     submitted_tasks: p.submitted,

@@ -1,6 +1,8 @@
 import { type Kysely, sql } from 'kysely'
 import { taskDecider } from '../domain/task.js'
+import { boundMetrics } from '../domain/metering.js'
 import { RoundData } from '../domain/training-job.js'
+import type { Metrics } from '../protocol/frames.js'
 import type { RecordedEvent } from '../event-store/port.js'
 import { liveSchema, type Projection } from './projection.js'
 import type { BulkLoad, InShadow } from './replay.js'
@@ -19,8 +21,10 @@ const MEASURES = ['tasks', 'cpu_tasks', 'gpu_tasks', 'inputs', 'cpu_us', 'gpu_us
  */
 export const usageProjection: Projection = {
   name: 'usage',
-  version: 2,
-  filter: { types: ['TaskCompleted', 'TaskAttemptFailed', 'TrainingRoundCompleted'] },
+  // 3: validation's replicas (`replica`: a run that agreed, credited to its contributor, not billed) and
+  // outvoted runs (`disputed`: counted under the contributor's errors); billed compute bounded by `observed`
+  version: 3,
+  filter: { types: ['TaskCompleted', 'TaskAttemptFailed', 'TaskValidated', 'TrainingRoundCompleted'] },
   tables: [{ name: 'usage_hourly', primaryKey: USAGE_KEY }],
 
   async createTables(db) {
@@ -64,13 +68,20 @@ export const usageProjection: Projection = {
   },
 }
 
+/**
+ * `completed`: a task's one completion, billed to the customer; `failed`: an attempt that failed; `training`:
+ * a device's part of a training round; `replica`: a validation run that agreed with the accepted result
+ * (the contributor's work, not billed to the customer); `disputed`: a run outvoted by validation.
+ */
+export type UsageOutcome = 'completed' | 'failed' | 'training' | 'replica' | 'disputed'
+
 interface UsageRow {
   customer_id: string
   project_id: string
   hour: string
   sdk_uuid: string
   instance_type: string
-  outcome: 'completed' | 'failed' | 'training'
+  outcome: UsageOutcome
   tasks: number
   cpu_tasks: number
   gpu_tasks: number
@@ -100,18 +111,32 @@ class UsageFold {
   add(recorded: RecordedEvent): void {
     if (recorded.type === 'TrainingRoundCompleted') return this.addTraining(recorded)
     const event = taskDecider.parse({ type: recorded.type, data: recorded.data, schemaVersion: recorded.metadata.schemaVersion ?? 1 })
+    if (event.type === 'TaskValidated') {
+      const d = event.data
+      for (const run of d.runs) {
+        if (run.verdict === 'accepted') continue // billed by the TaskCompleted that follows
+        this.count(d.customer_id, d.project_id ?? '', hourOf(d.validated_at), run.sdk_uuid ?? '', run.instance_type ?? 'unknown', run.verdict === 'agreed' ? 'replica' : 'disputed', d.inputs, run.metrics)
+      }
+      return
+    }
     if (event.type !== 'TaskCompleted' && event.type !== 'TaskAttemptFailed') return
     const d = event.data
     const at = event.type === 'TaskCompleted' ? event.data.completed_at : event.data.failed_at
-    const metrics = event.data.metrics ?? { cpu_ms: 0, gpu_ms: 0, bytes_in: 0, bytes_out: 0 }
+    const claimed = event.data.metrics ?? { cpu_ms: 0, gpu_ms: 0, bytes_in: 0, bytes_out: 0 }
+    // the bound replayed from what the server observed (the event's metrics are bounded already; an audit checks it again)
+    const metrics = d.observed ? boundMetrics(claimed, d.observed).metrics : claimed
     const outcome = event.type === 'TaskCompleted' ? 'completed' : 'failed'
-    const row = this.row(d.customer_id, d.project_id ?? '', hourOf(at), d.sdk_uuid ?? '', d.instance_type ?? 'unknown', outcome)
+    this.count(d.customer_id, d.project_id ?? '', hourOf(at), d.sdk_uuid ?? '', d.instance_type ?? 'unknown', outcome, d.inputs, metrics)
+  }
+
+  private count(customer: string, project: string, hour: string, sdkUuid: string, instanceType: string, outcome: UsageOutcome, inputs: number, metrics: Metrics): void {
+    const row = this.row(customer, project, hour, sdkUuid, instanceType, outcome)
     const m = this.measures
     const gpu = metrics.gpu_ms > 0
     m[row + TASKS]! += 1
     m[row + CPU_TASKS]! += gpu ? 0 : 1
     m[row + GPU_TASKS]! += gpu ? 1 : 0
-    m[row + INPUTS]! += d.inputs
+    m[row + INPUTS]! += inputs
     m[row + CPU_US]! += Math.round(metrics.cpu_ms * 1000)
     m[row + GPU_US]! += Math.round(metrics.gpu_ms * 1000)
     m[row + BYTES_IN]! += metrics.bytes_in
@@ -131,7 +156,7 @@ class UsageFold {
   }
 
   /** Where a key's measures start, the row created with zero measures when new. */
-  private row(customer_id: string, project_id: string, hour: string, sdk_uuid: string, instance_type: string, outcome: UsageRow['outcome']): number {
+  private row(customer_id: string, project_id: string, hour: string, sdk_uuid: string, instance_type: string, outcome: UsageOutcome): number {
     const id = JSON.stringify([customer_id, project_id, hour, sdk_uuid, instance_type, outcome])
     let at = this.index.get(id)
     if (at === undefined) {
@@ -286,7 +311,7 @@ export interface UsageFilter {
   /** Inclusive hours, `YYYY-MM-DDTHH`. */
   fromHour?: string | undefined
   toHour?: string | undefined
-  outcome?: 'completed' | 'failed' | 'training' | undefined
+  outcome?: UsageOutcome | readonly UsageOutcome[] | undefined
 }
 
 /** Sums of usage, for the rows matching the filter, grouped by the columns given. */
@@ -301,7 +326,7 @@ export async function sumUsage<G extends 'customer_id' | 'project_id' | 'hour' |
   if (filter.projectId !== undefined) query = query.where('project_id', '=', filter.projectId)
   if (filter.fromHour !== undefined) query = query.where('hour', '>=', filter.fromHour)
   if (filter.toHour !== undefined) query = query.where('hour', '<=', filter.toHour)
-  if (filter.outcome !== undefined) query = query.where('outcome', '=', filter.outcome)
+  if (filter.outcome !== undefined) query = query.where('outcome', 'in', typeof filter.outcome === 'string' ? [filter.outcome] : [...filter.outcome])
   let grouped = query.select([...groupBy.map((g) => sql.ref(g).as(g)), ...MEASURES.map((m) => sql<string>`sum(${sql.ref(m)})`.as(m))])
   if (groupBy.length > 0) grouped = grouped.groupBy([...groupBy] as never).orderBy([...groupBy] as never)
   if (page) grouped = grouped.limit(page.limit).offset(page.offset)
