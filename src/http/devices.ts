@@ -1,4 +1,5 @@
 import { existsSync } from 'node:fs'
+import { deviceReputation } from '../projections/reputation.js'
 import path from 'node:path'
 import { fileURLToPath } from 'node:url'
 import type { FastifyPluginAsync } from 'fastify'
@@ -42,7 +43,8 @@ export const deviceRoutes: FastifyPluginAsync<{ services: Services }> = async (b
   app.get('/devices/:id', { config, schema: { summary: 'A device: hardware, capabilities, metrics', tags: ['devices'], params: DeviceParams } }, async (request) => {
     const device = await findDevice(services.db, request.params.id)
     if (!device) throw new DomainError('NOT_FOUND', `device ${request.params.id} not found`)
-    return device
+    const reputation = await deviceReputation(services.db, request.params.id)
+    return { ...device, reputation: { validated: reputation.validated, disputed: reputation.disputed, completed: reputation.completed, failed_elsewhere_ok: reputation.failedElsewhereOk } }
   })
 
   app.get('/devices/:id/logs', {

@@ -23,12 +23,14 @@ export interface InferenceSetupOptions {
   leaseTimeoutMs?: number
   /** Tasks a device may hold per task it runs at once (the scheduler's default when absent). */
   prefetch?: number
+  /** Longest a lease lives whatever the heartbeats (the scheduler's default when absent). */
+  maxLeaseMs?: number
   overrides?: Partial<AppDeps>
 }
 
 /** A test app on a real socket, a customer, a model built in the test, and real worker processes. */
 export async function inferenceSetup(t: Test, options: InferenceSetupOptions = {}) {
-  const context = await testApp(t, { rateLimit: { max: 100_000, windowMs: 60_000 }, ...options.overrides }, { heartbeatIntervalMs: 2000, leaseTimeoutMs: options.leaseTimeoutMs ?? 10_000, prefetch: options.prefetch })
+  const context = await testApp(t, { rateLimit: { max: 100_000, windowMs: 60_000 }, ...options.overrides }, { heartbeatIntervalMs: 2000, leaseTimeoutMs: options.leaseTimeoutMs ?? 10_000, prefetch: options.prefetch, ...(options.maxLeaseMs ? { maxLeaseMs: options.maxLeaseMs } : {}) })
   const url = await context.app.listen({ port: 0, host: '127.0.0.1' })
   const alice = await context.customer()
   const bytes = options.model ?? denseOnnxModel({ inputs: 10, outputs: 2 })
