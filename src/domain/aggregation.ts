@@ -1,4 +1,4 @@
-import { mixAsync, type MixOptions, type Weights, WeightsError } from './fedavg.js'
+import { mixAsync, type MixOptions, type Weights, weightedAverage, WeightsError } from './fedavg.js'
 
 /**
  * Robust aggregation of a round's updates, pure. Contributed devices may lie, so besides FedAvg's
@@ -121,7 +121,7 @@ export function mixRobust(global: Weights, update: Weights, options: MixOptions 
 function combine(rule: Robustness, updates: Weights[], samples: number[]): Weights {
   switch (rule.aggregation) {
     case 'fedavg':
-      return weightedMean(updates, samples)
+      return weightedAverage(updates.map((weights, i) => ({ weights, samples: samples[i]! })))
     case 'trimmed_mean':
       return trimmedMean(updates, rule.trim_fraction)
     case 'median':
@@ -131,19 +131,6 @@ function combine(rule: Robustness, updates: Weights[], samples: number[]): Weigh
       throw new Error(`unknown aggregation ${String(unknown)}`)
     }
   }
-}
-
-function weightedMean(updates: Weights[], samples: number[]): Weights {
-  const total = samples.reduce((a, b) => a + b, 0)
-  if (!(total > 0)) throw new WeightsError('the updates saw 0 samples in total: nothing to average')
-  return mapNames(updates[0]!, (name) => {
-    const out = new Float64Array(updates[0]![name]!.length)
-    updates.forEach((u, i) => {
-      const values = u[name]!
-      for (let k = 0; k < out.length; k++) out[k]! += samples[i]! * values[k]!
-    })
-    return Float32Array.from(out, (s) => s / total)
-  })
 }
 
 /** Applies `f` to the sorted values of each coordinate across the updates. */
