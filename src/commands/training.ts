@@ -3,12 +3,13 @@ import { Readable } from 'node:stream'
 import type { Kysely } from 'kysely'
 import type { BlobStore } from '../blobs/blob-store.js'
 import { DomainError } from '../domain/errors.js'
-import { decodeWeights, encodeWeights, mixAsync, roundReady, weightedAverage, weightsToBase64 } from '../domain/fedavg.js'
+import { aggregate, mixRobust } from '../domain/aggregation.js'
+import { decodeWeights, encodeWeights, roundReady, weightsToBase64 } from '../domain/fedavg.js'
 import { type ModelDescription, modelDecider, modelStream } from '../domain/model.js'
 import { type AllocDevice, allocateDevices, isEligible } from '../domain/training-allocation.js'
-import { type Contribution, isFinished, type TrainingCommand, trainingDecider, type TrainingSpec, type TrainingState, trainingStream } from '../domain/training-job.js'
+import { type Contribution, isFinished, type RoundData, robustnessOf, type TrainingCommand, trainingDecider, type TrainingSpec, type TrainingState, trainingStream } from '../domain/training-job.js'
 import type { EventStore, Position } from '../event-store/port.js'
-import type { HubFrame, PLATFORMS, TrainData, TrainStart, TrainUpdate } from '../protocol/frames.js'
+import { type HubFrame, minUpdateIntervalMs, type PLATFORMS, type TrainData, type TrainStart, type TrainUpdate } from '../protocol/frames.js'
 import { unfinishedTrainingJobs } from '../projections/training.js'
 import { handleCommand, type KnownState } from './handle-command.js'
 import { loadValidation, type Validation, type Weights } from './training-validation.js'
@@ -48,6 +49,10 @@ interface Member {
   draining: boolean
   /** The dataset shard it trains on (of as many as the job had devices when it joined). */
   shard: number
+  /** Sync modes: the base round of its last update taken (a second update from a round is refused). */
+  lastBaseRound: number | undefined
+  /** Async: when its last update was taken (ms), for the rate limit. */
+  lastUpdateAt: number | undefined
 }
 
 interface Pending {
@@ -200,7 +205,33 @@ export class TrainingCoordinator {
       this.devices.get(deviceId)?.send({ type: 'train_stop', job_id: frame.job_id, reason: 'not assigned to this job' })
       return
     }
-    await this.serially(job, () => (job.spec.training_config.sync_mode === 'async' ? this.mixIn(job, member, frame) : this.collect(job, member, frame)))
+    await this.serially(job, async () => {
+      await this.refuseIfAbusive(job, member, frame)
+      return job.spec.training_config.sync_mode === 'async' ? this.mixIn(job, member, frame) : this.collect(job, member, frame)
+    })
+  }
+
+  /**
+   * One update per device per round (sync modes: a second one from the same or an earlier base round), and
+   * in async mode one per `sync_interval_ms / 10` per device: more is refused, recorded (TrainingUpdateRefused)
+   * and answered with an `error` frame (the DomainError, through the hub).
+   */
+  private async refuseIfAbusive(job: LiveJob, member: Member, frame: TrainUpdate): Promise<void> {
+    const config = job.spec.training_config
+    const refuse = async (reason: 'duplicate_round' | 'too_frequent', message: string) => {
+      await this.command(job, { type: 'RefuseUpdate', deviceId: member.deviceId, baseRound: frame.base_round, reason, message, at: this.at() })
+      throw new DomainError('UPDATE_REFUSED', message)
+    }
+    if (config.sync_mode !== 'async') {
+      if (member.lastBaseRound !== undefined && frame.base_round <= member.lastBaseRound) {
+        await refuse('duplicate_round', `update refused: this device already sent an update from round ${member.lastBaseRound}; one update per round`)
+      }
+      return
+    }
+    const interval = minUpdateIntervalMs(config.sync_interval_ms)
+    const since = this.now().getTime() - (member.lastUpdateAt ?? -Infinity)
+    if (since < interval) await refuse('too_frequent', `update refused: ${Math.round(since)} ms after this device's previous update; at most one per ${interval} ms (sync_interval_ms / 10)`)
+    member.lastUpdateAt = this.now().getTime()
   }
 
   /** The device could not train for the job (its error): it leaves the job, which goes on without it. */
@@ -231,13 +262,23 @@ export class TrainingCoordinator {
    */
   private async mixIn(job: LiveJob, member: Member, frame: TrainUpdate): Promise<void> {
     const staleness = Math.max(0, job.known.state.round - frame.base_round)
-    const mixed = mixAsync(job.weights, weightsOf(job, frame), { samples: frame.samples, staleness, alpha: this.options.asyncAlpha ?? 0.9, maxStaleness: this.options.maxStaleness ?? 20 })
+    const rule = robustnessOf(job.spec)
+    const credited = contribution(job.spec, member, frame, staleness)
+    const mixed = mixRobust(job.weights, weightsOf(job, frame), {
+      samples: credited.samples,
+      staleness,
+      alpha: this.options.asyncAlpha ?? 0.9,
+      maxStaleness: this.options.maxStaleness ?? 20,
+      rule,
+      recentNorms: job.known.state.recentNorms,
+    })
     if (!mixed.applied) {
       this.options.log?.(`training ${job.spec.job_id}: dropped an update of ${member.deviceId} ${staleness} rounds stale`)
       this.sendWeights(job, member.deviceId)
       return
     }
-    const finished = await this.commitRound(job, mixed.weights, [contribution(member, frame, staleness)])
+    const decisions = { aggregation: rule.aggregation, clip_bound: mixed.clipBound, mix: mixed.mix }
+    const finished = await this.commitRound(job, mixed.weights, [{ ...credited, delta_norm: mixed.norm, clipped: mixed.clipped }], decisions)
     if (finished) return
     if (member.draining) await this.release(job, [member.deviceId], 'moved to another job')
     // the weight sync: the device goes on from the mixed weights (and pulls them every sync_interval_ms besides)
@@ -252,7 +293,9 @@ export class TrainingCoordinator {
   private async collect(job: LiveJob, member: Member, frame: TrainUpdate): Promise<void> {
     const lag = job.known.state.round - frame.base_round
     if (lag < 0 || lag > (job.spec.training_config.sync_mode === 'semi_sync' ? 1 : 0)) return
-    job.pending.set(member.deviceId, { weights: weightsOf(job, frame), contribution: contribution(member, frame, lag) })
+    const weights = weightsOf(job, frame)
+    member.lastBaseRound = frame.base_round
+    job.pending.set(member.deviceId, { weights, contribution: contribution(job.spec, member, frame, lag) })
     await this.maybeCloseRound(job, false)
   }
 
@@ -272,8 +315,10 @@ export class TrainingCoordinator {
       const late = [...job.members.keys()].filter((id) => !updates.some((u) => u.contribution.device_id === id))
       if (late.length > 0) await this.release(job, late, 'missed the round deadline')
     }
-    const averaged = weightedAverage(updates.map((u) => ({ weights: u.weights, samples: u.contribution.samples })))
-    const finished = await this.commitRound(job, averaged, updates.map((u) => u.contribution))
+    const rule = robustnessOf(job.spec)
+    const result = aggregate(job.weights, updates.map((u) => ({ weights: u.weights, samples: u.contribution.samples })), rule)
+    const contributions = updates.map((u, i) => ({ ...u.contribution, delta_norm: result.norms[i]!, clipped: result.clipped[i]! }))
+    const finished = await this.commitRound(job, result.weights, contributions, { aggregation: rule.aggregation, clip_bound: result.clipBound })
     if (finished) return
     const draining = [...job.members.values()].filter((m) => m.draining).map((m) => m.deviceId)
     if (draining.length > 0) await this.release(job, draining, 'moved to another job')
@@ -281,7 +326,7 @@ export class TrainingCoordinator {
   }
 
   /** Checks the new weights, checkpoints the round, and ends the job when it has reached its goal. True when it ended. */
-  private async commitRound(job: LiveJob, weights: Weights, contributions: Contribution[]): Promise<boolean> {
+  private async commitRound(job: LiveJob, weights: Weights, contributions: Contribution[], decisions: Pick<RoundData, 'aggregation' | 'clip_bound' | 'mix'>): Promise<boolean> {
     const spec = job.spec
     const state = job.known.state
     const steps = contributions.reduce((n, c) => n + c.steps, 0)
@@ -310,6 +355,7 @@ export class TrainingCoordinator {
       contributions,
       wall_ms: Math.max(0, at.getTime() - job.roundStartedAt),
       at: at.toISOString(),
+      ...decisions,
     }
     await this.command(job, { type: 'CompleteRound', round })
     job.weights = weights
@@ -414,7 +460,7 @@ export class TrainingCoordinator {
       while (held.has(next)) next++
       const shard = next++
       const sdkUuid = this.devices.get(device.device_id)?.sdkUuid ?? ''
-      job.members.set(device.device_id, { deviceId: device.device_id, instanceType: device.instance_type, sdkUuid, draining: false, shard })
+      job.members.set(device.device_id, { deviceId: device.device_id, instanceType: device.instance_type, sdkUuid, draining: false, shard, lastBaseRound: undefined, lastUpdateAt: undefined })
       this.membership.set(device.device_id, job.spec.job_id)
       this.options.onMembership?.(device.device_id, job.spec.job_id)
       this.devices.get(device.device_id)?.send(this.startFrame(job, device.stream_seed, shard, shards))
@@ -609,13 +655,23 @@ export class TrainingCoordinator {
 /** The id of the model a job registers: derived from the job, so a retry after a crash finds it. */
 const trainedModelIdOf = (jobId: string) => `model_${jobId.replace(/^train_/, '')}_trained`
 
-function contribution(member: Member, frame: TrainUpdate, staleness: number): Contribution {
+/**
+ * A device's part of a round as the server credits it: its claimed samples capped at what it was given
+ * (local_steps × batch_size), its steps derived from those (a claimed step count moves no progress), and
+ * the claims kept beside them when they differ.
+ */
+function contribution(spec: TrainingSpec, member: Member, frame: TrainUpdate, staleness: number): Contribution {
+  const batch = spec.data_config.batch_size
+  const samples = Math.min(frame.samples, spec.training_config.local_steps * batch)
+  const steps = Math.ceil(samples / batch)
   return {
     device_id: member.deviceId,
     sdk_uuid: member.sdkUuid,
     instance_type: member.instanceType,
-    samples: frame.samples,
-    steps: frame.steps,
+    samples,
+    steps,
+    ...(samples !== frame.samples ? { claimed_samples: frame.samples } : {}),
+    ...(steps !== frame.steps ? { claimed_steps: frame.steps } : {}),
     loss: frame.loss,
     staleness,
     cpu_ms: frame.metrics.cpu_ms,
@@ -653,7 +709,7 @@ function eligible(device: TrainingDevice, resources: TrainingSpec['resource_conf
 }
 
 function allocDevice(device: TrainingDevice, currentJob: string | undefined): AllocDevice {
-  return { device_id: device.deviceId, platform: device.platform, sdk_version: device.sdkVersion, gpu: device.gpu, can_train: true, ...(currentJob ? { current_job: currentJob } : {}) }
+  return { device_id: device.deviceId, platform: device.platform, sdk_version: device.sdkVersion, gpu: device.gpu, can_train: true, instance_type: device.instanceType, ...(currentJob ? { current_job: currentJob } : {}) }
 }
 
 function allocJob(resources: TrainingSpec['resource_config'], jobId: string, weight: number, seq: number, running: boolean) {
@@ -665,6 +721,7 @@ function allocJob(resources: TrainingSpec['resource_config'], jobId: string, wei
     prefer_gpu: resources.prefer_gpu,
     ...(resources.sdk_types ? { sdk_types: resources.sdk_types } : {}),
     ...(resources.min_sdk_version ? { min_sdk_version: resources.min_sdk_version } : {}),
+    ...(resources.instance_types ? { instance_types: resources.instance_types } : {}),
     submitted_seq: seq,
     running,
   }

@@ -30,6 +30,8 @@ export interface AllocDevice {
   sdk_version: string
   gpu: boolean
   can_train: boolean
+  /** `aws` (a cloud worker) or `user` (a contributed device); absent: user. */
+  instance_type?: 'aws' | 'user'
   /** The training job it works for now, if any. */
   current_job?: string | null
 }
@@ -48,6 +50,8 @@ export interface AllocJob {
   sdk_types?: string[] | null
   /** Lowest SDK version it runs on, compared as dotted numbers ("1.10.0" > "1.9.2"). */
   min_sdk_version?: string | null
+  /** Device kinds it may train on (`aws`, `user`); absent or empty: any. */
+  instance_types?: string[] | null
   /** Arrival order: earlier jobs have priority for their minimum, and win ties. */
   submitted_seq: number
   running: boolean
@@ -131,8 +135,8 @@ function classify(devices: AllocDevice[], jobs: Job[]): DeviceClass[] {
   for (const device of devices) {
     if (seen.has(device.device_id)) throw new Error(`device ${device.device_id} is listed twice`)
     seen.add(device.device_id)
-    // few distinct (platform, version, can_train): compare versions once for each
-    const kind = `${device.platform}|${device.can_train}|${device.sdk_version}`
+    // few distinct (platform, version, can_train, instance type): compare versions once for each
+    const kind = `${device.platform}|${device.can_train}|${device.sdk_version}|${device.instance_type ?? 'user'}`
     const eligible = eligibility.get(kind) ?? jobs.map((job) => isEligible(device, job.spec))
     eligibility.set(kind, eligible)
     const current = jobs.findIndex((job) => job.spec.job_id === device.current_job)
@@ -147,8 +151,10 @@ function classify(devices: AllocDevice[], jobs: Job[]): DeviceClass[] {
 }
 
 /** Whether a device may train for a job: it can train, on one of the job's platforms, at its SDK version or later. */
-export function isEligible(device: AllocDevice, job: Pick<AllocJob, 'sdk_types' | 'min_sdk_version'>): boolean {
+export function isEligible(device: AllocDevice, job: Pick<AllocJob, 'sdk_types' | 'min_sdk_version' | 'instance_types'>): boolean {
   if (!device.can_train) return false
+  const kinds = job.instance_types
+  if (kinds && kinds.length > 0 && !kinds.includes(device.instance_type ?? 'user')) return false
   const types = job.sdk_types
   if (types && types.length > 0 && !types.some((t) => t.toLowerCase() === device.platform)) return false
   return !job.min_sdk_version || compareVersions(device.sdk_version, job.min_sdk_version) >= 0

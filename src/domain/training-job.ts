@@ -1,5 +1,6 @@
 import { z } from 'zod'
 import { LOSSES, OPTIMIZERS, TRAIN_SYNC_MODES } from '../protocol/frames.js'
+import { AGGREGATIONS, ASYNC_NORM_WINDOW, type Robustness } from './aggregation.js'
 import type { Decider } from './decider.js'
 import { DomainError } from './errors.js'
 
@@ -36,6 +37,11 @@ export const TrainingSpec = z.object({
     local_steps: z.number().int(),
     sync_interval_ms: z.number().int(),
     loss: z.enum(LOSSES),
+    /** How rounds are aggregated (absent in jobs submitted before robust aggregation: fedavg, no clipping). */
+    aggregation: z.enum(AGGREGATIONS).optional(),
+    trim_fraction: z.number().optional(),
+    clip_norm: z.number().nullable().optional(),
+    clip_factor: z.number().nullable().optional(),
   }),
   resource_config: z.object({
     min_devices: z.number().int(),
@@ -43,6 +49,8 @@ export const TrainingSpec = z.object({
     prefer_gpu: z.boolean(),
     sdk_types: z.array(z.string()).nullable(),
     min_sdk_version: z.string().nullable(),
+    /** The kinds of device it may train on (absent: any). */
+    instance_types: z.array(z.enum(['aws', 'user'])).optional(),
   }),
   /** total_samples * epochs: its share of the training devices. */
   weight: z.number(),
@@ -52,6 +60,19 @@ export const TrainingSpec = z.object({
   submitted_at: z.string(),
 })
 export type TrainingSpec = z.infer<typeof TrainingSpec>
+
+export const INSTANCE_TYPES = ['aws', 'user'] as const
+export const DEFAULT_TRIM_FRACTION = 0.2
+export const DEFAULT_CLIP_FACTOR = 2
+
+/** The aggregation a job's rounds use; a job recorded before robust aggregation used fedavg, unclipped. */
+export function robustnessOf(spec: TrainingSpec): Robustness {
+  const config = spec.training_config
+  return { aggregation: config.aggregation ?? 'fedavg', trim_fraction: config.trim_fraction ?? DEFAULT_TRIM_FRACTION, clip_norm: config.clip_norm ?? null, clip_factor: config.clip_factor ?? null }
+}
+
+/** The device kinds a job may train on (a job recorded before the field: both). */
+export const instanceTypesOf = (spec: TrainingSpec) => spec.resource_config.instance_types ?? [...INSTANCE_TYPES]
 
 const Contribution = z.object({
   device_id: z.string(),
@@ -68,6 +89,12 @@ const Contribution = z.object({
   /** Wall time of the device's local steps (0 when it did not say). */
   wall_ms: z.number().default(0),
   power_watts: z.number(),
+  /** What the device claimed, when more than it was credited (samples capped at local_steps × batch_size; steps derived from the credited samples). */
+  claimed_samples: z.number().int().optional(),
+  claimed_steps: z.number().int().optional(),
+  /** L2 norm of its change from the base weights before clipping, and whether it was clipped (absent before robust aggregation). */
+  delta_norm: z.number().optional(),
+  clipped: z.boolean().optional(),
 })
 export type Contribution = z.infer<typeof Contribution>
 
@@ -90,6 +117,11 @@ export const RoundData = z.object({
   /** Since the previous round (or since the job got its devices). */
   wall_ms: z.number(),
   at: z.string(),
+  /** The rule that aggregated it, and the clip bound of its updates' changes (absent before robust aggregation: fedavg, none). */
+  aggregation: z.enum(AGGREGATIONS).optional(),
+  clip_bound: z.number().nullable().optional(),
+  /** Async: the share of the way the update moved the weights. */
+  mix: z.number().optional(),
 })
 export type RoundData = z.infer<typeof RoundData>
 
@@ -110,6 +142,12 @@ const TrainingCompleted = z.object({
   type: z.literal('TrainingCompleted'),
   data: z.object({ job_id: z.string(), reason: z.enum(['target_accuracy', 'epochs']), trained_model_id: z.string(), accuracy: z.number(), loss: z.number(), at: z.string() }),
 })
+/** An update the coordinator would not take (a second one for a round, or async updates too frequent): counted, never aggregated. */
+export const REFUSALS = ['duplicate_round', 'too_frequent'] as const
+const TrainingUpdateRefused = z.object({
+  type: z.literal('TrainingUpdateRefused'),
+  data: z.object({ job_id: z.string(), device_id: z.string(), base_round: z.number().int(), round: z.number().int(), reason: z.enum(REFUSALS), message: z.string(), at: z.string() }),
+})
 const TrainingFailed = z.object({ type: z.literal('TrainingFailed'), data: z.object({ job_id: z.string(), error: z.string(), at: z.string() }) })
 
 const TrainingEvent = z.discriminatedUnion('type', [
@@ -122,6 +160,7 @@ const TrainingEvent = z.discriminatedUnion('type', [
   TrainingCancelled,
   TrainingCompleted,
   TrainingFailed,
+  TrainingUpdateRefused,
 ])
 export type TrainingEvent = z.infer<typeof TrainingEvent>
 export const trainingEventTypes = TrainingEvent.options.map((o) => o.shape.type.value)
@@ -136,6 +175,7 @@ export type TrainingCommand =
   | { type: 'CancelTraining'; customerId: string; at: string }
   | { type: 'CompleteTraining'; reason: 'target_accuracy' | 'epochs'; trainedModelId: string; at: string }
   | { type: 'FailTraining'; error: string; at: string }
+  | { type: 'RefuseUpdate'; deviceId: string; baseRound: number; reason: (typeof REFUSALS)[number]; message: string; at: string }
 
 export type TrainingPhase = 'active' | 'paused' | 'completed' | 'cancelled' | 'failed'
 export type TrainingStatus = 'queued' | 'running' | 'paused' | 'completed' | 'cancelled' | 'failed'
@@ -151,6 +191,9 @@ export interface TrainingState {
   bestLoss: number | undefined
   accuracy: number | undefined
   trainedModelId: string | undefined
+  refusedUpdates: number
+  /** Async: the change norms of the last updates (before clipping), for the adaptive clip bound. */
+  recentNorms: number[]
 }
 
 export const trainingStream = (jobId: string) => `training-${jobId}`
@@ -174,6 +217,8 @@ export const trainingDecider: Decider<TrainingCommand, TrainingEvent, TrainingSt
     bestLoss: undefined,
     accuracy: undefined,
     trainedModelId: undefined,
+    refusedUpdates: 0,
+    recentNorms: [],
   }),
 
   evolve(state, event) {
@@ -192,7 +237,10 @@ export const trainingDecider: Decider<TrainingCommand, TrainingEvent, TrainingSt
           weightsSha256: event.data.weights_sha256,
           bestLoss: state.bestLoss === undefined ? event.data.loss : Math.min(state.bestLoss, event.data.loss),
           accuracy: event.data.accuracy,
+          recentNorms: [...state.recentNorms, ...event.data.contributions.flatMap((c) => (c.delta_norm === undefined ? [] : [c.delta_norm]))].slice(-ASYNC_NORM_WINDOW),
         }
+      case 'TrainingUpdateRefused':
+        return { ...state, refusedUpdates: state.refusedUpdates + 1 }
       case 'TrainingPaused':
         return { ...state, phase: 'paused' }
       case 'TrainingResumed':
@@ -253,6 +301,11 @@ export const trainingDecider: Decider<TrainingCommand, TrainingEvent, TrainingSt
         const spec = exists(state)
         if (isFinished(state.phase)) return []
         return [{ type: 'TrainingFailed', data: { job_id: spec.job_id, error: command.error, at: command.at } }]
+      }
+      case 'RefuseUpdate': {
+        const spec = exists(state)
+        const data = { job_id: spec.job_id, device_id: command.deviceId, base_round: command.baseRound, round: state.round, reason: command.reason, message: command.message, at: command.at }
+        return [{ type: 'TrainingUpdateRefused', data }]
       }
       default: {
         const unknown: never = command

@@ -4,7 +4,8 @@ import type { ZodTypeProvider } from 'fastify-type-provider-zod'
 import { z } from 'zod'
 import { trainingPlan } from '../commands/training-validation.js'
 import { DomainError } from '../domain/errors.js'
-import type { TrainingSpec } from '../domain/training-job.js'
+import { AGGREGATIONS } from '../domain/aggregation.js'
+import { DEFAULT_CLIP_FACTOR, DEFAULT_TRIM_FRACTION, INSTANCE_TYPES, instanceTypesOf, robustnessOf, type TrainingSpec } from '../domain/training-job.js'
 import { LOSSES, OPTIMIZERS, TRAIN_SYNC_MODES } from '../protocol/frames.js'
 import { findDataset } from '../projections/datasets.js'
 import { findModel } from '../projections/models.js'
@@ -34,6 +35,10 @@ const TrainBody = z.object({
     local_steps: z.number().int().min(1).max(100_000).default(50).describe('batches a device trains between weight syncs (default 50)'),
     sync_interval_ms: z.number().int().min(100).max(3_600_000).default(60_000).describe('async: how often devices pull the current weights (default 60000)'),
     loss: z.enum(LOSSES).optional().describe('default: cross_entropy when the model ends in a Softmax over 2 or more outputs, else mse'),
+    aggregation: z.enum(AGGREGATIONS).optional().describe('how a round combines the updates: fedavg, trimmed_mean or median (default: trimmed_mean when user devices may train the job, else fedavg)'),
+    trim_fraction: z.number().min(0).max(0.45).default(DEFAULT_TRIM_FRACTION).describe('trimmed_mean: share of the updates dropped from each side of every coordinate (default 0.2)'),
+    clip_norm: z.number().positive().max(1e9).optional().describe("a fixed bound on the L2 norm of an update's change from the round's weights (default: none)"),
+    clip_factor: z.number().min(1).max(1000).nullable().optional().describe("an adaptive bound: this multiple of the median change norm (default: 2 with trimmed_mean and median, none with fedavg; null: none)"),
   }),
   resource_config: z
     .object({
@@ -42,9 +47,10 @@ const TrainBody = z.object({
       prefer_gpu: z.boolean().default(false),
       sdk_types: z.array(z.enum(['nodejs', 'python', 'windows'])).min(1).max(3).optional(),
       min_sdk_version: z.string().regex(/^\d+(\.\d+){0,3}$/, 'a version like 1.1.6').optional(),
+      instance_types: z.array(z.enum(INSTANCE_TYPES)).min(1).max(2).default([...INSTANCE_TYPES]).describe('the kinds of device that may train it: aws (cloud workers), user (contributed devices); default both'),
     })
     .refine((r) => r.max_devices === undefined || r.max_devices >= r.min_devices, { message: 'max_devices must be at least min_devices' })
-    .default({ min_devices: 1, prefer_gpu: false }),
+    .default({ min_devices: 1, prefer_gpu: false, instance_types: [...INSTANCE_TYPES] }),
 })
 const JobParams = z.object({ jobId: z.string().min(1).max(80) })
 const STATUSES = ['queued', 'running', 'paused', 'completed', 'cancelled', 'failed'] as const
@@ -85,6 +91,7 @@ export const trainingRoutes: FastifyPluginAsync<{ services: Services }> = async 
       prefer_gpu: body.resource_config.prefer_gpu,
       sdk_types: body.resource_config.sdk_types ?? null,
       min_sdk_version: body.resource_config.min_sdk_version ?? null,
+      instance_types: [...new Set(body.resource_config.instance_types)].sort(),
     }
     const eligible = training.eligibleDevices(resources)
     if (eligible === 0) throw new DomainError('NO_TRAINING_DEVICES', 'no connected device can train for this job (it needs a device with can_train that matches resource_config)')
@@ -107,6 +114,7 @@ export const trainingRoutes: FastifyPluginAsync<{ services: Services }> = async 
         local_steps: body.training_config.local_steps,
         sync_interval_ms: body.training_config.sync_interval_ms,
         loss: plan.loss,
+        ...robustRules(body.training_config, resources.instance_types),
       },
       resource_config: resources,
       weight: totalSamples * body.training_config.epochs,
@@ -164,6 +172,16 @@ export const trainingRoutes: FastifyPluginAsync<{ services: Services }> = async 
   }
 }
 
+/**
+ * A job that contributed (`user`) devices may train defaults to trimmed_mean, adaptively clipped: one lying
+ * device cannot steer it. A job of cloud workers only keeps FedAvg, which wastes no honest work.
+ */
+function robustRules(config: z.infer<typeof TrainBody>['training_config'], instanceTypes: string[]) {
+  const aggregation = config.aggregation ?? (instanceTypes.includes('user') ? 'trimmed_mean' : 'fedavg')
+  const clipFactor = config.clip_factor === undefined ? (aggregation === 'fedavg' ? null : DEFAULT_CLIP_FACTOR) : config.clip_factor
+  return { aggregation, trim_fraction: config.trim_fraction, clip_norm: config.clip_norm ?? null, clip_factor: clipFactor }
+}
+
 /** A job as the API shows it (the spec's fields, and validation accuracy and the trained model beside them). */
 export function jobView(row: JobRow) {
   const spec = row.spec
@@ -188,8 +206,9 @@ export function jobView(row: JobRow) {
       batch_size: spec.data_config.batch_size,
       seed: spec.seed,
       clusters_per_class: spec.data_config.clusters_per_class,
+      ...robustnessOf(spec),
     },
-    resource_config: spec.resource_config,
+    resource_config: { ...spec.resource_config, instance_types: instanceTypesOf(spec) },
     progress: {
       current_epoch: Math.min(spec.training_config.epochs, Math.floor(row.batches_completed / batchesPerEpoch)),
       total_epochs: spec.training_config.epochs,
@@ -208,6 +227,7 @@ export function jobView(row: JobRow) {
     trained_model_id: row.trained_model_id,
     end_reason: row.end_reason,
     error: row.error,
+    refused_updates: row.refused_updates,
     created_at: row.submitted_at,
     started_at: row.started_at,
     completed_at: row.finished_at,

@@ -10,7 +10,7 @@ import { liveSchema, type Projection } from './projection.js'
  */
 export const trainingProjection: Projection = {
   name: 'training',
-  version: 2,
+  version: 3,
   filter: { types: trainingEventTypes },
   tables: [
     { name: 'training_jobs', primaryKey: ['job_id'] },
@@ -36,6 +36,7 @@ export const trainingProjection: Projection = {
       .addColumn('trained_model_id', 'text')
       .addColumn('end_reason', 'text')
       .addColumn('error', 'text')
+      .addColumn('refused_updates', 'integer', (c) => c.notNull())
       .addColumn('submitted_at', 'text', (c) => c.notNull())
       .addColumn('started_at', 'text')
       .addColumn('finished_at', 'text')
@@ -84,7 +85,7 @@ export const trainingProjection: Projection = {
 
 const JOB_COLUMNS = [
   'customer_id', 'model_id', 'spec', 'phase', 'devices', 'round', 'batches_completed', 'samples', 'current_loss', 'best_loss',
-  'accuracy', 'best_accuracy', 'trained_model_id', 'end_reason', 'error', 'submitted_at', 'started_at', 'finished_at', 'updated_at',
+  'accuracy', 'best_accuracy', 'trained_model_id', 'end_reason', 'error', 'refused_updates', 'submitted_at', 'started_at', 'finished_at', 'updated_at',
 ] as const
 
 export interface JobRow {
@@ -104,6 +105,8 @@ export interface JobRow {
   trained_model_id: string | null
   end_reason: string | null
   error: string | null
+  /** Updates the coordinator refused (TrainingUpdateRefused). */
+  refused_updates: number
   submitted_at: string
   started_at: string | null
   finished_at: string | null
@@ -177,6 +180,9 @@ function fold(rows: Map<string, JobRow>, event: TrainingEvent): Record<string, u
     case 'TrainingFailed':
       Object.assign(row, { phase: 'failed', devices: [], error: event.data.error, finished_at: event.data.at, updated_at: event.data.at })
       return undefined
+    case 'TrainingUpdateRefused':
+      Object.assign(row, { refused_updates: row.refused_updates + 1, updated_at: event.data.at })
+      return undefined
   }
 }
 
@@ -198,6 +204,7 @@ function newRow(spec: TrainingSpec): JobRow {
     trained_model_id: null,
     end_reason: null,
     error: null,
+    refused_updates: 0,
     submitted_at: spec.submitted_at,
     started_at: null,
     finished_at: null,

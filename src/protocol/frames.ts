@@ -155,6 +155,9 @@ export const TrainUpdate = z.object({
 })
 export type TrainUpdate = z.infer<typeof TrainUpdate>
 
+/** Async mode: one device's updates must arrive at least this far apart, or the hub refuses them (the Node SDK waits as long). */
+export const minUpdateIntervalMs = (syncIntervalMs: number) => Math.floor(syncIntervalMs / 10)
+
 /** Asks for the job's current weights (async mode pulls every `sync_interval_ms`). */
 export const WeightsRequest = z.object({ type: z.literal('weights_request'), job_id: Id })
 

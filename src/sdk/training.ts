@@ -2,7 +2,7 @@ import { performance } from 'node:perf_hooks'
 import { setImmediate as nextTurn } from 'node:timers/promises'
 import { parseDataset, splitDataset } from '../datasets/parse.js'
 import { weightsFromBase64, weightsToBase64 } from '../domain/fedavg.js'
-import { type DeviceFrame, errorText, type TrainData, type TrainStart, type TrainWeights } from '../protocol/frames.js'
+import { type DeviceFrame, errorText, minUpdateIntervalMs, type TrainData, type TrainStart, type TrainWeights } from '../protocol/frames.js'
 import { createOptimizer, type Labels, loadTrainable, type LossKind, syntheticTask, type TrainableModel, trainStep } from './trainer/index.js'
 import { mixSeeds, Random } from './trainer/random.js'
 
@@ -40,6 +40,7 @@ export class TrainingSession {
   private latest: TrainWeights | undefined
   private stopped = false
   private wake: (() => void) | undefined
+  private endPause: (() => void) | undefined
   private pullTimer: NodeJS.Timeout | undefined
   readonly finished: Promise<void>
 
@@ -72,6 +73,7 @@ export class TrainingSession {
     this.stopped = true
     clearInterval(this.pullTimer)
     this.wake?.()
+    this.endPause?.()
   }
 
   private async run(): Promise<void> {
@@ -109,7 +111,20 @@ export class TrainingSession {
       // the weight sync: sync modes wait for the round's weights; async waits a moment for the mixed weights
       // the hub answers every update with, and trains on from its own if they are late
       await this.untilNewerRound(sync ? Infinity : ASYNC_REPLY_WAIT_MS)
+      // async: the hub refuses a device's updates closer together than this; counted from the reply, which
+      // comes after the hub took the update
+      if (!sync) await this.pause(minUpdateIntervalMs(config.sync_interval_ms))
     }
+  }
+
+  private async pause(ms: number): Promise<void> {
+    if (ms <= 0 || this.stopped) return
+    // only stop ends it early (new weights do not: the update would come too soon)
+    await new Promise<void>((resolve) => {
+      this.endPause = resolve
+      setTimeout(resolve, ms).unref()
+    })
+    this.endPause = undefined
   }
 
   private adoptLatest(): void {

@@ -5,7 +5,9 @@ import type { Test } from 'tap'
 import type { AppDeps } from '../../src/http/app.js'
 import { DeviceWorker, type DeviceWorkerOptions } from '../../src/sdk/worker.js'
 import { multipart, testApp } from './app.js'
-import { eventually } from './device.js'
+import { type Weights, weightsFromBase64, weightsToBase64 } from '../../src/domain/fedavg.js'
+import { loadTrainable } from '../../src/sdk/trainer/index.js'
+import { eventually, SimDevice } from './device.js'
 import { mlpOnnxModel } from './onnx.js'
 
 /** The model the training tests learn with: 8 inputs, 16 hidden (Relu), 4 classes (Softmax). */
@@ -58,4 +60,54 @@ export async function trainingSetup(t: Test, options: { devices?: number; roundD
       return done(r.body) ? r.body : undefined
     }, timeoutMs, `${what} ${jobId}`, 100)
   return { ...context, url, api, alice, model, bytes, workers, startDevice, waitFor, dir }
+}
+
+/** How a malicious device lies: its weights are `scale` × the weights it was sent; it claims `samples` and `steps`. */
+export interface Lies {
+  scale?: number
+  samples?: number
+  steps?: number
+}
+
+/**
+ * A device that poisons every round it is given: a real WebSocket speaking the training protocol by hand.
+ * On `train_start` and each `train_weights` it answers at once with the weights it was sent (the model
+ * file's own at round 0, read from `modelBytes`) scaled by `lies.scale` (default −10), claiming
+ * `lies.samples` (default 10⁹). It heartbeats until the test ends; `updates` counts what it sent, `errors`
+ * collects the hub's `error` frames.
+ */
+export async function maliciousDevice(t: Test, url: string, modelBytes: Uint8Array, lies: Lies = {}, register: { instanceType?: 'aws' | 'user' } = {}) {
+  const device = await SimDevice.connect(url)
+  await device.register({ canTrain: true, ...register })
+  const beat = setInterval(() => device.heartbeat(), 300)
+  const initial = loadTrainable(modelBytes).getWeights()
+  const state = { updates: 0, errors: [] as { code: string; message: string }[], stopped: false }
+  const poison = (weights: Weights) => Object.fromEntries(Object.entries(weights).map(([name, values]) => [name, values.map((v) => v * (lies.scale ?? -10))]))
+  const answer = (frame: any) => {
+    if (state.stopped) return
+    const weights = frame.weights ? weightsFromBase64(frame.weights) : initial
+    device.send({
+      type: 'train_update',
+      job_id: frame.job_id,
+      base_round: frame.round,
+      weights: weightsToBase64(poison(weights)),
+      samples: lies.samples ?? 1e9,
+      steps: lies.steps ?? 1e9,
+      loss: 0.01,
+      metrics: { cpu_ms: 1, gpu_ms: 0, wall_ms: 1 },
+      power_watts: 1,
+    })
+    state.updates++
+  }
+  device.socket.on('message', (raw) => {
+    const frame = JSON.parse(raw.toString())
+    if (frame.type === 'train_start' || frame.type === 'train_weights') answer(frame)
+    if (frame.type === 'error') state.errors.push(frame)
+  })
+  t.teardown(() => {
+    state.stopped = true
+    clearInterval(beat)
+    device.socket.close()
+  })
+  return { device, state }
 }
