@@ -188,7 +188,7 @@ async function baselineBench(session: ort.InferenceSession, body: string, log: L
   }
 }
 
-async function uploadModel(base: string, bytes: Buffer): Promise<string> {
+export async function uploadModel(base: string, bytes: Buffer): Promise<string> {
   const form = new FormData()
   form.append('name', 'bench-dense')
   form.append('model', new Blob([bytes]), 'dense.onnx')
@@ -197,7 +197,7 @@ async function uploadModel(base: string, bytes: Buffer): Promise<string> {
   return response.body.id as string
 }
 
-async function waitForDevices(base: string, n: number, timeoutMs: number): Promise<void> {
+export async function waitForDevices(base: string, n: number, timeoutMs: number): Promise<void> {
   const deadline = performance.now() + timeoutMs
   for (;;) {
     const { body } = await api(base, 'GET', '/devices')
