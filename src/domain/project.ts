@@ -1,7 +1,7 @@
 import { z } from 'zod'
-import { VALIDATION_MODES } from './validation.js'
 import type { Decider } from './decider.js'
 import { DomainError } from './errors.js'
+import { VALIDATION_MODES } from './validation.js'
 
 /**
  * A project groups a customer's jobs for tracking and analytics. It is active until it is completed (by

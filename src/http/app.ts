@@ -1,5 +1,4 @@
 import multipart from '@fastify/multipart'
-import { VALIDATION_DEFAULTS } from '../domain/validation.js'
 import rateLimit from '@fastify/rate-limit'
 import swagger from '@fastify/swagger'
 import swaggerUi from '@fastify/swagger-ui'
@@ -26,6 +25,7 @@ import { dashboardRoutes } from './dashboard.js'
 import { efficiencyRoutes } from './efficiency.js'
 import { webRoutes } from './web.js'
 import { usageRoutes } from './usage.js'
+import { VALIDATION_DEFAULTS } from '../domain/validation.js'
 
 /** The services the routes use (without the limits and clock, which have defaults here), and the app's settings. */
 export interface AppDeps extends Omit<Services, 'limits' | 'now' | 'adapters' | 'prices' | 'benchmarks' | 'loadToken'> {

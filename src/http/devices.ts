@@ -1,5 +1,4 @@
 import { existsSync } from 'node:fs'
-import { deviceReputation } from '../projections/reputation.js'
 import path from 'node:path'
 import { fileURLToPath } from 'node:url'
 import type { FastifyPluginAsync } from 'fastify'
@@ -10,8 +9,9 @@ import { DomainError } from '../domain/errors.js'
 import { LOG_LEVELS } from '../protocol/frames.js'
 import { DEVICE_STATUSES, deviceStats, findDevice, listDevices } from '../projections/devices.js'
 import { findModelFile } from '../projections/models.js'
-import type { Services } from './context.js'
+import { readYourWrites, type Services } from './context.js'
 import { pageQuery, wholeNumber } from './pagination.js'
+import { deviceReputation } from '../projections/reputation.js'
 
 const DeviceParams = z.object({ id: z.string().min(1).max(64) })
 const REPO_ROOT = fileURLToPath(new URL('../..', import.meta.url))
@@ -41,6 +41,8 @@ export const deviceRoutes: FastifyPluginAsync<{ services: Services }> = async (b
   }))
 
   app.get('/devices/:id', { config, schema: { summary: 'A device: hardware, capabilities, metrics', tags: ['devices'], params: DeviceParams } }, async (request) => {
+    // read-your-writes: the device's latest outcomes and verdicts (a sync answer does not wait for the read models)
+    await readYourWrites(services, await services.store.headPosition())
     const device = await findDevice(services.db, request.params.id)
     if (!device) throw new DomainError('NOT_FOUND', `device ${request.params.id} not found`)
     const reputation = await deviceReputation(services.db, request.params.id)

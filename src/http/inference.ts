@@ -1,5 +1,4 @@
 import { Ajv } from 'ajv'
-import { resolvePolicy, VALIDATION_MODES, type ValidationMode } from '../domain/validation.js'
 import type { FastifyPluginAsync, FastifyRequest } from 'fastify'
 import type { ZodTypeProvider } from 'fastify-type-provider-zod'
 import { z } from 'zod'
@@ -16,6 +15,7 @@ import { customerOf } from './auth.js'
 import { execute, readYourWrites, type Services } from './context.js'
 import { pageQuery } from './pagination.js'
 import { newId } from './ids.js'
+import { resolvePolicy, VALIDATION_MODES, type ValidationMode } from '../domain/validation.js'
 
 /** A tensor's bounds: values, and dimensions (each at least 1). */
 const MAX_TENSOR_VALUES = 1_000_000

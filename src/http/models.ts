@@ -1,5 +1,4 @@
 import type {} from '@fastify/multipart'
-import { VALIDATION_MODES } from '../domain/validation.js'
 import { Ajv } from 'ajv'
 import type { FastifyPluginAsync, FastifyRequest } from 'fastify'
 import type { ZodTypeProvider } from 'fastify-type-provider-zod'
@@ -15,6 +14,7 @@ import { customerOf } from './auth.js'
 import { execute, type Services } from './context.js'
 import { pageQuery } from './pagination.js'
 import { newId } from './ids.js'
+import { VALIDATION_MODES } from '../domain/validation.js'
 
 const Shape = z.array(z.number().int().min(-1)).min(1).max(16)
 const JsonObject = z.record(z.string(), z.unknown())

@@ -1,5 +1,4 @@
 import type { FastifyPluginAsync } from 'fastify'
-import { VALIDATION_MODES } from '../domain/validation.js'
 import type { ZodTypeProvider } from 'fastify-type-provider-zod'
 import { z } from 'zod'
 import { DomainError } from '../domain/errors.js'
@@ -12,6 +11,7 @@ import { execute, readYourWrites, type Services } from './context.js'
 import { newId } from './ids.js'
 import { cancelJob } from './inference.js'
 import { pageQuery, wholeNumber } from './pagination.js'
+import { VALIDATION_MODES } from '../domain/validation.js'
 
 const CreateBody = z.object({
   // optional, as the spec has it (it marks no field of this body required); an empty name is refused
