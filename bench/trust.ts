@@ -79,6 +79,7 @@ export async function trustBench({ database, log }: BenchContext): Promise<strin
     }
     await waitForDevices(url, HONEST, 60_000)
     log(`trust: ${HONEST} honest contributed workers online; batch of ${INPUTS} inputs`)
+    await runBatch(url, modelId, 'none', log) // warm-up: the model downloaded and loaded on every worker, the server's paths hot
     const baseline = await runBatch(url, modelId, 'none', log)
     const liar = await playDevice(url, bytes, 'perturb', { batchInputs: 256, maxTasks: 1 })
     await waitForDevices(url, HONEST + 1, 30_000)
