@@ -89,8 +89,8 @@ export async function trustBench({ database, log }: BenchContext): Promise<strin
     const { body: devices } = await api(url, 'GET', '/devices?limit=100')
     let quarantined = 0
     let disputed = 0
-    for (const d of devices.devices as { device_id: string }[]) {
-      const { body: device } = await api(url, 'GET', `/devices/${d.device_id}`)
+    for (const d of devices.devices as { id: string }[]) {
+      const { body: device } = await api(url, 'GET', `/devices/${d.id}`)
       if (device.quarantined) quarantined++
       disputed += device.reputation?.disputed ?? 0
     }
