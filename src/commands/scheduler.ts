@@ -291,6 +291,13 @@ export class TaskScheduler {
     this.kick()
   }
 
+  /** A quarantined device was released: it takes work again. */
+  deviceReleased(deviceId: string): void {
+    const slot = this.devices.get(deviceId)
+    if (slot) slot.quarantined = false
+    this.kick()
+  }
+
   /** The device works for a training job (no inference meanwhile), or is free again (undefined). */
   setTraining(deviceId: string, jobId: string | undefined): void {
     const slot = this.devices.get(deviceId)

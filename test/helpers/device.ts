@@ -35,7 +35,7 @@ export class SimDevice {
   }
 
   /** Registers (or comes back, with `as`), resolving with the `registered` frame. */
-  async register(options: { as?: { deviceId: string; sdkToken: string }; formats?: string[]; maxTasks?: number; batchInputs?: number; sdkUuid?: string; instanceType?: 'aws' | 'user'; enrollmentSecret?: string; canTrain?: boolean } = {}) {
+  async register(options: { as?: { deviceId: string; sdkToken: string }; formats?: string[]; maxTasks?: number; batchInputs?: number; sdkUuid?: string; instanceType?: 'aws' | 'user'; enrollmentSecret?: string; enrollmentToken?: string; canTrain?: boolean } = {}) {
     this.send({
       type: 'register',
       protocol: PROTOCOL_VERSION,
@@ -47,6 +47,7 @@ export class SimDevice {
       capabilities: { formats: options.formats ?? ['onnx'], gpu: false, can_train: options.canTrain ?? false, max_concurrent_tasks: options.maxTasks ?? 1, max_batch_inputs: options.batchInputs ?? 1 },
       ...(options.as ? { device_id: options.as.deviceId, sdk_token: options.as.sdkToken } : {}),
       ...(options.enrollmentSecret ? { enrollment_secret: options.enrollmentSecret } : {}),
+      ...(options.enrollmentToken ? { enrollment_token: options.enrollmentToken } : {}),
     })
     const registered = await this.next((f) => f.type === 'registered')
     this.deviceId = registered.device_id
