@@ -22,7 +22,7 @@ t.test('frames: small before registration, at most 1000 a second', async (t) => 
   const l = limiter()
   t.same(l.frame(64 * 1024 + 1, false, 0), { ok: false, close: 'too_large' })
   t.same(l.frame(64 * 1024 + 1, true, 0), { ok: true }, 'registered devices may send large frames')
-  for (let i = 0; i < 999; i++) t.same(l.frame(10, true, 500), { ok: true })
+  t.ok(Array.from({ length: 999 }, () => l.frame(10, true, 500)).every((v) => v.ok), '1000 in the second pass')
   t.same(l.frame(10, true, 999), { ok: false, close: 'rate' }, 'the 1001st in the second')
   t.same(l.frame(10, true, 1000), { ok: true }, 'the next second')
 })
