@@ -131,8 +131,9 @@ export async function eventually<T>(check: () => Promise<T | undefined | false>,
 /**
  * History from before the platform asserted instance types: an older hub let a device come back claiming
  * another type, and its work was billed as that. This hub refuses such a device (test/device-hub/identity.test.ts),
- * so the tests of how such history is counted hand the scheduler the slot directly, as that hub did. The slot
- * answers every task at once with a fixed output.
+ * so the tests of how such history is counted hand the scheduler such a slot directly, in place of the one the
+ * hub gave the device (which stays connected, so the API sees a capable device). The slot answers every task
+ * at once with a fixed output.
  */
 export function legacySlot(scheduler: TaskScheduler, deviceId: string, instanceType: 'aws' | 'user'): void {
   scheduler.deviceConnected({
