@@ -70,10 +70,12 @@ export class DeviceOfflineError extends DomainError {
 }
 
 /**
- * The WebSocket server devices connect to (`/api/v1/devices/connect`): registration and SDK tokens,
- * heartbeats (each one an event), task frames to and from the scheduler, log pulls. Every frame is checked
- * against src/protocol/frames.ts; a bad one gets an error frame, too many close the socket, none crashes
- * the hub.
+ * The WebSocket server devices connect to (`/api/v1/devices/connect`): enrollment (src/device-hub/enrollment.ts:
+ * tokens, the secret, the instance type the platform asserts) and SDK tokens, heartbeats (stored about once an
+ * interval), task frames to and from the scheduler, log pulls; and the platform's decisions about a device
+ * (ban, quarantine, revoked enrollment). Devices are untrusted: every frame is checked against
+ * src/protocol/frames.ts and the limits of src/device-hub/limits.ts; a bad one gets an error frame, too many
+ * or too fast close the socket, none crashes the hub.
  */
 export class DeviceHub {
   private readonly wss: WebSocketServer
@@ -120,10 +122,10 @@ export class DeviceHub {
     return this.wss.clients.size
   }
 
-  /** Is a device connected (and not draining) that can run this model format? */
+  /** Is a device connected (and not draining or quarantined) that can run this model format? */
   hasCapableDevice(format: string): boolean {
     for (const connection of this.byDevice.values()) {
-      if (connection.slot && !connection.slot.draining && connection.slot.formats.includes(format)) return true
+      if (connection.slot && !connection.slot.draining && !connection.slot.quarantined && connection.slot.formats.includes(format)) return true
     }
     return false
   }
@@ -137,7 +139,7 @@ export class DeviceHub {
     let batchInputs = Infinity
     for (const connection of this.byDevice.values()) {
       const slot = connection.slot
-      if (!slot || slot.draining || !slot.formats.includes(format)) continue
+      if (!slot || slot.draining || slot.quarantined || !slot.formats.includes(format)) continue
       if (instanceType && slot.instanceType !== instanceType) continue
       slots += slot.maxConcurrent
       if (slot.maxBatchInputs > 1) batchInputs = Math.min(batchInputs, slot.maxBatchInputs)

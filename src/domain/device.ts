@@ -135,7 +135,7 @@ export const deviceDecider: Decider<DeviceCommand, DeviceEvent, DeviceState> = {
         if (command.device.instance_type !== state.instanceType) {
           throw new DomainError('FORBIDDEN', `instance_type ${command.device.instance_type} refused: this device was enrolled as ${state.instanceType}`)
         }
-        return [{ type: 'DeviceConnected', data: { ...command.device, connected_at: command.at } }]
+        return [{ type: 'DeviceConnected', data: { ...command.device, instance_type: state.instanceType, connected_at: command.at } }]
       case 'BanDevice':
         if (!state.registered) throw new DomainError('NOT_FOUND', 'device not found')
         if (state.banned) return []
