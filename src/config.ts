@@ -36,7 +36,7 @@ const Env = z.object({
   /** Heartbeats a device may send per heartbeat interval; more are dropped (docs/device-protocol.md §4.4). */
   DEVICE_HEARTBEATS_PER_INTERVAL: z.coerce.number().int().min(1).max(1000).default(5),
   /** Frames of any kind a device may send per second; more close its socket with 4429. */
-  DEVICE_MAX_FRAMES_PER_SECOND: z.coerce.number().int().min(10).max(1_000_000).default(1000),
+  DEVICE_MAX_FRAMES_PER_SECOND: z.coerce.number().int().min(10).max(1_000_000).default(5000),
   /** The price table for estimated costs, as JSON (see src/domain/pricing.ts); default DEFAULT_PRICES. */
   PRICE_TABLE: z.string().optional(),
   /** Local worker processes `dcp start` runs beside the server. */

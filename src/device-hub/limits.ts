@@ -6,7 +6,7 @@ export interface HubLimits {
   heartbeatsPerInterval: number
   /** Dropped heartbeats in one interval that close the socket (4429). Default 50. */
   droppedHeartbeatsBeforeClose: number
-  /** Frames of any kind per second past which the socket is closed (4429). Default 1000. */
+  /** Frames of any kind per second past which the socket is closed (4429). Default 5000. */
   maxFramesPerSecond: number
   /** Largest frame before registration; larger closes the socket (1009). Default 64 KiB. */
   maxUnregisteredFrameBytes: number

@@ -19,15 +19,15 @@ export const MAX_FRAME_BYTES = 16 * 1024 * 1024
 export const MAX_UNREGISTERED_FRAME_BYTES = 64 * 1024
 
 /**
- * Frame rate limits per device (docs/device-protocol.md §4.4). Heartbeats beyond `HEARTBEATS_PER_INTERVAL` in
- * one heartbeat interval are dropped (not stored, no lease extended); the `DROPPED_HEARTBEATS_BEFORE_CLOSE`th
- * dropped one in an interval closes the socket with 4429. More than `MAX_FRAMES_PER_SECOND` frames of any kind
- * in one second close it with 4429 too.
+ * Frame limits per device (docs/device-protocol.md §4.4). Heartbeats beyond `heartbeatsPerInterval` in one
+ * heartbeat interval are dropped (not stored, no lease extended); the `droppedHeartbeatsBeforeClose`th dropped
+ * one in an interval closes the socket with 4429. More than `maxFramesPerSecond` frames of any kind in one
+ * second close it with 4429 too; a frame over `maxUnregisteredFrameBytes` before registering, with 1009.
  */
 export const HUB_LIMITS = {
   heartbeatsPerInterval: 5,
   droppedHeartbeatsBeforeClose: 50,
-  maxFramesPerSecond: 1000,
+  maxFramesPerSecond: 5000,
   maxUnregisteredFrameBytes: MAX_UNREGISTERED_FRAME_BYTES,
 } as const
 

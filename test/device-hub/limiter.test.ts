@@ -18,8 +18,8 @@ t.test('stored heartbeats: at most one per 0.8 interval', async (t) => {
   t.same([0, 100, 799, 800, 1500, 1600].map((at) => l.store(at)), [true, false, false, true, false, true])
 })
 
-t.test('frames: small before registration, at most 1000 a second', async (t) => {
-  const l = limiter()
+t.test('frames: small before registration, at most maxFramesPerSecond a second', async (t) => {
+  const l = new FrameLimiter({ ...DEFAULT_LIMITS, maxFramesPerSecond: 1000 }, 1000)
   t.same(l.frame(64 * 1024 + 1, false, 0), { ok: false, close: 'too_large' })
   t.same(l.frame(64 * 1024 + 1, true, 0), { ok: true }, 'registered devices may send large frames')
   t.ok(Array.from({ length: 999 }, () => l.frame(10, true, 500)).every((v) => v.ok), '1000 in the second pass')
