@@ -63,6 +63,13 @@ interface Connection {
   trainingDevice?: TrainingDevice
 }
 
+/** A close reason within the 123 bytes (UTF-8) WebSocket allows: an operator's ban reason may be longer, or not ASCII. */
+export function closeReason(text: string): string {
+  let reason = text
+  while (Buffer.byteLength(reason) > 123) reason = reason.slice(0, -1)
+  return reason
+}
+
 export class DeviceOfflineError extends DomainError {
   constructor(deviceId: string) {
     super('DEVICE_OFFLINE', `device ${deviceId} is not connected`)
@@ -211,7 +218,7 @@ export class DeviceHub {
    */
   async ban(deviceId: string, reason: string): Promise<Position> {
     const position = await this.record(deviceId, { type: 'BanDevice', reason, at: this.now().toISOString() })
-    await this.evict(deviceId, `device banned: ${reason}`.slice(0, 120))
+    await this.evict(deviceId, `device banned: ${reason}`)
     return position
   }
 
@@ -314,7 +321,7 @@ export class DeviceHub {
   private shut(connection: Connection, code: number, reason: string, options: { returnAll?: boolean } = {}): void {
     if (connection.shut) return
     connection.shut = true
-    connection.socket.close(code, reason)
+    connection.socket.close(code, closeReason(reason))
     // a peer that never answers the close is dropped (ws would wait 30 s)
     setTimeout(() => connection.socket.terminate(), 2000).unref()
     this.disconnecting.set(connection, this.disconnected(connection, reason, options))
@@ -397,7 +404,7 @@ export class DeviceHub {
         : await enrollDevice(this.options, frame, describe, { deviceId: newId('dev'), sdkToken: newSecret('dcp_s_'), at })
     } catch (error) {
       if (error instanceof DomainError && (error.code === 'AUTH_INVALID' || error.code === 'FORBIDDEN')) {
-        connection.socket.close(error.code === 'AUTH_INVALID' ? CLOSE.UNAUTHORIZED : CLOSE.FORBIDDEN, error.message.slice(0, 120))
+        connection.socket.close(error.code === 'AUTH_INVALID' ? CLOSE.UNAUTHORIZED : CLOSE.FORBIDDEN, closeReason(error.message))
         return
       }
       throw error

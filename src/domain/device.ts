@@ -131,7 +131,7 @@ export const deviceDecider: Decider<DeviceCommand, DeviceEvent, DeviceState> = {
         if (!state.registered || !sameHash(state.tokenHash, command.tokenHash)) throw new DomainError('AUTH_INVALID', 'unknown device or wrong SDK token')
         // the messages become WebSocket close reasons (at most 123 bytes)
         if (state.revoked) throw new DomainError('FORBIDDEN', 'the enrollment token of this device was revoked')
-        if (state.banned) throw new DomainError('FORBIDDEN', `device banned: ${state.banned.reason}`.slice(0, 120))
+        if (state.banned) throw new DomainError('FORBIDDEN', `device banned: ${state.banned.reason}`)
         if (command.device.instance_type !== state.instanceType) {
           throw new DomainError('FORBIDDEN', `instance_type ${command.device.instance_type} refused: this device was enrolled as ${state.instanceType}`)
         }

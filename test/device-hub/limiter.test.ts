@@ -1,4 +1,5 @@
 import t from 'tap'
+import { closeReason } from '../../src/device-hub/hub.js'
 import { DEFAULT_LIMITS, FrameLimiter } from '../../src/device-hub/limits.js'
 
 const limiter = () => new FrameLimiter(DEFAULT_LIMITS, 1000)
@@ -25,4 +26,11 @@ t.test('frames: small before registration, at most maxFramesPerSecond a second',
   t.ok(Array.from({ length: 999 }, () => l.frame(10, true, 500)).every((v) => v.ok), '1000 in the second pass')
   t.same(l.frame(10, true, 999), { ok: false, close: 'rate' }, 'the 1001st in the second')
   t.same(l.frame(10, true, 1000), { ok: true }, 'the next second')
+})
+
+t.test('close reasons fit WebSocket\'s 123 bytes, also in other scripts', async (t) => {
+  t.equal(closeReason('short'), 'short')
+  const long = closeReason(`device banned: ${'é'.repeat(200)}`)
+  t.ok(Buffer.byteLength(long) <= 123, `${Buffer.byteLength(long)} bytes`)
+  t.match(long, /^device banned: é+$/)
 })
