@@ -43,6 +43,7 @@ export async function startCommand(args: string[]): Promise<number> {
     console.log(`dcp: development mode: customer ${DEV_CUSTOMER_ID} with API key "${DEV_API_KEY}" (NODE_ENV=production or --production turns this off)`)
   }
   const log = (message: string) => console.error(`dcp: ${message}`)
+  if (config.production && !config.enrollmentSecret) console.log('dcp: production: a new device needs an enrollment token (POST /api/v1/admin/enrollment-tokens); others are refused (no ENROLLMENT_SECRET)')
   const scheduler = new TaskScheduler({ store: platform.store, db: platform.database.db, leaseTimeoutMs: config.leaseTimeoutMs, maxAttempts: config.maxTaskAttempts, prefetch: config.taskPrefetch, log })
   await scheduler.recover()
   const training = new TrainingCoordinator({ store: platform.store, db: platform.database.db, blobs, onMembership: (device, job) => scheduler.setTraining(device, job), log })
