@@ -88,6 +88,11 @@ export class DeviceHub {
   private readonly wss: WebSocketServer
   /** The live connection of each registered device. */
   private readonly byDevice = new Map<string, Connection>()
+  /**
+   * Devices banned or cut off by this process, with why: one whose registration was being decided when that
+   * was recorded (and so was let in) is turned away before it gets a slot.
+   */
+  private readonly barred = new Map<string, string>()
   /** The recording of a disconnect the hub itself made (shut), for those that wait on it. */
   private readonly disconnecting = new WeakMap<Connection, Promise<void>>()
   private readonly pendingLogs = new Map<string, { deviceId: string; resolve: (lines: LogLine[]) => void }>()
@@ -218,12 +223,15 @@ export class DeviceHub {
    */
   async ban(deviceId: string, reason: string): Promise<Position> {
     const position = await this.record(deviceId, { type: 'BanDevice', reason, at: this.now().toISOString() })
+    this.barred.set(deviceId, `device banned: ${reason}`)
     await this.evict(deviceId, `device banned: ${reason}`)
     return position
   }
 
   async unban(deviceId: string): Promise<Position> {
-    return this.record(deviceId, { type: 'UnbanDevice', at: this.now().toISOString() })
+    const position = await this.record(deviceId, { type: 'UnbanDevice', at: this.now().toISOString() })
+    if (this.barred.get(deviceId)?.startsWith('device banned')) this.barred.delete(deviceId)
+    return position
   }
 
   /**
@@ -264,6 +272,7 @@ export class DeviceHub {
     let last: Position | undefined
     for (const deviceId of deviceIds) {
       last = await this.record(deviceId, { type: 'RevokeEnrollment', deviceId, tokenId, at: this.now().toISOString() })
+      this.barred.set(deviceId, 'the enrollment token of this device was revoked')
       await this.evict(deviceId, 'the enrollment token of this device was revoked')
     }
     return last
@@ -410,9 +419,11 @@ export class DeviceHub {
       throw error
     }
     if (admitted.sdkToken) await this.options.waitFor?.(admitted.position)
-    if (connection.socket.readyState !== connection.socket.OPEN) {
-      // it left meanwhile: the connection just recorded ends here
-      await this.record(admitted.deviceId, { type: 'DisconnectDevice', reason: 'socket closed', at: this.now().toISOString(), connectedAt: at })
+    const barred = this.barred.get(admitted.deviceId)
+    if (barred || connection.socket.readyState !== connection.socket.OPEN) {
+      // banned while it was being let in, or it left meanwhile: the connection just recorded ends here
+      if (barred) connection.socket.close(CLOSE.FORBIDDEN, closeReason(barred))
+      await this.record(admitted.deviceId, { type: 'DisconnectDevice', reason: barred ?? 'socket closed', at: this.now().toISOString(), connectedAt: at })
       return
     }
     this.connected(connection, frame, admitted, at)
