@@ -107,7 +107,8 @@ async function setup() {
   await laptop.register({ sdkUuid: 'sdk-nodejs-g01a7c', instanceType: 'user', maxTasks: 1, batchInputs: 4 })
   answer(laptop, { gpu: false, failFirst: true })
   const cloud = await SimDevice.connect(url)
-  await cloud.register({ sdkUuid: 'sdk-python-g02b9e', instanceType: 'aws', maxTasks: 1, batchInputs: 4 })
+  // a cloud device is one the platform enrolled as such, with an aws enrollment token
+  await cloud.register({ sdkUuid: 'sdk-python-g02b9e', instanceType: 'aws', maxTasks: 1, batchInputs: 4, enrollmentToken: (await ctx.enrollmentToken({ instance_type: 'aws' })).token })
   answer(cloud, { gpu: true })
   laptop.heartbeat([], 0.1)
   cloud.heartbeat([], 0.3)

@@ -35,8 +35,12 @@ const Env = z.object({
   MAX_LEASE_MS: z.coerce.number().int().min(100).optional(),
   /** Share of a contributed device's tasks that `validation: spot` runs again. */
   VALIDATION_SPOT_RATE: z.coerce.number().min(0).max(1).default(0.05),
-  /** Secret a new device must present to register; without it, enrollment is open (refused in production). */
+  /** Secret a new `user` device may present to register instead of an enrollment token; without it, enrollment without a token is open in development and closed in production. */
   ENROLLMENT_SECRET: z.string().min(8).optional(),
+  /** Heartbeats a device may send per heartbeat interval; more are dropped (docs/device-protocol.md §4.4). */
+  DEVICE_HEARTBEATS_PER_INTERVAL: z.coerce.number().int().min(1).max(1000).default(5),
+  /** Frames of any kind a device may send per second; more close its socket with 4429. */
+  DEVICE_MAX_FRAMES_PER_SECOND: z.coerce.number().int().min(10).max(1_000_000).default(5000),
   /** The price table for estimated costs, as JSON (see src/domain/pricing.ts); default DEFAULT_PRICES. */
   PRICE_TABLE: z.string().optional(),
   /** Local worker processes `dcp start` runs beside the server. */
@@ -65,6 +69,8 @@ export interface Config {
   maxQueuedInputs: number
   prices: PriceTable
   enrollmentSecret: string | undefined
+  /** The hub's per-device frame limits (the rest keep HUB_LIMITS' defaults). */
+  deviceLimits: { heartbeatsPerInterval: number; maxFramesPerSecond: number }
   workers: number
 }
 
@@ -115,6 +121,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, overrides: Part
     maxQueuedInputs: e.MAX_QUEUED_INPUTS,
     prices: parsePrices(e.PRICE_TABLE),
     enrollmentSecret: e.ENROLLMENT_SECRET,
+    deviceLimits: { heartbeatsPerInterval: e.DEVICE_HEARTBEATS_PER_INTERVAL, maxFramesPerSecond: e.DEVICE_MAX_FRAMES_PER_SECOND },
     workers: e.WORKERS,
     ...Object.fromEntries(Object.entries(overrides).filter(([, v]) => v !== undefined)),
   }

@@ -10,11 +10,16 @@ import { allReputations } from '../projections/reputation.js'
 import { TrainingCoordinator } from '../commands/training.js'
 import { type Config, loadConfig } from '../config.js'
 import { DeviceHub } from '../device-hub/hub.js'
+import { handleCommand } from '../commands/handle-command.js'
+import { enrollmentTokenDecider, enrollmentTokenStream } from '../domain/enrollment-token.js'
 import { connectedDevices } from '../projections/devices.js'
+import { enrollmentTokenIdByHash } from '../projections/enrollment-tokens.js'
 import { buildApp } from '../http/app.js'
 import { sha256 } from '../http/auth.js'
+import { ENROLLMENT_TOKEN_PREFIX } from '../http/device-admin.js'
+import { newId, newSecret } from '../http/ids.js'
 import { ensureInternalToken } from '../internal-token.js'
-import { openPlatform } from '../platform.js'
+import { openPlatform, type Platform } from '../platform.js'
 import { parse, UsageError, wholeNumber } from './args.js'
 
 const DCP_BIN = fileURLToPath(new URL('../../bin/dcp.js', import.meta.url))
@@ -27,7 +32,6 @@ export async function startCommand(args: string[]): Promise<number> {
     process.once('SIGINT', () => resolve('SIGINT'))
     process.once('SIGTERM', () => resolve('SIGTERM'))
   })
-  if (config.production && !config.enrollmentSecret) console.log('dcp: warning: ENROLLMENT_SECRET is not set, so any device may register')
   const platform = await openPlatform(config, { publish: true, log: (line) => config.logLevel === 'debug' && console.log(line) })
   platform.projections.start()
   // Serve only once the read models exist and have caught up with the log.
@@ -40,7 +44,8 @@ export async function startCommand(args: string[]): Promise<number> {
     console.log(`dcp: development mode: customer ${DEV_CUSTOMER_ID} with API key "${DEV_API_KEY}" (NODE_ENV=production or --production turns this off)`)
   }
   const log = (message: string) => console.error(`dcp: ${message}`)
-  const scheduler = new TaskScheduler({
+  if (config.production && !config.enrollmentSecret) console.log('dcp: production: a new device needs an enrollment token (POST /api/v1/admin/enrollment-tokens); others are refused (no ENROLLMENT_SECRET)')
+  const scheduler: TaskScheduler = new TaskScheduler({
     store: platform.store,
     db: platform.database.db,
     leaseTimeoutMs: config.leaseTimeoutMs,
@@ -48,12 +53,25 @@ export async function startCommand(args: string[]): Promise<number> {
     maxAttempts: config.maxTaskAttempts,
     prefetch: config.taskPrefetch,
     reputations: () => allReputations(platform.database.db),
+    // the hub records the quarantine on the device's stream (and takes it out of training)
+    quarantine: (deviceId, reason): Promise<void> => hub.quarantine(deviceId, reason),
     log,
   })
   await scheduler.recover()
   const training = new TrainingCoordinator({ store: platform.store, db: platform.database.db, blobs, onMembership: (device, job) => scheduler.setTraining(device, job), log })
   await training.recover()
-  const hub = new DeviceHub({ store: platform.store, scheduler, training, waitFor: (p) => platform.projections.waitFor(p), heartbeatIntervalMs: config.heartbeatIntervalMs, enrollmentSecret: config.enrollmentSecret, log })
+  const hub: DeviceHub = new DeviceHub({
+    store: platform.store,
+    scheduler,
+    training,
+    waitFor: (p) => platform.projections.waitFor(p),
+    heartbeatIntervalMs: config.heartbeatIntervalMs,
+    enrollmentSecret: config.enrollmentSecret,
+    production: config.production,
+    findEnrollmentToken: (hash) => enrollmentTokenIdByHash(platform.database.db, hash),
+    limits: config.deviceLimits,
+    log,
+  })
   await hub.markAllOffline(await connectedDevices(platform.database.db))
   const app = await buildApp({
     store: platform.store,
@@ -82,7 +100,7 @@ export async function startCommand(args: string[]): Promise<number> {
   const address = app.server.address()
   const port = typeof address === 'object' && address ? address.port : config.port
   console.log(`dcp listening on http://localhost:${port}/api/v1 (Postgres: ${platform.postgres}, data: ${config.dataDir})`)
-  const workers = await startWorkers(config, port)
+  const workers = await startWorkers(config, port, config.workers > 0 ? await localWorkerToken(platform, config.workers) : undefined)
 
   const signal = await signalled
   console.log(`dcp: ${signal}, shutting down`)
@@ -115,14 +133,39 @@ function configFrom(args: string[]): Config {
   })
 }
 
+/**
+ * An `aws` enrollment token for this start's local workers (machines the platform runs): for as many devices
+ * as workers, valid ten minutes (a worker that enrolled keeps its identity in its state dir and comes back
+ * without it). Handed to them in their environment, never printed.
+ */
+async function localWorkerToken(platform: Platform, workers: number): Promise<string> {
+  const token = newSecret(ENROLLMENT_TOKEN_PREFIX)
+  const tokenId = newId('enr')
+  const now = new Date()
+  const at = now.toISOString()
+  const created = await handleCommand(platform.store, enrollmentTokenStream(tokenId), enrollmentTokenDecider, {
+    type: 'CreateEnrollmentToken',
+    tokenId,
+    label: `dcp start local workers (${at})`,
+    prefix: token.slice(0, ENROLLMENT_TOKEN_PREFIX.length + 6),
+    tokenHash: sha256(token),
+    instanceType: 'aws',
+    expiresAt: new Date(now.getTime() + 10 * 60_000).toISOString(),
+    maxDevices: workers,
+    at,
+  }, { metadata: { occurredAt: at } })
+  await platform.projections.waitFor(created.position, 60_000)
+  return token
+}
+
 /** Local worker processes, connected over real sockets like any device; each keeps its identity in `<data>/workers/<n>`. */
-async function startWorkers(config: Config, port: number): Promise<ChildProcess[]> {
+async function startWorkers(config: Config, port: number, enrollmentToken: string | undefined): Promise<ChildProcess[]> {
   const workers: ChildProcess[] = []
   for (let i = 1; i <= config.workers; i++) {
     const stateDir = path.join(config.dataDir, 'workers', String(i))
     await mkdir(stateDir, { recursive: true })
     const args = [DCP_BIN, 'worker', '--server', `http://127.0.0.1:${port}`, '--state-dir', stateDir, '--instance-type', 'aws']
-    const env = { ...process.env, ...(config.enrollmentSecret ? { DCP_ENROLLMENT_SECRET: config.enrollmentSecret } : {}) }
+    const env = { ...process.env, ...(enrollmentToken ? { DCP_ENROLLMENT_TOKEN: enrollmentToken } : {}) }
     // the IPC channel is how a worker learns that this process died (see src/cli/worker.ts)
     const child = spawn(process.execPath, args, { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], env })
     workers.push(child)

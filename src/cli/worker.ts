@@ -20,6 +20,7 @@ export async function workerCommand(args: string[]): Promise<number> {
     cuda: { type: 'boolean' },
     'no-train': { type: 'boolean' },
     'enrollment-secret': { type: 'string' },
+    'enrollment-token': { type: 'string' },
     verbose: { type: 'boolean' },
   })
   if (positionals.length > 0) throw new UsageError(`dcp worker takes no arguments, got ${positionals.join(' ')}`)
@@ -41,6 +42,7 @@ export async function workerCommand(args: string[]): Promise<number> {
     cuda: values.cuda ?? false,
     canTrain: !(values['no-train'] ?? false),
     enrollmentSecret: values['enrollment-secret'] ?? process.env.DCP_ENROLLMENT_SECRET,
+    enrollmentToken: values['enrollment-token'] ?? process.env.DCP_ENROLLMENT_TOKEN,
     // Warnings and errors always; the rest with --verbose (the hub can fetch all of it with logs_request).
     log: (line) => (verbose || line.level === 'warn' || line.level === 'error') && console.error(`${line.ts} ${line.level} ${line.message}`),
   })

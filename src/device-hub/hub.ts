@@ -5,14 +5,16 @@ import { type WebSocket, WebSocketServer } from 'ws'
 import { handleCommand } from '../commands/handle-command.js'
 import type { DeviceSlot, TaskScheduler } from '../commands/scheduler.js'
 import type { TrainingCoordinator } from '../commands/training.js'
-import { type DeviceDescription, deviceDecider, deviceStream, heartbeatStream } from '../domain/device.js'
+import type { TrainingDevice } from '../commands/training.js'
+import { type DeviceCommand, type DeviceDescription, deviceDecider, deviceStream, heartbeatStream } from '../domain/device.js'
 import { DomainError } from '../domain/errors.js'
 import type { EventStore, Position } from '../event-store/port.js'
 import { NUL_MESSAGE, nulField } from '../event-store/storable.js'
-import { sameSecret, sha256 } from '../http/auth.js'
 import { newId, newSecret } from '../http/ids.js'
 import { CLOSE, DeviceFrame, type HubFrame, type LogLine, MAX_FRAME_BYTES, PROTOCOL_VERSION } from '../protocol/frames.js'
 import { sendText } from '../protocol/send.js'
+import { type Admitted, enrollDevice, reconnectDevice } from './enrollment.js'
+import { DEFAULT_LIMITS, FrameLimiter, type HubLimits } from './limits.js'
 
 export const DEVICE_PATH = '/api/v1/devices/connect'
 
@@ -25,8 +27,14 @@ export interface HubOptions {
   waitFor?: (position: Position) => Promise<void>
   /** How often devices heartbeat; three missed ones mark a device offline. Default 5000 ms. */
   heartbeatIntervalMs?: number
-  /** Required in `register` when set (production); development leaves enrollment open. */
-  enrollmentSecret?: string
+  /** ENROLLMENT_SECRET: when set, a new device without an enrollment token must send it (it enrolls `user` devices). */
+  enrollmentSecret?: string | undefined
+  /** Production: with no secret, a new device without an enrollment token is refused (4403). Default false (open enrollment for `user` devices). */
+  production?: boolean
+  /** Looks up an enrollment token's id by the SHA-256 of its secret (the enrollment_tokens read model); without it, tokens are refused. */
+  findEnrollmentToken?: (tokenHash: string) => Promise<string | undefined>
+  /** Per-device frame limits. Default DEFAULT_LIMITS (src/protocol/frames.ts HUB_LIMITS). */
+  limits?: Partial<HubLimits>
   /** Time a socket has to register. Default 10 s. */
   registerTimeoutMs?: number
   now?: () => Date
@@ -48,6 +56,18 @@ interface Connection {
   malformed: number
   /** When the device's connection on this socket was recorded (DeviceConnected's connected_at). */
   connectedAt?: string
+  limiter: FrameLimiter
+  /** The hub closed it (banned, revoked, over a limit): what it still sends is ignored. */
+  shut?: boolean
+  /** What the training coordinator was told of it (a device that can train), to offer it again after a quarantine. */
+  trainingDevice?: TrainingDevice
+}
+
+/** A close reason within the 123 bytes (UTF-8) WebSocket allows: an operator's ban reason may be longer, or not ASCII. */
+export function closeReason(text: string): string {
+  let reason = text
+  while (Buffer.byteLength(reason) > 123) reason = reason.slice(0, -1)
+  return reason
 }
 
 export class DeviceOfflineError extends DomainError {
@@ -57,15 +77,24 @@ export class DeviceOfflineError extends DomainError {
 }
 
 /**
- * The WebSocket server devices connect to (`/api/v1/devices/connect`): registration and SDK tokens,
- * heartbeats (each one an event), task frames to and from the scheduler, log pulls. Every frame is checked
- * against src/protocol/frames.ts; a bad one gets an error frame, too many close the socket, none crashes
- * the hub.
+ * The WebSocket server devices connect to (`/api/v1/devices/connect`): enrollment (src/device-hub/enrollment.ts:
+ * tokens, the secret, the instance type the platform asserts) and SDK tokens, heartbeats (stored about once an
+ * interval), task frames to and from the scheduler, log pulls; and the platform's decisions about a device
+ * (ban, quarantine, revoked enrollment). Devices are untrusted: every frame is checked against
+ * src/protocol/frames.ts and the limits of src/device-hub/limits.ts; a bad one gets an error frame, too many
+ * or too fast close the socket, none crashes the hub.
  */
 export class DeviceHub {
   private readonly wss: WebSocketServer
   /** The live connection of each registered device. */
   private readonly byDevice = new Map<string, Connection>()
+  /**
+   * Devices banned or cut off by this process, with why: one whose registration was being decided when that
+   * was recorded (and so was let in) is turned away before it gets a slot.
+   */
+  private readonly barred = new Map<string, string>()
+  /** The recording of a disconnect the hub itself made (shut), for those that wait on it. */
+  private readonly disconnecting = new WeakMap<Connection, Promise<void>>()
   private readonly pendingLogs = new Map<string, { deviceId: string; resolve: (lines: LogLine[]) => void }>()
   private readonly timer: NodeJS.Timeout
   private watchRound: Connection[] = []
@@ -74,9 +103,13 @@ export class DeviceHub {
   private closing = false
   readonly heartbeatIntervalMs: number
   private readonly now: () => Date
+  private readonly limits: HubLimits
+  /** Heartbeats dropped over the limit, on all sockets since start. */
+  droppedHeartbeats = 0
 
   constructor(private readonly options: HubOptions) {
     this.heartbeatIntervalMs = options.heartbeatIntervalMs ?? 5000
+    this.limits = { ...DEFAULT_LIMITS, ...options.limits }
     this.now = options.now ?? (() => new Date())
     this.wss = new WebSocketServer({ noServer: true, maxPayload: MAX_FRAME_BYTES })
     this.wss.on('connection', (socket) => this.accept(socket))
@@ -101,10 +134,10 @@ export class DeviceHub {
     return this.wss.clients.size
   }
 
-  /** Is a device connected (and not draining) that can run this model format? */
+  /** Is a device connected (and not draining or quarantined) that can run this model format? */
   hasCapableDevice(format: string): boolean {
     for (const connection of this.byDevice.values()) {
-      if (connection.slot && !connection.slot.draining && connection.slot.formats.includes(format)) return true
+      if (connection.slot && !connection.slot.draining && !connection.slot.quarantined && connection.slot.formats.includes(format)) return true
     }
     return false
   }
@@ -118,7 +151,7 @@ export class DeviceHub {
     let batchInputs = Infinity
     for (const connection of this.byDevice.values()) {
       const slot = connection.slot
-      if (!slot || slot.draining || !slot.formats.includes(format)) continue
+      if (!slot || slot.draining || slot.quarantined || !slot.formats.includes(format)) continue
       if (instanceType && slot.instanceType !== instanceType) continue
       slots += slot.maxConcurrent
       if (slot.maxBatchInputs > 1) batchInputs = Math.min(batchInputs, slot.maxBatchInputs)
@@ -182,6 +215,85 @@ export class DeviceHub {
     }
   }
 
+  // ---- the platform's decisions about a device ------------------------------------------------------------
+
+  /**
+   * Bans a device: recorded, disconnected at once (4403), its leases back to the queue without using attempts;
+   * it cannot register or come back, and its SDK token is refused, until unbanned. NOT_FOUND for an unknown device.
+   */
+  async ban(deviceId: string, reason: string): Promise<Position> {
+    const position = await this.record(deviceId, { type: 'BanDevice', reason, at: this.now().toISOString() })
+    this.barred.set(deviceId, `device banned: ${reason}`)
+    await this.evict(deviceId, `device banned: ${reason}`)
+    return position
+  }
+
+  async unban(deviceId: string): Promise<Position> {
+    const position = await this.record(deviceId, { type: 'UnbanDevice', at: this.now().toISOString() })
+    if (this.barred.get(deviceId)?.startsWith('device banned')) this.barred.delete(deviceId)
+    return position
+  }
+
+  /**
+   * Holds a device back (e.g. its results failed validation): recorded; while connected, and on every later
+   * connection until released, it gets no tasks and is not offered to training (it leaves a job it trains for).
+   */
+  async quarantine(deviceId: string, reason: string): Promise<void> {
+    const position = await this.record(deviceId, { type: 'QuarantineDevice', reason, at: this.now().toISOString() })
+    const connection = this.byDevice.get(deviceId)
+    if (connection?.slot) connection.slot.quarantined = true
+    if (connection?.trainingDevice) await this.options.training?.deviceLost(deviceId)
+    await this.options.waitFor?.(position)
+  }
+
+  /** Ends a quarantine: recorded; a connected device takes tasks (and training) again. */
+  async release(deviceId: string): Promise<Position> {
+    const position = await this.record(deviceId, { type: 'ReleaseDevice', at: this.now().toISOString() })
+    const connection = this.byDevice.get(deviceId)
+    this.options.scheduler.deviceReleased(deviceId) // its reputation starts afresh, connected or not
+    if (connection?.slot?.quarantined) {
+      connection.slot.quarantined = false
+      if (connection.trainingDevice) this.options.training?.deviceConnected(connection.trainingDevice)
+    }
+    return position
+  }
+
+  /** Whether the device is quarantined (its live slot when connected, else its stream). */
+  async isQuarantined(deviceId: string): Promise<boolean> {
+    const slot = this.byDevice.get(deviceId)?.slot
+    if (slot) return slot.quarantined === true
+    const events = await this.options.store.readStream(deviceStream(deviceId))
+    const state = events.reduce((s, e) => deviceDecider.evolve(s, deviceDecider.parse({ type: e.type, data: e.data, schemaVersion: e.metadata.schemaVersion ?? 1 })), deviceDecider.initialState())
+    return state.quarantined !== undefined
+  }
+
+  /** An enrollment token was revoked: each device enrolled with it is cut off for good (recorded, disconnected). */
+  async enrollmentRevoked(tokenId: string, deviceIds: readonly string[]): Promise<Position | undefined> {
+    let last: Position | undefined
+    for (const deviceId of deviceIds) {
+      last = await this.record(deviceId, { type: 'RevokeEnrollment', deviceId, tokenId, at: this.now().toISOString() })
+      this.barred.set(deviceId, 'the enrollment token of this device was revoked')
+      await this.evict(deviceId, 'the enrollment token of this device was revoked')
+    }
+    return last
+  }
+
+  private async record(deviceId: string, command: DeviceCommand): Promise<Position> {
+    const result = await handleCommand(this.options.store, deviceStream(deviceId), deviceDecider, command, { metadata: { occurredAt: command.at } })
+    return result.position
+  }
+
+  /** Disconnects a device the platform removed; its leases (also those of a device not connected) return without using attempts. */
+  private async evict(deviceId: string, reason: string): Promise<void> {
+    const connection = this.byDevice.get(deviceId)
+    if (connection) {
+      this.shut(connection, CLOSE.FORBIDDEN, reason, { returnAll: true })
+      await this.disconnecting.get(connection)
+    } else {
+      await this.options.scheduler.deviceLost(deviceId, reason, { returnAll: true })
+    }
+  }
+
   /** Closes every socket. Their disconnects are not recorded: the next start marks the devices offline. */
   async close(): Promise<void> {
     this.closing = true
@@ -191,17 +303,37 @@ export class DeviceHub {
   }
 
   private accept(socket: WebSocket): void {
-    const connection: Connection = { socket, lastHeartbeat: Date.now(), lastPong: Date.now(), malformed: 0 }
+    const connection: Connection = { socket, lastHeartbeat: Date.now(), lastPong: Date.now(), malformed: 0, limiter: new FrameLimiter(this.limits, this.heartbeatIntervalMs) }
     const registerTimer = setTimeout(() => {
       if (!connection.deviceId) socket.close(CLOSE.TIMEOUT, 'register first')
     }, this.options.registerTimeoutMs ?? 10_000)
     socket.on('pong', () => (connection.lastPong = Date.now()))
-    socket.on('message', (raw, isBinary) => void this.receive(connection, raw as Buffer, isBinary))
+    socket.on('message', (raw, isBinary) => this.admit(connection, raw as Buffer) && void this.receive(connection, raw as Buffer, isBinary))
     socket.on('error', () => {}) // a protocol error (e.g. an oversized frame) closes the socket; 'close' follows
     socket.on('close', () => {
       clearTimeout(registerTimer)
       void this.disconnected(connection, 'socket closed')
     })
+  }
+
+  /** The limits that cost nothing to check come before parsing: a flood is cut off without touching the store. */
+  private admit(connection: Connection, raw: Buffer): boolean {
+    if (connection.shut) return false
+    const verdict = connection.limiter.frame(raw.length, connection.deviceId !== undefined, Date.now())
+    if (verdict.ok) return true
+    if (verdict.close === 'too_large') this.shut(connection, 1009, `frames before registration are limited to ${this.limits.maxUnregisteredFrameBytes} bytes`)
+    else this.shut(connection, CLOSE.RATE_LIMITED, `more than ${this.limits.maxFramesPerSecond} frames in a second`)
+    return false
+  }
+
+  /** Closes a socket from the hub's side and records the device's disconnect at once (not when the peer answers). */
+  private shut(connection: Connection, code: number, reason: string, options: { returnAll?: boolean } = {}): void {
+    if (connection.shut) return
+    connection.shut = true
+    connection.socket.close(code, closeReason(reason))
+    // a peer that never answers the close is dropped (ws would wait 30 s)
+    setTimeout(() => connection.socket.terminate(), 2000).unref()
+    this.disconnecting.set(connection, this.disconnected(connection, reason, options))
   }
 
   private async receive(connection: Connection, raw: Buffer, isBinary: boolean): Promise<void> {
@@ -264,73 +396,78 @@ export class DeviceHub {
       return
     }
     const at = this.now().toISOString()
-    const describe = (deviceId: string): DeviceDescription => ({
+    const describe = (deviceId: string, instanceType: 'aws' | 'user'): DeviceDescription => ({
       device_id: deviceId,
       platform: frame.platform,
       sdk_version: frame.sdk_version,
       sdk_uuid: frame.sdk_uuid,
-      instance_type: frame.instance_type,
+      instance_type: instanceType,
       hardware: frame.hardware,
       capabilities: frame.capabilities,
     })
-    let deviceId = frame.device_id
-    let token: string | undefined
-    const returning = deviceId !== undefined && frame.sdk_token !== undefined && (await this.options.store.readStream(deviceStream(deviceId!), { maxCount: 1 })).length > 0
-    if (returning) {
-      try {
-        await handleCommand(this.options.store, deviceStream(deviceId!), deviceDecider, { type: 'ConnectDevice', device: describe(deviceId!), tokenHash: sha256(frame.sdk_token!), at }, { metadata: { occurredAt: at } })
-      } catch (error) {
-        if (error instanceof DomainError && error.code === 'AUTH_INVALID') {
-          connection.socket.close(CLOSE.UNAUTHORIZED, 'wrong SDK token for this device')
-          return
-        }
-        throw error
-      }
-    } else {
-      const secret = this.options.enrollmentSecret
-      if (secret && !(frame.enrollment_secret && sameSecret(frame.enrollment_secret, secret))) {
-        connection.socket.close(CLOSE.UNAUTHORIZED, 'enrollment secret missing or wrong')
+    const returning = frame.device_id !== undefined && frame.sdk_token !== undefined && (await this.options.store.readStream(deviceStream(frame.device_id), { maxCount: 1 })).length > 0
+    let admitted: Admitted
+    try {
+      admitted = returning
+        ? await reconnectDevice(this.options, frame, describe, at)
+        : await enrollDevice(this.options, frame, describe, { deviceId: newId('dev'), sdkToken: newSecret('dcp_s_'), at })
+    } catch (error) {
+      if (error instanceof DomainError && (error.code === 'AUTH_INVALID' || error.code === 'FORBIDDEN')) {
+        connection.socket.close(error.code === 'AUTH_INVALID' ? CLOSE.UNAUTHORIZED : CLOSE.FORBIDDEN, closeReason(error.message))
         return
       }
-      deviceId = newId('dev')
-      token = newSecret('dcp_s_')
-      const registered = await handleCommand(this.options.store, deviceStream(deviceId), deviceDecider, { type: 'RegisterDevice', device: describe(deviceId), tokenHash: sha256(token), at }, { metadata: { occurredAt: at } })
-      await this.options.waitFor?.(registered.position)
+      throw error
     }
-    const previous = this.byDevice.get(deviceId!)
-    connection.deviceId = deviceId!
+    if (admitted.sdkToken) await this.options.waitFor?.(admitted.position)
+    const barred = this.barred.get(admitted.deviceId)
+    if (barred || connection.socket.readyState !== connection.socket.OPEN) {
+      // banned while it was being let in, or it left meanwhile: the connection just recorded ends here
+      if (barred) connection.socket.close(CLOSE.FORBIDDEN, closeReason(barred))
+      await this.record(admitted.deviceId, { type: 'DisconnectDevice', reason: barred ?? 'socket closed', at: this.now().toISOString(), connectedAt: at })
+      return
+    }
+    this.connected(connection, frame, admitted, at)
+  }
+
+  /** The device is in: its slot (with the asserted instance type), the scheduler and the training coordinator. */
+  private connected(connection: Connection, frame: Extract<DeviceFrame, { type: 'register' }>, admitted: Admitted, at: string): void {
+    const { deviceId, instanceType } = admitted
+    const previous = this.byDevice.get(deviceId)
+    connection.deviceId = deviceId
     connection.connectedAt = at
-    this.byDevice.set(deviceId!, connection)
+    this.byDevice.set(deviceId, connection)
     if (previous) previous.socket.close(CLOSE.REPLACED, 'the device connected again')
     connection.lastHeartbeat = connection.lastPong = Date.now()
     connection.slot = {
-      deviceId: deviceId!,
+      deviceId,
       formats: frame.capabilities.formats,
       gpu: frame.capabilities.gpu,
       maxConcurrent: frame.capabilities.max_concurrent_tasks,
       maxBatchInputs: frame.capabilities.max_batch_inputs,
       sdkUuid: frame.sdk_uuid,
-      instanceType: frame.instance_type,
+      instanceType,
       cpuCores: frame.hardware.cpu_cores,
       gpuCount: frame.hardware.gpus.length,
       leases: new Set(),
       draining: false,
+      quarantined: admitted.quarantined,
       load: 0,
       send: (task) => this.send(connection, task),
     }
-    this.send(connection, { type: 'registered', protocol: PROTOCOL_VERSION, device_id: deviceId!, heartbeat_interval_ms: this.heartbeatIntervalMs, ...(token ? { sdk_token: token } : {}) })
+    this.send(connection, { type: 'registered', protocol: PROTOCOL_VERSION, device_id: deviceId, heartbeat_interval_ms: this.heartbeatIntervalMs, ...(admitted.sdkToken ? { sdk_token: admitted.sdkToken } : {}) })
     this.options.scheduler.deviceConnected(connection.slot)
     if (frame.capabilities.can_train && this.options.training) {
-      const slot = connection.slot
-      this.options.training.deviceConnected({
-        deviceId: deviceId!,
+      connection.trainingDevice = {
+        deviceId,
         platform: frame.platform,
         sdkVersion: frame.sdk_version,
         gpu: frame.capabilities.gpu,
-        instanceType: frame.instance_type,
+        instanceType,
         sdkUuid: frame.sdk_uuid,
-        send: (f) => (this.byDevice.get(slot.deviceId) === connection ? this.send(connection, f) : false),
-      })
+        send: (f) => (this.byDevice.get(deviceId) === connection ? this.send(connection, f) : false),
+      }
+      // a quarantined device is not offered to training until it is released
+      if (!admitted.quarantined) this.options.training.deviceConnected(connection.trainingDevice)
     }
   }
 
@@ -341,8 +478,17 @@ export class DeviceHub {
 
   private heartbeat(connection: Connection, frame: Extract<DeviceFrame, { type: 'heartbeat' }>): void {
     const deviceId = connection.deviceId!
-    connection.lastHeartbeat = Date.now()
+    const now = Date.now()
+    const verdict = connection.limiter.heartbeat(now)
+    if (verdict !== 'accept') {
+      this.droppedHeartbeats++
+      if (verdict === 'close') this.shut(connection, CLOSE.RATE_LIMITED, `too many heartbeats (${connection.limiter.dropped} over ${this.limits.heartbeatsPerInterval} per interval dropped)`)
+      return
+    }
+    connection.lastHeartbeat = now
     this.options.scheduler.heartbeat(deviceId, frame.leases, frame.load)
+    // liveness and leases above on every accepted heartbeat; the log gets at most about one per interval
+    if (!connection.limiter.store(now)) return
     const at = this.now().toISOString()
     const data = { device_id: deviceId, load: frame.load, memory_used_mb: frame.memory_used_mb, power_watts: frame.power_watts, at }
     // a fact with nothing to decide: appended without reading the stream, group-committed with the rest
@@ -351,7 +497,8 @@ export class DeviceHub {
       .catch((error: Error) => this.options.log?.(`hub: heartbeat of ${deviceId} not stored: ${error.message}`))
   }
 
-  private async disconnected(connection: Connection, reason: string): Promise<void> {
+  /** `returnAll`: the platform removed it (a ban, a revoked token): every lease returns without using an attempt. */
+  private async disconnected(connection: Connection, reason: string, options: { returnAll?: boolean } = {}): Promise<void> {
     const deviceId = connection.deviceId
     if (this.closing || !deviceId || this.byDevice.get(deviceId) !== connection) return // shutting down, never registered, or replaced
     this.byDevice.delete(deviceId)
@@ -361,7 +508,7 @@ export class DeviceHub {
     // that had come back). The disconnect names the connection it ends, so a reconnect recorded first
     // stays the device's state.
     const parts = await Promise.allSettled([
-      this.options.scheduler.deviceLost(deviceId, `device disconnected (${reason})`),
+      this.options.scheduler.deviceLost(deviceId, `device disconnected (${reason})`, options),
       this.options.training?.deviceLost(deviceId),
       handleCommand(this.options.store, deviceStream(deviceId), deviceDecider, { type: 'DisconnectDevice', reason, at, ...(connection.connectedAt ? { connectedAt: connection.connectedAt } : {}) }, { metadata: { occurredAt: at } }),
     ])

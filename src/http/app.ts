@@ -11,6 +11,7 @@ import { runningBenchmarks } from '../projections/benchmarks.js'
 import { DEFAULT_PRICES, type PriceTable } from '../domain/pricing.js'
 import { version } from '../version.js'
 import { adminRoutes } from './admin.js'
+import { deviceAdminRoutes } from './device-admin.js'
 import { deviceRoutes } from './devices.js'
 import { inferenceRoutes } from './inference.js'
 import { type AuthKind, registerAuth, sha256 } from './auth.js'
@@ -155,6 +156,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
       api.get('/openapi.json', { config: { auth: 'none' }, schema: { hide: true } }, async () => app.swagger())
       await api.register(healthRoutes, { services })
       await api.register(adminRoutes, { services })
+      await api.register(deviceAdminRoutes, { services })
       await api.register(modelRoutes, { services })
       await api.register(deviceRoutes, { services })
       await api.register(inferenceRoutes, { services })

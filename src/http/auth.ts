@@ -90,6 +90,7 @@ async function authenticate(request: FastifyRequest, kind: Exclude<AuthKind, 'no
       const valid = credential !== undefined && timingSafeEqual(Buffer.from(credential.key_hash), Buffer.from(hash)) && credential.kind === wanted
       if (!valid) throw new DomainError('AUTH_INVALID', `invalid ${headerName(header)}`)
       if (credential.revoked_at) throw new DomainError('AUTH_INVALID', `this ${kind === 'api_key' ? 'API key' : 'SDK token'} was revoked`)
+      if (credential.banned_at) throw new DomainError('FORBIDDEN', `device ${credential.key_id} is banned`)
       return { kind, keyId: credential.key_id, ...(credential.customer_id ? { customerId: credential.customer_id } : {}) }
     }
   }

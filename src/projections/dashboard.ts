@@ -48,6 +48,8 @@ export async function fleet(db: Kysely<any>, page: { limit: number; offset: numb
     gpu: Boolean(r.capabilities?.gpu),
     can_train: Boolean(r.capabilities?.can_train),
     last_seen_at: r.last_seen_at as string,
+    banned: r.banned_at ? { reason: r.banned_reason as string, at: r.banned_at as string } : null,
+    quarantined: r.quarantined_at ? { reason: r.quarantine_reason as string, at: r.quarantined_at as string } : null,
   }))
   return { total: total.total, counts: total, by_platform: byPlatform, by_instance_type: byType, devices }
 }

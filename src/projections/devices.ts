@@ -13,7 +13,8 @@ import { RowSet } from './rows.js'
  */
 export const devicesProjection: Projection = {
   name: 'devices',
-  version: 1,
+  // 2: enrollment token, ban and quarantine columns
+  version: 2,
   filter: { types: [...deviceEventTypes, 'HeartbeatReceived', 'TaskLeased', 'TaskCompleted', 'TaskResultHeld', 'TaskValidated', 'TaskAttemptFailed', 'TaskLeaseReturned', 'TaskCancelled'] },
   tables: [{ name: 'devices', primaryKey: ['device_id'] }],
 
@@ -36,6 +37,11 @@ export const devicesProjection: Projection = {
       .addColumn('registered_at', 'text', (c) => c.notNull())
       .addColumn('last_seen_at', 'text', (c) => c.notNull())
       .addColumn('disconnect_reason', 'text')
+      .addColumn('enrollment_token_id', 'text')
+      .addColumn('banned_reason', 'text')
+      .addColumn('banned_at', 'text')
+      .addColumn('quarantine_reason', 'text')
+      .addColumn('quarantined_at', 'text')
       .execute()
     await db.schema.createIndex('devices_by_status').on('devices').columns(['connected', 'running_tasks']).execute()
   },
@@ -65,6 +71,11 @@ interface DeviceRow extends Record<string, unknown> {
   registered_at: string
   last_seen_at: string
   disconnect_reason: string | null
+  enrollment_token_id: string | null
+  banned_reason: string | null
+  banned_at: string | null
+  quarantine_reason: string | null
+  quarantined_at: string | null
 }
 
 function deviceIdOf(event: RecordedEvent): string | undefined {
@@ -88,6 +99,7 @@ function fold(rows: RowSet<DeviceRow>, recorded: RecordedEvent): void {
         rows.put({
           ...device, connected: false, running_tasks: 0, heartbeats: 0, load: null, memory_used_mb: null, power_watts: null,
           registered_at, last_seen_at: registered_at, disconnect_reason: null,
+          banned_reason: null, banned_at: null, quarantine_reason: null, quarantined_at: null,
         })
         return
       }
@@ -98,6 +110,20 @@ function fold(rows: RowSet<DeviceRow>, recorded: RecordedEvent): void {
       }
       case 'DeviceDisconnected':
         rows.update(id, { connected: false, last_seen_at: event.data.disconnected_at, disconnect_reason: event.data.reason })
+        return
+      case 'DeviceBanned':
+        rows.update(id, { banned_reason: event.data.reason, banned_at: event.data.banned_at })
+        return
+      case 'DeviceUnbanned':
+        rows.update(id, { banned_reason: null, banned_at: null })
+        return
+      case 'DeviceQuarantined':
+        rows.update(id, { quarantine_reason: event.data.reason, quarantined_at: event.data.at })
+        return
+      case 'DeviceReleased':
+        rows.update(id, { quarantine_reason: null, quarantined_at: null })
+        return
+      case 'DeviceEnrollmentRevoked':
         return
     }
   }
@@ -166,6 +192,9 @@ function deviceView(r: Record<string, any>) {
     registered_at: r.registered_at,
     last_seen_at: r.last_seen_at,
     ...(r.disconnect_reason ? { disconnect_reason: r.disconnect_reason } : {}),
+    enrollment_token_id: r.enrollment_token_id ?? null,
+    banned: r.banned_at ? { reason: r.banned_reason as string, at: r.banned_at as string } : null,
+    quarantined: r.quarantined_at ? { reason: r.quarantine_reason as string, at: r.quarantined_at as string } : null,
   }
 }
 

@@ -13,6 +13,7 @@ import { trainingProjection } from './training.js'
 import { datasetsProjection } from './datasets.js'
 import { benchmarksProjection } from './benchmarks.js'
 import { reputationProjection } from './reputation.js'
+import { enrollmentTokensProjection } from './enrollment-tokens.js'
 import type { Projection } from './projection.js'
 import { type AuditReport, audit, rebuild } from './replay.js'
 import { auditUsage, type UsageAuditOptions, type UsageAuditReport } from './usage-audit.js'
@@ -24,7 +25,7 @@ const CACHE_TTL_MS = 5_000
 const CACHE_MAX_ENTRIES = 10_000
 
 /** Every projection of dcp. A new read model is added here. */
-export const allProjections: readonly Projection[] = [eventCounts, customersProjection, modelsProjection, devicesProjection, tasksProjection, inferenceProjection, projectsProjection, usageProjection, trainingProjection, datasetsProjection, benchmarksProjection, reputationProjection]
+export const allProjections: readonly Projection[] = [eventCounts, customersProjection, modelsProjection, devicesProjection, tasksProjection, inferenceProjection, projectsProjection, usageProjection, trainingProjection, datasetsProjection, benchmarksProjection, reputationProjection, enrollmentTokensProjection]
 
 export interface ProjectionStatus {
   name: string

@@ -14,7 +14,7 @@ import { RowSet } from './rows.js'
 export const reputationProjection: Projection = {
   name: 'reputation',
   version: 1,
-  filter: { types: ['TaskCompleted', 'TaskValidated'] },
+  filter: { types: ['TaskCompleted', 'TaskValidated', 'DeviceReleased'] },
   tables: [{ name: 'device_reputation', primaryKey: ['device_id'] }],
 
   async createTables(db) {
@@ -29,11 +29,12 @@ export const reputationProjection: Projection = {
   },
 
   async apply(trx, events) {
-    const parsed = events.map((recorded) => parseRecorded(taskDecider, recorded))
+    // a release starts a device's reputation afresh (else it would be quarantined again at once)
+    const parsed = events.map((recorded) => (recorded.type === 'DeviceReleased' ? { type: 'DeviceReleased' as const, data: { device_id: String((recorded.data as { device_id: unknown }).device_id) } } : parseRecorded(taskDecider, recorded)))
     const rows = new RowSet<ReputationRow>('device_reputation', 'device_id')
     await rows.load(
       trx,
-      parsed.flatMap((e) => (e.type === 'TaskCompleted' ? [e.data.device_id, ...e.data.failed_on] : e.type === 'TaskValidated' ? e.data.runs.map((r) => r.device_id) : [])),
+      parsed.flatMap((e) => (e.type === 'TaskCompleted' ? [e.data.device_id, ...e.data.failed_on] : e.type === 'TaskValidated' ? e.data.runs.map((r) => r.device_id) : e.type === 'DeviceReleased' ? [e.data.device_id] : [])),
     )
     const change = (deviceId: string, f: (r: ReputationRow) => void) => {
       const row = rows.get(deviceId) ?? { device_id: deviceId, validated: 0, disputed: 0, completed: 0, failed_elsewhere_ok: 0 }
@@ -41,7 +42,8 @@ export const reputationProjection: Projection = {
       rows.put(row)
     }
     for (const event of parsed) {
-      if (event.type === 'TaskCompleted') {
+      if (event.type === 'DeviceReleased') rows.put({ device_id: event.data.device_id, validated: 0, disputed: 0, completed: 0, failed_elsewhere_ok: 0 })
+      else if (event.type === 'TaskCompleted') {
         const d = event.data
         if (!d.validated) change(d.device_id, (r) => r.completed++)
         for (const failed of new Set(d.failed_on)) if (failed !== d.device_id) change(failed, (r) => r.failed_elsewhere_ok++)

@@ -15,6 +15,21 @@ export const PROTOCOL_VERSION = 1
 export const MAX_BATCH_INPUTS = 4096
 /** Largest frame the hub accepts, in bytes (a larger one closes the socket with 1009). */
 export const MAX_FRAME_BYTES = 16 * 1024 * 1024
+/** Largest frame a socket may send before it has registered (a larger one closes it with 1009). */
+export const MAX_UNREGISTERED_FRAME_BYTES = 64 * 1024
+
+/**
+ * Frame limits per device (docs/device-protocol.md §4.4). Heartbeats beyond `heartbeatsPerInterval` in one
+ * heartbeat interval are dropped (not stored, no lease extended); the `droppedHeartbeatsBeforeClose`th dropped
+ * one in an interval closes the socket with 4429. More than `maxFramesPerSecond` frames of any kind in one
+ * second close it with 4429 too; a frame over `maxUnregisteredFrameBytes` before registering, with 1009.
+ */
+export const HUB_LIMITS = {
+  heartbeatsPerInterval: 5,
+  droppedHeartbeatsBeforeClose: 50,
+  maxFramesPerSecond: 5000,
+  maxUnregisteredFrameBytes: MAX_UNREGISTERED_FRAME_BYTES,
+} as const
 
 export const PLATFORMS = ['nodejs', 'python', 'windows'] as const
 export const INSTANCE_TYPES = ['aws', 'user'] as const
@@ -52,8 +67,10 @@ export type Capabilities = z.infer<typeof Capabilities>
 export const Register = z.object({
   type: z.literal('register'),
   protocol: z.number().int().min(1),
-  /** Enrollment secret, when the hub requires one (production). */
+  /** Enrollment secret, when the hub requires one (production); enrolls a `user` device. */
   enrollment_secret: z.string().max(512).optional(),
+  /** Enrollment token (`dcp_e_...`) from an operator; its instance type is the device's. Wins over the secret. */
+  enrollment_token: z.string().max(512).optional(),
   /** A device that registered before sends its id and token to come back as itself. */
   device_id: Id.optional(),
   sdk_token: z.string().max(512).optional(),
@@ -262,8 +279,16 @@ export type HubFrame = z.infer<typeof HubFrame>
 export const CLOSE = {
   /** Protocol version not supported. */
   UNSUPPORTED_PROTOCOL: 4400,
-  /** Enrollment secret or SDK token refused. */
+  /** Enrollment secret, enrollment token or SDK token refused (unknown or wrong). */
   UNAUTHORIZED: 4401,
+  /**
+   * Known, but not allowed: the device is banned, its enrollment token was revoked, expired or used up, its
+   * `instance_type` is not the one the platform asserts for it, or enrollment is closed (production with no
+   * secret). The reason says which.
+   */
+  FORBIDDEN: 4403,
+  /** Too many frames (or heartbeats) for the limits of docs/device-protocol.md §4.4. */
+  RATE_LIMITED: 4429,
   /** Too many malformed frames. */
   MALFORMED: 4402,
   /** The device did not register in time, or stopped heartbeating. */

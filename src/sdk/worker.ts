@@ -33,7 +33,8 @@ export const SDK_VERSION: string = pkg.version
 
 /** Closes after which retrying cannot help: the hub refused us, or another copy of this device took over. */
 const FATAL_CLOSES = new Map<number, string>([
-  [CLOSE.UNAUTHORIZED, 'the hub refused the enrollment secret or SDK token'],
+  [CLOSE.UNAUTHORIZED, 'the hub refused the enrollment token or secret, or the SDK token'],
+  [CLOSE.FORBIDDEN, 'the hub does not let this device in (banned, enrollment token revoked or expired, or instance type refused)'],
   [CLOSE.UNSUPPORTED_PROTOCOL, `the hub does not speak protocol ${PROTOCOL_VERSION}`],
   [CLOSE.REPLACED, 'the same device connected from elsewhere (is another worker using this state dir?)'],
 ])
@@ -50,7 +51,9 @@ export interface DeviceWorkerOptions {
   stateDir?: string
   /** Model files. Default `<stateDir>/models`. */
   cacheDir?: string
-  enrollmentSecret?: string
+  enrollmentSecret?: string | undefined
+  /** Enrollment token (`dcp_e_...`) from an operator; it sets the device's instance type (use the same `instanceType`). */
+  enrollmentToken?: string | undefined
   /** Tasks run at once; more are queued locally. Default 1. */
   maxConcurrentTasks?: number
   /**
@@ -305,6 +308,7 @@ export class DeviceWorker extends EventEmitter<DeviceWorkerEvents> {
       type: 'register',
       protocol: PROTOCOL_VERSION,
       ...(this.options.enrollmentSecret ? { enrollment_secret: this.options.enrollmentSecret } : {}),
+      ...(this.options.enrollmentToken ? { enrollment_token: this.options.enrollmentToken } : {}),
       ...(state.device_id ? { device_id: state.device_id } : {}),
       ...(state.sdk_token ? { sdk_token: state.sdk_token } : {}),
       platform: 'nodejs',

@@ -115,6 +115,13 @@ function badge(status) {
   return el('span', fmt(status), { class: `badge status-${safe}` })
 }
 
+/** A device's status, with a ban or a quarantine beside it (its reason on hover). */
+function deviceStatus(d) {
+  const held = [d.banned && ['banned', d.banned], d.quarantined && ['quarantined', d.quarantined]].filter(Boolean)
+  if (held.length === 0) return badge(d.status)
+  return el('span', [badge(d.status), ...held.map(([what, why]) => el('span', fmt(what), { class: `badge status-${what}`, title: `${what} ${fmtTime(why.at)}: ${why.reason}` }))])
+}
+
 function fillTable(selector, rows, emptyText, columns) {
   const body = $(`${selector} tbody`)
   if (rows.length === 0) {
@@ -224,7 +231,7 @@ async function loadFleet() {
   const devices = body.devices ?? []
   fillTable(
     '#device-table',
-    devices.map((d) => [el('code', d.id), d.platform, d.instance_type, badge(d.status), d.load, d.power_watts, d.running_tasks, d.training_job, fmtTime(d.last_seen_at)]),
+    devices.map((d) => [el('code', d.id), d.platform, d.instance_type, deviceStatus(d), d.load, d.power_watts, d.running_tasks, d.training_job, fmtTime(d.last_seen_at)]),
     'no devices connected yet',
     9,
   )

@@ -209,7 +209,8 @@ t.test('without DATABASE_URL: start runs an embedded Postgres under the data dir
     await new Promise((r) => setTimeout(r, 200))
   }
   const devices = (await (await fetch(`${server.url}/api/v1/devices`, { headers: { 'x-api-key': 'test-api-key' } })).json()) as { devices: { status: string; instance_type: string }[] }
-  t.same(devices.devices.map((d) => [d.status, d.instance_type]), [['idle', 'aws'], ['idle', 'aws']])
+  t.same(devices.devices.map((d) => [d.status, d.instance_type]), [['idle', 'aws'], ['idle', 'aws']], 'aws: enrolled with the aws token dcp start made for them')
+  t.notMatch(server.output(), /dcp_e_/, 'that token is never printed')
   // another dcp command uses the running server's Postgres instead of starting a second one
   const status = await run(['projections', 'status', '--json'], env)
   t.equal(status.code, 0, status.stderr)

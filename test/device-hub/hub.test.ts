@@ -15,10 +15,10 @@ async function listening(t: Test, heartbeatIntervalMs = 500) {
 }
 
 t.test('a device registers, heartbeats, and shows in the read model; its SDK token is a credential', async (t) => {
-  const { url, get } = await listening(t)
+  const { url, get, enrollmentToken } = await listening(t)
   const device = await SimDevice.connect(url)
   t.teardown(() => device.kill())
-  const registered = await device.register({ instanceType: 'aws' })
+  const registered = await device.register({ instanceType: 'aws', enrollmentToken: (await enrollmentToken()).token })
   t.match(registered, { type: 'registered', protocol: 1, device_id: /^dev_/, sdk_token: /^dcp_s_/, heartbeat_interval_ms: 500 })
   device.heartbeat([], 0.4)
   // it keeps heartbeating like a device, so a slow (loaded) run does not see it time out

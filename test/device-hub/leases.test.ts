@@ -18,7 +18,9 @@ const task = (overrides: Record<string, unknown> = {}) => ({
 })
 
 async function setup(t: Test, leaseTimeoutMs = 1500, prefetch?: number) {
-  const context = await testApp(t, {}, { heartbeatIntervalMs: 60_000, leaseTimeoutMs, prefetch })
+  // A long heartbeat interval keeps silent devices connected; the devices here that keep leases heartbeat far
+  // more often than it, which the hub's heartbeat limit (docs/device-protocol.md §4.4) would drop: not what these tests are about.
+  const context = await testApp(t, {}, { heartbeatIntervalMs: 60_000, leaseTimeoutMs, prefetch, limits: { heartbeatsPerInterval: 100_000 } })
   const url = await context.app.listen({ port: 0, host: '127.0.0.1' })
   const devices: SimDevice[] = []
   t.teardown(() => devices.forEach((d) => d.kill()))

@@ -7,10 +7,12 @@ import { BlobStore } from '../../src/blobs/blob-store.js'
 import { TaskScheduler } from '../../src/commands/scheduler.js'
 import { TrainingCoordinator } from '../../src/commands/training.js'
 import { DeviceHub } from '../../src/device-hub/hub.js'
+import type { HubLimits } from '../../src/device-hub/limits.js'
 import { START } from '../../src/event-store/port.js'
 import { PostgresEventStore } from '../../src/event-store/postgres.js'
 import { type AppDeps, buildApp } from '../../src/http/app.js'
 import type { Database } from '../../src/postgres/database.js'
+import { enrollmentTokenIdByHash } from '../../src/projections/enrollment-tokens.js'
 import { Projections } from '../../src/projections/projections.js'
 import { allReputations } from '../../src/projections/reputation.js'
 import { freshDatabase } from './database.js'
@@ -29,10 +31,12 @@ export interface TestApp {
   blobs: BlobStore
   /** Creates a customer through the admin API and returns its id and API key. */
   customer(name?: string): Promise<{ id: string; key: string; keyId: string }>
+  /** Creates an enrollment token through the admin API (default: an `aws` one, for machines the platform runs). */
+  enrollmentToken(body?: { label?: string; instance_type?: 'aws' | 'user'; max_devices?: number; expires_at?: string }): Promise<{ id: string; token: string }>
 }
 
 /** The whole HTTP API on a fresh database, with every projection running; torn down with the test. */
-export async function testApp(t: Test, overrides: Partial<AppDeps> = {}, options: { heartbeatIntervalMs?: number; leaseTimeoutMs?: number; enrollmentSecret?: string; roundDeadlineMs?: number; prefetch?: number; maxLeaseMs?: number } = {}): Promise<TestApp> {
+export async function testApp(t: Test, overrides: Partial<AppDeps> = {}, options: { heartbeatIntervalMs?: number; leaseTimeoutMs?: number; enrollmentSecret?: string; roundDeadlineMs?: number; prefetch?: number; production?: boolean; limits?: Partial<HubLimits>; maxLeaseMs?: number } = {}): Promise<TestApp> {
   const database = await freshDatabase(t)
   const store = new PostgresEventStore(database.pool)
   const projections = new Projections({ db: database.db, store, retryMs: 50 })
@@ -41,7 +45,7 @@ export async function testApp(t: Test, overrides: Partial<AppDeps> = {}, options
   const blobs = new BlobStore(dir)
   await blobs.init()
   await projections.waitFor(START)
-  const scheduler = new TaskScheduler({
+  const scheduler: TaskScheduler = new TaskScheduler({
     store,
     db: database.db,
     leaseTimeoutMs: options.leaseTimeoutMs ?? 2000,
@@ -49,11 +53,22 @@ export async function testApp(t: Test, overrides: Partial<AppDeps> = {}, options
     ...(options.prefetch ? { prefetch: options.prefetch } : {}),
     ...(options.maxLeaseMs ? { maxLeaseMs: options.maxLeaseMs } : {}),
     reputations: () => allReputations(database.db),
+    quarantine: (deviceId, reason): Promise<void> => hub.quarantine(deviceId, reason),
   })
   await scheduler.recover()
   const training = new TrainingCoordinator({ store, db: database.db, blobs, onMembership: (device, job) => scheduler.setTraining(device, job), roundDeadlineMs: options.roundDeadlineMs ?? 5000 })
   await training.recover()
-  const hub = new DeviceHub({ store, scheduler, training, waitFor: (p) => projections.waitFor(p), heartbeatIntervalMs: options.heartbeatIntervalMs ?? 500, enrollmentSecret: options.enrollmentSecret })
+  const hub: DeviceHub = new DeviceHub({
+    store,
+    scheduler,
+    training,
+    waitFor: (p) => projections.waitFor(p),
+    heartbeatIntervalMs: options.heartbeatIntervalMs ?? 500,
+    enrollmentSecret: options.enrollmentSecret,
+    findEnrollmentToken: (hash) => enrollmentTokenIdByHash(database.db, hash),
+    ...(options.production ? { production: true } : {}),
+    ...(options.limits ? { limits: options.limits } : {}),
+  })
   const app = await buildApp({ store, projections, db: database.db, blobs, hub, scheduler, training, adminKey: ADMIN_KEY, internalToken: INTERNAL_TOKEN, logLevel: 'silent', ...overrides })
   t.teardown(async () => {
     await hub.close()
@@ -79,6 +94,13 @@ export async function testApp(t: Test, overrides: Partial<AppDeps> = {}, options
       if (response.statusCode !== 201) throw new Error(`creating a customer failed: ${response.statusCode} ${response.body}`)
       const body = response.json() as { id: string; api_key: string; key_id: string }
       return { id: body.id, key: body.api_key, keyId: body.key_id }
+    },
+    async enrollmentToken(body = {}) {
+      const payload = { label: 'test devices', instance_type: 'aws', ...body }
+      const response = await app.inject({ method: 'POST', url: '/api/v1/admin/enrollment-tokens', headers: { 'x-admin-key': ADMIN_KEY }, payload })
+      if (response.statusCode !== 201) throw new Error(`creating an enrollment token failed: ${response.statusCode} ${response.body}`)
+      const created = response.json() as { id: string; enrollment_token: string }
+      return { id: created.id, token: created.enrollment_token }
     },
   }
 }

@@ -1,5 +1,18 @@
 import WebSocket from 'ws'
+import type { TaskScheduler } from '../../src/commands/scheduler.js'
 import { PROTOCOL_VERSION } from '../../src/protocol/frames.js'
+
+export interface RegisterOptions {
+  as?: { deviceId: string; sdkToken: string }
+  formats?: string[]
+  maxTasks?: number
+  batchInputs?: number
+  sdkUuid?: string
+  instanceType?: 'aws' | 'user'
+  enrollmentSecret?: string
+  enrollmentToken?: string
+  canTrain?: boolean
+}
 
 /** A simulated device: a real WebSocket speaking the protocol by hand, for tests that need control. */
 export class SimDevice {
@@ -35,7 +48,21 @@ export class SimDevice {
   }
 
   /** Registers (or comes back, with `as`), resolving with the `registered` frame. */
-  async register(options: { as?: { deviceId: string; sdkToken: string }; formats?: string[]; maxTasks?: number; batchInputs?: number; sdkUuid?: string; instanceType?: 'aws' | 'user'; enrollmentSecret?: string; canTrain?: boolean } = {}) {
+  async register(options: RegisterOptions = {}) {
+    this.sendRegister(options)
+    const registered = await this.next((f) => f.type === 'registered')
+    this.deviceId = registered.device_id
+    if (registered.sdk_token) this.sdkToken = registered.sdk_token
+    return registered
+  }
+
+  /** Sends `register` and resolves with how the hub closed the socket (for registrations it refuses). */
+  async refused(options: RegisterOptions = {}): Promise<{ code: number; reason: string }> {
+    this.sendRegister(options)
+    return this.waitClosed()
+  }
+
+  sendRegister(options: RegisterOptions = {}): void {
     this.send({
       type: 'register',
       protocol: PROTOCOL_VERSION,
@@ -47,11 +74,8 @@ export class SimDevice {
       capabilities: { formats: options.formats ?? ['onnx'], gpu: false, can_train: options.canTrain ?? false, max_concurrent_tasks: options.maxTasks ?? 1, max_batch_inputs: options.batchInputs ?? 1 },
       ...(options.as ? { device_id: options.as.deviceId, sdk_token: options.as.sdkToken } : {}),
       ...(options.enrollmentSecret ? { enrollment_secret: options.enrollmentSecret } : {}),
+      ...(options.enrollmentToken ? { enrollment_token: options.enrollmentToken } : {}),
     })
-    const registered = await this.next((f) => f.type === 'registered')
-    this.deviceId = registered.device_id
-    if (registered.sdk_token) this.sdkToken = registered.sdk_token
-    return registered
   }
 
   heartbeat(leases: string[] = [], load = 0.25): void {
@@ -102,4 +126,24 @@ export async function eventually<T>(check: () => Promise<T | undefined | false>,
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`)
     await new Promise((r) => setTimeout(r, intervalMs))
   }
+}
+
+/**
+ * History from before the platform asserted instance types: an older hub let a device come back claiming
+ * another type, and its work was billed as that. This hub refuses such a device (test/device-hub/identity.test.ts),
+ * so the tests of how such history is counted hand the scheduler such a slot directly, in place of the one the
+ * hub gave the device (which stays connected, so the API sees a capable device). The slot answers every task
+ * at once with a fixed output.
+ */
+export function legacySlot(scheduler: TaskScheduler, deviceId: string, instanceType: 'aws' | 'user'): void {
+  scheduler.deviceConnected({
+    deviceId, formats: ['onnx'], gpu: false, maxConcurrent: 1, maxBatchInputs: 1, sdkUuid: 'sdk-nodejs-test01', instanceType, leases: new Set(), draining: false, load: 0,
+    send: (frame) => {
+      if (frame.type === 'task') {
+        const result = { type: 'task_result' as const, task_id: frame.task_id, lease_id: frame.lease_id, status: 'completed' as const, output: { data: [0.25, 0.75], shape: [1, 2] }, metrics: { cpu_ms: 2, gpu_ms: 0, bytes_in: 40, bytes_out: 8 } }
+        setImmediate(() => void scheduler.result(deviceId, result))
+      }
+      return true
+    },
+  })
 }

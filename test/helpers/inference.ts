@@ -44,9 +44,12 @@ export async function inferenceSetup(t: Test, options: InferenceSetupOptions = {
     workers.forEach((w) => w.exitCode === null && w.kill('SIGKILL'))
     await rm(dir, { recursive: true, force: true })
   })
+  // the platform asserts which devices are cloud instances: those enroll with an aws token
+  const awsToken = options.aws?.length ? (await context.enrollmentToken({ instance_type: 'aws', label: 'test cloud workers' })).token : undefined
   const startWorker = (i: number, server = url) => {
     const type = options.aws?.includes(i) ? 'aws' : 'user'
-    const child = spawn(process.execPath, [DCP_BIN, 'worker', '--server', server, '--state-dir', path.join(dir, `w${i}`), '--instance-type', type], { stdio: 'ignore' })
+    const enrollment = type === 'aws' ? ['--enrollment-token', awsToken!] : []
+    const child = spawn(process.execPath, [DCP_BIN, 'worker', '--server', server, '--state-dir', path.join(dir, `w${i}`), '--instance-type', type, ...enrollment], { stdio: 'ignore' })
     workers[i] = child
     return child
   }

@@ -40,7 +40,10 @@ export async function trainingSetup(t: Test, options: { devices?: number; roundD
     await rm(dir, { recursive: true, force: true })
   })
   const startDevice = async (more: Partial<DeviceWorkerOptions> = {}) => {
-    const worker = new DeviceWorker({ server: url, stateDir: path.join(dir, `w${workers.length}`), log: () => {}, ...options.worker, ...more })
+    // the platform asserts which devices are cloud instances: an aws worker enrolls with an aws token
+    const aws = (more.instanceType ?? options.worker?.instanceType) === 'aws' && !(more.enrollmentToken ?? options.worker?.enrollmentToken)
+    const enrollment = aws ? { enrollmentToken: (await context.enrollmentToken({ instance_type: 'aws' })).token } : {}
+    const worker = new DeviceWorker({ server: url, stateDir: path.join(dir, `w${workers.length}`), log: () => {}, ...options.worker, ...enrollment, ...more })
     workers.push(worker)
     await worker.start()
     return worker

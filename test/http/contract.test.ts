@@ -74,7 +74,7 @@ t.test('health and detailed health, without auth', async (t) => {
     model_store: { status: 'healthy', models: 0 },
     event_store: { status: 'healthy', adapter: 'PostgresEventStore' },
   })
-  t.same(body.services.projections.items.map((p: { name: string }) => p.name).sort(), ['benchmarks', 'customers', 'datasets', 'devices', 'event_counts', 'inference', 'models', 'projects', 'reputation', 'tasks', 'training', 'usage'])
+  t.same(body.services.projections.items.map((p: { name: string }) => p.name).sort(), ['benchmarks', 'customers', 'datasets', 'devices', 'enrollment_tokens', 'event_counts', 'inference', 'models', 'projects', 'reputation', 'tasks', 'training', 'usage'])
   t.ok(body.services.projections.items.every((p: { lag: number }) => p.lag === 0), 'no lag after the writes settled')
 })
 

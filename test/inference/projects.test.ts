@@ -1,5 +1,5 @@
 import t from 'tap'
-import { SimDevice } from '../helpers/device.js'
+import { legacySlot, SimDevice } from '../helpers/device.js'
 import { close, inferenceSetup, input, poll } from '../helpers/inference.js'
 
 t.test("the spec's Example 2: a batch project, its progress and analytics", async (t) => {
@@ -74,17 +74,14 @@ t.test("the spec's Example 4: a realtime project, sync inference, analytics, com
 })
 
 t.test('analytics count a task under the instance type it was billed by, also when its device came back as another type', async (t) => {
-  const { api, model, url } = await inferenceSetup(t)
+  const { api, model, url, scheduler, enrollmentToken } = await inferenceSetup(t)
   const first = await SimDevice.connect(url)
-  await first.register({ instanceType: 'aws' })
-  first.kill()
-  const device = await SimDevice.connect(url) // the same device, now contributed by a user
-  t.teardown(() => device.kill())
-  await device.register({ as: { deviceId: first.deviceId, sdkToken: first.sdkToken }, instanceType: 'user' })
+  await first.register({ instanceType: 'aws', enrollmentToken: (await enrollmentToken()).token })
+  t.teardown(() => first.kill())
+  // the same device, now contributed by a user (an older hub allowed it)
+  legacySlot(scheduler, first.deviceId, 'user')
   const projectId = (await api('POST', '/projects', { type: 'realtime', model_id: model.id })).body.project_id
   const answered = api('POST', '/inference', { model_id: model.id, project_id: projectId, input: { data: input(1), shape: [1, 10] } })
-  const task = await device.next((f) => f.type === 'task')
-  device.send({ type: 'task_result', task_id: task.task_id, lease_id: task.lease_id, status: 'completed', output: { data: [0.25, 0.75], shape: [1, 2] }, metrics: { cpu_ms: 2, gpu_ms: 0, bytes_in: 40, bytes_out: 8 } })
   t.equal((await answered).status, 200)
   const analytics = (await api('GET', `/projects/${projectId}/analytics`)).body
   t.equal(analytics.by_instance_type.user.completed_inputs, 1, 'billed as user, counted as user')

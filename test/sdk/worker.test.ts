@@ -179,7 +179,7 @@ t.test('reconnects after the socket drops, and a restart comes back as the same 
 t.test('close 4401 stops the retries: start() rejects, or `fatal` fires once registered', async (t) => {
   const { hub, worker, newWorker } = await setup(t)
   hub.refuse = true
-  await t.rejects(worker.start(), /refused the enrollment secret or SDK token \(code 4401/)
+  await t.rejects(worker.start(), /refused the enrollment token or secret, or the SDK token \(code 4401/)
   await sleep(600)
   t.equal(hub.sockets.length, 1, 'no retry after 4401')
 

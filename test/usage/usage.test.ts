@@ -11,9 +11,9 @@ import { allEvents } from '../helpers/events.js'
 import { DCP_BIN, inferenceSetup, input, poll } from '../helpers/inference.js'
 
 /** A device that answers every task with fixed metrics (so the expected bill is known exactly). */
-async function answeringDevice(url: string, options: { sdkUuid: string; instanceType: 'aws' | 'user'; gpu: boolean }) {
+async function answeringDevice(url: string, options: { sdkUuid: string; instanceType: 'aws' | 'user'; gpu: boolean; enrollmentToken?: string }) {
   const device = await SimDevice.connect(url)
-  await device.register({ sdkUuid: options.sdkUuid, instanceType: options.instanceType, maxTasks: 2, batchInputs: 8 })
+  await device.register({ sdkUuid: options.sdkUuid, instanceType: options.instanceType, maxTasks: 2, batchInputs: 8, ...(options.enrollmentToken ? { enrollmentToken: options.enrollmentToken } : {}) })
   let n = 0
   device.socket.on('message', (raw) => {
     const frame = JSON.parse(raw.toString())
@@ -27,14 +27,14 @@ async function answeringDevice(url: string, options: { sdkUuid: string; instance
 }
 
 t.test('under concurrent load with a device killed mid-task, usage equals the sum over completed tasks, exactly; errors hold the lost attempts', async (t) => {
-  const { api, model, url, store, customer, app } = await inferenceSetup(t)
+  const { api, model, url, store, customer, app, enrollmentToken } = await inferenceSetup(t)
   const victim = await SimDevice.connect(url) // takes tasks and never answers; killed below
   await victim.register({ sdkUuid: 'sdk-nodejs-victim', instanceType: 'user', maxTasks: 2, batchInputs: 8 })
   const project = (await api('POST', '/projects', { name: 'metered', type: 'batch' })).body.project_id
   const singles = Array.from({ length: 20 }, (_, i) => api('POST', '/inference?async=true', { model_id: model.id, input: { data: input(i), shape: [1, 10] }, ...(i % 2 ? { project_id: project } : {}) }))
   const batch = api('POST', '/inference/batch', { model_id: model.id, project_id: project, inputs: Array.from({ length: 40 }, (_, i) => ({ data: input(i), shape: [1, 10] })) })
   await victim.next((f) => f.type === 'task')
-  const a = await answeringDevice(url, { sdkUuid: 'sdk-nodejs-aaaaaa', instanceType: 'aws', gpu: true })
+  const a = await answeringDevice(url, { sdkUuid: 'sdk-nodejs-aaaaaa', instanceType: 'aws', gpu: true, enrollmentToken: (await enrollmentToken({ instance_type: 'aws' })).token })
   const b = await answeringDevice(url, { sdkUuid: 'sdk-nodejs-bbbbbb', instanceType: 'user', gpu: false })
   t.teardown(() => [a, b, victim].forEach((d) => d.kill()))
   victim.kill()
