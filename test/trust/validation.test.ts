@@ -42,6 +42,8 @@ t.test('quorum: 1 liar of 4 contributed devices gives 0 wrong results, is quaran
   const more = await api('POST', '/inference/batch', { model_id: job.model_id, inputs: inputs.slice(0, 200), options: { validation: 'quorum' } })
   await poll(api, more.body.job_id, (b) => b.status === 'completed', 60_000)
   t.equal(liar.tasks, before, 'the quarantined liar got no task')
+  t.match((await api('GET', `/devices/${liar.deviceId}`)).body.quarantined, { reason: /outvoted in \d+ of \d+ validated results/ }, 'the quarantine is recorded, with why')
+  for (const honest of devices.slice(0, 3)) t.equal((await api('GET', `/devices/${honest.deviceId}`)).body.quarantined, null)
   // the customer pays for each task once: as many tasks and inputs as the job has, replicas not billed
   const usage = (await api('GET', '/usage')).body
   const queued = (await store.readAll(undefined, 100_000)).filter((e) => e.type === 'TaskQueued').length
@@ -70,7 +72,7 @@ t.test('a device reporting 1e10 ms of CPU on a short task is billed at most wall
 })
 
 t.test('a device failing every task makes no task fail while honest devices are connected, and is quarantined', async (t) => {
-  const { api, model, devices } = await fleet(t, ['fail', 'honest', 'honest'])
+  const { api, app, model, devices, scheduler } = await fleet(t, ['fail', 'honest', 'honest'])
   const results = await Promise.all(Array.from({ length: 30 }, (_, i) => api('POST', '/inference', { model_id: model.id, input: { data: input(i), shape: [1, 10] } })))
   t.same(results.map((r) => r.status), Array(30).fill(200), 'every request answered with its result')
   const failing = devices[0]!
@@ -82,6 +84,14 @@ t.test('a device failing every task makes no task fail while honest devices are 
   const before = failing.tasks
   await Promise.all(Array.from({ length: 10 }, (_, i) => api('POST', '/inference', { model_id: model.id, input: { data: input(i), shape: [1, 10] } })))
   t.equal(failing.tasks, before, 'quarantined: it gets no more work')
+  t.match((await api('GET', `/devices/${failing.deviceId}`)).body.quarantined, { reason: /failed \d+ tasks that then succeeded on other devices/ })
+  // an operator releases it: its reputation starts afresh and it takes work again
+  const released = await app.inject({ method: 'POST', url: `/api/v1/admin/devices/${failing.deviceId}/release`, headers: { 'x-admin-key': ADMIN_KEY } })
+  t.equal(released.statusCode, 200, released.body)
+  t.same((await api('GET', `/devices/${failing.deviceId}`)).body.reputation, { validated: 0, disputed: 0, completed: 0, failed_elsewhere_ok: 0 })
+  t.same(scheduler.reputationOf(failing.deviceId), { validated: 0, disputed: 0, completed: 0, failedElsewhereOk: 0 })
+  await Promise.all(Array.from({ length: 10 }, (_, i) => api('POST', '/inference', { model_id: model.id, input: { data: input(i), shape: [1, 10] } })))
+  t.ok(failing.tasks > before, 'released: it takes work again')
 })
 
 t.test('wrong shapes: a retry goes to another device, never straight back to the one that failed it', async (t) => {
