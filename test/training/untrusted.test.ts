@@ -6,9 +6,10 @@ import { SimDevice } from '../helpers/device.js'
 import { trainingBody, trainingSetup } from '../helpers/training.js'
 
 /** A simulated device that can train, heartbeating until the test ends. */
-async function trainingDevice(t: Test, url: string, instanceType: 'aws' | 'user' = 'user'): Promise<SimDevice> {
+async function trainingDevice(t: Test, url: string, instanceType: 'aws' | 'user' = 'user', enrollmentToken?: string): Promise<SimDevice> {
   const device = await SimDevice.connect(url)
-  await device.register({ canTrain: true, instanceType })
+  // a cloud device is one the platform enrolled with an aws token
+  await device.register({ canTrain: true, instanceType, ...(enrollmentToken ? { enrollmentToken } : {}) })
   const beat = setInterval(() => device.heartbeat(), 300)
   t.teardown(() => {
     clearInterval(beat)
@@ -90,13 +91,13 @@ t.test('async: updates from one device closer together than sync_interval_ms / 1
 })
 
 t.test('instance_types ["aws"]: only cloud devices count and are assigned; such a job defaults to fedavg, others to trimmed_mean', async (t) => {
-  const { api, model, url } = await trainingSetup(t)
+  const { api, model, url, enrollmentToken } = await trainingSetup(t)
   const user = await trainingDevice(t, url, 'user')
   const cloudOnly = trainingBody(model.id, { training: { target_accuracy: undefined, epochs: 100 }, resources: { instance_types: ['aws'] } })
   const none = await api('POST', '/training', cloudOnly)
   t.equal(none.status, 503, 'a user device does not count')
   t.equal(none.body.error.code, 'NO_TRAINING_DEVICES')
-  const aws = await trainingDevice(t, url, 'aws')
+  const aws = await trainingDevice(t, url, 'aws', (await enrollmentToken({ instance_type: 'aws' })).token)
   const started = await api('POST', '/training', cloudOnly)
   t.equal(started.status, 202, JSON.stringify(started.body))
   t.equal(started.body.estimated_devices, 1, 'only the aws device is eligible')
