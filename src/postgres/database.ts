@@ -18,8 +18,11 @@ export function connect(url: string, options: { max?: number; applicationName?: 
     max: options.max ?? 20,
     application_name: options.applicationName ?? 'dcp',
   })
-  // An idle client that loses its server (e.g. a restart) must not crash the process.
+  // An idle client that loses its server (e.g. a restart) must not crash the process; nor may one that is
+  // checked out (a projection leader's lock session, a writer's open transaction) when the server ends it,
+  // as at shutdown: its queries fail and say so, which is where the error belongs.
   pool.on('error', () => {})
+  pool.on('connect', (client) => client.on('error', () => {}))
   const db = new Kysely<any>({ dialect: new PostgresDialect({ pool }) })
   let closed = false
   return {
