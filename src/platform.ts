@@ -23,6 +23,11 @@ export class DatabaseUnreachableError extends Error {
   readonly code = 'DATABASE_UNREACHABLE'
 }
 
+/** A command that reads dcp's data found none: no DATABASE_URL, no running dcp, no embedded Postgres in the data directory. */
+export class NoDataError extends Error {
+  readonly code = 'NO_DATA'
+}
+
 /** File in which a running `dcp start` publishes its embedded Postgres, for other dcp commands. */
 const runtimeFile = (config: Config) => path.join(config.dataDir, 'postgres.json')
 
@@ -30,7 +35,7 @@ const runtimeFile = (config: Config) => path.join(config.dataDir, 'postgres.json
  * Opens the platform. Without DATABASE_URL it uses the embedded Postgres in `<data dir>/pg`: the one a
  * running `dcp start` published, or one it starts itself (and, with `publish`, announces to others).
  */
-export async function openPlatform(config: Config, options: { publish?: boolean; log?: (line: string) => void } = {}): Promise<Platform> {
+export async function openPlatform(config: Config, options: { publish?: boolean; log?: (line: string) => void; existing?: boolean } = {}): Promise<Platform> {
   const log = options.log ?? (() => {})
   let embedded: EmbeddedServer | undefined
   let serverUrl = config.databaseUrl
@@ -41,6 +46,10 @@ export async function openPlatform(config: Config, options: { publish?: boolean;
       serverUrl = shared
       postgres = 'embedded (shared with a running dcp)'
     } else {
+      // a command that reads what dcp stored (audit, projections) creates nothing where there is nothing
+      if (options.existing && !existsSync(path.join(config.dataDir, 'pg', 'PG_VERSION'))) {
+        throw new NoDataError(`no dcp data in ${config.dataDir} (no embedded Postgres at ${path.join(config.dataDir, 'pg')}, no running dcp start): run it where \`dcp start\` keeps its data (--data-dir or DATA_DIR), or set DATABASE_URL`)
+      }
       await mkdir(config.dataDir, { recursive: true })
       embedded = await startEmbeddedPostgres(path.join(config.dataDir, 'pg'), { log })
       serverUrl = withDatabase(embedded.url, 'dcp')

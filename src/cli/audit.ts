@@ -23,7 +23,7 @@ export async function auditCommand(args: string[]): Promise<number> {
     const value = values[flag]
     if (value !== undefined && !HOUR.test(String(value))) throw new UsageError(`--${flag} must be an hour as YYYY-MM-DDTHH (UTC), got ${JSON.stringify(value)}`)
   }
-  const platform = await openPlatform(loadConfig())
+  const platform = await openPlatform(loadConfig(), { existing: true })
   try {
     if (usage) {
       const report = await platform.projections.auditUsage({ from: values.from as string | undefined, to: values.to as string | undefined, customer: values.customer as string | undefined })

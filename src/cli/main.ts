@@ -1,6 +1,6 @@
 import { ConfigError } from '../config.js'
 import { UsageError } from './args.js'
-import { DatabaseUnreachableError } from '../platform.js'
+import { DatabaseUnreachableError, NoDataError } from '../platform.js'
 import { UnknownProjectionError } from '../projections/projections.js'
 import { auditCommand } from './audit.js'
 import { exampleModelCommand } from './example-model.js'
@@ -15,8 +15,9 @@ Usage:
   dcp start [--port N] [--host H] [--data-dir DIR] [--workers N] [--production]
                                                      run the API server (embedded Postgres unless DATABASE_URL)
                                                      and N local worker devices (default 2)
-  dcp worker --server URL [--instance-type aws|user] [--state-dir DIR] [--max-tasks N] [--cuda] [--no-train]
-                                                     run this machine as a device
+  dcp worker --server URL [--enrollment-token T | --enrollment-secret S] [--instance-type aws|user]
+             [--state-dir DIR] [--max-tasks N] [--threads N] [--cuda] [--no-train] [--verbose]
+                                                     run this machine as a device (aws needs an aws enrollment token)
   dcp watch <project> [--server URL] [--api-key KEY] [--interval MS]
                                                      follow a project's figures live until it completes
   dcp projections status [--json]                    where each read model stands
@@ -29,10 +30,34 @@ Usage:
                                                      10 inputs, 2 classes)
   dcp help                                           this text
 
+Every command takes --help.
+
 Environment: PORT, HOST, DATA_DIR, DATABASE_URL, EVENTSTORE_URL, NODE_ENV, LOG_LEVEL, DCP_SERVER, DCP_API_KEY (see README).`
+
+/** The usage lines of one command (its entries in USAGE), or the whole text for another. */
+function usageOf(command: string): string {
+  const lines = USAGE.split('\n')
+  const start = lines.findIndex((l) => l.startsWith(`  dcp ${command}`))
+  if (start < 0) return USAGE
+  const own: string[] = []
+  for (let i = start; i < lines.length; i++) {
+    const line = lines[i]!
+    const entry = line.startsWith('  dcp ')
+    if (entry && !line.startsWith(`  dcp ${command}`)) break
+    if (!entry && !line.startsWith('    ')) break
+    own.push(line)
+  }
+  return `Usage:\n${own.join('\n')}\n\nSee \`dcp help\` for every command and README.md for the settings.`
+}
+
+const COMMANDS = ['start', 'projections', 'audit', 'worker', 'watch', 'example-model']
 
 async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv
+  if (command && COMMANDS.includes(command) && (rest.includes('--help') || rest.includes('-h'))) {
+    console.log(usageOf(command))
+    return 0
+  }
   switch (command) {
     case 'start':
       return startCommand(rest)
@@ -65,7 +90,7 @@ try {
   if (error instanceof UsageError || error instanceof UnknownProjectionError) {
     console.error(`dcp: ${error.message}\n\n${USAGE}`)
     code = 2
-  } else if (error instanceof ConfigError || error instanceof DatabaseUnreachableError) {
+  } else if (error instanceof ConfigError || error instanceof DatabaseUnreachableError || error instanceof NoDataError) {
     console.error(`dcp: ${error.message}`)
     code = 1
   } else {

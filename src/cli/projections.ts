@@ -11,7 +11,7 @@ export async function projectionsCommand(args: string[]): Promise<number> {
   if (action === 'rebuild' && !name) throw new UsageError('dcp projections rebuild needs a projection name')
   if (extra.length > 0 || (action === 'status' && name)) throw new UsageError(`unexpected argument ${[name, ...extra].filter(Boolean).join(' ')}`)
   if (action === 'rebuild') knownProjection(name!)
-  const platform = await openPlatform(loadConfig())
+  const platform = await openPlatform(loadConfig(), { existing: true })
   try {
     if (action === 'rebuild') {
       const started = Date.now()

@@ -227,3 +227,34 @@ t.test('without DATABASE_URL: start runs an embedded Postgres under the data dir
   third.child.kill('SIGTERM')
   t.equal(await exited(third.child), 0)
 })
+
+t.test('--help on every command prints its usage and exits 0', async (t) => {
+  for (const args of [['start', '--help'], ['worker', '--help'], ['audit', 'usage', '--help'], ['projections', '-h'], ['watch', '--help'], ['example-model', '--help']]) {
+    const r = await run(args, {})
+    t.equal(r.code, 0, `${args.join(' ')} exits 0`)
+    t.match(r.stdout, new RegExp(`Usage:\\n  dcp ${args[0]}`), `${args.join(' ')} prints its usage`)
+    t.equal(r.stderr, '')
+  }
+})
+
+t.test('dcp audit usage where there is no data says so, exits 1 and creates nothing', async (t) => {
+  const dir = await mkdtemp(path.join(tmpdir(), 'dcp-nodata-'))
+  t.teardown(() => rm(dir, { recursive: true, force: true }))
+  const env: NodeJS.ProcessEnv = { ...process.env, DATA_DIR: path.join(dir, 'data') }
+  delete env.DATABASE_URL
+  for (const args of [['audit', 'usage'], ['projections', 'status']]) {
+    const r = await new Promise<Run>((resolve) => {
+      const child = spawn(process.execPath, [dcp, ...args], { env })
+      let stdout = ''
+      let stderr = ''
+      child.stdout.on('data', (d) => (stdout += d))
+      child.stderr.on('data', (d) => (stderr += d))
+      child.on('exit', (code) => resolve({ code, stdout, stderr }))
+    })
+    t.equal(r.code, 1, `${args.join(' ')} exits 1`)
+    t.match(r.stderr, /no dcp data in .*dcp-nodata-.*data/, 'it says there is no data, and where it looked')
+    t.notMatch(r.stderr, /\n\s+at /, 'no stack trace')
+  }
+  const { readdir } = await import('node:fs/promises')
+  t.same(await readdir(dir), [], 'nothing was created')
+})
