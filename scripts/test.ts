@@ -2,16 +2,39 @@
  * `npm test`: starts one embedded Postgres for the whole run (unless DATABASE_URL points at a server),
  * runs tap with DATABASE_URL set, then stops the server. Each test file makes its own fresh database
  * (test/helpers/database.ts). Arguments go to tap, e.g. `npm test -- test/event-store`.
+ *
+ * The web dashboard's test drives Debian's Chromium: when the run includes it and the browser is missing,
+ * this installs it first (`apt-get install chromium`, as root or through `sudo -n`), so that `npm install`
+ * then `npm test` is all a fresh machine needs. Where that cannot work, the test fails and says why.
  */
-import { spawn } from 'node:child_process'
+import { spawn, spawnSync } from 'node:child_process'
+import { existsSync } from 'node:fs'
 import { rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import path from 'node:path'
 import { startEmbeddedPostgres } from '../src/postgres/embedded.js'
 
+const CHROMIUM = process.env.CHROMIUM_PATH ?? '/usr/lib/chromium/chromium'
+const args = process.argv.slice(2)
+const runsBrowserTest = args.filter((a) => !a.startsWith('-')).length === 0 || args.some((a) => a.includes('web'))
+if (runsBrowserTest && !existsSync(CHROMIUM)) installChromium()
+
+function installChromium(): void {
+  const root = process.getuid?.() === 0
+  const prefix = root ? [] : ['sudo', '-n']
+  console.log(`npm test: the dashboard's browser test needs Chromium (${CHROMIUM}); installing Debian's chromium with apt-get${root ? '' : ' through sudo'}`)
+  for (const command of [[...prefix, 'apt-get', 'update', '-qq'], [...prefix, 'apt-get', 'install', '-y', '-qq', 'chromium']]) {
+    const result = spawnSync(command[0]!, command.slice(1), { stdio: 'inherit', env: { ...process.env, DEBIAN_FRONTEND: 'noninteractive' } })
+    if (result.status !== 0) {
+      console.log(`npm test: \`${command.join(' ')}\` failed (${result.error?.message ?? `exit ${result.status}`}); the browser test will say what is missing`)
+      return
+    }
+  }
+}
+
 const own = process.env.DATABASE_URL ? undefined : await startEmbeddedPostgres(path.join(tmpdir(), `dcp-test-pg-${process.pid}`))
 const env = { ...process.env, DATABASE_URL: process.env.DATABASE_URL ?? own!.url }
-const tap = spawn(process.execPath, [path.resolve('node_modules/tap/dist/esm/run.mjs'), ...process.argv.slice(2)], {
+const tap = spawn(process.execPath, [path.resolve('node_modules/tap/dist/esm/run.mjs'), ...args], {
   stdio: 'inherit',
   env,
 })
