@@ -22,6 +22,8 @@ const Env = z.object({
   /** Requests per API key (or per address without one) per window. */
   RATE_LIMIT_MAX: z.coerce.number().int().positive().default(1000),
   RATE_LIMIT_WINDOW_MS: z.coerce.number().int().positive().default(60_000),
+  /** Failed authentications an address may make per rate-limit window; past it, 429 before any lookup. */
+  AUTH_FAILURE_MAX: z.coerce.number().int().positive().default(30),
   /** Devices heartbeat this often; three missed heartbeats mark a device offline. */
   HEARTBEAT_INTERVAL_MS: z.coerce.number().int().min(100).default(5000),
   /** A task lease ends this long after it was granted or last listed in a heartbeat. */
@@ -58,6 +60,7 @@ export interface Config {
   adminKey: string | undefined
   maxModelBytes: number
   rateLimit: { max: number; windowMs: number }
+  authFailures: { max: number; windowMs: number }
   heartbeatIntervalMs: number
   leaseTimeoutMs: number
   /** Longest a lease lives whatever the heartbeats. */
@@ -112,6 +115,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, overrides: Part
     adminKey: e.ADMIN_KEY,
     maxModelBytes: e.MAX_MODEL_BYTES,
     rateLimit: { max: e.RATE_LIMIT_MAX, windowMs: e.RATE_LIMIT_WINDOW_MS },
+    authFailures: { max: e.AUTH_FAILURE_MAX, windowMs: e.RATE_LIMIT_WINDOW_MS },
     heartbeatIntervalMs: e.HEARTBEAT_INTERVAL_MS,
     leaseTimeoutMs: e.LEASE_TIMEOUT_MS,
     maxLeaseMs: e.MAX_LEASE_MS ?? 10 * e.LEASE_TIMEOUT_MS,

@@ -89,6 +89,7 @@ export async function startCommand(args: string[]): Promise<number> {
     validationSpotRate: config.validationSpotRate,
     prices: config.prices,
     rateLimit: config.rateLimit,
+    authFailures: config.authFailures,
     logLevel: config.logLevel,
   })
   try {

@@ -47,6 +47,8 @@ export interface AppDeps extends Omit<Services, 'limits' | 'now' | 'adapters' | 
   validationSpotRate?: number
   /** Requests per API key (or per address without one) per window. Default 1000 per minute. */
   rateLimit?: { max: number; windowMs: number }
+  /** Failed authentications per address per window before it gets 429 unheard. Default 30 per minute. */
+  authFailures?: { max: number; windowMs: number }
   logLevel?: string
   now?: () => Date
 }
@@ -92,7 +94,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     const methods = Array.isArray(route.method) ? route.method : [route.method]
     for (const method of methods) if (method !== 'HEAD') routeTable.push({ method, url: route.url, auth: route.config?.auth ?? 'none', ...(route.config?.success ? { success: route.config.success } : {}) })
   })
-  registerAuth(app, { db: deps.db, cached: (name, key, load) => deps.projections.cached(name, key, load), adminKey: deps.adminKey, internalToken: deps.internalToken })
+  registerAuth(app, { db: deps.db, cached: (name, key, load) => deps.projections.cached(name, key, load), adminKey: deps.adminKey, internalToken: deps.internalToken, ...(deps.authFailures ? { failures: deps.authFailures } : {}) })
   const loadToken = randomBytes(24).toString('hex')
   await app.register(rateLimit, {
     max: deps.rateLimit?.max ?? 1000,

@@ -50,6 +50,41 @@ export interface AuthOptions {
   cached?: <V>(name: string, key: string, load: () => Promise<V>) => Promise<V>
   adminKey: string | undefined
   internalToken: string
+  /** Failed authentications one address may make per window before it is refused unheard (429). Default 30 per minute. */
+  failures?: { max: number; windowMs: number }
+}
+
+/**
+ * Failed authentications per address, counted before any credential is looked up: an address past the
+ * limit gets 429 at once, so guessing admin keys or sending random API keys is bounded, and costs no
+ * lookup. (The per-key rate limit, after authentication, bounds what a valid key may do.)
+ */
+export class AuthFailures {
+  private readonly byAddress = new Map<string, { count: number; resetAt: number }>()
+
+  constructor(readonly max: number, readonly windowMs: number, private readonly now: () => number = Date.now) {}
+
+  /** Seconds until the address may try again, or 0 when it may now. */
+  blockedFor(address: string): number {
+    const entry = this.byAddress.get(address)
+    if (!entry) return 0
+    const now = this.now()
+    if (entry.resetAt <= now) {
+      this.byAddress.delete(address)
+      return 0
+    }
+    return entry.count >= this.max ? Math.ceil((entry.resetAt - now) / 1000) : 0
+  }
+
+  record(address: string): void {
+    const now = this.now()
+    const entry = this.byAddress.get(address)
+    if (entry && entry.resetAt > now) entry.count++
+    else {
+      if (this.byAddress.size >= 100_000) for (const [a, e] of this.byAddress) if (e.resetAt <= now) this.byAddress.delete(a)
+      this.byAddress.set(address, { count: 1, resetAt: now + this.windowMs })
+    }
+  }
 }
 
 export const sha256 = (secret: string) => createHash('sha256').update(secret).digest('hex')
@@ -61,9 +96,24 @@ export function sameSecret(a: string, b: string): boolean {
 
 export function registerAuth(app: FastifyInstance, options: AuthOptions): void {
   app.decorateRequest('caller', undefined as unknown as Caller)
-  app.addHook('onRequest', async (request) => {
+  const failures = new AuthFailures(options.failures?.max ?? 30, options.failures?.windowMs ?? 60_000)
+  app.addHook('onRequest', async (request, reply) => {
     const kind = request.routeOptions.config?.auth ?? 'none'
-    request.caller = kind === 'none' ? { kind } : await authenticate(request, kind, options)
+    if (kind === 'none') {
+      request.caller = { kind }
+      return
+    }
+    const wait = failures.blockedFor(request.ip)
+    if (wait > 0) {
+      void reply.header('retry-after', String(wait))
+      throw new DomainError('RATE_LIMITED', `too many failed authentications from this address; retry in ${wait} s`)
+    }
+    try {
+      request.caller = await authenticate(request, kind, options)
+    } catch (error) {
+      if (error instanceof DomainError && (error.code === 'AUTH_INVALID' || error.code === 'AUTH_REQUIRED')) failures.record(request.ip)
+      throw error
+    }
   })
 }
 

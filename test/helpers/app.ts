@@ -69,7 +69,7 @@ export async function testApp(t: Test, overrides: Partial<AppDeps> = {}, options
     ...(options.production ? { production: true } : {}),
     ...(options.limits ? { limits: options.limits } : {}),
   })
-  const app = await buildApp({ store, projections, db: database.db, blobs, hub, scheduler, training, adminKey: ADMIN_KEY, internalToken: INTERNAL_TOKEN, logLevel: 'silent', ...overrides })
+  const app = await buildApp({ store, projections, db: database.db, blobs, hub, scheduler, training, adminKey: ADMIN_KEY, internalToken: INTERNAL_TOKEN, logLevel: 'silent', authFailures: { max: 1_000_000, windowMs: 60_000 }, ...overrides })
   t.teardown(async () => {
     await hub.close()
     await training.stop()

@@ -119,3 +119,20 @@ t.test('internal token: generated once into the data directory, owner-only, reus
   t.equal((await app.inject({ method: 'GET', url: '/api/v1/internal/ping', headers: { 'x-internal-token': `${token}x` } })).statusCode, 401)
   t.equal((await app.inject({ method: 'GET', url: '/api/v1/internal/ping', headers: { 'x-internal-token': token } })).statusCode, 200)
 })
+
+t.test('failed authentications are limited per address before any lookup; valid keys go on', async (t) => {
+  const { app, customer } = await testApp(t, { authFailures: { max: 5, windowMs: 60_000 } })
+  const alice = await customer()
+  const guesses = []
+  for (let i = 0; i < 8; i++) guesses.push(await app.inject({ method: 'GET', url: '/api/v1/admin/customers', headers: { 'x-admin-key': `guess-${i}-000000000000000` } }))
+  t.same(guesses.map((r) => r.statusCode), [401, 401, 401, 401, 401, 429, 429, 429], 'the sixth guess is refused unheard')
+  t.equal(guesses[5]!.json().error.code, 'RATE_LIMITED')
+  t.ok(Number(guesses[5]!.headers['retry-after']) > 0, 'with Retry-After')
+  // random API keys count the same (each one would otherwise cost a lookup and get its own rate-limit bucket)
+  const random = await app.inject({ method: 'GET', url: '/api/v1/models', headers: { 'x-api-key': 'dcp_k_random0000000000000000' } })
+  t.equal(random.statusCode, 429)
+  // the address is blocked for authenticating routes, not for health; another address is not blocked
+  t.equal((await app.inject({ method: 'GET', url: '/api/v1/health' })).statusCode, 200)
+  const elsewhere = await app.inject({ method: 'GET', url: '/api/v1/models', headers: { 'x-api-key': alice.key }, remoteAddress: '10.0.0.9' })
+  t.equal(elsewhere.statusCode, 200, 'a valid key from another address is served')
+})
