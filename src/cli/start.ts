@@ -167,8 +167,10 @@ async function startWorkers(config: Config, port: number, enrollmentToken: strin
     await mkdir(stateDir, { recursive: true })
     const args = [DCP_BIN, 'worker', '--server', `http://127.0.0.1:${port}`, '--state-dir', stateDir, '--instance-type', 'aws']
     const env = { ...process.env, ...(enrollmentToken ? { DCP_ENROLLMENT_TOKEN: enrollmentToken } : {}) }
-    // the IPC channel is how a worker learns that this process died (see src/cli/worker.ts)
-    const child = spawn(process.execPath, args, { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], env })
+    // the IPC channel is how a worker learns that this process died (see src/cli/worker.ts). Its own
+    // process group: a Ctrl-C in the terminal reaches this process only, which asks each worker once to
+    // drain (a second signal, from the terminal, made it stop at once without draining)
+    const child = spawn(process.execPath, args, { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], env, detached: true })
     workers.push(child)
   }
   if (workers.length > 0) console.log(`dcp: started ${workers.length} local worker${workers.length === 1 ? '' : 's'} (--workers 0 for none)`)

@@ -77,6 +77,8 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     // the router's default of 100 characters (a 414 that named neither). Node's header size limit still
     // bounds the whole URL.
     routerOptions: { maxParamLength: 4096 },
+    // requests arriving while the server closes get dcp's error format (the hook below), not fastify's own
+    return503OnClosing: false,
     // errors the router raises before any route runs (a bad URL, a path parameter over 4096 characters)
     frameworkErrors: (error, _request, reply) => {
       const status = error.statusCode && error.statusCode < 500 ? error.statusCode : 400
@@ -89,6 +91,15 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   app.setSerializerCompiler(serializerCompiler)
   const routeTable: RouteInfo[] = []
   registerErrorContract(app, () => routeTable)
+  let closing = false
+  app.addHook('preClose', (done) => {
+    closing = true
+    done()
+  })
+  app.addHook('onRequest', (_request, reply, done) => {
+    if (!closing) return done()
+    void reply.status(503).header('connection', 'close').header('retry-after', '5').send(errorBody('SERVICE_UNAVAILABLE', 'the server is shutting down; retry shortly'))
+  })
   app.decorate('routeTable', routeTable)
   app.addHook('onRoute', (route) => {
     const methods = Array.isArray(route.method) ? route.method : [route.method]

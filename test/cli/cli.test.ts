@@ -258,3 +258,31 @@ t.test('dcp audit usage where there is no data says so, exits 1 and creates noth
   const { readdir } = await import('node:fs/promises')
   t.same(await readdir(dir), [], 'nothing was created')
 })
+
+t.test('Ctrl-C in a terminal (SIGINT to the process group) drains the local workers once and stops cleanly', async (t) => {
+  const dir = await mkdtemp(path.join(tmpdir(), 'dcp-ctrlc-'))
+  t.teardown(() => rm(dir, { recursive: true, force: true }))
+  const db = await freshDatabase(t)
+  // its own process group, as a shell gives a foreground job
+  const child = spawn(process.execPath, [dcp, 'start', '--port', '0', '--host', '127.0.0.1', '--workers', '2'], {
+    env: { ...process.env, LOG_LEVEL: 'warn', DATA_DIR: dir, DATABASE_URL: db.url },
+    detached: true,
+  })
+  let output = ''
+  child.stdout.on('data', (d) => (output += d))
+  child.stderr.on('data', (d) => (output += d))
+  t.teardown(() => {
+    if (child.exitCode === null) child.kill('SIGKILL')
+  })
+  const deadline = Date.now() + 60_000
+  while ((output.match(/registered as dev_/g) ?? []).length < 2) {
+    if (Date.now() > deadline || child.exitCode !== null) throw new Error(`workers did not register:\n${output}`)
+    await new Promise((r) => setTimeout(r, 100))
+  }
+  process.kill(-child.pid!, 'SIGINT')
+  const code = await exited(child)
+  t.equal(code, 0, `dcp start exits 0:\n${output}`)
+  t.equal((output.match(/dcp worker: SIGTERM, draining/g) ?? []).length, 2, 'each worker was asked once to drain')
+  t.notMatch(output, /stopping now/, 'no worker was stopped without draining')
+  t.notMatch(output, /Unhandled 'error'|\n\s+at /, 'no crash on the way out')
+})
