@@ -196,3 +196,12 @@ t.test('a key older than 24 hours is new again', async (t) => {
   t.equal((await post('/projects', { name: 'daily' }, 'daily-key')).body.project_id, fresh.body.project_id, 'and the new answer stands for the next day')
   clock.offset = 0
 })
+
+t.test('the OpenAPI document names the header on the creates, and only there', async (t) => {
+  const doc = (await api('/openapi.json')).body
+  const takesKey = (path: string, method: string) => (doc.paths[path][method].parameters ?? []).some((p: { in: string; name: string }) => p.in === 'header' && p.name === 'Idempotency-Key')
+  for (const path of ['/api/v1/inference', '/api/v1/inference/batch', '/api/v1/models', '/api/v1/projects', '/api/v1/training', '/api/v1/datasets']) t.ok(takesKey(path, 'post'), path)
+  t.notOk(takesKey('/api/v1/projects/{id}/complete', 'post'))
+  t.notOk(takesKey('/api/v1/models', 'get'))
+  t.match(doc.paths['/api/v1/inference/batch'].post.responses['4XX'].description, /422 IDEMPOTENCY_MISMATCH/)
+})
