@@ -123,6 +123,34 @@ t.test('a synchronous inference replays its result: no second job', async (t) =>
   t.equal((await post('/inference', { ...body, async: true }, 'async-key')).body.job_id, queued.body.job_id)
 })
 
+t.test('a synchronous inference that timed out replays its 504 and job_id; a duplicate sent while the first runs waits for its answer', async (t) => {
+  // a cloud device that answers after 300 ms (the requests ask for aws, so only it takes them)
+  const slow = await SimDevice.connect(url)
+  await slow.register({ instanceType: 'aws', enrollmentToken: (await context.enrollmentToken({ instance_type: 'aws' })).token, sdkUuid: 'sdk-nodejs-slow01' })
+  slow.socket.on('message', (raw) => {
+    const frame = JSON.parse(raw.toString())
+    if (frame.type !== 'task') return
+    setTimeout(() => slow.send({ type: 'task_result', task_id: frame.task_id, lease_id: frame.lease_id, status: 'completed', output: { data: [0.5, 0.5], shape: [1, 2] }, metrics: { cpu_ms: 1, gpu_ms: 0, bytes_in: 40, bytes_out: 8 } }), 300)
+  })
+  const before = await requested()
+  const impatient = { model_id: model.body.id, input: batch.inputs[1], options: { instance_type: 'aws', timeout: 50 } }
+  const timedOut = await post('/inference', impatient, 'timeout-key')
+  t.equal(timedOut.status, 504, timedOut.text)
+  t.match(timedOut.body.error, { code: 'TIMEOUT', job_id: /^infer_/ })
+  const again = await post('/inference', impatient, 'timeout-key')
+  t.equal(again.text, timedOut.text, 'the job it created is named again, not run again')
+  t.equal(again.replayed, 'true')
+  t.equal(await requested(), before + 1)
+
+  const patient = { ...impatient, options: { instance_type: 'aws', timeout: 10_000 } }
+  const [a, b] = await Promise.all([post('/inference', patient, 'wait-key'), post('/inference', patient, 'wait-key')])
+  t.equal(a!.status, 200, a!.text)
+  t.equal(b!.text, a!.text, 'the duplicate got the first answer')
+  t.same([a!.replayed, b!.replayed].sort(), ['true', null].sort())
+  t.equal(await requested(), before + 2)
+  slow.kill()
+})
+
 t.test('a malformed key is a 400', async (t) => {
   for (const key of ['', 'has space', 'x'.repeat(256), 'naïve']) {
     const r = await post('/projects', { name: 'p' }, key)
