@@ -18,6 +18,7 @@ import { type AuthKind, registerAuth, sha256 } from './auth.js'
 import { readYourWrites, type Services } from './context.js'
 import { errorBody, registerErrorContract } from './errors.js'
 import { healthRoutes } from './health.js'
+import { registerIdempotency } from './idempotency.js'
 import { modelRoutes } from './models.js'
 import { projectRoutes } from './projects.js'
 import { trainingRoutes } from './training.js'
@@ -59,6 +60,8 @@ export interface RouteInfo {
   auth: AuthKind
   /** Success statuses other than a plain 200, with what each means. */
   success?: Partial<Record<number, string>>
+  /** Takes an `Idempotency-Key` header. */
+  idempotent?: boolean
 }
 
 declare module 'fastify' {
@@ -103,7 +106,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   app.decorate('routeTable', routeTable)
   app.addHook('onRoute', (route) => {
     const methods = Array.isArray(route.method) ? route.method : [route.method]
-    for (const method of methods) if (method !== 'HEAD') routeTable.push({ method, url: route.url, auth: route.config?.auth ?? 'none', ...(route.config?.success ? { success: route.config.success } : {}) })
+    for (const method of methods) if (method !== 'HEAD') routeTable.push({ method, url: route.url, auth: route.config?.auth ?? 'none', ...(route.config?.success ? { success: route.config.success } : {}), ...(route.config?.idempotent ? { idempotent: true } : {}) })
   })
   registerAuth(app, { db: deps.db, cached: (name, key, load) => deps.projections.cached(name, key, load), adminKey: deps.adminKey, internalToken: deps.internalToken, ...(deps.authFailures ? { failures: deps.authFailures } : {}) })
   const loadToken = randomBytes(24).toString('hex')
@@ -162,6 +165,8 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     log: (message) => app.log.warn(message),
   })
   app.addHook('onClose', () => services.benchmarks.stop())
+  // before the routes, whose create handlers it wraps
+  registerIdempotency(app, services)
   // a benchmark left running by a crash ends as failed (its read model exists once the projections run)
   await runningBenchmarks(deps.db).then((running) => services.benchmarks.recover(running), (error: Error) => app.log.warn(`benchmarks not recovered: ${error.message}`))
   await app.register(
@@ -204,6 +209,14 @@ const ERROR_SCHEMA = {
     },
   },
 }
+const IDEMPOTENCY_PARAMETER = {
+  in: 'header',
+  name: 'Idempotency-Key',
+  required: false,
+  schema: { type: 'string', minLength: 1, maxLength: 255, pattern: '^[\\x21-\\x7e]+$' },
+  description:
+    'Makes a retry safe: a request with the same key and the same body within 24 hours gets the first answer (the same ids; marked `Idempotent-Replayed: true`) and creates nothing; the same key with another body is 422 IDEMPOTENCY_MISMATCH. Keys are per customer.',
+}
 const ERROR_CONTENT = { 'application/json': { schema: { $ref: '#/components/schemas/Error' } } }
 
 /**
@@ -218,13 +231,14 @@ function describeOperations(document: Record<string, any>, routes: RouteInfo[]):
     const operation = document.paths?.[path]?.[route.method.toLowerCase()]
     if (!operation) continue
     if (route.auth !== 'none') operation.security = [{ [SECURITY[route.auth]]: [] }]
+    if (route.idempotent) operation.parameters = [...(operation.parameters ?? []), IDEMPOTENCY_PARAMETER]
     const responses: Record<string, unknown> = {}
     if (route.success) for (const [status, description] of Object.entries(route.success)) responses[status] = { description }
     else responses['200'] = operation.responses?.['200'] ?? { description: 'Success' }
     responses['4XX'] = {
       description:
         'Refused: 400 VALIDATION_ERROR (naming the field), 401 AUTH_REQUIRED or AUTH_INVALID, 403 FORBIDDEN, 404 NOT_FOUND, 405 METHOD_NOT_ALLOWED, ' +
-        '409 (a state that does not allow it, e.g. CANNOT_CANCEL), 413 PAYLOAD_TOO_LARGE, 415 UNSUPPORTED_MEDIA_TYPE, 429 RATE_LIMITED (with Retry-After), ...',
+        '409 (a state that does not allow it, e.g. CANNOT_CANCEL; IDEMPOTENCY_IN_PROGRESS), 413 PAYLOAD_TOO_LARGE, 415 UNSUPPORTED_MEDIA_TYPE, 422 IDEMPOTENCY_MISMATCH (an Idempotency-Key reused for another request), 429 RATE_LIMITED (with Retry-After), ...',
       content: ERROR_CONTENT,
     }
     responses['5XX'] = { description: "500 INTERNAL_ERROR (dcp's own fault), or 502/503/504 when something it depends on failed, is unavailable or timed out", content: ERROR_CONTENT }

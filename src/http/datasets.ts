@@ -7,6 +7,7 @@ import { DomainError } from '../domain/errors.js'
 import { type DatasetRow, findDataset, findDatasetFile, listDatasets } from '../projections/datasets.js'
 import { customerOf } from './auth.js'
 import { execute, type Services } from './context.js'
+import { claimUpload } from './idempotency.js'
 import { newId } from './ids.js'
 import { readUpload, zodMessage } from './models.js'
 import { pageQuery } from './pagination.js'
@@ -23,13 +24,18 @@ export const datasetRoutes: FastifyPluginAsync<{ services: Services }> = async (
   const config = { auth: 'api_key' as const }
 
   app.post('/datasets', {
-    config: { ...config, success: { 201: 'The dataset' } },
+    config: { ...config, idempotent: { upload: true }, success: { 201: 'The dataset' } },
     schema: { summary: 'Upload a training dataset (multipart/form-data: file, name, format)', tags: ['datasets'], consumes: ['multipart/form-data'] },
   }, async (request, reply) => {
     if (!request.isMultipart()) throw new DomainError('UNSUPPORTED_MEDIA_TYPE', 'send the dataset as multipart/form-data with the file in the "file" field')
     const customerId = customerOf(request)
     const { fields, blob, filename } = await readUpload(request, services, 'file')
     try {
+      const replayed = await claimUpload(services, request, reply, { fields, file: blob && { name: filename, sha256: blob.sha256 } })
+      if (replayed) {
+        await blob?.discard()
+        return replayed
+      }
       if (!blob) throw new DomainError('VALIDATION_ERROR', 'file: a dataset file is required')
       const parsed = UploadFields.safeParse(fields)
       if (!parsed.success) throw new DomainError('VALIDATION_ERROR', zodMessage(parsed.error))

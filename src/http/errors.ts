@@ -19,6 +19,10 @@ const STATUS: Record<string, number> = {
   CANNOT_CANCEL: 409,
   CANNOT_PAUSE: 409,
   CANNOT_RESUME: 409,
+  /** A request with the same Idempotency-Key is still running (it answered nothing yet): retry later. */
+  IDEMPOTENCY_IN_PROGRESS: 409,
+  /** The Idempotency-Key was used in the last 24 hours for another request (route or body). */
+  IDEMPOTENCY_MISMATCH: 422,
   INFERENCE_FAILED: 422,
   PAYLOAD_TOO_LARGE: 413,
   UNSUPPORTED_MEDIA_TYPE: 415,

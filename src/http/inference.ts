@@ -263,7 +263,7 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
   }
 
   app.post('/inference', {
-    config: { ...config, success: { 200: 'The result (synchronous)', 202: 'Queued (asynchronous): poll `poll_url`' } },
+    config: { ...config, idempotent: { headers: ['x-async'] }, success: { 200: 'The result (synchronous)', 202: 'Queued (asynchronous): poll `poll_url`' } },
     schema: {
       summary: 'Run inference on one input: synchronous by default; ?async=true, X-Async: true or "async": true for 202 and a poll URL',
       tags: ['inference'],
@@ -305,7 +305,7 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
   })
 
   app.post('/inference/batch', {
-    config: { ...config, success: { 202: 'Queued: poll `poll_url`' } },
+    config: { ...config, idempotent: true, success: { 202: 'Queued: poll `poll_url`' } },
     bodyLimit: BATCH_BODY_LIMIT,
     schema: { summary: 'Run inference on many inputs (always asynchronous)', tags: ['inference'], body: BatchBody },
   }, async (request, reply) => {

@@ -12,6 +12,7 @@ import { NUL_MESSAGE, nulField } from '../event-store/storable.js'
 import { findModel, listModels } from '../projections/models.js'
 import { customerOf } from './auth.js'
 import { execute, type Services } from './context.js'
+import { claimUpload } from './idempotency.js'
 import { pageQuery } from './pagination.js'
 import { newId } from './ids.js'
 import { VALIDATION_MODES } from '../domain/validation.js'
@@ -159,7 +160,7 @@ export const modelRoutes: FastifyPluginAsync<{ services: Services }> = async (ba
   const config = { auth: 'api_key' as const }
 
   app.post('/models', {
-    config: { ...config, success: { 201: 'The model' } },
+    config: { ...config, idempotent: { upload: true }, success: { 201: 'The model' } },
     schema: {
       summary: 'Upload a model (multipart/form-data: model file, name, format, input_shape, output_shape, input_schema, output_schema, labels, preprocessing, postprocessing)',
       tags: ['models'],
@@ -170,6 +171,11 @@ export const modelRoutes: FastifyPluginAsync<{ services: Services }> = async (ba
     const customerId = customerOf(request)
     const { fields, blob, filename } = await readUpload(request, services)
     try {
+      const replayed = await claimUpload(services, request, reply, { fields, file: blob && { name: filename, sha256: blob.sha256 } })
+      if (replayed) {
+        await blob?.discard()
+        return replayed
+      }
       if (!blob) throw new DomainError('VALIDATION_ERROR', 'model: a model file is required')
       const parsed = UploadFields.safeParse(fields)
       if (!parsed.success) throw new DomainError('VALIDATION_ERROR', zodMessage(parsed.error))

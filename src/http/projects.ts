@@ -37,7 +37,7 @@ export const projectRoutes: FastifyPluginAsync<{ services: Services }> = async (
     return project
   }
 
-  app.post('/projects', { config: { ...config, success: { 201: 'The project' } }, schema: { summary: 'Create a project (type realtime, batch, training or benchmark)', tags: ['projects'], body: CreateBody } }, async (request, reply) => {
+  app.post('/projects', { config: { ...config, idempotent: true, success: { 201: 'The project' } }, schema: { summary: 'Create a project (type realtime, batch, training or benchmark)', tags: ['projects'], body: CreateBody } }, async (request, reply) => {
     const customerId = customerOf(request)
     const body = request.body
     if (body.model_id && !(await findModel(services.db, customerId, body.model_id))) throw new DomainError('NO_MODEL', `model ${body.model_id} not found`)

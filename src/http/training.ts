@@ -71,7 +71,7 @@ export const trainingRoutes: FastifyPluginAsync<{ services: Services }> = async 
     return jobView(row)
   }
 
-  app.post('/training', { config: { ...config, success: { 202: 'Queued' } }, schema: { summary: 'Start a federated training job', tags: ['training'], body: TrainBody } }, async (request, reply) => {
+  app.post('/training', { config: { ...config, idempotent: true, success: { 202: 'Queued' } }, schema: { summary: 'Start a federated training job', tags: ['training'], body: TrainBody } }, async (request, reply) => {
     const customerId = customerOf(request)
     const body = request.body
     const model = await findModel(services.db, customerId, body.model_id)
