@@ -30,6 +30,9 @@ const Env = z.object({
   LEASE_TIMEOUT_MS: z.coerce.number().int().min(100).default(30_000),
   /** Inputs that may wait for a device before new inference is refused with QUEUE_FULL. */
   MAX_QUEUED_INPUTS: z.coerce.number().int().min(1).default(1_000_000),
+  /** Bytes of input values (4 a value) that may wait for a device, in all and per customer. */
+  MAX_QUEUED_BYTES: z.coerce.number().int().min(1024).default(1024 ** 3),
+  MAX_QUEUED_BYTES_PER_CUSTOMER: z.coerce.number().int().min(1024).default(256 * 1024 ** 2),
   /** Attempts before a task fails for good. */
   MAX_TASK_ATTEMPTS: z.coerce.number().int().min(1).max(100).default(3),
   TASK_PREFETCH: z.coerce.number().int().min(1).max(64).default(4),
@@ -70,6 +73,8 @@ export interface Config {
   /** Tasks a device may hold per task it runs at once (TaskScheduler `prefetch`). */
   taskPrefetch: number
   maxQueuedInputs: number
+  maxQueuedBytes: number
+  maxQueuedBytesPerCustomer: number
   prices: PriceTable
   enrollmentSecret: string | undefined
   /** The hub's per-device frame limits (the rest keep HUB_LIMITS' defaults). */
@@ -123,6 +128,8 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, overrides: Part
     maxTaskAttempts: e.MAX_TASK_ATTEMPTS,
     taskPrefetch: e.TASK_PREFETCH,
     maxQueuedInputs: e.MAX_QUEUED_INPUTS,
+    maxQueuedBytes: e.MAX_QUEUED_BYTES,
+    maxQueuedBytesPerCustomer: e.MAX_QUEUED_BYTES_PER_CUSTOMER,
     prices: parsePrices(e.PRICE_TABLE),
     enrollmentSecret: e.ENROLLMENT_SECRET,
     deviceLimits: { heartbeatsPerInterval: e.DEVICE_HEARTBEATS_PER_INTERVAL, maxFramesPerSecond: e.DEVICE_MAX_FRAMES_PER_SECOND },

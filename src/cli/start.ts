@@ -86,6 +86,8 @@ export async function startCommand(args: string[]): Promise<number> {
     adminKey: config.adminKey,
     maxModelBytes: config.maxModelBytes,
     maxQueuedInputs: config.maxQueuedInputs,
+    maxQueuedBytes: config.maxQueuedBytes,
+    maxQueuedBytesPerCustomer: config.maxQueuedBytesPerCustomer,
     validationSpotRate: config.validationSpotRate,
     prices: config.prices,
     rateLimit: config.rateLimit,

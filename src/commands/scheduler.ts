@@ -30,6 +30,29 @@ export function outputProblem(spec: TaskSpec, outputs: readonly Tensor[]): strin
   return undefined
 }
 
+/** What the queue may hold: inputs, and bytes of input values (4 a value) in all and per customer. */
+export interface QueueLimits {
+  inputs: number
+  bytes: number
+  bytesPerCustomer: number
+}
+
+/** Bytes of tensors' values as float32. */
+export function tensorBytes(tensors: readonly { data: readonly number[] }[]): number {
+  let values = 0
+  for (const t of tensors) values += t.data.length
+  return values * 4
+}
+
+/** A size for a message: bytes, KiB or MiB. */
+const size = (bytes: number) => (bytes < 1024 ? `${bytes} B` : bytes < 1024 ** 2 ? `${Math.round(bytes / 102.4) / 10} KiB` : `${Math.round(bytes / 1024 / 102.4) / 10} MiB`)
+
+function addTo(map: Map<string, number>, key: string, n: number): void {
+  const next = (map.get(key) ?? 0) + n
+  if (next === 0) map.delete(key)
+  else map.set(key, next)
+}
+
 /** A connected device as the scheduler sees it. */
 export interface DeviceSlot {
   deviceId: string
@@ -110,6 +133,11 @@ export interface SchedulerOptions {
 export class TaskScheduler {
   private readonly queue: TaskSpec[] = []
   private waitingInputs = 0
+  /** Bytes of the queued inputs (4 a value, as float32 on the wire), in all and per customer; and of submissions in progress. */
+  private waitingBytes = 0
+  private readonly bytesByCustomer = new Map<string, number>()
+  private admittingBytes = 0
+  private readonly admittingByCustomer = new Map<string, number>()
   private readonly specs = new Map<string, TaskSpec>()
   /** The state and revision of each open task's stream, as this scheduler (its one writer) last wrote it. */
   private readonly known = new Map<string, KnownState<TaskState>>()
@@ -196,26 +224,45 @@ export class TaskScheduler {
    * arrive together cannot all pass one check. Call the function it returns once they are submitted (they
    * are counted in the queue then) or were not.
    */
-  admit(inputs: number, limit: number): () => void {
+  admit(request: { inputs: number; bytes: number; customerId: string }, limits: QueueLimits): () => void {
     const waiting = this.waitingInputs + this.admitting
-    if (waiting + inputs > limit) throw new DomainError('QUEUE_FULL', `${waiting} inputs are waiting for a device and the queue holds at most ${limit}; retry later`)
-    this.admitting += inputs
+    if (waiting + request.inputs > limits.inputs) throw new DomainError('QUEUE_FULL', `${waiting} inputs are waiting for a device and the queue holds at most ${limits.inputs}; retry later`)
+    const bytes = this.waitingBytes + this.admittingBytes
+    if (bytes + request.bytes > limits.bytes) throw new DomainError('QUEUE_FULL', `${size(bytes)} of inputs are waiting for a device and the queue holds at most ${size(limits.bytes)}; retry later`)
+    const own = (this.bytesByCustomer.get(request.customerId) ?? 0) + (this.admittingByCustomer.get(request.customerId) ?? 0)
+    if (own + request.bytes > limits.bytesPerCustomer) {
+      throw new DomainError('QUEUE_FULL', `${size(own)} of your inputs are waiting for a device and a customer may queue at most ${size(limits.bytesPerCustomer)}; retry later`)
+    }
+    this.admitting += request.inputs
+    this.admittingBytes += request.bytes
+    addTo(this.admittingByCustomer, request.customerId, request.bytes)
     let held = true
     return () => {
-      if (held) this.admitting -= inputs
+      if (!held) return
       held = false
+      this.admitting -= request.inputs
+      this.admittingBytes -= request.bytes
+      addTo(this.admittingByCustomer, request.customerId, -request.bytes)
     }
   }
 
   private enqueue(spec: TaskSpec, front = false): void {
     if (front) this.queue.unshift(spec)
     else this.queue.push(spec)
-    this.waitingInputs += spec.inputs.length
+    this.counted(spec, 1)
   }
 
   private dequeueAt(index: number): void {
     const [spec] = this.queue.splice(index, 1)
-    if (spec) this.waitingInputs -= spec.inputs.length
+    if (spec) this.counted(spec, -1)
+  }
+
+  /** Counts a task into (1) or out of (-1) the queue's inputs and bytes, in all and for its customer. */
+  private counted(spec: TaskSpec, sign: 1 | -1): void {
+    const bytes = tensorBytes(spec.inputs)
+    this.waitingInputs += sign * spec.inputs.length
+    this.waitingBytes += sign * bytes
+    addTo(this.bytesByCustomer, spec.customer_id, sign * bytes)
   }
 
   get leased(): number {
@@ -518,7 +565,7 @@ export class TaskScheduler {
     if (cancelled.size > 0) {
       let kept = 0
       for (const spec of this.queue) {
-        if (cancelled.has(spec.task_id)) this.waitingInputs -= spec.inputs.length
+        if (cancelled.has(spec.task_id)) this.counted(spec, -1)
         else this.queue[kept++] = spec
       }
       this.queue.length = kept

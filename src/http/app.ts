@@ -44,6 +44,11 @@ export interface AppDeps extends Omit<Services, 'limits' | 'now' | 'adapters' | 
   maxModelBytes?: number
   /** Inputs that may wait for a device before new inference is refused (QUEUE_FULL). Default 1,000,000. */
   maxQueuedInputs?: number
+  /** Bytes of input values (4 a value) that may wait for a device, in all (default 1 GiB) and per customer (default 256 MiB). */
+  maxQueuedBytes?: number
+  maxQueuedBytesPerCustomer?: number
+  /** Most output values one page of a batch's results holds (about 40 MB of JSON); a fuller page ends early with `next_offset`. Default 2,000,000. */
+  maxPageValues?: number
   /** Share of a contributed device's tasks `validation: spot` runs again. Default 0.05. */
   validationSpotRate?: number
   /** Requests per API key (or per address without one) per window. Default 1000 per minute. */
@@ -152,7 +157,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     training: deps.training,
     adapters: deps.adapters ?? new InProcessAdapters(),
     prices: deps.prices ?? DEFAULT_PRICES,
-    limits: { maxModelBytes: deps.maxModelBytes ?? 256 * 1024 * 1024, maxQueuedInputs: deps.maxQueuedInputs ?? 1_000_000, minPerfDurationS: deps.minPerfDurationS ?? 60, validationSpotRate: deps.validationSpotRate ?? VALIDATION_DEFAULTS.spotRate },
+    limits: { maxModelBytes: deps.maxModelBytes ?? 256 * 1024 * 1024, maxQueuedInputs: deps.maxQueuedInputs ?? 1_000_000, maxQueuedBytes: deps.maxQueuedBytes ?? 1024 ** 3, maxQueuedBytesPerCustomer: deps.maxQueuedBytesPerCustomer ?? 256 * 1024 ** 2, minPerfDurationS: deps.minPerfDurationS ?? 60, validationSpotRate: deps.validationSpotRate ?? VALIDATION_DEFAULTS.spotRate, maxPageValues: deps.maxPageValues ?? 2_000_000 },
     now: deps.now ?? (() => new Date()),
     loadToken,
     benchmarks: undefined as unknown as BenchmarkRunner,

@@ -2,7 +2,7 @@ import { Ajv } from 'ajv'
 import type { FastifyPluginAsync, FastifyRequest } from 'fastify'
 import type { ZodTypeProvider } from 'fastify-type-provider-zod'
 import { z } from 'zod'
-import type { TaskOutcome } from '../commands/scheduler.js'
+import { type TaskOutcome, tensorBytes } from '../commands/scheduler.js'
 import { DomainError } from '../domain/errors.js'
 import { inferenceDecider, inferenceStream, inferenceTaskId } from '../domain/inference-job.js'
 import type { AdapterModel } from '../adapters/runtime.js'
@@ -211,7 +211,10 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
     const instanceType = placement?.instance_type
     const capacity = services.hub.capacity(model.format, instanceType)
     if (capacity.slots === 0) throw new DomainError('NO_DEVICES', `no connected ${instanceType ? `${instanceType} ` : ''}device can run ${model.format} models`)
-    const admitted = services.scheduler.admit(inputs.length, services.limits.maxQueuedInputs)
+    const admitted = services.scheduler.admit(
+      { inputs: inputs.length, bytes: tensorBytes(inputs), customerId },
+      { inputs: services.limits.maxQueuedInputs, bytes: services.limits.maxQueuedBytes, bytesPerCustomer: services.limits.maxQueuedBytesPerCustomer },
+    )
     try {
       const project = await projectFor(customerId, model, body, kind, inputs.length)
       const projectId = project.id
@@ -329,7 +332,7 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
     const job = await findJob(services.db, customerId, request.params.jobId)
     if (!job) throw new DomainError('NOT_FOUND', `inference job ${request.params.jobId} not found`)
     const status = jobStatus(job)
-    const rows = await jobResults(services.db, job.job_id, request.query)
+    const { results: rows, more } = await jobResults(services.db, job.job_id, request.query, services.limits.maxPageValues)
     const model = await findModel(services.db, customerId, job.model_id)
     const done = rows.filter((r) => r.output)
     const presented = await present(model, done.map((r) => r.output!), request.query.raw === 'true')
@@ -356,6 +359,8 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
       results: rows.map((r) => ({ index: r.idx, status: r.status, ...(r.output ? { result: resultOf.get(r.idx) } : {}), ...(r.error ? { error: r.error } : {}) })),
       limit: request.query.limit,
       offset: request.query.offset,
+      // a page of large outputs ends early (maxPageValues): ask again from here
+      ...(more ? { next_offset: request.query.offset + rows.length } : {}),
     }
   })
 

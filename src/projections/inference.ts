@@ -161,27 +161,46 @@ export interface InputResult {
   finished_at: string | null
 }
 
-/** The results of a page of the job's inputs, in input order (one per input, whatever task carried it). */
-export async function jobResults(db: Kysely<any>, jobId: string, page: { limit: number; offset: number }): Promise<InputResult[]> {
+/**
+ * The results of a page of the job's inputs, in input order (one per input, whatever task carried it). The
+ * page ends early once its outputs hold `maxValues` values (read a few tasks at a time, so a page of large
+ * outputs is never loaded whole): `results` are then fewer than asked, and `more` says so.
+ */
+export async function jobResults(db: Kysely<any>, jobId: string, page: { limit: number; offset: number }, maxValues = Infinity): Promise<{ results: InputResult[]; more: boolean }> {
   const end = page.offset + page.limit
-  const tasks = await db
-    .withSchema(schema)
-    .selectFrom('inference_results')
-    .select(['task_id', 'first_idx', 'count', 'status', 'outputs', 'error', 'device_id', 'finished_at'])
-    .where('job_id', '=', jobId)
-    .where('first_idx', '<', end)
-    .where(sql<boolean>`first_idx + count > ${page.offset}`)
-    .orderBy('first_idx')
-    .execute()
   const results: InputResult[] = []
-  for (const task of tasks) {
-    const outputs = task.outputs as InputResult['output'][] | null
-    for (let idx = Math.max(task.first_idx, page.offset); idx < Math.min(task.first_idx + task.count, end); idx++) {
-      results.push({ idx, task_id: task.task_id, status: task.status, output: outputs?.[idx - task.first_idx] ?? null, error: task.error, device_id: task.device_id, finished_at: task.finished_at })
+  let values = 0
+  let from = page.offset
+  for (;;) {
+    const tasks = await db
+      .withSchema(schema)
+      .selectFrom('inference_results')
+      .select(['task_id', 'first_idx', 'count', 'status', 'outputs', 'error', 'device_id', 'finished_at'])
+      .where('job_id', '=', jobId)
+      .where('first_idx', '<', end)
+      .where(sql<boolean>`first_idx + count > ${from}`)
+      .orderBy('first_idx')
+      .limit(RESULT_TASKS_PER_READ)
+      .execute()
+    for (const task of tasks) {
+      const outputs = task.outputs as InputResult['output'][] | null
+      for (let idx = Math.max(task.first_idx, from); idx < Math.min(task.first_idx + task.count, end); idx++) {
+        const output = outputs?.[idx - task.first_idx] ?? null
+        // always at least one result, so a page moves on whatever the budget
+        if (results.length > 0 && values + (output?.data.length ?? 0) > maxValues) return { results, more: true }
+        values += output?.data.length ?? 0
+        results.push({ idx, task_id: task.task_id, status: task.status, output, error: task.error, device_id: task.device_id, finished_at: task.finished_at })
+      }
     }
+    if (tasks.length < RESULT_TASKS_PER_READ) return { results, more: false }
+    const last = tasks.at(-1)!
+    from = last.first_idx + last.count
+    if (from >= end) return { results, more: false }
   }
-  return results
 }
+
+/** Tasks read at once for a page of results (a task of a batch carries up to 4,096 inputs). */
+const RESULT_TASKS_PER_READ = 64
 
 /** The unfinished jobs of a project. */
 export async function openJobsOfProject(db: Kysely<any>, customerId: string, projectId: string): Promise<JobRow[]> {

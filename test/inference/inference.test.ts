@@ -1,6 +1,8 @@
 import t, { type Test } from 'tap'
 import { eventually, SimDevice } from '../helpers/device.js'
 import { close, inferenceSetup, input } from '../helpers/inference.js'
+import { multipart } from '../helpers/app.js'
+import { denseOnnxModel } from '../helpers/onnx.js'
 
 async function setup(t: Test, options: { workers?: number; uploadSchema?: Record<string, unknown> } = {}) {
   return inferenceSetup(t, { workers: options.workers, modelFields: options.uploadSchema ? { input_schema: JSON.stringify(options.uploadSchema) } : {} })
@@ -155,4 +157,45 @@ t.test('the queue bound holds for requests that arrive together', async (t) => {
   const answers = await Promise.all(Array.from({ length: 4 }, () => api('POST', '/inference/batch', batch)))
   t.same(answers.map((a) => a.status).sort(), [202, 503, 503, 503], 'one accepted, three refused')
   t.ok(answers.filter((a) => a.status === 503).every((a) => a.body.error.code === 'QUEUE_FULL'))
+})
+
+t.test('the queue is bounded in bytes too, per customer and in all: one customer cannot fill it for the others', async (t) => {
+  // 10 values a tensor, 4 bytes a value: 40 bytes an input. A customer may queue 120 bytes, all together 200.
+  const { api, model, url, app, customer } = await inferenceSetup(t, { prefetch: 1, overrides: { maxQueuedBytesPerCustomer: 120, maxQueuedBytes: 200 } })
+  const device = await SimDevice.connect(url) // takes one task and never answers
+  t.teardown(() => device.kill())
+  await device.register()
+  const one = { model_id: model.id, input: { data: input(1), shape: [1, 10] } }
+  t.equal((await api('POST', '/inference?async=true', one)).status, 202)
+  await device.next((f) => f.type === 'task')
+  const three = { model_id: model.id, inputs: [1, 2, 3].map((i) => ({ data: input(i), shape: [1, 10] })) }
+  t.equal((await api('POST', '/inference/batch', three)).status, 202, '120 bytes wait: this customer\'s limit')
+  const more = await api('POST', '/inference?async=true', one)
+  t.equal(more.status, 503)
+  t.match(more.body.error, { code: 'QUEUE_FULL', message: /120 B of your inputs are waiting for a device and a customer may queue at most 120 B/ })
+  // another customer still has room (its own model: a customer sees only its own)
+  const bob = await customer()
+  const body = multipart({ name: 'bobs' }, { name: 'm.onnx', content: denseOnnxModel({ inputs: 10, outputs: 2 }) })
+  const upload = await app.inject({ method: 'POST', url: '/api/v1/models', headers: { ...body.headers, 'x-api-key': bob.key }, payload: body.payload })
+  const bobModel = upload.json().id
+  const bobApi = (body: unknown) => fetch(`${url}/api/v1/inference/batch`, { method: 'POST', headers: { 'x-api-key': bob.key, 'content-type': 'application/json' }, body: JSON.stringify(body) })
+  t.equal((await bobApi({ ...three, model_id: bobModel, inputs: three.inputs.slice(0, 2) })).status, 202, 'another customer queues within the total')
+  t.equal((await bobApi({ ...three, model_id: bobModel, inputs: three.inputs.slice(0, 1) })).status, 503, 'past the total (200 bytes) nobody queues more')
+})
+
+t.test('a page of results is bounded in values: it ends early with next_offset, and the pages cover every input once', async (t) => {
+  const { api, model } = await inferenceSetup(t, { workers: 1, overrides: { maxPageValues: 5 } })
+  const inputs = Array.from({ length: 7 }, (_, i) => ({ data: input(i), shape: [1, 10] }))
+  const batch = await api('POST', '/inference/batch', { model_id: model.id, inputs })
+  await eventually(async () => (await api('GET', `/inference/${batch.body.job_id}?limit=1`)).body.status === 'completed', 30_000, 'the batch')
+  const first = (await api('GET', `/inference/${batch.body.job_id}?limit=100`)).body
+  t.equal(first.results.length, 2, 'two outputs of 2 values fit in 5; a third would not')
+  t.equal(first.next_offset, 2)
+  const seen: number[] = []
+  for (let offset: number | undefined = 0; offset !== undefined; ) {
+    const page: any = (await api('GET', `/inference/${batch.body.job_id}?limit=100&offset=${offset}`)).body
+    seen.push(...page.results.map((r: { index: number }) => r.index))
+    offset = page.next_offset
+  }
+  t.same(seen, [0, 1, 2, 3, 4, 5, 6], 'every input once, in order')
 })
