@@ -32,6 +32,9 @@ const Env = z.object({
   MAX_QUEUED_INPUTS: z.coerce.number().int().min(1).default(1_000_000),
   /** Bytes of input values (4 a value) that may wait for a device, in all and per customer. */
   MAX_QUEUED_BYTES: z.coerce.number().int().min(1024).default(1024 ** 3),
+  /** Model and dataset uploads in progress at once, in all and per customer. */
+  MAX_UPLOADS: z.coerce.number().int().min(1).default(4),
+  MAX_UPLOADS_PER_CUSTOMER: z.coerce.number().int().min(1).default(2),
   MAX_QUEUED_BYTES_PER_CUSTOMER: z.coerce.number().int().min(1024).default(256 * 1024 ** 2),
   /** Attempts before a task fails for good. */
   MAX_TASK_ATTEMPTS: z.coerce.number().int().min(1).max(100).default(3),
@@ -74,6 +77,7 @@ export interface Config {
   taskPrefetch: number
   maxQueuedInputs: number
   maxQueuedBytes: number
+  uploads: { total: number; perCustomer: number }
   maxQueuedBytesPerCustomer: number
   prices: PriceTable
   enrollmentSecret: string | undefined
@@ -129,6 +133,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, overrides: Part
     taskPrefetch: e.TASK_PREFETCH,
     maxQueuedInputs: e.MAX_QUEUED_INPUTS,
     maxQueuedBytes: e.MAX_QUEUED_BYTES,
+    uploads: { total: e.MAX_UPLOADS, perCustomer: e.MAX_UPLOADS_PER_CUSTOMER },
     maxQueuedBytesPerCustomer: e.MAX_QUEUED_BYTES_PER_CUSTOMER,
     prices: parsePrices(e.PRICE_TABLE),
     enrollmentSecret: e.ENROLLMENT_SECRET,

@@ -87,6 +87,7 @@ export async function startCommand(args: string[]): Promise<number> {
     maxModelBytes: config.maxModelBytes,
     maxQueuedInputs: config.maxQueuedInputs,
     maxQueuedBytes: config.maxQueuedBytes,
+    uploads: config.uploads,
     maxQueuedBytesPerCustomer: config.maxQueuedBytesPerCustomer,
     validationSpotRate: config.validationSpotRate,
     prices: config.prices,

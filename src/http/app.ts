@@ -28,6 +28,7 @@ import { efficiencyRoutes } from './efficiency.js'
 import { webRoutes } from './web.js'
 import { usageRoutes } from './usage.js'
 import { VALIDATION_DEFAULTS } from '../domain/validation.js'
+import { registerUploadSlots } from './uploads.js'
 
 /** The services the routes use (without the limits and clock, which have defaults here), and the app's settings. */
 export interface AppDeps extends Omit<Services, 'limits' | 'now' | 'adapters' | 'prices' | 'benchmarks' | 'loadToken'> {
@@ -49,6 +50,8 @@ export interface AppDeps extends Omit<Services, 'limits' | 'now' | 'adapters' | 
   maxQueuedBytesPerCustomer?: number
   /** Most output values one page of a batch's results holds (about 40 MB of JSON); a fuller page ends early with `next_offset`. Default 2,000,000. */
   maxPageValues?: number
+  /** Uploads (models, datasets) in progress at once, in all and per customer. Default 4 and 2. */
+  uploads?: { total: number; perCustomer: number }
   /** Share of a contributed device's tasks `validation: spot` runs again. Default 0.05. */
   validationSpotRate?: number
   /** Requests per API key (or per address without one) per window. Default 1000 per minute. */
@@ -113,6 +116,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     const methods = Array.isArray(route.method) ? route.method : [route.method]
     for (const method of methods) if (method !== 'HEAD') routeTable.push({ method, url: route.url, auth: route.config?.auth ?? 'none', ...(route.config?.success ? { success: route.config.success } : {}), ...(route.config?.idempotent ? { idempotent: true } : {}) })
   })
+  registerUploadSlots(app, deps.uploads ?? { total: 4, perCustomer: 2 })
   registerAuth(app, { db: deps.db, cached: (name, key, load) => deps.projections.cached(name, key, load), adminKey: deps.adminKey, internalToken: deps.internalToken, ...(deps.authFailures ? { failures: deps.authFailures } : {}) })
   const loadToken = randomBytes(24).toString('hex')
   await app.register(rateLimit, {

@@ -24,7 +24,7 @@ export const datasetRoutes: FastifyPluginAsync<{ services: Services }> = async (
   const config = { auth: 'api_key' as const }
 
   app.post('/datasets', {
-    config: { ...config, idempotent: { upload: true }, success: { 201: 'The dataset' } },
+    config: { ...config, idempotent: { upload: true }, upload: true, success: { 201: 'The dataset' } },
     schema: { summary: 'Upload a training dataset (multipart/form-data: file, name, format)', tags: ['datasets'], consumes: ['multipart/form-data'] },
   }, async (request, reply) => {
     if (!request.isMultipart()) throw new DomainError('UNSUPPORTED_MEDIA_TYPE', 'send the dataset as multipart/form-data with the file in the "file" field')

@@ -160,7 +160,7 @@ export const modelRoutes: FastifyPluginAsync<{ services: Services }> = async (ba
   const config = { auth: 'api_key' as const }
 
   app.post('/models', {
-    config: { ...config, idempotent: { upload: true }, success: { 201: 'The model' } },
+    config: { ...config, idempotent: { upload: true }, upload: true, success: { 201: 'The model' } },
     schema: {
       summary: 'Upload a model (multipart/form-data: model file, name, format, input_shape, output_shape, input_schema, output_schema, labels, preprocessing, postprocessing)',
       tags: ['models'],

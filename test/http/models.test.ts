@@ -4,6 +4,8 @@ import * as ort from 'onnxruntime-node'
 import t from 'tap'
 import { denseOnnxModel, torchScriptArchive } from '../helpers/onnx.js'
 import { multipart, testApp } from '../helpers/app.js'
+import { eventually } from '../helpers/device.js'
+import http from 'node:http'
 
 t.test('ONNX upload round trip: stored by content hash, shapes read from the file, visible at once', async (t) => {
   const { app, blobs, customer } = await testApp(t)
@@ -125,7 +127,8 @@ t.test('schema patch changes only the fields given; delete hides the model', asy
 })
 
 t.test('concurrent uploads all land, each with its own id', async (t) => {
-  const { app, customer } = await testApp(t)
+  // twelve at once (the default lets a customer run two): the blob store's concurrent writes are the point
+  const { app, customer } = await testApp(t, { uploads: { total: 12, perCustomer: 12 } })
   const alice = await customer()
   const responses = await Promise.all(
     Array.from({ length: 12 }, (_, i) => {
@@ -153,4 +156,37 @@ t.test("tenants never see or touch each other's models", async (t) => {
   t.equal((await app.inject({ method: 'DELETE', url: `/api/v1/models/${model.id}`, headers: asBob })).statusCode, 404)
   t.equal((await app.inject({ method: 'PATCH', url: `/api/v1/models/${model.id}/schema`, headers: asBob, payload: { labels: ['x'] } })).statusCode, 404)
   t.equal((await app.inject({ method: 'GET', url: `/api/v1/models/${model.id}`, headers: { 'x-api-key': alice.key } })).json().labels, null, "bob's patch changed nothing")
+})
+
+t.test('uploads in progress are bounded per customer and in all: past it 429 before the body is read', async (t) => {
+  const { app, customer } = await testApp(t, { uploads: { total: 3, perCustomer: 2 } })
+  const url = await app.listen({ port: 0, host: '127.0.0.1' })
+  const alice = await customer()
+  const bob = await customer()
+  const boundary = '----dcpslow'
+  // an upload whose body has begun and not ended: it holds a slot while it runs
+  const slow = (key: string) => {
+    const request = http.request(`${url}/api/v1/models`, { method: 'POST', headers: { 'x-api-key': key, 'content-type': `multipart/form-data; boundary=${boundary}` } })
+    request.on('error', () => {})
+    request.write(`--${boundary}\r\nContent-Disposition: form-data; name="model"; filename="m.onnx"\r\nContent-Type: application/octet-stream\r\n\r\n`)
+    const answered = new Promise<number>((resolve) => request.on('response', (r) => (r.resume(), resolve(r.statusCode!))))
+    return { request, answered }
+  }
+  const upload = (key: string) => {
+    const body = multipart({ name: 'm' }, { name: 'm.onnx', content: denseOnnxModel() })
+    return app.inject({ method: 'POST', url: '/api/v1/models', headers: { ...body.headers, 'x-api-key': key }, payload: body.payload })
+  }
+  const a1 = slow(alice.key)
+  const a2 = slow(alice.key)
+  await eventually(async () => app.uploadsInProgress() === 2, 10_000, 'two uploads running')
+  const third = await upload(alice.key)
+  t.equal(third.statusCode, 429, 'a third upload of one customer is refused')
+  t.match(third.json().error, { code: 'RATE_LIMITED', message: /2 uploads in progress/ })
+  t.ok(third.headers['retry-after'])
+  const b1 = slow(bob.key)
+  await eventually(async () => app.uploadsInProgress() === 3, 10_000, 'three uploads running')
+  t.equal((await upload(bob.key)).statusCode, 429, 'past the total, another customer waits too')
+  for (const { request } of [a1, a2, b1]) request.end(`\r\n--${boundary}--\r\n`)
+  await Promise.all([a1.answered, a2.answered, b1.answered])
+  t.equal((await upload(alice.key)).statusCode, 201, 'the slots are free again once those ended')
 })
