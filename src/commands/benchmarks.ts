@@ -18,6 +18,8 @@ export interface BenchmarkDeps {
   waitFor(position: Position): Promise<void>
   now(): Date
   log?(message: string): void
+  /** Benchmarks one customer may run at once (their load is exempt from the rate limit). Default 1. */
+  maxPerCustomer?: number
 }
 
 export interface QuickConfig {
@@ -48,6 +50,8 @@ const TRAINING_TIMEOUT_MS = 10 * 60_000
  */
 export class BenchmarkRunner {
   private readonly running = new Set<Promise<void>>()
+  /** Benchmarks running (or starting) per customer: their load bypasses the rate limit, so their number is bounded. */
+  private readonly runningBy = new Map<string, number>()
   private stopped = false
 
   constructor(private readonly deps: BenchmarkDeps) {}
@@ -55,6 +59,24 @@ export class BenchmarkRunner {
   /** Records the start and runs the benchmark in the background; resolves once it is recorded. */
   async start(customerId: string, request: LoadRequest, mode: BenchmarkStartedData['mode'], config: QuickConfig | PerfConfig): Promise<BenchmarkStartedData> {
     if (this.stopped) throw new DomainError('SERVICE_UNAVAILABLE', 'the server is shutting down')
+    const max = this.deps.maxPerCustomer ?? 1
+    const own = this.runningBy.get(customerId) ?? 0
+    if (own >= max) throw new DomainError('RATE_LIMITED', `${own} benchmark${own === 1 ? ' is' : 's are'} already running for you, the most a customer may run at once; wait for ${own === 1 ? 'it' : 'one'} to end`)
+    this.runningBy.set(customerId, own + 1)
+    const done = () => {
+      const left = (this.runningBy.get(customerId) ?? 1) - 1
+      if (left <= 0) this.runningBy.delete(customerId)
+      else this.runningBy.set(customerId, left)
+    }
+    try {
+      return await this.launch(customerId, request, mode, config, done)
+    } catch (error) {
+      done()
+      throw error
+    }
+  }
+
+  private async launch(customerId: string, request: LoadRequest, mode: BenchmarkStartedData['mode'], config: QuickConfig | PerfConfig, done: () => void): Promise<BenchmarkStartedData> {
     const modelId = await this.uploadModel(customerId)
     const project = await request('POST', '/api/v1/projects', { name: `benchmark ${mode}`, type: 'benchmark', model_id: modelId })
     if (project.status !== 201) throw new Error(`creating the benchmark project: ${project.status} ${JSON.stringify(project.body)}`)
@@ -70,7 +92,10 @@ export class BenchmarkRunner {
     const known: KnownState<ReturnType<typeof benchmarkDecider.initialState>> = { state: benchmarkDecider.initialState(), revision: -1 }
     const started = await handleCommand(this.deps.store, benchmarkStream(benchmark.benchmark_id), benchmarkDecider, { type: 'StartBenchmark', benchmark }, { known, metadata: { customerId, occurredAt: at } })
     await this.deps.waitFor(started.position)
-    const run = this.run(benchmark, modelId, request, config).finally(() => this.running.delete(run))
+    const run = this.run(benchmark, modelId, request, config).finally(() => {
+      this.running.delete(run)
+      done()
+    })
     this.running.add(run)
     return benchmark
   }

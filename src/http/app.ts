@@ -50,6 +50,8 @@ export interface AppDeps extends Omit<Services, 'limits' | 'now' | 'adapters' | 
   maxQueuedBytesPerCustomer?: number
   /** Most output values one page of a batch's results holds (about 40 MB of JSON); a fuller page ends early with `next_offset`. Default 2,000,000. */
   maxPageValues?: number
+  /** Dashboard benchmarks one customer may run at once (their load is exempt from the rate limit). Default 1. */
+  maxBenchmarksPerCustomer?: number
   /** Uploads (models, datasets) in progress at once, in all and per customer. Default 4 and 2. */
   uploads?: { total: number; perCustomer: number }
   /** Share of a contributed device's tasks `validation: spot` runs again. Default 0.05. */
@@ -172,6 +174,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     waitFor: (position) => readYourWrites(services, position),
     now: services.now,
     log: (message) => app.log.warn(message),
+    maxPerCustomer: deps.maxBenchmarksPerCustomer ?? 1,
   })
   app.addHook('onClose', () => services.benchmarks.stop())
   // before the routes, whose create handlers it wraps
