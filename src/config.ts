@@ -34,6 +34,8 @@ const Env = z.object({
   MAX_QUEUED_BYTES: z.coerce.number().int().min(1024).default(1024 ** 3),
   /** Model and dataset uploads in progress at once, in all and per customer. */
   MAX_UPLOADS: z.coerce.number().int().min(1).default(4),
+  /** Bytes a customer's models and datasets may take together. */
+  MAX_STORAGE_BYTES_PER_CUSTOMER: z.coerce.number().int().min(1).default(10 * 1024 ** 3),
   MAX_UPLOADS_PER_CUSTOMER: z.coerce.number().int().min(1).default(2),
   MAX_QUEUED_BYTES_PER_CUSTOMER: z.coerce.number().int().min(1024).default(256 * 1024 ** 2),
   /** Attempts before a task fails for good. */
@@ -78,6 +80,7 @@ export interface Config {
   maxQueuedInputs: number
   maxQueuedBytes: number
   uploads: { total: number; perCustomer: number }
+  maxStorageBytes: number
   maxQueuedBytesPerCustomer: number
   prices: PriceTable
   enrollmentSecret: string | undefined
@@ -134,6 +137,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, overrides: Part
     maxQueuedInputs: e.MAX_QUEUED_INPUTS,
     maxQueuedBytes: e.MAX_QUEUED_BYTES,
     uploads: { total: e.MAX_UPLOADS, perCustomer: e.MAX_UPLOADS_PER_CUSTOMER },
+    maxStorageBytes: e.MAX_STORAGE_BYTES_PER_CUSTOMER,
     maxQueuedBytesPerCustomer: e.MAX_QUEUED_BYTES_PER_CUSTOMER,
     prices: parsePrices(e.PRICE_TABLE),
     enrollmentSecret: e.ENROLLMENT_SECRET,

@@ -88,6 +88,7 @@ export async function startCommand(args: string[]): Promise<number> {
     maxQueuedInputs: config.maxQueuedInputs,
     maxQueuedBytes: config.maxQueuedBytes,
     uploads: config.uploads,
+    maxStorageBytes: config.maxStorageBytes,
     maxQueuedBytesPerCustomer: config.maxQueuedBytesPerCustomer,
     validationSpotRate: config.validationSpotRate,
     prices: config.prices,

@@ -50,6 +50,8 @@ export interface AppDeps extends Omit<Services, 'limits' | 'now' | 'adapters' | 
   maxQueuedBytesPerCustomer?: number
   /** Most output values one page of a batch's results holds (about 40 MB of JSON); a fuller page ends early with `next_offset`. Default 2,000,000. */
   maxPageValues?: number
+  /** Bytes a customer's models and datasets may take together. Default 10 GiB. */
+  maxStorageBytes?: number
   /** Dashboard benchmarks one customer may run at once (their load is exempt from the rate limit). Default 1. */
   maxBenchmarksPerCustomer?: number
   /** Uploads (models, datasets) in progress at once, in all and per customer. Default 4 and 2. */
@@ -163,7 +165,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     training: deps.training,
     adapters: deps.adapters ?? new InProcessAdapters(),
     prices: deps.prices ?? DEFAULT_PRICES,
-    limits: { maxModelBytes: deps.maxModelBytes ?? 256 * 1024 * 1024, maxQueuedInputs: deps.maxQueuedInputs ?? 1_000_000, maxQueuedBytes: deps.maxQueuedBytes ?? 1024 ** 3, maxQueuedBytesPerCustomer: deps.maxQueuedBytesPerCustomer ?? 256 * 1024 ** 2, minPerfDurationS: deps.minPerfDurationS ?? 60, validationSpotRate: deps.validationSpotRate ?? VALIDATION_DEFAULTS.spotRate, maxPageValues: deps.maxPageValues ?? 2_000_000 },
+    limits: { maxModelBytes: deps.maxModelBytes ?? 256 * 1024 * 1024, maxQueuedInputs: deps.maxQueuedInputs ?? 1_000_000, maxQueuedBytes: deps.maxQueuedBytes ?? 1024 ** 3, maxQueuedBytesPerCustomer: deps.maxQueuedBytesPerCustomer ?? 256 * 1024 ** 2, minPerfDurationS: deps.minPerfDurationS ?? 60, validationSpotRate: deps.validationSpotRate ?? VALIDATION_DEFAULTS.spotRate, maxPageValues: deps.maxPageValues ?? 2_000_000, maxStorageBytes: deps.maxStorageBytes ?? 10 * 1024 ** 3 },
     now: deps.now ?? (() => new Date()),
     loadToken,
     benchmarks: undefined as unknown as BenchmarkRunner,

@@ -25,7 +25,7 @@ export interface Services {
   prices: PriceTable
   /** Pre- and post-processing adapters (in-process, or AWS Lambda). */
   adapters: Adapters
-  limits: { maxModelBytes: number; maxQueuedInputs: number; maxQueuedBytes: number; maxQueuedBytesPerCustomer: number; minPerfDurationS: number; validationSpotRate: number; maxPageValues: number }
+  limits: { maxModelBytes: number; maxQueuedInputs: number; maxQueuedBytes: number; maxQueuedBytesPerCustomer: number; minPerfDurationS: number; validationSpotRate: number; maxPageValues: number; maxStorageBytes: number }
   /** Runs the dashboard's benchmarks. */
   benchmarks: BenchmarkRunner
   /** Marks a benchmark's own requests (they pass the rate limit); random per process, never leaves it. */

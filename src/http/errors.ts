@@ -27,6 +27,7 @@ const STATUS: Record<string, number> = {
   PAYLOAD_TOO_LARGE: 413,
   UNSUPPORTED_MEDIA_TYPE: 415,
   RATE_LIMITED: 429,
+  QUOTA_EXCEEDED: 413,
   INTERNAL_ERROR: 500,
   /** A pre/post-processing Lambda function failed (its error in the message). */
   ADAPTER_FAILED: 502,

@@ -9,7 +9,7 @@ import { DomainError } from '../domain/errors.js'
 import { inspectModelFile, ModelFileError, sniffFormat } from '../domain/model-file.js'
 import { applyChanges, MODEL_FORMATS, type ModelDescription, modelDecider, modelStream, POSTPROCESSING, PREPROCESSING, SchemaChanges } from '../domain/model.js'
 import { NUL_MESSAGE, nulField } from '../event-store/storable.js'
-import { findModel, listModels } from '../projections/models.js'
+import { findModel, listModels, storageUsed } from '../projections/models.js'
 import { customerOf } from './auth.js'
 import { execute, type Services } from './context.js'
 import { claimUpload } from './idempotency.js'
@@ -127,6 +127,18 @@ function asClientError(error: unknown): unknown {
 
 /** Reads the multipart request: the file streams into the blob store, the fields are collected. */
 /** A multipart upload: its fields, and its one file (in field `field`) written to the blob store, not yet kept. */
+/**
+ * A customer's models and datasets (not deleted) may take at most `maxStorageBytes` together; an upload
+ * past it is refused with 413 QUOTA_EXCEEDED (and its file discarded).
+ */
+async function checkQuota(services: Services, customerId: string, field: string, size: number): Promise<void> {
+  const used = await storageUsed(services.db, customerId)
+  const quota = services.limits.maxStorageBytes
+  if (used + size > quota) {
+    throw new DomainError('QUOTA_EXCEEDED', `${field}: ${size} bytes would take your models and datasets to ${used + size} bytes, past your storage quota of ${quota} bytes; delete some first`)
+  }
+}
+
 export async function readUpload(request: FastifyRequest, services: Services, field = 'model') {
   const fields: Record<string, string> = {}
   let blob: PendingBlob | undefined
@@ -139,6 +151,7 @@ export async function readUpload(request: FastifyRequest, services: Services, fi
         if (part.fieldname !== field) throw new DomainError('VALIDATION_ERROR', `${part.fieldname}: unexpected file; send the file as the "${field}" field`)
         blob = await services.blobs.write(part.file, { maxBytes })
         if (part.file.truncated) throw new DomainError('PAYLOAD_TOO_LARGE', `${field}: larger than the limit of ${maxBytes} bytes`)
+        await checkQuota(services, customerOf(request), field, blob.size)
         filename = part.filename
       } else {
         const value = String(part.value)

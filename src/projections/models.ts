@@ -106,3 +106,11 @@ export async function findModelFile(db: Kysely<any>, modelId: string): Promise<{
   const row = await db.withSchema(schema).selectFrom('models').select(['model_id', 'checksum', 'size']).where('model_id', '=', modelId).executeTakeFirst()
   return row ? { model_id: row.model_id, checksum: row.checksum, size: Number(row.size) } : undefined
 }
+
+/** Bytes of a customer's models and datasets that are not deleted (its storage quota counts them). */
+export async function storageUsed(db: Kysely<any>, customerId: string): Promise<number> {
+  const { rows } = await sql<{ bytes: string | null }>`
+    select (select coalesce(sum(size), 0) from ${sql.table(`${schema}.models`)} where customer_id = ${customerId} and deleted_at is null)
+         + (select coalesce(sum(size), 0) from ${sql.table(`${liveSchema('datasets')}.datasets`)} where customer_id = ${customerId} and deleted_at is null) as bytes`.execute(db)
+  return Number(rows[0]?.bytes ?? 0)
+}

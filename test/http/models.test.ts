@@ -190,3 +190,24 @@ t.test('uploads in progress are bounded per customer and in all: past it 429 bef
   await Promise.all([a1.answered, a2.answered, b1.answered])
   t.equal((await upload(alice.key)).statusCode, 201, 'the slots are free again once those ended')
 })
+
+t.test('a customer\'s storage quota: an upload past it is 413 QUOTA_EXCEEDED and leaves no file; deleting makes room', async (t) => {
+  const size = denseOnnxModel().length
+  const { app, customer, blobs } = await testApp(t, { maxStorageBytes: Math.floor(size * 1.5) })
+  const alice = await customer()
+  const bob = await customer()
+  const upload = (key: string, seed: number) => {
+    const body = multipart({ name: `m${seed}` }, { name: 'm.onnx', content: denseOnnxModel({ seed }) })
+    return app.inject({ method: 'POST', url: '/api/v1/models', headers: { ...body.headers, 'x-api-key': key }, payload: body.payload })
+  }
+  const first = await upload(alice.key, 1)
+  t.equal(first.statusCode, 201)
+  const second = await upload(alice.key, 2)
+  t.equal(second.statusCode, 413)
+  t.match(second.json().error, { code: 'QUOTA_EXCEEDED', message: /past your storage quota/ })
+  const sha = createHash('sha256').update(denseOnnxModel({ seed: 2 })).digest('hex')
+  t.notOk(await blobs.has(sha).catch(() => false), 'the refused file is not kept')
+  t.equal((await upload(bob.key, 2)).statusCode, 201, 'another customer has its own quota')
+  t.equal((await app.inject({ method: 'DELETE', url: `/api/v1/models/${first.json().id}`, headers: { 'x-api-key': alice.key } })).statusCode, 204)
+  t.equal((await upload(alice.key, 3)).statusCode, 201, 'a deleted model no longer counts')
+})
