@@ -47,13 +47,15 @@ async function steady(base: string, modelId: string, seconds: number): Promise<{
   for (let next = performance.now(); next < end; next += 1000 / RPS) {
     await sleep(Math.max(0, next - performance.now()))
     const started = performance.now()
+    // a request not answered within 10 s counts as an error (a frozen server must not hang the bench)
+    const request = fetch(`${base}/api/v1/inference`, { method: 'POST', headers: { 'content-type': 'application/json', 'x-api-key': 'test-api-key' }, body, signal: AbortSignal.timeout(10_000) })
     inFlight.push(
-      api(base, 'POST', '/inference', body).then(
+      request.then(async (response) => ({ status: response.status, text: await response.text() })).then(
         (r) => {
           if (r.status === 200) latencies.push(performance.now() - started)
           else {
             errors++
-            if (firstErrors.length < 3) firstErrors.push(`${r.status} ${JSON.stringify(r.body).slice(0, 200)}`)
+            if (firstErrors.length < 3) firstErrors.push(`${r.status} ${r.text.slice(0, 200)}`)
           }
         },
         (error: Error) => {
