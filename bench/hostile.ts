@@ -75,7 +75,7 @@ const p99 = (values: number[]) => {
 }
 
 /** Everything the hostile customers do at once, until `stop` is aborted. Each part counts what it sent. */
-function hostile(base: string, models: { regex: string; image: string; plain: string }, stop: AbortSignal, log: (line: string) => void): Promise<void>[] {
+function hostile(base: string, models: { regex: string; image: string; plain: string }, watched: string, stop: AbortSignal, log: (line: string) => void): Promise<void>[] {
   const sent = { regex: 0, images: 0, badKeys: 0, duplicates: 0, streams: 0 }
   const loop = async (name: keyof typeof sent, once: () => Promise<unknown>, pauseMs: number) => {
     while (!stop.aborted) {
@@ -101,10 +101,9 @@ function hostile(base: string, models: { regex: string; image: string; plain: st
   // live project streams, held open
   parts.push(
     (async () => {
-      const project = await api(base, 'POST', '/projects', JSON.stringify({ name: 'watched', type: 'realtime' }))
       const opened = await Promise.allSettled(
         Array.from({ length: STREAMS }, () =>
-          fetch(`${base}/api/v1/dashboard/projects/${project.body.project_id}/stream?interval=500`, { headers: { 'x-api-key': 'test-api-key' }, signal: stop }).then((r) => {
+          fetch(`${base}/api/v1/dashboard/projects/${watched}/stream?interval=500`, { headers: { 'x-api-key': 'test-api-key' }, signal: stop }).then((r) => {
             sent.streams++
             return r.body?.pipeTo(new WritableStream(), { signal: stop }).catch(() => {})
           }),
@@ -134,8 +133,9 @@ export async function hostileBench({ database, log }: BenchContext): Promise<str
     await steady(url, plain, 3) // warm-up
     const quiet = await steady(url, plain, SECONDS)
     log(`quiet: ${quiet.latencies.length} answered, ${quiet.errors} errors, p99 ${fixed(p99(quiet.latencies))} ms`)
+    const watched = (await api(url, 'POST', '/projects', JSON.stringify({ name: 'watched', type: 'realtime' }))).body.project_id as string
     const stop = new AbortController()
-    const parts = hostile(url, { regex, image, plain }, stop.signal, log)
+    const parts = hostile(url, { regex, image, plain }, watched, stop.signal, log)
     await sleep(1000)
     const loud = await steady(url, plain, SECONDS)
     stop.abort()
