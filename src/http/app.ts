@@ -18,6 +18,7 @@ import { type AuthKind, registerAuth, sha256 } from './auth.js'
 import { readYourWrites, type Services } from './context.js'
 import { errorBody, registerErrorContract } from './errors.js'
 import { healthRoutes } from './health.js'
+import { registerJsonParser } from './json-body.js'
 import { modelRoutes } from './models.js'
 import { projectRoutes } from './projects.js'
 import { trainingRoutes } from './training.js'
@@ -83,6 +84,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   })
   // JSON and (for uploads) multipart only: anything else is a 415, not a string handed to the schemas.
   app.removeContentTypeParser('text/plain')
+  registerJsonParser(app)
   app.setValidatorCompiler(validatorCompiler)
   app.setSerializerCompiler(serializerCompiler)
   const routeTable: RouteInfo[] = []
