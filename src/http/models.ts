@@ -1,5 +1,4 @@
 import type {} from '@fastify/multipart'
-import { Ajv } from 'ajv'
 import type { FastifyPluginAsync, FastifyRequest } from 'fastify'
 import type { ZodTypeProvider } from 'fastify-type-provider-zod'
 import { z } from 'zod'
@@ -12,6 +11,7 @@ import { NUL_MESSAGE, nulField } from '../event-store/storable.js'
 import { findModel, listModels } from '../projections/models.js'
 import { customerOf } from './auth.js'
 import { execute, type Services } from './context.js'
+import { checkJsonSchema } from './json-schema.js'
 import { pageQuery } from './pagination.js'
 import { newId } from './ids.js'
 import { VALIDATION_MODES } from '../domain/validation.js'
@@ -49,19 +49,6 @@ const UploadFields = z.strictObject({
 })
 
 const ModelParams = z.object({ id: z.string().min(1).max(64) })
-
-const ajv = new Ajv({ strict: false, allErrors: false })
-
-/** A JSON Schema must be one Ajv can compile: a typo'd schema would otherwise let every input through. */
-function checkJsonSchema(field: string, schema: Record<string, unknown> | null | undefined): void {
-  if (!schema) return
-  try {
-    if (!ajv.validateSchema(schema)) throw new Error(ajv.errorsText(ajv.errors))
-    ajv.compile(schema)
-  } catch (error) {
-    throw new DomainError('VALIDATION_ERROR', `${field}: not a valid JSON Schema: ${(error as Error).message}`)
-  }
-}
 
 /** A model whose adapters cannot work with it (no feature names for tabular, no fixed image size...) is refused up front. */
 function checkAdapters(model: ModelDescription): void {
