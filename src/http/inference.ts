@@ -9,7 +9,7 @@ import { projectDecider, projectStream } from '../domain/project.js'
 import { findJob, type JobRow, jobResults, jobStatus, openTaskIds } from '../projections/inference.js'
 import { findModel, type ModelRow } from '../projections/models.js'
 import { findProject } from '../projections/projects.js'
-import { isNumberArray } from '../protocol/numbers.js'
+import { FLOAT32_MAX, FLOAT32_MESSAGE, isNumberArray } from '../protocol/numbers.js'
 import { customerOf } from './auth.js'
 import { execute, readYourWrites, type Services } from './context.js'
 import { SchemaValidators } from './json-schema.js'
@@ -17,11 +17,11 @@ import { pageQuery } from './pagination.js'
 import { newId } from './ids.js'
 import { resolvePolicy, VALIDATION_MODES, type ValidationMode } from '../domain/validation.js'
 
-/** A tensor's bounds: values, and dimensions (each at least 1). */
+/** A tensor's bounds: values (float32, as the devices hold them), and dimensions (each at least 1). */
 const MAX_TENSOR_VALUES = 1_000_000
 const MAX_TENSOR_DIMS = 8
 const Tensor = z.object({
-  data: z.array(z.number()).min(1).max(MAX_TENSOR_VALUES),
+  data: z.array(z.number().min(-FLOAT32_MAX, { error: FLOAT32_MESSAGE }).max(FLOAT32_MAX, { error: FLOAT32_MESSAGE })).min(1).max(MAX_TENSOR_VALUES),
   shape: z.array(z.number().int().min(1)).min(1).max(MAX_TENSOR_DIMS),
 })
 type Tensor = z.infer<typeof Tensor>
@@ -69,7 +69,7 @@ const BATCH_BODY_LIMIT = 128 * 1024 * 1024
 function asTensor(input: unknown): Tensor | undefined {
   if (typeof input !== 'object' || input === null) return undefined
   const { data, shape } = input as { data?: unknown; shape?: unknown }
-  if (!isNumberArray(data) || data.length < 1 || data.length > MAX_TENSOR_VALUES) return undefined
+  if (!isNumberArray(data, { float32: true }) || data.length < 1 || data.length > MAX_TENSOR_VALUES) return undefined
   if (!isNumberArray(shape, { int: true, min: 1 }) || shape.length < 1 || shape.length > MAX_TENSOR_DIMS) return undefined
   return { data, shape }
 }
@@ -163,7 +163,10 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
         if (!parsed.success) {
           const issue = parsed.error.issues[0]
           const where = issue?.path.length ? `.${issue.path.join('.')}` : ''
-          throw new DomainError('VALIDATION_ERROR', `${field(i)}${where}: ${issue?.message ?? 'not a tensor'}; the model has no preprocessing adapter, so the input is a tensor {data, shape}`)
+          // the hint only for an input that is not even shaped as a tensor (not for a value out of range)
+          const looksLikeTensor = typeof input === 'object' && input !== null && 'data' in input && 'shape' in input
+          const hint = looksLikeTensor ? '' : '; the model has no preprocessing adapter, so the input is a tensor {data, shape}'
+          throw new DomainError('VALIDATION_ERROR', `${field(i)}${where}: ${issue?.message ?? 'not a tensor'}${hint}`)
         }
         return parsed.data
       })
