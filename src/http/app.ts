@@ -151,6 +151,9 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     log: (message) => app.log.warn(message),
   })
   app.addHook('onClose', () => services.benchmarks.stop())
+  app.addHook('onClose', async () => {
+    await services.adapters.close?.()
+  })
   // a benchmark left running by a crash ends as failed (its read model exists once the projections run)
   await runningBenchmarks(deps.db).then((running) => services.benchmarks.recover(running), (error: Error) => app.log.warn(`benchmarks not recovered: ${error.message}`))
   await app.register(
