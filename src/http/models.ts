@@ -7,7 +7,7 @@ import type { PendingBlob } from '../blobs/blob-store.js'
 import { DomainError } from '../domain/errors.js'
 import { inspectModelFile, ModelFileError, sniffFormat } from '../domain/model-file.js'
 import { applyChanges, MODEL_FORMATS, type ModelDescription, modelDecider, modelStream, POSTPROCESSING, PREPROCESSING, SchemaChanges } from '../domain/model.js'
-import { NUL_MESSAGE, nulField } from '../event-store/storable.js'
+import { MAX_JSON_DEPTH, NUL_MESSAGE, nulField, unfitJson } from '../event-store/storable.js'
 import { findModel, listModels } from '../projections/models.js'
 import { customerOf } from './auth.js'
 import { execute, type Services } from './context.js'
@@ -24,12 +24,19 @@ const json = <T extends z.ZodType>(schema: T) =>
   z
     .string()
     .transform((text, ctx) => {
+      let value: unknown
       try {
-        return JSON.parse(text) as unknown
+        value = JSON.parse(text)
       } catch {
         ctx.addIssue({ code: 'custom', message: 'must be JSON' })
         return z.NEVER
       }
+      // as for JSON bodies (errors.ts): deeper nesting would overflow the stack where it is stored
+      if (unfitJson(value, 'field', MAX_JSON_DEPTH)?.problem === 'depth') {
+        ctx.addIssue({ code: 'custom', message: `nested more than ${MAX_JSON_DEPTH} levels deep (arrays and objects within each other); dcp takes at most ${MAX_JSON_DEPTH}` })
+        return z.NEVER
+      }
+      return value
     })
     .pipe(schema)
 

@@ -1,5 +1,6 @@
 import t from 'tap'
-import { testApp } from '../helpers/app.js'
+import { multipart, testApp } from '../helpers/app.js'
+import { denseOnnxModel } from '../helpers/onnx.js'
 
 t.test('deeply nested JSON: a 400 saying the nesting is too deep, not a 500 from an overflowed stack', async (t) => {
   const { app, customer } = await testApp(t)
@@ -34,4 +35,14 @@ t.test('a __proto__ key: a 400 that says what is refused', async (t) => {
   const bad = await app.inject({ method: 'POST', url: '/api/v1/projects', headers, payload: '{"name":' })
   t.equal(bad.statusCode, 400)
   t.match(bad.json().error.message, /^Body is not valid JSON/)
+})
+
+t.test('a model upload field of JSON nested too deep: a 400 naming the field', async (t) => {
+  const { app, customer } = await testApp(t)
+  const alice = await customer()
+  const deep = '{"a":'.repeat(20_000) + '1' + '}'.repeat(20_000)
+  const body = multipart({ adapter_options: deep }, { name: 'm.onnx', content: denseOnnxModel() })
+  const response = await app.inject({ method: 'POST', url: '/api/v1/models', headers: { ...body.headers, 'x-api-key': alice.key }, payload: body.payload })
+  t.equal(response.statusCode, 400, response.body.slice(0, 300))
+  t.match(response.json().error.message, /^adapter_options: nested more than 64 levels deep/)
 })
