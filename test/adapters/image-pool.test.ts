@@ -10,6 +10,9 @@ import { jpegBase64, model, pngBase64, pngBytes, RED } from './fixtures.js'
 
 const image = model({ preprocessing: 'image_classification', input_shape: [1, 3, 4, 4], adapter_options: { mean: [0], std: [1] } })
 const gradient = (x: number, y: number): [number, number, number] => [x % 256, y % 256, (x + y) % 256]
+/** A 4 MP PNG (encoded once: it takes seconds here), well over 20 ms to decode. */
+let big: string | undefined
+const bigPng = () => (big ??= pngBytes(2000, 2000, gradient).toString('base64'))
 const refusal = (code: string, message: RegExp) => ({ constructor: DomainError, code, message })
 
 t.test('the pixel budget: an image larger than it is a VALIDATION_ERROR naming the field', async (t) => {
@@ -25,8 +28,7 @@ t.test('the pixel budget: an image larger than it is a VALIDATION_ERROR naming t
 t.test('the time budget: a decode past it ends with a TIMEOUT naming the field, and the pool goes on', async (t) => {
   const adapters = new InProcessAdapters({ image: { timeoutMs: 20, threads: 1 } })
   t.teardown(() => adapters.close())
-  const big = { image: pngBytes(2000, 2000, gradient).toString('base64') } // 4 MP: well over 20 ms to decode
-  await t.rejects(adapters.preprocess(image, [big], () => 'input'), refusal('TIMEOUT', /^input\.image: not decoded within 20 ms/))
+  await t.rejects(adapters.preprocess(image, [{ image: bigPng() }], () => 'input'), refusal('TIMEOUT', /^input\.image: not decoded within 20 ms/))
   const [small] = await adapters.preprocess(image, [{ image: pngBase64(4, 4, () => RED) }], () => 'input')
   t.same(small?.shape, [1, 3, 4, 4], 'the next image decodes on a fresh thread')
 })
@@ -50,8 +52,7 @@ t.test('the event loop stays responsive while a batch of large images decodes', 
   // warm the pool (its first thread loads the decoders), then measure a batch of 4 images of 4 MP (the body
   // made beforehand: this process is the client too)
   await (await api('/inference', { model_id: uploaded.json().id, input: { image: pngBase64(4, 4, () => RED) } })).text()
-  const big = pngBytes(2000, 2000, gradient).toString('base64')
-  const body = JSON.stringify({ model_id: uploaded.json().id, inputs: Array.from({ length: 4 }, () => ({ image: big })) })
+  const body = JSON.stringify({ model_id: uploaded.json().id, inputs: Array.from({ length: 4 }, () => ({ image: bigPng() })) })
   const delay = monitorEventLoopDelay({ resolution: 10 })
   delay.enable()
   const started = performance.now()
@@ -69,9 +70,11 @@ t.test('the event loop stays responsive while a batch of large images decodes', 
   delay.disable()
   // the images decoded (no device is connected: the answer after the adapters is NO_DEVICES)
   t.equal(((await answer.json()) as { error: { code: string } }).error.code, 'NO_DEVICES')
+  // on the event loop one such image held it about 1 s here (3.7 s for the batch); the bound leaves room for
+  // a shared 2-core machine's scheduling and the 13 MB body's parse and collection
   const worst = Math.max(...healthTimes)
-  t.ok(worst < 300, `GET /health answered in at most ${Math.round(worst)} ms during the ${Math.round(performance.now() - started)} ms batch (${healthTimes.length} checks)`)
-  t.ok(delay.max / 1e6 < 300, `the event loop was held at most ${Math.round(delay.max / 1e6)} ms`)
+  t.ok(worst < 500, `GET /health answered in at most ${Math.round(worst)} ms during the ${Math.round(performance.now() - started)} ms batch (${healthTimes.length} checks)`)
+  t.ok(delay.max / 1e6 < 500, `the event loop was held at most ${Math.round(delay.max / 1e6)} ms`)
   // and an image over the default budget is refused at the HTTP edge, naming the field
   const huge = pngBytes(1, 1, () => RED)
   huge.writeUInt32BE(100_000, 16)
