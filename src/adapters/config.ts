@@ -1,6 +1,7 @@
 /** Which adapters the server uses, from the environment: in this process (default) or in AWS Lambda. */
 import { z } from 'zod'
 import { LambdaAdapters } from './lambda.js'
+import { IMAGE_DEFAULTS, type ImagePoolOptions } from './image-pool.js'
 import { InProcessAdapters, type Adapters } from './runtime.js'
 
 /** The environment variables read here, their defaults and meaning (the README's table comes from this). */
@@ -12,6 +13,28 @@ export const ADAPTER_ENV = [
   { name: 'LAMBDA_POSTPROCESS_FUNCTION', default: 'dcmp-postprocess', description: 'Name or ARN of the post-processing function' },
   { name: 'LAMBDA_TIMEOUT_MS', default: '30000', description: 'ms one invocation may take before it is abandoned (it is tried once more)' },
 ] as const
+
+/** The image decoding variables (the local runtime's: with Lambda the functions decode), for the README's table. */
+export const IMAGE_ENV = [
+  { name: 'IMAGE_DECODE_THREADS', default: String(IMAGE_DEFAULTS.threads), description: 'Worker threads that decode images at most (default: the cores less one, 1 to 4)' },
+  { name: 'IMAGE_DECODE_TIMEOUT_MS', default: String(IMAGE_DEFAULTS.timeoutMs), description: 'ms one image may take to decode on its thread before the request gets a TIMEOUT' },
+  { name: 'IMAGE_MAX_PIXELS', default: String(IMAGE_DEFAULTS.maxPixels), description: 'Pixels an image may have; a larger one is a 400 naming the field' },
+] as const
+
+const whole = (min: number, max: number) => z.coerce.number({ error: `must be a whole number from ${min} to ${max}` }).int().min(min).max(max)
+const ImageSettings = z.object({
+  IMAGE_DECODE_THREADS: whole(1, 64),
+  IMAGE_DECODE_TIMEOUT_MS: whole(10, 600_000),
+  IMAGE_MAX_PIXELS: whole(1, 100_000_000),
+})
+
+/** The image decoding settings, defaults applied; a clear Error on a bad value. */
+export function readImageSettings(env: NodeJS.ProcessEnv): Required<ImagePoolOptions> {
+  const values = Object.fromEntries(IMAGE_ENV.map((v) => [v.name, env[v.name] || v.default]))
+  const parsed = ImageSettings.safeParse(values)
+  if (!parsed.success) throw new Error(`invalid image settings: ${parsed.error.issues.map((i) => `${i.path.join('.')}=${JSON.stringify(values[String(i.path[0])])}: ${i.message}`).join('; ')}`)
+  return { threads: parsed.data.IMAGE_DECODE_THREADS, timeoutMs: parsed.data.IMAGE_DECODE_TIMEOUT_MS, maxPixels: parsed.data.IMAGE_MAX_PIXELS }
+}
 
 /** A function name, a name with a version or alias, or an ARN. */
 const FunctionName = z.string().regex(/^[A-Za-z0-9_:.$-]{1,170}$/, 'must be a Lambda function name or ARN')
@@ -41,7 +64,7 @@ export function readAdapterSettings(env: NodeJS.ProcessEnv): AdapterSettings {
 
 export function adaptersFromEnv(env: NodeJS.ProcessEnv): Adapters {
   const settings = readAdapterSettings(env)
-  if (settings.ADAPTER_RUNTIME === 'local') return new InProcessAdapters()
+  if (settings.ADAPTER_RUNTIME === 'local') return new InProcessAdapters({ image: readImageSettings(env) })
   return new LambdaAdapters({
     region: settings.AWS_REGION,
     ...(settings.LAMBDA_ENDPOINT ? { endpoint: settings.LAMBDA_ENDPOINT } : {}),

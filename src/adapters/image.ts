@@ -13,8 +13,8 @@ const IMAGENET_STD = [0.229, 0.224, 0.225]
 /** Grayscale default: [0,1] becomes [-1,1]. */
 const GRAY_MEAN = [0.5]
 const GRAY_STD = [0.5]
-/** Largest image decoded, in pixels (a 25 MP photo); the decoded RGBA needs 4 bytes a pixel. */
-const MAX_PIXELS = 25_000_000
+/** Largest image decoded by default, in pixels (a 25 MP photo); the decoded RGBA needs 4 bytes a pixel. */
+export const MAX_PIXELS = 25_000_000
 /** Largest tensor produced, in values (the device protocol's limit). */
 const MAX_VALUES = 16_000_000
 
@@ -61,19 +61,19 @@ function perChannel(name: string, values: number[], channels: number): number[] 
 }
 
 /** The business input `{"image": ...}` -> the model's tensor. */
-export function imageTensor(input: unknown, field: string, plan: ImagePlan): Tensor {
+export function imageTensor(input: unknown, field: string, plan: ImagePlan, maxPixels = MAX_PIXELS): Tensor {
   if (typeof input !== 'object' || input === null || Array.isArray(input)) throw fieldError(field, 'must be an object {"image": "<base64 PNG or JPEG>"}')
   if (!('image' in input)) throw fieldError(`${field}.image`, 'required: a base64 PNG or JPEG image')
-  const pixels = decodeImage(input.image, `${field}.image`)
+  const pixels = decodeImage(input.image, `${field}.image`, maxPixels)
   return { data: toTensorData(pixels, plan), shape: plan.shape }
 }
 
-/** Base64 (or a `data:image/...;base64,` URL) -> RGBA pixels. */
-export function decodeImage(value: unknown, field: string): Rgba {
+/** Base64 (or a `data:image/...;base64,` URL) -> RGBA pixels, refused beyond `maxPixels`. */
+export function decodeImage(value: unknown, field: string, maxPixels = MAX_PIXELS): Rgba {
   if (typeof value !== 'string') throw fieldError(field, 'must be a string: a base64 PNG or JPEG image')
   const bytes = base64Bytes(value, field)
-  if (isPng(bytes)) return decodePng(bytes, field)
-  if (isJpeg(bytes)) return decodeJpeg(bytes, field)
+  if (isPng(bytes)) return decodePng(bytes, field, maxPixels)
+  if (isJpeg(bytes)) return decodeJpeg(bytes, field, maxPixels)
   throw fieldError(field, 'not a PNG or JPEG image')
 }
 
@@ -92,11 +92,11 @@ function base64Bytes(value: string, field: string): Buffer {
 const isPng = (b: Buffer) => b.length >= 24 && b.readUInt32BE(0) === 0x89504e47 && b.readUInt32BE(4) === 0x0d0a1a0a
 const isJpeg = (b: Buffer) => b.length >= 3 && b[0] === 0xff && b[1] === 0xd8 && b[2] === 0xff
 
-function decodePng(bytes: Buffer, field: string): Rgba {
+function decodePng(bytes: Buffer, field: string, maxPixels: number): Rgba {
   // The header says the size: refuse a huge image before pngjs allocates it.
   const width = bytes.readUInt32BE(16)
   const height = bytes.readUInt32BE(20)
-  if (width * height > MAX_PIXELS) throw fieldError(field, `image of ${width}x${height} pixels is larger than ${MAX_PIXELS} pixels`)
+  if (width * height > maxPixels) throw fieldError(field, `image of ${width}x${height} pixels is larger than ${maxPixels} pixels`)
   try {
     const png = PNG.sync.read(bytes)
     return { width: png.width, height: png.height, data: png.data }
@@ -105,12 +105,13 @@ function decodePng(bytes: Buffer, field: string): Rgba {
   }
 }
 
-function decodeJpeg(bytes: Buffer, field: string): Rgba {
+function decodeJpeg(bytes: Buffer, field: string, maxPixels: number): Rgba {
   try {
-    const img = jpeg.decode(bytes, { useTArray: true, formatAsRGBA: true, maxResolutionInMP: MAX_PIXELS / 1e6, maxMemoryUsageInMB: 512 })
+    const img = jpeg.decode(bytes, { useTArray: true, formatAsRGBA: true, maxResolutionInMP: maxPixels / 1e6, maxMemoryUsageInMB: 512 })
     if (img.width < 1 || img.height < 1) throw new Error('no pixels')
     return img
   } catch (error) {
+    if (/maxResolutionInMP/.test((error as Error).message)) throw fieldError(field, `image is larger than ${maxPixels} pixels`)
     throw fieldError(field, `could not decode the JPEG image (${(error as Error).message})`)
   }
 }

@@ -3,6 +3,7 @@
  * batch dimension 1. passthrough (or none) takes the tensor itself, `{"data": [...], "shape": [...]}`.
  */
 import type { Tensor } from '../protocol/frames.js'
+import { FLOAT32_MAX, FLOAT32_MESSAGE } from '../protocol/numbers.js'
 import { imagePlan, imageTensor } from './image.js'
 import { fieldError, fitsShape, modelError, readOptions, showShape } from './options.js'
 import type { AdapterModel } from './runtime.js'
@@ -56,8 +57,8 @@ export function passthroughTensor(input: unknown, field: string, declared: numbe
     throw fieldError(`${field}.shape`, 'must be a non-empty array of sizes (integers >= 0)')
   }
   if (!Array.isArray(data)) throw fieldError(`${field}.data`, 'must be an array of numbers')
-  const bad = data.findIndex((v) => typeof v !== 'number' || !Number.isFinite(v))
-  if (bad >= 0) throw fieldError(`${field}.data.${bad}`, 'must be a number')
+  const bad = data.findIndex((v) => typeof v !== 'number' || !Number.isFinite(v) || Math.abs(v) > FLOAT32_MAX)
+  if (bad >= 0) throw fieldError(`${field}.data.${bad}`, typeof data[bad] === 'number' && Number.isFinite(data[bad]) ? FLOAT32_MESSAGE : 'must be a number')
   const size = (shape as number[]).reduce((a, b) => a * b, 1)
   if (size !== data.length) throw fieldError(`${field}.data`, `${data.length} values do not fill shape ${showShape(shape)} (${size})`)
   if (declared && !fitsShape(shape, declared)) throw fieldError(`${field}.shape`, `${showShape(shape)} does not match the model's input shape ${showShape(declared)}`)

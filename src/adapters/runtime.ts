@@ -5,6 +5,9 @@
  */
 import { DomainError } from '../domain/errors.js'
 import type { Tensor } from '../protocol/frames.js'
+import { imagePlan } from './image.js'
+import { ImagePool, type ImagePoolOptions } from './image-pool.js'
+import { readOptions } from './options.js'
 import { labelsProblem, planPostprocess, postprocessAll } from './postprocess.js'
 import { planPreprocess, preprocessAll } from './preprocess.js'
 
@@ -31,14 +34,30 @@ export interface Adapters {
   close?(): Promise<void>
 }
 
-/** The transforms run in this process. */
+/** The transforms run in this process; images are decoded on its worker threads (image-pool.ts). */
 export class InProcessAdapters implements Adapters {
+  private readonly images: ImagePool
+
+  constructor(options: { image?: ImagePoolOptions } = {}) {
+    this.images = new ImagePool(options.image)
+  }
+
   async preprocess(model: AdapterModel, inputs: unknown[], field: (i: number) => string): Promise<Tensor[]> {
-    return preprocessAll(model, inputs, field)
+    if (model.preprocessing !== 'image_classification') return preprocessAll(model, inputs, field)
+    const plan = imagePlan(model, readOptions(model.adapter_options))
+    const settled = await Promise.allSettled(inputs.map((input, i) => this.images.tensor(input, field(i), plan)))
+    // the first input that failed, as the in-process transform would name it
+    const failed = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected')
+    if (failed) throw failed.reason
+    return settled.map((r) => (r as PromiseFulfilledResult<Tensor>).value)
   }
 
   async postprocess(model: AdapterModel, outputs: Tensor[]): Promise<unknown[]> {
     return postprocessAll(model, outputs)
+  }
+
+  async close(): Promise<void> {
+    await this.images.close()
   }
 }
 

@@ -3,6 +3,7 @@
  * [1, n] tensor, the features in the model's order.
  */
 import type { Tensor } from '../protocol/frames.js'
+import { FLOAT32_MAX, FLOAT32_MESSAGE } from '../protocol/numbers.js'
 import { fitsShape, fieldError, modelError, showShape, type AdapterOptions } from './options.js'
 import type { AdapterModel } from './runtime.js'
 
@@ -50,6 +51,7 @@ export function tabularTensor(input: unknown, field: string, plan: TabularPlan):
     const value = values[name]
     if (value === undefined) throw fieldError(`${prefix}.${name}`, 'missing')
     if (typeof value !== 'number' || !Number.isFinite(value)) throw fieldError(`${prefix}.${name}`, `must be a number, got ${value === null ? 'null' : typeof value}`)
+    if (Math.abs(value) > FLOAT32_MAX) throw fieldError(`${prefix}.${name}`, FLOAT32_MESSAGE)
     return value
   })
   return { data, shape: plan.shape }

@@ -11,7 +11,8 @@ import { DomainError } from '../domain/errors.js'
 import type { EventStore, Position } from '../event-store/port.js'
 import { NUL_MESSAGE, nulField } from '../event-store/storable.js'
 import { newId, newSecret } from '../http/ids.js'
-import { CLOSE, DeviceFrame, type HubFrame, type LogLine, MAX_FRAME_BYTES, PROTOCOL_VERSION } from '../protocol/frames.js'
+import { numberArrayProblem } from '../protocol/numbers.js'
+import { CLOSE, DeviceFrame, type HubFrame, Metrics, type LogLine, MAX_FRAME_BYTES, PROTOCOL_VERSION } from '../protocol/frames.js'
 import { sendText } from '../protocol/send.js'
 import { type Admitted, enrollDevice, reconnectDevice } from './enrollment.js'
 import { DEFAULT_LIMITS, FrameLimiter, type HubLimits } from './limits.js'
@@ -338,16 +339,19 @@ export class DeviceHub {
 
   private async receive(connection: Connection, raw: Buffer, isBinary: boolean): Promise<void> {
     let frame: DeviceFrame
+    let json: unknown
     try {
       if (isBinary) throw new Error('frames are JSON text')
-      const parsed = DeviceFrame.safeParse(JSON.parse(raw.toString('utf8')))
+      json = JSON.parse(raw.toString('utf8'))
+      const parsed = DeviceFrame.safeParse(json)
       if (!parsed.success) throw new Error(parsed.error.issues.map((i) => `${i.path.join('.') || 'frame'}: ${i.message}`).join('; '))
       // a device's log lines are passed on, never stored: they may hold anything JSON can
       const nul = parsed.data.type === 'logs' ? undefined : nulField(parsed.data, 'frame')
       if (nul) throw new Error(`${nul}: ${NUL_MESSAGE}`)
       frame = parsed.data
     } catch (error) {
-      return this.malformed(connection, `invalid frame: ${(error as Error).message}`)
+      this.malformed(connection, `invalid frame: ${(error as Error).message}`)
+      return this.failMalformedResult(connection, json, (error as Error).message)
     }
     try {
       if (frame.type === 'register') return await this.register(connection, frame)
@@ -380,6 +384,33 @@ export class DeviceHub {
       const code = error instanceof DomainError ? error.code : 'INTERNAL_ERROR'
       if (code === 'INTERNAL_ERROR') this.options.log?.(`hub: ${frame.type} from ${connection.deviceId ?? 'unregistered'}: ${(error as Error).message}`)
       this.send(connection, { type: 'error', code, message: code === 'INTERNAL_ERROR' ? 'internal error' : (error as Error).message })
+    }
+  }
+
+  /**
+   * A task result that names the device's current lease but does not parse (an output of NaN or Infinity,
+   * sent as null; a value beyond float32) fails that attempt at once, with why: left alone, the task would sit
+   * leased until the lease expired, and fail as "lease expired". A stale lease changes nothing.
+   */
+  private async failMalformedResult(connection: Connection, json: unknown, why: string): Promise<void> {
+    const deviceId = connection.deviceId
+    if (!deviceId || typeof json !== 'object' || json === null) return
+    const { type, task_id: taskId, lease_id: leaseId, metrics } = json as Record<string, unknown>
+    if (type !== 'task_result' || typeof taskId !== 'string' || typeof leaseId !== 'string' || taskId.length > 128 || leaseId.length > 128) return
+    const reported = Metrics.safeParse(metrics)
+    const reason = `the device sent a malformed result: ${outputsProblem(json) ?? why}`.replaceAll('\u0000', '').slice(0, 2000)
+    try {
+      await this.options.scheduler.result(deviceId, {
+        type: 'task_result',
+        task_id: taskId,
+        lease_id: leaseId,
+        status: 'failed',
+        error: reason,
+        metrics: reported.success ? reported.data : { cpu_ms: 0, gpu_ms: 0, bytes_in: 0, bytes_out: 0 },
+      })
+    } catch (error) {
+      if (error instanceof DomainError && error.code === 'STALE_LEASE') return
+      this.options.log?.(`hub: malformed task_result from ${deviceId}: ${(error as Error).message}`)
     }
   }
 
@@ -555,4 +586,16 @@ export class DeviceHub {
     sendText(connection.socket, JSON.stringify(frame))
     return true
   }
+}
+
+/** Which output of a result frame holds a value a float32 tensor cannot (null for NaN or Infinity, beyond float32), and where. */
+function outputsProblem(frame: object): string | undefined {
+  const { output, outputs } = frame as { output?: unknown; outputs?: unknown }
+  const list: unknown[] = Array.isArray(outputs) ? outputs : output !== undefined ? [output] : []
+  for (let i = 0; i < list.length; i++) {
+    const data = (list[i] as { data?: unknown } | null)?.data
+    const problem = numberArrayProblem(data, { float32: true })
+    if (problem) return `output ${i}: ${problem}`
+  }
+  return undefined
 }

@@ -26,30 +26,64 @@ export function assertStorable(type: string, json: string): void {
  * up in stored JSON just the same.
  */
 export function nulField(value: unknown, root: string): string | undefined {
-  const path = nulPath(value)
-  return path && [root, ...path].join('.')
+  const found = unfitJson(value, root, Infinity)
+  return found?.problem === 'nul' ? found.field : undefined
 }
 
-/** The path to the first U+0000, built only when there is one (this runs on every request and frame). */
-function nulPath(value: unknown): (string | number)[] | undefined {
-  if (typeof value === 'string') return value.includes('\u0000') ? [] : undefined
+/**
+ * The deepest nesting of arrays and objects taken from outside (an HTTP body). JSON.parse reads any depth,
+ * but JSON.stringify (every event appended) and recursive checks overflow the stack some thousands of levels
+ * down; no dcp input needs more than a few levels.
+ */
+export const MAX_JSON_DEPTH = 64
+
+export interface UnfitJson {
+  /** `nul`: `field` holds U+0000; `depth`: the value nests deeper than the limit at `field`. */
+  problem: 'nul' | 'depth'
+  field: string
+}
+
+interface Visit {
+  value: object
+  depth: number
+  parent: Visit | undefined
+  key: string | number
+}
+
+/**
+ * A place the value holds U+0000 or nests more than `maxDepth` arrays and objects deep (the value itself is
+ * depth 1). Iterative (an explicit stack), so no input can overflow the call stack; the path is built only
+ * when there is a finding (this runs on every request and frame).
+ */
+export function unfitJson(value: unknown, root: string, maxDepth = MAX_JSON_DEPTH): UnfitJson | undefined {
+  if (typeof value === 'string') return value.includes('\u0000') ? { problem: 'nul', field: root } : undefined
   if (typeof value !== 'object' || value === null) return undefined
-  if (Array.isArray(value)) {
-    for (let i = 0; i < value.length; i++) {
-      const item: unknown = value[i]
-      if (typeof item !== 'object' && typeof item !== 'string') continue // numbers mostly: tensors
-      const path = nulPath(item)
-      if (path) return (path.unshift(i), path)
-    }
-    return undefined
+  const stack: Visit[] = [{ value, depth: 1, parent: undefined, key: root }]
+  const found = (problem: UnfitJson['problem'], at: Visit, key?: string | number): UnfitJson => {
+    const path: (string | number)[] = key === undefined ? [] : [key]
+    for (let v: Visit | undefined = at; v; v = v.parent) path.unshift(v.key)
+    return { problem, field: path.join('.') }
   }
-  for (const key in value) {
-    if (!Object.hasOwn(value, key)) continue
-    if (key.includes('\u0000')) return [JSON.stringify(key)]
-    const item: unknown = (value as Record<string, unknown>)[key]
-    if (typeof item !== 'object' && typeof item !== 'string') continue
-    const path = nulPath(item)
-    if (path) return (path.unshift(key), path)
+  while (stack.length > 0) {
+    const visit = stack.pop()!
+    if (visit.depth > maxDepth) return found('depth', visit)
+    const node = visit.value
+    if (Array.isArray(node)) {
+      for (let i = 0; i < node.length; i++) {
+        const item: unknown = node[i]
+        if (typeof item === 'string') {
+          if (item.includes('\u0000')) return found('nul', visit, i)
+        } else if (typeof item === 'object' && item !== null) stack.push({ value: item, depth: visit.depth + 1, parent: visit, key: i })
+      }
+      continue
+    }
+    for (const key of Object.keys(node)) {
+      if (key.includes('\u0000')) return found('nul', visit, JSON.stringify(key))
+      const item: unknown = (node as Record<string, unknown>)[key]
+      if (typeof item === 'string') {
+        if (item.includes('\u0000')) return found('nul', visit, key)
+      } else if (typeof item === 'object' && item !== null) stack.push({ value: item, depth: visit.depth + 1, parent: visit, key })
+    }
   }
   return undefined
 }

@@ -19,6 +19,7 @@ import { readYourWrites, type Services } from './context.js'
 import { errorBody, registerErrorContract } from './errors.js'
 import { healthRoutes } from './health.js'
 import { registerIdempotency } from './idempotency.js'
+import { registerJsonParser } from './json-body.js'
 import { modelRoutes } from './models.js'
 import { projectRoutes } from './projects.js'
 import { trainingRoutes } from './training.js'
@@ -102,6 +103,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   })
   // JSON and (for uploads) multipart only: anything else is a 415, not a string handed to the schemas.
   app.removeContentTypeParser('text/plain')
+  registerJsonParser(app)
   app.setValidatorCompiler(validatorCompiler)
   app.setSerializerCompiler(serializerCompiler)
   const routeTable: RouteInfo[] = []
@@ -181,6 +183,9 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   app.addHook('onClose', () => services.benchmarks.stop())
   // before the routes, whose create handlers it wraps
   registerIdempotency(app, services)
+  app.addHook('onClose', async () => {
+    await services.adapters.close?.()
+  })
   // a benchmark left running by a crash ends as failed (its read model exists once the projections run)
   await runningBenchmarks(deps.db).then((running) => services.benchmarks.recover(running), (error: Error) => app.log.warn(`benchmarks not recovered: ${error.message}`))
   await app.register(

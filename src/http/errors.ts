@@ -3,7 +3,7 @@ import { hasZodFastifySchemaValidationErrors } from 'fastify-type-provider-zod'
 import { BlobTooLargeError } from '../blobs/blob-store.js'
 import { DomainError } from '../domain/errors.js'
 import { UnstorableEventError } from '../event-store/errors.js'
-import { NUL_MESSAGE, nulField } from '../event-store/storable.js'
+import { MAX_JSON_DEPTH, NUL_MESSAGE, nulField, unfitJson } from '../event-store/storable.js'
 
 /** HTTP status of each error code: the spec's codes, and dcp's own where the spec is silent. */
 const STATUS: Record<string, number> = {
@@ -94,9 +94,11 @@ export function registerErrorContract(app: FastifyInstance, routes: () => readon
   // before the route's own validation: every route, whatever its schema
   // (callback style: no promise per request on the hot path)
   app.addHook('preValidation', (request, reply, done) => {
-    const field = nulField(request.params, 'params') ?? nulField(request.query, 'querystring') ?? nulField(request.body, 'body')
-    if (!field) return done()
-    void reply.status(400).send(errorBody('VALIDATION_ERROR', `${field}: ${NUL_MESSAGE}`))
+    const field = nulField(request.params, 'params') ?? nulField(request.query, 'querystring')
+    const body = field ? undefined : unfitJson(request.body, 'body')
+    if (!field && !body) return done()
+    const message = body?.problem === 'depth' ? `${body.field}: nested more than ${MAX_JSON_DEPTH} levels deep (arrays and objects within each other); dcp takes at most ${MAX_JSON_DEPTH}` : `${field ?? body!.field}: ${NUL_MESSAGE}`
+    void reply.status(400).send(errorBody('VALIDATION_ERROR', message))
   })
   const noRoute = (request: FastifyRequest, reply: FastifyReply) => {
     const path = request.url.split('?')[0]!

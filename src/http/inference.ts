@@ -1,4 +1,3 @@
-import { Ajv } from 'ajv'
 import type { FastifyPluginAsync, FastifyRequest } from 'fastify'
 import type { ZodTypeProvider } from 'fastify-type-provider-zod'
 import { z } from 'zod'
@@ -10,18 +9,19 @@ import { projectDecider, projectStream } from '../domain/project.js'
 import { findJob, type JobRow, jobResults, jobStatus, openTaskIds } from '../projections/inference.js'
 import { findModel, type ModelRow } from '../projections/models.js'
 import { findProject } from '../projections/projects.js'
-import { isNumberArray } from '../protocol/numbers.js'
+import { FLOAT32_MAX, FLOAT32_MESSAGE, isNumberArray } from '../protocol/numbers.js'
 import { customerOf } from './auth.js'
 import { execute, readYourWrites, type Services } from './context.js'
+import { SchemaValidators } from './json-schema.js'
 import { pageQuery } from './pagination.js'
 import { newId } from './ids.js'
 import { resolvePolicy, VALIDATION_MODES, type ValidationMode } from '../domain/validation.js'
 
-/** A tensor's bounds: values, and dimensions (each at least 1). */
+/** A tensor's bounds: values (float32, as the devices hold them), and dimensions (each at least 1). */
 const MAX_TENSOR_VALUES = 1_000_000
 const MAX_TENSOR_DIMS = 8
 const Tensor = z.object({
-  data: z.array(z.number()).min(1).max(MAX_TENSOR_VALUES),
+  data: z.array(z.number().min(-FLOAT32_MAX, { error: FLOAT32_MESSAGE }).max(FLOAT32_MAX, { error: FLOAT32_MESSAGE })).min(1).max(MAX_TENSOR_VALUES),
   shape: z.array(z.number().int().min(1)).min(1).max(MAX_TENSOR_DIMS),
 })
 type Tensor = z.infer<typeof Tensor>
@@ -64,13 +64,12 @@ const JobParams = z.object({ jobId: z.string().min(1).max(80) })
 const DEFAULT_TIMEOUT_MS = 30_000
 /** A batch of 100,000 small tensors is some tens of MB of JSON. */
 const BATCH_BODY_LIMIT = 128 * 1024 * 1024
-const ajv = new Ajv({ strict: false, allErrors: false })
 
 /** The input as a tensor when it is a well-formed one (as `Tensor` would parse it), else undefined. */
 function asTensor(input: unknown): Tensor | undefined {
   if (typeof input !== 'object' || input === null) return undefined
   const { data, shape } = input as { data?: unknown; shape?: unknown }
-  if (!isNumberArray(data) || data.length < 1 || data.length > MAX_TENSOR_VALUES) return undefined
+  if (!isNumberArray(data, { float32: true }) || data.length < 1 || data.length > MAX_TENSOR_VALUES) return undefined
   if (!isNumberArray(shape, { int: true, min: 1 }) || shape.length < 1 || shape.length > MAX_TENSOR_DIMS) return undefined
   return { data, shape }
 }
@@ -84,9 +83,9 @@ export function checkInput(field: string, input: Tensor, declared: number[] | nu
   if (!fits) throw new DomainError('VALIDATION_ERROR', `${field}.shape: ${JSON.stringify(input.shape)} does not match the model's input shape ${JSON.stringify(declared)}`)
 }
 
-function checkSchema(field: string, input: unknown, schema: Record<string, unknown> | null): void {
-  if (!schema) return
-  const validate = ajv.compile(schema)
+function checkSchema(validators: SchemaValidators, model: ModelRow, field: string, input: unknown): void {
+  if (!model.input_schema) return
+  const validate = validators.validator(model, model.input_schema)
   if (!validate(input)) {
     const first = validate.errors?.[0]
     throw new DomainError('VALIDATION_ERROR', `${field}${first?.instancePath.replaceAll('/', '.') ?? ''}: ${first?.message ?? 'does not match the model input_schema'}`)
@@ -143,12 +142,13 @@ export async function cancelJob(services: Services, customerId: string, job: Job
 export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async (base, { services }) => {
   const app = base.withTypeProvider<ZodTypeProvider>()
   const config = { auth: 'api_key' as const }
+  const validators = new SchemaValidators()
 
   /** The model's inputs as tensors: checked against its input_schema as sent, preprocessed when it has an adapter, checked against its shape. */
   async function toTensors(model: ModelRow, inputs: unknown[], field: (i: number) => string): Promise<Tensor[]> {
     inputs.forEach((input, i) => {
       const [where, value] = schemaTarget(model, input)
-      checkSchema(`${field(i)}${where}`, value, model.input_schema)
+      checkSchema(validators, model, `${field(i)}${where}`, value)
     })
     let tensors: Tensor[]
     if (preprocessed(model)) {
@@ -163,7 +163,10 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
         if (!parsed.success) {
           const issue = parsed.error.issues[0]
           const where = issue?.path.length ? `.${issue.path.join('.')}` : ''
-          throw new DomainError('VALIDATION_ERROR', `${field(i)}${where}: ${issue?.message ?? 'not a tensor'}; the model has no preprocessing adapter, so the input is a tensor {data, shape}`)
+          // the hint only for an input that is not even shaped as a tensor (not for a value out of range)
+          const looksLikeTensor = typeof input === 'object' && input !== null && 'data' in input && 'shape' in input
+          const hint = looksLikeTensor ? '' : '; the model has no preprocessing adapter, so the input is a tensor {data, shape}'
+          throw new DomainError('VALIDATION_ERROR', `${field(i)}${where}: ${issue?.message ?? 'not a tensor'}${hint}`)
         }
         return parsed.data
       })

@@ -1,5 +1,4 @@
 import type {} from '@fastify/multipart'
-import { Ajv } from 'ajv'
 import type { FastifyPluginAsync, FastifyRequest } from 'fastify'
 import type { ZodTypeProvider } from 'fastify-type-provider-zod'
 import { z } from 'zod'
@@ -8,11 +7,12 @@ import type { PendingBlob } from '../blobs/blob-store.js'
 import { DomainError } from '../domain/errors.js'
 import { inspectModelFile, ModelFileError, sniffFormat } from '../domain/model-file.js'
 import { applyChanges, MODEL_FORMATS, type ModelDescription, modelDecider, modelStream, POSTPROCESSING, PREPROCESSING, SchemaChanges } from '../domain/model.js'
-import { NUL_MESSAGE, nulField } from '../event-store/storable.js'
+import { MAX_JSON_DEPTH, NUL_MESSAGE, nulField, unfitJson } from '../event-store/storable.js'
 import { findModel, listModels, storageUsed } from '../projections/models.js'
 import { customerOf } from './auth.js'
 import { execute, type Services } from './context.js'
 import { claimUpload } from './idempotency.js'
+import { checkJsonSchema } from './json-schema.js'
 import { pageQuery } from './pagination.js'
 import { newId } from './ids.js'
 import { VALIDATION_MODES } from '../domain/validation.js'
@@ -25,12 +25,19 @@ const json = <T extends z.ZodType>(schema: T) =>
   z
     .string()
     .transform((text, ctx) => {
+      let value: unknown
       try {
-        return JSON.parse(text) as unknown
+        value = JSON.parse(text)
       } catch {
         ctx.addIssue({ code: 'custom', message: 'must be JSON' })
         return z.NEVER
       }
+      // as for JSON bodies (errors.ts): deeper nesting would overflow the stack where it is stored
+      if (unfitJson(value, 'field', MAX_JSON_DEPTH)?.problem === 'depth') {
+        ctx.addIssue({ code: 'custom', message: `nested more than ${MAX_JSON_DEPTH} levels deep (arrays and objects within each other); dcp takes at most ${MAX_JSON_DEPTH}` })
+        return z.NEVER
+      }
+      return value
     })
     .pipe(schema)
 
@@ -50,19 +57,6 @@ const UploadFields = z.strictObject({
 })
 
 const ModelParams = z.object({ id: z.string().min(1).max(64) })
-
-const ajv = new Ajv({ strict: false, allErrors: false })
-
-/** A JSON Schema must be one Ajv can compile: a typo'd schema would otherwise let every input through. */
-function checkJsonSchema(field: string, schema: Record<string, unknown> | null | undefined): void {
-  if (!schema) return
-  try {
-    if (!ajv.validateSchema(schema)) throw new Error(ajv.errorsText(ajv.errors))
-    ajv.compile(schema)
-  } catch (error) {
-    throw new DomainError('VALIDATION_ERROR', `${field}: not a valid JSON Schema: ${(error as Error).message}`)
-  }
-}
 
 /** A model whose adapters cannot work with it (no feature names for tabular, no fixed image size...) is refused up front. */
 function checkAdapters(model: ModelDescription): void {

@@ -37,7 +37,7 @@ export const LOG_LEVELS = ['debug', 'info', 'warn', 'error'] as const
 
 const Id = z.string().min(1).max(128)
 const Tensor = z.object({
-  data: numberArray({ max: 16_000_000 }),
+  data: numberArray({ max: 16_000_000, float32: true }),
   shape: numberArray({ int: true, atLeast: 0, min: 1, max: 16 }),
 })
 export type Tensor = z.infer<typeof Tensor>
