@@ -13,11 +13,12 @@
  * p99 / quiet p99). Targets (issue #21): good_errors=0, slowdown <= 2.
  */
 import { mkdtemp, rm } from 'node:fs/promises'
+import http from 'node:http'
 import { tmpdir } from 'node:os'
 import path from 'node:path'
 import { PNG } from 'pngjs'
 import { denseOnnxModel } from '../test/helpers/onnx.js'
-import { api, startDcp, stopDcp } from './dcp-process.js'
+import { startDcp, stopDcp } from './dcp-process.js'
 import { waitForDevices } from './inference.js'
 import type { BenchContext } from './run.js'
 
@@ -27,13 +28,26 @@ const STREAMS = 100
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
 const fixed = (x: number, digits = 1) => (Number.isFinite(x) ? x.toFixed(digits) : 'NaN')
 
-async function upload(base: string, bytes: Buffer, fields: Record<string, string>): Promise<string> {
+async function upload(base: string, key: string, bytes: Buffer, fields: Record<string, string>): Promise<string> {
   const form = new FormData()
   for (const [k, v] of Object.entries(fields)) form.append(k, v)
   form.append('model', new Blob([bytes]), 'model.onnx')
-  const r = await api(base, 'POST', '/models', form)
-  if (r.status !== 201) throw new Error(`upload: ${r.status} ${JSON.stringify(r.body).slice(0, 300)}`)
-  return r.body.id
+  const response = await fetch(`${base}/api/v1/models`, { method: 'POST', headers: { 'x-api-key': key }, body: form })
+  const body = (await response.json()) as { id: string }
+  if (response.status !== 201) throw new Error(`upload: ${response.status} ${JSON.stringify(body).slice(0, 300)}`)
+  return body.id
+}
+
+/** A GET with a random API key from another loopback address (an attacker is not at the good customer's address). */
+function badKey(base: string): Promise<void> {
+  return new Promise((resolve) => {
+    const request = http.get(`${base}/api/v1/models`, { headers: { 'x-api-key': `dcp_k_${Math.random().toString(36).slice(2)}` }, localAddress: '127.0.0.2' }, (response) => {
+      response.resume()
+      response.on('end', resolve)
+    })
+    request.on('error', () => resolve())
+    request.setTimeout(10_000, () => request.destroy())
+  })
 }
 
 /** The good customer's steady load: one sync request every 1000/RPS ms; latencies of successes, errors counted. */
@@ -75,7 +89,7 @@ const p99 = (values: number[]) => {
 }
 
 /** Everything the hostile customers do at once, until `stop` is aborted. Each part counts what it sent. */
-function hostile(base: string, models: { regex: string; image: string; plain: string }, watched: string, stop: AbortSignal, log: (line: string) => void): Promise<void>[] {
+function hostile(base: string, key: string, models: { regex: string; image: string }, watched: string, stop: AbortSignal, log: (line: string) => void): Promise<void>[] {
   const sent = { regex: 0, images: 0, badKeys: 0, duplicates: 0, streams: 0 }
   const loop = async (name: keyof typeof sent, once: () => Promise<unknown>, pauseMs: number) => {
     while (!stop.aborted) {
@@ -91,11 +105,11 @@ function hostile(base: string, models: { regex: string; image: string; plain: st
     return PNG.sync.write(image).toString('base64')
   })()
   const json = (route: string, body: unknown, headers: Record<string, string> = {}) =>
-    fetch(`${base}/api/v1${route}`, { method: 'POST', headers: { 'content-type': 'application/json', 'x-api-key': 'test-api-key', ...headers }, body: JSON.stringify(body), signal: stop }).then((r) => r.arrayBuffer())
+    fetch(`${base}/api/v1${route}`, { method: 'POST', headers: { 'content-type': 'application/json', 'x-api-key': key, ...headers }, body: JSON.stringify(body), signal: stop }).then((r) => r.arrayBuffer())
   const parts = [
     loop('regex', () => json('/inference', { model_id: models.regex, input: { word: evil }, async: true }), 50),
     loop('images', () => json('/inference/batch', { model_id: models.image, inputs: Array.from({ length: 4 }, () => ({ image: png })) }), 200),
-    loop('badKeys', () => fetch(`${base}/api/v1/models`, { headers: { 'x-api-key': `dcp_k_${Math.random().toString(36).slice(2)}` }, signal: stop }).then((r) => r.arrayBuffer()), 2),
+    loop('badKeys', () => badKey(base), 2),
     loop('duplicates', () => json('/projects', { name: 'same', type: 'realtime' }, { 'idempotency-key': 'hostile-duplicate-create' }), 10),
   ]
   // live project streams, held open
@@ -103,7 +117,7 @@ function hostile(base: string, models: { regex: string; image: string; plain: st
     (async () => {
       const opened = await Promise.allSettled(
         Array.from({ length: STREAMS }, () =>
-          fetch(`${base}/api/v1/dashboard/projects/${watched}/stream?interval=500`, { headers: { 'x-api-key': 'test-api-key' }, signal: stop }).then((r) => {
+          fetch(`${base}/api/v1/dashboard/projects/${watched}/stream?interval=500`, { headers: { 'x-api-key': key }, signal: stop }).then((r) => {
             sent.streams++
             return r.body?.pipeTo(new WritableStream(), { signal: stop }).catch(() => {})
           }),
@@ -118,24 +132,30 @@ function hostile(base: string, models: { regex: string; image: string; plain: st
 
 export async function hostileBench({ database, log }: BenchContext): Promise<string> {
   const dataDir = await mkdtemp(path.join(tmpdir(), 'dcp-bench-hostile-'))
+  const adminKey = 'hostile-bench-admin-key-0123456789'
+  process.env.ADMIN_KEY = adminKey // for the child: the hostile customers are made through the admin API
   const { child, url } = await startDcp(database.url, dataDir, log, { workers: 2 })
   try {
-    const plain = await upload(url, denseOnnxModel({ inputs: 10, outputs: 2 }), { name: 'good' })
-    const regex = await upload(url, denseOnnxModel({ inputs: 10, outputs: 2 }), {
+    // the good customer is the development one (test-api-key); the hostile one is another customer
+    const made = await fetch(`${url}/api/v1/admin/customers`, { method: 'POST', headers: { 'x-admin-key': adminKey, 'content-type': 'application/json' }, body: JSON.stringify({ name: 'mallory' }) })
+    const mallory = ((await made.json()) as { api_key: string }).api_key
+    const plain = await upload(url, 'test-api-key', denseOnnxModel({ inputs: 10, outputs: 2 }), { name: 'good' })
+    const regex = await upload(url, mallory, denseOnnxModel({ inputs: 10, outputs: 2 }), {
       name: 'regex',
       input_schema: JSON.stringify({ type: 'object', properties: { word: { type: 'string', pattern: '^(a+)+$' } } }),
     }).catch((error: Error) => {
-      log(`hostile: the catastrophic schema was refused at upload (${error.message.slice(0, 160)}); its inputs go to the plain model`)
-      return plain
+      log(`hostile: the catastrophic schema was refused at upload (${error.message.slice(0, 160)}); its inputs go to an unknown model`)
+      return ''
     })
-    const image = await upload(url, denseOnnxModel({ imageShape: [3, 4, 4], outputs: 2 }), { name: 'image', input_shape: JSON.stringify([1, 3, 4, 4]), preprocessing: 'image_classification' })
+    const image = await upload(url, mallory, denseOnnxModel({ imageShape: [3, 4, 4], outputs: 2 }), { name: 'image', input_shape: JSON.stringify([1, 3, 4, 4]), preprocessing: 'image_classification' })
     await waitForDevices(url, 2, 60_000)
     await steady(url, plain, 3) // warm-up
     const quiet = await steady(url, plain, SECONDS)
     log(`quiet: ${quiet.latencies.length} answered, ${quiet.errors} errors, p99 ${fixed(p99(quiet.latencies))} ms`)
-    const watched = (await api(url, 'POST', '/projects', JSON.stringify({ name: 'watched', type: 'realtime' }))).body.project_id as string
+    const project = await fetch(`${url}/api/v1/projects`, { method: 'POST', headers: { 'x-api-key': mallory, 'content-type': 'application/json' }, body: JSON.stringify({ name: 'watched', type: 'realtime' }) })
+    const watched = ((await project.json()) as { project_id: string }).project_id
     const stop = new AbortController()
-    const parts = hostile(url, { regex, image, plain }, watched, stop.signal, log)
+    const parts = hostile(url, mallory, { regex, image }, watched, stop.signal, log)
     await sleep(1000)
     const loud = await steady(url, plain, SECONDS)
     stop.abort()
