@@ -24,6 +24,8 @@ const Env = z.object({
   RATE_LIMIT_WINDOW_MS: z.coerce.number().int().positive().default(60_000),
   /** Failed authentications an address may make per rate-limit window; past it, 429 before any lookup. */
   AUTH_FAILURE_MAX: z.coerce.number().int().positive().default(30),
+  /** Live project streams one customer may hold open at once (per node); more get 429 RATE_LIMITED. */
+  MAX_STREAMS_PER_CUSTOMER: z.coerce.number().int().min(1).max(10_000).default(20),
   /** Devices heartbeat this often; three missed heartbeats mark a device offline. */
   HEARTBEAT_INTERVAL_MS: z.coerce.number().int().min(100).default(5000),
   /** A task lease ends this long after it was granted or last listed in a heartbeat. */
@@ -69,6 +71,7 @@ export interface Config {
   maxModelBytes: number
   rateLimit: { max: number; windowMs: number }
   authFailures: { max: number; windowMs: number }
+  maxStreamsPerCustomer: number
   heartbeatIntervalMs: number
   leaseTimeoutMs: number
   /** Longest a lease lives whatever the heartbeats. */
@@ -128,6 +131,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, overrides: Part
     maxModelBytes: e.MAX_MODEL_BYTES,
     rateLimit: { max: e.RATE_LIMIT_MAX, windowMs: e.RATE_LIMIT_WINDOW_MS },
     authFailures: { max: e.AUTH_FAILURE_MAX, windowMs: e.RATE_LIMIT_WINDOW_MS },
+    maxStreamsPerCustomer: e.MAX_STREAMS_PER_CUSTOMER,
     heartbeatIntervalMs: e.HEARTBEAT_INTERVAL_MS,
     leaseTimeoutMs: e.LEASE_TIMEOUT_MS,
     maxLeaseMs: e.MAX_LEASE_MS ?? 10 * e.LEASE_TIMEOUT_MS,

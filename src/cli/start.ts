@@ -94,6 +94,7 @@ export async function startCommand(args: string[]): Promise<number> {
     prices: config.prices,
     rateLimit: config.rateLimit,
     authFailures: config.authFailures,
+    maxStreamsPerCustomer: config.maxStreamsPerCustomer,
     logLevel: config.logLevel,
   })
   try {

@@ -5,6 +5,7 @@ import swaggerUi from '@fastify/swagger-ui'
 import Fastify, { type FastifyInstance, type FastifyReply } from 'fastify'
 import { jsonSchemaTransform, serializerCompiler, validatorCompiler } from 'fastify-type-provider-zod'
 import { randomBytes } from 'node:crypto'
+import type { Writable } from 'node:stream'
 import { type Adapters, InProcessAdapters } from '../adapters/runtime.js'
 import { BenchmarkRunner } from '../commands/benchmarks.js'
 import { runningBenchmarks } from '../projections/benchmarks.js'
@@ -15,6 +16,7 @@ import { deviceAdminRoutes } from './device-admin.js'
 import { deviceRoutes } from './devices.js'
 import { inferenceRoutes } from './inference.js'
 import { type AuthKind, registerAuth, sha256 } from './auth.js'
+import { StreamTickets } from './stream-tickets.js'
 import { readYourWrites, type Services } from './context.js'
 import { errorBody, registerErrorContract } from './errors.js'
 import { healthRoutes } from './health.js'
@@ -32,7 +34,7 @@ import { VALIDATION_DEFAULTS } from '../domain/validation.js'
 import { registerUploadSlots } from './uploads.js'
 
 /** The services the routes use (without the limits and clock, which have defaults here), and the app's settings. */
-export interface AppDeps extends Omit<Services, 'limits' | 'now' | 'adapters' | 'prices' | 'benchmarks' | 'loadToken'> {
+export interface AppDeps extends Omit<Services, 'limits' | 'now' | 'adapters' | 'prices' | 'benchmarks' | 'loadToken' | 'streams'> {
   /** Shortest step-load benchmark, in seconds. Default 60 (the spec's minimum). */
   minPerfDurationS?: number
   /** Default: DEFAULT_PRICES. */
@@ -63,7 +65,15 @@ export interface AppDeps extends Omit<Services, 'limits' | 'now' | 'adapters' | 
   rateLimit?: { max: number; windowMs: number }
   /** Failed authentications per address per window before it gets 429 unheard. Default 30 per minute. */
   authFailures?: { max: number; windowMs: number }
+  /** Live streams one customer may hold open at once; more get 429. Default 20 (MAX_STREAMS_PER_CUSTOMER). */
+  maxStreamsPerCustomer?: number
+  /** How long a stream ticket may wait to be used. Default 60 s. */
+  streamTicketTtlMs?: number
+  /** How often an open stream re-checks its API key (it ends soon after a revocation). Default 2 s. */
+  streamCredentialCheckMs?: number
   logLevel?: string
+  /** Where the request log goes. Default: standard output. */
+  logStream?: Writable
   now?: () => Date
 }
 
@@ -87,7 +97,7 @@ declare module 'fastify' {
 /** The HTTP API, built from injected parts; tests build it on a real database and call it with inject. */
 export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   const app = Fastify({
-    logger: { level: deps.logLevel ?? 'info' },
+    logger: { level: deps.logLevel ?? 'info', serializers: { req: requestForLog }, ...(deps.logStream ? { stream: deps.logStream } : {}) },
     bodyLimit: 10 * 1024 * 1024,
     // Path parameters are limited by their route's schema (a 400 naming the field and its limit), not by
     // the router's default of 100 characters (a 414 that named neither). Node's header size limit still
@@ -123,7 +133,8 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     for (const method of methods) if (method !== 'HEAD') routeTable.push({ method, url: route.url, auth: route.config?.auth ?? 'none', ...(route.config?.success ? { success: route.config.success } : {}), ...(route.config?.idempotent ? { idempotent: true } : {}) })
   })
   registerUploadSlots(app, deps.uploads ?? { total: 4, perCustomer: 2 })
-  registerAuth(app, { db: deps.db, cached: (name, key, load) => deps.projections.cached(name, key, load), adminKey: deps.adminKey, internalToken: deps.internalToken, ...(deps.authFailures ? { failures: deps.authFailures } : {}) })
+  const tickets = new StreamTickets(deps.streamTicketTtlMs ?? STREAM_DEFAULTS.ticketTtlMs)
+  registerAuth(app, { db: deps.db, cached: (name, key, load) => deps.projections.cached(name, key, load), adminKey: deps.adminKey, internalToken: deps.internalToken, tickets, ...(deps.authFailures ? { failures: deps.authFailures } : {}) })
   const loadToken = randomBytes(24).toString('hex')
   await app.register(rateLimit, {
     max: deps.rateLimit?.max ?? 1000,
@@ -170,6 +181,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     limits: { maxModelBytes: deps.maxModelBytes ?? 256 * 1024 * 1024, maxQueuedInputs: deps.maxQueuedInputs ?? 1_000_000, maxQueuedBytes: deps.maxQueuedBytes ?? 1024 ** 3, maxQueuedBytesPerCustomer: deps.maxQueuedBytesPerCustomer ?? 256 * 1024 ** 2, minPerfDurationS: deps.minPerfDurationS ?? 60, validationSpotRate: deps.validationSpotRate ?? VALIDATION_DEFAULTS.spotRate, maxPageValues: deps.maxPageValues ?? 2_000_000, maxStorageBytes: deps.maxStorageBytes ?? 10 * 1024 ** 3 },
     now: deps.now ?? (() => new Date()),
     loadToken,
+    streams: { tickets, maxPerCustomer: deps.maxStreamsPerCustomer ?? STREAM_DEFAULTS.maxPerCustomer, credentialCheckMs: deps.streamCredentialCheckMs ?? STREAM_DEFAULTS.credentialCheckMs },
     benchmarks: undefined as unknown as BenchmarkRunner,
   }
   services.benchmarks = new BenchmarkRunner({
@@ -209,6 +221,35 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   await app.register(webRoutes, { services })
   deps.hub.attach(app.server)
   return app
+}
+
+/** Live stream defaults (AppDeps says what each is). */
+export const STREAM_DEFAULTS = { maxPerCustomer: 20, ticketTtlMs: 60_000, credentialCheckMs: 2000 }
+
+/** Query parameters whose values are secrets (or as good as: a stream ticket), masked in the request log. */
+const SECRET_PARAMETER = /key|ticket|token|secret|password/i
+
+/**
+ * A request as the log shows it: the query's secret values masked (`?api_key=[redacted]`), so that a key or
+ * ticket sent in a URL never reaches the logs. (Headers are not logged at all.)
+ */
+export function requestForLog(request: { method: string; url: string; host?: string; ip?: string; socket?: { remotePort?: number } }) {
+  return { method: request.method, url: redactUrl(request.url), host: request.host, remoteAddress: request.ip, remotePort: request.socket?.remotePort }
+}
+
+export function redactUrl(url: string): string {
+  const at = url.indexOf('?')
+  if (at < 0) return url
+  const parameters = url.slice(at + 1).split('&').map((pair) => {
+    const eq = pair.indexOf('=')
+    const name = eq < 0 ? pair : pair.slice(0, eq)
+    let decoded = name
+    try {
+      decoded = decodeURIComponent(name.replaceAll('+', ' '))
+    } catch {} // a malformed name: matched as it is
+    return SECRET_PARAMETER.test(decoded) ? `${name}=[redacted]` : pair
+  })
+  return `${url.slice(0, at)}?${parameters.join('&')}`
 }
 
 const SECURITY: Record<Exclude<AuthKind, 'none'>, string> = { api_key: 'apiKey', admin: 'adminKey', internal: 'internalToken', sdk: 'sdkToken' }

@@ -3,6 +3,7 @@ import type { FastifyInstance, FastifyRequest } from 'fastify'
 import type { Kysely } from 'kysely'
 import { DomainError } from '../domain/errors.js'
 import { findCredential } from '../projections/customers.js'
+import type { StreamTickets } from './stream-tickets.js'
 
 /**
  * The four ways to call dcp, one per route (`config.auth`):
@@ -29,6 +30,10 @@ export interface Caller {
   customerId?: string
   /** The credential's id (an API key id, or the device id of an SDK token). */
   keyId?: string
+  /** SHA-256 of the API key (api_key callers): a long-lived stream re-checks it to end when the key is revoked. */
+  keyHash?: string
+  /** The project a stream ticket was issued for, if it named one. */
+  ticketProjectId?: string
 }
 
 declare module 'fastify' {
@@ -37,8 +42,11 @@ declare module 'fastify' {
   }
   interface FastifyContextConfig {
     auth?: AuthKind
-    /** An API key route that also takes the key as `?api_key=` (for EventSource, which cannot send headers). */
-    keyInQuery?: boolean
+    /**
+     * An API key route that also takes a single-use stream ticket as `?ticket=` (for EventSource, which cannot
+     * send headers; see StreamTickets). `?api_key=` is refused there (400): keys never go in URLs.
+     */
+    ticketInQuery?: boolean
     /** The route's success statuses and what each means, for the OpenAPI document (default: 200). */
     success?: Partial<Record<200 | 201 | 202 | 204, string>>
   }
@@ -50,6 +58,8 @@ export interface AuthOptions {
   cached?: <V>(name: string, key: string, load: () => Promise<V>) => Promise<V>
   adminKey: string | undefined
   internalToken: string
+  /** Tickets for `ticketInQuery` routes. */
+  tickets: StreamTickets
   /** Failed authentications one address may make per window before it is refused unheard (429). Default 30 per minute. */
   failures?: { max: number; windowMs: number }
 }
@@ -120,8 +130,13 @@ export function registerAuth(app: FastifyInstance, options: AuthOptions): void {
 async function authenticate(request: FastifyRequest, kind: Exclude<AuthKind, 'none'>, options: AuthOptions): Promise<Caller> {
   const header = AUTH_HEADERS[kind]
   const value = request.headers[header]
-  const inQuery = kind === 'api_key' && request.routeOptions.config?.keyInQuery ? (request.query as Record<string, unknown> | undefined)?.api_key : undefined
-  const secret = (Array.isArray(value) ? value[0] : value) ?? (typeof inQuery === 'string' ? inQuery : undefined)
+  const headerSecret = Array.isArray(value) ? value[0] : value
+  if (kind === 'api_key' && request.routeOptions.config?.ticketInQuery) {
+    const query = (request.query ?? {}) as Record<string, unknown>
+    if (query.api_key !== undefined) throw new DomainError('VALIDATION_ERROR', 'querystring.api_key: API keys are not taken in URLs; send X-API-Key, or get a single-use ticket from POST /api/v1/dashboard/stream-tickets and pass ?ticket=')
+    if (headerSecret === undefined && typeof query.ticket === 'string') return ticketCaller(options.tickets, query.ticket)
+  }
+  const secret = headerSecret
   if (kind === 'admin' && !options.adminKey) throw new DomainError('FORBIDDEN', 'the admin API is disabled: set ADMIN_KEY to enable it')
   if (!secret) throw new DomainError('AUTH_REQUIRED', `missing ${headerName(header)} header`)
   switch (kind) {
@@ -141,9 +156,16 @@ async function authenticate(request: FastifyRequest, kind: Exclude<AuthKind, 'no
       if (!valid) throw new DomainError('AUTH_INVALID', `invalid ${headerName(header)}`)
       if (credential.revoked_at) throw new DomainError('AUTH_INVALID', `this ${kind === 'api_key' ? 'API key' : 'SDK token'} was revoked`)
       if (credential.banned_at) throw new DomainError('FORBIDDEN', `device ${credential.key_id} is banned`)
-      return { kind, keyId: credential.key_id, ...(credential.customer_id ? { customerId: credential.customer_id } : {}) }
+      return { kind, keyId: credential.key_id, ...(credential.customer_id ? { customerId: credential.customer_id } : {}), ...(kind === 'api_key' ? { keyHash: hash } : {}) }
     }
   }
+}
+
+/** The caller a stream ticket stands for (consumed: a second use, or one after it expired, is 401). */
+function ticketCaller(tickets: StreamTickets, ticket: string): Caller {
+  const holder = tickets.consume(ticket)
+  if (!holder) throw new DomainError('AUTH_INVALID', 'invalid stream ticket: unknown, expired or already used (get a new one from POST /api/v1/dashboard/stream-tickets)')
+  return { kind: 'api_key', customerId: holder.customerId, keyId: holder.keyId, keyHash: holder.keyHash, ...(holder.projectId ? { ticketProjectId: holder.projectId } : {}) }
 }
 
 const headerName = (header: string) => header.replace(/(^|-)([a-z])/g, (_, dash: string, c: string) => dash + c.toUpperCase()).replace('Sdk', 'SDK').replace('Api', 'API')

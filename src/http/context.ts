@@ -11,6 +11,7 @@ import type { PriceTable } from '../domain/pricing.js'
 import type { EventStore, Position } from '../event-store/port.js'
 import { ProjectionTimeoutError } from '../projections/runner.js'
 import type { Projections } from '../projections/projections.js'
+import type { StreamTickets } from './stream-tickets.js'
 
 /** What the routes work with; built once by `buildApp` from its deps. */
 export interface Services {
@@ -26,6 +27,8 @@ export interface Services {
   /** Pre- and post-processing adapters (in-process, or AWS Lambda). */
   adapters: Adapters
   limits: { maxModelBytes: number; maxQueuedInputs: number; maxQueuedBytes: number; maxQueuedBytesPerCustomer: number; minPerfDurationS: number; validationSpotRate: number; maxPageValues: number; maxStorageBytes: number }
+  /** Live project streams: their tickets, the most one customer may hold open, how often each re-checks its key. */
+  streams: { tickets: StreamTickets; maxPerCustomer: number; credentialCheckMs: number }
   /** Runs the dashboard's benchmarks. */
   benchmarks: BenchmarkRunner
   /** Marks a benchmark's own requests (they pass the rate limit); random per process, never leaves it. */

@@ -4,6 +4,7 @@ import { z } from 'zod'
 import type { LoadRequest, PerfConfig, QuickConfig } from '../commands/benchmarks.js'
 import { DomainError } from '../domain/errors.js'
 import { findBenchmark } from '../projections/benchmarks.js'
+import { findCredential } from '../projections/customers.js'
 import { fleet, fleetNow, projectLiveStats, recentJobs, recentProjects, recentTasks, taskThroughput, trainingJobCounts } from '../projections/dashboard.js'
 import { efficiencyComparison, efficiencyChart, efficiencySummary } from '../projections/efficiency.js'
 import { findProject } from '../projections/projects.js'
@@ -42,6 +43,8 @@ export const dashboardRoutes: FastifyPluginAsync<{ services: Services }> = async
   base.addHook('preClose', async () => {
     for (const end of streams) end()
   })
+  /** Open streams per customer, for the cap (services.streams.maxPerCustomer). Per node, like the tickets. */
+  const openPerCustomer = new Map<string, number>()
 
   app.get('/dashboard/devices', { config, schema: { summary: 'Devices by platform (nodejs, python, windows), instance type and status, and a page of them', tags, querystring: pageQuery() } }, async (request) => {
     await caughtUp()
@@ -123,8 +126,26 @@ export const dashboardRoutes: FastifyPluginAsync<{ services: Services }> = async
 
   // ---- the live project stream ------------------------------------------------------------------------
 
+  app.post('/dashboard/stream-tickets', {
+    config: { ...config, success: { 201: 'A single-use ticket for one stream' } },
+    schema: {
+      summary: 'A ticket that opens one live stream (`?ticket=`), for clients that cannot send X-API-Key (EventSource): single use, valid 60 s, on this node',
+      tags,
+      body: z.object({ project_id: z.string().min(1).max(80).optional().describe('the only project the ticket opens (default: any of yours)') }).nullish(),
+    },
+  }, async (request, reply) => {
+    const customerId = customerOf(request)
+    const projectId = request.body?.project_id ?? null
+    if (projectId !== null) {
+      await caughtUp()
+      if (!(await findProject(services.db, customerId, projectId))) throw new DomainError('NOT_FOUND', `project ${projectId} not found`)
+    }
+    const { ticket, expiresAt } = services.streams.tickets.issue({ customerId, keyId: request.caller.keyId!, keyHash: request.caller.keyHash!, projectId })
+    return reply.status(201).send({ ticket, expires_at: expiresAt.toISOString() })
+  })
+
   app.get('/dashboard/projects/:id/stream', {
-    config: { ...config, keyInQuery: true },
+    config: { ...config, ticketInQuery: true },
     schema: {
       summary: 'Server-Sent Events: the project\'s figures every `interval` ms until it completes (format json, or text: ANSI for a terminal)',
       tags,
@@ -132,14 +153,30 @@ export const dashboardRoutes: FastifyPluginAsync<{ services: Services }> = async
       querystring: z.object({
         format: z.enum(['json', 'text']).default('json'),
         interval: wholeNumber(100, 60_000).default(2000).describe('ms between updates (default 2000)'),
-        api_key: z.string().optional().describe('the API key, for clients that cannot send X-API-Key (EventSource)'),
+        ticket: z.string().max(200).optional().describe('a single-use ticket from POST /dashboard/stream-tickets, for clients that cannot send X-API-Key (EventSource); `api_key` is refused'),
       }),
     },
   }, async (request, reply) => {
     const customerId = customerOf(request)
+    const { ticketProjectId, keyHash } = request.caller
+    if (ticketProjectId !== undefined && ticketProjectId !== request.params.id) throw new DomainError('FORBIDDEN', `this ticket opens project ${ticketProjectId} only`)
     await caughtUp()
     if (!(await findProject(services.db, customerId, request.params.id))) throw new DomainError('NOT_FOUND', `project ${request.params.id} not found`)
-    await streamProject(services, request, reply, customerId, request.params.id, request.query, streams)
+    // a ticket outlives nothing: its key revoked since it was issued, it opens no stream
+    if (!(await keyValid(services, keyHash!))) throw new DomainError('AUTH_INVALID', 'this API key was revoked')
+    const open = openPerCustomer.get(customerId) ?? 0
+    if (open >= services.streams.maxPerCustomer) {
+      void reply.header('retry-after', '5')
+      throw new DomainError('RATE_LIMITED', `at most ${services.streams.maxPerCustomer} live streams may be open at once per customer; close one first`)
+    }
+    openPerCustomer.set(customerId, open + 1)
+    try {
+      await streamProject(services, request, reply, { customerId, projectId: request.params.id, keyHash: keyHash! }, request.query, streams)
+    } finally {
+      const left = (openPerCustomer.get(customerId) ?? 1) - 1
+      if (left > 0) openPerCustomer.set(customerId, left)
+      else openPerCustomer.delete(customerId)
+    }
   })
 
   // ---- benchmarks -------------------------------------------------------------------------------------
@@ -226,13 +263,22 @@ function loadAs(inject: FastifyRequest['server']['inject'], request: FastifyRequ
   }
 }
 
-/** SSE: a `stats` event every interval (JSON, or ANSI text lines), `end` when the project is no longer active. */
+/** The API key behind a stream is still valid (not revoked), read from the credentials read model. */
+async function keyValid(services: Services, keyHash: string): Promise<boolean> {
+  const credential = await findCredential(services.db, keyHash)
+  return credential !== undefined && credential.kind === 'api_key' && credential.revoked_at === null
+}
+
+/**
+ * SSE: a `stats` event every interval (JSON, or ANSI text lines), `end` when the project is no longer active.
+ * The API key is re-checked every `services.streams.credentialCheckMs` whatever the interval: once it is
+ * revoked the stream sends `stream_error` (code AUTH_INVALID) and closes.
+ */
 async function streamProject(
   services: Services,
   request: FastifyRequest,
   reply: FastifyReply,
-  customerId: string,
-  projectId: string,
+  { customerId, projectId, keyHash }: { customerId: string; projectId: string; keyHash: string },
   query: { format: 'json' | 'text'; interval: number },
   streams: Set<() => void>,
 ) {
@@ -249,9 +295,21 @@ async function streamProject(
   streams.add(end)
   request.raw.on('close', end)
   const send = (event: string, data: string) => res.write(`event: ${event}\n${data.split('\n').map((line) => `data: ${line}`).join('\n')}\n\n`)
+  let revoked = false
+  const recheck = setInterval(() => {
+    keyValid(services, keyHash).then(
+      (valid) => {
+        if (valid) return
+        revoked = true
+        wake()
+      },
+      // the read model unreachable for a moment: the next check tries again (and the loop's own reads fail)
+      (error: Error) => request.log.warn(`stream key check failed: ${error.message}`),
+    )
+  }, services.streams.credentialCheckMs)
   const deadline = Date.now() + MAX_STREAM_MS
   try {
-    while (!closed && Date.now() < deadline) {
+    while (!closed && !revoked && Date.now() < deadline) {
       await readYourWrites(services, await services.store.headPosition())
       const project = await findProject(services.db, customerId, projectId)
       if (!project) break
@@ -261,6 +319,7 @@ async function streamProject(
         send('end', query.format === 'json' ? JSON.stringify({ project_id: projectId, status: stats.status }) : `project ${projectId} ${stats.status}`)
         break
       }
+      if (revoked) break
       await new Promise<void>((resolve) => {
         const timer = setTimeout(resolve, query.interval)
         wake = () => {
@@ -269,10 +328,12 @@ async function streamProject(
         }
       })
     }
+    if (revoked && !closed) send('stream_error', JSON.stringify({ code: 'AUTH_INVALID', message: 'the API key of this stream was revoked' }))
   } catch (error) {
     // not `error`: a browser's EventSource uses that name for its own connection errors
     if (!closed) send('stream_error', JSON.stringify({ code: 'INTERNAL_ERROR', message: (error as Error).message }))
   } finally {
+    clearInterval(recheck)
     streams.delete(end)
     res.end()
   }

@@ -8,6 +8,7 @@ import { findDevice } from '../projections/devices.js'
 import { listEnrollmentTokens } from '../projections/enrollment-tokens.js'
 import { sha256 } from './auth.js'
 import { execute, readYourWrites, type Services } from './context.js'
+import { deviceLogs, LogsQuery } from './device-logs.js'
 import { newId, newSecret } from './ids.js'
 
 export const ENROLLMENT_TOKEN_PREFIX = 'dcp_e_'
@@ -70,6 +71,11 @@ export const deviceAdminRoutes: FastifyPluginAsync<{ services: Services }> = asy
     if (!device) throw new DomainError('NOT_FOUND', `device ${deviceId} not found`)
     return { id: device.id, banned: device.banned, quarantined: device.quarantined }
   }
+
+  app.get('/admin/devices/:id/logs', {
+    config,
+    schema: { summary: "Pull a device's recent log lines over its socket: every line, whoever's work it is about", tags: ['admin'], params: DeviceParams, querystring: LogsQuery },
+  }, async (request) => deviceLogs(services, request.params.id, request.query, null))
 
   app.post('/admin/devices/:id/ban', {
     config,

@@ -6,11 +6,12 @@ import type { ZodTypeProvider } from 'fastify-type-provider-zod'
 import * as tar from 'tar'
 import { z } from 'zod'
 import { DomainError } from '../domain/errors.js'
-import { LOG_LEVELS } from '../protocol/frames.js'
 import { DEVICE_STATUSES, deviceStats, findDevice, listDevices } from '../projections/devices.js'
 import { findModelFile } from '../projections/models.js'
+import { customerOf } from './auth.js'
 import { readYourWrites, type Services } from './context.js'
-import { pageQuery, wholeNumber } from './pagination.js'
+import { deviceLogs, LogsQuery } from './device-logs.js'
+import { pageQuery } from './pagination.js'
 import { deviceReputation } from '../projections/reputation.js'
 
 const DeviceParams = z.object({ id: z.string().min(1).max(64) })
@@ -52,20 +53,15 @@ export const deviceRoutes: FastifyPluginAsync<{ services: Services }> = async (b
   app.get('/devices/:id/logs', {
     config,
     schema: {
-      summary: "Pull a device's recent log lines over its socket",
+      summary: "Pull a device's recent log lines over its socket: only the lines about your own jobs, models, projects and datasets",
       tags: ['devices'],
       params: DeviceParams,
-      querystring: z.object({
-        lines: wholeNumber(1, 10_000).default(100),
-        level: z.enum(['all', ...LOG_LEVELS]).default('all'),
-        timeout: wholeNumber(100, 120_000).default(30_000).describe('ms to wait for the device (default 30000)'),
-      }),
+      querystring: LogsQuery,
     },
   }, async (request) => {
-    const device = await findDevice(services.db, request.params.id)
-    if (!device) throw new DomainError('NOT_FOUND', `device ${request.params.id} not found`)
-    const { lines, level, timeout } = request.query
-    return { device_id: device.id, lines: await services.hub.requestLogs(device.id, { lines, level, timeoutMs: timeout }) }
+    // read-your-writes: a job created just now owns the lines about it
+    await readYourWrites(services, await services.store.headPosition())
+    return deviceLogs(services, request.params.id, request.query, customerOf(request))
   })
 
   app.get('/sdk/models/:id', {

@@ -54,7 +54,7 @@ export class ModelStore {
     const hex = sha256Hex(model.checksum)
     let loaded = this.sessions.get(hex)
     if (!loaded) {
-      loaded = this.file(model, hex, onBytes).then((file) => this.open(file))
+      loaded = this.file(model, hex, onBytes).then((file) => this.open(file, model.id))
       this.sessions.set(hex, loaded)
       // A failed load is not cached: the next task for this model tries again.
       loaded.catch(() => this.sessions.delete(hex))
@@ -120,13 +120,13 @@ export class ModelStore {
     return target
   }
 
-  private async open(file: string): Promise<LoadedModel> {
+  private async open(file: string, modelId: string): Promise<LoadedModel> {
     if (this.options.cuda && !this.cudaUnavailable) {
       try {
         return { session: await ort.InferenceSession.create(file, { ...this.threading(), executionProviders: ['cuda'] }), gpu: true }
       } catch (error) {
         this.cudaUnavailable = true
-        this.options.log.warn(`CUDA execution provider unavailable, running on CPU: ${(error as Error).message}`)
+        this.options.log.warn(`CUDA execution provider unavailable, running model ${modelId} on CPU: ${(error as Error).message}`)
       }
     }
     return { session: await ort.InferenceSession.create(file, { ...this.threading(), executionProviders: ['cpu'] }), gpu: false }

@@ -339,12 +339,30 @@ async function loadProjects() {
   renderProjects()
 }
 
-/** EventSource sends no headers, so the key goes in the query (`api_key`), which the stream accepts. */
+/**
+ * EventSource sends no headers, and a key in a URL would end up in logs and history: each stream opens with a
+ * single-use ticket (`POST /dashboard/stream-tickets`, valid 60 s). A ticket cannot be used twice, so when a
+ * connection drops the page closes the source and the next list refresh opens a new one with a new ticket.
+ */
 function openStream(id) {
-  const query = new URLSearchParams({ format: 'json', interval: String(STREAM_INTERVAL_MS), api_key: apiKey() ?? '' })
+  projects.streams.set(id, null) // opening: not opened twice by a refresh meanwhile
+  setLive(id, { state: 'connecting' })
+  api('/dashboard/stream-tickets', { method: 'POST', body: { project_id: id } }).then(
+    ({ ticket }) => {
+      if (!projects.streams.has(id)) return // closed while the ticket was on its way
+      connectStream(id, ticket)
+    },
+    (error) => {
+      projects.streams.delete(id)
+      setLive(id, { state: `error: ${describe(error)}` })
+    },
+  )
+}
+
+function connectStream(id, ticket) {
+  const query = new URLSearchParams({ format: 'json', interval: String(STREAM_INTERVAL_MS), ticket })
   const source = new EventSource(`${API}/dashboard/projects/${encodeURIComponent(id)}/stream?${query}`)
   projects.streams.set(id, source)
-  setLive(id, { state: 'connecting' })
   source.addEventListener('open', () => setLive(id, { state: 'live' }))
   source.addEventListener('stats', (event) => {
     try {
@@ -358,7 +376,7 @@ function openStream(id) {
     closeStream(id, source)
     setLive(id, { state: 'ended' })
   })
-  // The server's own failure (it ends the stream; the source reconnects).
+  // The server's own failure, or the key revoked: it ends the stream.
   source.addEventListener('stream_error', (event) => {
     let message = event.data
     try {
@@ -366,23 +384,21 @@ function openStream(id) {
     } catch {
       // not JSON: show the text as it is
     }
+    closeStream(id, source)
     setLive(id, { state: `error: ${message}` })
   })
-  // The connection failed: a closed source is given up on (the next list refresh may reopen it), a
-  // connecting one reconnects by itself.
+  // The connection failed or dropped: its ticket is spent, so the source is not left to reconnect with it;
+  // the next list refresh opens the stream again with a new ticket.
   source.addEventListener('error', () => {
-    if (source.readyState === EventSource.CLOSED) {
-      projects.streams.delete(id)
-      setLive(id, { state: 'stream failed' })
-    } else {
-      setLive(id, { state: 'reconnecting' })
-    }
+    if (projects.streams.get(id) !== source) return
+    closeStream(id, source)
+    setLive(id, { state: 'reconnecting' })
   })
 }
 
 function closeStream(id, source) {
-  source.close()
-  projects.streams.delete(id)
+  source?.close()
+  if (projects.streams.get(id) === source) projects.streams.delete(id)
 }
 
 function closeAllStreams() {

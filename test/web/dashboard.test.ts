@@ -105,8 +105,12 @@ t.test('the dashboard in a browser: two devices, every section, an inference ben
   }, 10_000, 'two devices')
   const browser = await launch(t)
 
+  // an active project: the page follows it live, over a stream opened with a ticket (never the key in a URL)
+  const watched = (await api('POST', '/projects', { name: 'watched', type: 'realtime' })).body.project_id as string
   const page = await browser.newPage({ viewport: { width: 1400, height: 1000 } })
   const problems = watch(page)
+  const requested: string[] = []
+  page.on('request', (r) => requested.push(r.url()))
   await page.goto(`${url}/`)
   t.ok(await page.isVisible('#api-key-form'), 'the page asks for an API key')
   await enterKey(page, alice.key)
@@ -132,6 +136,12 @@ t.test('the dashboard in a browser: two devices, every section, an inference ben
     const error = state === 'ok' ? '' : await page.locator(`#${id} .section-error`).innerText().catch(() => '')
     t.equal(state, 'ok', `section ${id} loaded${error ? `: ${error}` : ''}`)
   }
+  const liveCell = page.locator('#project-table tr', { hasText: watched }).locator('td').last()
+  const live = await eventually(async () => ((await liveCell.innerText().catch(() => '')) === 'live' ? 'live' : undefined), 10_000, 'the project live').catch(async () => liveCell.innerText().catch(() => '?'))
+  t.equal(live, 'live', 'the active project is followed live')
+  t.ok(requested.some((u) => u.includes(`/projects/${watched}/stream?`) && u.includes('ticket=dcp_t_')), 'its stream opened with a ticket')
+  t.notOk(requested.some((u) => u.includes('api_key=')), 'no URL the page asked for holds the API key')
+
   const chartErrors = await page.locator('#efficiency .chart-error:visible').allInnerTexts()
   t.same(chartErrors, [], 'every efficiency chart loaded')
 
