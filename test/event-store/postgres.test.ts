@@ -276,7 +276,10 @@ t.test('a trickle of appends, one at a time, is written on transactions left ope
     acknowledged.push({ id, stream: `trickle-${i % 7}`, position })
   }
   await checkLog(t, database, acknowledged)
-  t.ok(forms.open > forms.fresh * 4, `nearly every batch took one round trip (${forms.open} on an open transaction, ${forms.fresh} opening one)`)
+  // how many find one open depends on the next append coming within the writer's grace (2 ms): on a loaded
+  // machine fewer do, and those open their own (one more round trip, nothing lost)
+  t.ok(forms.open > 0, `batches are written on transactions left open for them (${forms.open} on an open transaction, ${forms.fresh} opening one)`)
+  t.equal(forms.open + forms.fresh, 200, 'one batch per append: each waited for the one before')
   // no append comes: the writer's grace (ms) runs out and it rolls back, with nothing more from the test
   await eventually(async () => (await openTransactions(database)) === 0, 10_000, 'the transaction left open for an append that did not come to be rolled back')
   const bound = await database.pool.query('select dcp_position_bound() > (select max(position) from events) as past')
