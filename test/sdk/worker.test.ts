@@ -305,8 +305,9 @@ t.test('cuda: asks for the CUDA provider and falls back to CPU with a warning', 
 })
 
 t.test('threadsPerTask: each model session gets that many onnxruntime threads', async (t) => {
-  // Linux only: the process's thread count, from /proc
-  const threads = async () => Number(/Threads:\s+(\d+)/.exec(await readFile('/proc/self/status', 'utf8'))![1])
+  // Linux only: the process's threads, from /proc. New thread ids are counted, not the total: threads that end
+  // meanwhile (an earlier test's sessions, released late on a loaded machine) do not hide new ones
+  const threads = async () => new Set(await readdir('/proc/self/task'))
   const warm = await ort.InferenceSession.create(MODEL, { intraOpNumThreads: 1 }) // onnxruntime's own start-up threads
   t.teardown(() => warm.release())
   t.throws(() => new DeviceWorker({ server: 'http://localhost:1', threadsPerTask: 0 }), /threadsPerTask must be 1\.\.256/)
@@ -317,7 +318,7 @@ t.test('threadsPerTask: each model session gets that many onnxruntime threads', 
     const job = task(hub.addModel(`m${outputs}`, denseOnnxModel({ inputs: 10, outputs })))
     hub.send(job)
     t.match(await hub.next('task_result', (frame) => frame.task_id === job.task_id), { status: 'completed' })
-    return (await threads()) - before
+    return [...(await threads())].filter((id) => !before.has(id)).length
   }
   const one = await run(1, 3)
   const four = await run(4, 4)
