@@ -319,7 +319,8 @@ async function streamProject(
         send('end', query.format === 'json' ? JSON.stringify({ project_id: projectId, status: stats.status }) : `project ${projectId} ${stats.status}`)
         break
       }
-      if (revoked) break
+      // closed or revoked while the figures were read (a shutdown, the client gone): end now, not after the interval
+      if (closed || revoked) break
       await new Promise<void>((resolve) => {
         const timer = setTimeout(resolve, query.interval)
         wake = () => {

@@ -93,8 +93,9 @@ t.test('the project stream: emits at its interval, in json or text, and ends whe
   t.ok(first.events.every((e) => e.event === 'stats'))
   const stats = first.events.map((e) => JSON.parse(e.data))
   t.match(stats[0], { project_id: project.project_id, name: 'streamed', status: 'active', latency_ms: {}, at: String })
-  const gaps = first.events.slice(1).map((e, i) => e.at - first.events[i]!.at)
-  t.ok(gaps.every((gap) => gap >= 200), `updates every ~300 ms: ${gaps}`)
+  // the server's own times (a loaded client may read two updates at once): it waits the interval between them
+  const gaps = stats.slice(1).map((e, i) => Date.parse(e.at) - Date.parse(stats[i]!.at))
+  t.ok(gaps.every((gap) => gap >= 290), `updates every 300 ms or more: ${gaps}`)
 
   const text = await fetch(`${stream}?format=text&interval=200`, { headers: { 'x-api-key': alice.key } })
   const textual = await readEvents(text, (events) => events.length >= 1)
@@ -109,8 +110,9 @@ t.test('the project stream: emits at its interval, in json or text, and ends whe
   watch.stdout.on('data', (d) => (output += d))
   await eventually(async () => /streamed/.test(output), 20_000, 'dcp watch to print the project')
 
-  const closing = fetch(`${stream}?interval=200`, { headers: { 'x-api-key': alice.key } }).then((r) => readEvents(r, () => false))
-  await new Promise((r) => setTimeout(r, 400))
+  let open = false
+  const closing = fetch(`${stream}?interval=200`, { headers: { 'x-api-key': alice.key } }).then((r) => readEvents(r, () => ((open = true), false)))
+  await eventually(async () => open, 10_000, 'the stream\'s first update')
   await api('POST', `/projects/${project.project_id}/complete`)
   const closed = await closing
   t.ok(closed.ended, 'the stream closes')
@@ -169,12 +171,16 @@ t.test('benchmarks: a step-load run reports every step; quick inference and trai
     return r.body.status !== 'running' ? r.body : undefined
   }, 90_000, 'the training benchmark')
   t.equal(trained.status, 'completed', JSON.stringify(trained))
-  t.ok(trained.result.validation_accuracy >= 0.9 || trained.result.end_reason === 'epochs')
+  // it learned: it stops at the 0.9 target, or after its 3 epochs well above where it began (the untrained
+  // benchmark model scores about 0.54: a learning rate of 1e-9 ends its epochs there)
+  t.ok(['target_accuracy', 'epochs'].includes(trained.result.end_reason), trained.result.end_reason)
+  t.ok(trained.result.validation_accuracy >= (trained.result.end_reason === 'target_accuracy' ? 0.9 : 0.75), `validation accuracy ${trained.result.validation_accuracy}`)
+  t.ok(trained.result.rounds > 0 && trained.result.samples > 0)
   t.equal((await api('GET', '/dashboard/benchmark/bench_nope')).status, 404)
 })
 
 t.test('benchmarks need devices; one left running by a crash ends as failed when the server starts again', async (t) => {
-  const { api, store, projections, database, blobs, hub, scheduler, training, alice } = await trainingSetup(t, { app: { minPerfDurationS: 1 } })
+  const { api, store, projections, database, blobs, hub, scheduler, training } = await trainingSetup(t, { app: { minPerfDurationS: 1 } })
   t.equal((await api('POST', '/dashboard/benchmark', { mode: 'inference' })).body.error.code, 'NO_DEVICES')
   t.equal((await api('POST', '/dashboard/benchmark', { mode: 'training' })).body.error.code, 'NO_TRAINING_DEVICES')
   t.equal((await api('POST', '/dashboard/benchmark/perf', { duration: 2, instance_type: 'aws' })).body.error.code, 'NO_DEVICES')
@@ -191,5 +197,4 @@ t.test('benchmarks need devices; one left running by a crash ends as failed when
     return r.body.status !== 'running' ? r.body : undefined
   }, 10_000, 'the interrupted benchmark to be recorded')
   t.match(after, { status: 'failed', error: /stopped while it ran/ })
-  t.ok(alice)
 })

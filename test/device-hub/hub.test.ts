@@ -75,10 +75,12 @@ t.test('a device that reconnects while its disconnect is being recorded stays co
   // the disconnect's append is slow (a busy database): the device is back before it lands
   const append = store.append.bind(store)
   let slowed = 0
+  let settled = 0
   store.append = async (streamId, events, options) => {
     if (streamId === `device-${id}` && events.some((e) => e.type === 'DeviceDisconnected')) {
       slowed++
       await new Promise((r) => setTimeout(r, 600))
+      return append(streamId, events, options).finally(() => settled++)
     }
     return append(streamId, events, options)
   }
@@ -91,7 +93,8 @@ t.test('a device that reconnects while its disconnect is being recorded stays co
   t.teardown(() => back.kill())
   await back.register({ as: { deviceId: id, sdkToken: device.sdkToken } })
   back.heartbeat()
-  await new Promise((r) => setTimeout(r, 1500)) // the slow disconnect has long settled
+  // every slow disconnect append has settled (written or refused as a conflict): nothing of it is left to land
+  await eventually(async () => (settled > 0 && settled === slowed) || undefined, 10_000, 'the slow disconnect to settle')
   const types = (await store.readStream(`device-${id}`)).map((e) => e.type)
   t.equal(types.at(-1), 'DeviceConnected', `the reconnect is the last word (${types.join(', ')})`)
   t.equal((await get(`/devices/${id}`)).body.status, 'idle', 'and the device reads as connected')
@@ -121,7 +124,9 @@ t.test('a hub held up for longer than three intervals does not drop the devices 
   await device.register()
   const beat = setInterval(() => device.heartbeat(), 200)
   t.teardown(() => clearInterval(beat))
-  await new Promise((resolve) => setTimeout(resolve, 700))
+  let pings = 0
+  device.socket.on('ping', () => pings++)
+  await eventually(async () => pings >= 2 || undefined, 10_000, 'the hub\'s watch to ping the device')
   // Block this process (the hub's) for 2 s inside a timer: the hub's watch tick runs in the same timers
   // phase right after, before any socket is read. The heartbeats are late because the hub was, not the device.
   await new Promise<void>((resolve) =>
@@ -131,7 +136,9 @@ t.test('a hub held up for longer than three intervals does not drop the devices 
       resolve()
     }, 0),
   )
-  await new Promise((resolve) => setTimeout(resolve, 1000))
+  // the watch's ticks after the block either drop the device or ping it: two pings, and it was not dropped
+  const before = pings
+  await eventually(async () => pings >= before + 2 || device.closed || undefined, 10_000, 'the watch\'s ticks after the block')
   t.equal(device.closed, undefined, 'still connected')
   t.equal((await get(`/devices/${device.deviceId}`)).body.status, 'idle')
 })

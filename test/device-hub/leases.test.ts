@@ -141,7 +141,7 @@ t.test('only capable devices get a task; with none it waits in the queue', async
   const torch = await device({ formats: ['torchscript'] })
   const spec = task()
   await scheduler.submit(spec, { customerId: 'cust_test' })
-  await new Promise((r) => setTimeout(r, 300))
+  await dispatchedSince(scheduler, torch)
   t.equal(torch.frames.filter((f) => f.type === 'task').length, 0, 'a TorchScript-only device gets no ONNX task')
   t.equal(scheduler.queued, 1)
   const onnx = await device()
@@ -169,15 +169,17 @@ t.test('after a restart the scheduler rebuilds its queue and leases from the log
 t.test('prefetch: a device holds up to prefetch x max_concurrent_tasks, runs the first, and the rest wait in the queue', async (t) => {
   const { scheduler, device, hub } = await setup(t, 10_000, 3)
   const a = await device({ maxTasks: 2 }) // runs 2 at once, so holds up to 6
+  const torch = await device({ formats: ['torchscript'] })
   const specs = Array.from({ length: 8 }, () => task())
   const outcomes = specs.map((s) => scheduler.outcome(s.task_id, 20_000))
   for (const spec of specs) await scheduler.submit(spec, { customerId: 'cust_test' })
   await eventually(async () => a.frames.filter((f) => f.type === 'task').length === 6 || undefined, 5000, 'six tasks on the device')
-  await new Promise((r) => setTimeout(r, 200))
+  await dispatchedSince(scheduler, torch)
   const given = a.frames.filter((f) => f.type === 'task')
   t.equal(given.length, 6, 'no more than 3 x 2 tasks held')
   t.equal(scheduler.queued, 2, 'the other two wait in the queue')
-  t.same(hub.utilization(), { devices: 1, slots: 2, used: 2, draining: 0, training: 0 }, 'utilization counts the running slots, not the prefetched tasks')
+  // the TorchScript device runs the probe in its one slot
+  t.same(hub.utilization(), { devices: 2, slots: 3, used: 3, draining: 0, training: 0 }, 'utilization counts the running slots, not the prefetched tasks')
   // each result frees room for one queued task
   for (const frame of given) a.send({ type: 'task_result', task_id: frame.task_id, lease_id: frame.lease_id, status: 'completed', output: { data: [1], shape: [1] }, metrics })
   await eventually(async () => a.frames.filter((f) => f.type === 'task').length === 8 || undefined, 5000, 'the queued two delivered')
@@ -189,16 +191,18 @@ t.test('prefetch: a device holds up to prefetch x max_concurrent_tasks, runs the
 t.test('a device never holds more leases than a heartbeat can list', async (t) => {
   const { scheduler, device } = await setup(t, 10_000, 4)
   const a = await device({ maxTasks: 100 }) // 4 x 100 would be 400 leases; a heartbeat lists at most 256
+  const torch = await device({ formats: ['torchscript'] })
   const specs = Array.from({ length: 300 }, () => task())
   await scheduler.submitAll(specs, { customerId: 'cust_test' })
   await eventually(async () => a.frames.filter((f) => f.type === 'task').length >= MAX_HEARTBEAT_LEASES || undefined, 10_000, 'the device filled up')
-  await new Promise((r) => setTimeout(r, 300))
+  await dispatchedSince(scheduler, torch)
   t.equal(a.frames.filter((f) => f.type === 'task').length, MAX_HEARTBEAT_LEASES)
   t.equal(scheduler.queued, 300 - MAX_HEARTBEAT_LEASES, 'the rest wait in the queue')
 })
 
 t.test('a task that cannot reach its device (its socket is closing) goes back to the queue without using an attempt', async (t) => {
   const { scheduler, device, types } = await setup(t)
+  const torch = await device({ formats: ['torchscript'] })
   // a device whose socket is closing: the hub's send answers false until the close is reported
   let tries = 0
   scheduler.deviceConnected({ deviceId: 'dev_closing', formats: ['onnx'], gpu: false, maxConcurrent: 1, maxBatchInputs: 1, sdkUuid: 'sdk_closing', instanceType: 'aws', leases: new Set(), draining: false, load: 0, send: () => (tries++, false) })
@@ -206,7 +210,7 @@ t.test('a task that cannot reach its device (its socket is closing) goes back to
   const outcome = scheduler.outcome(spec.task_id, 10_000)
   await scheduler.submit(spec, { customerId: spec.customer_id })
   await eventually(async () => (await types(spec.task_id)).includes('TaskLeaseReturned') || undefined, 5000, 'the lease is returned')
-  await new Promise((r) => setTimeout(r, 300))
+  await dispatchedSince(scheduler, torch)
   t.equal(tries, 1, 'the closing device is not offered the task again')
   t.same(await types(spec.task_id), ['TaskQueued', 'TaskLeased', 'TaskLeaseReturned'])
   t.equal(scheduler.queued, 1)
@@ -331,3 +335,14 @@ t.test('prefetch must be a whole number of 1 or more', async (t) => {
   t.throws(() => new TaskScheduler({ store, db: database.db, prefetch: 1.5 }), /prefetch/)
   t.equal(new TaskScheduler({ store, db: database.db }).prefetch, 4, 'default 4')
 })
+
+/**
+ * Proof that the scheduler has dispatched since the call: a TorchScript task submitted now reaches `torch`, a
+ * TorchScript-only device. Dispatch goes through the queue in order, so every task queued before the probe
+ * was offered to the devices with room in that run (or an earlier one); what it did not give is not given.
+ */
+async function dispatchedSince(scheduler: TaskScheduler, torch: SimDevice): Promise<void> {
+  const probe = task({ model: { id: 'model_probe', format: 'torchscript', checksum: 'sha256:00' } })
+  await scheduler.submit(probe, { customerId: 'cust_test' })
+  await torch.next((f) => f.type === 'task' && f.task_id === probe.task_id)
+}

@@ -7,6 +7,7 @@ import { contendedStream, PostgresEventStore } from '../../src/event-store/postg
 import { CopyAppend } from '../../src/event-store/copy-append.js'
 import { connect, type Database } from '../../src/postgres/database.js'
 import { freshDatabase } from '../helpers/database.js'
+import { eventually } from '../helpers/device.js'
 import { eventStoreContract } from './contract.js'
 
 /** Two stores on one database, each with its own pool: two processes. */
@@ -200,8 +201,10 @@ t.test('group commit: concurrent appends share transactions', async (t) => {
   const store = new PostgresEventStore(database.pool)
   t.teardown(() => store.close())
   await Promise.all(Array.from({ length: 200 }, (_, i) => store.append(`g-${i}`, [{ type: 'G', data: { i } }])))
+  // made in one turn of the event loop, they are queued before the first batch starts: the queue is shared
+  // between the store's batch slots (maxConcurrentBatches, default 3), so at most 3 transactions write them
   const tx = await database.pool.query('select count(distinct position >> 20)::int as n from events')
-  t.ok(tx.rows[0].n < 200, `200 appends took ${tx.rows[0].n} transactions`)
+  t.ok(tx.rows[0].n <= 3, `200 appends took ${tx.rows[0].n} transactions`)
 })
 
 t.test('an unreachable database rejects appends and reads with a clear error', async (t) => {
@@ -273,10 +276,12 @@ t.test('a trickle of appends, one at a time, is written on transactions left ope
     acknowledged.push({ id, stream: `trickle-${i % 7}`, position })
   }
   await checkLog(t, database, acknowledged)
-  t.ok(forms.open > forms.fresh * 4, `nearly every batch took one round trip (${forms.open} on an open transaction, ${forms.fresh} opening one)`)
-  const ended = Date.now()
-  t.equal(await openTransactions(database), 0, 'the transaction left open for an append that did not come is rolled back')
-  t.ok(Date.now() - ended < 500, `within ms (${Date.now() - ended} ms)`)
+  // how many find one open depends on the next append coming within the writer's grace (2 ms): on a loaded
+  // machine fewer do, and those open their own (one more round trip, nothing lost)
+  t.ok(forms.open > 0, `batches are written on transactions left open for them (${forms.open} on an open transaction, ${forms.fresh} opening one)`)
+  t.equal(forms.open + forms.fresh, 200, 'one batch per append: each waited for the one before')
+  // no append comes: the writer's grace (ms) runs out and it rolls back, with nothing more from the test
+  await eventually(async () => (await openTransactions(database)) === 0, 10_000, 'the transaction left open for an append that did not come to be rolled back')
   const bound = await database.pool.query('select dcp_position_bound() > (select max(position) from events) as past')
   t.ok(bound.rows[0].past, 'the position bound is past every stored event')
   // appends far apart (more than the writer waits for the next) leave nothing open between them
@@ -287,9 +292,10 @@ t.test('a trickle of appends, one at a time, is written on transactions left ope
   t.equal(await openTransactions(database), 0, 'appends far apart leave no transaction open')
   // a store closed while its writer waits for more appends closes at once
   await store.append('closing', [{ type: 'E', data: {} }])
-  const closing = Date.now()
-  await store.close()
-  t.ok(Date.now() - closing < 1000, `close does not wait for appends that will not come (${Date.now() - closing} ms)`)
+  let timer: NodeJS.Timeout | undefined
+  const closed = await Promise.race([store.close().then(() => 'closed'), new Promise((resolve) => (timer = setTimeout(resolve, 20_000, 'waiting')))])
+  clearTimeout(timer)
+  t.equal(closed, 'closed', 'close does not wait for appends that will not come')
 })
 
 t.test('commits in quick succession share NOTIFYs; a subscriber in another process still sees every event', async (t) => {

@@ -85,11 +85,11 @@ t.test('cancelling a batch midway: finished inputs keep their results, the rest 
   // A result the stuck device sends anyway is refused: the lease is gone.
   const late = held[0]
   stuck.send({ type: 'task_result', task_id: late.task_id, lease_id: late.lease_id, status: 'completed', outputs: (late.inputs ?? [late.input]).map(() => ({ data: [0.5, 0.5], shape: [1, 2] })), metrics: { cpu_ms: 1, gpu_ms: 0, bytes_in: 0, bytes_out: 0 } })
-  await new Promise((r) => setTimeout(r, 300))
+  t.match(await stuck.next((f) => f.type === 'error'), { code: 'STALE_LEASE' }, 'the late result is refused (and now handled: too late to count)')
   t.equal((await api('GET', `/inference/${queued.body.job_id}`)).body.progress.completed, 200 - held_inputs)
 })
 
-t.test('the server killed in the middle of a batch: after a restart the batch completes, nothing lost, nothing run twice', async (t) => {
+t.test('the server killed mid-batch, two tasks completed and leases outstanding: after a restart the batch completes, nothing lost, nothing run twice', async (t) => {
   const { database, dataDir, port, url, children } = await serverFixture(t, 'restart')
   const env = { ...process.env, DATABASE_URL: database.url, DATA_DIR: dataDir, LOG_LEVEL: 'warn', HEARTBEAT_INTERVAL_MS: '1000', LEASE_TIMEOUT_MS: '5000' }
   const startServer = () => startServerProcess({ port, env, children })
@@ -98,31 +98,77 @@ t.test('the server killed in the middle of a batch: after a restart the batch co
     return { status: response.status, body: (await response.json()) as any }
   }
   let server = await startServer()
-  for (const name of ['a', 'b']) {
-    children.push(spawn(process.execPath, [DCP_BIN, 'worker', '--server', url, '--state-dir', path.join(dataDir, `worker-${name}`)], { stdio: 'ignore' }))
-  }
   const bytes = denseOnnxModel({ inputs: 10, outputs: 2 })
+  const session = await ort.InferenceSession.create(bytes)
+  const direct = async (data: number[]) => Array.from((await session.run({ input: new ort.Tensor('float32', Float32Array.from(data), [1, 10]) })).output!.data as Float32Array)
   const form = multipart({ name: 'restart' }, { name: 'm.onnx', content: bytes })
   const model = (await (await fetch(`${url}/api/v1/models`, { method: 'POST', headers: { ...form.headers, 'x-api-key': 'test-api-key' }, body: form.payload })).json()) as { id: string }
-  await eventually(async () => (await api('GET', '/devices/stats')).body.idle === 2, 30_000, 'two idle workers')
 
+  // before the kill, the only device: it runs tasks of 100 inputs, answers the first two it is given (with
+  // onnxruntime's outputs) and holds the rest, alive (its heartbeats keep the leases)
+  const device = await SimDevice.connect(url)
+  t.teardown(() => device.kill())
+  await device.register({ maxTasks: 2, batchInputs: 100 })
+  const given = () => device.frames.filter((f) => f.type === 'task')
+  const beat = setInterval(() => device.heartbeat(given().map((f) => f.lease_id)), 500)
+  t.teardown(() => clearInterval(beat))
   const total = 1000
   const inputs = Array.from({ length: total }, (_, i) => ({ data: input(i), shape: [1, 10] }))
   const queued = await api('POST', '/inference/batch', { model_id: model.id, inputs })
   t.equal(queued.status, 202)
+  await eventually(async () => given().length >= 2, 20_000, 'two tasks on the device')
+  const answered = given().slice(0, 2)
+  for (const frame of answered) {
+    const outputs = await Promise.all((frame.inputs as { data: number[] }[]).map(async (x) => ({ data: await direct(x.data), shape: [1, 2] })))
+    device.send({ type: 'task_result', task_id: frame.task_id, lease_id: frame.lease_id, status: 'completed', outputs, metrics: { cpu_ms: 1, gpu_ms: 0, bytes_in: 0, bytes_out: 0 } })
+  }
+  // the log as the kill finds it: the two completions recorded, other tasks under leases not yet ended
+  const store = new PostgresEventStore(database.pool)
+  const atKill = async () => {
+    const last = new Map<string, string>()
+    let completed = 0
+    for (const e of await allEvents(store)) {
+      if (!e.streamId.startsWith('task-')) continue
+      last.set(e.streamId, e.type)
+      if (e.type === 'TaskCompleted') completed++
+    }
+    return { completed, leased: [...last].filter(([, type]) => type === 'TaskLeased').map(([stream]) => stream) }
+  }
+  const before = await eventually(async () => {
+    const log = await atKill()
+    return log.completed === 2 ? log : undefined
+  }, 20_000, 'the two completions in the log')
+  t.equal(before.completed, 2, 'two tasks completed before the kill')
+  t.ok(before.leased.length >= 1, `${before.leased.length} tasks leased and not ended before the kill`)
   server.kill('SIGKILL')
   await new Promise((resolve) => server.once('exit', resolve))
+  const killed = await atKill()
+  t.equal(killed.completed, 2, 'the log after the kill: exactly two completions')
+  t.ok(killed.leased.length >= 1, 'and leases outstanding')
+  clearInterval(beat)
+  device.kill()
+
+  // after the restart two real workers finish the batch; the held leases expire and their tasks run again
   server = await startServer()
+  for (const name of ['a', 'b']) {
+    children.push(spawn(process.execPath, [DCP_BIN, 'worker', '--server', url, '--state-dir', path.join(dataDir, `worker-${name}`)], { stdio: 'ignore' }))
+  }
   const done = await eventually(async () => {
     const r = await api('GET', `/inference/${queued.body.job_id}?limit=1000`)
     return r.body.status === 'completed' ? r.body : undefined
   }, 90_000, 'the batch to complete after the restart')
   const reasons = [...new Set(done.results.filter((r: { status: string }) => r.status !== 'completed').map((r: { error: string | null }) => r.error))]
   t.match(done.progress, { completed: total, failed: 0, pending: 0 }, `every input completed${reasons.length ? `; failures: ${reasons.join(' | ')}` : ''}`)
-  const session = await ort.InferenceSession.create(bytes)
-  const direct = async (data: number[]) => Array.from((await session.run({ input: new ort.Tensor('float32', Float32Array.from(data), [1, 10]) })).output!.data as Float32Array)
-  const store = new PostgresEventStore(database.pool)
   await checkExactlyOnce(t, store, done, total, direct)
+  for (const frame of answered) {
+    t.same((await store.readStream(`task-${frame.task_id}`)).map((e) => e.type), ['TaskQueued', 'TaskLeased', 'TaskCompleted'], `${frame.task_id}, completed before the kill, was not run again`)
+  }
+  for (const stream of killed.leased) {
+    const events = await store.readStream(stream)
+    const completion = events.find((e) => e.type === 'TaskCompleted')
+    const by = (completion?.data as { device_id?: string } | undefined)?.device_id
+    t.ok(by !== undefined && by !== device.deviceId, `${stream}, held at the kill, completed by a worker after it (${by})`)
+  }
   server.kill('SIGINT')
 })
 

@@ -42,22 +42,19 @@ for (const syncMode of ['full_sync', 'semi_sync', 'async'] as const) {
     t.equal(done.end_reason, 'target_accuracy')
     t.ok(done.validation_accuracy >= 0.9, `validation accuracy ${done.validation_accuracy}`)
     t.ok(done.progress.batches_completed > 0 && done.progress.batches_completed < done.progress.total_batches)
-    t.ok(done.progress.best_loss <= done.progress.current_loss + 1e-9 || done.progress.best_loss > 0)
     t.same(done.assigned_devices, [])
 
     // both devices contributed, and every round was checkpointed with its weights in the blob store
     const events = (await store.readStream(trainingStream(jobId))).filter((e) => e.type === 'TrainingRoundCompleted').map((e) => e.data as any)
     t.ok(events.length > 1, `${events.length} rounds`)
+    // the job's losses are its rounds': the last one, and the lowest of them all
+    t.equal(done.progress.current_loss, events.at(-1)!.loss, 'current loss: the last round\'s')
+    t.equal(done.progress.best_loss, Math.min(...events.map((r) => r.loss as number)), 'best loss: the lowest round\'s')
     const contributors = new Set(events.flatMap((r) => r.contributions.map((c: any) => c.device_id)))
     const deviceIds = workers.map((w) => w.deviceId).sort()
     const assigned = (await store.readStream(trainingStream(jobId))).filter((e) => e.type === 'TrainingDevicesAssigned').flatMap((e) => (e.data as any).devices.map((d: any) => d.device_id))
     t.same([...new Set(assigned)].sort(), deviceIds, 'both devices were given the job')
-    if (syncMode === 'async') {
-      // async merges whatever arrives: a fast run can reach the target before the slower device's first update
-      t.ok(contributors.size >= 1 && [...contributors].every((d) => deviceIds.includes(d)), `contributors ${[...contributors]}`)
-    } else {
-      t.same([...contributors].sort(), deviceIds, 'both devices contributed')
-    }
+    t.same([...contributors].sort(), deviceIds, 'both devices contributed')
     if (syncMode === 'full_sync') t.ok(events.every((r) => r.contributions.length === 2), 'full sync: every round has both devices')
     for (const round of events) t.ok(await blobs.has(round.weights_sha256), `round ${round.round} weights kept`)
     // every device's part of every round is metered: samples, and its compute time, billed as CPU time
@@ -92,7 +89,8 @@ for (const syncMode of ['full_sync', 'semi_sync', 'async'] as const) {
 }
 
 t.test('pause releases the devices, resume continues from the last round, cancel ends it', async (t) => {
-  const { api, model, waitFor, store } = await trainingSetup(t, { devices: 1 })
+  const left: string[] = []
+  const { api, model, waitFor, store } = await trainingSetup(t, { devices: 1, worker: { log: (line) => left.push(line.message) } })
   const body = trainingBody(model.id, { data: { total_samples: 1_000_000 }, training: { target_accuracy: undefined, epochs: 100 } })
   const { body: started } = await api('POST', '/training', body)
   const jobId = started.job_id
@@ -106,7 +104,8 @@ t.test('pause releases the devices, resume continues from the last round, cancel
   t.equal(again.status, 409)
   t.equal(again.body.error.code, 'CANNOT_PAUSE')
   const roundsAtPause = (await api('GET', `/training/${jobId}`)).body.progress.rounds
-  await new Promise((r) => setTimeout(r, 700))
+  // too late for a round now: the device has left the job (its train_stop arrived; it trains no more)
+  await eventually(async () => left.some((line) => line.includes(`training job ${jobId}: leaving`)), 10_000, 'the device to leave the job')
   t.equal((await api('GET', `/training/${jobId}`)).body.progress.rounds, roundsAtPause, 'no rounds while paused')
 
   const resumed = await api('POST', `/training/${jobId}/resume`)
@@ -123,8 +122,11 @@ t.test('pause releases the devices, resume continues from the last round, cancel
   const twice = await api('DELETE', `/training/${jobId}`)
   t.equal(twice.status, 409)
   t.equal(twice.body.error.code, 'CANNOT_CANCEL')
-  const rounds = (await store.readStream(trainingStream(jobId))).filter((e) => e.type === 'TrainingRoundCompleted').map((e) => (e.data as any).round)
+  const history = await store.readStream(trainingStream(jobId))
+  const rounds = history.filter((e) => e.type === 'TrainingRoundCompleted').map((e) => (e.data as any).round)
   t.same(rounds, rounds.map((_, i) => i + 1), 'rounds are numbered without a gap across the pause')
+  const types = history.map((e) => e.type)
+  t.notOk(types.slice(types.indexOf('TrainingPaused'), types.indexOf('TrainingResumed')).includes('TrainingRoundCompleted'), 'the log has no round between the pause and the resume')
 })
 
 t.test('a device that leaves while it is being assigned is released, and the job goes on with the next device', async (t) => {
@@ -182,7 +184,7 @@ t.test('two jobs of weights 3:1 on four devices get 3 and 1; a third job makes t
 })
 
 t.test('bad submissions get clear errors', async (t) => {
-  const { api, model, app, alice } = await trainingSetup(t)
+  const { api, model } = await trainingSetup(t)
   // no device can train yet
   const none = await api('POST', '/training', trainingBody(model.id))
   t.equal(none.status, 503)
@@ -205,7 +207,7 @@ t.test('bad submissions get clear errors', async (t) => {
   t.equal((await api('GET', '/training/train_nope')).body.error.code, 'NOT_FOUND')
   t.equal((await api('POST', '/training/train_nope/pause')).body.error.code, 'NOT_FOUND')
   t.equal((await api('DELETE', '/training/train_nope')).body.error.code, 'NOT_FOUND')
-  t.ok(app && alice)
+  t.same((await api('GET', '/training')).body.jobs, [], 'no refused submission left a job behind')
 })
 
 t.test('a device sending weights that do not fit is refused without harming the job; a device that fails leaves it', async (t) => {

@@ -107,8 +107,6 @@ t.test('instance_types ["aws"]: only cloud devices count and are assigned; such 
   t.same(job.resource_config.instance_types, ['aws'])
   t.match(job.config, { aggregation: 'fedavg', clip_norm: null, clip_factor: null })
   t.same(job.assigned_devices, [aws.deviceId])
-  await new Promise((r) => setTimeout(r, 500))
-  t.notOk(user.frames.some((f) => f.type === 'train_start'), 'the user device was never given the job')
 
   // a job open to contributed devices: a robust rule by default, and it may take the user device
   const open = await api('POST', '/training', trainingBody(model.id, { training: { target_accuracy: undefined, epochs: 100 } }))
@@ -116,7 +114,9 @@ t.test('instance_types ["aws"]: only cloud devices count and are assigned; such 
   const openJob = (await api('GET', `/training/${open.body.job_id}`)).body
   t.same(openJob.resource_config.instance_types, ['aws', 'user'])
   t.match(openJob.config, { aggregation: 'trimmed_mean', trim_fraction: 0.2, clip_norm: null, clip_factor: 2 })
+  // its first job is the open one: the aws-only job, placed before it, never went to the user device
   t.match(await user.next((f) => f.type === 'train_start'), { job_id: open.body.job_id })
+  t.notOk(user.frames.some((f) => f.type === 'train_start' && f.job_id === jobId), 'the user device was never given the aws-only job')
   for (const id of [jobId, open.body.job_id]) await api('DELETE', `/training/${id}`)
 })
 
