@@ -23,7 +23,7 @@ t.test('a live stream ended while it reads its figures ends at once, and the ser
     store.headPosition = head
     held.forEach((release) => release())
   })
-  const stream = await fetch(`${url}/api/v1/dashboard/projects/${project.project_id}/stream?interval=60000&api_key=${alice.key}`)
+  const stream = await fetch(`${url}/api/v1/dashboard/projects/${project.project_id}/stream?interval=60000`, { headers: { 'x-api-key': alice.key } })
   t.equal(stream.status, 200)
   const text = stream.text()
   // the stream is in its first read; the server starts to close (its live streams are told to end) ...

@@ -26,7 +26,7 @@ const NOT_A_TENANTS_RESOURCE: Record<string, string> = {
 }
 
 t.test('every route that names a resource refuses another tenant with 404 and changes nothing', async (t) => {
-  const { app, store, customer } = await testApp(t, { rateLimit: { max: 100_000, windowMs: 60_000 }, minPerfDurationS: 1 }, { leaseTimeoutMs: 60_000, heartbeatIntervalMs: 60_000 })
+  const { app, store, customer, enrollmentToken } = await testApp(t, { rateLimit: { max: 100_000, windowMs: 60_000 }, minPerfDurationS: 1 }, { leaseTimeoutMs: 60_000, heartbeatIntervalMs: 60_000 })
   const url = await app.listen({ port: 0, host: '127.0.0.1' })
   const alice = await customer('Alice')
   const bob = await customer('Bob')
@@ -53,7 +53,7 @@ t.test('every route that names a resource refuses another tenant with 404 and ch
   // a device that can train, so a training job is admitted; the job wants two, so it waits, queued
   const trainer = await SimDevice.connect(url)
   t.teardown(() => trainer.kill())
-  await trainer.register({ formats: ['onnx'], canTrain: true, maxTasks: 1, instanceType: 'aws' })
+  await trainer.register({ formats: ['onnx'], canTrain: true, maxTasks: 1, instanceType: 'aws', enrollmentToken: (await enrollmentToken({ instance_type: 'aws' })).token })
 
   // 1. Bob's resources, one of each kind
   const upload = multipart({ name: 'bobs-mlp' }, { name: 'mlp.onnx', content: mlpOnnxModel({ inputs: 8, hidden: 16, outputs: 4, seed: 7 }) })
@@ -74,6 +74,8 @@ t.test('every route that names a resource refuses another tenant with 404 and ch
   t.equal(sync.status, 200, `a sync job, answered: ${JSON.stringify(sync.body)}`)
   const quick = await asBob('POST', '/dashboard/benchmark', { mode: 'inference', requests: 2, concurrency: 1 })
   t.equal(quick.status, 202)
+  // a customer runs one benchmark at a time
+  await eventually(async () => (await asBob('GET', `/dashboard/benchmark/${quick.body.benchmark_id}`)).body.status !== 'running', 30_000, 'the quick benchmark')
   const perf = await asBob('POST', '/dashboard/benchmark/perf', { duration: 1, rps_steps: [2], max_concurrency: 1, instance_type: 'user' })
   t.equal(perf.status, 202)
   for (const id of [quick.body.benchmark_id, perf.body.benchmark_id]) {
@@ -159,7 +161,7 @@ t.test('every route that names a resource refuses another tenant with 404 and ch
   }
   // the stream over a real socket: a stream wrongly opened would never end, so read its status and hang up
   const hangUp = new AbortController()
-  const stream = await fetch(`${url}/api/v1/dashboard/projects/${ids.project}/stream?api_key=${alice.key}`, { signal: hangUp.signal })
+  const stream = await fetch(`${url}/api/v1/dashboard/projects/${ids.project}/stream`, { headers: { 'x-api-key': alice.key }, signal: hangUp.signal })
   t.equal(stream.status, 404, 'the project stream as another tenant')
   t.equal(stream.status === 404 ? ((await stream.json()) as any).error.code : stream.headers.get('content-type'), 'NOT_FOUND')
   hangUp.abort()
