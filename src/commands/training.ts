@@ -606,7 +606,12 @@ export class TrainingCoordinator {
     await this.serially(job, async () => {
       position = await this.command(job, command)
     })
-    return position!
+    if (position !== undefined) return position
+    // The command hit an internal error, and `serially` failed the job (and forgot it) instead of throwing:
+    // decided again on the stream, the decider answers for the job as it now is (CANNOT_PAUSE, with why it
+    // failed), never an answer for a command that was not recorded.
+    if (this.jobs.get(jobId) === job) throw new Error(`training job ${jobId}: ${command.type} was not recorded`)
+    return this.control(jobId, command)
   }
 
   /** Runs `work` after the job's earlier work; an error is logged, and fails the job if it is not a domain refusal. */
