@@ -88,3 +88,24 @@ t.test("a dataset job's shards cover every training row exactly once as devices 
   await partitioned(1, 'two devices left')
   t.equal((await api('DELETE', `/training/${jobId}`)).body.status, 'cancelled')
 })
+
+t.test('real workers keep training a full-sync dataset job while devices come and go and shards move', async (t) => {
+  const { app, alice, api, model, store, startDevice, workers, waitFor } = await trainingSetup(t, { devices: 2, roundDeadlineMs: 20_000 })
+  const form = multipart({}, { field: 'file', name: 'clusters.csv', content: clustersCsv(2000, 7) })
+  const dataset = (await app.inject({ method: 'POST', url: '/api/v1/datasets', headers: { ...form.headers, 'x-api-key': alice.key }, payload: form.payload })).json() as { id: string }
+  const body = trainingBody(model.id, { data: { type: 'dataset', dataset_id: dataset.id, total_samples: undefined }, training: { sync_mode: 'full_sync', target_accuracy: undefined, epochs: 1000, local_steps: 5 } })
+  const jobId = (await api('POST', '/training', body)).body.job_id as string
+  const rounds = async (devices: number, more: number, what: string) => {
+    const from = (await api('GET', `/training/${jobId}`)).body
+    return waitFor(jobId, (job) => job.assigned_devices.length === devices && job.progress.rounds >= from.progress.rounds + more, 30_000, what)
+  }
+  await rounds(2, 2, 'rounds with two devices')
+  await startDevice()
+  await rounds(3, 3, 'rounds with three devices')
+  await workers[0]!.stop({ drain: false })
+  const after = await rounds(2, 5, 'rounds with the two devices left')
+  t.equal(after.status, 'running')
+  const reasons = (await store.readStream(`training-${jobId}`)).filter((e) => e.type === 'TrainingDevicesReleased').map((e) => (e.data as { reason: string }).reason)
+  t.notOk(reasons.includes('missed the round deadline'), `no device was left behind by a moved shard: ${JSON.stringify(reasons)}`)
+  t.equal((await api('DELETE', `/training/${jobId}`)).body.status, 'cancelled')
+})
