@@ -54,3 +54,35 @@ for (const returning of [false, true]) {
     t.equal(((await response.json()) as { status: string }).status, 'offline')
   })
 }
+
+t.test('a registration that fails after the device was recorded connected records its disconnect and closes the socket', async (t) => {
+  const context = await testApp(t, { rateLimit: { max: 100_000, windowMs: 60_000 } }, { heartbeatIntervalMs: 60_000 })
+  const { store, hub, projections } = context
+  const url = await context.app.listen({ port: 0, host: '127.0.0.1' })
+  // the read models do not catch up in time for the new device's token
+  const waitFor = projections.waitFor.bind(projections)
+  let failures = 1
+  projections.waitFor = async (position, timeoutMs) => {
+    if (failures-- > 0) throw new Error('the read models are behind')
+    return waitFor(position, timeoutMs)
+  }
+  t.teardown(() => {
+    projections.waitFor = waitFor
+  })
+  const device = await SimDevice.connect(url)
+  const closed = await device.refused({ canTrain: true })
+  t.match(closed, { code: 1011, reason: /registration failed/ })
+  const registered = (await store.readAll()).filter((e) => e.type === 'DeviceRegistered')
+  t.equal(registered.length, 1)
+  const deviceId = registered[0]!.streamId.replace(/^device-/, '')
+  const last = await eventually(async () => {
+    const events = await store.readStream(deviceStream(deviceId))
+    return events.at(-1)?.type === 'DeviceDisconnected' ? events.at(-1) : undefined
+  }, 5000, 'the disconnect recorded')
+  t.match(last?.data, { reason: 'registration failed: the read models are behind' })
+  t.notOk(hub.isConnected(deviceId))
+  // it comes again, and is let in
+  const again = await SimDevice.connect(url)
+  t.teardown(() => again.kill())
+  t.match(await again.register({ canTrain: true }), { type: 'registered' })
+})
