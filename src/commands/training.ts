@@ -47,8 +47,10 @@ interface Member {
   sdkUuid: string
   /** Leaves the job at its next round boundary (the scheduler gives it to another job). */
   draining: boolean
-  /** The dataset shard it trains on (of as many as the job had devices when it joined). */
-  shard: number
+  /** Its sample stream's seed (stream jobs). */
+  streamSeed: number
+  /** Dataset jobs: its shard, `index` of `count` (see `reshard`). */
+  shard: { index: number; count: number }
   /** Sync modes: the base round of its last update taken (a second update from a round is refused). */
   lastBaseRound: number | undefined
   /** Async: when its last update was taken (ms), for the rate limit. */
@@ -175,6 +177,7 @@ export class TrainingCoordinator {
     const job = this.jobOf(deviceId)
     if (job) {
       this.leave(job, deviceId)
+      this.reshard(job)
       await this.serially(job, async () => {
         await this.command(job, { type: 'ReleaseDevices', deviceIds: [deviceId], reason: 'device disconnected', at: this.at() })
         await this.maybeCloseRound(job, false)
@@ -450,24 +453,40 @@ export class TrainingCoordinator {
       job.roundStartedAt = this.now().getTime()
       this.armDeadline(job)
     }
-    // A dataset is cut into as many shards as the job has devices now; each new device takes a shard no
-    // member holds (one that left frees its shard: taking the next index would train one twice, and leave
-    // one out).
-    const shards = job.members.size + joining.length
-    const held = new Set([...job.members.values()].map((m) => m.shard))
-    let next = 0
     for (const device of joining) {
-      while (held.has(next)) next++
-      const shard = next++
       const sdkUuid = this.devices.get(device.device_id)?.sdkUuid ?? ''
-      job.members.set(device.device_id, { deviceId: device.device_id, instanceType: device.instance_type, sdkUuid, draining: false, shard, lastBaseRound: undefined, lastUpdateAt: undefined })
+      const shard = { index: -1, count: 0 } // given by reshard below
+      job.members.set(device.device_id, { deviceId: device.device_id, instanceType: device.instance_type, sdkUuid, draining: false, streamSeed: device.stream_seed, shard, lastBaseRound: undefined, lastUpdateAt: undefined })
       this.membership.set(device.device_id, job.spec.job_id)
       this.options.onMembership?.(device.device_id, job.spec.job_id)
-      this.devices.get(device.device_id)?.send(this.startFrame(job, device.stream_seed, shard, shards))
     }
+    // every member, the new ones and those whose shard the newcomers moved, gets its start frame
+    this.reshard(job, new Set(joining.map((d) => d.device_id)))
     if (gone.length > 0) {
       await this.command(job, { type: 'ReleaseDevices', deviceIds: gone, reason: 'the device left while it was being assigned', at: this.at() })
       this.rebalance()
+    }
+  }
+
+  /**
+   * Dataset jobs: the training rows are cut into one contiguous shard per member, in the order they joined
+   * (`shardRows`), so whatever devices came and went the members' shards are disjoint and cover every row
+   * exactly once. Re-planned whenever a member joins or leaves; a member whose shard moved is sent a new
+   * start frame (from the current round's weights) with it, and may send this round's update again (its
+   * earlier one is replaced). `starting`: new members, which get their start frame whether or not it moved.
+   */
+  private reshard(job: LiveJob, starting: ReadonlySet<string> = new Set()): void {
+    if (!this.jobs.has(job.spec.job_id) || job.known.state.phase !== 'active') return
+    const dataset = job.spec.data_config.type === 'dataset'
+    const count = job.members.size
+    let index = 0
+    for (const member of job.members.values()) {
+      const shard = { index: index++, count }
+      const moved = dataset && (member.shard.index !== shard.index || member.shard.count !== shard.count)
+      member.shard = shard
+      if (!starting.has(member.deviceId) && !moved) continue
+      if (!starting.has(member.deviceId)) member.lastBaseRound = undefined
+      this.devices.get(member.deviceId)?.send(this.startFrame(job, member.streamSeed, shard.index, shard.count))
     }
   }
 
@@ -502,6 +521,7 @@ export class TrainingCoordinator {
       this.leave(job, id)
       this.devices.get(id)?.send({ type: 'train_stop', job_id: job.spec.job_id, reason })
     }
+    this.reshard(job)
     await this.command(job, { type: 'ReleaseDevices', deviceIds, reason, at: this.at() })
     this.rebalance()
   }
@@ -606,7 +626,12 @@ export class TrainingCoordinator {
     await this.serially(job, async () => {
       position = await this.command(job, command)
     })
-    return position!
+    if (position !== undefined) return position
+    // The command hit an internal error, and `serially` failed the job (and forgot it) instead of throwing:
+    // decided again on the stream, the decider answers for the job as it now is (CANNOT_PAUSE, with why it
+    // failed), never an answer for a command that was not recorded.
+    if (this.jobs.get(jobId) === job) throw new Error(`training job ${jobId}: ${command.type} was not recorded`)
+    return this.control(jobId, command)
   }
 
   /** Runs `work` after the job's earlier work; an error is logged, and fails the job if it is not a domain refusal. */

@@ -449,7 +449,15 @@ export class DeviceHub {
       }
       throw error
     }
-    if (admitted.sdkToken) await this.options.waitFor?.(admitted.position)
+    try {
+      if (admitted.sdkToken) await this.options.waitFor?.(admitted.position)
+    } catch (error) {
+      // recorded connected, but not let in: the disconnect is recorded (else it shows online with no
+      // connection) and the socket closed, so the device registers afresh
+      connection.socket.close(1011, 'registration failed; connect again')
+      await this.record(admitted.deviceId, { type: 'DisconnectDevice', reason: `registration failed: ${(error as Error).message}`, at: this.now().toISOString(), connectedAt: at })
+      throw error
+    }
     const barred = this.barred.get(admitted.deviceId)
     if (barred || connection.socket.readyState !== connection.socket.OPEN) {
       // banned while it was being let in, or it left meanwhile: the connection just recorded ends here

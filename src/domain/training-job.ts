@@ -192,6 +192,8 @@ export interface TrainingState {
   accuracy: number | undefined
   trainedModelId: string | undefined
   refusedUpdates: number
+  /** Why the job failed (a failed job only). */
+  error?: string
   /** Async: the change norms of the last updates (before clipping), for the adaptive clip bound. */
   recentNorms: number[]
 }
@@ -250,7 +252,7 @@ export const trainingDecider: Decider<TrainingCommand, TrainingEvent, TrainingSt
       case 'TrainingCompleted':
         return { ...state, phase: 'completed', devices: [], trainedModelId: event.data.trained_model_id }
       case 'TrainingFailed':
-        return { ...state, phase: 'failed', devices: [] }
+        return { ...state, phase: 'failed', devices: [], error: event.data.error }
     }
   },
 
@@ -278,17 +280,17 @@ export const trainingDecider: Decider<TrainingCommand, TrainingEvent, TrainingSt
       }
       case 'PauseTraining': {
         const spec = owned(state, command.customerId)
-        if (state.phase !== 'active') throw new DomainError('CANNOT_PAUSE', `training job ${spec.job_id} is ${trainingStatus(state.phase, 0)}; only a queued or running job can be paused`)
+        if (state.phase !== 'active') throw new DomainError('CANNOT_PAUSE', `training job ${spec.job_id} is ${statusOf(state)}; only a queued or running job can be paused`)
         return [...release(state, 'job paused', command.at), { type: 'TrainingPaused', data: { job_id: spec.job_id, at: command.at } }]
       }
       case 'ResumeTraining': {
         const spec = owned(state, command.customerId)
-        if (state.phase !== 'paused') throw new DomainError('CANNOT_RESUME', `training job ${spec.job_id} is ${trainingStatus(state.phase, state.devices.length)}; only a paused job can be resumed`)
+        if (state.phase !== 'paused') throw new DomainError('CANNOT_RESUME', `training job ${spec.job_id} is ${statusOf(state)}; only a paused job can be resumed`)
         return [{ type: 'TrainingResumed', data: { job_id: spec.job_id, at: command.at } }]
       }
       case 'CancelTraining': {
         const spec = owned(state, command.customerId)
-        if (isFinished(state.phase)) throw new DomainError('CANNOT_CANCEL', `training job ${spec.job_id} is already ${state.phase}`)
+        if (isFinished(state.phase)) throw new DomainError('CANNOT_CANCEL', `training job ${spec.job_id} is already ${statusOf(state)}`)
         return [{ type: 'TrainingCancelled', data: { job_id: spec.job_id, at: command.at } }]
       }
       case 'CompleteTraining': {
@@ -315,6 +317,12 @@ export const trainingDecider: Decider<TrainingCommand, TrainingEvent, TrainingSt
   },
 
   parse: ({ type, data }) => TrainingEvent.parse({ type, data }),
+}
+
+/** The job's status for a refusal; a failed job says why it failed. */
+function statusOf(state: TrainingState): string {
+  const status = trainingStatus(state.phase, state.devices.length)
+  return state.phase === 'failed' && state.error ? `${status} (${state.error})` : status
 }
 
 function exists(state: TrainingState): TrainingSpec {

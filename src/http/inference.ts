@@ -13,6 +13,8 @@ import { FLOAT32_MAX, FLOAT32_MESSAGE, isNumberArray } from '../protocol/numbers
 import { customerOf } from './auth.js'
 import { execute, readYourWrites, type Services } from './context.js'
 import { SchemaValidators } from './json-schema.js'
+import type { StreamStart } from '../commands/handle-command.js'
+import { WrongExpectedRevisionError } from '../event-store/errors.js'
 import { pageQuery } from './pagination.js'
 import { newId } from './ids.js'
 import { resolvePolicy, VALIDATION_MODES, type ValidationMode } from '../domain/validation.js'
@@ -175,8 +177,13 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
     return tensors
   }
 
-  /** The project new work counts towards: the one named (it must be the customer's and still open), or for a batch without one a new batch project. */
-  async function projectFor(customerId: string, model: ModelRow, body: { project_id?: string | undefined; name?: string | undefined }, kind: 'single' | 'batch', inputs: number): Promise<{ id: string | null; validation?: ValidationMode | null }> {
+  /**
+   * The project new work counts towards: the one named (it must be the customer's and still open), or for a
+   * batch without one a new batch project. A new project is not appended here: its CreateProject (`start`)
+   * goes into the same transaction as the job and its tasks, so a failure leaves no project without its job.
+   * `attempt` > 0 picks another id (the first one's stream existed).
+   */
+  async function projectFor(customerId: string, model: ModelRow, body: { project_id?: string | undefined; name?: string | undefined }, kind: 'single' | 'batch', inputs: number, attempt: number): Promise<{ id: string | null; validation?: ValidationMode | null; start?: StreamStart }> {
     if (body.project_id) {
       const project = await findProject(services.db, customerId, body.project_id)
       if (!project) throw new DomainError('NOT_FOUND', `project ${body.project_id} not found`)
@@ -185,16 +192,9 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
     }
     if (kind === 'single') return { id: null }
     const at = services.now()
-    for (let attempt = 0; ; attempt++) {
-      const projectId = attempt === 0 ? `batch_${at.getTime()}` : `batch_${at.getTime()}_${newId('').slice(1, 7)}`
-      const project = { project_id: projectId, customer_id: customerId, name: body.name ?? `Batch of ${inputs}`, project_type: 'batch' as const, model_id: model.model_id, total_tasks: inputs, validation: null, created_at: at.toISOString() }
-      try {
-        await execute(services, projectStream(projectId), projectDecider, { type: 'CreateProject', project }, { metadata: { customerId, occurredAt: project.created_at } })
-        return { id: projectId }
-      } catch (error) {
-        if (!(error instanceof DomainError && error.code === 'CONFLICT') || attempt >= 3) throw error
-      }
-    }
+    const projectId = attempt === 0 ? `batch_${at.getTime()}` : `batch_${at.getTime()}_${newId('').slice(1, 7)}`
+    const project = { project_id: projectId, customer_id: customerId, name: body.name ?? `Batch of ${inputs}`, project_type: 'batch' as const, model_id: model.model_id, total_tasks: inputs, validation: null, created_at: at.toISOString() }
+    return { id: projectId, start: { streamId: projectStream(projectId), decider: projectDecider, command: { type: 'CreateProject', project }, metadata: { customerId, occurredAt: project.created_at } } }
   }
 
   /** Checks the model and the inputs, records the job and queues its tasks. */
@@ -214,12 +214,8 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
     const instanceType = placement?.instance_type
     const capacity = services.hub.capacity(model.format, instanceType)
     if (capacity.slots === 0) throw new DomainError('NO_DEVICES', `no connected ${instanceType ? `${instanceType} ` : ''}device can run ${model.format} models`)
-    const admitted = services.scheduler.admit(
-      { inputs: inputs.length, bytes: tensorBytes(inputs), customerId },
-      { inputs: services.limits.maxQueuedInputs, bytes: services.limits.maxQueuedBytes, bytesPerCustomer: services.limits.maxQueuedBytesPerCustomer },
-    )
-    try {
-      const project = await projectFor(customerId, model, body, kind, inputs.length)
+    /** Records the job, its tasks and a new batch project (`project.start`) in one transaction, and queues the tasks. */
+    const record = async (project: Awaited<ReturnType<typeof projectFor>>) => {
       const projectId = project.id
       const validation = resolvePolicy(placement?.validation, project.validation, { mode: model.validation ?? undefined, tolerance: model.validation_tolerance ?? undefined }, services.limits.validationSpotRate)
       const jobId = newId(kind === 'single' ? 'infer' : 'batch')
@@ -227,9 +223,9 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
       const sizes = kind === 'single' ? [1] : chunkSizes(inputs.length, capacity)
       const tasks = sizes.map((n, i) => ({ task_id: inferenceTaskId(jobId, i), inputs: n }))
       const request = { job_id: jobId, customer_id: customerId, project_id: projectId, model_id: model.model_id, kind, mode, name: body.name ?? null, tasks, requested_at: at }
-      // The job and its tasks are new streams, written in one transaction (and one commit): no job is ever
-      // recorded without its tasks. No wait for the read models: the reads of jobs, projects and usage wait
-      // for them to reach the head of the log.
+      // The job, its tasks and a new batch project are new streams, written in one transaction (and one commit):
+      // no job is ever recorded without its tasks, nor a project without its job. No wait for the read models:
+      // the reads of jobs, projects and usage wait for them to reach the head of the log.
       beforeQueue(tasks.map((t) => t.task_id))
       let first = 0
       await services.scheduler.submitAll(
@@ -246,9 +242,24 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
           validation,
         })),
         { customerId },
-        [{ streamId: inferenceStream(jobId), decider: inferenceDecider, command: { type: 'RequestInference', request }, metadata: { customerId, occurredAt: at } }],
+        [...(project.start ? [project.start] : []), { streamId: inferenceStream(jobId), decider: inferenceDecider, command: { type: 'RequestInference', request }, metadata: { customerId, occurredAt: at } }],
       )
       return { jobId, total: inputs.length, projectId, model }
+    }
+    const admitted = services.scheduler.admit(
+      { inputs: inputs.length, bytes: tensorBytes(inputs), customerId },
+      { inputs: services.limits.maxQueuedInputs, bytes: services.limits.maxQueuedBytes, bytesPerCustomer: services.limits.maxQueuedBytesPerCustomer },
+    )
+    try {
+      for (let attempt = 0; ; attempt++) {
+        const project = await projectFor(customerId, model, body, kind, inputs.length, attempt)
+        try {
+          return await record(project)
+        } catch (error) {
+          // only a new batch project's stream can exist already (the job's and tasks' ids are fresh): another id
+          if (!(error instanceof WrongExpectedRevisionError && project.start) || attempt >= 3) throw error
+        }
+      }
     } finally {
       admitted()
     }

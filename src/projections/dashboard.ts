@@ -103,11 +103,12 @@ export async function recentProjects(db: Kysely<any>, customerId: string, limit:
 
 /** The customer's latest tasks, with their project, device, kind of device and latency where known. */
 export async function recentTasks(db: Kysely<any>, customerId: string, options: { limit: number; projectId?: string | undefined }) {
-  const project = options.projectId === undefined ? sql`` : sql`and p.project_id = ${options.projectId}`
+  // every figure from the tasks read model: the projects one holds only the tasks of a project
+  const project = options.projectId === undefined ? sql`` : sql`and t.project_id = ${options.projectId}`
   const rows = await sql<Record<string, any>>`
-    select t.task_id, t.job_id, p.project_id, t.status, t.device_id, p.instance_type, p.inputs, t.attempts, t.queued_at,
-      p.finished_at, p.latency_ms, t.updated_at
-    from ${sql.table(`${TASKS}.tasks`)} t left join ${sql.table(`${PROJECTS}.project_tasks`)} p on p.task_id = t.task_id
+    select t.task_id, t.job_id, t.project_id, t.status, t.device_id, t.instance_type, t.inputs, t.attempts, t.queued_at,
+      t.finished_at, t.latency_ms, t.updated_at
+    from ${sql.table(`${TASKS}.tasks`)} t
     where t.customer_id = ${customerId} ${project}
     order by t.updated_at desc, t.task_id limit ${options.limit}`.execute(db)
   return rows.rows.map((r) => ({

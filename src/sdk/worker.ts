@@ -17,6 +17,7 @@ import {
   type Registered,
   type TaskAssignment,
   type TrainStart,
+  type TrainWeights,
 } from '../protocol/frames.js'
 import { type DeviceState, loadDeviceState, saveDeviceState } from './device-state.js'
 import { HeldTasks } from './held-tasks.js'
@@ -114,6 +115,12 @@ export class DeviceWorker extends EventEmitter<DeviceWorkerEvents> {
   private gpuRuns = 0
   private readonly outbox: TaskResultFrame[] = []
   private readonly training = new Map<string, TrainingSession>()
+  /**
+   * Jobs whose (new) session is being set up, holding the newest weights that came meanwhile: the hub may send
+   * a job's train_start again (its dataset shard moved) right before a round's train_weights, which the old
+   * session, already stopped, would drop (and the new one would wait for the next round's in vain).
+   */
+  private readonly starting = new Map<string, { weights: TrainWeights | undefined }>()
   private cutDrainShort: (() => void) | undefined
   private firstRegistration: { resolve: () => void; reject: (error: Error) => void } | undefined
   private settleFinished!: { resolve: () => void; reject: (error: Error) => void }
@@ -352,8 +359,11 @@ export class DeviceWorker extends EventEmitter<DeviceWorkerEvents> {
           this.log.error(`training ${frame.job_id} could not start: ${error.message}`)
           this.send({ type: 'train_error', job_id: frame.job_id, error: errorText(error) })
         })
-      case 'train_weights':
+      case 'train_weights': {
+        const starting = this.starting.get(frame.job_id)
+        if (starting && (!starting.weights || frame.round >= starting.weights.round)) starting.weights = frame
         return this.training.get(frame.job_id)?.weights(frame)
+      }
       case 'train_stop':
         return this.stopTraining(frame.job_id, frame.reason)
       default: {
@@ -419,11 +429,16 @@ export class DeviceWorker extends EventEmitter<DeviceWorkerEvents> {
     if (this.phase !== 'running') return this.log.warn(`ignored training job ${frame.job_id}: the worker is ${this.phase}`)
     this.training.get(frame.job_id)?.stop()
     this.log.info(`training job ${frame.job_id}: joining at round ${frame.round} (${frame.config.sync_mode}, ${frame.config.local_steps} steps of ${frame.config.batch_size})`)
-    const modelBytes = await this.models.bytes(frame.model)
-    const data = frame.data
-    const datasetBytes = data.type === 'dataset' ? await this.models.bytes({ id: data.dataset_id, checksum: data.checksum, download_path: data.download_path }) : undefined
+    const starting = { weights: undefined as TrainWeights | undefined }
+    this.starting.set(frame.job_id, starting)
+    const bytes = this.trainingBytes(frame).finally(() => {
+      if (this.starting.get(frame.job_id) === starting) this.starting.delete(frame.job_id)
+    })
+    const { modelBytes, datasetBytes } = await bytes
+    // weights of a later round that came meanwhile: the session starts from them
+    const held = starting.weights
     const session = new TrainingSession({
-      frame,
+      frame: held && held.round > frame.round ? { ...frame, round: held.round, weights: held.weights } : frame,
       modelBytes,
       ...(datasetBytes ? { datasetBytes } : {}),
       send: (f) => this.send(f),
@@ -434,6 +449,14 @@ export class DeviceWorker extends EventEmitter<DeviceWorkerEvents> {
     void session.finished.then(() => {
       if (this.training.get(frame.job_id) === session) this.training.delete(frame.job_id)
     })
+  }
+
+  /** The model's bytes and, for a dataset job, the dataset's (downloaded once, then from the cache). */
+  private async trainingBytes(frame: TrainStart) {
+    const modelBytes = await this.models.bytes(frame.model)
+    const data = frame.data
+    const datasetBytes = data.type === 'dataset' ? await this.models.bytes({ id: data.dataset_id, checksum: data.checksum, download_path: data.download_path }) : undefined
+    return { modelBytes, datasetBytes }
   }
 
   private stopTraining(jobId: string, reason: string) {

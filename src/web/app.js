@@ -424,9 +424,10 @@ function renderProjects() {
         p.name,
         p.type,
         badge(s.status ?? p.status),
-        s.submitted ?? p.submitted,
-        s.completed ?? p.completed,
-        s.failed ?? p.failed,
+        // a project without a live stream (a completed batch) shows the list's counts (named *_tasks there)
+        s.submitted ?? p.submitted_tasks,
+        s.completed ?? p.completed_tasks,
+        s.failed ?? p.failed_tasks,
         s.inputs_per_s,
         latency.p50,
         latency.p95,

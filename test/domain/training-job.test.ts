@@ -44,3 +44,11 @@ t.test("the async clip history is the last 10 updates' change norms, from the ro
   const rounds = Array.from({ length: 12 }, (_, i) => parse('TrainingRoundCompleted', round(i + 1, [i + 1])))
   t.same(fold([{ type: 'TrainingSubmitted', data: oldSpec }, ...rounds]).recentNorms, [3, 4, 5, 6, 7, 8, 9, 10, 11, 12])
 })
+
+t.test('given a failed job, when it is paused, resumed or cancelled, then it is refused saying why it failed', async (t) => {
+  const failed = fold([{ type: 'TrainingSubmitted', data: oldSpec }, { type: 'TrainingFailed', data: { job_id: 'train_a', error: 'the disk is full', at: '2026-12-01T00:00:01.000Z' } }])
+  const at = '2026-12-01T00:00:02.000Z'
+  t.throws(() => trainingDecider.decide({ type: 'PauseTraining', customerId: 'cust_a', at }, failed), { code: 'CANNOT_PAUSE', message: 'training job train_a is failed (the disk is full); only a queued or running job can be paused' })
+  t.throws(() => trainingDecider.decide({ type: 'ResumeTraining', customerId: 'cust_a', at }, failed), { code: 'CANNOT_RESUME', message: /is failed \(the disk is full\)/ })
+  t.throws(() => trainingDecider.decide({ type: 'CancelTraining', customerId: 'cust_a', at }, failed), { code: 'CANNOT_CANCEL', message: 'training job train_a is already failed (the disk is full)' })
+})
