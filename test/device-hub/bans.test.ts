@@ -1,7 +1,7 @@
 import t, { type Test } from 'tap'
 import { taskStream } from '../../src/domain/task.js'
 import { CLOSE } from '../../src/protocol/frames.js'
-import { ADMIN_KEY, testApp } from '../helpers/app.js'
+import { ADMIN_KEY, listeningApp } from '../helpers/app.js'
 import { SimDevice } from '../helpers/device.js'
 
 let n = 0
@@ -15,16 +15,8 @@ const task = () => ({
 })
 
 async function setup(t: Test) {
-  const context = await testApp(t, {}, { heartbeatIntervalMs: 60_000, leaseTimeoutMs: 60_000 })
-  const url = await context.app.listen({ port: 0, host: '127.0.0.1' })
-  const alice = await context.customer()
-  const devices: SimDevice[] = []
-  t.teardown(() => devices.forEach((d) => d.kill()))
-  const connect = async () => {
-    const d = await SimDevice.connect(url)
-    devices.push(d)
-    return d
-  }
+  const context = await listeningApp(t, {}, { heartbeatIntervalMs: 60_000, leaseTimeoutMs: 60_000 })
+  const { url, alice, connect } = context
   const device = async (options: Parameters<SimDevice['register']>[0] = {}) => {
     const d = await connect()
     await d.register(options)

@@ -1,19 +1,11 @@
 import t, { type Test } from 'tap'
 import { CLOSE } from '../../src/protocol/frames.js'
-import { ADMIN_KEY, testApp } from '../helpers/app.js'
-import { eventually, SimDevice } from '../helpers/device.js'
+import { ADMIN_KEY, listeningApp, testApp } from '../helpers/app.js'
+import { eventually } from '../helpers/device.js'
 
 async function listening(t: Test, options: Parameters<typeof testApp>[2] = {}) {
-  const context = await testApp(t, { rateLimit: { max: 100_000, windowMs: 60_000 } }, { heartbeatIntervalMs: 60_000, ...options })
-  const url = await context.app.listen({ port: 0, host: '127.0.0.1' })
-  const alice = await context.customer()
-  const devices: SimDevice[] = []
-  t.teardown(() => devices.forEach((d) => d.kill()))
-  const connect = async () => {
-    const d = await SimDevice.connect(url)
-    devices.push(d)
-    return d
-  }
+  const context = await listeningApp(t, { rateLimit: { max: 100_000, windowMs: 60_000 } }, { heartbeatIntervalMs: 60_000, ...options })
+  const { url, alice, connect } = context
   const get = async (path: string) => {
     const response = await fetch(`${url}/api/v1${path}`, { headers: { 'x-api-key': alice.key } })
     return { status: response.status, body: (await response.json()) as any }

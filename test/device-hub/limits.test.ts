@@ -2,20 +2,16 @@ import t from 'tap'
 import { heartbeatStream } from '../../src/domain/device.js'
 import { STORED_HEARTBEAT_SPACING } from '../../src/device-hub/limits.js'
 import { CLOSE, HUB_LIMITS } from '../../src/protocol/frames.js'
-import { testApp } from '../helpers/app.js'
+import { listeningApp, testApp } from '../helpers/app.js'
 import { SimDevice } from '../helpers/device.js'
 
 const INTERVAL = 500
 
 async function listening(t: Parameters<typeof testApp>[0]) {
-  const context = await testApp(t, { rateLimit: { max: 100_000, windowMs: 60_000 } }, { heartbeatIntervalMs: INTERVAL })
-  const url = await context.app.listen({ port: 0, host: '127.0.0.1' })
-  const alice = await context.customer()
-  const devices: SimDevice[] = []
-  t.teardown(() => devices.forEach((d) => d.kill()))
+  const context = await listeningApp(t, { rateLimit: { max: 100_000, windowMs: 60_000 } }, { heartbeatIntervalMs: INTERVAL })
+  const { url, alice, connect } = context
   const device = async () => {
-    const d = await SimDevice.connect(url)
-    devices.push(d)
+    const d = await connect()
     await d.register()
     return d
   }

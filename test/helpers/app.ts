@@ -16,6 +16,7 @@ import { enrollmentTokenIdByHash } from '../../src/projections/enrollment-tokens
 import { Projections } from '../../src/projections/projections.js'
 import { allReputations } from '../../src/projections/reputation.js'
 import { freshDatabase } from './database.js'
+import { SimDevice } from './device.js'
 
 export const ADMIN_KEY = 'admin-secret-for-the-tests'
 export const INTERNAL_TOKEN = 'internal-token-for-the-tests-0123456789'
@@ -118,4 +119,22 @@ export function multipart(fields: Record<string, string>, file?: { field?: strin
   }
   parts.push(Buffer.from(`--${boundary}--\r\n`))
   return { payload: Buffer.concat(parts), headers: { 'content-type': `multipart/form-data; boundary=${boundary}` } }
+}
+
+/**
+ * A test app listening on a real socket, a first customer (`alice`), and `connect` for simulated devices
+ * (real WebSockets speaking the protocol by hand), killed when the test ends.
+ */
+export async function listeningApp(t: Test, overrides: Partial<AppDeps> = {}, options: Parameters<typeof testApp>[2] = {}) {
+  const context = await testApp(t, overrides, options)
+  const url = await context.app.listen({ port: 0, host: '127.0.0.1' })
+  const alice = await context.customer()
+  const devices: SimDevice[] = []
+  t.teardown(() => devices.forEach((d) => d.kill()))
+  const connect = async () => {
+    const d = await SimDevice.connect(url)
+    devices.push(d)
+    return d
+  }
+  return { ...context, url, alice, connect }
 }
