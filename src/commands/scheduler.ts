@@ -356,7 +356,13 @@ export class TaskScheduler {
   deviceConnected(slot: DeviceSlot): void {
     this.devices.set(slot.deviceId, slot)
     this.contributors.set(slot.deviceId, slot.contributor ?? slot.deviceId)
-    if (quarantineReason(this.reputation.get(slot.deviceId) ?? emptyReputation())) slot.quarantined = true
+    // past the threshold, but its quarantine was not recorded (a crash between the verdict and the record):
+    // record it now; one the hub recorded comes back marked already
+    const reason = quarantineReason(this.reputation.get(slot.deviceId) ?? emptyReputation())
+    if (reason && !slot.quarantined) {
+      slot.quarantined = true
+      void this.quarantineDevice(slot.deviceId, reason)
+    }
     // Leases it held before a restart or a reconnect are its again, until its first heartbeat says which
     // of them it still has (see heartbeat).
     for (const lease of this.leases.values()) if (lease.deviceId === slot.deviceId) slot.leases.add(lease.leaseId)

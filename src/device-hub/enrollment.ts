@@ -24,6 +24,8 @@ export interface Admitted {
   /** A new device's SDK token (sent once). */
   sdkToken?: string
   instanceType: 'aws' | 'user'
+  /** Who runs it: its enrollment token (one per contributor), or the device itself without one. Validation's replicas go to another. */
+  contributor: string
   quarantined: boolean
   position: Position
 }
@@ -56,7 +58,7 @@ export async function enrollDevice(policy: EnrollmentPolicy, frame: Register, de
   }
   // 3. the device's stream records who it is
   const registered = await handleCommand(policy.store, deviceStream(deviceId), deviceDecider, { type: 'RegisterDevice', device: describe(deviceId, instanceType), tokenHash: sha256(sdkToken), enrollmentTokenId, at }, { metadata: { occurredAt: at } })
-  return { deviceId, sdkToken, instanceType, quarantined: false, position: registered.position }
+  return { deviceId, sdkToken, instanceType, contributor: enrollmentTokenId ?? deviceId, quarantined: false, position: registered.position }
 }
 
 /** A returning device: its SDK token, not banned or revoked, and the instance type it was enrolled as. */
@@ -64,7 +66,7 @@ export async function reconnectDevice(policy: EnrollmentPolicy, frame: Register,
   const deviceId = frame.device_id!
   try {
     const result = await handleCommand(policy.store, deviceStream(deviceId), deviceDecider, { type: 'ConnectDevice', device: describe(deviceId, frame.instance_type), tokenHash: sha256(frame.sdk_token!), at }, { metadata: { occurredAt: at } })
-    return { deviceId, instanceType: result.state.instanceType, quarantined: result.state.quarantined !== undefined, position: result.position }
+    return { deviceId, instanceType: result.state.instanceType, contributor: result.state.enrollmentTokenId ?? deviceId, quarantined: result.state.quarantined !== undefined, position: result.position }
   } catch (error) {
     if (error instanceof DomainError && error.code === 'AUTH_INVALID') throw new DomainError('AUTH_INVALID', 'wrong SDK token for this device')
     throw error

@@ -485,6 +485,7 @@ export class DeviceHub {
       maxBatchInputs: frame.capabilities.max_batch_inputs,
       sdkUuid: frame.sdk_uuid,
       instanceType,
+      contributor: admitted.contributor,
       cpuCores: frame.hardware.cpu_cores,
       gpuCount: frame.hardware.gpus.length,
       leases: new Set(),

@@ -134,3 +134,22 @@ t.test('spot: exactly the sampled share of a contributed device\'s tasks is run 
   t.ok(held.length > 0 && held.length < 30)
 })
 
+
+t.test('quorum: a replica goes to another contributor, not to another device enrolled with the same token', async (t) => {
+  const setup = await inferenceSetup(t, { model: MODEL })
+  const { api, model, url, store, enrollmentToken } = setup
+  const shared = (await enrollmentToken({ label: 'one contributor, two machines', instance_type: 'user' })).token
+  const other = (await enrollmentToken({ label: 'another contributor', instance_type: 'user' })).token
+  const devices = [
+    await playDevice(url, MODEL, 'honest', { register: { enrollmentToken: shared } }),
+    await playDevice(url, MODEL, 'honest', { register: { enrollmentToken: shared } }),
+    await playDevice(url, MODEL, 'honest', { register: { enrollmentToken: other } }),
+  ]
+  t.teardown(() => devices.forEach((d) => (d.stop(), d.device.kill())))
+  const sameOwner = new Set([devices[0]!.deviceId, devices[1]!.deviceId])
+  const results = await Promise.all(Array.from({ length: 12 }, (_, i) => api('POST', '/inference', { model_id: model.id, input: { data: input(i), shape: [1, 10] }, options: { validation: 'quorum' } })))
+  t.same(results.map((r) => r.status), Array(12).fill(200))
+  const validated = (await store.readAll(undefined, 100_000)).filter((e) => e.type === 'TaskValidated').map((e) => (e.data as { runs: { device_id: string }[] }).runs.map((r) => r.device_id))
+  t.equal(validated.length, 12)
+  t.same(validated.filter((runs) => runs.every((d) => sameOwner.has(d))), [], 'no task validated by two machines of one contributor')
+})
