@@ -3,7 +3,7 @@ import rateLimit from '@fastify/rate-limit'
 import swagger from '@fastify/swagger'
 import swaggerUi from '@fastify/swagger-ui'
 import Fastify, { type FastifyInstance, type FastifyReply } from 'fastify'
-import { jsonSchemaTransform, serializerCompiler, validatorCompiler } from 'fastify-type-provider-zod'
+import { jsonSchemaTransform, validatorCompiler } from 'fastify-type-provider-zod'
 import { randomBytes } from 'node:crypto'
 import type { Writable } from 'node:stream'
 import { type Adapters, InProcessAdapters } from '../adapters/runtime.js'
@@ -32,6 +32,7 @@ import { webRoutes } from './web.js'
 import { usageRoutes } from './usage.js'
 import { VALIDATION_DEFAULTS } from '../domain/validation.js'
 import { registerUploadSlots } from './uploads.js'
+import { responseSerializer } from './responses.js'
 
 /** The services the routes use (without the limits and clock, which have defaults here), and the app's settings. */
 export interface AppDeps extends Omit<Services, 'limits' | 'now' | 'adapters' | 'prices' | 'benchmarks' | 'loadToken' | 'streams'> {
@@ -71,6 +72,11 @@ export interface AppDeps extends Omit<Services, 'limits' | 'now' | 'adapters' | 
   streamTicketTtlMs?: number
   /** How often an open stream re-checks its API key (it ends soon after a revocation). Default 2 s. */
   streamCredentialCheckMs?: number
+  /**
+   * A success body its route's response schema does not describe is a 500 (the test suite's setting), not a
+   * logged error. Default: DCP_STRICT_RESPONSES=1.
+   */
+  strictResponses?: boolean
   logLevel?: string
   /** Where the request log goes. Default: standard output. */
   logStream?: Writable
@@ -115,7 +121,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   app.removeContentTypeParser('text/plain')
   registerJsonParser(app)
   app.setValidatorCompiler(validatorCompiler)
-  app.setSerializerCompiler(serializerCompiler)
+  app.setSerializerCompiler(responseSerializer({ strict: deps.strictResponses ?? process.env.DCP_STRICT_RESPONSES === '1', log: () => app.log }))
   const routeTable: RouteInfo[] = []
   registerErrorContract(app, () => routeTable)
   let closing = false
@@ -293,8 +299,12 @@ function describeOperations(document: Record<string, any>, routes: RouteInfo[]):
     if (route.auth !== 'none') operation.security = [{ [SECURITY[route.auth]]: [] }]
     if (route.idempotent) operation.parameters = [...(operation.parameters ?? []), IDEMPOTENCY_PARAMETER]
     const responses: Record<string, unknown> = {}
-    if (route.success) for (const [status, description] of Object.entries(route.success)) responses[status] = { description }
-    else responses['200'] = operation.responses?.['200'] ?? { description: 'Success' }
+    // the body's schema, from the route's `schema.response`, with what the status means
+    const described = (status: string, description: string) => ({ ...operation.responses?.[status], description })
+    if (route.success) for (const [status, description] of Object.entries(route.success)) responses[status] = described(status, description!)
+    else responses['200'] = described('200', operation.responses?.['200']?.description ?? 'Success')
+    // other statuses the route gives a body of its own (e.g. the detailed health's 503)
+    for (const [status, response] of Object.entries(operation.responses ?? {})) if (!(status in responses) && (response as { content?: unknown }).content) responses[status] = { description: status, ...(response as object) }
     responses['4XX'] = {
       description:
         'Refused: 400 VALIDATION_ERROR (naming the field), 401 AUTH_REQUIRED or AUTH_INVALID, 403 FORBIDDEN, 404 NOT_FOUND, 405 METHOD_NOT_ALLOWED, ' +

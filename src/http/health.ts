@@ -1,24 +1,48 @@
 import type { FastifyPluginAsync } from 'fastify'
+import { z } from 'zod'
 import { deviceStats } from '../projections/devices.js'
 import { countModels } from '../projections/models.js'
 import { countOpenTasks } from '../projections/tasks.js'
 import { version } from '../version.js'
 import type { Services } from './context.js'
+import { Timestamp } from './responses.js'
 
 /** Projections further behind the log than this make the platform `degraded`. */
 const LAG_DEGRADED = 1000
+
+const Status = z.enum(['healthy', 'degraded', 'unhealthy'])
+const Health = z.object({ status: z.literal('healthy'), version: z.string(), timestamp: Timestamp })
+const Part = <T extends z.ZodRawShape>(shape: T) => z.object({ status: Status, ...shape })
+const HealthDetailed = z.object({
+  status: Status,
+  version: z.string(),
+  timestamp: Timestamp,
+  services: z.object({
+    device_registry: Part({ devices: z.number().int() }),
+    resource_pool: Part({ available: z.number().int() }),
+    job_manager: Part({ active_jobs: z.number().int() }),
+    model_store: Part({ models: z.number().int() }),
+    websocket: Part({ connections: z.number().int() }),
+    event_store: Part({ adapter: z.string(), head: z.string().optional().describe('position of the last event'), error: z.string().optional() }),
+    projections: Part({
+      items: z.array(z.object({ name: z.string(), state: z.string(), checkpoint: z.string(), lag: z.number(), error: z.string().optional() })),
+    }),
+  }),
+  resources: z.object({ devices: z.object({ total: z.number().int(), idle: z.number().int(), busy: z.number().int(), offline: z.number().int() }) }),
+  jobs: z.object({ queued_tasks: z.number().int(), leased_tasks: z.number().int() }),
+})
 
 /** `GET /health` and `GET /health/detailed`: no auth. */
 export const healthRoutes: FastifyPluginAsync<{ services: Services }> = async (app, { services }) => {
   const config = { auth: 'none' as const, rateLimit: false }
 
-  app.get('/health', { config, schema: { summary: 'Basic health check', tags: ['health'] } }, async () => ({
+  app.get('/health', { config, schema: { summary: 'Basic health check', tags: ['health'], response: { 200: Health } } }, async () => ({
     status: 'healthy',
     version,
     timestamp: new Date().toISOString(),
   }))
 
-  app.get('/health/detailed', { config, schema: { summary: 'Health of every service, the event store and the projections', tags: ['health'] } }, async (_request, reply) => {
+  app.get('/health/detailed', { config, schema: { summary: 'Health of every service, the event store and the projections (503 with the same body when the event store is unreachable)', tags: ['health'], response: { 200: HealthDetailed, 503: HealthDetailed } } }, async (_request, reply) => {
     const [eventStore, projections, models, devices, tasks] = await Promise.all([
       services.store.headPosition().then(
         (head) => ({ status: 'healthy', adapter: services.store.constructor.name, head: head.toString() }),
