@@ -25,6 +25,8 @@ import type { BenchContext } from './run.js'
 const RPS = Number(process.env.BENCH_HOSTILE_RPS ?? 20)
 const SECONDS = Number(process.env.BENCH_SECONDS ?? 15)
 const STREAMS = 100
+/** Which hostile parts run (comma-separated; default all): regex, images, badKeys, duplicates, streams. To find which one costs most. */
+const PARTS = new Set((process.env.BENCH_HOSTILE_PARTS ?? 'regex,images,badKeys,duplicates,streams').split(','))
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
 const fixed = (x: number, digits = 1) => (Number.isFinite(x) ? x.toFixed(digits) : 'NaN')
 
@@ -92,7 +94,7 @@ const p99 = (values: number[]) => {
 function hostile(base: string, key: string, models: { regex: string; image: string }, watched: string, stop: AbortSignal, log: (line: string) => void): Promise<void>[] {
   const sent = { regex: 0, images: 0, badKeys: 0, duplicates: 0, streams: 0 }
   const loop = async (name: keyof typeof sent, once: () => Promise<unknown>, pauseMs: number) => {
-    while (!stop.aborted) {
+    while (!stop.aborted && PARTS.has(name)) {
       await once().catch(() => {})
       sent[name]++
       await sleep(pauseMs)
@@ -113,7 +115,7 @@ function hostile(base: string, key: string, models: { regex: string; image: stri
     loop('duplicates', () => json('/projects', { name: 'same', type: 'realtime' }, { 'idempotency-key': 'hostile-duplicate-create' }), 10),
   ]
   // live project streams, held open
-  parts.push(
+  if (PARTS.has('streams')) parts.push(
     (async () => {
       const opened = await Promise.allSettled(
         Array.from({ length: STREAMS }, () =>

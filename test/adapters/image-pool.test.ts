@@ -90,3 +90,24 @@ t.test('the image settings come from the environment, checked', async (t) => {
   t.throws(() => readImageSettings({ IMAGE_MAX_PIXELS: 'lots' }), /^invalid image settings: IMAGE_MAX_PIXELS="lots": must be a whole number/)
   t.throws(() => adaptersFromEnv({ IMAGE_DECODE_THREADS: '0' }), /IMAGE_DECODE_THREADS="0"/)
 })
+
+t.test('decoding threads run below the event loop (nice 10 on Linux): a decode storm cannot starve the server', { skip: process.platform !== 'linux' && 'per-thread nice values are Linux' }, async (t) => {
+  const { readdir, readFile } = await import('node:fs/promises')
+  const nice = async () => {
+    const values: number[] = []
+    for (const tid of await readdir('/proc/self/task')) {
+      const stat = await readFile(`/proc/self/task/${tid}/stat`, 'utf8').catch(() => '')
+      // fields after the command's closing parenthesis: state is field 3, nice field 19
+      const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ')
+      if (fields.length > 16) values.push(Number(fields[16]))
+    }
+    return values
+  }
+  t.notOk((await nice()).includes(10), 'no thread is niced before the pool starts')
+  const adapters = new InProcessAdapters({ image: { threads: 1 } })
+  t.teardown(() => adapters.close())
+  await adapters.preprocess(image, [{ image: pngBase64(4, 4, () => RED) }], () => 'input')
+  const values = await nice()
+  t.ok(values.includes(10), `a decoding thread runs at nice 10 (${values.join(',')})`)
+  t.equal(values[0], 0, 'the main thread keeps its priority')
+})
