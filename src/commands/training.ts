@@ -1,4 +1,5 @@
 import { createHash } from 'node:crypto'
+import { setTimeout as sleep } from 'node:timers/promises'
 import { Readable } from 'node:stream'
 import type { Kysely } from 'kysely'
 import type { BlobStore } from '../blobs/blob-store.js'
@@ -651,13 +652,26 @@ export class TrainingCoordinator {
     return run
   }
 
+  /**
+   * Ends the job as failed: its devices leave at once, and the failure is recorded, again and again (backing
+   * off to 5 s) while the store refuses it. Forgetting the job with the failure unrecorded would leave it
+   * `running` in the log with no device on it until a restart. A refusal of the decider (the job ended
+   * meanwhile) needs no record; a stop leaves the job to the next start's recovery, which loads it from the log.
+   */
   private async fail(job: LiveJob, message: string): Promise<void> {
-    try {
-      await this.command(job, { type: 'FailTraining', error: message, at: this.at() })
-    } catch (error) {
-      this.options.log?.(`training ${job.spec.job_id}: recording the failure: ${(error as Error).message}`)
-    }
     this.leaveAll(job.spec.job_id, 'the job failed')
+    const failure: TrainingCommand = { type: 'FailTraining', error: message, at: this.at() }
+    for (let pause = 100; ; pause = Math.min(pause * 2, FAIL_RETRY_MAX_MS)) {
+      try {
+        await this.command(job, failure)
+        break
+      } catch (error) {
+        if (error instanceof DomainError) break
+        this.options.log?.(`training ${job.spec.job_id}: recording the failure: ${(error as Error).message}${this.stopped ? '' : `; again in ${pause} ms`}`)
+        if (this.stopped) break
+        await sleep(pause)
+      }
+    }
     this.forget(job.spec.job_id)
     this.rebalance()
   }
@@ -676,6 +690,9 @@ export class TrainingCoordinator {
     return { customerId, occurredAt: this.at() }
   }
 }
+
+/** Longest pause between two tries to record a job's failure. */
+const FAIL_RETRY_MAX_MS = 2000
 
 /** The id of the model a job registers: derived from the job, so a retry after a crash finds it. */
 const trainedModelIdOf = (jobId: string) => `model_${jobId.replace(/^train_/, '')}_trained`

@@ -51,3 +51,38 @@ t.test('pause, resume and cancel that fail the job internally answer 409 with th
   t.match(cancel.body.error?.message, /already failed \(the disk is full \(TrainingCancelled\)\)/)
   t.same(await phases(cancelled), ['TrainingFailed'])
 })
+
+/**
+ * Given an internal error that fails the job, and a store that refuses the failure's record too (twice), the
+ * coordinator keeps trying: the job ends `failed` in the log, not `running` with no device until a restart.
+ */
+t.test('a failure the store refuses to record at first is recorded on a later try', async (t) => {
+  const { api, model, store } = await trainingSetup(t, { devices: 1 })
+  const append = store.append.bind(store)
+  let pauseFailures = 1
+  let failureRefusals = 2
+  store.append = async (streamId, events, options) => {
+    if (streamId.startsWith('training-')) {
+      if (pauseFailures > 0 && events.some((e) => e.type === 'TrainingPaused')) {
+        pauseFailures--
+        throw new Error('the disk is full (TrainingPaused)')
+      }
+      if (failureRefusals > 0 && events.some((e) => e.type === 'TrainingFailed')) {
+        failureRefusals--
+        throw new Error('the disk is still full (TrainingFailed)')
+      }
+    }
+    return append(streamId, events, options)
+  }
+  t.teardown(() => {
+    store.append = append
+  })
+  const endless = trainingBody(model.id, { data: { total_samples: 1_000_000 }, training: { target_accuracy: undefined, epochs: 100 } })
+  const jobId = (await api('POST', '/training', endless)).body.job_id as string
+  const pause = await api('POST', `/training/${jobId}/pause`)
+  t.equal(pause.status, 409, JSON.stringify(pause.body))
+  t.equal(failureRefusals, 0, 'the failure was refused twice')
+  const types = (await store.readStream(trainingStream(jobId))).map((e) => e.type)
+  t.ok(types.includes('TrainingFailed'), `the failure is in the log (${types.join(', ')})`)
+  t.equal((await api('GET', `/training/${jobId}`)).body.status, 'failed')
+})
