@@ -175,3 +175,28 @@ t.test('a request killed before it created anything is run by the retry, once', 
   t.same(again.body, retry.body)
   t.equal(await count('ProjectCreated'), requested + 1)
 })
+
+t.test('a dataset upload: the same dataset, uploaded once', async (t) => {
+  const csv = Buffer.from(['f0,f1,label', ...Array.from({ length: 10 }, (_, i) => `${i},${i % 3},${i % 2}`)].join('\n'))
+  const form = () => {
+    const parts = multipart({ name: 'crash-data' }, { field: 'file', name: 'd.csv', content: csv })
+    return { route: '/datasets', payload: parts.payload, headers: parts.headers }
+  }
+  const [first, retry] = await crashThenRetry(form, 'crash-dataset')
+  t.equal(first.status, 201, JSON.stringify(first.body))
+  t.same(retry, { ...first, replayed: 'true' })
+  t.equal((await api('/datasets')).total, 1, 'one dataset')
+})
+
+t.test('a synchronous inference whose job has not finished: the retry names the one job, as a timeout does', async (t) => {
+  // a cloud device that takes tasks and never answers (the request asks for aws, so only it takes it)
+  const silent = await SimDevice.connect(url)
+  await silent.register({ instanceType: 'aws', enrollmentToken: (await context.enrollmentToken({ instance_type: 'aws' })).token, sdkUuid: 'sdk-nodejs-silent1' })
+  t.teardown(() => silent.kill())
+  const requested = await count('InferenceRequested')
+  const [first, retry] = await crashThenRetry({ route: '/inference', payload: { model_id: model.id, input: input(7), options: { instance_type: 'aws', timeout: 50 } } }, 'crash-running')
+  t.equal(first.status, 504, JSON.stringify(first.body))
+  t.equal(retry.status, 504, JSON.stringify(retry.body))
+  t.match(retry.body.error, { code: 'TIMEOUT', job_id: first.body.error.job_id, message: /poll \/api\/v1\/inference\// })
+  t.equal(await count('InferenceRequested'), requested + 1)
+})
