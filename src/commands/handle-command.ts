@@ -155,3 +155,10 @@ function findRepeat(recorded: RecordedEvent[], idempotencyKey: string): number[]
   }
   return indexes.length > 0 ? indexes : undefined
 }
+
+/** A stream's state, folded from its events; undefined for a stream that does not exist. */
+export async function loadState<Command, Event extends DomainEvent, State>(store: EventStore, streamId: string, decider: Decider<Command, Event, State>): Promise<State | undefined> {
+  const recorded = await store.readStream(streamId)
+  if (recorded.length === 0) return undefined
+  return recorded.map((e) => decider.parse({ type: e.type, data: e.data, schemaVersion: e.metadata.schemaVersion ?? 1 })).reduce(decider.evolve, decider.initialState())
+}

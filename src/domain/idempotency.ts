@@ -9,16 +9,22 @@ import { DomainError } from './errors.js'
  * again). Within IDEMPOTENCY_WINDOW_MS of the claim a repeat gets the recorded answer; after it, the key is
  * new. The stream is named per customer and key (`idempotencyStream`), so another customer's key never meets
  * this one, and its first append expects no stream: of concurrent duplicates, exactly one claims it.
+ *
+ * What the request creates is named by the claim's `seed` (see `createdId` in src/http/idempotency.ts), and
+ * the create appends to that new stream expecting none: two runs of one request can never create two things.
+ * A claim left without an outcome past its `runs_until` (the server stopped mid-request) is abandoned: the
+ * same request takes it over with the same seed, so a retry finds what the first run created, if it did, and
+ * answers from it instead of creating it again. A claim after a release keeps the seed too (for the same
+ * request), so a key names one thing within its window whatever happened to the runs before.
  */
 
 /** How long a key stands for its first request: 24 hours from the claim. */
 export const IDEMPOTENCY_WINDOW_MS = 24 * 60 * 60 * 1000
 /**
- * A claim with neither answer nor release this long after it was made is abandoned (the server that took it
- * stopped mid-request) and the key may be claimed again. Longer than any request runs: a synchronous
- * inference waits at most 10 minutes.
+ * A claim recorded before claims had `runs_until` is abandoned this long after it was made (longer than any
+ * request ran: a synchronous inference waits at most 10 minutes).
  */
-export const ABANDONED_AFTER_MS = 15 * 60 * 1000
+export const LEGACY_ABANDONED_AFTER_MS = 15 * 60 * 1000
 
 const KeyClaimed = z.object({
   type: z.literal('IdempotencyKeyClaimed'),
@@ -33,6 +39,13 @@ const KeyClaimed = z.object({
     method: z.string(),
     route: z.string(),
     claimed_at: z.string(),
+    /**
+     * Names what the request creates (`createdId`): this claim's id, or for a claim that takes over an
+     * abandoned or released one of the same request, that one's seed. Absent in older claims: the claim id.
+     */
+    seed: z.string().optional(),
+    /** Past this time with no outcome the claim is abandoned (its server stopped). Absent in older claims: 15 minutes after it. */
+    runs_until: z.string().optional(),
   }),
 })
 const RequestAnswered = z.object({
@@ -62,7 +75,8 @@ export type KeyClaim = z.infer<typeof KeyClaimed>['data']
 export type RecordedAnswer = z.infer<typeof RequestAnswered>['data']
 
 export type IdempotencyCommand =
-  | { type: 'ClaimKey'; claim: KeyClaim }
+  /** The seed is the decider's to give (a new one, or the seed of the claim this one takes over). */
+  | { type: 'ClaimKey'; claim: Omit<KeyClaim, 'seed'> }
   | { type: 'AnswerRequest'; answer: RecordedAnswer }
   | { type: 'ReleaseKey'; claimId: string; status: number; at: string }
 
@@ -73,16 +87,26 @@ export interface IdempotencyState {
   released: boolean
 }
 
-/** Where a key stands at a time: free to claim, answered (replay the answer), or in progress elsewhere (wait). */
-export type KeyStanding = 'free' | 'answered' | 'in_progress'
+/**
+ * Where a key stands at a time: new (no claim in the window), released (free again; a claim of the same
+ * request keeps the seed), answered (replay the answer), in progress elsewhere (wait), or abandoned (the same
+ * request takes the claim over).
+ */
+export type KeyStanding = 'new' | 'released' | 'answered' | 'in_progress' | 'abandoned'
 
 export function standing(state: IdempotencyState, at: Date): KeyStanding {
   const claim = state.claim
-  if (!claim || state.released) return 'free'
-  const age = at.getTime() - Date.parse(claim.claimed_at)
-  if (age >= IDEMPOTENCY_WINDOW_MS) return 'free'
+  if (!claim || at.getTime() - Date.parse(claim.claimed_at) >= IDEMPOTENCY_WINDOW_MS) return 'new'
+  if (state.released) return 'released'
   if (state.answer) return 'answered'
-  return age >= ABANDONED_AFTER_MS ? 'free' : 'in_progress'
+  return at.getTime() >= runsUntil(claim) ? 'abandoned' : 'in_progress'
+}
+
+/** The seed that names what a claim's request creates. */
+export const seedOf = (claim: KeyClaim) => claim.seed ?? claim.claim_id
+
+function runsUntil(claim: KeyClaim): number {
+  return claim.runs_until !== undefined ? Date.parse(claim.runs_until) : Date.parse(claim.claimed_at) + LEGACY_ABANDONED_AFTER_MS
 }
 
 export const idempotencyStream = (customerId: string, keySha256: string) => `idempotency-${customerId}-${keySha256}`
@@ -102,20 +126,26 @@ export const idempotencyDecider: Decider<IdempotencyCommand, IdempotencyEvent, I
   },
 
   /**
-   * ClaimKey claims a free key; on a key that stands for the same request it appends nothing (the caller
-   * replays the answer or waits for it); on one that stands for another request it refuses.
+   * ClaimKey claims a new or released key, and takes over an abandoned claim of the same request (keeping
+   * its seed: the retry finds what the first run created); on a key that stands for the same request and is
+   * answered or in progress it appends nothing (the caller replays the answer or waits for it); on one that
+   * stands for another request it refuses.
    */
   decide(command, state) {
     switch (command.type) {
       case 'ClaimKey': {
         const now = standing(state, new Date(command.claim.claimed_at))
-        if (now === 'free') return [{ type: 'IdempotencyKeyClaimed', data: command.claim }]
+        const claimed = (seed: string): IdempotencyEvent[] => [{ type: 'IdempotencyKeyClaimed', data: { ...command.claim, seed } }]
+        if (now === 'new') return claimed(command.claim.claim_id)
         const first = state.claim!
-        if (first.fingerprint !== command.claim.fingerprint) {
+        const same = first.fingerprint === command.claim.fingerprint
+        // released: nothing was created (as far as its run knew); another request may have the key
+        if (now === 'released') return claimed(same ? seedOf(first) : command.claim.claim_id)
+        if (!same) {
           const other = first.method !== command.claim.method || first.route !== command.claim.route ? ` (${first.method} ${first.route})` : ' with another body'
           throw new DomainError('IDEMPOTENCY_MISMATCH', `this Idempotency-Key was used for another request${other} in the last 24 hours; send the same request, or use a new key`)
         }
-        return []
+        return now === 'abandoned' ? claimed(seedOf(first)) : []
       }
       case 'AnswerRequest':
         if (!current(state, command.answer.claim_id)) return []

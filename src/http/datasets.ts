@@ -1,4 +1,4 @@
-import type { FastifyPluginAsync } from 'fastify'
+import type { FastifyPluginAsync, FastifyReply, FastifyRequest } from 'fastify'
 import type { ZodTypeProvider } from 'fastify-type-provider-zod'
 import { z } from 'zod'
 import { DatasetError, parseDataset } from '../datasets/parse.js'
@@ -7,8 +7,8 @@ import { DomainError } from '../domain/errors.js'
 import { type DatasetRow, findDataset, findDatasetFile, listDatasets } from '../projections/datasets.js'
 import { customerOf } from './auth.js'
 import { execute, type Services } from './context.js'
-import { claimUpload } from './idempotency.js'
-import { newId } from './ids.js'
+import { claimUpload, createdId } from './idempotency.js'
+import { loadState } from '../commands/handle-command.js'
 import { readUpload, zodMessage } from './models.js'
 import { pageQuery } from './pagination.js'
 
@@ -23,8 +23,15 @@ export const datasetRoutes: FastifyPluginAsync<{ services: Services }> = async (
   const app = base.withTypeProvider<ZodTypeProvider>()
   const config = { auth: 'api_key' as const }
 
+  /** The dataset an earlier run of this upload created (read from its stream: it may be deleted since). */
+  async function recoverDataset(request: FastifyRequest, reply: FastifyReply) {
+    const dataset = (await loadState(services.store, datasetStream(createdId(request, 'ds')), datasetDecider))?.dataset
+    if (!dataset || dataset.customer_id !== customerOf(request)) return undefined
+    return reply.status(201).send(datasetView(dataset))
+  }
+
   app.post('/datasets', {
-    config: { ...config, idempotent: { upload: true }, upload: true, success: { 201: 'The dataset' } },
+    config: { ...config, idempotent: { upload: true, recover: recoverDataset }, upload: true, success: { 201: 'The dataset' } },
     schema: { summary: 'Upload a training dataset (multipart/form-data: file, name, format)', tags: ['datasets'], consumes: ['multipart/form-data'] },
   }, async (request, reply) => {
     if (!request.isMultipart()) throw new DomainError('UNSUPPORTED_MEDIA_TYPE', 'send the dataset as multipart/form-data with the file in the "file" field')
@@ -50,7 +57,7 @@ export const datasetRoutes: FastifyPluginAsync<{ services: Services }> = async (
       let classes = 0
       for (const label of data.labels) classes = Math.max(classes, label + 1)
       const dataset: DatasetDescription = {
-        dataset_id: newId('ds'),
+        dataset_id: createdId(request, 'ds'),
         customer_id: customerId,
         name: parsed.data.name ?? filename?.replace(/\.[^.]+$/, '') ?? 'dataset',
         format,

@@ -3,21 +3,34 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import { handleCommand } from '../commands/handle-command.js'
 import { DomainError } from '../domain/errors.js'
-import { idempotencyDecider, type IdempotencyCommand, idempotencyStream } from '../domain/idempotency.js'
+import { idempotencyDecider, type IdempotencyCommand, idempotencyStream, seedOf } from '../domain/idempotency.js'
 import type { EventStore } from '../event-store/port.js'
 import { customerOf, sha256 } from './auth.js'
+import { derivedId, newId } from './ids.js'
 
 /**
- * `Idempotency-Key` on the routes that create (see docs/api.md, "Idempotent requests"). A route opts in
- * with `config.idempotent`; the key is claimed in the log before the handler runs (for an upload, once the
- * handler has read it: `claimUpload`), and the answer is recorded as it is sent. A repeat within 24 hours
- * gets the first answer, marked `Idempotent-Replayed: true`, and runs nothing.
+ * `Idempotency-Key` on the routes that create (see README, "Idempotent requests", and docs/event-store.md).
+ * A route opts in with `config.idempotent`; the key is claimed in the log before the handler runs (for an
+ * upload, once the handler has read it: `claimUpload`), and the answer is recorded as it is sent. A repeat
+ * within 24 hours gets the first answer, marked `Idempotent-Replayed: true`, and runs nothing.
+ *
+ * A server can stop between the create and the record of its answer. So the route names what it creates
+ * with `createdId` (the same id for every run of the request under one key), creates it on a new stream
+ * (expecting none), and says in `recover` how to answer from it: a retry that takes over the claim asks
+ * `recover` first, and runs the route only when nothing was created.
  */
 export interface IdempotentRoute {
   /** Request headers that change what the route does (e.g. `x-async`): part of what a repeat must match. Default none. */
   headers?: readonly string[]
   /** A multipart upload: the handler reads it, then calls `claimUpload` with its fields and file. Default false. */
   upload?: boolean
+  /**
+   * Sends the route's answer for what this request created (found by `createdId`), or resolves undefined
+   * when it created nothing; may throw the route's error answer (one with a `job_id`).
+   */
+  recover(request: FastifyRequest, reply: FastifyReply): Promise<FastifyReply | undefined>
+  /** How long the route may wait on top of its work (a synchronous inference: its timeout), in ms. Default 0. */
+  waits?(request: FastifyRequest): number
 }
 
 /** The key a request holds, and what became of its claim. */
@@ -27,13 +40,15 @@ interface HeldKey {
   streamId: string
   /** Set when this request claimed the key (it runs the route and records the answer). */
   claimId?: string
+  /** What the claimed request's creates are named by (`createdId`). */
+  seed?: string
   settled?: boolean
 }
 
 declare module 'fastify' {
   interface FastifyContextConfig {
-    /** The route takes an `Idempotency-Key` (`true`: its JSON body, parameters and query are the request). */
-    idempotent?: true | IdempotentRoute
+    /** The route takes an `Idempotency-Key`: its JSON body (or upload), parameters, query and `headers` are the request. */
+    idempotent?: IdempotentRoute
   }
   interface FastifyRequest {
     idempotency: HeldKey | undefined
@@ -46,6 +61,12 @@ export const REPLAYED_HEADER = 'idempotent-replayed'
 const KEY = /^[\x21-\x7e]{1,255}$/
 /** How long a repeat waits for the first request, still running, to answer. */
 const WAIT_MS = 60_000
+/**
+ * How long a claimed request may run, besides what it `waits`, before its claim counts as abandoned (its
+ * server stopped) and a retry takes it over. Creates take well under it (the longest waits are the 10 s for
+ * the read models). Short, because a takeover is safe: it answers from what the first run created.
+ */
+export const RUNS_FOR_MS = 2 * 60 * 1000
 
 export interface IdempotencyOptions {
   store: EventStore
@@ -56,7 +77,7 @@ export function registerIdempotency(app: FastifyInstance, options: IdempotencyOp
   app.decorateRequest('idempotency', undefined)
 
   app.addHook('preHandler', async (request, reply) => {
-    const route = routeOf(request)
+    const route = request.routeOptions.config?.idempotent
     if (!route) return
     const key = keyOf(request)
     if (key === undefined) return
@@ -88,24 +109,40 @@ export async function claimUpload(options: IdempotencyOptions, request: FastifyR
 }
 
 /**
+ * The id the request's create gives what it creates: derived from its claim's seed, so that every run of the
+ * request under one key gives the same (a new one each call without a key).
+ */
+export function createdId(request: FastifyRequest, prefix: string): string {
+  const seed = request.idempotency?.seed
+  return seed ? derivedId(prefix, seed) : newId(prefix)
+}
+
+/**
  * 1. claim the key for this request; 2. if it stands for the same request already, replay its answer, or
- * wait for it while the first request still runs (a release frees the key, and this request claims it).
+ * wait for it while the first request still runs (a release frees the key, and this request claims it);
+ * 3. a claim that took over the seed of an earlier run (abandoned, or released) answers from what that run
+ * created, if it did, instead of running the route.
  */
 async function claim(options: IdempotencyOptions, request: FastifyRequest, reply: FastifyReply, parts: unknown): Promise<FastifyReply | undefined> {
   const held = request.idempotency!
+  const route = request.routeOptions.config.idempotent!
   const fingerprint = sha256(canonicalJson({ method: request.method, route: request.routeOptions.url, parts }))
   const started = performance.now()
   for (let pause = 25; ; pause = Math.min(pause * 2, 250)) {
     const claimId = randomUUID()
-    const at = options.now().toISOString()
+    const now = options.now()
+    const at = now.toISOString()
+    const runsUntil = new Date(now.getTime() + RUNS_FOR_MS + (route.waits?.(request) ?? 0)).toISOString()
     const command: IdempotencyCommand = {
       type: 'ClaimKey',
-      claim: { claim_id: claimId, customer_id: held.customerId, key_sha256: sha256(held.key), fingerprint, method: request.method, route: request.routeOptions.url ?? request.url, claimed_at: at },
+      claim: { claim_id: claimId, customer_id: held.customerId, key_sha256: sha256(held.key), fingerprint, method: request.method, route: request.routeOptions.url ?? request.url, claimed_at: at, runs_until: runsUntil },
     }
     const result = await handleCommand(options.store, held.streamId, idempotencyDecider, command, { metadata: { customerId: held.customerId, occurredAt: at } })
-    if (result.events.length > 0) {
+    const claimed = result.events[0]
+    if (claimed?.type === 'IdempotencyKeyClaimed') {
       held.claimId = claimId
-      return undefined
+      held.seed = seedOf(claimed.data)
+      return held.seed === claimId ? undefined : recover(request, reply, route)
     }
     const answer = result.state.answer
     if (answer) {
@@ -117,6 +154,14 @@ async function claim(options: IdempotencyOptions, request: FastifyRequest, reply
     }
     await sleep(pause)
   }
+}
+
+/** Answers from what an earlier run of the request created, if it did (undefined: run the route). */
+async function recover(request: FastifyRequest, reply: FastifyReply, route: IdempotentRoute): Promise<FastifyReply | undefined> {
+  void reply.header(REPLAYED_HEADER, 'true') // the answer is the first run's, not a new run's
+  const recovered = await route.recover(request, reply)
+  if (!recovered) reply.removeHeader(REPLAYED_HEADER)
+  return recovered
 }
 
 /**
@@ -143,11 +188,6 @@ function namesCreatedJob(body: string): boolean {
   } catch {
     return false
   }
-}
-
-function routeOf(request: FastifyRequest): IdempotentRoute | undefined {
-  const idempotent = request.routeOptions.config?.idempotent
-  return idempotent === true ? {} : idempotent
 }
 
 /** The request's key, undefined without one; a malformed key is refused. */

@@ -1,4 +1,4 @@
-import type { FastifyPluginAsync, FastifyRequest } from 'fastify'
+import type { FastifyPluginAsync, FastifyReply, FastifyRequest } from 'fastify'
 import type { ZodTypeProvider } from 'fastify-type-provider-zod'
 import { z } from 'zod'
 import { type TaskOutcome, tensorBytes } from '../commands/scheduler.js'
@@ -13,7 +13,8 @@ import { FLOAT32_MAX, FLOAT32_MESSAGE, isNumberArray } from '../protocol/numbers
 import { customerOf } from './auth.js'
 import { execute, readYourWrites, type Services } from './context.js'
 import { SchemaValidators } from './json-schema.js'
-import type { StreamStart } from '../commands/handle-command.js'
+import { loadState, type StreamStart } from '../commands/handle-command.js'
+import { createdId } from './idempotency.js'
 import { WrongExpectedRevisionError } from '../event-store/errors.js'
 import { pageQuery } from './pagination.js'
 import { newId } from './ids.js'
@@ -61,6 +62,13 @@ const BatchBody = z.object({
   project_id: z.string().min(1).max(64).optional(),
   options: z.object({ prefer_gpu: z.boolean().optional(), instance_type: z.enum(['aws', 'user']).optional(), validation: Validation }).optional(),
 })
+
+const SingleQuery = z.object({
+  async: z.enum(['true', 'false']).optional(),
+  raw: z.enum(['true', 'false']).optional().describe('true: the raw output tensor even when the model has a postprocessing adapter'),
+})
+/** What of a single request says how long it waits: read without the input (up to a million values). */
+const Waiting = z.object({ async: z.boolean().optional(), options: z.object({ timeout: z.number().optional() }).optional() })
 
 const JobParams = z.object({ jobId: z.string().min(1).max(80) })
 const DEFAULT_TIMEOUT_MS = 30_000
@@ -203,6 +211,8 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
     body: { model_id: string; project_id?: string | undefined; name?: string | undefined },
     rawInputs: unknown[],
     kind: 'single' | 'batch',
+    /** The id the job gets (`createdId`: the same for every run of one request under one Idempotency-Key). */
+    jobId: string,
     mode: 'sync' | 'async',
     placement: { prefer_gpu?: boolean | undefined; instance_type?: 'aws' | 'user' | undefined; validation?: ValidationMode | undefined } | undefined,
     /** Called with the task ids before they are queued: a waiter set up here cannot miss the outcome. */
@@ -218,7 +228,6 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
     const record = async (project: Awaited<ReturnType<typeof projectFor>>) => {
       const projectId = project.id
       const validation = resolvePolicy(placement?.validation, project.validation, { mode: model.validation ?? undefined, tolerance: model.validation_tolerance ?? undefined }, services.limits.validationSpotRate)
-      const jobId = newId(kind === 'single' ? 'infer' : 'batch')
       const at = services.now().toISOString()
       const sizes = kind === 'single' ? [1] : chunkSizes(inputs.length, capacity)
       const tasks = sizes.map((n, i) => ({ task_id: inferenceTaskId(jobId, i), inputs: n }))
@@ -279,13 +288,44 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
     }
   }
 
+  /** The job an earlier run of this request created (from its stream: the read models may lag), if it did. */
+  async function earlierJob(request: FastifyRequest, prefix: 'infer' | 'batch') {
+    const job = (await loadState(services.store, inferenceStream(createdId(request, prefix)), inferenceDecider))?.request
+    return job && job.customer_id === customerOf(request) ? job : undefined
+  }
+
+  /** A single request's job as its first run would have answered: queued (async), else its outcome so far. */
+  async function recoverSingle(request: FastifyRequest, reply: FastifyReply) {
+    const job = await earlierJob(request, 'infer')
+    if (!job) return undefined
+    if (job.mode === 'async') return reply.status(202).send(queuedSingle(job.job_id))
+    // the outcome so far, from the read models once they hold what the log holds
+    await readYourWrites(services, await services.store.headPosition())
+    const row = await findJob(services.db, job.customer_id, job.job_id)
+    const { results: [only] } = await jobResults(services.db, job.job_id, { limit: 1, offset: 0 })
+    const status = row && only ? jobStatus(row) : 'queued'
+    if (status === 'failed' || status === 'cancelled') throw notCompleted(job.job_id, status === 'failed' ? (only?.error ?? 'the task failed') : undefined)
+    if (status !== 'completed' || !only?.output) {
+      throw new DomainError('TIMEOUT', `no result yet (this request's first run stopped before it answered); the job goes on: poll /api/v1/inference/${job.job_id}`, { job_id: job.job_id })
+    }
+    const model = await findModel(services.db, job.customer_id, job.model_id)
+    const [result] = await present(model, [only.output], SingleQuery.parse(request.query).raw === 'true')
+    const latency = Date.parse(only.finished_at ?? job.requested_at) - Date.parse(job.requested_at)
+    return reply.send({ job_id: job.job_id, status: 'completed', result, latency_ms: Math.max(0, Math.round(latency)), device_id: only.device_id })
+  }
+
+  async function recoverBatch(request: FastifyRequest, reply: FastifyReply) {
+    const job = await earlierJob(request, 'batch')
+    return job && reply.status(202).send(queuedBatch(job.job_id, job.project_id, job.tasks.reduce((n, task) => n + task.inputs, 0)))
+  }
+
   app.post('/inference', {
-    config: { ...config, idempotent: { headers: ['x-async'] }, success: { 200: 'The result (synchronous)', 202: 'Queued (asynchronous): poll `poll_url`' } },
+    config: { ...config, idempotent: { headers: ['x-async'], recover: recoverSingle, waits: (request) => waitOf(request) ?? 0 }, success: { 200: 'The result (synchronous)', 202: 'Queued (asynchronous): poll `poll_url`' } },
     schema: {
       summary: 'Run inference on one input: synchronous by default; ?async=true, X-Async: true or "async": true for 202 and a poll URL',
       tags: ['inference'],
       body: SingleBody,
-      querystring: z.object({ async: z.enum(['true', 'false']).optional(), raw: z.enum(['true', 'false']).optional().describe('true: the raw output tensor even when the model has a postprocessing adapter') }),
+      querystring: SingleQuery,
     },
   }, async (request, reply) => {
     const customerId = customerOf(request)
@@ -295,7 +335,7 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
     let waiting: Promise<TaskOutcome> | undefined
     // a submit that fails after the wait began ends the wait (no outcome will come), not its timeout
     const submitted = new AbortController()
-    const { jobId, model } = await submit(customerId, body, [body.input], 'single', mode, body.options, (taskIds) => {
+    const { jobId, model } = await submit(customerId, body, [body.input], 'single', createdId(request, 'infer'), mode, body.options, (taskIds) => {
       if (mode !== 'sync') return
       waiting = services.scheduler.outcome(taskIds[0]!, body.options?.timeout ?? DEFAULT_TIMEOUT_MS, submitted.signal)
       waiting.catch(() => {}) // awaited below; this only keeps a failed submit from leaving it unhandled
@@ -303,9 +343,7 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
       submitted.abort(error)
       throw error
     })
-    if (mode === 'async' || !waiting) {
-      return reply.status(202).send({ job_id: jobId, status: 'queued', message: 'Inference job queued', poll_url: `/api/v1/inference/${jobId}` })
-    }
+    if (mode === 'async' || !waiting) return reply.status(202).send(queuedSingle(jobId))
     let outcome: TaskOutcome
     try {
       outcome = await waiting
@@ -315,20 +353,20 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
       if (why) throw new DomainError((error as DomainError).code, `${why}; the job goes on: poll /api/v1/inference/${jobId}`, { job_id: jobId })
       throw error
     }
-    if (outcome.status !== 'completed') throw new DomainError('INFERENCE_FAILED', outcome.status === 'failed' ? outcome.reason : 'the job was cancelled', { job_id: jobId })
+    if (outcome.status !== 'completed') throw notCompleted(jobId, outcome.status === 'failed' ? outcome.reason : undefined)
     // No wait for the read models here: the answer carries the result, and a GET of the job waits for them.
     const [result] = await present(model, outcome.outputs, request.query.raw === 'true')
     return { job_id: jobId, status: 'completed', result, latency_ms: Math.round(performance.now() - started), device_id: outcome.deviceId }
   })
 
   app.post('/inference/batch', {
-    config: { ...config, idempotent: true, success: { 202: 'Queued: poll `poll_url`' } },
+    config: { ...config, idempotent: { recover: recoverBatch }, success: { 202: 'Queued: poll `poll_url`' } },
     bodyLimit: BATCH_BODY_LIMIT,
     schema: { summary: 'Run inference on many inputs (always asynchronous)', tags: ['inference'], body: BatchBody },
   }, async (request, reply) => {
     const customerId = customerOf(request)
-    const { jobId, total, projectId } = await submit(customerId, request.body, request.body.inputs, 'batch', 'async', request.body.options)
-    return reply.status(202).send({ job_id: jobId, project_id: projectId, status: 'queued', total_tasks: total, poll_url: `/api/v1/inference/${jobId}` })
+    const { jobId, total, projectId } = await submit(customerId, request.body, request.body.inputs, 'batch', createdId(request, 'batch'), 'async', request.body.options)
+    return reply.status(202).send(queuedBatch(jobId, projectId, total))
   })
 
   app.get('/inference/:jobId', {
@@ -390,6 +428,20 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
     const cancelled = await cancelJob(services, customerId, job)
     return { job_id: job.job_id, status: 'cancelled', cancelled_tasks: cancelled }
   })
+}
+
+const queuedSingle = (jobId: string) => ({ job_id: jobId, status: 'queued', message: 'Inference job queued', poll_url: `/api/v1/inference/${jobId}` })
+const queuedBatch = (jobId: string, projectId: string | null, inputs: number) => ({ job_id: jobId, project_id: projectId, status: 'queued', total_tasks: inputs, poll_url: `/api/v1/inference/${jobId}` })
+
+/** A synchronous request's answer for a job that failed (with the reason) or was cancelled. */
+const notCompleted = (jobId: string, reason: string | undefined) => new DomainError('INFERENCE_FAILED', reason ?? 'the job was cancelled', { job_id: jobId })
+
+/** How long a synchronous request waits for its result (undefined: it is asynchronous). */
+function waitOf(request: FastifyRequest): number | undefined {
+  const body = Waiting.safeParse(request.body)
+  const query = SingleQuery.safeParse(request.query)
+  if (!body.success || wantsAsync(request, query.success ? query.data : {}, body.data)) return undefined
+  return body.data.options?.timeout ?? DEFAULT_TIMEOUT_MS
 }
 
 /** The model as the adapters see it. */

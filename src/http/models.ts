@@ -1,5 +1,5 @@
 import type {} from '@fastify/multipart'
-import type { FastifyPluginAsync, FastifyRequest } from 'fastify'
+import type { FastifyPluginAsync, FastifyReply, FastifyRequest } from 'fastify'
 import type { ZodTypeProvider } from 'fastify-type-provider-zod'
 import { z } from 'zod'
 import { checkAdapterConfig } from '../adapters/runtime.js'
@@ -11,10 +11,10 @@ import { MAX_JSON_DEPTH, NUL_MESSAGE, nulField, unfitJson } from '../event-store
 import { findModel, listModels, storageUsed } from '../projections/models.js'
 import { customerOf } from './auth.js'
 import { execute, type Services } from './context.js'
-import { claimUpload } from './idempotency.js'
+import { claimUpload, createdId } from './idempotency.js'
+import { loadState } from '../commands/handle-command.js'
 import { checkJsonSchema } from './json-schema.js'
 import { pageQuery } from './pagination.js'
-import { newId } from './ids.js'
 import { VALIDATION_MODES } from '../domain/validation.js'
 
 const Shape = z.array(z.number().int().min(-1)).min(1).max(16)
@@ -166,8 +166,15 @@ export const modelRoutes: FastifyPluginAsync<{ services: Services }> = async (ba
   const app = base.withTypeProvider<ZodTypeProvider>()
   const config = { auth: 'api_key' as const }
 
+  /** The model an earlier run of this upload created (read from its stream: it may be deleted or changed since). */
+  async function recoverModel(request: FastifyRequest, reply: FastifyReply) {
+    const model = (await loadState(services.store, modelStream(createdId(request, 'model')), modelDecider))?.model
+    if (!model || model.customer_id !== customerOf(request)) return undefined
+    return reply.status(201).send(modelView(model))
+  }
+
   app.post('/models', {
-    config: { ...config, idempotent: { upload: true }, upload: true, success: { 201: 'The model' } },
+    config: { ...config, idempotent: { upload: true, recover: recoverModel }, upload: true, success: { 201: 'The model' } },
     schema: {
       summary: 'Upload a model (multipart/form-data: model file, name, format, input_shape, output_shape, input_schema, output_schema, labels, preprocessing, postprocessing)',
       tags: ['models'],
@@ -199,7 +206,7 @@ export const modelRoutes: FastifyPluginAsync<{ services: Services }> = async (ba
         throw error
       }
       const model: ModelDescription = {
-        model_id: newId('model'),
+        model_id: createdId(request, 'model'),
         customer_id: customerId,
         name: input.name ?? filename?.replace(/\.[^.]+$/, '') ?? 'model',
         format,

@@ -1,4 +1,4 @@
-import type { FastifyPluginAsync } from 'fastify'
+import type { FastifyPluginAsync, FastifyReply, FastifyRequest } from 'fastify'
 import type { ZodTypeProvider } from 'fastify-type-provider-zod'
 import { z } from 'zod'
 import { DomainError } from '../domain/errors.js'
@@ -8,7 +8,7 @@ import { findModel } from '../projections/models.js'
 import { findProject, listProjects, projectAnalytics, projectView } from '../projections/projects.js'
 import { customerOf } from './auth.js'
 import { execute, readYourWrites, type Services } from './context.js'
-import { newId } from './ids.js'
+import { createdId } from './idempotency.js'
 import { cancelJob } from './inference.js'
 import { pageQuery, wholeNumber } from './pagination.js'
 import { VALIDATION_MODES } from '../domain/validation.js'
@@ -37,13 +37,20 @@ export const projectRoutes: FastifyPluginAsync<{ services: Services }> = async (
     return project
   }
 
-  app.post('/projects', { config: { ...config, idempotent: true, success: { 201: 'The project' } }, schema: { summary: 'Create a project (type realtime, batch, training or benchmark)', tags: ['projects'], body: CreateBody } }, async (request, reply) => {
+  /** The project an earlier run of this request created. */
+  async function recoverProject(request: FastifyRequest, reply: FastifyReply) {
+    await caughtUp()
+    const project = await findProject(services.db, customerOf(request), createdId(request, 'proj'))
+    return project && reply.status(201).send(projectView(project))
+  }
+
+  app.post('/projects', { config: { ...config, idempotent: { recover: recoverProject }, success: { 201: 'The project' } }, schema: { summary: 'Create a project (type realtime, batch, training or benchmark)', tags: ['projects'], body: CreateBody } }, async (request, reply) => {
     const customerId = customerOf(request)
     const body = request.body
     if (body.model_id && !(await findModel(services.db, customerId, body.model_id))) throw new DomainError('NO_MODEL', `model ${body.model_id} not found`)
     const at = services.now().toISOString()
     const name = body.name ?? `${body.type[0]!.toUpperCase()}${body.type.slice(1)} project of ${at.slice(0, 10)} ${at.slice(11, 16)} UTC`
-    const project = { project_id: newId('proj'), customer_id: customerId, name, project_type: body.type, model_id: body.model_id ?? null, total_tasks: body.total_tasks ?? null, validation: body.validation ?? null, created_at: at }
+    const project = { project_id: createdId(request, 'proj'), customer_id: customerId, name, project_type: body.type, model_id: body.model_id ?? null, total_tasks: body.total_tasks ?? null, validation: body.validation ?? null, created_at: at }
     await execute(services, projectStream(project.project_id), projectDecider, { type: 'CreateProject', project }, { metadata: { customerId, occurredAt: at } })
     return reply.status(201).send(projectView((await findProject(services.db, customerId, project.project_id))!))
   })

@@ -1,18 +1,19 @@
 import { randomInt } from 'node:crypto'
-import type { FastifyPluginAsync } from 'fastify'
+import type { FastifyPluginAsync, FastifyReply, FastifyRequest } from 'fastify'
 import type { ZodTypeProvider } from 'fastify-type-provider-zod'
 import { z } from 'zod'
 import { trainingPlan } from '../commands/training-validation.js'
 import { DomainError } from '../domain/errors.js'
 import { AGGREGATIONS } from '../domain/aggregation.js'
-import { DEFAULT_CLIP_FACTOR, DEFAULT_TRIM_FRACTION, INSTANCE_TYPES, instanceTypesOf, robustnessOf, type TrainingSpec } from '../domain/training-job.js'
+import { DEFAULT_CLIP_FACTOR, DEFAULT_TRIM_FRACTION, INSTANCE_TYPES, instanceTypesOf, robustnessOf, trainingDecider, trainingStream, type TrainingSpec } from '../domain/training-job.js'
 import { LOSSES, OPTIMIZERS, TRAIN_SYNC_MODES } from '../protocol/frames.js'
 import { findDataset } from '../projections/datasets.js'
 import { findModel } from '../projections/models.js'
 import { findTrainingJob, type JobRow, listTrainingJobs, statusOfRow, trainingRounds } from '../projections/training.js'
 import { customerOf } from './auth.js'
 import { readYourWrites, type Services } from './context.js'
-import { newId } from './ids.js'
+import { createdId } from './idempotency.js'
+import { loadState } from '../commands/handle-command.js'
 import { pageQuery } from './pagination.js'
 
 const TrainBody = z.object({
@@ -71,7 +72,20 @@ export const trainingRoutes: FastifyPluginAsync<{ services: Services }> = async 
     return jobView(row)
   }
 
-  app.post('/training', { config: { ...config, idempotent: true, success: { 202: 'Queued' } }, schema: { summary: 'Start a federated training job', tags: ['training'], body: TrainBody } }, async (request, reply) => {
+  /** The answer to a submission: the job, queued, and how many devices could train it now. */
+  function queued(reply: FastifyReply, spec: TrainingSpec, eligible = training.eligibleDevices(spec.resource_config)) {
+    return reply.status(202).send({ job_id: spec.job_id, status: 'queued', estimated_devices: Math.min(eligible, spec.resource_config.max_devices ?? eligible) })
+  }
+
+  /** The job an earlier run of this request submitted. */
+  async function recoverJob(request: FastifyRequest, reply: FastifyReply) {
+    const spec = (await loadState(services.store, trainingStream(createdId(request, 'train')), trainingDecider))?.spec
+    if (!spec || spec.customer_id !== customerOf(request)) return undefined
+    await caughtUp()
+    return queued(reply, spec)
+  }
+
+  app.post('/training', { config: { ...config, idempotent: { recover: recoverJob }, success: { 202: 'Queued' } }, schema: { summary: 'Start a federated training job', tags: ['training'], body: TrainBody } }, async (request, reply) => {
     const customerId = customerOf(request)
     const body = request.body
     const model = await findModel(services.db, customerId, body.model_id)
@@ -99,7 +113,7 @@ export const trainingRoutes: FastifyPluginAsync<{ services: Services }> = async 
     const batchesPerEpoch = Math.ceil(totalSamples / body.data_config.batch_size)
     const at = services.now().toISOString()
     const spec: TrainingSpec = {
-      job_id: newId('train'),
+      job_id: createdId(request, 'train'),
       customer_id: customerId,
       model_id: model.model_id,
       model_name: model.name,
@@ -124,7 +138,7 @@ export const trainingRoutes: FastifyPluginAsync<{ services: Services }> = async 
     }
     const position = await training.submit(spec)
     await readYourWrites(services, position)
-    return reply.status(202).send({ job_id: spec.job_id, status: 'queued', estimated_devices: Math.min(eligible, resources.max_devices ?? eligible) })
+    return queued(reply, spec, eligible)
   })
 
   app.get('/training', {
