@@ -7,6 +7,7 @@ import { handleCommand } from '../../src/commands/handle-command.js'
 import { modelDecider, modelStream } from '../../src/domain/model.js'
 import { type RoundData, trainingDecider, type TrainingSpec, trainingStream } from '../../src/domain/training-job.js'
 import { multipart, testApp } from '../helpers/app.js'
+import { SimDevice } from '../helpers/device.js'
 import { denseOnnxModel } from '../helpers/onnx.js'
 
 const HOUR = 3600_000
@@ -25,7 +26,7 @@ async function setup(t: Test) {
     graceMs: 24 * HOUR,
     now: () => new Date(Date.now() + offsetMs),
   })
-  const send = async (method: string, url: string, form?: ReturnType<typeof multipart>) => {
+  const send = async (method: string, url: string, form?: ReturnType<typeof multipart> | { headers?: undefined; payload: object }) => {
     const response = await context.app.inject({ method, url: `/api/v1${url}`, headers: { ...form?.headers, 'x-api-key': alice.key }, ...(form ? { payload: form.payload } : {}) })
     if (response.statusCode >= 300) throw new Error(`${method} ${url}: ${response.statusCode} ${response.body}`)
     return (response.body ? response.json() : {}) as { id: string; checksum: string }
@@ -44,14 +45,18 @@ async function setup(t: Test) {
       return send('POST', '/datasets', multipart({ name: 'd', format: 'csv' }, { field: 'file', name: 'd.csv', content: Buffer.from(csv) }))
     },
     remove: (url: string) => send('DELETE', url),
+    infer: (modelId: string) => send('POST', '/inference', { payload: { model_id: modelId, input: { data: [1, 2, 3, 4], shape: [1, 4] }, async: true } }) as Promise<unknown> as Promise<{ job_id: string }>,
     stored: (checksum: string) => context.blobs.has(hex(checksum)),
   }
 }
 
 t.test("a deleted model's file is collected once the grace period has passed, not before; live models' files never", async (t) => {
-  const { uploadModel, remove, collectAfter, stored } = await setup(t)
+  const { blobs, uploadModel, remove, collectAfter, stored } = await setup(t)
   const deleted = await uploadModel(1)
   const kept = await uploadModel(2)
+  // uploaded long ago: only the deletion's own grace period keeps the file now
+  const twoDaysAgo = new Date(Date.now() - 48 * HOUR)
+  for (const m of [deleted, kept]) await utimes(blobs.pathOf(hex(m.checksum)), twoDaysAgo, twoDaysAgo)
   await remove(`/models/${deleted.id}`)
 
   t.match(await collectAfter(0), { deleted: 0 }, 'just deleted: kept')
@@ -84,6 +89,21 @@ t.test('a file two models share survives the deletion of one; a dataset keeps it
   await collectAfter(25)
   t.notOk(await stored(second.checksum), 'no model holds it any more')
   t.notOk(await stored(dataset.checksum), 'a deleted dataset releases its file')
+})
+
+t.test('a task waiting to run on a deleted model holds its file until it has finished', async (t) => {
+  const { app, uploadModel, infer, remove, collectAfter, stored } = await setup(t)
+  const device = await SimDevice.connect(await app.listen({ port: 0, host: '127.0.0.1' }))
+  t.teardown(() => device.socket.close())
+  await device.register()
+  const model = await uploadModel(8)
+  const job = await infer(model.id)
+  await remove(`/models/${model.id}`)
+  await collectAfter(25)
+  t.ok(await stored(model.checksum), 'the queued task holds it (a device would download it)')
+  await remove(`/inference/${job.job_id}`)
+  await collectAfter(25)
+  t.notOk(await stored(model.checksum), 'released once the task is cancelled')
 })
 
 t.test("a training job holds its model and dataset while it may run, and its checkpoints always", async (t) => {
