@@ -74,7 +74,9 @@ export async function startCommand(args: string[]): Promise<number> {
     log,
   })
   await hub.markAllOffline(await connectedDevices(platform.database.db))
+  const collector = new BlobCollector({ blobs, store: platform.store, db: platform.database.db, waitFor: (p, ms) => platform.projections.waitFor(p, ms), graceMs: config.blobGc.graceMs, log })
   const app = await buildApp({
+    blobCollector: collector,
     store: platform.store,
     projections: platform.projections,
     db: platform.database.db,
@@ -107,7 +109,6 @@ export async function startCommand(args: string[]): Promise<number> {
   const address = app.server.address()
   const port = typeof address === 'object' && address ? address.port : config.port
   console.log(`dcp listening on http://localhost:${port}/api/v1 (Postgres: ${platform.postgres}, data: ${config.dataDir})`)
-  const collector = new BlobCollector({ blobs, store: platform.store, db: platform.database.db, waitFor: (p, ms) => platform.projections.waitFor(p, ms), graceMs: config.blobGc.graceMs, log })
   if (config.blobGc.intervalMs > 0) collector.start(config.blobGc.intervalMs)
   const workers = await startWorkers(config, port, config.workers > 0 ? await localWorkerToken(platform, config.workers) : undefined)
 

@@ -6,7 +6,7 @@ import { BlobCollector } from '../../src/blobs/blob-gc.js'
 import { handleCommand } from '../../src/commands/handle-command.js'
 import { modelDecider, modelStream } from '../../src/domain/model.js'
 import { type RoundData, trainingDecider, type TrainingSpec, trainingStream } from '../../src/domain/training-job.js'
-import { multipart, testApp } from '../helpers/app.js'
+import { ADMIN_KEY, multipart, testApp } from '../helpers/app.js'
 import { SimDevice } from '../helpers/device.js'
 import { denseOnnxModel } from '../helpers/onnx.js'
 
@@ -193,4 +193,22 @@ t.test('nothing is collected while the read models are behind the log', async (t
   await store.append('customer-unseen', [{ type: 'CustomerNoted', data: {} }])
   await t.rejects(collectAfter(25), { code: 'REFERENCES_BEHIND' })
   t.ok(await stored(model.checksum), 'nothing deleted')
+})
+
+t.test('POST /admin/blobs/gc runs a collection now and says what it freed; operators only', async (t) => {
+  const { app, blobs } = await setup(t)
+  const stale = path.join(blobs.root, 'tmp', 'crashed-upload')
+  await writeFile(stale, Buffer.alloc(300))
+  const twoDaysAgo = new Date(Date.now() - 48 * HOUR)
+  await utimes(stale, twoDaysAgo, twoDaysAgo)
+  const url = '/api/v1/admin/blobs/gc'
+  t.equal((await app.inject({ method: 'POST', url })).statusCode, 401, 'no admin key')
+  t.equal((await app.inject({ method: 'POST', url, headers: { 'x-api-key': 'dcp_k_nope' } })).statusCode, 401, 'a customer key is not an admin key')
+  const junk = await app.inject({ method: 'POST', url, headers: { 'x-admin-key': ADMIN_KEY }, payload: { force: true } })
+  t.equal(junk.statusCode, 400, junk.body)
+  t.equal(junk.json().error.code, 'VALIDATION_ERROR')
+  const response = await app.inject({ method: 'POST', url, headers: { 'x-admin-key': ADMIN_KEY } })
+  t.equal(response.statusCode, 200, response.body)
+  t.same(response.json(), { scanned: 0, deleted: 1, freed_bytes: 300 })
+  t.same(await blobs.pending(), [])
 })
