@@ -176,7 +176,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     projections: deps.projections,
     db: deps.db,
     blobs: deps.blobs,
-    blobCollector: deps.blobCollector ?? new BlobCollector({ blobs: deps.blobs, store: deps.store, db: deps.db, waitFor: (position, ms) => deps.projections.waitFor(position, ms) }),
+    blobCollector: deps.blobCollector ?? new BlobCollector({ blobs: deps.blobs, store: deps.store, db: deps.db, waitFor: (position, ms) => deps.projections.waitFor(position, ms), ...(deps.now ? { now: deps.now } : {}) }),
     hub: deps.hub,
     scheduler: deps.scheduler,
     training: deps.training,

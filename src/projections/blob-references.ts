@@ -34,16 +34,18 @@ export async function liveBlobReferences(db: Kysely<any>, store: EventStore, hea
     if (hex && /^[0-9a-f]{64}$/.test(hex)) live.add(hex)
   }
   // 2. models, datasets, and the models open tasks run on
+  // times are compared as times (the columns hold ISO-8601 text from the events)
+  const before = sql`${releasedBefore}::timestamptz`
   const files = await sql<{ checksum: string }>`
-    select checksum from ${sql.table(`${liveSchema('models')}.models`)} where deleted_at is null or deleted_at > ${releasedBefore}
-    union select checksum from ${sql.table(`${liveSchema('datasets')}.datasets`)} where deleted_at is null or deleted_at > ${releasedBefore}
+    select checksum from ${sql.table(`${liveSchema('models')}.models`)} where deleted_at is null or deleted_at::timestamptz > ${before}
+    union select checksum from ${sql.table(`${liveSchema('datasets')}.datasets`)} where deleted_at is null or deleted_at::timestamptz > ${before}
     union select m.checksum from ${sql.table(`${liveSchema('tasks')}.tasks`)} t join ${sql.table(`${liveSchema('models')}.models`)} m on m.model_id = t.model_id
-      where t.finished_at is null or t.finished_at > ${releasedBefore}`.execute(db)
+      where t.finished_at is null or t.finished_at::timestamptz > ${before}`.execute(db)
   for (const row of files.rows) add(row.checksum)
   // 3. training jobs: their inputs while they may run, their checkpoints always (from the log: the read model keeps no weights)
   const jobs = await sql<{ job_id: string; model_checksum: string | null; dataset_checksum: string | null; inputs_held: boolean }>`
     select job_id, spec->>'model_checksum' as model_checksum, spec->'data_config'->>'dataset_checksum' as dataset_checksum,
-      (finished_at is null or finished_at > ${releasedBefore}) as inputs_held
+      (finished_at is null or finished_at::timestamptz > ${before}) as inputs_held
     from ${sql.table(`${liveSchema('training')}.training_jobs`)}`.execute(db)
   for (const job of jobs.rows) {
     if (job.inputs_held) {
