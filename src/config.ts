@@ -1,6 +1,7 @@
 import path from 'node:path'
 import { z } from 'zod'
 import { readAdapterSettings } from './adapters/config.js'
+import { BLOB_GC_DEFAULTS } from './blobs/blob-gc.js'
 import { DEFAULT_PRICES, PriceTable } from './domain/pricing.js'
 
 /** Every setting dcp reads from the environment, with its default. The README lists them. */
@@ -55,6 +56,10 @@ const Env = z.object({
   DEVICE_MAX_FRAMES_PER_SECOND: z.coerce.number().int().min(10).max(1_000_000).default(5000),
   /** The price table for estimated costs, as JSON (see src/domain/pricing.ts); default DEFAULT_PRICES. */
   PRICE_TABLE: z.string().optional(),
+  /** A blob (model, dataset, weights) or unfinished upload younger than this, or released more recently, is never collected (default 24 h). */
+  BLOB_GC_GRACE_MS: z.coerce.number().int().min(600_000).default(BLOB_GC_DEFAULTS.graceMs),
+  /** How often unreferenced blobs are collected; 0: never (default 1 h). */
+  BLOB_GC_INTERVAL_MS: z.coerce.number().int().min(0).default(BLOB_GC_DEFAULTS.intervalMs),
   /** Local worker processes `dcp start` runs beside the server. */
   WORKERS: z.coerce.number().int().min(0).max(64).default(2),
 })
@@ -90,6 +95,7 @@ export interface Config {
   /** The hub's per-device frame limits (the rest keep HUB_LIMITS' defaults). */
   deviceLimits: { heartbeatsPerInterval: number; maxFramesPerSecond: number }
   workers: number
+  blobGc: { graceMs: number; intervalMs: number }
 }
 
 export class ConfigError extends Error {}
@@ -147,6 +153,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, overrides: Part
     enrollmentSecret: e.ENROLLMENT_SECRET,
     deviceLimits: { heartbeatsPerInterval: e.DEVICE_HEARTBEATS_PER_INTERVAL, maxFramesPerSecond: e.DEVICE_MAX_FRAMES_PER_SECOND },
     workers: e.WORKERS,
+    blobGc: { graceMs: e.BLOB_GC_GRACE_MS, intervalMs: e.BLOB_GC_INTERVAL_MS },
     ...Object.fromEntries(Object.entries(overrides).filter(([, v]) => v !== undefined)),
   }
 }

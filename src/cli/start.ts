@@ -3,6 +3,7 @@ import { mkdir } from 'node:fs/promises'
 import path from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { adaptersFromEnv } from '../adapters/config.js'
+import { BlobCollector } from '../blobs/blob-gc.js'
 import { BlobStore } from '../blobs/blob-store.js'
 import { DEV_API_KEY, DEV_CUSTOMER_ID, ensureDevCustomer } from '../commands/dev-customer.js'
 import { TaskScheduler } from '../commands/scheduler.js'
@@ -73,7 +74,9 @@ export async function startCommand(args: string[]): Promise<number> {
     log,
   })
   await hub.markAllOffline(await connectedDevices(platform.database.db))
+  const collector = new BlobCollector({ blobs, store: platform.store, db: platform.database.db, waitFor: (p, ms) => platform.projections.waitFor(p, ms), graceMs: config.blobGc.graceMs, log })
   const app = await buildApp({
+    blobCollector: collector,
     store: platform.store,
     projections: platform.projections,
     db: platform.database.db,
@@ -106,11 +109,13 @@ export async function startCommand(args: string[]): Promise<number> {
   const address = app.server.address()
   const port = typeof address === 'object' && address ? address.port : config.port
   console.log(`dcp listening on http://localhost:${port}/api/v1 (Postgres: ${platform.postgres}, data: ${config.dataDir})`)
+  if (config.blobGc.intervalMs > 0) collector.start(config.blobGc.intervalMs)
   const workers = await startWorkers(config, port, config.workers > 0 ? await localWorkerToken(platform, config.workers) : undefined)
 
   const signal = await signalled
   console.log(`dcp: ${signal}, shutting down`)
   await Promise.all(workers.map(stopWorker))
+  await collector.stop()
   await hub.close()
   await training.stop()
   scheduler.stop()

@@ -3,6 +3,7 @@ import type { ZodTypeProvider } from 'fastify-type-provider-zod'
 import { z } from 'zod'
 import { customerDecider, customerStream } from '../domain/customer.js'
 import { DomainError } from '../domain/errors.js'
+import { ReferencesBehindError } from '../projections/blob-references.js'
 import { customerExists, listCustomers, listKeys } from '../projections/customers.js'
 import { sha256 } from './auth.js'
 import { execute, type Services } from './context.js'
@@ -13,7 +14,7 @@ export const API_KEY_PREFIX = 'dcp_k_'
 const CustomerId = z.object({ id: z.string().min(1).max(64) })
 const KeyParams = CustomerId.extend({ keyId: z.string().min(1).max(64) })
 
-/** Operators' routes (`X-Admin-Key`): customers and their API keys. The spec lists none; these follow its style. */
+/** Operators' routes (`X-Admin-Key`): customers and their API keys, and blob collection. The spec lists none; these follow its style. */
 export const adminRoutes: FastifyPluginAsync<{ services: Services }> = async (base, { services }) => {
   const app = base.withTypeProvider<ZodTypeProvider>()
   const config = { auth: 'admin' as const }
@@ -74,5 +75,21 @@ export const adminRoutes: FastifyPluginAsync<{ services: Services }> = async (ba
     const { id, keyId } = request.params
     await execute(services, customerStream(id), customerDecider, { type: 'RevokeApiKey', keyId, at }, { metadata: { customerId: id, occurredAt: at } })
     return reply.status(204).send()
+  })
+
+  app.post('/admin/blobs/gc', {
+    config,
+    schema: {
+      summary: 'Delete the stored files nothing refers to any more (deleted models and datasets, unfinished uploads) now, rather than at the next hourly run; answers what it freed',
+      tags: ['admin'],
+      body: z.object({}).strict().nullish(),
+    },
+  }, async () => {
+    try {
+      return await services.blobCollector.collect()
+    } catch (error) {
+      if (error instanceof ReferencesBehindError) throw new DomainError('SERVICE_UNAVAILABLE', `${error.message}: nothing collected, retry later`)
+      throw error
+    }
   })
 }

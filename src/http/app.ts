@@ -7,6 +7,7 @@ import { jsonSchemaTransform, validatorCompiler } from 'fastify-type-provider-zo
 import { randomBytes } from 'node:crypto'
 import type { Writable } from 'node:stream'
 import { type Adapters, InProcessAdapters } from '../adapters/runtime.js'
+import { BlobCollector } from '../blobs/blob-gc.js'
 import { BenchmarkRunner } from '../commands/benchmarks.js'
 import { runningBenchmarks } from '../projections/benchmarks.js'
 import { DEFAULT_PRICES, type PriceTable } from '../domain/pricing.js'
@@ -35,7 +36,9 @@ import { registerUploadSlots } from './uploads.js'
 import { responseSerializer } from './responses.js'
 
 /** The services the routes use (without the limits and clock, which have defaults here), and the app's settings. */
-export interface AppDeps extends Omit<Services, 'limits' | 'now' | 'adapters' | 'prices' | 'benchmarks' | 'loadToken' | 'streams'> {
+export interface AppDeps extends Omit<Services, 'limits' | 'now' | 'adapters' | 'prices' | 'benchmarks' | 'loadToken' | 'streams' | 'blobCollector'> {
+  /** Default: one with the default grace period (24 h), run only by `POST /admin/blobs/gc`; `dcp start` gives the one its timer runs. */
+  blobCollector?: BlobCollector
   /** Shortest step-load benchmark, in seconds. Default 60 (the spec's minimum). */
   minPerfDurationS?: number
   /** Default: DEFAULT_PRICES. */
@@ -179,6 +182,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
     projections: deps.projections,
     db: deps.db,
     blobs: deps.blobs,
+    blobCollector: deps.blobCollector ?? new BlobCollector({ blobs: deps.blobs, store: deps.store, db: deps.db, waitFor: (position, ms) => deps.projections.waitFor(position, ms), ...(deps.now ? { now: deps.now } : {}) }),
     hub: deps.hub,
     scheduler: deps.scheduler,
     training: deps.training,

@@ -1,5 +1,6 @@
 import type { Kysely } from 'kysely'
 import type { Adapters } from '../adapters/runtime.js'
+import type { BlobCollector } from '../blobs/blob-gc.js'
 import type { BlobStore } from '../blobs/blob-store.js'
 import type { TaskScheduler } from '../commands/scheduler.js'
 import type { BenchmarkRunner } from '../commands/benchmarks.js'
@@ -19,6 +20,8 @@ export interface Services {
   projections: Projections
   db: Kysely<any>
   blobs: BlobStore
+  /** Deletes the blobs nothing holds (run by a timer in `dcp start`, and by `POST /admin/blobs/gc`). */
+  blobCollector: BlobCollector
   hub: DeviceHub
   scheduler: TaskScheduler
   training: TrainingCoordinator

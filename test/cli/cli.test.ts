@@ -1,5 +1,6 @@
 import { type ChildProcess, spawn } from 'node:child_process'
-import { chmod, mkdtemp, readFile, rm } from 'node:fs/promises'
+import { existsSync } from 'node:fs'
+import { chmod, mkdir, mkdtemp, readFile, rm, utimes, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import path from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -169,6 +170,26 @@ t.test('with DATABASE_URL: start serves health, projections and audit work besid
   server.child.kill('SIGTERM')
   t.equal(await exited(server.child), 0, 'stops cleanly on SIGTERM')
   t.match(server.output(), /SIGTERM, shutting down/)
+})
+
+t.test('start collects the blobs nothing refers to on its timer (BLOB_GC_INTERVAL_MS) and says what it freed', async (t) => {
+  const database = await freshDatabase(t)
+  const dataDir = await mkdtemp(path.join(tmpdir(), 'dcp-cli-'))
+  t.teardown(() => rm(dataDir, { recursive: true, force: true }))
+  // a file an upload kept two days ago before a crash stopped it appending its event
+  const orphan = path.join(dataDir, 'blobs', 'sha256', 'ab', 'ab'.repeat(32))
+  await mkdir(path.dirname(orphan), { recursive: true })
+  await writeFile(orphan, Buffer.alloc(123))
+  const twoDaysAgo = new Date(Date.now() - 48 * 3600_000)
+  await utimes(orphan, twoDaysAgo, twoDaysAgo)
+  const server = await startServer(t, { DATABASE_URL: database.url, DATA_DIR: dataDir, BLOB_GC_INTERVAL_MS: '200' })
+  const freed = /blob gc: scanned 1 blobs, deleted 1 \(0 unfinished uploads\), freed 123 bytes/
+  const deadline = Date.now() + 30_000
+  while (!freed.test(server.output()) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100))
+  t.match(server.output(), freed)
+  t.notOk(existsSync(orphan), 'collected')
+  server.child.kill('SIGTERM')
+  t.equal(await exited(server.child), 0, 'stops cleanly on SIGTERM')
 })
 
 t.test('production mode: no development customer, and the internal token is kept in the data directory', async (t) => {
