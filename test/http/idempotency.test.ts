@@ -12,7 +12,7 @@ const HOUR = 60 * 60 * 1000
 
 // given a running server whose clock the test can move, two customers and a model
 const clock = { offset: 0 }
-const context = await testApp(t, { rateLimit: { max: 100_000, windowMs: 60_000 }, now: () => new Date(Date.now() + clock.offset) })
+const context = await testApp(t, { rateLimit: { max: 100_000, windowMs: 60_000 }, now: () => new Date(Date.now() + clock.offset) }, { heartbeatIntervalMs: 10_000 }) // the test devices send no heartbeats: they stay connected for the whole file
 const { store, database } = context
 const url = await context.app.listen({ port: 0, host: '127.0.0.1' })
 const alice = await context.customer()
