@@ -2,6 +2,7 @@
 frames carry them (flat float lists and a shape, float32 on the device)."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -102,7 +103,9 @@ class TorchScriptRunner(Runner):
         self.torch = torch
         self.device = torch.device("cuda" if cuda and torch.cuda.is_available() else "cpu")
         self.gpu = self.device.type == "cuda"
-        self.module = torch.jit.load(str(path), map_location=self.device)
+        with warnings.catch_warnings():  # torch 2.x marks TorchScript deprecated; it is the format dcp serves
+            warnings.simplefilter("ignore", FutureWarning)
+            self.module = torch.jit.load(str(path), map_location=self.device)
         self.module.eval()
         arguments = self.module.forward.schema.arguments[1:]  # the first is self
         self.argument_names = [a.name for a in arguments]

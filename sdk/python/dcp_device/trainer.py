@@ -7,6 +7,7 @@ its `state_dict()` (parameters and float buffers), named by its key (`fc1.weight
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -35,7 +36,9 @@ class TorchTrainable:
 
     def __init__(self, path: Path, device: str = "cpu", input_size: Optional[int] = None) -> None:
         self.device = torch.device(device)
-        self.module = torch.jit.load(str(path), map_location=self.device)
+        with warnings.catch_warnings():  # torch 2.x marks TorchScript deprecated; it is the format dcp serves
+            warnings.simplefilter("ignore", FutureWarning)
+            self.module = torch.jit.load(str(path), map_location=self.device)
         self.module.train()
         self.tensors = {name: t for name, t in self.module.state_dict().items() if t.is_floating_point()}
         if not self.tensors:
