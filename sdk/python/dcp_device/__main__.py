@@ -58,6 +58,10 @@ async def serve(device: Device) -> int:
         loop.add_signal_handler(sig, on_signal, sig.name)
     try:
         await device.run()
+        if signals > 1:
+            # stop at once: a model run still in a worker thread would hold up the interpreter's exit
+            sys.stdout.flush(), sys.stderr.flush()
+            os._exit(0)
         return 0
     except DeviceRefused as error:
         print(f"dcp-device: {error}", file=sys.stderr)

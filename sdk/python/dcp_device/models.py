@@ -73,6 +73,8 @@ class ModelStore:
 
     def _download(self, ref: Mapping[str, Any], hex_: str, target: Path, on_bytes: Callable[[int], None]) -> Path:
         """Streams to a temp file while hashing; moved into place only once the checksum matches."""
+        if not str(ref["download_path"]).startswith("/"):  # a path on the hub, never another host (the token goes with it)
+            raise ValueError(f"model {ref['id']}: download_path {str(ref['download_path'])[:100]!r} is not a path on the hub")
         url = f"{self.server}{ref['download_path']}"
         token = self.token()
         self.log.info(f"downloading model {ref['id']} from {url}")

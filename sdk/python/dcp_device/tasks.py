@@ -3,10 +3,11 @@ answered with one `task_result`."""
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from typing import Any, Awaitable, Callable, Dict, List, Optional
 
-from .protocol import Frame, error_text
+from .protocol import FLOAT32_MAX, Frame, error_text
 from .runners import Runner
 
 FLOAT_BYTES = 4
@@ -75,11 +76,20 @@ async def run_task(task: Frame, load: Callable[[Frame, Callable[[int], None]], A
             meters.gpu_runs -= runner.gpu
             metrics["cpu_ms"] = meters.cpu.stop(cpu)
             metrics["gpu_ms"] = meters.gpu.stop(gpu) if gpu is not None else 0.0
+        _check_finite(outputs)
         metrics["bytes_out"] = FLOAT_BYTES * sum(len(t["data"]) for t in outputs)
         result = {"outputs": outputs} if "inputs" in task else {"output": outputs[0]}
         return {**base, "status": "completed", **result, "metrics": metrics}
     except Exception as error:  # any failure is the task's, reported to the hub
         return {**base, "status": "failed", "error": error_text(error, 4096) or "task failed", "metrics": metrics}
+
+
+def _check_finite(outputs: List[Frame]) -> None:
+    """JSON carries no NaN or Infinity (the hub would refuse the frame): such an output fails the task, saying where."""
+    for i, output in enumerate(outputs):
+        for j, value in enumerate(output["data"]):
+            if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+                raise ValueError(f"output {i}: value {j} is {value} (NaN, Infinity or beyond float32 on the device)")
 
 
 class HeldTasks:

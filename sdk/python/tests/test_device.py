@@ -134,3 +134,45 @@ def test_after_a_reconnect_it_comes_back_as_itself_with_the_lease_it_holds(tmp_p
     assert again["sdk_uuid"] == seen["registers"][0]["sdk_uuid"]
     assert seen["first_heartbeat"]["leases"] == ["l1"]
     assert (seen["result"]["task_id"], seen["result"]["lease_id"], seen["result"]["status"]) == ("t1", "l1-again", "completed")
+
+
+def test_a_second_stop_during_a_drain_closes_at_once_dropping_what_runs(tmp_path: Path):
+    model = model_ref(tmp_path, tmp_path / "state")
+    gate = asyncio.Event()  # never opened: the task runs until the device stops
+    seen: Dict[str, Any] = {}
+
+    async def main():
+        async def hub(ws: ServerConnection):
+            json.loads(await ws.recv())
+            await ws.send(json.dumps({"type": "registered", "protocol": 1, "device_id": "dev_1", "sdk_token": "dcp_s_1", "heartbeat_interval_ms": 100}))
+            await ws.send(task("t1", "l1", model, 1))
+            await heartbeat_listing(ws, ["l1"])
+            started.set()
+            seen["draining"] = await next_of(ws, "draining")
+            drained.set()
+            frames = []
+            try:
+                async for message in ws:
+                    frames.append(json.loads(message)["type"])
+            finally:
+                seen["after"], seen["close"] = frames, ws.close_code
+
+        started, drained = asyncio.Event(), asyncio.Event()
+        async with serve(hub, "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            device = Device(DeviceOptions(server=f"ws://127.0.0.1:{port}", state_dir=tmp_path / "state", max_tasks=1))
+
+            async def gated(model, on_bytes):
+                await gate.wait()
+
+            device.models.runner = gated  # type: ignore[method-assign]
+            running = asyncio.ensure_future(device.run())
+            await asyncio.wait_for(started.wait(), 30)
+            first = asyncio.ensure_future(device.stop(drain=True))  # SIGTERM
+            await asyncio.wait_for(drained.wait(), 10)
+            await device.stop(drain=False)  # the second signal
+            await asyncio.wait_for(asyncio.gather(first, running), 10)
+
+    asyncio.run(main())
+    assert seen["close"] == 1000
+    assert "task_result" not in seen["after"]

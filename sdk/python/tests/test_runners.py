@@ -125,3 +125,17 @@ def test_models_download_with_the_token_are_verified_and_cached(tmp_path: Path):
         assert not any((tmp_path / "cache2").iterdir()), "nothing is cached from a bad download"
     finally:
         server.shutdown()
+
+
+def test_an_output_json_cannot_carry_fails_the_task_saying_where(tmp_path: Path):
+    # log(x) of a negative input is NaN: the hub would refuse the frame, so the task fails with the reason
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Log", ["x"], ["y"])], "log", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "log.onnx"))
+    result = run({"input": {"data": [1.0, -1.0], "shape": [1, 2]}}, load_runner(tmp_path / "log.onnx", "onnx", 1, False))
+    assert result["status"] == "failed" and "output 0: value 1 is nan" in result["error"]
+    assert "output" not in result
