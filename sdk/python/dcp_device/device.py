@@ -161,6 +161,9 @@ class Device:
             ws = await connect(self.socket_url, max_size=MAX_FRAME_BYTES, ping_interval=None, compression=None, open_timeout=10)
         except (OSError, InvalidHandshake, asyncio.TimeoutError) as error:
             return 1006, str(error)
+        if self.phase == "stopped":  # stopped while connecting
+            await ws.close(1000, "device stopped")
+            return 1000, "device stopped"
         self.ws = ws
         self.last_heard = time.monotonic()
         heartbeat: Optional[asyncio.Task] = None

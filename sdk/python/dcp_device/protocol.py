@@ -157,15 +157,47 @@ def _train_start(frame: Frame) -> Frame:
     return frame
 
 
+def _registered(f: Frame) -> Frame:
+    _int(f, "protocol"), _id(f, "device_id"), _field(f, "sdk_token", str, True), _int(f, "heartbeat_interval_ms", 1)
+    return f
+
+
+def _cancel_task(f: Frame) -> Frame:
+    _id(f, "task_id"), _id(f, "lease_id")
+    return f
+
+
+def _logs_request(f: Frame) -> Frame:
+    _id(f, "request_id"), _int(f, "lines", 1), _enum(f, "level", ("all",) + LOG_LEVELS)
+    if f["lines"] > 10_000:
+        raise FrameError("lines: at most 10000")
+    return f
+
+
+def _error(f: Frame) -> Frame:
+    _field(f, "code", str), _field(f, "message", str)
+    return f
+
+
+def _train_weights(f: Frame) -> Frame:
+    _id(f, "job_id"), _int(f, "round", 0), _field(f, "weights", str)
+    return f
+
+
+def _train_stop(f: Frame) -> Frame:
+    _id(f, "job_id"), _field(f, "reason", str)
+    return f
+
+
 _HUB_CHECKS = {
-    "registered": lambda f: (_int(f, "protocol"), _id(f, "device_id"), _field(f, "sdk_token", str, True), _int(f, "heartbeat_interval_ms", 1)) and f,
+    "registered": _registered,
     "task": _task,
-    "cancel_task": lambda f: (_id(f, "task_id"), _id(f, "lease_id")) and f,
-    "logs_request": lambda f: (_id(f, "request_id"), _int(f, "lines", 1), _enum(f, "level", ("all",) + LOG_LEVELS)) and f,
-    "error": lambda f: (_field(f, "code", str), _field(f, "message", str)) and f,
+    "cancel_task": _cancel_task,
+    "logs_request": _logs_request,
+    "error": _error,
     "train_start": _train_start,
-    "train_weights": lambda f: (_id(f, "job_id"), _int(f, "round", 0), _field(f, "weights", str)) and f,
-    "train_stop": lambda f: (_id(f, "job_id"), _field(f, "reason", str)) and f,
+    "train_weights": _train_weights,
+    "train_stop": _train_stop,
 }
 
 
