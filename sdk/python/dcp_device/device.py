@@ -3,6 +3,7 @@ TorchScript tasks it is given, trains TorchScript models in federated jobs, drai
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -69,8 +70,6 @@ def backoff_delay(attempt: int) -> float:
 
 class Device:
     def __init__(self, options: DeviceOptions) -> None:
-        import os
-
         self.options = options
         self.base, self.socket_url = endpoints(options.server)
         if not 1 <= options.max_tasks <= 256:

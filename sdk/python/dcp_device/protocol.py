@@ -6,7 +6,7 @@ import base64
 import json
 import math
 import struct
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 
