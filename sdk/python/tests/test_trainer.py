@@ -165,3 +165,28 @@ def test_onnx_training_is_declined_and_a_bad_model_fails_cleanly(tmp_path: Path)
     errors = [f for f in sent if f["type"] == "train_error"]
     assert errors and "diverged" in errors[0]["error"]
     assert hub_accepts(errors) == [{"ok": True}]
+
+
+def test_an_async_dataset_session_trains_on_its_shard_and_pulls_the_jobs_weights(tmp_path: Path):
+    # y = 2a - b, learnable by one linear layer; rows [0, 12) of the training part
+    rows = [(a, b, 2 * a - b) for a in range(5) for b in range(4)]
+    csv = "a,b,label\n" + "\n".join(f"{a},{b},{y}" for a, b, y in rows)
+    torch.manual_seed(0)
+    path = tmp_path / "lin.pt"
+    torch.jit.script(torch.nn.Sequential(torch.nn.Linear(2, 1))).save(str(path))
+    frame = train_start(path, "async", optimizer="sgd", learning_rate=0.01, loss="mse", batch_size=4, local_steps=20, sync_interval_ms=100)
+    frame["data"] = {"type": "dataset", "dataset_id": "ds_1", "download_path": "/x", "checksum": "sha256:" + "0" * 64, "format": "csv", "split_seed": 7, "validation_fraction": 0.2, "start": 0, "end": 12}
+    sent = []
+
+    async def scenario():
+        session = await open_session(frame, path, csv.encode(), lambda f: sent.append(f) or True, lambda: 1.0, DeviceLog())
+        await until(lambda: sum(f["type"] == "train_update" for f in sent) >= 2 and any(f["type"] == "weights_request" for f in sent))
+        session.stop()
+        await session.finished
+
+    asyncio.run(scenario())
+    updates = [f for f in sent if f["type"] == "train_update"]
+    assert all(u["base_round"] == 0 and u["samples"] == 80 for u in updates), "async: trains on from its own weights while no round comes"
+    assert updates[-1]["loss"] < updates[0]["loss"]
+    assert {f["job_id"] for f in sent} == {"train_1"}
+    assert hub_accepts([json.loads(dumps(f)) for f in sent]) == [{"ok": True}] * len(sent)
