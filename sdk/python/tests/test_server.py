@@ -1,5 +1,6 @@
 """Against a real dcp server (`dcp start --workers 0`, its embedded Postgres in a temp DATA_DIR) and real
-`python -m dcp_device` processes: registration, ONNX and TorchScript inference, a batch, log pulls, a drain
+`python -m dcp_device` processes: registration, ONNX and TorchScript inference, an ONNX training job declined,
+a batch, log pulls, a drain
 on SIGTERM and the identity kept across a restart."""
 from __future__ import annotations
 
@@ -143,7 +144,14 @@ def test_a_python_device_serves_onnx_and_torchscript_inference(hub: Hub, tmp_pat
         expected = torch.jit.load(str(ts_path))(torch.from_numpy(x)).detach().numpy()
         np.testing.assert_allclose(np.asarray(answer["result"]["data"]).reshape(1, 3), expected, atol=1e-5)
 
-        # and a batch: every input answered once, in order
+        # an ONNX training job for Python devices: the device declines it (train_error) and the job waits
+        job = hub.post("/training", {"model_id": onnx_model["id"], "data_config": {"total_samples": 1000}, "training_config": {"loss": "mse"}, "resource_config": {"sdk_types": ["python"]}})
+        declined = lambda: any(job["job_id"] in line["message"] and "TorchScript models only" in line["message"] for line in hub.call("GET", f"/devices/{info['id']}/logs?lines=100")["lines"])  # noqa: E731
+        wait_for("the device to decline the ONNX training job", declined, 30)
+        assert hub.call("GET", f"/training/{job['job_id']}")["status"] == "queued"
+        hub.call("DELETE", f"/training/{job['job_id']}")
+
+        # and a batch after that: every input answered once, in order
         xs = rng.normal(size=(6, 1, 4)).astype(np.float32)
         batch = hub.post("/inference/batch", {"model_id": onnx_model["id"], "inputs": [{"data": v.reshape(-1).tolist(), "shape": [1, 4]} for v in xs]})
         done = wait_for("the batch", lambda: (lambda j: j if j["status"] == "completed" else None)(hub.call("GET", f"/inference/{batch['job_id']}")), 60)
