@@ -1,7 +1,6 @@
 """Against a real dcp server (`dcp start --workers 0`, its embedded Postgres in a temp DATA_DIR) and real
 `python -m dcp_device` processes: registration, ONNX and TorchScript inference, an ONNX training job declined,
-a batch, log pulls, a drain
-on SIGTERM and the identity kept across a restart."""
+a batch, log pulls, a drain on SIGTERM and the identity kept across a restart."""
 from __future__ import annotations
 
 import json
