@@ -7,6 +7,7 @@ import hashlib
 import os
 import re
 import secrets
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -72,6 +73,18 @@ class ModelStore:
         return runner
 
     def _download(self, ref: Mapping[str, Any], hex_: str, target: Path, on_bytes: Callable[[int], None]) -> Path:
+        """A token becomes valid once the hub's read model has it, a moment after the first `registered`
+        (§11): a 401 is tried again twice, half a second apart."""
+        for attempt in range(3):
+            try:
+                return self._download_once(ref, hex_, target, on_bytes)
+            except urllib.error.HTTPError as error:
+                if error.code != 401 or attempt == 2:
+                    raise RuntimeError(f"model {ref['id']} download failed: GET {ref['download_path']} answered HTTP {error.code}") from None
+            time.sleep(0.5)
+        raise AssertionError("unreachable")
+
+    def _download_once(self, ref: Mapping[str, Any], hex_: str, target: Path, on_bytes: Callable[[int], None]) -> Path:
         """Streams to a temp file while hashing; moved into place only once the checksum matches."""
         if not str(ref["download_path"]).startswith("/"):  # a path on the hub, never another host (the token goes with it)
             raise ValueError(f"model {ref['id']}: download_path {str(ref['download_path'])[:100]!r} is not a path on the hub")
@@ -93,8 +106,6 @@ class ModelStore:
             if digest.hexdigest() != hex_:
                 raise ValueError(f"model {ref['id']} checksum mismatch: expected sha256:{hex_}, downloaded sha256:{digest.hexdigest()}")
             os.replace(temp, target)
-        except urllib.error.HTTPError as error:
-            raise RuntimeError(f"model {ref['id']} download failed: GET {ref['download_path']} answered HTTP {error.code}") from None
         finally:
             temp.unlink(missing_ok=True)
         self.log.info(f"model {ref['id']} downloaded ({size} bytes) to {target}")
