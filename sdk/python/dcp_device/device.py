@@ -91,6 +91,7 @@ class Device:
         self.last_heard = 0.0
         self._stopped = asyncio.Event()
         self._cut_short = asyncio.Event()
+        self._writes: set[asyncio.Task] = set()
 
     @property
     def device_id(self) -> Optional[str]:
@@ -100,6 +101,8 @@ class Device:
 
     async def run(self) -> None:
         """Connects and serves until stop(); raises DeviceRefused when the hub refuses it for good."""
+        if self.phase != "idle":
+            raise RuntimeError("Device.run() can be called once, before stop()")
         self.phase = "running"
         self.tasks = HeldTasks(self.options.max_tasks, lambda task: run_task(task, self.models.runner, self.meters), self._finish_task)
         self.state = await asyncio.to_thread(load_state, self.options.state_dir)
@@ -141,13 +144,14 @@ class Device:
             cut = asyncio.ensure_future(self._cut_short.wait())
             await asyncio.wait([empty, cut], return_when=asyncio.FIRST_COMPLETED)
             empty.cancel(), cut.cancel()
-            await asyncio.sleep(0)  # the writer sends the last results before the close
         self.phase = "stopped"
         if self.tasks:
             self.tasks.halt()
         for job_id in list(self.training):
             self._stop_training(job_id, "the device stopped")
         self._stopped.set()
+        if self._writes:  # the last results leave before the close frame
+            await asyncio.wait(self._writes, timeout=5)
         if self.ws is not None:
             await self.ws.close(1000, "device stopped")
 
@@ -200,7 +204,9 @@ class Device:
             except ConnectionClosed:
                 if frame["type"] == "task_result":
                     self.outbox.append(frame)  # sent once registered again
-        asyncio.ensure_future(write())
+        writing = asyncio.ensure_future(write())
+        self._writes.add(writing)
+        writing.add_done_callback(self._writes.discard)
         return True
 
     def _register_frame(self) -> Frame:
