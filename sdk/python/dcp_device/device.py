@@ -15,10 +15,11 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from . import __version__
+from .jobs import TrainingJobs
 from .log import DeviceLog, Sink
 from .machine import describe_hardware, readings
 from .models import ModelStore
-from .protocol import FATAL_CLOSES, MAX_FRAME_BYTES, MAX_HEARTBEAT_LEASES, PROTOCOL_VERSION, Frame, FrameError, dumps, error_text, parse_hub_frame
+from .protocol import FATAL_CLOSES, MAX_FRAME_BYTES, MAX_HEARTBEAT_LEASES, PROTOCOL_VERSION, Frame, FrameError, dumps, parse_hub_frame
 from .runners import torch_available
 from .state import DeviceState, load_state, save_state
 from .tasks import HeldTasks, Meters, run_task
@@ -86,8 +87,7 @@ class Device:
         self.ws: Optional[ClientConnection] = None
         self.registered = asyncio.Event()
         self.outbox: List[Frame] = []
-        self.training: Dict[str, Any] = {}
-        self.starting: Dict[str, Dict[str, Optional[Frame]]] = {}
+        self.jobs = TrainingJobs(self.models, self.send, self.log, options.cuda)
         self.last_heard = 0.0
         self._stopped = asyncio.Event()
         self._cut_short = asyncio.Event()
@@ -138,8 +138,7 @@ class Device:
             self.phase = "draining"
             self.log.info(f"draining: finishing {len(self.tasks)} task(s), taking no new ones")
             self.send({"type": "draining"})
-            for job_id in list(self.training):
-                self._stop_training(job_id, "draining")
+            self.jobs.stop_all("draining")
             empty = asyncio.ensure_future(self.tasks.when_empty())
             cut = asyncio.ensure_future(self._cut_short.wait())
             await asyncio.wait([empty, cut], return_when=asyncio.FIRST_COMPLETED)
@@ -147,8 +146,7 @@ class Device:
         self.phase = "stopped"
         if self.tasks:
             self.tasks.halt()
-        for job_id in list(self.training):
-            self._stop_training(job_id, "the device stopped")
+        self.jobs.stop_all("the device stopped")
         self._stopped.set()
         if self._writes:  # the last results leave before the close frame
             await asyncio.wait(self._writes, timeout=5)
@@ -186,8 +184,7 @@ class Device:
                 heartbeat.cancel()
             self.ws = None
             # the hub released this device from its jobs when the socket went
-            for job_id in list(self.training):
-                self._stop_training(job_id, "disconnected")
+            self.jobs.stop_all("disconnected")
         received = ws.close_code if ws.close_code is not None else 1006
         return received, ws.close_reason or ""
 
@@ -271,16 +268,14 @@ class Device:
         elif kind == "error":
             self.log.error(f"hub error {frame['code']}: {frame['message']}")
         elif kind == "train_start":
-            asyncio.ensure_future(self._start_training(frame))
+            if self.phase == "running":
+                self.jobs.start(frame)
+            else:
+                self.log.warn(f"ignored training job {frame['job_id']}: the device is {self.phase}")
         elif kind == "train_weights":
-            holder = self.starting.get(frame["job_id"])
-            if holder is not None and (holder["weights"] is None or frame["round"] >= holder["weights"]["round"]):
-                holder["weights"] = frame
-            session = self.training.get(frame["job_id"])
-            if session:
-                session.weights(frame)
+            self.jobs.weights(frame)
         elif kind == "train_stop":
-            self._stop_training(frame["job_id"], frame["reason"])
+            self.jobs.stop(frame["job_id"], frame["reason"])
         return None
 
     def _on_registered(self, frame: Frame) -> None:
@@ -330,55 +325,3 @@ class Device:
             result.update(status="failed", error="the output is too large for one frame")
         if not self.send(result):
             self.outbox.append(result)
-
-    # ---- training ----------------------------------------------------------------------------------------
-
-    async def _start_training(self, frame: Frame) -> None:
-        job_id = frame["job_id"]
-        if self.phase != "running":
-            return self.log.warn(f"ignored training job {job_id}: the device is {self.phase}")
-        self._stop_training(job_id, "started again")
-        self.log.info(f"training job {job_id}: joining at round {frame['round']}")
-        holder: Dict[str, Optional[Frame]] = {"weights": None}
-        self.starting[job_id] = holder
-        try:
-            session = await self._new_session(frame, holder)
-        except Exception as error:
-            self.log.error(f"training job {job_id} could not start: {error}")
-            self.send({"type": "train_error", "job_id": job_id, "error": error_text(error)})
-            return
-        finally:
-            if self.starting.get(job_id) is holder:
-                del self.starting[job_id]
-        self.training[job_id] = session
-        session.finished.add_done_callback(lambda _: self.training.get(job_id) is session and self.training.pop(job_id))
-
-    async def _new_session(self, frame: Frame, holder: Dict[str, Optional[Frame]]):
-        if frame["model"]["format"] != "torchscript":
-            raise ValueError("this Python device trains TorchScript models only; ONNX training runs on Node devices")
-        from .training import open_session
-
-        model = await self.models.file(frame["model"])
-        data = frame["data"]
-        dataset = None
-        if data["type"] == "dataset":
-            path = await self.models.file({"id": data["dataset_id"], "checksum": data["checksum"], "download_path": data["download_path"]})
-            dataset = path.read_bytes()
-        held = holder["weights"]
-        if held is not None and held["round"] > frame["round"]:  # weights of a later round came meanwhile
-            frame = {**frame, "round": held["round"], "weights": held["weights"]}
-        device = "cuda" if self.options.cuda and self._cuda() else "cpu"
-        power = lambda: readings(1 if device == "cuda" else 0, device == "cuda")["power_watts"]  # noqa: E731
-        return await open_session(frame, model, dataset, self.send, power, self.log, device)
-
-    @staticmethod
-    def _cuda() -> bool:
-        import torch
-
-        return torch.cuda.is_available()
-
-    def _stop_training(self, job_id: str, reason: str) -> None:
-        session = self.training.pop(job_id, None)
-        if session is not None:
-            self.log.info(f"training job {job_id}: leaving ({reason})")
-            session.stop()

@@ -176,3 +176,39 @@ def test_a_second_stop_during_a_drain_closes_at_once_dropping_what_runs(tmp_path
     asyncio.run(main())
     assert seen["close"] == 1000
     assert "task_result" not in seen["after"]
+
+
+def test_training_jobs_stopped_while_starting_never_train_and_late_weights_are_kept(tmp_path: Path):
+    from conftest import mlp_torchscript
+    from dcp_device.protocol import weights_from_base64, weights_to_base64
+
+    path = mlp_torchscript(tmp_path / "m.pt")
+    hex_ = hashlib.sha256(path.read_bytes()).hexdigest()
+    (tmp_path / "state" / "models").mkdir(parents=True)
+    shutil.copy(path, tmp_path / "state" / "models" / hex_)
+    model = {"id": "model_ts", "format": "torchscript", "checksum": f"sha256:{hex_}", "download_path": "/api/v1/sdk/models/model_ts"}
+    config = {"optimizer": "sgd", "learning_rate": 1e-9, "batch_size": 4, "local_steps": 2, "sync_mode": "full_sync", "sync_interval_ms": 60000, "loss": "cross_entropy"}
+    data = {"type": "stream", "task_seed": 1, "stream_seed": 2}
+    import torch
+
+    round_two = {name: np.full(t.numel(), 0.5, dtype=np.float32) for name, t in torch.jit.load(str(path)).state_dict().items()}
+    seen: Dict[str, Any] = {}
+
+    async def hub(ws: ServerConnection):
+        json.loads(await ws.recv())
+        await ws.send(json.dumps({"type": "registered", "protocol": 1, "device_id": "dev_1", "sdk_token": "dcp_s_1", "heartbeat_interval_ms": 100}))
+        start = {"type": "train_start", "round": 0, "model": model, "config": config, "data": data}
+        await ws.send(json.dumps({**start, "job_id": "train_a"}))
+        await ws.send(json.dumps({"type": "train_stop", "job_id": "train_a", "reason": "paused"}))
+        await ws.send(json.dumps({**start, "job_id": "train_b"}))
+        await ws.send(json.dumps({"type": "train_weights", "job_id": "train_b", "round": 2, "weights": weights_to_base64(round_two)}))
+        seen["update"] = await next_of(ws, "train_update")
+        hub.done.set()
+        await ws.wait_closed()
+
+    hub.done = asyncio.Event()
+    run_with_hub(hub, {}, tmp_path)
+    update = seen["update"]
+    assert (update["job_id"], update["base_round"]) == ("train_b", 2), "job a never trains; b starts from the round 2 weights that came while it was set up"
+    for name, values in weights_from_base64(update["weights"]).items():
+        np.testing.assert_allclose(values, round_two[name], atol=1e-6)
