@@ -12,9 +12,11 @@ import { customerOf } from './auth.js'
 import { readYourWrites, type Services } from './context.js'
 import { deviceLogs, LogsQuery } from './device-logs.js'
 import { pageQuery } from './pagination.js'
+import { pythonSdist } from './python-sdist.js'
 import { deviceReputation } from '../projections/reputation.js'
 
 const DeviceParams = z.object({ id: z.string().min(1).max(64) })
+const SdkPackageQuery = z.object({ platform: z.enum(['nodejs', 'python']).default('nodejs') })
 const REPO_ROOT = fileURLToPath(new URL('../..', import.meta.url))
 /** What the SDK package holds: the worker and the protocol it speaks. */
 const SDK_FILES = ['package.json', 'package-lock.json', '.npmrc', 'src/protocol', 'src/sdk', 'src/cli/args.ts', 'src/cli/worker.ts', 'docs/device-protocol.md']
@@ -82,7 +84,18 @@ export const deviceRoutes: FastifyPluginAsync<{ services: Services }> = async (b
       .send(services.blobs.open(sha))
   })
 
-  app.get('/sdk/package', { config: { auth: 'sdk' }, schema: { summary: 'Download the Node.js SDK (tar.gz) to update a device', tags: ['sdk'] } }, async (_request, reply) => {
+  app.get('/sdk/package', {
+    config: { auth: 'sdk' },
+    schema: {
+      summary: 'Download the device SDK to install or update a device: the Node.js SDK (tar.gz), or with platform=python the Python SDK (an sdist for pip)',
+      tags: ['sdk'],
+      querystring: SdkPackageQuery,
+    },
+  }, async (request, reply) => {
+    if (request.query.platform === 'python') {
+      const sdist = await pythonSdist(path.join(REPO_ROOT, 'sdk/python'))
+      return reply.header('content-type', 'application/gzip').header('content-disposition', `attachment; filename="${sdist.fileName}"`).send(sdist.bytes)
+    }
     const files = SDK_FILES.filter((f) => existsSync(path.join(REPO_ROOT, f)))
     return reply
       .header('content-type', 'application/gzip')
