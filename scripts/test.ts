@@ -6,6 +6,10 @@
  * The web dashboard's test drives Debian's Chromium: when the run includes it and the browser is missing,
  * this installs it first (`apt-get install chromium`, as root or through `sudo -n`), so that `npm install`
  * then `npm test` is all a fresh machine needs. Where that cannot work, the test fails and says why.
+ *
+ * A whole run (no file arguments), or one naming `sdk/python`, also runs the Python device SDK's pytest suite
+ * after tap, in the project's venv (`.dcp/python`, made by `npm run setup:python` when missing or stale:
+ * torch is about 5 GB, a minute or more the first time). `npm test -- sdk/python` runs only that suite.
  */
 import { spawn, spawnSync } from 'node:child_process'
 import { existsSync } from 'node:fs'
@@ -32,17 +36,33 @@ function installChromium(): void {
   }
 }
 
+const files = args.filter((a) => !a.startsWith('-'))
+const runsPython = files.length === 0 || files.some((a) => a.startsWith('sdk/python'))
+const tapArgs = files.length > 0 && files.every((a) => a.startsWith('sdk/python')) ? undefined : args.filter((a) => !a.startsWith('sdk/python'))
+
 const own = process.env.DATABASE_URL ? undefined : await startEmbeddedPostgres(path.join(tmpdir(), `dcp-test-pg-${process.pid}`))
 // a success body its route's response schema does not describe is a 500 under test (src/http/responses.ts)
 const env = { ...process.env, DATABASE_URL: process.env.DATABASE_URL ?? own!.url, DCP_STRICT_RESPONSES: process.env.DCP_STRICT_RESPONSES ?? '1' }
-const tap = spawn(process.execPath, [path.resolve('node_modules/tap/dist/esm/run.mjs'), ...args], {
-  stdio: 'inherit',
-  env,
-})
-const stop = () => tap.kill('SIGTERM')
-process.on('SIGINT', stop)
-process.on('SIGTERM', stop)
-const code: number = await new Promise((resolve) => tap.on('exit', (c, signal) => resolve(c ?? (signal ? 1 : 0))))
+let code = 0
+if (tapArgs) {
+  const tap = spawn(process.execPath, [path.resolve('node_modules/tap/dist/esm/run.mjs'), ...tapArgs], { stdio: 'inherit', env })
+  const stop = () => tap.kill('SIGTERM')
+  process.on('SIGINT', stop)
+  process.on('SIGTERM', stop)
+  code = await new Promise((resolve) => tap.on('exit', (c, signal) => resolve(c ?? (signal ? 1 : 0))))
+}
+if (runsPython) code = pytest() || code
+
+/** The venv (made or brought up to date), then pytest on sdk/python/tests; its exit status. */
+function pytest(): number {
+  const setup = spawnSync('bash', ['scripts/setup-python.sh'], { stdio: 'inherit' })
+  if (setup.status !== 0) {
+    console.log(`npm test: the Python SDK's venv could not be set up (${setup.error?.message ?? `exit ${setup.status}`}); see the output above`)
+    return 1
+  }
+  const python = path.resolve('.dcp/python/bin/python')
+  return spawnSync(python, ['-m', 'pytest', '-q', 'sdk/python/tests'], { stdio: 'inherit' }).status ?? 1
+}
 if (own) {
   await own.stop()
   await rm(path.join(tmpdir(), `dcp-test-pg-${process.pid}`), { recursive: true, force: true })
