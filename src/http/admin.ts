@@ -8,11 +8,27 @@ import { customerExists, listCustomers, listKeys } from '../projections/customer
 import { sha256 } from './auth.js'
 import { execute, type Services } from './context.js'
 import { newId, newSecret } from './ids.js'
+import { NullableTimestamp, Timestamp } from './responses.js'
 
 export const API_KEY_PREFIX = 'dcp_k_'
 
 const CustomerId = z.object({ id: z.string().min(1).max(64) })
 const KeyParams = CustomerId.extend({ keyId: z.string().min(1).max(64) })
+
+const ApiKeyShown = z.string().describe('the API key itself (X-API-Key): shown this once, never again')
+const IssuedKey = z.object({ key_id: z.string(), api_key: ApiKeyShown, prefix: z.string().describe('the first characters of the key, to tell keys apart'), created_at: Timestamp })
+const NewCustomer = z.object({ id: z.string(), name: z.string(), created_at: Timestamp, api_key: ApiKeyShown, key_id: z.string().describe("the first key's id") })
+const Customers = z.object({
+  customers: z.array(z.object({ id: z.string(), name: z.string(), created_at: Timestamp, active_keys: z.number().int().describe('API keys not revoked') })),
+  total: z.number().int(),
+})
+const Keys = z.object({ keys: z.array(z.object({ key_id: z.string(), prefix: z.string(), created_at: Timestamp, revoked_at: NullableTimestamp.describe('null while the key works') })) })
+/** Where a customer's id, and a key's, feed the key operations. */
+const keyLinks = (customerId: string) => ({
+  listApiKeys: { operationId: 'listApiKeys', parameters: { id: customerId } },
+  issueApiKey: { operationId: 'issueApiKey', parameters: { id: customerId } },
+  revokeApiKey: { operationId: 'revokeApiKey', parameters: { id: customerId, keyId: '$response.body#/key_id' } },
+})
 
 /** Operators' routes (`X-Admin-Key`): customers and their API keys, and blob collection. The spec lists none; these follow its style. */
 export const adminRoutes: FastifyPluginAsync<{ services: Services }> = async (base, { services }) => {
@@ -30,11 +46,13 @@ export const adminRoutes: FastifyPluginAsync<{ services: Services }> = async (ba
   }
 
   app.post('/admin/customers', {
-    config: { ...config, success: { 201: 'The customer and its first API key' } },
+    config: { ...config, success: { 201: 'The customer and its first API key' }, links: keyLinks('$response.body#/id') },
     schema: {
       summary: 'Create a customer and its first API key (shown once)',
+      operationId: 'createCustomer',
       tags: ['admin'],
       body: z.object({ name: z.string().trim().min(1).max(200) }),
+      response: { 201: NewCustomer },
     },
   }, async (request, reply) => {
     const customerId = newId('cust')
@@ -46,14 +64,14 @@ export const adminRoutes: FastifyPluginAsync<{ services: Services }> = async (ba
     return reply.status(201).send({ id: customerId, name: request.body.name, created_at: at, api_key: key.api_key, key_id: key.key_id })
   })
 
-  app.get('/admin/customers', { config, schema: { summary: 'List customers', tags: ['admin'] } }, async () => {
+  app.get('/admin/customers', { config, schema: { summary: 'List customers', operationId: 'listCustomers', tags: ['admin'], response: { 200: Customers } } }, async () => {
     const customers = await listCustomers(services.db)
     return { customers: customers.map(({ customer_id, ...rest }) => ({ id: customer_id, ...rest })), total: customers.length }
   })
 
   app.post('/admin/customers/:id/keys', {
-    config: { ...config, success: { 201: 'The new key' } },
-    schema: { summary: 'Issue another API key for a customer (shown once)', tags: ['admin'], params: CustomerId },
+    config: { ...config, success: { 201: 'The new key' }, links: { revokeApiKey: keyLinks('$request.path.id').revokeApiKey } },
+    schema: { summary: 'Issue another API key for a customer (shown once)', operationId: 'issueApiKey', tags: ['admin'], params: CustomerId, response: { 201: IssuedKey } },
   }, async (request, reply) => {
     if (!(await customerExists(services.db, request.params.id))) throw new DomainError('NOT_FOUND', `customer ${request.params.id} not found`)
     return reply.status(201).send(await issueKey(request.params.id))
@@ -61,7 +79,7 @@ export const adminRoutes: FastifyPluginAsync<{ services: Services }> = async (ba
 
   app.get('/admin/customers/:id/keys', {
     config,
-    schema: { summary: "List a customer's API keys (ids and prefixes, never the keys)", tags: ['admin'], params: CustomerId },
+    schema: { summary: "List a customer's API keys (ids and prefixes, never the keys)", operationId: 'listApiKeys', tags: ['admin'], params: CustomerId, response: { 200: Keys } },
   }, async (request) => {
     if (!(await customerExists(services.db, request.params.id))) throw new DomainError('NOT_FOUND', `customer ${request.params.id} not found`)
     return { keys: await listKeys(services.db, request.params.id) }
@@ -69,7 +87,7 @@ export const adminRoutes: FastifyPluginAsync<{ services: Services }> = async (ba
 
   app.delete('/admin/customers/:id/keys/:keyId', {
     config: { ...config, success: { 204: 'Revoked' } },
-    schema: { summary: 'Revoke an API key; requests with it are refused at once', tags: ['admin'], params: KeyParams },
+    schema: { summary: 'Revoke an API key; requests with it are refused at once', operationId: 'revokeApiKey', tags: ['admin'], params: KeyParams },
   }, async (request, reply) => {
     const at = services.now().toISOString()
     const { id, keyId } = request.params
@@ -82,7 +100,9 @@ export const adminRoutes: FastifyPluginAsync<{ services: Services }> = async (ba
     schema: {
       summary: 'Delete the stored files nothing refers to any more (deleted models and datasets, unfinished uploads) now, rather than at the next hourly run; answers what it freed',
       tags: ['admin'],
+      operationId: 'collectBlobs',
       body: z.object({}).strict().nullish(),
+      response: { 200: z.object({ scanned: z.number().int().describe('stored files looked at'), deleted: z.number().int().describe('files deleted (unfinished uploads included)'), freed_bytes: z.number().int() }) },
     },
   }, async () => {
     try {

@@ -94,12 +94,29 @@ export interface RouteInfo {
   success?: Partial<Record<number, string>>
   /** Takes an `Idempotency-Key` header. */
   idempotent?: boolean
+  /** OpenAPI links of its first success response (see `config.links`). */
+  links?: Record<string, OperationLink>
+}
+
+/**
+ * An OpenAPI link: where a value of this response (or request) feeds another operation, named by its
+ * `operationId`; values are runtime expressions such as `$response.body#/id` or `$request.path.id`.
+ */
+export interface OperationLink {
+  operationId: string
+  parameters?: Record<string, string>
+  requestBody?: unknown
+  description?: string
 }
 
 declare module 'fastify' {
   interface FastifyInstance {
     /** Every route with its authentication, for the route-table test and the docs. */
     routeTable: RouteInfo[]
+  }
+  interface FastifyContextConfig {
+    /** Links of the route's first success response (its `success`'s first status, else 200), keyed by link name. */
+    links?: Record<string, OperationLink>
   }
 }
 
@@ -139,7 +156,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   app.decorate('routeTable', routeTable)
   app.addHook('onRoute', (route) => {
     const methods = Array.isArray(route.method) ? route.method : [route.method]
-    for (const method of methods) if (method !== 'HEAD') routeTable.push({ method, url: route.url, auth: route.config?.auth ?? 'none', ...(route.config?.success ? { success: route.config.success } : {}), ...(route.config?.idempotent ? { idempotent: true } : {}) })
+    for (const method of methods) if (method !== 'HEAD') routeTable.push({ method, url: route.url, auth: route.config?.auth ?? 'none', ...(route.config?.success ? { success: route.config.success } : {}), ...(route.config?.idempotent ? { idempotent: true } : {}), ...(route.config?.links ? { links: route.config.links } : {}) })
   })
   registerUploadSlots(app, deps.uploads ?? { total: 4, perCustomer: 2 })
   const tickets = new StreamTickets(deps.streamTicketTtlMs ?? STREAM_DEFAULTS.ticketTtlMs)
@@ -307,6 +324,10 @@ function describeOperations(document: Record<string, any>, routes: RouteInfo[]):
     const described = (status: string, description: string) => ({ ...operation.responses?.[status], description })
     if (route.success) for (const [status, description] of Object.entries(route.success)) responses[status] = described(status, description!)
     else responses['200'] = described('200', operation.responses?.['200']?.description ?? 'Success')
+    if (route.links) {
+      const first = Object.keys(responses)[0]!
+      responses[first] = { ...(responses[first] as object), links: route.links }
+    }
     // other statuses the route gives a body of its own (e.g. the detailed health's 503)
     for (const [status, response] of Object.entries(operation.responses ?? {})) if (!(status in responses) && (response as { content?: unknown }).content) responses[status] = { description: status, ...(response as object) }
     responses['4XX'] = {

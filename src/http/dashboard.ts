@@ -12,6 +12,7 @@ import { customerOf } from './auth.js'
 import { readYourWrites, type Services } from './context.js'
 import { pageQuery, wholeNumber } from './pagination.js'
 import { renderProjectText } from './project-stream-text.js'
+import { DashboardShapes as Shapes } from './dashboard-shapes.js'
 
 const ProjectParams = z.object({ id: z.string().min(1).max(80) })
 const BenchmarkParams = z.object({ id: z.string().min(1).max(80) })
@@ -27,6 +28,11 @@ const QuickBody = z.object({
   concurrency: z.number().int().min(1).max(64).default(4).describe('inference: requests in flight at once (default 4)'),
 })
 const DEFAULT_RPS_STEPS = [2, 4, 6, 8, 10, 15, 20, 30, 40, 50]
+/** A started benchmark's id feeds its status operation, its project's id the project's usage. */
+const benchmarkLinks = (status: 'getBenchmark' | 'getPerfBenchmark') => ({
+  [status]: { operationId: status, parameters: { id: '$response.body#/benchmark_id' } },
+  getProjectUsage: { operationId: 'getProjectUsage', parameters: { id: '$response.body#/project_id' } },
+})
 
 /** `/dashboard` and `/cluster`: aggregated views for the web dashboard, the live project stream, and benchmarks. */
 export const dashboardRoutes: FastifyPluginAsync<{ services: Services }> = async (base, { services }) => {
@@ -46,7 +52,7 @@ export const dashboardRoutes: FastifyPluginAsync<{ services: Services }> = async
   /** Open streams per customer, for the cap (services.streams.maxPerCustomer). Per node, like the tickets. */
   const openPerCustomer = new Map<string, number>()
 
-  app.get('/dashboard/devices', { config, schema: { summary: 'Devices by platform (nodejs, python, windows), instance type and status, and a page of them', tags, querystring: pageQuery() } }, async (request) => {
+  app.get('/dashboard/devices', { config, schema: { summary: 'Devices by platform (nodejs, python, windows), instance type and status, and a page of them', operationId: 'getDashboardDevices', tags, querystring: pageQuery(), response: { 200: Shapes.Fleet } } }, async (request) => {
     await caughtUp()
     const view = await fleet(services.db, request.query)
     return { ...view, devices: view.devices.map((d) => ({ ...d, training_job: services.training.jobOfDevice(d.id) ?? null })), limit: request.query.limit, offset: request.query.offset }
@@ -54,7 +60,7 @@ export const dashboardRoutes: FastifyPluginAsync<{ services: Services }> = async
 
   app.get('/dashboard/jobs', {
     config,
-    schema: { summary: 'Inference and training jobs of the last 5 days, most recently active first', tags, querystring: pageQuery().extend({ type: z.enum(['inference', 'training']).optional() }) },
+    schema: { summary: 'Inference and training jobs of the last 5 days, most recently active first', operationId: 'getDashboardJobs', tags, querystring: pageQuery().extend({ type: z.enum(['inference', 'training']).optional() }), response: { 200: Shapes.Jobs } },
   }, async (request) => {
     await caughtUp()
     const since = new Date(services.now().getTime() - 5 * DAY_MS).toISOString()
@@ -62,7 +68,7 @@ export const dashboardRoutes: FastifyPluginAsync<{ services: Services }> = async
     return { jobs, total, limit: request.query.limit, offset: request.query.offset }
   })
 
-  app.get('/dashboard/projects', { config, schema: { summary: 'The 50 most recent projects, active first', tags } }, async (request) => {
+  app.get('/dashboard/projects', { config, schema: { summary: 'The 50 most recent projects, active first', operationId: 'getDashboardProjects', tags, response: { 200: Shapes.Projects } } }, async (request) => {
     await caughtUp()
     return { projects: await recentProjects(services.db, customerOf(request), 50) }
   })
@@ -71,7 +77,9 @@ export const dashboardRoutes: FastifyPluginAsync<{ services: Services }> = async
     config,
     schema: {
       summary: 'Recent tasks across your jobs and projects',
+      operationId: 'getDashboardTasks',
       tags,
+      response: { 200: Shapes.Tasks },
       querystring: z.object({ limit: wholeNumber(1, 1000).default(100), project_id: z.string().min(1).max(80).optional() }),
     },
   }, async (request) => {
@@ -83,7 +91,9 @@ export const dashboardRoutes: FastifyPluginAsync<{ services: Services }> = async
     config,
     schema: {
       summary: 'Completed tasks and inputs per time bucket (the latest 300 buckets)',
+      operationId: 'getTaskThroughput',
       tags,
+      response: { 200: Shapes.Throughput },
       querystring: z.object({ project_id: z.string().min(1).max(80).optional(), bucket_size: wholeNumber(1, 86_400).default(1).describe('seconds (default 1)') }),
     },
   }, async (request) => {
@@ -92,7 +102,7 @@ export const dashboardRoutes: FastifyPluginAsync<{ services: Services }> = async
     return { bucket_size: request.query.bucket_size, buckets }
   })
 
-  app.get('/dashboard/efficiency', { config, schema: { summary: 'Training efficiency overview: recent time to accuracy, scaling and power', tags } }, async (request) => {
+  app.get('/dashboard/efficiency', { config, schema: { summary: 'Training efficiency overview: recent time to accuracy, scaling and power', operationId: 'getDashboardEfficiency', tags, response: { 200: Shapes.Efficiency } } }, async (request) => {
     await caughtUp()
     const customerId = customerOf(request)
     const [summary, tta, scaling, power] = await Promise.all([
@@ -104,13 +114,13 @@ export const dashboardRoutes: FastifyPluginAsync<{ services: Services }> = async
     return { summary, tta, scaling, power }
   })
 
-  app.get('/dashboard/comparison', { config, schema: { summary: 'Training and inference on cloud (aws) against contributed (user) devices, for charts', tags } }, async (request) => {
+  app.get('/dashboard/comparison', { config, schema: { summary: 'Training and inference on cloud (aws) against contributed (user) devices, for charts', operationId: 'getDashboardComparison', tags, response: { 200: Shapes.Comparison } } }, async (request) => {
     await caughtUp()
     const comparison = await efficiencyComparison(services.db, customerOf(request))
     return chartComparison(comparison)
   })
 
-  app.get('/cluster/utilization', { config, schema: { summary: 'The cluster now: devices, task slots, load, power, queue, training jobs', tags: ['cluster'] } }, async () => {
+  app.get('/cluster/utilization', { config, schema: { summary: 'The cluster now: devices, task slots, load, power, queue, training jobs', operationId: 'getClusterUtilization', tags: ['cluster'], response: { 200: Shapes.Utilization } } }, async () => {
     await caughtUp()
     const [devices, jobs] = await Promise.all([fleetNow(services.db), trainingJobCounts(services.db)])
     const live = services.hub.utilization()
@@ -130,7 +140,9 @@ export const dashboardRoutes: FastifyPluginAsync<{ services: Services }> = async
     config: { ...config, success: { 201: 'A single-use ticket for one stream' } },
     schema: {
       summary: 'A ticket that opens one live stream (`?ticket=`), for clients that cannot send X-API-Key (EventSource): single use, valid 60 s, on this node',
+      operationId: 'createStreamTicket',
       tags,
+      response: { 201: Shapes.StreamTicket },
       body: z.object({ project_id: z.string().min(1).max(80).optional().describe('the only project the ticket opens (default: any of yours)') }).nullish(),
     },
   }, async (request, reply) => {
@@ -148,7 +160,9 @@ export const dashboardRoutes: FastifyPluginAsync<{ services: Services }> = async
     config: { ...config, ticketInQuery: true },
     schema: {
       summary: 'Server-Sent Events: the project\'s figures every `interval` ms until it completes (format json, or text: ANSI for a terminal)',
+      operationId: 'streamProject',
       tags,
+      response: { 200: Shapes.ProjectStream },
       params: ProjectParams,
       querystring: z.object({
         format: z.enum(['json', 'text']).default('json'),
@@ -181,7 +195,10 @@ export const dashboardRoutes: FastifyPluginAsync<{ services: Services }> = async
 
   // ---- benchmarks -------------------------------------------------------------------------------------
 
-  app.post('/dashboard/benchmark', { config: { ...config, success: { 202: 'Started' } }, schema: { summary: 'Start a quick inference or training benchmark (202; GET /dashboard/benchmark/:id for its result)', tags: ['benchmarks'], body: QuickBody } }, async (request, reply) => {
+  app.post('/dashboard/benchmark', {
+    config: { ...config, success: { 202: 'Started' }, links: benchmarkLinks('getBenchmark') },
+    schema: { summary: 'Start a quick inference or training benchmark (202; GET /dashboard/benchmark/:id for its result)', operationId: 'startBenchmark', tags: ['benchmarks'], body: QuickBody, response: { 202: Shapes.QuickStarted } },
+  }, async (request, reply) => {
     const customerId = customerOf(request)
     const body = request.body
     if (body.mode === 'inference') requireDevices(services)
@@ -193,15 +210,17 @@ export const dashboardRoutes: FastifyPluginAsync<{ services: Services }> = async
     return reply.status(202).send({ benchmark_id: started.benchmark_id, mode: started.mode, status: 'running', project_id: started.project_id, poll_url: `/api/v1/dashboard/benchmark/${started.benchmark_id}` })
   })
 
-  app.get('/dashboard/benchmark/:id', { config, schema: { summary: 'A quick benchmark: status and result', tags: ['benchmarks'], params: BenchmarkParams } }, async (request) => {
+  app.get('/dashboard/benchmark/:id', { config, schema: { summary: 'A benchmark (quick or step-load): status and result', operationId: 'getBenchmark', tags: ['benchmarks'], params: BenchmarkParams, response: { 200: Shapes.Benchmark } } }, async (request) => {
     return benchmarkView(await benchmarkOf(customerOf(request), request.params.id))
   })
 
   app.post('/dashboard/benchmark/perf', {
-    config: { ...config, success: { 202: 'Started' } },
+    config: { ...config, success: { 202: 'Started' }, links: benchmarkLinks('getPerfBenchmark') },
     schema: {
       summary: 'Start a step-load benchmark: each rate of rps_steps for duration / steps seconds, at most max_concurrency requests in flight',
+      operationId: 'startPerfBenchmark',
       tags: ['benchmarks'],
+      response: { 202: Shapes.PerfStarted },
       body: z.object({
         duration: z.number().min(services.limits.minPerfDurationS).max(3600).default(Math.max(60, services.limits.minPerfDurationS)).describe(`total seconds (min ${services.limits.minPerfDurationS})`),
         instance_type: z.enum(['aws', 'user', 'all']).default('all'),
@@ -217,7 +236,7 @@ export const dashboardRoutes: FastifyPluginAsync<{ services: Services }> = async
     return reply.status(202).send({ benchmark_id: started.benchmark_id, status: 'running', project_id: started.project_id, config: perf, poll_url: `/api/v1/dashboard/benchmark/perf/${started.benchmark_id}` })
   })
 
-  app.get('/dashboard/benchmark/perf/:id', { config, schema: { summary: 'A step-load benchmark: status, and each step\'s achieved rate, latency percentiles and errors', tags: ['benchmarks'], params: BenchmarkParams } }, async (request) => {
+  app.get('/dashboard/benchmark/perf/:id', { config, schema: { summary: 'A step-load benchmark: status, and each step\'s achieved rate, latency percentiles and errors', operationId: 'getPerfBenchmark', tags: ['benchmarks'], params: BenchmarkParams, response: { 200: Shapes.PerfBenchmark } } }, async (request) => {
     const row = await benchmarkOf(customerOf(request), request.params.id)
     if (row.mode !== 'perf') throw new DomainError('NOT_FOUND', `perf benchmark ${request.params.id} not found (it is a ${row.mode} benchmark)`)
     return { ...benchmarkView(row), steps: row.steps }
@@ -232,13 +251,15 @@ export const dashboardRoutes: FastifyPluginAsync<{ services: Services }> = async
 }
 
 function benchmarkView(row: Awaited<ReturnType<typeof findBenchmark>> & object) {
+  // the events hold a run's settings and result as plain records; what each mode's are, the schemas say
+  // (and the serializer checks)
   return {
     benchmark_id: row.benchmark_id,
     mode: row.mode,
     status: row.status,
-    config: row.config,
+    config: row.config as z.output<typeof Shapes.Benchmark>['config'],
     project_id: row.project_id,
-    result: row.result,
+    result: row.result as z.output<typeof Shapes.Benchmark>['result'],
     error: row.error,
     started_at: row.started_at,
     completed_at: row.ended_at,
@@ -351,13 +372,12 @@ function flatten(value: Record<string, unknown>, prefix = ''): Record<string, nu
 }
 
 /** The comparison as chart series: `labels` [aws, user], and per figure (nested ones dotted) the two values. */
-function chartComparison(comparison: Record<string, any>) {
-  const groups: Record<string, Record<string, (number | null)[]>> = { training: {}, inference: {} }
+function chartComparison(comparison: Awaited<ReturnType<typeof efficiencyComparison>>) {
+  const groups = { training: {} as Record<string, [number | null, number | null]>, inference: {} as Record<string, [number | null, number | null]> }
   for (const group of ['training', 'inference'] as const) {
-    const aws = comparison.aws?.[group] ?? comparison[group]?.aws ?? {}
-    const user = comparison.user?.[group] ?? comparison[group]?.user ?? {}
-    const [flatAws, flatUser] = [flatten(aws), flatten(user)]
-    for (const key of new Set([...Object.keys(flatAws), ...Object.keys(flatUser)])) groups[group]![key] = [flatAws[key] ?? null, flatUser[key] ?? null]
+    const [flatAws, flatUser] = [flatten(comparison.aws[group]), flatten(comparison.user[group])]
+    for (const key of new Set([...Object.keys(flatAws), ...Object.keys(flatUser)])) groups[group][key] = [flatAws[key] ?? null, flatUser[key] ?? null]
   }
-  return { labels: ['aws', 'user'], training: groups.training, inference: groups.inference, raw: comparison }
+  const labels: ['aws', 'user'] = ['aws', 'user']
+  return { labels, training: groups.training, inference: groups.inference, raw: comparison }
 }

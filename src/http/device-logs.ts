@@ -1,6 +1,6 @@
 import { z } from 'zod'
 import { DomainError } from '../domain/errors.js'
-import { LOG_LEVELS, type LogLine } from '../protocol/frames.js'
+import { LOG_LEVELS, LogLine } from '../protocol/frames.js'
 import { findDevice } from '../projections/devices.js'
 import { ownersOf } from '../projections/owners.js'
 import type { Services } from './context.js'
@@ -12,6 +12,9 @@ export const LogsQuery = z.object({
   level: z.enum(['all', ...LOG_LEVELS]).default('all'),
   timeout: wholeNumber(100, 120_000).default(30_000).describe('ms to wait for the device (default 30000)'),
 })
+
+/** What both logs routes answer. */
+export const DeviceLogs = z.object({ device_id: z.string(), lines: z.array(LogLine).describe('oldest first, as the device sent them') })
 
 /**
  * A device's recent log lines, asked over its socket: every line for the admin (`customerId` null), only the

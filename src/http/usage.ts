@@ -8,6 +8,7 @@ import { countUsageGroups, hourOf, sumUsage, type UsageFilter } from '../project
 import { customerOf } from './auth.js'
 import { readYourWrites, type Services } from './context.js'
 import { pageQuery, wholeNumber } from './pagination.js'
+import { page } from './responses.js'
 
 const HOUR_MS = 3_600_000
 /** The internal usage endpoints answer for the last 72 hours, the current one included. */
@@ -19,7 +20,89 @@ const Hour = z
   // refinement the rest (no 30 February)
   .regex(/^\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])T([01]\d|2[0-3])$/, 'must be an hour as YYYY-MM-DDTHH (UTC), e.g. 2026-03-15T21')
   .refine((h) => !Number.isNaN(Date.parse(`${h}:00:00Z`)) && hourOf(`${h}:00:00Z`) === h, 'is not a real hour')
-const Range = z.object({ from: Hour.optional(), to: Hour.optional() })
+const HourRange = z.object({ from: Hour.optional(), to: Hour.optional() })
+
+const HourOut = z.string().describe('an hour as YYYY-MM-DDTHH (UTC)')
+const Int = z.number().int()
+const Figures = {
+  cpu_ms: z.number().describe('CPU time of completed tasks and training rounds (billed)'),
+  gpu_ms: z.number().describe('GPU time of completed tasks and training rounds (billed)'),
+  cpu_hours: z.number(),
+  gpu_hours: z.number(),
+  tasks: z.object({ total: Int, cpu: Int, gpu: Int }).describe('completed tasks, and training contributions, by where they ran'),
+  inputs: Int.describe('inputs of completed tasks'),
+  bytes_in: Int,
+  bytes_out: Int,
+  failed_attempts: z.object({ tasks: Int, cpu_ms: z.number(), gpu_ms: z.number() }).describe('reported, not billed'),
+  training: z.object({ samples: Int, cpu_ms: z.number(), gpu_ms: z.number() }).describe("training rounds' part (included in the totals above)"),
+  estimated_cost: z.object({ currency: z.string(), total: z.number(), by_instance_type: z.record(z.string(), z.number()) }),
+  by_instance_type: z
+    .record(z.string(), z.object({ cpu_ms: z.number(), gpu_ms: z.number(), tasks: Int, estimated_cost: z.number() }))
+    .describe('billed figures per instance type (aws, user; `unknown` for work recorded without one)'),
+}
+const Range = { from: HourOut.nullable().describe('the first hour counted; null: from the start'), to: HourOut.nullable().describe('the last hour counted; null: up to now') }
+const CustomerUsage = z.object({ customer_id: z.string(), ...Range, ...Figures })
+const ProjectUsage = z.object({ project_id: z.string(), ...Range, ...Figures })
+const HourlyUsage = z.object({
+  hours: Int,
+  from: HourOut,
+  to: HourOut,
+  currency: z.string(),
+  data: z.array(
+    z.object({
+      hour: HourOut,
+      cpu_ms: z.number(),
+      gpu_ms: z.number(),
+      tasks: Int,
+      cpu_tasks: Int,
+      gpu_tasks: Int,
+      inputs: Int,
+      bytes_in: Int,
+      bytes_out: Int,
+      failed_attempts: Int,
+      estimated_cost: z.number(),
+    }),
+  ).describe('every hour of the window, oldest first, empty ones included'),
+})
+const AdminUsage = page('customers', z.object({ customer_id: z.string(), ...Figures }))
+const Row = z.record(z.string(), z.unknown())
+const UsageAudit = z.object({
+  projection: z.string(),
+  position: z.string().describe('the log position both copies were compared at'),
+  ok: z.boolean().describe('the live read model equals the replay'),
+  tables: z.array(
+    z.object({
+      table: z.string(),
+      primaryKey: z.array(z.string()).readonly(),
+      liveRows: Int,
+      replayedRows: Int,
+      differences: z.array(z.object({ key: Row, live: Row.nullable().describe('null: the live read model lacks the row'), replayed: Row.nullable().describe('null: only the live read model has it') })).describe('the first differences'),
+      differenceCount: Int.describe('all differences'),
+    }),
+  ),
+  filter: z.object({ from: HourOut.nullable(), to: HourOut.nullable(), customer: z.string().nullable() }),
+  totals: z.array(
+    z.object({
+      customer_id: z.string(),
+      hour: HourOut,
+      tasks: Int,
+      cpu_ms: z.number(),
+      gpu_ms: z.number(),
+      inputs: Int,
+      training_samples: Int,
+      training_cpu_ms: z.number(),
+      training_gpu_ms: z.number(),
+      failed_attempts: Int,
+    }),
+  ).describe('per customer and hour, from the replay: what the bill should say'),
+  digest: z.string().describe('SHA-256 of the replayed rows in the filter'),
+  liveDigest: z.string().describe('the same over the live rows; equal to digest exactly when no row differs'),
+})
+const UuidUsage = z.object({
+  from: HourOut,
+  to: HourOut,
+  data: z.array(z.object({ uuid: z.string().nullable().describe('the SDK UUID; null for work recorded without one'), hour: HourOut, cpu_ms: z.number(), gpu_ms: z.number(), cpu_tasks: Int, gpu_tasks: Int })),
+})
 
 type Measures = 'tasks' | 'cpu_tasks' | 'gpu_tasks' | 'inputs' | 'cpu_us' | 'gpu_us' | 'bytes_in' | 'bytes_out'
 type Sums = Record<'instance_type' | 'outcome', string> & Record<Measures, number>
@@ -77,7 +160,7 @@ export const usageRoutes: FastifyPluginAsync<{ services: Services }> = async (ba
 
   app.get('/usage', {
     config: { auth: 'api_key' },
-    schema: { summary: 'Your compute usage: CPU/GPU hours, tasks, data, estimated cost (optionally between two UTC hours)', tags: ['usage'], querystring: Range },
+    schema: { summary: 'Your compute usage: CPU/GPU hours, tasks, data, estimated cost (optionally between two UTC hours)', operationId: 'getUsage', tags: ['usage'], querystring: HourRange, response: { 200: CustomerUsage } },
   }, async (request) => {
     checkRange(request.query)
     const customerId = customerOf(request)
@@ -86,7 +169,7 @@ export const usageRoutes: FastifyPluginAsync<{ services: Services }> = async (ba
 
   app.get('/usage/projects/:id', {
     config: { auth: 'api_key' },
-    schema: { summary: "A project's compute usage", tags: ['usage'], params: z.object({ id: z.string().min(1).max(80) }), querystring: Range },
+    schema: { summary: "A project's compute usage", operationId: 'getProjectUsage', tags: ['usage'], params: z.object({ id: z.string().min(1).max(80) }), querystring: HourRange, response: { 200: ProjectUsage } },
   }, async (request) => {
     checkRange(request.query)
     const customerId = customerOf(request)
@@ -99,8 +182,10 @@ export const usageRoutes: FastifyPluginAsync<{ services: Services }> = async (ba
     config: { auth: 'api_key' },
     schema: {
       summary: 'Your usage hour by hour (UTC), the last `hours` hours up to the current one, empty hours included',
+      operationId: 'getHourlyUsage',
       tags: ['usage'],
       querystring: z.object({ hours: wholeNumber(1, 72).default(24).describe('hours to return (default 24, max 72)') }),
+      response: { 200: HourlyUsage },
     },
   }, async (request) => {
     const customerId = customerOf(request)
@@ -111,12 +196,12 @@ export const usageRoutes: FastifyPluginAsync<{ services: Services }> = async (ba
       const f = figures(services, rows.filter((r) => r.hour === hour))
       return { hour, cpu_ms: f.cpu_ms, gpu_ms: f.gpu_ms, tasks: f.tasks.total, cpu_tasks: f.tasks.cpu, gpu_tasks: f.tasks.gpu, inputs: f.inputs, bytes_in: f.bytes_in, bytes_out: f.bytes_out, failed_attempts: f.failed_attempts.tasks, estimated_cost: f.estimated_cost.total }
     })
-    return { hours: request.query.hours, from: window[0], to: window.at(-1), currency: services.prices.currency, data }
+    return { hours: request.query.hours, from: window[0]!, to: window.at(-1)!, currency: services.prices.currency, data }
   })
 
   app.get('/admin/usage', {
     config: { auth: 'admin' },
-    schema: { summary: "Every customer's usage, a page at a time (optionally between two UTC hours)", tags: ['admin'], querystring: pageQuery().extend(Range.shape) },
+    schema: { summary: "Every customer's usage, a page at a time (optionally between two UTC hours)", operationId: 'listCustomerUsage', tags: ['admin'], querystring: pageQuery().extend(HourRange.shape), response: { 200: AdminUsage } },
   }, async (request) => {
     checkRange(request.query)
     const filter = { fromHour: request.query.from, toHour: request.query.to }
@@ -134,8 +219,10 @@ export const usageRoutes: FastifyPluginAsync<{ services: Services }> = async (ba
     config: { auth: 'admin' },
     schema: {
       summary: 'The billing audit: replays the log into a shadow read model and compares it with the live usage, row by row (what `dcp audit usage` prints)',
+      operationId: 'auditUsage',
       tags: ['admin'],
-      querystring: Range.extend({ customer: z.string().min(1).max(64).optional() }),
+      querystring: HourRange.extend({ customer: z.string().min(1).max(64).optional() }),
+      response: { 200: UsageAudit },
     },
   }, async (request) => {
     checkRange(request.query)
@@ -161,8 +248,10 @@ export const usageRoutes: FastifyPluginAsync<{ services: Services }> = async (ba
       config: { auth: 'internal' },
       schema: {
         summary: path === '/internal/uuid-usage' ? 'Per-SDK-UUID usage of successful tasks, by hour (rolling 3-day window, hours with activity only)' : 'Per-SDK-UUID usage of failed attempts, by hour',
+        operationId: path === '/internal/uuid-usage' ? 'getUuidUsage' : 'getUuidUsageErrors',
         tags: ['internal'],
         querystring: z.object({ from: Hour, to: Hour.optional() }),
+        response: { 200: UuidUsage },
       },
     }, async (request) => {
       const { from, to } = internalRange(request.query)

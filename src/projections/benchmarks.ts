@@ -1,5 +1,5 @@
 import type { Kysely } from 'kysely'
-import { benchmarkDecider, benchmarkEventTypes, type PerfStep } from '../domain/benchmark.js'
+import { type BENCHMARK_MODES, benchmarkDecider, benchmarkEventTypes, type PerfStep } from '../domain/benchmark.js'
 import { liveSchema, type Projection } from './projection.js'
 
 /** Benchmark runs from the dashboard: their settings, status, each perf step as it ends, and the result. */
@@ -63,10 +63,10 @@ const schema = liveSchema(benchmarksProjection.name)
 export interface BenchmarkRow {
   benchmark_id: string
   customer_id: string
-  mode: string
+  mode: (typeof BENCHMARK_MODES)[number]
   config: Record<string, unknown>
   project_id: string
-  status: string
+  status: 'running' | 'completed' | 'failed'
   steps: PerfStep[]
   result: Record<string, unknown> | null
   error: string | null

@@ -1,7 +1,9 @@
 import { type Kysely, sql } from 'kysely'
 import { liveSchema } from './projection.js'
 import { jobStatus } from './inference.js'
-import { PROJECT_STATUS_SQL, type ProjectRow, projectView } from './projects.js'
+import { PROJECT_STATUS_SQL, type ProjectRow, type ProjectView, projectView } from './projects.js'
+import type { INSTANCE_TYPES, PLATFORMS } from '../protocol/frames.js'
+import type { PROJECT_TYPES } from '../domain/project.js'
 import { trainingStatus } from '../domain/training-job.js'
 
 /**
@@ -16,6 +18,11 @@ const TASKS = liveSchema('tasks')
 
 const DEVICE_STATUS = sql<string>`case when not connected then 'offline' when running_tasks > 0 then 'busy' else 'idle' end`
 const STATUSES = ['idle', 'busy', 'offline'] as const
+type Platform = (typeof PLATFORMS)[number]
+type InstanceType = (typeof INSTANCE_TYPES)[number]
+type ProjectType = (typeof PROJECT_TYPES)[number]
+/** The tasks read model's states of a task. */
+type TaskStatus = 'queued' | 'leased' | 'completed' | 'failed' | 'cancelled'
 type Counts = { total: number; idle: number; busy: number; offline: number }
 const zero = (): Counts => ({ total: 0, idle: 0, busy: 0, offline: 0 })
 
@@ -39,9 +46,9 @@ export async function fleet(db: Kysely<any>, page: { limit: number; offset: numb
   }
   const devices = rows.map((r) => ({
     id: r.device_id as string,
-    platform: r.platform as string,
-    instance_type: r.instance_type as string,
-    status: r.status as string,
+    platform: r.platform as Platform,
+    instance_type: r.instance_type as InstanceType,
+    status: r.status as (typeof STATUSES)[number],
     load: r.load as number | null,
     power_watts: r.power_watts as number | null,
     running_tasks: r.running_tasks as number,
@@ -98,7 +105,8 @@ export async function recentProjects(db: Kysely<any>, customerId: string, limit:
     .orderBy('project_id')
     .limit(limit)
     .execute()) as ProjectRow[]
-  return rows.map(projectView)
+  // the read model holds a project's type and state as text: PROJECT_TYPES, and active, completed or cancelled
+  return rows.map((row) => projectView(row) as Omit<ProjectView, 'type' | 'status'> & { type: ProjectType; status: 'active' | 'completed' | 'cancelled' })
 }
 
 /** The customer's latest tasks, with their project, device, kind of device and latency where known. */
@@ -115,7 +123,7 @@ export async function recentTasks(db: Kysely<any>, customerId: string, options: 
     task_id: r.task_id as string,
     job_id: r.job_id as string,
     project_id: (r.project_id ?? null) as string | null,
-    status: r.status as string,
+    status: r.status as TaskStatus,
     device_id: (r.device_id ?? null) as string | null,
     instance_type: (r.instance_type ?? null) as string | null,
     inputs: (r.inputs ?? null) as number | null,

@@ -504,8 +504,8 @@ export async function activeRuns(db: Kysely<any>, customerId: string, limit = 10
         job_id: r.job_id as string,
         project_id: (r.project_id as string | null) ?? null,
         model_id: r.model_id as string,
-        kind: r.kind as string,
-        mode: r.mode as string,
+        kind: r.kind as 'single' | 'batch',
+        mode: r.mode as 'sync' | 'async',
         status: jobStatus(job),
         total_inputs: job.total_tasks,
         completed_inputs: job.completed,
@@ -564,13 +564,12 @@ function jobView(f: Record<string, unknown>, devices: Record<string, unknown>[],
   const wall = num(f.wall_s)
   const energy = num(f.energy) ?? 0
   const started = f.started as Date | null
-  const byType = Object.fromEntries(
-    INSTANCE_TYPES.map((type) => {
-      const row = types.find((r) => r.instance_type === type) ?? {}
-      const figures = contributionFigures(row)
-      return [type, { devices: int(row.devices), ...figures, share_of_samples: r6(ratio(figures.samples, samples)) }]
-    }),
-  )
+  const ofType = (type: InstanceType) => {
+    const row = types.find((r) => r.instance_type === type) ?? {}
+    const figures = contributionFigures(row)
+    return { devices: int(row.devices), ...figures, share_of_samples: r6(ratio(figures.samples, samples)) }
+  }
+  const byType = { aws: ofType('aws'), user: ofType('user') } satisfies Record<InstanceType, unknown>
   const total = int(curve[0]?.n)
   return {
     job_id: f.job_id as string,

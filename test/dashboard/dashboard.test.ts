@@ -186,7 +186,9 @@ t.test('benchmarks need devices; one left running by a crash ends as failed when
   t.equal((await api('POST', '/dashboard/benchmark/perf', { duration: 2, instance_type: 'aws' })).body.error.code, 'NO_DEVICES')
 
   const customerId = (await api('GET', '/usage')).body.customer_id
-  const started = { benchmark_id: 'bench_crashed', customer_id: customerId, mode: 'perf', config: {}, project_id: 'proj_x', started_at: new Date().toISOString() }
+  // as the runner records a step-load run's start: its settings with the benchmark model
+  const config = { duration: 60, instance_type: 'all', rps_steps: [2], max_concurrency: 5, model_id: 'model_benchx' }
+  const started = { benchmark_id: 'bench_crashed', customer_id: customerId, mode: 'perf', config, project_id: 'proj_x', started_at: new Date().toISOString() }
   const { position } = await store.append('benchmark-bench_crashed', [{ type: 'BenchmarkStarted', data: started, metadata: { schemaVersion: 1 } }])
   await projections.waitFor(position)
   t.equal((await api('GET', '/dashboard/benchmark/bench_crashed')).body.status, 'running')
