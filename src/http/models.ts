@@ -208,7 +208,9 @@ export async function readUpload(request: FastifyRequest, services: Services, fi
         await checkQuota(services, customerOf(request), field, blob.size)
         filename = part.filename
       } else {
-        const value = String(part.value)
+        // a part sent as application/json comes parsed from the multipart parser: its JSON text again (a
+        // string as it is), as a plain part gives it, for the fields that take JSON
+        const value = typeof part.value === 'string' ? part.value : JSON.stringify(part.value)
         const nul = nulField({ [part.fieldname]: value }, 'body') // named as in a JSON body
         if (nul) throw new DomainError('VALIDATION_ERROR', `${nul}: ${NUL_MESSAGE}`)
         fields[part.fieldname] = value

@@ -147,3 +147,19 @@ t.test('the document is valid OpenAPI (openapi-spec-validator)', { skip: !hasVal
   t.equal(check.status, 0, check.stderr.slice(-2000))
   t.match(check.stdout, /valid/)
 })
+
+t.test('as documented: a stream without total_samples, a dataset without its id and an unknown adapter option are 400s naming the field', async (t) => {
+  const { app, customer } = await testApp(t, { strictResponses: true })
+  const alice = await customer()
+  const send = async (method: 'POST' | 'PATCH', url: string, payload: unknown) => (await app.inject({ method, url: `/api/v1${url}`, headers: { 'x-api-key': alice.key }, payload: payload as object })).json()
+  const training = (data_config: unknown) => send('POST', '/training', { model_id: 'model_x', data_config, training_config: {} })
+  t.match(await training({}), { error: { code: 'VALIDATION_ERROR', message: /data_config\.total_samples: required for a stream/ } })
+  t.match(await training({ type: 'stream', batch_size: 8 }), { error: { code: 'VALIDATION_ERROR', message: /data_config\.total_samples: required for a stream/ } })
+  t.match(await training({ type: 'dataset' }), { error: { code: 'VALIDATION_ERROR', message: /data_config\.dataset_id: required when type is "dataset"/ } })
+  t.match(await training({ type: 'stream', total_samples: 'many' }), { error: { code: 'VALIDATION_ERROR', message: /data_config\.total_samples: .*number/ } })
+  t.match(await training({ type: 'tabular', total_samples: 10 }), { error: { code: 'VALIDATION_ERROR', message: /data_config\.type/ } })
+  // checked by the body's schema, before the model is looked up
+  t.match(await send('PATCH', '/models/model_x/schema', { adapter_options: { topk: 3 } }), { error: { code: 'VALIDATION_ERROR', message: /adapter_options.*topk/ } })
+  t.match(await send('PATCH', '/models/model_x/schema', { adapter_options: { top_k: 0 } }), { error: { code: 'VALIDATION_ERROR', message: /adapter_options\.top_k/ } })
+  t.match(await send('PATCH', '/models/model_x/schema', { adapter_options: { top_k: 3 } }), { error: { code: 'NOT_FOUND' } })
+})
