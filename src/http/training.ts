@@ -127,7 +127,7 @@ const TrainingJob = z.object({
   validation_accuracy: z.number().nullable(),
   assigned_devices: z.array(z.string()),
   trained_model_id: z.string().nullable().describe('the trained model (a model of yours) once completed'),
-  end_reason: z.string().nullable().describe('why a completed job ended: target_accuracy or epochs'),
+  end_reason: z.enum(['target_accuracy', 'epochs']).nullable().describe('why a completed job ended: it reached target_accuracy, or trained every epoch'),
   error: z.string().nullable().describe('why a failed job failed'),
   refused_updates: Int.describe("devices' updates the coordinator refused"),
   created_at: Timestamp,
