@@ -115,7 +115,7 @@ declare module 'fastify' {
      * `schema.body`: the document would otherwise say it takes none.
      */
     requestBody?: Record<string, unknown>
-    /** The media type of a success body that is not JSON (a file download): described as binary. */
+    /** The media type of a success body that is not JSON: a file download (described as binary), or text such as text/event-stream. */
     produces?: string
   }
   interface FastifyInstance {
@@ -335,7 +335,7 @@ function describeOperations(document: Record<string, any>, routes: RouteInfo[]):
     if (route.success) for (const [status, description] of Object.entries(route.success)) responses[status] = described(status, description!)
     else responses['200'] = described('200', operation.responses?.['200']?.description ?? 'Success')
     const first = Object.keys(responses)[0]!
-    if (route.produces) responses[first] = { ...(responses[first] as object), content: { [route.produces]: { schema: { type: 'string', format: 'binary' } } } }
+    if (route.produces) responses[first] = { ...(responses[first] as object), content: { [route.produces]: { schema: route.produces.startsWith('text/') ? { type: 'string' } : { type: 'string', format: 'binary' } } } }
     if (route.links) responses[first] = { ...(responses[first] as object), links: route.links }
     if (route.requestBody) operation.requestBody = route.requestBody
     // other statuses the route gives a body of its own (e.g. the detailed health's 503)

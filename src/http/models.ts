@@ -63,10 +63,9 @@ const ModelParams = z.object({ id: z.string().min(1).max(64) })
 /** The body of `PATCH /models/:id/schema`: adapter_options with only the keys the adapters read. */
 const SchemaBody = SchemaChanges.extend({ adapter_options: AdapterOptions.nullable().optional().describe('the adapters\' settings (docs/adapters.md); null clears them') }).strict()
 
-const JsonObjectOut = z.record(z.string(), z.unknown())
 const TensorInfo = z.object({ name: z.string(), shape: z.array(z.number().int()).nullable().describe('-1 where the model leaves a dimension open'), type: z.string().describe('element type, e.g. float32') })
 /** A model as `modelView` serves it. */
-export const ModelView = z.object({
+const ModelView = z.object({
   id: z.string(),
   name: z.string(),
   format: z.enum(MODEL_FORMATS),
@@ -80,8 +79,8 @@ export const ModelView = z.object({
   outputs: z.array(TensorInfo).describe('the output tensors the model file declares'),
   preprocessing: z.enum(PREPROCESSING).nullable(),
   postprocessing: z.enum(POSTPROCESSING).nullable(),
-  input_schema: JsonObjectOut.nullable().describe('JSON Schema the inputs are checked against'),
-  output_schema: JsonObjectOut.nullable(),
+  input_schema: JsonObject.nullable().describe('JSON Schema the inputs are checked against'),
+  output_schema: JsonObject.nullable(),
   labels: z.array(z.string()).nullable(),
   adapter_options: AdapterOptions.nullable(),
   validation: z.enum(VALIDATION_MODES).nullable().describe("how results from contributed devices are checked when a request or project does not say; null: none"),

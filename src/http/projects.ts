@@ -27,7 +27,7 @@ const ProjectParams = z.object({ id: z.string().min(1).max(80) })
 const Count = z.number().int()
 const ProjectStatus = z.enum(['active', 'completed', 'cancelled'])
 /** A project as `projectView` serves it; counts are of inputs. */
-export const ProjectView = z.object({
+const ProjectView = z.object({
   project_id: z.string(),
   name: z.string(),
   type: z.enum(PROJECT_TYPES),

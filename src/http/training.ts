@@ -23,7 +23,7 @@ const DataCommon = {
   clusters_per_class: z.number().int().min(1).max(64).default(1).describe('"stream": clusters of each class in the synthetic task (default 1: linearly separable; more: a harder, non-linear task)'),
   seed: z.number().int().min(1).max(2 ** 31 - 1).optional().describe('seeds the synthetic task, the dataset split and the sample streams (default: random); the same seed gives the same data'),
 }
-const TotalSamples = z.number().int().min(1).max(1_000_000_000)
+const totalSamples = (params?: Parameters<typeof z.number>[0]) => z.number(params).int().min(1).max(1_000_000_000)
 /** A field the kind of data needs: its absence is named as such (not as "expected number, received undefined"). */
 const needed = (why: string) => ({ error: (issue: { input?: unknown }) => (issue.input === undefined ? why : undefined) })
 /**
@@ -33,13 +33,13 @@ const needed = (why: string) => ({ error: (issue: { input?: unknown }) => (issue
 const DataConfig = z.discriminatedUnion('type', [
   z.object({
     type: z.literal('stream').default('stream').describe('"stream" (the default): samples generated on the devices from a seeded synthetic task'),
-    total_samples: z.number(needed('required for a stream')).int().min(1).max(1_000_000_000).describe('samples per epoch'),
+    total_samples: totalSamples(needed('required for a stream')).describe('samples per epoch'),
     dataset_id: z.string().min(1).max(64).optional().describe('ignored for a stream'),
     ...DataCommon,
   }),
   z.object({
     type: z.literal('dataset').describe('"dataset": an uploaded dataset'),
-    total_samples: TotalSamples.optional().describe('samples per epoch (default: the training rows of the dataset)'),
+    total_samples: totalSamples().optional().describe('samples per epoch (default: the training rows of the dataset)'),
     dataset_id: z.string(needed('required when type is "dataset"')).min(1).max(64).describe('from POST /datasets'),
     ...DataCommon,
   }),
@@ -275,8 +275,7 @@ export const trainingRoutes: FastifyPluginAsync<{ services: Services }> = async 
   app.post('/training/:jobId/resume', { config, schema: { operationId: 'resumeTraining', summary: 'Resume a paused job', tags: ['training'], params: JobParams, response: { 200: TrainingJob } } }, control('resume'))
   app.delete('/training/:jobId', { config, schema: { operationId: 'cancelTraining', summary: 'Cancel a job', tags: ['training'], params: JobParams, response: { 200: TrainingJob } } }, control('cancel'))
 
-  async function datasetOf(customerId: string, datasetId: string | undefined) {
-    if (!datasetId) throw new DomainError('VALIDATION_ERROR', 'data_config.dataset_id: required when type is "dataset"')
+  async function datasetOf(customerId: string, datasetId: string) {
     const dataset = await findDataset(services.db, customerId, datasetId)
     if (!dataset) throw new DomainError('NOT_FOUND', `dataset ${datasetId} not found`)
     return dataset
