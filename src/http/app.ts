@@ -94,29 +94,37 @@ export interface RouteInfo {
   success?: Partial<Record<number, string>>
   /** Takes an `Idempotency-Key` header. */
   idempotent?: boolean
-  /** OpenAPI links of its first success response (see `config.links`). */
   links?: Record<string, OperationLink>
+  requestBody?: Record<string, unknown>
+  produces?: string
 }
 
-/**
- * An OpenAPI link: where a value of this response (or request) feeds another operation, named by its
- * `operationId`; values are runtime expressions such as `$response.body#/id` or `$request.path.id`.
- */
+/** An OpenAPI link: what a success answer's values let a client (or a stateful fuzzer) call next. */
 export interface OperationLink {
+  /** The `schema.operationId` of the operation it leads to. */
   operationId: string
+  /** Its parameters by name, as runtime expressions, e.g. `{ id: '$response.body#/id' }`. */
   parameters?: Record<string, string>
+  /** Its body, whose values may be runtime expressions, e.g. `{ model_id: '$response.body#/id' }`. */
   requestBody?: unknown
   description?: string
 }
 
 declare module 'fastify' {
+  interface FastifyContextConfig {
+    /** OpenAPI links of the route's first success status, by name. */
+    links?: Record<string, OperationLink>
+    /**
+     * The OpenAPI requestBody of a route that reads its body itself (a multipart upload), so has no
+     * `schema.body`: the document would otherwise say it takes none.
+     */
+    requestBody?: Record<string, unknown>
+    /** The media type of a success body that is not JSON: a file download (described as binary), or text such as text/event-stream. */
+    produces?: string
+  }
   interface FastifyInstance {
     /** Every route with its authentication, for the route-table test and the docs. */
     routeTable: RouteInfo[]
-  }
-  interface FastifyContextConfig {
-    /** Links of the route's first success response (its `success`'s first status, else 200), keyed by link name. */
-    links?: Record<string, OperationLink>
   }
 }
 
@@ -156,7 +164,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   app.decorate('routeTable', routeTable)
   app.addHook('onRoute', (route) => {
     const methods = Array.isArray(route.method) ? route.method : [route.method]
-    for (const method of methods) if (method !== 'HEAD') routeTable.push({ method, url: route.url, auth: route.config?.auth ?? 'none', ...(route.config?.success ? { success: route.config.success } : {}), ...(route.config?.idempotent ? { idempotent: true } : {}), ...(route.config?.links ? { links: route.config.links } : {}) })
+    for (const method of methods) if (method !== 'HEAD') routeTable.push({ method, url: route.url, auth: route.config?.auth ?? 'none', ...(route.config?.success ? { success: route.config.success } : {}), ...(route.config?.idempotent ? { idempotent: true } : {}), ...documented(route.config) })
   })
   registerUploadSlots(app, deps.uploads ?? { total: 4, perCustomer: 2 })
   const tickets = new StreamTickets(deps.streamTicketTtlMs ?? STREAM_DEFAULTS.ticketTtlMs)
@@ -250,6 +258,11 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   return app
 }
 
+/** What a route's config adds to its OpenAPI operation. */
+function documented(config: { links?: Record<string, OperationLink>; requestBody?: Record<string, unknown>; produces?: string } | undefined): Pick<RouteInfo, 'links' | 'requestBody' | 'produces'> {
+  return { ...(config?.links ? { links: config.links } : {}), ...(config?.requestBody ? { requestBody: config.requestBody } : {}), ...(config?.produces ? { produces: config.produces } : {}) }
+}
+
 /** Live stream defaults (AppDeps says what each is). */
 export const STREAM_DEFAULTS = { maxPerCustomer: 20, ticketTtlMs: 60_000, credentialCheckMs: 2000 }
 
@@ -309,7 +322,9 @@ const ERROR_CONTENT = { 'application/json': { schema: { $ref: '#/components/sche
 /**
  * Completes each operation of the OpenAPI document with what the routes do not say in their zod schemas: the
  * header it authenticates with, its success statuses (a plain 200 unless the route's `success` says
- * otherwise), and the error contract, `{"error":{"code","message"}}`, for every 4xx and 5xx answer.
+ * otherwise), and the error contract, `{"error":{"code","message"}}`, for every 4xx and 5xx answer; and
+ * what a route's config documents: the links of its first success status, the requestBody of a route that
+ * reads its body itself, the media type of a body that is not JSON.
  */
 function describeOperations(document: Record<string, any>, routes: RouteInfo[]): Record<string, any> {
   document.components = { ...document.components, schemas: { ...document.components?.schemas, Error: ERROR_SCHEMA } }
@@ -324,10 +339,10 @@ function describeOperations(document: Record<string, any>, routes: RouteInfo[]):
     const described = (status: string, description: string) => ({ ...operation.responses?.[status], description })
     if (route.success) for (const [status, description] of Object.entries(route.success)) responses[status] = described(status, description!)
     else responses['200'] = described('200', operation.responses?.['200']?.description ?? 'Success')
-    if (route.links) {
-      const first = Object.keys(responses)[0]!
-      responses[first] = { ...(responses[first] as object), links: route.links }
-    }
+    const first = Object.keys(responses)[0]!
+    if (route.produces) responses[first] = { ...(responses[first] as object), content: { [route.produces]: { schema: route.produces.startsWith('text/') ? { type: 'string' } : { type: 'string', format: 'binary' } } } }
+    if (route.links) responses[first] = { ...(responses[first] as object), links: route.links }
+    if (route.requestBody) operation.requestBody = route.requestBody
     // other statuses the route gives a body of its own (e.g. the detailed health's 503)
     for (const [status, response] of Object.entries(operation.responses ?? {})) if (!(status in responses) && (response as { content?: unknown }).content) responses[status] = { description: status, ...(response as object) }
     responses['4XX'] = {

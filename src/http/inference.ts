@@ -19,6 +19,7 @@ import { WrongExpectedRevisionError } from '../event-store/errors.js'
 import { pageQuery } from './pagination.js'
 import { newId } from './ids.js'
 import { resolvePolicy, VALIDATION_MODES, type ValidationMode } from '../domain/validation.js'
+import { Timestamp } from './responses.js'
 
 /** A tensor's bounds: values (float32, as the devices hold them), and dimensions (each at least 1). */
 const MAX_TENSOR_VALUES = 1_000_000
@@ -71,6 +72,51 @@ const SingleQuery = z.object({
 const Waiting = z.object({ async: z.boolean().optional(), options: z.object({ timeout: z.number().optional() }).optional() })
 
 const JobParams = z.object({ jobId: z.string().min(1).max(80) })
+
+const Int = z.number().int()
+const Output = z.unknown().describe("an output tensor {data, shape}, or the business format of the model's postprocessing adapter (e.g. {predictions: [...]})")
+const PollUrl = z.string().describe('GET it for the status and the result')
+const Completed = z.object({ job_id: z.string(), status: z.literal('completed'), result: Output, latency_ms: Int, device_id: z.string().describe('the device that ran it') })
+const Queued = z.object({ job_id: z.string(), status: z.literal('queued'), message: z.string(), poll_url: PollUrl })
+const BatchQueued = z.object({ job_id: z.string(), project_id: z.string().describe('the project named, else a new batch project'), status: z.literal('queued'), total_tasks: Int.describe('inputs'), poll_url: PollUrl })
+const JobCommon = {
+  job_id: z.string(),
+  status: z.enum(['queued', 'running', 'completed', 'failed', 'cancelled']).describe('completed once every input finished and at least one succeeded; failed when every one failed'),
+  model_id: z.string(),
+  project_id: z.string().nullable(),
+  name: z.string().optional().describe("a batch's name, when it was given one"),
+  created_at: Timestamp,
+  updated_at: Timestamp,
+}
+/** `GET /inference/:jobId`: one input's job, or a batch with a page of its results. */
+const Job = z.discriminatedUnion('type', [
+  z.object({
+    type: z.literal('inference'),
+    ...JobCommon,
+    result: Output.optional().describe('once completed'),
+    device_id: z.string().nullable().optional().describe('the device that ran it, with the result'),
+    error: z.string().optional().describe('why it failed'),
+  }),
+  z.object({
+    type: z.literal('batch'),
+    ...JobCommon,
+    total_tasks: Int.describe('inputs'),
+    progress: z.object({ completed: Int, failed: Int, pending: Int, percent_complete: z.number() }).describe('in inputs'),
+    results: z.array(z.object({
+      index: Int.describe("the input's position in the batch"),
+      status: z.enum(['queued', 'completed', 'failed', 'cancelled']),
+      result: Output.optional(),
+      error: z.string().optional(),
+    })),
+    limit: Int,
+    offset: Int,
+    next_offset: Int.optional().describe('present when the page ended early (large outputs): ask again from here'),
+  }),
+])
+const Cancelled = z.object({ job_id: z.string(), status: z.literal('cancelled'), cancelled_tasks: Int.describe('its tasks that were queued or running') })
+const byJobId = { parameters: { jobId: '$response.body#/job_id' } }
+const jobLinks = { GetInferenceJob: { operationId: 'getInferenceJob', ...byJobId }, CancelInference: { operationId: 'cancelInference', ...byJobId } }
+
 const DEFAULT_TIMEOUT_MS = 30_000
 /** A batch of 100,000 small tensors is some tens of MB of JSON. */
 const BATCH_BODY_LIMIT = 128 * 1024 * 1024
@@ -320,8 +366,10 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
   }
 
   app.post('/inference', {
-    config: { ...config, idempotent: { headers: ['x-async'], recover: recoverSingle, waits: (request) => waitOf(request) ?? 0 }, success: { 200: 'The result (synchronous)', 202: 'Queued (asynchronous): poll `poll_url`' } },
+    config: { ...config, idempotent: { headers: ['x-async'], recover: recoverSingle, waits: (request) => waitOf(request) ?? 0 }, success: { 200: 'The result (synchronous)', 202: 'Queued (asynchronous): poll `poll_url`' }, links: jobLinks },
     schema: {
+      operationId: 'runInference',
+      response: { 200: Completed, 202: Queued },
       summary: 'Run inference on one input: synchronous by default; ?async=true, X-Async: true or "async": true for 202 and a poll URL',
       tags: ['inference'],
       body: SingleBody,
@@ -356,13 +404,22 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
     if (outcome.status !== 'completed') throw notCompleted(jobId, outcome.status === 'failed' ? outcome.reason : undefined)
     // No wait for the read models here: the answer carries the result, and a GET of the job waits for them.
     const [result] = await present(model, outcome.outputs, request.query.raw === 'true')
-    return { job_id: jobId, status: 'completed', result, latency_ms: Math.round(performance.now() - started), device_id: outcome.deviceId }
+    return { job_id: jobId, status: 'completed' as const, result, latency_ms: Math.round(performance.now() - started), device_id: outcome.deviceId }
   })
 
   app.post('/inference/batch', {
-    config: { ...config, idempotent: { recover: recoverBatch }, success: { 202: 'Queued: poll `poll_url`' } },
+    config: {
+      ...config,
+      idempotent: { recover: recoverBatch },
+      success: { 202: 'Queued: poll `poll_url`' },
+      links: {
+        ...jobLinks,
+        GetProject: { operationId: 'getProject', parameters: { id: '$response.body#/project_id' } },
+        GetProjectAnalytics: { operationId: 'getProjectAnalytics', parameters: { id: '$response.body#/project_id' } },
+      },
+    },
     bodyLimit: BATCH_BODY_LIMIT,
-    schema: { summary: 'Run inference on many inputs (always asynchronous)', tags: ['inference'], body: BatchBody },
+    schema: { operationId: 'runBatchInference', summary: 'Run inference on many inputs (always asynchronous)', tags: ['inference'], body: BatchBody, response: { 202: BatchQueued } },
   }, async (request, reply) => {
     const customerId = customerOf(request)
     const { jobId, total, projectId } = await submit(customerId, request.body, request.body.inputs, 'batch', createdId(request, 'batch'), 'async', request.body.options)
@@ -372,6 +429,8 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
   app.get('/inference/:jobId', {
     config,
     schema: {
+      operationId: 'getInferenceJob',
+      response: { 200: Job },
       summary: 'Status of an inference job; for a batch its progress and results so far, a page at a time',
       tags: ['inference'],
       params: JobParams,
@@ -391,7 +450,6 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
     const resultOf = new Map(done.map((r, i) => [r.idx, presented[i]]))
     const view = {
       job_id: job.job_id,
-      type: job.kind === 'batch' ? 'batch' : 'inference',
       status,
       model_id: job.model_id,
       project_id: job.project_id,
@@ -401,10 +459,11 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
     }
     if (job.kind === 'single') {
       const only = rows[0]
-      return { ...view, ...(only?.output ? { result: resultOf.get(only.idx), device_id: only.device_id } : {}), ...(only?.error ? { error: only.error } : {}) }
+      return { type: 'inference' as const, ...view, ...(only?.output ? { result: resultOf.get(only.idx), device_id: only.device_id } : {}), ...(only?.error ? { error: only.error } : {}) }
     }
     const finished = job.completed + job.failed
     return {
+      type: 'batch' as const,
       ...view,
       total_tasks: job.total_tasks,
       progress: { completed: job.completed, failed: job.failed, pending: job.cancelled ? 0 : job.total_tasks - finished, percent_complete: Math.round((finished / job.total_tasks) * 1000) / 10 },
@@ -418,7 +477,7 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
 
   app.delete('/inference/:jobId', {
     config,
-    schema: { summary: 'Cancel an inference job: its queued and running tasks stop; CANNOT_CANCEL once it finished', tags: ['inference'], params: JobParams },
+    schema: { operationId: 'cancelInference', summary: 'Cancel an inference job: its queued and running tasks stop; CANNOT_CANCEL once it finished', tags: ['inference'], params: JobParams, response: { 200: Cancelled } },
   }, async (request) => {
     const customerId = customerOf(request)
     // the job and its open tasks as of now (a submission does not wait for the read models)
@@ -426,12 +485,13 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
     const job = await findJob(services.db, customerId, request.params.jobId)
     if (!job) throw new DomainError('NOT_FOUND', `inference job ${request.params.jobId} not found`)
     const cancelled = await cancelJob(services, customerId, job)
-    return { job_id: job.job_id, status: 'cancelled', cancelled_tasks: cancelled }
+    return { job_id: job.job_id, status: 'cancelled' as const, cancelled_tasks: cancelled }
   })
 }
 
-const queuedSingle = (jobId: string) => ({ job_id: jobId, status: 'queued', message: 'Inference job queued', poll_url: `/api/v1/inference/${jobId}` })
-const queuedBatch = (jobId: string, projectId: string | null, inputs: number) => ({ job_id: jobId, project_id: projectId, status: 'queued', total_tasks: inputs, poll_url: `/api/v1/inference/${jobId}` })
+const queuedSingle = (jobId: string) => ({ job_id: jobId, status: 'queued' as const, message: 'Inference job queued', poll_url: `/api/v1/inference/${jobId}` })
+// a batch always has a project: the one named, else a new one (projectFor)
+const queuedBatch = (jobId: string, projectId: string | null, inputs: number) => ({ job_id: jobId, project_id: projectId!, status: 'queued' as const, total_tasks: inputs, poll_url: `/api/v1/inference/${jobId}` })
 
 /** A synchronous request's answer for a job that failed (with the reason) or was cancelled. */
 const notCompleted = (jobId: string, reason: string | undefined) => new DomainError('INFERENCE_FAILED', reason ?? 'the job was cancelled', { job_id: jobId })

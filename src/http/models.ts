@@ -16,6 +16,8 @@ import { loadState } from '../commands/handle-command.js'
 import { checkJsonSchema } from './json-schema.js'
 import { pageQuery } from './pagination.js'
 import { VALIDATION_MODES } from '../domain/validation.js'
+import { AdapterOptions } from '../adapters/options.js'
+import { page, Timestamp } from './responses.js'
 
 const Shape = z.array(z.number().int().min(-1)).min(1).max(16)
 const JsonObject = z.record(z.string(), z.unknown())
@@ -57,6 +59,63 @@ const UploadFields = z.strictObject({
 })
 
 const ModelParams = z.object({ id: z.string().min(1).max(64) })
+
+/** The body of `PATCH /models/:id/schema`: adapter_options with only the keys the adapters read. */
+const SchemaBody = SchemaChanges.extend({ adapter_options: AdapterOptions.nullable().optional().describe('the adapters\' settings (docs/adapters.md); null clears them') }).strict()
+
+const TensorInfo = z.object({ name: z.string(), shape: z.array(z.number().int()).nullable().describe('-1 where the model leaves a dimension open'), type: z.string().describe('element type, e.g. float32') })
+/** A model as `modelView` serves it. */
+const ModelView = z.object({
+  id: z.string(),
+  name: z.string(),
+  format: z.enum(MODEL_FORMATS),
+  size: z.number().int().describe('bytes of the model file'),
+  checksum: z.string().describe('sha256:<hex> of the model file'),
+  uploaded_at: Timestamp,
+  updated_at: Timestamp,
+  input_shape: z.array(z.number().int()).nullable().describe('the input tensor shape, -1 = any size'),
+  output_shape: z.array(z.number().int()).nullable(),
+  inputs: z.array(TensorInfo).describe('the input tensors the model file declares'),
+  outputs: z.array(TensorInfo).describe('the output tensors the model file declares'),
+  preprocessing: z.enum(PREPROCESSING).nullable(),
+  postprocessing: z.enum(POSTPROCESSING).nullable(),
+  input_schema: JsonObject.nullable().describe('JSON Schema the inputs are checked against'),
+  output_schema: JsonObject.nullable(),
+  labels: z.array(z.string()).nullable(),
+  adapter_options: AdapterOptions.nullable(),
+  validation: z.enum(VALIDATION_MODES).nullable().describe("how results from contributed devices are checked when a request or project does not say; null: none"),
+  validation_tolerance: z.number().nullable().describe('relative tolerance within which two runs agree; null: 1e-4'),
+})
+
+/** The multipart body of `POST /models`, as `readUpload` and `UploadFields` take it (JSON fields as JSON text). */
+const jsonField = (description: string) => ({ type: 'string', description: `JSON: ${description}` })
+const UPLOAD_BODY = {
+  required: true,
+  content: {
+    'multipart/form-data': {
+      schema: {
+        type: 'object',
+        properties: {
+          model: { type: 'string', format: 'binary', description: 'the model file (.onnx, or TorchScript .pt/.pth)' },
+          name: { type: 'string', minLength: 1, maxLength: 200, description: 'default: the file name without its extension' },
+          format: { type: 'string', enum: [...MODEL_FORMATS], description: 'default: from the file name, else from its content' },
+          input_shape: jsonField('the input shape, an array of 1 to 16 integers, -1 = any size, e.g. [1, 10]'),
+          output_shape: jsonField('the output shape, e.g. [1, 2]'),
+          input_schema: jsonField('a JSON Schema (object) the inputs are checked against'),
+          output_schema: jsonField('a JSON Schema (object) of the outputs'),
+          labels: jsonField('the label names, an array of strings, e.g. ["cat","dog"]'),
+          preprocessing: { type: 'string', enum: [...PREPROCESSING] },
+          postprocessing: { type: 'string', enum: [...POSTPROCESSING] },
+          adapter_options: jsonField(`the adapters' settings, an object with any of ${Object.keys(AdapterOptions.shape).join(', ')} (docs/adapters.md)`),
+          validation: { type: 'string', enum: [...VALIDATION_MODES] },
+          validation_tolerance: jsonField('a number from 0 to 1'),
+        },
+        required: ['model'],
+        additionalProperties: false,
+      },
+    },
+  },
+}
 
 /** A model whose adapters cannot work with it (no feature names for tabular, no fixed image size...) is refused up front. */
 function checkAdapters(model: ModelDescription): void {
@@ -148,7 +207,9 @@ export async function readUpload(request: FastifyRequest, services: Services, fi
         await checkQuota(services, customerOf(request), field, blob.size)
         filename = part.filename
       } else {
-        const value = String(part.value)
+        // a part sent as application/json comes parsed from the multipart parser: its JSON text again (a
+        // string as it is), as a plain part gives it, for the fields that take JSON
+        const value = typeof part.value === 'string' ? part.value : JSON.stringify(part.value)
         const nul = nulField({ [part.fieldname]: value }, 'body') // named as in a JSON body
         if (nul) throw new DomainError('VALIDATION_ERROR', `${nul}: ${NUL_MESSAGE}`)
         fields[part.fieldname] = value
@@ -174,11 +235,27 @@ export const modelRoutes: FastifyPluginAsync<{ services: Services }> = async (ba
   }
 
   app.post('/models', {
-    config: { ...config, idempotent: { upload: true, recover: recoverModel }, upload: true, success: { 201: 'The model' } },
+    config: {
+      ...config,
+      idempotent: { upload: true, recover: recoverModel },
+      upload: true,
+      success: { 201: 'The model' },
+      requestBody: UPLOAD_BODY,
+      links: {
+        GetModel: { operationId: 'getModel', parameters: { id: '$response.body#/id' } },
+        UpdateModelSchema: { operationId: 'updateModelSchema', parameters: { id: '$response.body#/id' } },
+        DeleteModel: { operationId: 'deleteModel', parameters: { id: '$response.body#/id' } },
+        RunInference: { operationId: 'runInference', requestBody: { model_id: '$response.body#/id' } },
+        RunBatchInference: { operationId: 'runBatchInference', requestBody: { model_id: '$response.body#/id' } },
+        StartTraining: { operationId: 'startTraining', requestBody: { model_id: '$response.body#/id' } },
+      },
+    },
     schema: {
+      operationId: 'createModel',
       summary: 'Upload a model (multipart/form-data: model file, name, format, input_shape, output_shape, input_schema, output_schema, labels, preprocessing, postprocessing)',
       tags: ['models'],
       consumes: ['multipart/form-data'],
+      response: { 201: ModelView },
     },
   }, async (request, reply) => {
     if (!request.isMultipart()) throw new DomainError('UNSUPPORTED_MEDIA_TYPE', 'send the model as multipart/form-data with the file in the "model" field')
@@ -238,12 +315,12 @@ export const modelRoutes: FastifyPluginAsync<{ services: Services }> = async (ba
     }
   })
 
-  app.get('/models', { config, schema: { summary: 'List your models', tags: ['models'], querystring: pageQuery() } }, async (request) => {
+  app.get('/models', { config, schema: { operationId: 'listModels', summary: 'List your models', tags: ['models'], querystring: pageQuery(), response: { 200: page('models', ModelView) } } }, async (request) => {
     const { models, total } = await listModels(services.db, customerOf(request), request.query)
     return { models: models.map(modelView), total, limit: request.query.limit, offset: request.query.offset }
   })
 
-  app.get('/models/:id', { config, schema: { summary: 'Get a model', tags: ['models'], params: ModelParams } }, async (request) => {
+  app.get('/models/:id', { config, schema: { operationId: 'getModel', summary: 'Get a model', tags: ['models'], params: ModelParams, response: { 200: ModelView } } }, async (request) => {
     const model = await findModel(services.db, customerOf(request), request.params.id)
     if (!model) throw new DomainError('NOT_FOUND', `model ${request.params.id} not found`)
     return modelView(model)
@@ -251,7 +328,7 @@ export const modelRoutes: FastifyPluginAsync<{ services: Services }> = async (ba
 
   app.delete('/models/:id', {
     config: { ...config, success: { 204: 'Deleted' } },
-    schema: { summary: 'Delete a model (new inference on it is refused; work already queued or running finishes)', tags: ['models'], params: ModelParams },
+    schema: { operationId: 'deleteModel', summary: 'Delete a model (new inference on it is refused; work already queued or running finishes)', tags: ['models'], params: ModelParams },
   }, async (request, reply) => {
     const customerId = customerOf(request)
     const at = services.now().toISOString()
@@ -262,10 +339,12 @@ export const modelRoutes: FastifyPluginAsync<{ services: Services }> = async (ba
   app.patch('/models/:id/schema', {
     config,
     schema: {
+      operationId: 'updateModelSchema',
       summary: 'Change input/output schema, labels or adapters; only the fields given change (null clears one)',
       tags: ['models'],
       params: ModelParams,
-      body: SchemaChanges.strict(),
+      body: SchemaBody,
+      response: { 200: ModelView },
     },
   }, async (request) => {
     const customerId = customerOf(request)

@@ -12,6 +12,7 @@ import { createdId } from './idempotency.js'
 import { cancelJob } from './inference.js'
 import { pageQuery, wholeNumber } from './pagination.js'
 import { VALIDATION_MODES } from '../domain/validation.js'
+import { page, Timestamp } from './responses.js'
 
 const CreateBody = z.object({
   // optional, as the spec has it (it marks no field of this body required); an empty name is refused
@@ -22,6 +23,45 @@ const CreateBody = z.object({
   validation: z.enum(VALIDATION_MODES).optional().describe("how results from contributed devices are checked (none, spot, quorum) unless a request says; default: the model's"),
 })
 const ProjectParams = z.object({ id: z.string().min(1).max(80) })
+
+const Count = z.number().int()
+const ProjectStatus = z.enum(['active', 'completed', 'cancelled'])
+/** A project as `projectView` serves it; counts are of inputs. */
+const ProjectView = z.object({
+  project_id: z.string(),
+  name: z.string(),
+  type: z.enum(PROJECT_TYPES),
+  model_id: z.string().nullable(),
+  validation: z.enum(VALIDATION_MODES).nullable(),
+  status: ProjectStatus.describe('a batch project whose inputs all finished is completed'),
+  total_tasks: Count.describe('the expected inputs, else those submitted'),
+  submitted_tasks: Count,
+  completed_tasks: Count,
+  failed_tasks: Count,
+  cancelled_tasks: Count,
+  pending_tasks: Count,
+  percent_complete: z.number(),
+  created_at: Timestamp,
+  updated_at: Timestamp,
+  ended_at: Timestamp.optional().describe('when it was completed or cancelled (absent while active)'),
+})
+const Ms = z.number().nullable()
+const Latency = z.object({ count: Count, p50: Ms, p90: Ms, p95: Ms, p99: Ms, mean: Ms, min: Ms, max: Ms }).describe('ms from queued to completed, of the completed tasks; null when none')
+const Series = z.array(z.object({ time: Timestamp.describe('start of the bucket'), tasks: Count, inputs: Count, inputs_per_s: z.number() }))
+const ByInstanceType = z.object({ completed_tasks: Count, completed_inputs: Count, latency_ms: Latency, throughput: z.object({ inputs_per_s: z.number(), series: Series }) })
+const Analytics = z.object({
+  project_id: z.string(),
+  status: ProjectStatus,
+  total_tasks: Count,
+  completed_tasks: Count,
+  failed_tasks: Count,
+  latency_ms: Latency,
+  throughput: z.object({ bucket_seconds: Count, inputs_per_s: z.number(), series: Series }),
+  by_instance_type: z.object({ aws: ByInstanceType, user: ByInstanceType }),
+})
+const ProjectDetails = ProjectView.extend({ metrics: z.object({ latency_ms: Latency, inputs_per_s: z.number() }) })
+const CancelledProject = ProjectView.extend({ cancelled_jobs: z.array(z.string()).describe('the inference jobs it cancelled'), cancelled_tasks: Count.describe('their tasks that were queued or running') })
+const byId = { parameters: { id: '$response.body#/project_id' } }
 
 /** `/projects`: group jobs for tracking; details, analytics, completion and cancellation. */
 export const projectRoutes: FastifyPluginAsync<{ services: Services }> = async (base, { services }) => {
@@ -44,7 +84,21 @@ export const projectRoutes: FastifyPluginAsync<{ services: Services }> = async (
     return project && reply.status(201).send(projectView(project))
   }
 
-  app.post('/projects', { config: { ...config, idempotent: { recover: recoverProject }, success: { 201: 'The project' } }, schema: { summary: 'Create a project (type realtime, batch, training or benchmark)', tags: ['projects'], body: CreateBody } }, async (request, reply) => {
+  app.post('/projects', {
+    config: {
+      ...config,
+      idempotent: { recover: recoverProject },
+      success: { 201: 'The project' },
+      links: {
+        GetProject: { operationId: 'getProject', ...byId },
+        GetProjectAnalytics: { operationId: 'getProjectAnalytics', ...byId },
+        CompleteProject: { operationId: 'completeProject', ...byId },
+        CancelProject: { operationId: 'cancelProject', ...byId },
+        RunInference: { operationId: 'runInference', requestBody: { project_id: '$response.body#/project_id' } },
+      },
+    },
+    schema: { operationId: 'createProject', summary: 'Create a project (type realtime, batch, training or benchmark)', tags: ['projects'], body: CreateBody, response: { 201: ProjectView } },
+  }, async (request, reply) => {
     const customerId = customerOf(request)
     const body = request.body
     if (body.model_id && !(await findModel(services.db, customerId, body.model_id))) throw new DomainError('NO_MODEL', `model ${body.model_id} not found`)
@@ -58,6 +112,8 @@ export const projectRoutes: FastifyPluginAsync<{ services: Services }> = async (
   app.get('/projects', {
     config,
     schema: {
+      operationId: 'listProjects',
+      response: { 200: page('projects', ProjectView) },
       summary: 'Your projects, newest first',
       tags: ['projects'],
       querystring: pageQuery().extend({ status: z.enum(['active', 'completed', 'cancelled']).optional(), type: z.enum(PROJECT_TYPES).optional() }),
@@ -68,7 +124,7 @@ export const projectRoutes: FastifyPluginAsync<{ services: Services }> = async (
     return { projects, total, limit: request.query.limit, offset: request.query.offset }
   })
 
-  app.get('/projects/:id', { config, schema: { summary: 'A project with its counts and latency figures', tags: ['projects'], params: ProjectParams } }, async (request) => {
+  app.get('/projects/:id', { config, schema: { operationId: 'getProject', summary: 'A project with its counts and latency figures', tags: ['projects'], params: ProjectParams, response: { 200: ProjectDetails } } }, async (request) => {
     const project = await owned(customerOf(request), request.params.id)
     const analytics = await projectAnalytics(services.db, project)
     return { ...projectView(project), metrics: { latency_ms: analytics.latency_ms, inputs_per_s: analytics.throughput.inputs_per_s } }
@@ -77,6 +133,8 @@ export const projectRoutes: FastifyPluginAsync<{ services: Services }> = async (
   app.get('/projects/:id/analytics', {
     config,
     schema: {
+      operationId: 'getProjectAnalytics',
+      response: { 200: Analytics },
       summary: 'Latency percentiles, throughput over time, and both by instance type (aws, user)',
       tags: ['projects'],
       params: ProjectParams,
@@ -87,14 +145,14 @@ export const projectRoutes: FastifyPluginAsync<{ services: Services }> = async (
     return projectAnalytics(services.db, project, request.query.bucket_seconds)
   })
 
-  app.post('/projects/:id/complete', { config, schema: { summary: 'Mark a project complete (it takes no new work)', tags: ['projects'], params: ProjectParams } }, async (request) => {
+  app.post('/projects/:id/complete', { config, schema: { operationId: 'completeProject', summary: 'Mark a project complete (it takes no new work)', tags: ['projects'], params: ProjectParams, response: { 200: ProjectView } } }, async (request) => {
     const customerId = customerOf(request)
     const at = services.now().toISOString()
     await execute(services, projectStream(request.params.id), projectDecider, { type: 'CompleteProject', customerId, at }, { metadata: { customerId, occurredAt: at } })
     return projectView(await owned(customerId, request.params.id))
   })
 
-  app.post('/projects/:id/cancel', { config, schema: { summary: 'Cancel a project and every unfinished job in it', tags: ['projects'], params: ProjectParams } }, async (request) => {
+  app.post('/projects/:id/cancel', { config, schema: { operationId: 'cancelProject', summary: 'Cancel a project and every unfinished job in it', tags: ['projects'], params: ProjectParams, response: { 200: CancelledProject } } }, async (request) => {
     const customerId = customerOf(request)
     const at = services.now().toISOString()
     await execute(services, projectStream(request.params.id), projectDecider, { type: 'CancelProject', customerId, at }, { metadata: { customerId, occurredAt: at } })

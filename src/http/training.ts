@@ -15,18 +15,40 @@ import { readYourWrites, type Services } from './context.js'
 import { createdId } from './idempotency.js'
 import { loadState } from '../commands/handle-command.js'
 import { pageQuery } from './pagination.js'
+import { page, Timestamp } from './responses.js'
+
+/** Both kinds of data: what they share. */
+const DataCommon = {
+  batch_size: z.number().int().min(1).max(4096).default(32),
+  validation_fraction: z.number().min(0.01).max(0.5).default(0.2).describe('share of a dataset held out for validation (default 0.2)'),
+  clusters_per_class: z.number().int().min(1).max(64).default(1).describe('"stream": clusters of each class in the synthetic task (default 1: linearly separable; more: a harder, non-linear task)'),
+  seed: z.number().int().min(1).max(2 ** 31 - 1).optional().describe('seeds the synthetic task, the dataset split and the sample streams (default: random); the same seed gives the same data'),
+}
+const totalSamples = (params?: Parameters<typeof z.number>[0]) => z.number(params).int().min(1).max(1_000_000_000)
+/** A field the kind of data needs: its absence is named as such (not as "expected number, received undefined"). */
+const needed = (why: string) => ({ error: (issue: { input?: unknown }) => (issue.input === undefined ? why : undefined) })
+/**
+ * `data_config`, one form per `type` so that the document shows what each needs: a stream (the default)
+ * needs `total_samples`, a dataset its `dataset_id`.
+ */
+const DataConfig = z.discriminatedUnion('type', [
+  z.object({
+    type: z.literal('stream').default('stream').describe('"stream" (the default): samples generated on the devices from a seeded synthetic task'),
+    total_samples: totalSamples(needed('required for a stream')).describe('samples per epoch'),
+    dataset_id: z.string().min(1).max(64).optional().describe('ignored for a stream'),
+    ...DataCommon,
+  }),
+  z.object({
+    type: z.literal('dataset').describe('"dataset": an uploaded dataset'),
+    total_samples: totalSamples().optional().describe('samples per epoch (default: the training rows of the dataset)'),
+    dataset_id: z.string(needed('required when type is "dataset"')).min(1).max(64).describe('from POST /datasets'),
+    ...DataCommon,
+  }),
+])
 
 const TrainBody = z.object({
   model_id: z.string().min(1).max(64),
-  data_config: z.object({
-    type: z.enum(['stream', 'dataset']).default('stream').describe('"stream": samples generated on the devices from a seeded synthetic task; "dataset": an uploaded dataset'),
-    total_samples: z.number().int().min(1).max(1_000_000_000).optional().describe('samples per epoch (default for a dataset: its training rows)'),
-    batch_size: z.number().int().min(1).max(4096).default(32),
-    dataset_id: z.string().min(1).max(64).optional().describe('with type "dataset": from POST /datasets'),
-    validation_fraction: z.number().min(0.01).max(0.5).default(0.2).describe('share of a dataset held out for validation (default 0.2)'),
-    clusters_per_class: z.number().int().min(1).max(64).default(1).describe('"stream": clusters of each class in the synthetic task (default 1: linearly separable; more: a harder, non-linear task)'),
-    seed: z.number().int().min(1).max(2 ** 31 - 1).optional().describe('seeds the synthetic task, the dataset split and the sample streams (default: random); the same seed gives the same data'),
-  }),
+  data_config: DataConfig,
   training_config: z.object({
     epochs: z.number().int().min(1).max(10_000).default(1),
     learning_rate: z.number().positive().max(10).default(0.001),
@@ -55,6 +77,82 @@ const TrainBody = z.object({
 })
 const JobParams = z.object({ jobId: z.string().min(1).max(80) })
 const STATUSES = ['queued', 'running', 'paused', 'completed', 'cancelled', 'failed'] as const
+
+const Int = z.number().int()
+/** A training job as `jobView` serves it. */
+const TrainingJob = z.object({
+  job_id: z.string(),
+  status: z.enum(STATUSES).describe('queued: waiting for devices; running: devices assigned'),
+  model_id: z.string(),
+  config: z.object({
+    epochs: Int,
+    learning_rate: z.number(),
+    optimizer: z.enum(OPTIMIZERS),
+    target_accuracy: z.number().nullable(),
+    sync_mode: z.enum(TRAIN_SYNC_MODES),
+    local_steps: Int,
+    sync_interval_ms: Int,
+    loss: z.enum(LOSSES),
+    data_type: z.enum(['stream', 'dataset']),
+    dataset_id: z.string().nullable(),
+    total_samples: Int.describe('samples per epoch'),
+    batch_size: Int,
+    seed: Int,
+    clusters_per_class: Int,
+    aggregation: z.enum(AGGREGATIONS),
+    trim_fraction: z.number(),
+    clip_norm: z.number().nullable(),
+    clip_factor: z.number().nullable(),
+  }),
+  resource_config: z.object({
+    min_devices: Int,
+    max_devices: Int.nullable(),
+    prefer_gpu: z.boolean(),
+    sdk_types: z.array(z.string()).nullable(),
+    min_sdk_version: z.string().nullable(),
+    instance_types: z.array(z.enum(INSTANCE_TYPES)),
+  }),
+  progress: z.object({
+    current_epoch: Int,
+    total_epochs: Int,
+    batches_completed: Int,
+    total_batches: Int,
+    percent_complete: z.number(),
+    current_loss: z.number().nullable().describe('training loss of the last round; null before the first'),
+    best_loss: z.number().nullable(),
+    rounds: Int.describe('rounds aggregated'),
+    samples_seen: Int,
+    validation_accuracy: z.number().nullable(),
+    best_validation_accuracy: z.number().nullable(),
+  }),
+  validation_accuracy: z.number().nullable(),
+  assigned_devices: z.array(z.string()),
+  trained_model_id: z.string().nullable().describe('the trained model (a model of yours) once completed'),
+  end_reason: z.enum(['target_accuracy', 'epochs']).nullable().describe('why a completed job ended: it reached target_accuracy, or trained every epoch'),
+  error: z.string().nullable().describe('why a failed job failed'),
+  refused_updates: Int.describe("devices' updates the coordinator refused"),
+  created_at: Timestamp,
+  started_at: Timestamp.nullable(),
+  completed_at: Timestamp.nullable().describe('when it ended (completed, cancelled or failed)'),
+})
+const Rounds = z.object({
+  job_id: z.string(),
+  rounds: z.array(z.object({
+    round: Int,
+    loss: z.number(),
+    validation_loss: z.number(),
+    accuracy: z.number().describe('validation accuracy after the round'),
+    samples: Int,
+    devices: Int,
+    wall_ms: z.number(),
+    energy_joules: z.number(),
+    at: Timestamp,
+  })),
+  limit: Int,
+  offset: Int,
+})
+const Queued = z.object({ job_id: z.string(), status: z.literal('queued'), estimated_devices: Int.describe('devices that may train it now (at most max_devices)') })
+const byJobId = { parameters: { jobId: '$response.body#/job_id' } }
 
 /** `/training`: federated training jobs (FedAvg over devices), their progress, pause, resume and cancel. */
 export const trainingRoutes: FastifyPluginAsync<{ services: Services }> = async (base, { services }) => {
@@ -85,14 +183,27 @@ export const trainingRoutes: FastifyPluginAsync<{ services: Services }> = async 
     return queued(reply, spec)
   }
 
-  app.post('/training', { config: { ...config, idempotent: { recover: recoverJob }, success: { 202: 'Queued' } }, schema: { summary: 'Start a federated training job', tags: ['training'], body: TrainBody } }, async (request, reply) => {
+  app.post('/training', {
+    config: {
+      ...config,
+      idempotent: { recover: recoverJob },
+      success: { 202: 'Queued' },
+      links: {
+        GetTrainingJob: { operationId: 'getTrainingJob', ...byJobId },
+        GetTrainingRounds: { operationId: 'getTrainingRounds', ...byJobId },
+        PauseTraining: { operationId: 'pauseTraining', ...byJobId },
+        ResumeTraining: { operationId: 'resumeTraining', ...byJobId },
+        CancelTraining: { operationId: 'cancelTraining', ...byJobId },
+      },
+    },
+    schema: { operationId: 'startTraining', summary: 'Start a federated training job', tags: ['training'], body: TrainBody, response: { 202: Queued } },
+  }, async (request, reply) => {
     const customerId = customerOf(request)
     const body = request.body
     const model = await findModel(services.db, customerId, body.model_id)
     if (!model) throw new DomainError('NO_MODEL', `model ${body.model_id} not found`)
     if (model.format !== 'onnx') throw new DomainError('VALIDATION_ERROR', `model_id: the trainer trains ONNX models; ${model.model_id} is ${model.format}`)
     const dataset = body.data_config.type === 'dataset' ? await datasetOf(customerId, body.data_config.dataset_id) : undefined
-    if (body.data_config.type === 'stream' && body.data_config.total_samples === undefined) throw new DomainError('VALIDATION_ERROR', 'data_config.total_samples: required for a stream')
     // accuracy is measured on held-out rows (see splitDataset): a job that would hold out none fails at its first round
     if (dataset && dataset.rows < 2) {
       throw new DomainError('VALIDATION_ERROR', `data_config.dataset_id: a dataset job holds out rows to measure its accuracy and trains on the others; dataset ${dataset.dataset_id} has ${dataset.rows} row, it needs at least 2`)
@@ -143,20 +254,20 @@ export const trainingRoutes: FastifyPluginAsync<{ services: Services }> = async 
 
   app.get('/training', {
     config,
-    schema: { summary: 'Your training jobs, newest first', tags: ['training'], querystring: pageQuery().extend({ status: z.enum(STATUSES).optional() }) },
+    schema: { operationId: 'listTrainingJobs', summary: 'Your training jobs, newest first', tags: ['training'], querystring: pageQuery().extend({ status: z.enum(STATUSES).optional() }), response: { 200: page('jobs', TrainingJob) } },
   }, async (request) => {
     await caughtUp()
     const { jobs, total } = await listTrainingJobs(services.db, customerOf(request), request.query)
     return { jobs: jobs.map(jobView), total, limit: request.query.limit, offset: request.query.offset }
   })
 
-  app.get('/training/:jobId', { config, schema: { summary: 'A training job: status, progress, loss, accuracy and devices', tags: ['training'], params: JobParams } }, async (request) => {
+  app.get('/training/:jobId', { config, schema: { operationId: 'getTrainingJob', summary: 'A training job: status, progress, loss, accuracy and devices', tags: ['training'], params: JobParams, response: { 200: TrainingJob } } }, async (request) => {
     return view(customerOf(request), request.params.jobId)
   })
 
   app.get('/training/:jobId/rounds', {
     config,
-    schema: { summary: 'Every aggregated round of a job: loss, validation accuracy, samples, devices, wall time, energy', tags: ['training'], params: JobParams, querystring: pageQuery(10_000) },
+    schema: { operationId: 'getTrainingRounds', summary: 'Every aggregated round of a job: loss, validation accuracy, samples, devices, wall time, energy', tags: ['training'], params: JobParams, querystring: pageQuery(10_000), response: { 200: Rounds } },
   }, async (request) => {
     const job = await view(customerOf(request), request.params.jobId)
     const rounds = await trainingRounds(services.db, job.job_id, request.query)
@@ -174,12 +285,11 @@ export const trainingRoutes: FastifyPluginAsync<{ services: Services }> = async 
     await readYourWrites(services, position)
     return view(customerId, request.params.jobId)
   }
-  app.post('/training/:jobId/pause', { config, schema: { summary: 'Pause a job (its devices go back to the pool; resume continues from the last round)', tags: ['training'], params: JobParams } }, control('pause'))
-  app.post('/training/:jobId/resume', { config, schema: { summary: 'Resume a paused job', tags: ['training'], params: JobParams } }, control('resume'))
-  app.delete('/training/:jobId', { config, schema: { summary: 'Cancel a job', tags: ['training'], params: JobParams } }, control('cancel'))
+  app.post('/training/:jobId/pause', { config, schema: { operationId: 'pauseTraining', summary: 'Pause a job (its devices go back to the pool; resume continues from the last round)', tags: ['training'], params: JobParams, response: { 200: TrainingJob } } }, control('pause'))
+  app.post('/training/:jobId/resume', { config, schema: { operationId: 'resumeTraining', summary: 'Resume a paused job', tags: ['training'], params: JobParams, response: { 200: TrainingJob } } }, control('resume'))
+  app.delete('/training/:jobId', { config, schema: { operationId: 'cancelTraining', summary: 'Cancel a job', tags: ['training'], params: JobParams, response: { 200: TrainingJob } } }, control('cancel'))
 
-  async function datasetOf(customerId: string, datasetId: string | undefined) {
-    if (!datasetId) throw new DomainError('VALIDATION_ERROR', 'data_config.dataset_id: required when type is "dataset"')
+  async function datasetOf(customerId: string, datasetId: string) {
     const dataset = await findDataset(services.db, customerId, datasetId)
     if (!dataset) throw new DomainError('NOT_FOUND', `dataset ${datasetId} not found`)
     return dataset

@@ -154,7 +154,8 @@ export async function findJob(db: Kysely<any>, customerId: string, jobId: string
 export interface InputResult {
   idx: number
   task_id: string
-  status: string
+  /** Of the task that carries the input. */
+  status: 'queued' | 'completed' | 'failed' | 'cancelled'
   output: { data: number[]; shape: number[] } | null
   error: string | null
   device_id: string | null

@@ -1,6 +1,6 @@
 import { type Kysely, sql } from 'kysely'
 import { deviceDecider } from '../domain/device.js'
-import { projectDecider, projectEventTypes } from '../domain/project.js'
+import { PROJECT_TYPES, projectDecider, projectEventTypes } from '../domain/project.js'
 import { taskDecider } from '../domain/task.js'
 import { parseRecorded } from '../domain/decider.js'
 import { liveSchema, type Projection } from './projection.js'
@@ -172,11 +172,12 @@ export interface ProjectRow {
   project_id: string
   customer_id: string
   name: string
-  type: string
+  type: (typeof PROJECT_TYPES)[number]
   model_id: string | null
   expected_tasks: number | null
   validation: 'none' | 'spot' | 'quorum' | null
-  state: string
+  /** As recorded: a batch project that finished its work is still active here (`projectView` says completed). */
+  state: ProjectStatus
   submitted: number
   completed: number
   failed: number
@@ -186,12 +187,14 @@ export interface ProjectRow {
   ended_at: Date | null
 }
 
+export type ProjectStatus = 'active' | 'completed' | 'cancelled'
+
 /** What a client sees of a project (status: a batch project whose expected inputs all finished is completed). */
 export function projectView(p: ProjectRow) {
   const total = p.expected_tasks ?? p.submitted
   const done = p.completed + p.failed
   const finished = p.type === 'batch' && p.submitted > 0 && done + p.cancelled >= Math.max(total, p.submitted)
-  const status = p.state !== 'active' ? p.state : finished ? 'completed' : 'active'
+  const status: ProjectStatus = p.state !== 'active' ? p.state : finished ? 'completed' : 'active'
   return {
     project_id: p.project_id,
     name: p.name,
@@ -317,12 +320,12 @@ export async function projectAnalytics(db: Kysely<any>, project: ProjectRow, buc
     return [...points].map(([t, p]) => ({ time: new Date(t * 1000).toISOString(), tasks: p.tasks, inputs: p.inputs, inputs_per_s: Math.round((p.inputs / bucket) * 1000) / 1000 }))
   }
   const perSecond = (inputs: number) => Math.round((inputs / Math.max(spanSeconds, bucket)) * 1000) / 1000
-  const byType: Record<string, unknown> = {}
-  for (const type of ['aws', 'user']) {
+  const ofType = (type: 'aws' | 'user') => {
     const row = latencies.find((r) => Number(r.total) === 0 && r.instance_type === type)
     const inputs = Number(row?.inputs ?? 0)
-    byType[type] = { completed_tasks: Number(row?.tasks ?? 0), completed_inputs: inputs, latency_ms: latencyView(row), throughput: { inputs_per_s: perSecond(inputs), series: series(type) } }
+    return { completed_tasks: Number(row?.tasks ?? 0), completed_inputs: inputs, latency_ms: latencyView(row), throughput: { inputs_per_s: perSecond(inputs), series: series(type) } }
   }
+  const byType = { aws: ofType('aws'), user: ofType('user') }
   const inputs = Number(overall?.inputs ?? 0)
   return {
     project_id: project.project_id,

@@ -103,7 +103,8 @@ export interface JobRow {
   accuracy: number | null
   best_accuracy: number | null
   trained_model_id: string | null
-  end_reason: string | null
+  /** Why a completed job ended. */
+  end_reason: 'target_accuracy' | 'epochs' | null
   error: string | null
   /** Updates the coordinator refused (TrainingUpdateRefused). */
   refused_updates: number

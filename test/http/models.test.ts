@@ -58,6 +58,22 @@ t.test('TorchScript upload; name and format from the file name; shapes as given'
   t.same(response.json().input_shape, [1, 3, 224, 224])
 })
 
+t.test('a JSON field may come as a part of type application/json (as OpenAPI encodes an object field)', async (t) => {
+  const { app, customer } = await testApp(t)
+  const alice = await customer()
+  const boundary = 'dcp-json-parts'
+  const part = (name: string, value: string, type?: string) => `--${boundary}\r\nContent-Disposition: form-data; name="${name}"\r\n${type ? `Content-Type: ${type}\r\n` : ''}\r\n${value}\r\n`
+  const payload = Buffer.concat([
+    Buffer.from(part('labels', '["cat","dog"]', 'application/json') + part('input_schema', '{"type":"object"}', 'application/json') + part('name', '"quoted"', 'application/json')),
+    Buffer.from(`--${boundary}\r\nContent-Disposition: form-data; name="model"; filename="m.onnx"\r\nContent-Type: application/octet-stream\r\n\r\n`),
+    denseOnnxModel({ inputs: 10, outputs: 2 }),
+    Buffer.from(`\r\n--${boundary}--\r\n`),
+  ])
+  const response = await app.inject({ method: 'POST', url: '/api/v1/models', headers: { 'content-type': `multipart/form-data; boundary=${boundary}`, 'x-api-key': alice.key }, payload })
+  t.equal(response.statusCode, 201, response.body)
+  t.match(response.json(), { name: 'quoted', labels: ['cat', 'dog'], input_schema: { type: 'object' } })
+})
+
 t.test('bad uploads: a clear 400, 413 or 415, and nothing left behind', async (t) => {
   const { app, blobs, customer } = await testApp(t, { maxModelBytes: 4096 })
   const alice = await customer()
