@@ -3,7 +3,7 @@ import { type Test, t } from 'tap'
 import { AdapterOptions } from '../../src/adapters/options.js'
 import { testApp } from '../helpers/app.js'
 
-type Schema = { type?: string; properties?: Record<string, Schema>; required?: string[]; oneOf?: Schema[]; anyOf?: Schema[]; additionalProperties?: unknown; $ref?: string }
+type Schema = { type?: string; properties?: Record<string, Schema>; required?: string[]; oneOf?: Schema[]; anyOf?: Schema[]; additionalProperties?: unknown; items?: Schema; $ref?: string }
 type Operation = { operationId?: string; parameters?: { name: string; in: string }[]; requestBody?: { content: Record<string, { schema: Schema }> }; responses: Record<string, { content?: Record<string, { schema: Schema }>; links?: Record<string, Link> }> }
 type Link = { operationId: string; parameters?: Record<string, string>; requestBody?: unknown }
 type Document = { openapi: string; paths: Record<string, Record<string, Operation>> }
@@ -28,6 +28,8 @@ const forms = (schema: Schema): Schema[] => (schema.oneOf ?? schema.anyOf)?.flat
 /** The value a runtime expression's body pointer (`$response.body#/a/b`) names, in every form of the schema. */
 function pointerIn(schema: Schema, pointer: string): boolean {
   const [head, ...rest] = pointer.split('/')
+  // an array index: the pointer goes on in the array's items (a link from a list to one of its entries)
+  if (/^\d+$/.test(head!)) return forms(schema).every((form) => form.type === 'array' && form.items !== undefined && (rest.length === 0 || pointerIn(form.items, rest.join('/'))))
   return forms(schema).every((form) => {
     const property = form.properties?.[head!]
     if (!property || !form.required?.includes(head!)) return false
@@ -96,6 +98,8 @@ t.test('operation ids are unique, and every link leads to one with fields its an
           if (body) check(link.requestBody, body, '')
         }
         for (const expression of expressions) {
+          // a value of the request itself (`$request.path.id`) is there by definition
+          if (/^\$request\.(path|query|header)\.[A-Za-z_-]+$/.test(expression)) continue
           const pointer = /^\$response\.body#\/(.+)$/.exec(expression)?.[1]
           t.ok(pointer, `${where}: ${expression} is a response body pointer`)
           if (pointer && schema) t.ok(pointerIn(schema, pointer), `${where}: ${expression} is a field every ${status} answer has`)
