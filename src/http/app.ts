@@ -292,6 +292,8 @@ function describeOperations(document: Record<string, any>, routes: RouteInfo[]):
     if (!operation) continue
     if (route.auth !== 'none') operation.security = [{ [SECURITY[route.auth]]: [] }]
     if (route.idempotent) operation.parameters = [...(operation.parameters ?? []), IDEMPOTENCY_PARAMETER]
+    // a body that may be null may also be left out (zod's `.nullish()`): @fastify/swagger marks every body required
+    if (operation.requestBody?.content?.['application/json']?.schema?.nullable) operation.requestBody.required = false
     const responses: Record<string, unknown> = {}
     if (route.success) for (const [status, description] of Object.entries(route.success)) responses[status] = { description }
     else responses['200'] = operation.responses?.['200'] ?? { description: 'Success' }
