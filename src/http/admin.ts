@@ -7,6 +7,7 @@ import { customerExists, listCustomers, listKeys } from '../projections/customer
 import { sha256 } from './auth.js'
 import { execute, type Services } from './context.js'
 import { newId, newSecret } from './ids.js'
+import { freeText } from './text.js'
 
 export const API_KEY_PREFIX = 'dcp_k_'
 
@@ -33,7 +34,7 @@ export const adminRoutes: FastifyPluginAsync<{ services: Services }> = async (ba
     schema: {
       summary: 'Create a customer and its first API key (shown once)',
       tags: ['admin'],
-      body: z.object({ name: z.string().trim().min(1).max(200) }),
+      body: z.object({ name: freeText(200) }),
     },
   }, async (request, reply) => {
     const customerId = newId('cust')

@@ -10,6 +10,7 @@ import { sha256 } from './auth.js'
 import { execute, readYourWrites, type Services } from './context.js'
 import { deviceLogs, LogsQuery } from './device-logs.js'
 import { newId, newSecret } from './ids.js'
+import { freeText } from './text.js'
 
 export const ENROLLMENT_TOKEN_PREFIX = 'dcp_e_'
 
@@ -30,7 +31,7 @@ export const deviceAdminRoutes: FastifyPluginAsync<{ services: Services }> = asy
       summary: 'Create an enrollment token for a contributor (the token is shown once)',
       tags: ['admin'],
       body: z.object({
-        label: z.string().trim().min(1).max(200),
+        label: freeText(200),
         expires_at: z.iso.datetime({ offset: true }).optional().describe('ISO time after which no device enrolls with it (default: never)'),
         max_devices: z.number().int().min(1).max(1_000_000).optional().describe('devices it may enroll (default: no limit)'),
         instance_type: z.enum(INSTANCE_TYPES).default('user').describe('asserted for every device it enrolls; `aws` only for machines the platform runs (default user)'),
@@ -83,7 +84,7 @@ export const deviceAdminRoutes: FastifyPluginAsync<{ services: Services }> = asy
       summary: 'Ban a device: disconnected at once, its tasks re-queued without using attempts, its SDK token refused, no reconnecting',
       tags: ['admin'],
       params: DeviceParams,
-      body: z.object({ reason: z.string().trim().min(1).max(500) }),
+      body: z.object({ reason: freeText(500) }),
     },
   }, async (request) => {
     await readYourWrites(services, await services.hub.ban(request.params.id, request.body.reason))
