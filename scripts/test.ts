@@ -6,6 +6,8 @@
  * The web dashboard's test drives Debian's Chromium: when the run includes it and the browser is missing,
  * this installs it first (`apt-get install chromium`, as root or through `sudo -n`), so that `npm install`
  * then `npm test` is all a fresh machine needs. Where that cannot work, the test fails and says why.
+ * Likewise the API fuzz test (test/http/schemathesis.test.ts) creates its Python venv with schemathesis
+ * under `.schemathesis/` on first use (test/helpers/schemathesis.ts).
  */
 import { spawn, spawnSync } from 'node:child_process'
 import { existsSync } from 'node:fs'
