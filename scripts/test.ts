@@ -10,6 +10,9 @@
  * A whole run (no file arguments), or one naming `sdk/python`, also runs the Python device SDK's pytest suite
  * after tap, in the project's venv (`.dcp/python`, made by `npm run setup:python` when missing or stale:
  * torch is about 5 GB, a minute or more the first time). `npm test -- sdk/python` runs only that suite.
+ *
+ * Likewise the API fuzz test (test/http/schemathesis.test.ts) creates its Python venv with schemathesis
+ * under `.schemathesis/` on first use (test/helpers/schemathesis.ts).
  */
 import { spawn, spawnSync } from 'node:child_process'
 import { existsSync } from 'node:fs'

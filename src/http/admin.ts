@@ -9,6 +9,7 @@ import { sha256 } from './auth.js'
 import { execute, type Services } from './context.js'
 import { newId, newSecret } from './ids.js'
 import { NullableTimestamp, Timestamp } from './responses.js'
+import { freeText } from './text.js'
 
 export const API_KEY_PREFIX = 'dcp_k_'
 
@@ -51,7 +52,7 @@ export const adminRoutes: FastifyPluginAsync<{ services: Services }> = async (ba
       summary: 'Create a customer and its first API key (shown once)',
       operationId: 'createCustomer',
       tags: ['admin'],
-      body: z.object({ name: z.string().trim().min(1).max(200) }),
+      body: z.object({ name: freeText(200) }),
       response: { 201: NewCustomer },
     },
   }, async (request, reply) => {

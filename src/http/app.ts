@@ -97,6 +97,8 @@ export interface RouteInfo {
   links?: Record<string, OperationLink>
   requestBody?: Record<string, unknown>
   produces?: string
+  /** Also authenticates with a single-use stream ticket, `?ticket=` (auth.ts). */
+  ticketInQuery?: boolean
 }
 
 /** An OpenAPI link: what a success answer's values let a client (or a stateful fuzzer) call next. */
@@ -164,7 +166,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   app.decorate('routeTable', routeTable)
   app.addHook('onRoute', (route) => {
     const methods = Array.isArray(route.method) ? route.method : [route.method]
-    for (const method of methods) if (method !== 'HEAD') routeTable.push({ method, url: route.url, auth: route.config?.auth ?? 'none', ...(route.config?.success ? { success: route.config.success } : {}), ...(route.config?.idempotent ? { idempotent: true } : {}), ...documented(route.config) })
+    for (const method of methods) if (method !== 'HEAD') routeTable.push({ method, url: route.url, auth: route.config?.auth ?? 'none', ...(route.config?.success ? { success: route.config.success } : {}), ...(route.config?.idempotent ? { idempotent: true } : {}), ...(route.config?.ticketInQuery ? { ticketInQuery: true } : {}), ...documented(route.config) })
   })
   registerUploadSlots(app, deps.uploads ?? { total: 4, perCustomer: 2 })
   const tickets = new StreamTickets(deps.streamTicketTtlMs ?? STREAM_DEFAULTS.ticketTtlMs)
@@ -194,6 +196,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
           adminKey: { type: 'apiKey', in: 'header', name: 'X-Admin-Key' },
           internalToken: { type: 'apiKey', in: 'header', name: 'X-Internal-Token' },
           sdkToken: { type: 'apiKey', in: 'header', name: 'X-SDK-Token' },
+          streamTicket: { type: 'apiKey', in: 'query', name: 'ticket', description: 'a single-use ticket from POST /api/v1/dashboard/stream-tickets, for clients that cannot send X-API-Key (EventSource); `api_key` is refused' },
         },
       },
     },
@@ -333,7 +336,14 @@ function describeOperations(document: Record<string, any>, routes: RouteInfo[]):
     const operation = document.paths?.[path]?.[route.method.toLowerCase()]
     if (!operation) continue
     if (route.auth !== 'none') operation.security = [{ [SECURITY[route.auth]]: [] }]
+    // the ticket is a credential, the other way in, rather than a parameter of the request
+    if (route.ticketInQuery) {
+      operation.security.push({ streamTicket: [] })
+      operation.parameters = operation.parameters?.filter((p: { in: string; name: string }) => !(p.in === 'query' && p.name === 'ticket'))
+    }
     if (route.idempotent) operation.parameters = [...(operation.parameters ?? []), IDEMPOTENCY_PARAMETER]
+    // a body that may be null may also be left out (zod's `.nullish()`): @fastify/swagger marks every body required
+    if (operation.requestBody?.content?.['application/json']?.schema?.nullable) operation.requestBody.required = false
     const responses: Record<string, unknown> = {}
     // the body's schema, from the route's `schema.response`, with what the status means
     const described = (status: string, description: string) => ({ ...operation.responses?.[status], description })

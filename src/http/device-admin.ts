@@ -12,6 +12,7 @@ import { DeviceLogs, deviceLogs, LogsQuery } from './device-logs.js'
 import { Banned, Quarantined } from './devices.js'
 import { newId, newSecret } from './ids.js'
 import { NullableTimestamp, Timestamp } from './responses.js'
+import { freeText } from './text.js'
 
 export const ENROLLMENT_TOKEN_PREFIX = 'dcp_e_'
 
@@ -52,7 +53,7 @@ export const deviceAdminRoutes: FastifyPluginAsync<{ services: Services }> = asy
       tags: ['admin'],
       response: { 201: NewToken },
       body: z.object({
-        label: z.string().trim().min(1).max(200),
+        label: freeText(200),
         expires_at: z.iso.datetime({ offset: true }).optional().describe('ISO time after which no device enrolls with it (default: never)'),
         max_devices: z.number().int().min(1).max(1_000_000).optional().describe('devices it may enroll (default: no limit)'),
         instance_type: z.enum(INSTANCE_TYPES).default('user').describe('asserted for every device it enrolls; `aws` only for machines the platform runs (default user)'),
@@ -107,7 +108,7 @@ export const deviceAdminRoutes: FastifyPluginAsync<{ services: Services }> = asy
       tags: ['admin'],
       params: DeviceParams,
       response: { 200: Standing },
-      body: z.object({ reason: z.string().trim().min(1).max(500) }),
+      body: z.object({ reason: freeText(500) }),
     },
   }, async (request) => {
     await readYourWrites(services, await services.hub.ban(request.params.id, request.body.reason))

@@ -81,12 +81,22 @@ function pathPattern(url: string): RegExp {
  */
 export function registerErrorContract(app: FastifyInstance, routes: () => readonly { method: string; url: string }[] = () => []): void {
   const patterns = new Map<string, RegExp>()
+  // The methods of the resource at `path`: those of the most concrete route template that matches it, as
+  // OpenAPI matches a concrete path before a templated one (POST /inference/batch is its own resource, not
+  // the job `batch` of GET /inference/:jobId, whose methods it used to advertise).
   const allowedMethods = (path: string) => {
     const methods = new Set<string>()
+    let fewest = Infinity
     for (const route of routes()) {
       let pattern = patterns.get(route.url)
       if (!pattern) patterns.set(route.url, (pattern = pathPattern(route.url)))
-      if (pattern.test(path)) methods.add(route.method)
+      if (!pattern.test(path)) continue
+      const parameters = route.url.split('/').filter((segment) => segment.startsWith(':') || segment === '*').length
+      if (parameters < fewest) methods.clear()
+      if (parameters <= fewest) {
+        fewest = parameters
+        methods.add(route.method)
+      }
     }
     if (methods.has('GET')) methods.add('HEAD')
     return [...methods].sort()

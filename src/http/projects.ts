@@ -13,10 +13,11 @@ import { cancelJob } from './inference.js'
 import { pageQuery, wholeNumber } from './pagination.js'
 import { VALIDATION_MODES } from '../domain/validation.js'
 import { page, Timestamp } from './responses.js'
+import { freeText } from './text.js'
 
 const CreateBody = z.object({
   // optional, as the spec has it (it marks no field of this body required); an empty name is refused
-  name: z.string().trim().min(1).max(200).optional().describe('default: the type and the time of creation, e.g. "Batch project of 2026-11-30 20:05 UTC"'),
+  name: freeText(200).optional().describe('default: the type and the time of creation, e.g. "Batch project of 2026-11-30 20:05 UTC"'),
   type: z.enum(PROJECT_TYPES).default('realtime'),
   model_id: z.string().min(1).max(64).optional(),
   total_tasks: z.number().int().min(1).max(100_000_000).optional().describe('expected tasks, for progress'),
