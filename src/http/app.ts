@@ -364,5 +364,18 @@ function describeOperations(document: Record<string, any>, routes: RouteInfo[]):
     responses['5XX'] = { description: "500 INTERNAL_ERROR (dcp's own fault), or 502/503/504 when something it depends on failed, is unavailable or timed out", content: ERROR_CONTENT }
     operation.responses = responses
   }
+  allowNullInNullableEnums(document)
   return document
+}
+
+/**
+ * OpenAPI 3.0: `nullable: true` does not admit null to an `enum` that does not list it (the 3.0.3
+ * clarification), so a nullable enum lists null too: `"preprocessing": null` clears it, as documented.
+ */
+function allowNullInNullableEnums(node: unknown): void {
+  if (Array.isArray(node)) return node.forEach(allowNullInNullableEnums)
+  if (!node || typeof node !== 'object') return
+  const schema = node as { nullable?: boolean; enum?: unknown[] }
+  if (schema.nullable === true && Array.isArray(schema.enum) && !schema.enum.includes(null)) schema.enum = [...schema.enum, null]
+  for (const value of Object.values(node)) allowNullInNullableEnums(value)
 }

@@ -127,7 +127,17 @@ const StreamTicket = z.object({ ticket: z.string().describe('pass as `?ticket=` 
 
 const ProjectStream = {
   description: 'Server-Sent Events: `stats` (the figures, JSON or text) every interval, `end` when the project is no longer active, `stream_error` ({code, message}) before an early close',
-  content: { 'text/event-stream': { schema: z.string().describe('an event stream (text/event-stream)') } },
+  // each event as a client reads it: its name and its data (JSON with `format=json`, else text)
+  content: {
+    'text/event-stream': {
+      schema: z.object({
+        event: z.enum(['stats', 'end', 'stream_error']),
+        data: z.string().describe('the figures (JSON or text), the final status, or the error as {code, message}'),
+        id: z.string().optional(),
+        retry: z.number().int().optional().describe('ms a client waits before reconnecting (the interval)'),
+      }),
+    },
+  },
 }
 
 const QuickConfig = z.strictObject({ mode: z.enum(['inference', 'training', 'gpu-training']), requests: Int, concurrency: Int, epochs: Int, batch_size: Int })
