@@ -5,7 +5,9 @@
  *
  * The web dashboard's test drives Debian's Chromium: when the run includes it and the browser is missing,
  * this installs it first (`apt-get install chromium`, as root or through `sudo -n`), so that `npm install`
- * then `npm test` is all a fresh machine needs. Where that cannot work, the test fails and says why.
+ * then `npm test` is all a fresh machine needs. Where that cannot work, the test fails and says why. The
+ * same goes for the TorchScript tests: a run that includes them creates `.dcp/python` (scripts/python-env.ts)
+ * unless DCP_PYTHON names a Python to use.
  */
 import { spawn, spawnSync } from 'node:child_process'
 import { existsSync } from 'node:fs'
@@ -13,11 +15,21 @@ import { rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import path from 'node:path'
 import { startEmbeddedPostgres } from '../src/postgres/embedded.js'
+import { ensurePythonEnv } from './python-env.js'
 
 const CHROMIUM = process.env.CHROMIUM_PATH ?? '/usr/lib/chromium/chromium'
 const args = process.argv.slice(2)
 const runsBrowserTest = args.filter((a) => !a.startsWith('-')).length === 0 || args.some((a) => a.includes('web'))
 if (runsBrowserTest && !existsSync(CHROMIUM)) installChromium()
+// the TorchScript tests run torch through the server's tool: the managed environment, created when missing
+const runsTorchTests = args.filter((a) => !a.startsWith('-')).length === 0 || args.some((a) => /torch|training/.test(a))
+if (runsTorchTests && !process.env.DCP_PYTHON) {
+  try {
+    ensurePythonEnv()
+  } catch (error) {
+    console.log(`npm test: the Python environment for the TorchScript tests could not be set up (${(error as Error).message}); those tests will say what is missing`)
+  }
+}
 
 function installChromium(): void {
   const root = process.getuid?.() === 0
