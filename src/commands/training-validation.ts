@@ -27,7 +27,7 @@ export interface TrainedModel {
  * What the server does with a model's weights, one implementation per format: the TypeScript trainer for
  * ONNX, the Python tool (src/commands/torch-tool.ts) for TorchScript. Sizes are floats per sample.
  */
-interface Engine {
+export interface Engine {
   inputSize: number
   outputSize: number
   endsInSoftmax: boolean
@@ -88,7 +88,8 @@ function featuresOf(shape: number[] | null): number | undefined {
   return dims.length > 0 && dims.every((d) => d > 0) ? dims.reduce((a, b) => a * b, 1) : undefined
 }
 
-function engineOf(model: TrainedModel, tool: TorchTool): Promise<Engine> {
+/** The engine of a model's format. */
+export function engineOf(model: TrainedModel, tool: TorchTool): Promise<Engine> {
   return model.format === 'torchscript' ? torchEngine(model, tool) : Promise.resolve(onnxEngine(model.bytes))
 }
 

@@ -118,8 +118,8 @@ class Model:
 
     def ends_in_softmax(self) -> bool:
         try:
-            node = next(self.module.inlined_graph.outputs()).node()
-            return node.kind() in ("aten::softmax", "aten::_softmax")
+            graph = self.module.inlined_graph  # held: its nodes are invalid once the graph is freed
+            return next(graph.outputs()).node().kind() in ("aten::softmax", "aten::_softmax")
         except Exception:
             return False
 
