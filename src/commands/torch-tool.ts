@@ -111,7 +111,7 @@ export class TorchTool {
     const lines = createInterface({ input: child.stdout! })
     running.ready = new Promise<void>((resolve, reject) => {
       const timer = setTimeout(() => {
-        reject(new TorchToolError(`the TorchScript tool (${python}) did not start within ${this.startTimeout} ms`, true))
+        reject(new TorchToolError(`the TorchScript tool (${python}) did not start within ${this.startTimeout} ms; ${SETUP_HINT}`, true))
         this.stop(running, undefined)
       }, this.startTimeout)
       const fail = (why: string) => {

@@ -6,7 +6,7 @@ import { decodeWeights, encodeWeights } from '../domain/fedavg.js'
 import type { MODEL_FORMATS } from '../domain/model.js'
 import { modelFormatOf, type TrainingSpec } from '../domain/training-job.js'
 import { checkTrainable, defaultLoss, evaluate, exportOnnx, type Labels, loadTrainable, type LossKind, syntheticTask, type Weights } from '../sdk/trainer/index.js'
-import { SETUP_HINT, type TorchTool, TorchToolError } from './torch-tool.js'
+import { type TorchTool, TorchToolError } from './torch-tool.js'
 
 export type { Weights }
 export type Loss = TrainingSpec['training_config']['loss']
@@ -77,7 +77,7 @@ async function refuseUnrunnable<T>(call: Promise<T>): Promise<T> {
     return await call
   } catch (error) {
     if (!(error instanceof TorchToolError)) throw error
-    if (error.unavailable) throw new DomainError('VALIDATION_ERROR', `model_id: a TorchScript model trains with torch, and this server has no Python runtime with torch (${error.message}); ${SETUP_HINT}`)
+    if (error.unavailable) throw new DomainError('VALIDATION_ERROR', `model_id: a TorchScript model trains with torch, which this server runs in Python: ${error.message}`)
     throw new DomainError('VALIDATION_ERROR', `model_id: the TorchScript model cannot be trained: ${error.message}`)
   }
 }

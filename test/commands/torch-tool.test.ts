@@ -119,5 +119,5 @@ t.test('without a Python runtime (DCP_PYTHON pointing nowhere, or a Python witho
   t.teardown(() => noTorch.close())
   const error = await noTorch.call('inspect', { key: 'k', bytes: new Uint8Array(1) }).catch((e: unknown) => e)
   t.ok(error instanceof TorchToolError && error.unavailable, String(error))
-  await t.rejects(engineOf({ format: 'torchscript', checksum: 'k', bytes: new Uint8Array(1), input_shape: null }, none), { code: 'VALIDATION_ERROR', message: /no Python runtime with torch.*npm run setup:python/ })
+  await t.rejects(engineOf({ format: 'torchscript', checksum: 'k', bytes: new Uint8Array(1), input_shape: null }, none), { code: 'VALIDATION_ERROR', message: /runs in Python: this server has no Python runtime.*npm run setup:python/ })
 })
