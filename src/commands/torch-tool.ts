@@ -23,9 +23,12 @@ export const TORCH_TOOL_DEFAULTS = {
   callTimeoutMs: 120_000,
 }
 
-/** The tool cannot run (`unavailable`: no Python, or no torch in it) or an operation failed (the model's fault). */
+/**
+ * The tool cannot run (`unavailable`: no Python, or no torch in it), its process died under a call
+ * (`crashed`: tried once more), or an operation failed (the model's fault).
+ */
 export class TorchToolError extends Error {
-  constructor(message: string, readonly unavailable: boolean) {
+  constructor(message: string, readonly unavailable: boolean, readonly crashed = false) {
     super(message)
     this.name = 'TorchToolError'
   }
@@ -78,8 +81,21 @@ export class TorchTool {
     return this.python !== undefined
   }
 
-  /** Runs `op` on `model`; the answer's `result`. */
+  /**
+   * Runs `op` on `model`; the answer's `result`. Once more, on a fresh process, when the process died under
+   * it; once more with the model's bytes when the process had dropped the model (it keeps the 16 last used).
+   */
   async call<T>(op: string, model: ToolModel, fields: Record<string, unknown> = {}): Promise<T> {
+    try {
+      return await this.callOnce<T>(op, model, fields)
+    } catch (error) {
+      if (!(error instanceof TorchToolError) || !(error.crashed || / is not loaded$/.test(error.message))) throw error
+      this.running?.loaded.delete(model.key)
+      return this.callOnce<T>(op, model, fields)
+    }
+  }
+
+  private async callOnce<T>(op: string, model: ToolModel, fields: Record<string, unknown>): Promise<T> {
     const running = this.start()
     await running.ready
     const send = { key: model.key, ...(running.loaded.has(model.key) ? {} : { bytes: Buffer.from(model.bytes).toString('base64') }) }
@@ -130,7 +146,7 @@ export class TorchTool {
     running.ready.catch(() => undefined)
     child.once('exit', (code, signal) => {
       this.options.log?.(`torch tool exited (${signal ?? code}) ${lastLine(running.stderr)}`)
-      this.stop(running, new TorchToolError(`the TorchScript tool exited (${signal ?? code}) ${lastLine(running.stderr)}`, false))
+      this.stop(running, new TorchToolError(`the TorchScript tool exited (${signal ?? code}) ${lastLine(running.stderr)}`, false, true))
     })
     return running
   }

@@ -104,11 +104,24 @@ t.test('the process is started again after it died, and the models it held are s
   const weights = await model.initialWeights()
   const before = await model.evaluate(weights, new Float32Array(SIZES.inputs * 2), Int32Array.of(0, 1), 'cross_entropy')
   const pid = (own as unknown as { running: { child: { pid: number } } }).running.child.pid
+  // killed under a call: the call is answered all the same, by a new process
+  const during = model.evaluate(weights, new Float32Array(SIZES.inputs * 2), Int32Array.of(0, 1), 'cross_entropy')
   process.kill(pid, 'SIGKILL')
-  await new Promise((resolve) => setTimeout(resolve, 200)) // its exit lands
-  const after = await model.evaluate(weights, new Float32Array(SIZES.inputs * 2), Int32Array.of(0, 1), 'cross_entropy')
-  t.same(after, before)
+  t.same(await during, before)
   t.not((own as unknown as { running: { child: { pid: number } } }).running.child.pid, pid, 'a new process')
+})
+
+t.test('a model the process dropped (it keeps DCP_TOOL_MAX_MODELS) is sent again', async (t) => {
+  process.env.DCP_TOOL_MAX_MODELS = '1'
+  const own = new TorchTool()
+  t.teardown(() => {
+    own.close()
+    delete process.env.DCP_TOOL_MAX_MODELS
+  })
+  const first = await engineOf({ format: 'torchscript', checksum: 'sha256:first', bytes: mlp!, input_shape: null }, own)
+  const second = await engineOf({ format: 'torchscript', checksum: 'sha256:second', bytes: again!, input_shape: null }, own)
+  t.same(Object.keys(await first.initialWeights()).sort(), Object.keys(await second.initialWeights()).sort())
+  t.same(await first.initialWeights(), Object.fromEntries(Object.entries(await stateDictOf(mlp!)).map(([k, v]) => [k, Float32Array.from(v)])), 'the first model, loaded again')
 })
 
 t.test('without a Python runtime (DCP_PYTHON pointing nowhere, or a Python without torch) a call fails saying how to get one', async (t) => {

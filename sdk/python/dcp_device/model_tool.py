@@ -32,6 +32,8 @@ import torch
 MAGIC = b"DCPW"
 FORMAT_VERSION = 1
 MSE_TOLERANCE = 0.5
+# Models kept loaded, least recently used dropped first (the server sends a dropped one again)
+MAX_MODELS = int(os.environ.get("DCP_TOOL_MAX_MODELS", "16"))
 
 
 class ToolError(Exception):
@@ -134,7 +136,7 @@ def first_line(error: Exception) -> str:
 
 class Tool:
     def __init__(self) -> None:
-        self.models: dict = {}
+        self.models: dict = {}  # insertion order is recency
 
     def model(self, request: dict) -> Model:
         ref = request.get("model") or {}
@@ -142,9 +144,13 @@ class Tool:
         if not isinstance(key, str):
             raise ToolError("model.key: required")
         if "bytes" in ref:
+            self.models.pop(key, None)
             self.models[key] = Model(base64.b64decode(ref["bytes"]))
+            while len(self.models) > MAX_MODELS:
+                self.models.pop(next(iter(self.models)))
         if key not in self.models:
             raise ToolError(f"model {key} is not loaded")
+        self.models[key] = self.models.pop(key)
         return self.models[key]
 
     def handle(self, request: dict):
