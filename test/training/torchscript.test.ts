@@ -1,4 +1,5 @@
 import t, { type Test } from 'tap'
+import { parseDataset, splitDataset } from '../../src/datasets/parse.js'
 import { decodeWeights, type Weights, weightsFromBase64, weightsToBase64 } from '../../src/domain/fedavg.js'
 import { trainingStream } from '../../src/domain/training-job.js'
 import { syntheticTask } from '../../src/sdk/trainer/synthetic.js'
@@ -23,7 +24,7 @@ async function server(t: Test) {
     if (response.statusCode !== 201) throw new Error(`upload failed: ${response.statusCode} ${response.body}`)
     return response.json() as { id: string; checksum: string; format: string }
   }
-  return { ...context, url, api, upload }
+  return { ...context, alice, url, api, upload }
 }
 
 /** A device that can train, heartbeating until the test ends. */
@@ -168,4 +169,61 @@ print(json.dumps({'weights': weights(m), 'loss': float(torch.nn.functional.cross
   for (const [name, values] of Object.entries(lastWeights)) t.ok(close(check.weights[name]!, values, 0), `${name}: the last round's`)
   t.ok(Math.abs(check.loss - last.validation_loss) < 1e-5, `validation loss ${last.validation_loss} vs torch ${check.loss}`)
   t.equal(check.accuracy, last.accuracy)
+})
+
+/** A CSV of the synthetic 4-class task (seed `seed`): a header, the MLP's 8 feature columns and `label`. */
+function clustersCsv(rows: number, seed: number): Buffer {
+  const sample = syntheticTask({ inputs: MLP.inputs, outputs: MLP.outputs, seed }).sample(rows, 1)
+  const header = [...Array.from({ length: MLP.inputs }, (_, i) => `f${i}`), 'label'].join(',')
+  const lines = Array.from({ length: rows }, (_, r) => [...Array.from(sample.x.subarray(r * MLP.inputs, (r + 1) * MLP.inputs), (v) => v.toFixed(5)), sample.labels[r]].join(','))
+  return Buffer.from([header, ...lines].join('\n'))
+}
+
+t.test("a TorchScript dataset job: the data must fit the model torch describes, and the rounds are validated on the dataset's held-out rows", async (t) => {
+  const { app, alice, url, api, upload, store, blobs } = await server(t)
+  const model = await upload('mlp.pt', await torchScriptMlp({ ...MLP, seed: 3 }))
+  const dataset = async (content: Buffer, name: string) => {
+    const form = multipart({}, { field: 'file', name, content })
+    const r = await app.inject({ method: 'POST', url: '/api/v1/datasets', headers: { ...form.headers, 'x-api-key': alice.key }, payload: form.payload })
+    if (r.statusCode !== 201) throw new Error(`dataset upload failed: ${r.statusCode} ${r.body}`)
+    return r.json() as { id: string; checksum: string }
+  }
+  const csv = clustersCsv(400, 11)
+  const clusters = await dataset(csv, 'clusters.csv')
+  const narrow = await dataset(Buffer.from('{"features":[1,2],"label":0}\n{"features":[3,4],"label":1}\n'), 'narrow.jsonl')
+  const device = await trainer(t, url, PYTHON_TRAINER)
+
+  const misfit = await api('POST', '/training', trainingBody(model.id, { data: { type: 'dataset', dataset_id: narrow.id } }))
+  t.equal(misfit.status, 400, JSON.stringify(misfit.body))
+  t.match(misfit.body.error.message as string, /2 features per row; the model takes 8/, 'the input size torch found')
+
+  // 320 training rows, batches of 32: one round of 10 steps is the whole epoch, and the job ends with it
+  const splitSeed = 5
+  const started = await api('POST', '/training', trainingBody(model.id, { data: { type: 'dataset', dataset_id: clusters.id, seed: splitSeed }, training: { sync_mode: 'full_sync', loss: 'cross_entropy', epochs: 1, local_steps: 10, target_accuracy: undefined } }))
+  t.equal(started.status, 202, JSON.stringify(started.body))
+  const start = await device.next((f) => f.type === 'train_start', 30_000)
+  t.match(start.data, { type: 'dataset', dataset_id: clusters.id, start: 0, end: 320, split_seed: splitSeed })
+  device.frames.unshift(start) // the trainer below takes it from here
+  await playPythonTrainer(t, url, device, 11)
+
+  let done: any
+  for (const deadline = Date.now() + 60_000; Date.now() < deadline; await new Promise((r) => setTimeout(r, 100))) {
+    done = (await api('GET', `/training/${started.body.job_id}`)).body
+    if (done.status !== 'queued' && done.status !== 'running') break
+  }
+  t.equal(done.status, 'completed', JSON.stringify(done))
+  t.equal(done.end_reason, 'epochs')
+  const round = (await store.readStream(trainingStream(started.body.job_id))).filter((e) => e.type === 'TrainingRoundCompleted').map((e) => e.data as any).at(-1)!
+  const { validation } = splitDataset(parseDataset(csv, 'csv'), { validationFraction: 0.2, seed: splitSeed })
+  const trained = await api('GET', `/models/${done.trained_model_id}`)
+  t.equal(trained.body.format, 'torchscript')
+  const check = await runPython<{ loss: number; accuracy: number }>(`${TORCH_PRELUDE}
+m = load(args['model'])
+x, labels = torch.tensor(args['x']).reshape(-1, ${MLP.inputs}), torch.tensor(args['labels']).long()
+with torch.no_grad(): out = m(x)
+print(json.dumps({'loss': float(torch.nn.functional.cross_entropy(out, labels)), 'accuracy': float((out.argmax(1) == labels).float().mean())}))
+`, { model: Buffer.from(await blobs.read(trained.body.checksum.replace('sha256:', ''))).toString('base64'), x: Array.from(validation.features), labels: Array.from(validation.labels) })
+  t.equal(validation.rows, 80)
+  t.ok(Math.abs(check.loss - round.validation_loss) < 1e-5, `validation loss ${round.validation_loss} vs torch on the held-out rows ${check.loss}`)
+  t.equal(check.accuracy, round.accuracy)
 })
