@@ -1,6 +1,8 @@
 import t, { type Test } from 'tap'
 import { parseDataset, splitDataset } from '../../src/datasets/parse.js'
 import { decodeWeights, type Weights, weightsFromBase64, weightsToBase64 } from '../../src/domain/fedavg.js'
+import { TorchTool } from '../../src/commands/torch-tool.js'
+import { TrainingCoordinator } from '../../src/commands/training.js'
 import { trainingStream } from '../../src/domain/training-job.js'
 import { syntheticTask } from '../../src/sdk/trainer/synthetic.js'
 import { multipart, testApp } from '../helpers/app.js'
@@ -226,4 +228,32 @@ print(json.dumps({'loss': float(torch.nn.functional.cross_entropy(out, labels)),
   t.equal(validation.rows, 80)
   t.ok(Math.abs(check.loss - round.validation_loss) < 1e-5, `validation loss ${round.validation_loss} vs torch on the held-out rows ${check.loss}`)
   t.equal(check.accuracy, round.accuracy)
+})
+
+t.test('after a restart a TorchScript job resumes where a server has Python, and fails saying why where it has none', async (t) => {
+  const { url, api, upload, store, blobs, database, projections, training } = await server(t)
+  const bytes = await torchScriptMlp({ ...MLP, seed: 4 })
+  const model = await upload('mlp.pt', bytes)
+  const device = await trainer(t, url, PYTHON_TRAINER)
+  const started = await api('POST', '/training', trainingBody(model.id, { data: stream(9), training: { sync_mode: 'full_sync', loss: 'cross_entropy', target_accuracy: undefined } }))
+  t.equal(started.status, 202, JSON.stringify(started.body))
+  const jobId = started.body.job_id
+  const start = await device.next((f) => f.type === 'train_start')
+  const initial = Object.fromEntries(Object.entries((await runPython<{ w: Record<string, number[]> }>(`${TORCH_PRELUDE}\nprint(json.dumps({'w': weights(load(args))}))`, bytes.toString('base64'))).w).map(([k, v]) => [k, Float32Array.from(v, (x) => x * 0.5)]))
+  device.send({ type: 'train_update', job_id: jobId, base_round: start.round, weights: weightsToBase64(initial), samples: 320, steps: 10, loss: 1, metrics: { cpu_ms: 1, gpu_ms: 0, wall_ms: 1 }, power_watts: 1 })
+  await device.next((f) => f.type === 'train_weights' && f.round === 1)
+  await training.stop() // the server goes down after round 1
+  await projections.waitFor(await store.headPosition())
+
+  const withPython = new TrainingCoordinator({ store, db: database.db, blobs })
+  await withPython.recover()
+  await withPython.stop()
+  t.notOk((await store.readStream(trainingStream(jobId))).some((e) => e.type === 'TrainingFailed'), 'with Python the job is loaded again (not failed)')
+  await projections.waitFor(await store.headPosition())
+
+  const withoutPython = new TrainingCoordinator({ store, db: database.db, blobs, torch: new TorchTool({ python: undefined }) })
+  await withoutPython.recover()
+  await withoutPython.stop()
+  const failed = (await store.readStream(trainingStream(jobId))).find((e) => e.type === 'TrainingFailed')
+  t.match((failed?.data as { error: string } | undefined)?.error, /cannot run on this server.*npm run setup:python/, 'the failure says why and what to do')
 })
