@@ -13,6 +13,9 @@
  *
  * Likewise the API fuzz test (test/http/schemathesis.test.ts) creates its Python venv with schemathesis
  * under `.schemathesis/` on first use (test/helpers/schemathesis.ts).
+ *
+ * The TorchScript tests run torch through the server's tool: a run that includes them creates `.dcp/python`
+ * too (scripts/python-env.ts) unless DCP_PYTHON names a Python to use.
  */
 import { spawn, spawnSync } from 'node:child_process'
 import { existsSync } from 'node:fs'
@@ -20,11 +23,21 @@ import { rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import path from 'node:path'
 import { startEmbeddedPostgres } from '../src/postgres/embedded.js'
+import { ensurePythonEnv, PYTHON_ENV } from './python-env.js'
 
 const CHROMIUM = process.env.CHROMIUM_PATH ?? '/usr/lib/chromium/chromium'
 const args = process.argv.slice(2)
 const runsBrowserTest = args.filter((a) => !a.startsWith('-')).length === 0 || args.some((a) => a.includes('web'))
 if (runsBrowserTest && !existsSync(CHROMIUM)) installChromium()
+// the TorchScript tests run torch through the server's tool: the managed environment, created when missing
+const runsTorchTests = args.filter((a) => !a.startsWith('-')).length === 0 || args.some((a) => /torch|training|sdk\/python/.test(a))
+if (runsTorchTests && !process.env.DCP_PYTHON) {
+  try {
+    ensurePythonEnv()
+  } catch (error) {
+    console.log(`npm test: the Python environment for the TorchScript tests could not be set up (${(error as Error).message}); those tests will say what is missing`)
+  }
+}
 
 function installChromium(): void {
   const root = process.getuid?.() === 0
@@ -56,14 +69,13 @@ if (tapArgs) {
 }
 if (runsPython) code = pytest() || code
 
-/** The venv (made or brought up to date), then pytest on sdk/python/tests; its exit status. */
+/** pytest on sdk/python/tests in the managed environment (set up above); its exit status. */
 function pytest(): number {
-  const setup = spawnSync('bash', ['scripts/setup-python.sh'], { stdio: 'inherit' })
-  if (setup.status !== 0) {
-    console.log(`npm test: the Python SDK's venv could not be set up (${setup.error?.message ?? `exit ${setup.status}`}); see the output above`)
+  const python = path.join(PYTHON_ENV, 'bin', 'python')
+  if (!existsSync(python)) {
+    console.log(`npm test: no Python environment at ${PYTHON_ENV} for the Python SDK's tests (see above why it could not be set up)`)
     return 1
   }
-  const python = path.resolve('.dcp/python/bin/python')
   return spawnSync(python, ['-m', 'pytest', '-q', 'sdk/python/tests'], { stdio: 'inherit' }).status ?? 1
 }
 if (own) {

@@ -62,6 +62,8 @@ const Env = z.object({
   BLOB_GC_INTERVAL_MS: z.coerce.number().int().min(0).default(BLOB_GC_DEFAULTS.intervalMs),
   /** Local worker processes `dcp start` runs beside the server. */
   WORKERS: z.coerce.number().int().min(0).max(64).default(2),
+  /** The Python (with torch and numpy) that checks TorchScript training jobs; default: `.dcp/python/bin/python` when it exists. */
+  DCP_PYTHON: z.string().min(1).optional(),
 })
 
 export interface Config {
@@ -95,6 +97,8 @@ export interface Config {
   /** The hub's per-device frame limits (the rest keep HUB_LIMITS' defaults). */
   deviceLimits: { heartbeatsPerInterval: number; maxFramesPerSecond: number }
   workers: number
+  /** DCP_PYTHON: the Python for TorchScript training (unset: the managed environment's, if any). */
+  python: string | undefined
   blobGc: { graceMs: number; intervalMs: number }
 }
 
@@ -126,6 +130,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, overrides: Part
     throw new ConfigError((error as Error).message)
   }
   return {
+    python: e.DCP_PYTHON,
     port: e.PORT,
     host: e.HOST,
     dataDir: path.resolve(e.DATA_DIR),

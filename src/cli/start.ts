@@ -9,6 +9,7 @@ import { DEV_API_KEY, DEV_CUSTOMER_ID, ensureDevCustomer } from '../commands/dev
 import { TaskScheduler } from '../commands/scheduler.js'
 import { allReputations } from '../projections/reputation.js'
 import { TrainingCoordinator } from '../commands/training.js'
+import { pythonRuntime, TorchTool } from '../commands/torch-tool.js'
 import { type Config, loadConfig } from '../config.js'
 import { DeviceHub } from '../device-hub/hub.js'
 import { handleCommand } from '../commands/handle-command.js'
@@ -59,7 +60,8 @@ export async function startCommand(args: string[]): Promise<number> {
     log,
   })
   await scheduler.recover()
-  const training = new TrainingCoordinator({ store: platform.store, db: platform.database.db, blobs, onMembership: (device, job) => scheduler.setTraining(device, job), log })
+  const torch = new TorchTool({ python: pythonRuntime({ DCP_PYTHON: config.python }), log })
+  const training = new TrainingCoordinator({ store: platform.store, db: platform.database.db, blobs, torch, onMembership: (device, job) => scheduler.setTraining(device, job), log })
   await training.recover()
   const hub: DeviceHub = new DeviceHub({
     store: platform.store,

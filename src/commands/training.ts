@@ -8,12 +8,13 @@ import { aggregate, mixRobust } from '../domain/aggregation.js'
 import { decodeWeights, encodeWeights, roundReady, weightsToBase64 } from '../domain/fedavg.js'
 import { type ModelDescription, modelDecider, modelStream } from '../domain/model.js'
 import { type AllocDevice, allocateDevices, isEligible } from '../domain/training-allocation.js'
-import { type Contribution, isFinished, type RoundData, robustnessOf, type TrainingCommand, trainingDecider, type TrainingSpec, type TrainingState, trainingStream } from '../domain/training-job.js'
+import { type Contribution, isFinished, modelFormatOf, type RoundData, robustnessOf, type TrainingCommand, trainingDecider, type TrainingSpec, type TrainingState, trainingStream } from '../domain/training-job.js'
 import type { EventStore, Position } from '../event-store/port.js'
 import { type HubFrame, minUpdateIntervalMs, type PLATFORMS, type TrainData, type TrainStart, type TrainUpdate } from '../protocol/frames.js'
 import { unfinishedTrainingJobs } from '../projections/training.js'
 import { handleCommand, type KnownState } from './handle-command.js'
-import { loadValidation, type Validation, type Weights } from './training-validation.js'
+import { TorchTool, TorchToolError } from './torch-tool.js'
+import { loadValidation, type ModelFormat, type Validation, type Weights } from './training-validation.js'
 
 /** A connected device that can train, as the hub describes it. */
 export interface TrainingDevice {
@@ -23,6 +24,8 @@ export interface TrainingDevice {
   gpu: boolean
   instanceType: 'aws' | 'user'
   sdkUuid: string
+  /** Model formats it trains (registration's `train_formats`; onnx when it said none). */
+  trainFormats: readonly ModelFormat[]
   send(frame: HubFrame): boolean
 }
 
@@ -30,6 +33,8 @@ export interface TrainingOptions {
   store: EventStore
   db: Kysely<any>
   blobs: BlobStore
+  /** Checks and exports TorchScript models (Node has no torch). Default: one run with `pythonRuntime()`; closed by `stop`. */
+  torch?: TorchTool
   /** Marks a device as working for a job (the inference scheduler leaves it alone meanwhile). */
   onMembership?: (deviceId: string, jobId: string | undefined) => void
   /** How long a sync round waits for its devices before going on with those that answered. Default 30 s. */
@@ -100,9 +105,12 @@ export class TrainingCoordinator {
   /** Work under way (each job's queue of it), awaited by `stop`. */
   private readonly working = new Set<Promise<unknown>>()
   private readonly now: () => Date
+  /** What TorchScript jobs are checked with, at submission (src/http/training.ts) and every round. */
+  readonly torch: TorchTool
 
   constructor(private readonly options: TrainingOptions) {
     this.now = options.now ?? (() => new Date())
+    this.torch = options.torch ?? new TorchTool({ ...(options.log ? { log: options.log } : {}) })
   }
 
   /**
@@ -112,7 +120,8 @@ export class TrainingCoordinator {
    */
   async recover(): Promise<void> {
     for (const row of await unfinishedTrainingJobs(this.options.db)) {
-      const job = await this.load(row.job_id)
+      const job = await this.loadOrFail(row.job_id)
+      if (!job) continue
       const state = job.known.state
       if (state.devices.length > 0) await this.command(job, { type: 'ReleaseDevices', deviceIds: state.devices, reason: 'server restarted', at: this.at() })
       const target = job.spec.training_config.target_accuracy
@@ -131,17 +140,18 @@ export class TrainingCoordinator {
     this.stopped = true
     for (const job of this.jobs.values()) clearTimeout(job.deadline)
     while (this.working.size > 0) await Promise.allSettled([...this.working])
+    this.torch.close()
   }
 
-  /** Devices that could train for a job with these filters (for NO_TRAINING_DEVICES and `estimated_devices`). */
-  eligibleDevices(resources: TrainingSpec['resource_config']): number {
-    return [...this.devices.values()].filter((d) => eligible(d, resources)).length
+  /** Devices that could train for a job of this model format (default onnx) with these filters (for NO_TRAINING_DEVICES and `estimated_devices`). */
+  eligibleDevices(resources: TrainingSpec['resource_config'], format: ModelFormat = 'onnx'): number {
+    return [...this.devices.values()].filter((d) => eligible(d, resources, format)).length
   }
 
   /** Records a new job and starts it once it has its minimum of devices. */
   async submit(spec: TrainingSpec, options: { idempotencyKey?: string } = {}): Promise<Position> {
     const result = await handleCommand(this.options.store, trainingStream(spec.job_id), trainingDecider, { type: 'SubmitTraining', spec }, { ...options, metadata: this.metadata(spec.customer_id) })
-    if (!this.jobs.has(spec.job_id) && !isFinished(result.state.phase)) await this.load(spec.job_id)
+    if (!this.jobs.has(spec.job_id) && !isFinished(result.state.phase)) await this.loadOrFail(spec.job_id)
     this.rebalance()
     return result.position
   }
@@ -336,7 +346,7 @@ export class TrainingCoordinator {
     const steps = contributions.reduce((n, c) => n + c.steps, 0)
     const samples = contributions.reduce((n, c) => n + c.samples, 0)
     const batches = state.batchesCompleted + steps
-    const checked = job.validation.evaluate(weights)
+    const checked = await job.validation.evaluate(weights)
     // Weights that diverged (finite, but huge) evaluate to a NaN or infinite loss, which JSON cannot carry
     // (it would be stored as null, and the event could not be read back): the job fails, saying why.
     if (!Number.isFinite(checked.loss) || !Number.isFinite(checked.accuracy)) {
@@ -375,7 +385,7 @@ export class TrainingCoordinator {
   /** Registers the trained weights as a new model of the customer, then records the job's end. */
   private async finish(job: LiveJob, reason: 'target_accuracy' | 'epochs'): Promise<void> {
     const spec = job.spec
-    const bytes = job.validation.export(job.weights)
+    const bytes = await job.validation.export(job.weights)
     const sha256 = await this.keep(Buffer.from(bytes))
     const at = this.at()
     const trainedModelId = trainedModelIdOf(spec.job_id)
@@ -425,7 +435,7 @@ export class TrainingCoordinator {
     const active = [...this.jobs.values()].filter((j) => j.known.state.phase === 'active')
     const plan = allocateDevices({
       devices: this.allocDevices(),
-      jobs: active.map((j, i) => allocJob(j.spec.resource_config, j.spec.job_id, j.spec.weight, i, j.members.size > 0)),
+      jobs: active.map((j, i) => allocJob(j.spec.resource_config, modelFormatOf(j.spec), j.spec.job_id, j.spec.weight, i, j.members.size > 0)),
     })
     // a drained device finishes the round it is in and leaves at the boundary (see mixIn and maybeCloseRound)
     for (const drain of plan.drains) {
@@ -502,7 +512,7 @@ export class TrainingCoordinator {
       type: 'train_start',
       job_id: spec.job_id,
       round: job.known.state.round,
-      model: { id: spec.model_id, format: 'onnx', checksum: spec.model_checksum, download_path: `/api/v1/sdk/models/${spec.model_id}` },
+      model: { id: spec.model_id, format: modelFormatOf(spec), checksum: spec.model_checksum, download_path: `/api/v1/sdk/models/${spec.model_id}`, ...(job.model.input_shape ? { input_shape: job.model.input_shape } : {}) },
       ...(job.known.state.round > 0 ? { weights: this.encoded(job) } : {}),
       config: {
         optimizer: config.optimizer,
@@ -581,7 +591,7 @@ export class TrainingCoordinator {
     const spec = state.spec
     if (!spec) throw new Error(`training job ${jobId} has no TrainingSubmitted event`)
     const model = await this.modelOf(spec.model_id)
-    const validation = await loadValidation(spec, this.options.blobs)
+    const validation = await loadValidation(spec, model.input_shape, this.options.blobs, this.torch)
     const weights = state.weightsSha256 ? decodeWeights(await this.options.blobs.read(state.weightsSha256)) : validation.initialWeights()
     const job: LiveJob = {
       spec,
@@ -599,6 +609,23 @@ export class TrainingCoordinator {
     }
     this.jobs.set(jobId, job)
     return job
+  }
+
+  /**
+   * Loads a job, or fails it when what running it needs cannot be had (its TorchScript model on a server
+   * without Python since, its files): recorded with why, instead of a job queued for ever with nothing on it.
+   */
+  private async loadOrFail(jobId: string): Promise<LiveJob | undefined> {
+    try {
+      return await this.load(jobId)
+    } catch (error) {
+      // a model the server cannot check (TorchScript without Python) fails its job; anything else (the store) is thrown
+      if (!(error instanceof DomainError || error instanceof TorchToolError)) throw error
+      const message = `the job cannot run on this server: ${(error as Error).message}`
+      this.options.log?.(`training ${jobId}: ${message}`)
+      await handleCommand(this.options.store, trainingStream(jobId), trainingDecider, { type: 'FailTraining', error: message.slice(0, 2000), at: this.at() }, { metadata: { occurredAt: this.at() } })
+      return undefined
+    }
   }
 
   private async modelOf(modelId: string): Promise<ModelDescription> {
@@ -620,7 +647,7 @@ export class TrainingCoordinator {
     const job = this.jobs.get(jobId)
     if (!job) {
       const result = await handleCommand(this.options.store, trainingStream(jobId), trainingDecider, command, { metadata: { occurredAt: this.at() } })
-      if (command.type === 'ResumeTraining' && !isFinished(result.state.phase)) await this.load(jobId)
+      if (command.type === 'ResumeTraining' && !isFinished(result.state.phase)) await this.loadOrFail(jobId)
       return result.position
     }
     let position: Position | undefined
@@ -746,17 +773,18 @@ function seedOf(jobSeed: number, deviceId: string, round: number): number {
   return createHash('sha256').update(`${jobSeed}:${deviceId}:${round}`).digest().readInt32LE(0)
 }
 
-function eligible(device: TrainingDevice, resources: TrainingSpec['resource_config']): boolean {
-  return isEligible(allocDevice(device, undefined), allocJob(resources, 'probe', 1, 0, false))
+function eligible(device: TrainingDevice, resources: TrainingSpec['resource_config'], format: ModelFormat): boolean {
+  return isEligible(allocDevice(device, undefined), allocJob(resources, format, 'probe', 1, 0, false))
 }
 
 function allocDevice(device: TrainingDevice, currentJob: string | undefined): AllocDevice {
-  return { device_id: device.deviceId, platform: device.platform, sdk_version: device.sdkVersion, gpu: device.gpu, can_train: true, instance_type: device.instanceType, ...(currentJob ? { current_job: currentJob } : {}) }
+  return { device_id: device.deviceId, platform: device.platform, sdk_version: device.sdkVersion, gpu: device.gpu, can_train: true, train_formats: device.trainFormats, instance_type: device.instanceType, ...(currentJob ? { current_job: currentJob } : {}) }
 }
 
-function allocJob(resources: TrainingSpec['resource_config'], jobId: string, weight: number, seq: number, running: boolean) {
+function allocJob(resources: TrainingSpec['resource_config'], format: ModelFormat, jobId: string, weight: number, seq: number, running: boolean) {
   return {
     job_id: jobId,
+    model_format: format,
     weight,
     min_devices: resources.min_devices,
     ...(resources.max_devices !== null ? { max_devices: resources.max_devices } : {}),

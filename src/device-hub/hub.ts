@@ -12,7 +12,7 @@ import type { EventStore, Position } from '../event-store/port.js'
 import { NUL_MESSAGE, nulField } from '../event-store/storable.js'
 import { newId, newSecret } from '../http/ids.js'
 import { numberArrayProblem } from '../protocol/numbers.js'
-import { CLOSE, DeviceFrame, type HubFrame, Metrics, type LogLine, MAX_FRAME_BYTES, PROTOCOL_VERSION } from '../protocol/frames.js'
+import { CLOSE, DeviceFrame, type HubFrame, Metrics, type LogLine, MAX_FRAME_BYTES, PROTOCOL_VERSION, trainFormatsOf } from '../protocol/frames.js'
 import { sendText } from '../protocol/send.js'
 import { type Admitted, enrollDevice, reconnectDevice } from './enrollment.js'
 import { DEFAULT_LIMITS, FrameLimiter, type HubLimits } from './limits.js'
@@ -504,6 +504,7 @@ export class DeviceHub {
         gpu: frame.capabilities.gpu,
         instanceType,
         sdkUuid: frame.sdk_uuid,
+        trainFormats: trainFormatsOf(frame.capabilities),
         send: (f) => (this.byDevice.get(deviceId) === connection ? this.send(connection, f) : false),
       }
       // a quarantined device is not offered to training until it is released

@@ -30,6 +30,8 @@ export interface AllocDevice {
   sdk_version: string
   gpu: boolean
   can_train: boolean
+  /** Model formats it trains; absent: onnx only. */
+  train_formats?: readonly string[]
   /** `aws` (a cloud worker) or `user` (a contributed device); absent: user. */
   instance_type?: 'aws' | 'user'
   /** The training job it works for now, if any. */
@@ -50,6 +52,8 @@ export interface AllocJob {
   sdk_types?: string[] | null
   /** Lowest SDK version it runs on, compared as dotted numbers ("1.10.0" > "1.9.2"). */
   min_sdk_version?: string | null
+  /** The format of the model it trains: only devices that train it are eligible. Absent: onnx. */
+  model_format?: string
   /** Device kinds it may train on (`aws`, `user`); absent or empty: any. */
   instance_types?: string[] | null
   /** Arrival order: earlier jobs have priority for their minimum, and win ties. */
@@ -135,8 +139,8 @@ function classify(devices: AllocDevice[], jobs: Job[]): DeviceClass[] {
   for (const device of devices) {
     if (seen.has(device.device_id)) throw new Error(`device ${device.device_id} is listed twice`)
     seen.add(device.device_id)
-    // few distinct (platform, version, can_train, instance type): compare versions once for each
-    const kind = `${device.platform}|${device.can_train}|${device.sdk_version}|${device.instance_type ?? 'user'}`
+    // few distinct (platform, version, can_train, formats, instance type): compare versions once for each
+    const kind = `${device.platform}|${device.can_train}|${[...(device.train_formats ?? ['onnx'])].sort().join(',')}|${device.sdk_version}|${device.instance_type ?? 'user'}`
     const eligible = eligibility.get(kind) ?? jobs.map((job) => isEligible(device, job.spec))
     eligibility.set(kind, eligible)
     const current = jobs.findIndex((job) => job.spec.job_id === device.current_job)
@@ -150,9 +154,10 @@ function classify(devices: AllocDevice[], jobs: Job[]): DeviceClass[] {
   return classes
 }
 
-/** Whether a device may train for a job: it can train, on one of the job's platforms, at its SDK version or later. */
-export function isEligible(device: AllocDevice, job: Pick<AllocJob, 'sdk_types' | 'min_sdk_version' | 'instance_types'>): boolean {
+/** Whether a device may train for a job: it can train the job's model format, on one of the job's platforms, at its SDK version or later. */
+export function isEligible(device: AllocDevice, job: Pick<AllocJob, 'sdk_types' | 'min_sdk_version' | 'instance_types' | 'model_format'>): boolean {
   if (!device.can_train) return false
+  if (!(device.train_formats ?? ['onnx']).includes(job.model_format ?? 'onnx')) return false
   const kinds = job.instance_types
   if (kinds && kinds.length > 0 && !kinds.includes(device.instance_type ?? 'user')) return false
   const types = job.sdk_types

@@ -3,6 +3,7 @@ import { LOSSES, OPTIMIZERS, TRAIN_SYNC_MODES } from '../protocol/frames.js'
 import { AGGREGATIONS, ASYNC_NORM_WINDOW, type Robustness } from './aggregation.js'
 import type { Decider } from './decider.js'
 import { DomainError } from './errors.js'
+import { MODEL_FORMATS } from './model.js'
 
 /**
  * A federated training job (stream `training-<jobId>`): submitted, then given devices and taken off them
@@ -17,6 +18,8 @@ export const TrainingSpec = z.object({
   model_id: z.string(),
   model_name: z.string(),
   model_checksum: z.string(),
+  /** The model's format, which decides the devices that may train it (absent in jobs recorded before TorchScript training: onnx). */
+  model_format: z.enum(MODEL_FORMATS).optional(),
   data_config: z.object({
     type: z.enum(['stream', 'dataset']),
     total_samples: z.number().int(),
@@ -70,6 +73,9 @@ export function robustnessOf(spec: TrainingSpec): Robustness {
   const config = spec.training_config
   return { aggregation: config.aggregation ?? 'fedavg', trim_fraction: config.trim_fraction ?? DEFAULT_TRIM_FRACTION, clip_norm: config.clip_norm ?? null, clip_factor: config.clip_factor ?? null }
 }
+
+/** The format of the model a job trains (a job recorded before the field: onnx, the only one then). */
+export const modelFormatOf = (spec: TrainingSpec) => spec.model_format ?? 'onnx'
 
 /** The device kinds a job may train on (a job recorded before the field: both). */
 export const instanceTypesOf = (spec: TrainingSpec) => spec.resource_config.instance_types ?? [...INSTANCE_TYPES]

@@ -5,7 +5,7 @@ import { z } from 'zod'
 import { trainingPlan } from '../commands/training-validation.js'
 import { DomainError } from '../domain/errors.js'
 import { AGGREGATIONS } from '../domain/aggregation.js'
-import { DEFAULT_CLIP_FACTOR, DEFAULT_TRIM_FRACTION, INSTANCE_TYPES, instanceTypesOf, robustnessOf, trainingDecider, trainingStream, type TrainingSpec } from '../domain/training-job.js'
+import { DEFAULT_CLIP_FACTOR, DEFAULT_TRIM_FRACTION, INSTANCE_TYPES, instanceTypesOf, modelFormatOf, robustnessOf, trainingDecider, trainingStream, type TrainingSpec } from '../domain/training-job.js'
 import { LOSSES, OPTIMIZERS, TRAIN_SYNC_MODES } from '../protocol/frames.js'
 import { findDataset } from '../projections/datasets.js'
 import { findModel } from '../projections/models.js'
@@ -171,7 +171,7 @@ export const trainingRoutes: FastifyPluginAsync<{ services: Services }> = async 
   }
 
   /** The answer to a submission: the job, queued, and how many devices could train it now. */
-  function queued(reply: FastifyReply, spec: TrainingSpec, eligible = training.eligibleDevices(spec.resource_config)) {
+  function queued(reply: FastifyReply, spec: TrainingSpec, eligible = training.eligibleDevices(spec.resource_config, modelFormatOf(spec))) {
     return reply.status(202).send({ job_id: spec.job_id, status: 'queued', estimated_devices: Math.min(eligible, spec.resource_config.max_devices ?? eligible) })
   }
 
@@ -202,14 +202,15 @@ export const trainingRoutes: FastifyPluginAsync<{ services: Services }> = async 
     const body = request.body
     const model = await findModel(services.db, customerId, body.model_id)
     if (!model) throw new DomainError('NO_MODEL', `model ${body.model_id} not found`)
-    if (model.format !== 'onnx') throw new DomainError('VALIDATION_ERROR', `model_id: the trainer trains ONNX models; ${model.model_id} is ${model.format}`)
     const dataset = body.data_config.type === 'dataset' ? await datasetOf(customerId, body.data_config.dataset_id) : undefined
     // accuracy is measured on held-out rows (see splitDataset): a job that would hold out none fails at its first round
     if (dataset && dataset.rows < 2) {
       throw new DomainError('VALIDATION_ERROR', `data_config.dataset_id: a dataset job holds out rows to measure its accuracy and trains on the others; dataset ${dataset.dataset_id} has ${dataset.rows} row, it needs at least 2`)
     }
-    // the model must be one the trainer runs, and fit the data: 400 with what is wrong
-    const plan = trainingPlan(await services.blobs.read(model.checksum.replace(/^sha256:/, '')), body.training_config.loss, dataset)
+    // the model must be one the server can check (ONNX: the trainer's operators; TorchScript: Python with
+    // torch) and fit the data: 400 with what is wrong
+    const bytes = await services.blobs.read(model.checksum.replace(/^sha256:/, ''))
+    const plan = await trainingPlan({ format: model.format, checksum: model.checksum, bytes, input_shape: model.input_shape }, body.training_config.loss, dataset, training.torch)
     const resources = {
       min_devices: body.resource_config.min_devices,
       max_devices: body.resource_config.max_devices ?? null,
@@ -218,8 +219,8 @@ export const trainingRoutes: FastifyPluginAsync<{ services: Services }> = async 
       min_sdk_version: body.resource_config.min_sdk_version ?? null,
       instance_types: [...new Set(body.resource_config.instance_types)].sort(),
     }
-    const eligible = training.eligibleDevices(resources)
-    if (eligible === 0) throw new DomainError('NO_TRAINING_DEVICES', 'no connected device can train for this job (it needs a device with can_train that matches resource_config)')
+    const eligible = training.eligibleDevices(resources, model.format)
+    if (eligible === 0) throw new DomainError('NO_TRAINING_DEVICES', `no connected device can train for this job (it needs a device with can_train that trains ${model.format} models and matches resource_config)`)
     const totalSamples = body.data_config.total_samples ?? Math.round(dataset!.rows * (1 - body.data_config.validation_fraction))
     const batchesPerEpoch = Math.ceil(totalSamples / body.data_config.batch_size)
     const at = services.now().toISOString()
@@ -229,6 +230,7 @@ export const trainingRoutes: FastifyPluginAsync<{ services: Services }> = async 
       model_id: model.model_id,
       model_name: model.name,
       model_checksum: model.checksum,
+      model_format: model.format,
       data_config: { type: body.data_config.type, total_samples: totalSamples, batch_size: body.data_config.batch_size, dataset_id: dataset?.dataset_id ?? null, dataset_checksum: dataset?.checksum ?? null, dataset_format: dataset?.format ?? null, validation_fraction: body.data_config.validation_fraction, clusters_per_class: body.data_config.clusters_per_class },
       training_config: {
         epochs: body.training_config.epochs,

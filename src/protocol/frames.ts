@@ -55,12 +55,23 @@ export const Capabilities = z.object({
   formats: z.array(z.enum(['onnx', 'torchscript'])).min(1),
   gpu: z.boolean().default(false),
   can_train: z.boolean().default(false),
+  /**
+   * Model formats it can train (with can_train); absent: `["onnx"]`, what every Node device trains. A Python
+   * device that trains TorchScript says `["torchscript"]`. Training jobs go only to devices that train their format.
+   */
+  train_formats: z.array(z.enum(['onnx', 'torchscript'])).min(1).max(2).optional(),
   /** Tasks it runs at once. */
   max_concurrent_tasks: z.number().int().min(1).max(256).default(1),
   /** Most inputs it takes in one task (`inputs` of a task frame); 1: single inputs only (`input`). */
   max_batch_inputs: z.number().int().min(1).max(MAX_BATCH_INPUTS).default(1),
 })
 export type Capabilities = z.infer<typeof Capabilities>
+
+/** The formats a registered device trains: none without can_train, `train_formats` else (default onnx). */
+export function trainFormatsOf(capabilities: Pick<Capabilities, 'can_train' | 'train_formats'>): ('onnx' | 'torchscript')[] {
+  const formats: ('onnx' | 'torchscript')[] = capabilities.train_formats ?? ['onnx']
+  return capabilities.can_train ? [...new Set(formats)] : []
+}
 
 // ---- device -> hub -------------------------------------------------------------------------------------
 
@@ -249,7 +260,8 @@ export const TrainStart = z.object({
   type: z.literal('train_start'),
   job_id: Id,
   round: z.number().int().min(0),
-  model: z.object({ id: Id, format: z.enum(['onnx', 'torchscript']), checksum: z.string(), download_path: z.string() }),
+  /** `input_shape`: the shape the model's upload declared, when it did (a TorchScript file declares none; `[-1, 8]`: 8 floats a sample). */
+  model: z.object({ id: Id, format: z.enum(['onnx', 'torchscript']), checksum: z.string(), download_path: z.string(), input_shape: z.array(z.number().int().min(-1)).max(16).optional() }),
   /** Absent at round 0: the model file's own initializers. */
   weights: Weights.optional(),
   config: z.object({

@@ -20,6 +20,16 @@ t.test('two jobs weighted 3:1 share four devices 3 and 1', async (t) => {
   t.same(plan, { assignments: { a: ['d0', 'd1', 'd2'], b: ['d3'] }, queued: [], drains: [], targets: { a: 3, b: 1 }, idle: [] })
 })
 
+t.test('a job goes only to devices that train its model format (a device that says no train_formats trains ONNX)', async (t) => {
+  const fleet = [device('onnx'), device('torch', { train_formats: ['torchscript'] }), device('both', { train_formats: ['onnx', 'torchscript'] })]
+  t.same(fleet.map((d) => isEligible(d, { model_format: 'torchscript' })), [false, true, true])
+  t.same(fleet.map((d) => isEligible(d, {})), [true, false, true], 'a job recorded before formats trains ONNX')
+  const plan = allocateDevices({ devices: fleet, jobs: [job('ts', 1, 1, { model_format: 'torchscript', max_devices: 1 }), job('ox', 1, 2, { model_format: 'onnx' })] })
+  t.same(plan.assignments, { ox: ['both', 'onnx'], ts: ['torch'] })
+  const starved = allocateDevices({ devices: [device('onnx')], jobs: [job('ts', 1, 1, { model_format: 'torchscript' })] })
+  t.same(starved.queued, ['ts'], 'no device trains TorchScript: the job waits')
+})
+
 t.test('a third job arriving takes its share from the over-allocated jobs, moving no more devices than it gets', async (t) => {
   const fleet = devices(8)
   const before = [job('a', 3, 1), job('b', 1, 2)]

@@ -12,6 +12,10 @@ export interface RegisterOptions {
   enrollmentSecret?: string
   enrollmentToken?: string
   canTrain?: boolean
+  /** Capabilities' `train_formats` (absent: not sent, an ONNX trainer). */
+  trainFormats?: string[]
+  /** Default nodejs. */
+  platform?: 'nodejs' | 'python' | 'windows'
 }
 
 /** A simulated device: a real WebSocket speaking the protocol by hand, for tests that need control. */
@@ -66,12 +70,12 @@ export class SimDevice {
     this.send({
       type: 'register',
       protocol: PROTOCOL_VERSION,
-      platform: 'nodejs',
+      platform: options.platform ?? 'nodejs',
       sdk_version: '0.0.0-test',
       sdk_uuid: options.sdkUuid ?? 'sdk-nodejs-test01',
       instance_type: options.instanceType ?? 'user',
       hardware: { cpu_model: 'test cpu', cpu_cores: 2, memory_mb: 1024, gpus: [] },
-      capabilities: { formats: options.formats ?? ['onnx'], gpu: false, can_train: options.canTrain ?? false, max_concurrent_tasks: options.maxTasks ?? 1, max_batch_inputs: options.batchInputs ?? 1 },
+      capabilities: { formats: options.formats ?? ['onnx'], gpu: false, can_train: options.canTrain ?? false, ...(options.trainFormats ? { train_formats: options.trainFormats } : {}), max_concurrent_tasks: options.maxTasks ?? 1, max_batch_inputs: options.batchInputs ?? 1 },
       ...(options.as ? { device_id: options.as.deviceId, sdk_token: options.as.sdkToken } : {}),
       ...(options.enrollmentSecret ? { enrollment_secret: options.enrollmentSecret } : {}),
       ...(options.enrollmentToken ? { enrollment_token: options.enrollmentToken } : {}),

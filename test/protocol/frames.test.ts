@@ -1,5 +1,5 @@
 import t from 'tap'
-import { errorText, MAX_REPORTED_BYTES, MAX_REPORTED_MS, TaskResult } from '../../src/protocol/frames.js'
+import { Capabilities, errorText, MAX_REPORTED_BYTES, MAX_REPORTED_MS, TaskResult, trainFormatsOf } from '../../src/protocol/frames.js'
 
 t.test('errorText: an error as a device sends it, without NUL (the hub refuses frames holding one) and cut to length', async (t) => {
   t.equal(errorText(new Error('bad\u0000 input\u0000')), 'bad\ufffd input\ufffd')
@@ -24,4 +24,12 @@ t.test('a task result\'s tensors hold finite numbers and an integer shape, or th
     t.notOk(parsed.success, JSON.stringify(bad))
     if (!parsed.success) t.match(parsed.error.issues[0]!.path.join('.'), /^output\.(data|shape)$/, 'the issue names the field')
   }
+})
+
+t.test('train_formats: the formats a device trains; absent, a trainer trains ONNX; a device that cannot train trains none', async (t) => {
+  const parse = (fields: object) => Capabilities.parse({ formats: ['onnx', 'torchscript'], ...fields })
+  t.same(trainFormatsOf(parse({ can_train: true })), ['onnx'], 'a Node device says none: ONNX')
+  t.same(trainFormatsOf(parse({ can_train: true, train_formats: ['torchscript'] })), ['torchscript'])
+  t.same(trainFormatsOf(parse({ can_train: false, train_formats: ['torchscript'] })), [], 'without can_train, nothing')
+  for (const bad of [[], ['pytorch'], ['onnx', 'torchscript', 'onnx'], 'torchscript']) t.notOk(Capabilities.safeParse({ formats: ['onnx'], can_train: true, train_formats: bad }).success, JSON.stringify(bad))
 })

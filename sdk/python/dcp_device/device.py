@@ -217,9 +217,12 @@ class Device:
         if state.device_id and state.sdk_token:
             frame.update(device_id=state.device_id, sdk_token=state.sdk_token)
         gpu = options.cuda and bool(self.hardware.get("gpus"))
+        can_train = options.can_train and "torchscript" in self.formats
         frame.update(
             platform="python", sdk_version=__version__, sdk_uuid=state.sdk_uuid, instance_type=options.instance_type, hardware=self.hardware,
-            capabilities={"formats": self.formats, "gpu": gpu, "can_train": options.can_train and "torchscript" in self.formats,
+            # it trains TorchScript models only (ONNX training stays on Node devices): `train_formats` says so
+            capabilities={"formats": self.formats, "gpu": gpu, "can_train": can_train,
+                          **({"train_formats": ["torchscript"]} if can_train else {}),
                           "max_concurrent_tasks": options.max_tasks, "max_batch_inputs": options.max_batch_inputs},
         )
         return frame

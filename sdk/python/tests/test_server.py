@@ -122,6 +122,7 @@ def test_a_python_device_serves_onnx_and_torchscript_inference(hub: Hub, tmp_pat
         assert len(registered) == 1
         info = registered[0]
         assert info["sdk_uuid"].startswith("sdk-python-") and info["capabilities"]["formats"] == ["onnx", "torchscript"]
+        assert info["capabilities"]["train_formats"] == ["torchscript"], "it trains TorchScript, not ONNX"
         saved = json.loads((tmp_path / "state" / "device.json").read_text())
         assert saved["device_id"] == info["id"] and saved["sdk_token"].startswith("dcp_s_")
 
