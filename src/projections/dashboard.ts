@@ -136,12 +136,13 @@ export async function recentTasks(db: Kysely<any>, customerId: string, options: 
 
 /** Completed tasks and inputs per bucket of `bucketSize` seconds, the latest `buckets` of them. */
 export async function taskThroughput(db: Kysely<any>, customerId: string, options: { projectId?: string | undefined; bucketSize: number; buckets: number; now: Date }) {
-  const since = new Date(options.now.getTime() - options.bucketSize * options.buckets * 1000)
+  const since = new Date(options.now.getTime() - options.bucketSize * options.buckets * 1000).toISOString()
   const project = options.projectId === undefined ? sql`` : sql`and t.project_id = ${options.projectId}`
+  // every task of the customer's (the tasks read model), in a project or not; finished_at is ISO 8601 text
   const rows = await sql<{ t: number; completed: string; inputs: string }>`
-    select floor(extract(epoch from t.finished_at) / ${options.bucketSize}) * ${options.bucketSize} as t, count(*) as completed, sum(t.inputs) as inputs
-    from ${sql.table(`${PROJECTS}.project_tasks`)} t join ${sql.table(`${PROJECTS}.projects`)} p on p.project_id = t.project_id
-    where p.customer_id = ${customerId} and t.status = 'completed' and t.finished_at >= ${since} ${project}
+    select floor(extract(epoch from t.finished_at::timestamptz) / ${options.bucketSize}) * ${options.bucketSize} as t, count(*) as completed, sum(t.inputs) as inputs
+    from ${sql.table(`${TASKS}.tasks`)} t
+    where t.customer_id = ${customerId} and t.status = 'completed' and t.finished_at >= ${since} ${project}
     group by 1 order by 1`.execute(db)
   return rows.rows.map((r) => ({ t: new Date(Number(r.t) * 1000).toISOString(), completed: Number(r.completed), inputs: Number(r.inputs), inputs_per_s: Math.round((Number(r.inputs) / options.bucketSize) * 1000) / 1000 }))
 }

@@ -58,6 +58,8 @@ t.test('every dashboard view, from real inference and training runs', async (t) 
   const throughput = (await api('GET', `/dashboard/tasks/throughput?bucket_size=60&project_id=${project.project_id}`)).body
   t.equal(throughput.bucket_size, 60)
   t.equal(throughput.buckets.reduce((n: number, b: any) => n + b.completed, 0), 6, 'every completed task in a bucket')
+  const everyTask = (await api('GET', '/dashboard/tasks/throughput?bucket_size=60')).body
+  t.equal(everyTask.buckets.reduce((n: number, b: any) => n + b.completed, 0), 7, 'without a project: the single inference outside any project counts too')
   t.equal((await api('GET', '/dashboard/tasks/throughput?bucket_size=0')).status, 400)
 
   const cluster = (await api('GET', '/cluster/utilization')).body
