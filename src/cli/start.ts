@@ -214,13 +214,15 @@ async function startPythonWorkers(config: Config, python: string | undefined, po
   if (!python || config.pythonWorkers === 0) return []
   const sources = path.join(PROJECT_ROOT, 'sdk', 'python')
   const pythonPath = [sources, process.env.PYTHONPATH].filter(Boolean).join(path.delimiter)
-  const env = { ...process.env, PYTHONPATH: pythonPath, ...(enrollmentToken ? { DCP_ENROLLMENT_TOKEN: enrollmentToken } : {}) }
+  // stdin a pipe from this process: when it dies, even by SIGKILL, the pipe closes and the device stops
+  // (DCP_DEVICE_PARENT_PIPE, sdk/python/dcp_device/__main__.py) instead of reconnecting to nothing forever
+  const env = { ...process.env, PYTHONPATH: pythonPath, DCP_DEVICE_PARENT_PIPE: '1', ...(enrollmentToken ? { DCP_ENROLLMENT_TOKEN: enrollmentToken } : {}) }
   const workers: ChildProcess[] = []
   for (let i = 1; i <= config.pythonWorkers; i++) {
     const stateDir = path.join(config.dataDir, 'python-workers', String(i))
     await mkdir(stateDir, { recursive: true })
     const args = ['-m', 'dcp_device', '--server', `ws://127.0.0.1:${port}`, '--state-dir', stateDir, '--instance-type', 'aws']
-    const child = spawn(python, args, { stdio: ['ignore', 'inherit', 'inherit'], env, detached: true })
+    const child = spawn(python, args, { stdio: ['pipe', 'inherit', 'inherit'], env, detached: true })
     child.on('error', (error) => console.error(`dcp: python worker ${i} (${python}): ${error.message}`))
     workers.push(child)
   }

@@ -1,4 +1,5 @@
 import { spawn } from 'node:child_process'
+import { readFileSync } from 'node:fs'
 import { mkdtemp, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import path from 'node:path'
@@ -277,4 +278,40 @@ t.test('dcp start --workers 1 --python-workers 1: a mixed fleet shares an ONNX b
   server.kill('SIGINT')
   t.equal(await exited, 0, output)
   t.match(output, /dcp-device: SIGTERM, draining/, 'the Python device was asked once to drain')
+})
+
+/** Whether a process is gone (or a zombie no one has reaped yet). */
+function gone(pid: number): boolean {
+  try {
+    return /^State:\s+Z/m.test(readFileSync(`/proc/${pid}/status`, 'utf8'))
+  } catch {
+    return true
+  }
+}
+
+t.test('dcp start killed without a chance to clean up (SIGKILL) leaves no Python device behind', async (t) => {
+  const database = await freshDatabase(t)
+  const dataDir = await mkdtemp(path.join(tmpdir(), 'dcp-python-orphan-'))
+  t.teardown(() => rm(dataDir, { recursive: true, force: true }))
+  const env: NodeJS.ProcessEnv = { ...process.env, DATABASE_URL: database.url, DATA_DIR: dataDir, LOG_LEVEL: 'warn' }
+  for (const name of ['EVENTSTORE_URL', 'NODE_ENV', 'WORKERS', 'PYTHON_WORKERS', 'DCP_PYTHON']) delete env[name]
+  const server = spawn(process.execPath, [DCP_BIN, 'start', '--workers', '0', '--python-workers', '1', '--port', '0', '--host', '127.0.0.1'], { env, stdio: ['ignore', 'pipe', 'pipe'], detached: true })
+  let output = ''
+  server.stdout!.on('data', (d) => (output += d))
+  server.stderr!.on('data', (d) => (output += d))
+  const devicePids: number[] = []
+  t.teardown(() => {
+    for (const pid of devicePids) if (!gone(pid)) process.kill(pid, 'SIGKILL')
+    if (server.exitCode === null && server.signalCode === null) server.kill('SIGKILL')
+  })
+  await eventually(async () => /dcp-device: registered as/.test(output), 60_000, `the Python device to register (${output})`, 100)
+  devicePids.push(...readFileSync(`/proc/${server.pid}/task/${server.pid}/children`, 'utf8').trim().split(/\s+/).map(Number))
+  t.equal(devicePids.length, 1, 'one child: the Python device')
+  t.match(readFileSync(`/proc/${devicePids[0]}/cmdline`, 'utf8'), /dcp_device/)
+
+  // when dcp start dies by SIGKILL (its process group is its own: the device gets no signal)
+  server.kill('SIGKILL')
+  // then the device sees its stdin pipe close and stops
+  await eventually(async () => gone(devicePids[0]!), 30_000, `the orphaned Python device to stop (${output})`, 50)
+  t.pass('the Python device stopped')
 })
