@@ -12,17 +12,15 @@
  *   `completed` (polled every BENCH_POLL_MS, default 150). Every result is read back: each index exactly once
  *   and completed, every 100th equal to the baseline's output within 1e-5.
  *
- * The CPU the server and the devices used during the batch is printed (of the machine's cores).
+ * The CPU the server, the devices (its children), Postgres and the bench used during the batch is printed.
  * RESULT ratio = dcp inputs/s / baseline inputs/s.
  */
-import { readFileSync } from 'node:fs'
 import { mkdtemp, rm } from 'node:fs/promises'
-import { availableParallelism, tmpdir } from 'node:os'
+import { tmpdir } from 'node:os'
 import path from 'node:path'
 import { runPython, TORCH_PRELUDE } from '../test/helpers/torch.js'
 import { api, startDcp, stopDcp } from './dcp-process.js'
-import { waitForDevices } from './inference.js'
-import { cpuSeconds } from './proc.js'
+import { cpuSplit, waitForDevices } from './inference.js'
 import type { BenchContext } from './run.js'
 
 const INPUTS = Number(process.env.BENCH_PY_INPUTS ?? 64)
@@ -89,12 +87,13 @@ async function uploadTorchScript(base: string, bytes: Buffer): Promise<string> {
 }
 
 /** POSTs a batch and waits for `completed`: its job id and the seconds from POST to completion. */
-async function runBatch(base: string, modelId: string, inputs: number[][], log: Log, what: string): Promise<{ jobId: string; seconds: number; acceptS: number; firstS: number }> {
+async function runBatch(base: string, modelId: string, inputs: number[][], log: Log, what: string, onAccepted: () => void = () => {}): Promise<{ jobId: string; seconds: number; acceptS: number; firstS: number }> {
   const body = JSON.stringify({ model_id: modelId, name: what, inputs: inputs.map((data) => ({ data, shape: [1, INPUTS] })) })
   const started = performance.now()
   const queued = await api(base, 'POST', '/inference/batch', body)
   if (queued.status !== 202) throw new Error(`${what}: ${queued.status} ${JSON.stringify(queued.body).slice(0, 500)}`)
   const acceptS = (performance.now() - started) / 1000
+  onAccepted()
   const jobId = queued.body.job_id as string
   let lastLog = performance.now()
   let firstS = NaN
@@ -140,27 +139,6 @@ async function verify(base: string, jobId: string, n: number, sampled: Map<numbe
   log(`dcp: every index has exactly one completed result; ${compared} sampled results equal torch's within ${TOLERANCE}`)
 }
 
-const childrenOf = (pid: number): number[] => {
-  try {
-    return readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8').trim().split(/\s+/).filter(Boolean).map(Number)
-  } catch {
-    return []
-  }
-}
-
-/** Starts counting the CPU of dcp (the server) and its children (the devices); the returned function says each in % of one core. */
-function cpuSplit(serverPid: number): () => string {
-  const snapshot = () => ({ server: cpuSeconds(serverPid), devices: childrenOf(serverPid).reduce((sum, pid) => sum + cpuSeconds(pid), 0) })
-  const before = snapshot()
-  const started = performance.now()
-  return () => {
-    const after = snapshot()
-    const seconds = (performance.now() - started) / 1000
-    const pct = (cpu: number) => `${fixed((cpu / seconds) * 100, 0)}%`
-    return `cpu: server ${pct(after.server - before.server)}, Python devices ${pct(after.devices - before.devices)} (both; of ${availableParallelism()} cores)`
-  }
-}
-
 export async function pythonBench({ database, log }: BenchContext): Promise<string> {
   const model = await buildModel()
   const inputs = Array.from({ length: BATCH }, (_, i) => inputOf(i))
@@ -176,10 +154,14 @@ export async function pythonBench({ database, log }: BenchContext): Promise<stri
     log(`dcp: model ${modelId} uploaded, 2 Python devices online ${fixed((performance.now() - started) / 1000, 1)} s after the start`)
     const warm = await runBatch(url, modelId, inputs.slice(0, 200), log, 'warm-up')
     log(`dcp: warm-up batch of 200 in ${fixed(warm.seconds, 2)} s (both devices load the model)`)
-    const cpu = cpuSplit(child.pid!)
-    const batch = await runBatch(url, modelId, inputs, log, 'batch')
+    const watched = { serverPid: child.pid!, postgresPort: new URL(database.url).port || '5432' }
+    let cpu = cpuSplit(watched)
+    const batch = await runBatch(url, modelId, inputs, log, 'batch', () => {
+      log(`dcp: batch accepted; until then ${cpu()}`)
+      cpu = cpuSplit(watched)
+    })
     const perS = BATCH / batch.seconds
-    log(`dcp: batch of ${BATCH} completed ${fixed(batch.seconds, 2)} s after the POST (accepted after ${fixed(batch.acceptS, 2)} s, first results seen after ${fixed(batch.firstS, 2)} s) = ${fixed(perS, 0)} inputs/s; ${cpu()}`)
+    log(`dcp: batch of ${BATCH} completed ${fixed(batch.seconds, 2)} s after the POST (accepted after ${fixed(batch.acceptS, 2)} s, first results seen after ${fixed(batch.firstS, 2)} s) = ${fixed(perS, 0)} inputs/s; since accepted ${cpu()}`)
     await verify(url, batch.jobId, BATCH, loop.sampled, log)
     return `RESULT name=python inputs_per_s=${fixed(perS, 0)} baseline_inputs_per_s=${fixed(loop.inputsPerS, 0)} ratio=${fixed(perS / loop.inputsPerS, 3)}`
   } finally {
