@@ -8,12 +8,16 @@ export const API_KEY = 'test-api-key' // the development customer's key (src/com
 export const DCP_BIN = fileURLToPath(new URL('../bin/dcp.js', import.meta.url))
 
 /** `dcp start` as a user runs it; resolves with its base URL once it prints that it listens. */
-export async function startDcp(databaseUrl: string, dataDir: string, log: Log, options: { workers: number }): Promise<{ child: ChildProcess; url: string }> {
+export async function startDcp(databaseUrl: string, dataDir: string, log: Log, options: { workers: number; pythonWorkers?: number }): Promise<{ child: ChildProcess; url: string }> {
   const env: NodeJS.ProcessEnv = { ...process.env, DATABASE_URL: databaseUrl, DATA_DIR: dataDir, LOG_LEVEL: 'warn', RATE_LIMIT_MAX: '100000000' }
   delete env.EVENTSTORE_URL
   delete env.NODE_ENV
   delete env.WORKERS
-  const child = spawn(process.execPath, [DCP_BIN, 'start', '--workers', String(options.workers), '--port', '0', '--host', '127.0.0.1'], { env, stdio: ['ignore', 'pipe', 'pipe'] })
+  delete env.PYTHON_WORKERS
+  const python = options.pythonWorkers ? ['--python-workers', String(options.pythonWorkers)] : []
+  // BENCH_CPU_PROF=<dir>: the server writes a V8 CPU profile there when it stops (where its time went)
+  const profile = process.env.BENCH_CPU_PROF ? ['--cpu-prof', '--cpu-prof-dir', process.env.BENCH_CPU_PROF] : []
+  const child = spawn(process.execPath, [...profile, DCP_BIN, 'start', '--workers', String(options.workers), ...python, '--port', '0', '--host', '127.0.0.1'], { env, stdio: ['ignore', 'pipe', 'pipe'] })
   let lines = 0
   const show = (line: string) => {
     if (++lines <= 40) log(`  [dcp] ${line}`)

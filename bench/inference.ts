@@ -76,7 +76,7 @@ async function directBench(session: ort.InferenceSession, log: Log): Promise<voi
 }
 
 /** The processes whose CPU the bench reports: the dcp server (its children are the workers) and the bench's Postgres. */
-interface Watched {
+export interface Watched {
   serverPid: number
   /** The port of the Postgres server the bench's database is on. */
   postgresPort: string
@@ -115,7 +115,7 @@ function cpuSnapshot({ serverPid, postgresPort }: Watched) {
 }
 
 /** Starts counting; the returned function gives each part's CPU since then, in % of one core. */
-function cpuSplit(watched: Watched): () => string {
+export function cpuSplit(watched: Watched): () => string {
   const before = cpuSnapshot(watched)
   const started = performance.now()
   return () => {

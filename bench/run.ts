@@ -1,5 +1,5 @@
 /**
- * `npm run bench -- <name>`: runs one benchmark (`append`, `replay`, `devices`, `inference`, `audit`, `training`, `trust`, `hostile`) or all of them (`all`, the default).
+ * `npm run bench -- <name>`: runs one benchmark (`append`, `replay`, `devices`, `inference`, `audit`, `training`, `trust`, `hostile`, `python`) or all of them (`all`, the default).
  * Starts one embedded Postgres in a temp dir unless DATABASE_URL points at a server; each benchmark gets
  * a fresh, migrated database with a random name, dropped afterwards. Progress lines go to stdout; each
  * benchmark ends with one `RESULT name=... key=value ...` line.
@@ -32,6 +32,7 @@ const BENCHES: Record<string, (ctx: BenchContext) => Promise<string>> = {
   training: async (ctx) => (await import('./training.js')).trainingBench(ctx),
   trust: async (ctx) => (await import('./trust.js')).trustBench(ctx),
   hostile: async (ctx) => (await import('./hostile.js')).hostileBench(ctx),
+  python: async (ctx) => (await import('./python.js')).pythonBench(ctx),
 }
 
 const args = process.argv.slice(2).filter((a) => a !== '--')

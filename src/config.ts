@@ -62,6 +62,8 @@ const Env = z.object({
   BLOB_GC_INTERVAL_MS: z.coerce.number().int().min(0).default(BLOB_GC_DEFAULTS.intervalMs),
   /** Local worker processes `dcp start` runs beside the server. */
   WORKERS: z.coerce.number().int().min(0).max(64).default(2),
+  /** Local Python devices (`python -m dcp_device` from the managed environment or DCP_PYTHON) `dcp start` runs beside the server (default 0). */
+  PYTHON_WORKERS: z.coerce.number().int().min(0).max(64).default(0),
   /** The Python (with torch and numpy) that checks TorchScript training jobs; default: `.dcp/python/bin/python` when it exists. */
   DCP_PYTHON: z.string().min(1).optional(),
 })
@@ -97,6 +99,8 @@ export interface Config {
   /** The hub's per-device frame limits (the rest keep HUB_LIMITS' defaults). */
   deviceLimits: { heartbeatsPerInterval: number; maxFramesPerSecond: number }
   workers: number
+  /** Local Python devices `dcp start` runs (PYTHON_WORKERS, --python-workers; default 0). */
+  pythonWorkers: number
   /** DCP_PYTHON: the Python for TorchScript training (unset: the managed environment's, if any). */
   python: string | undefined
   blobGc: { graceMs: number; intervalMs: number }
@@ -158,6 +162,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, overrides: Part
     enrollmentSecret: e.ENROLLMENT_SECRET,
     deviceLimits: { heartbeatsPerInterval: e.DEVICE_HEARTBEATS_PER_INTERVAL, maxFramesPerSecond: e.DEVICE_MAX_FRAMES_PER_SECOND },
     workers: e.WORKERS,
+    pythonWorkers: e.PYTHON_WORKERS,
     blobGc: { graceMs: e.BLOB_GC_GRACE_MS, intervalMs: e.BLOB_GC_INTERVAL_MS },
     ...Object.fromEntries(Object.entries(overrides).filter(([, v]) => v !== undefined)),
   }

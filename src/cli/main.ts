@@ -12,9 +12,10 @@ import { workerCommand } from './worker.js'
 const USAGE = `dcp — the Distributed Compute Platform
 
 Usage:
-  dcp start [--port N] [--host H] [--data-dir DIR] [--workers N] [--production]
-                                                     run the API server (embedded Postgres unless DATABASE_URL)
-                                                     and N local worker devices (default 2)
+  dcp start [--port N] [--host H] [--data-dir DIR] [--workers N] [--python-workers N] [--production]
+                                                     run the API server (embedded Postgres unless DATABASE_URL),
+                                                     N local worker devices (default 2) and N local Python devices
+                                                     (default 0; they need \`npm run setup:python\` first)
   dcp worker --server URL [--enrollment-token T | --enrollment-secret S] [--instance-type aws|user]
              [--state-dir DIR] [--max-tasks N] [--threads N] [--cuda] [--no-train] [--verbose]
                                                      run this machine as a device (aws needs an aws enrollment token)

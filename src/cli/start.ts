@@ -9,8 +9,8 @@ import { DEV_API_KEY, DEV_CUSTOMER_ID, ensureDevCustomer } from '../commands/dev
 import { TaskScheduler } from '../commands/scheduler.js'
 import { allReputations } from '../projections/reputation.js'
 import { TrainingCoordinator } from '../commands/training.js'
-import { pythonRuntime, TorchTool } from '../commands/torch-tool.js'
-import { type Config, loadConfig } from '../config.js'
+import { PROJECT_ROOT, pythonRuntime, SETUP_HINT, TorchTool } from '../commands/torch-tool.js'
+import { type Config, ConfigError, loadConfig } from '../config.js'
 import { DeviceHub } from '../device-hub/hub.js'
 import { handleCommand } from '../commands/handle-command.js'
 import { enrollmentTokenDecider, enrollmentTokenStream } from '../domain/enrollment-token.js'
@@ -29,6 +29,8 @@ const DCP_BIN = fileURLToPath(new URL('../../bin/dcp.js', import.meta.url))
 /** `dcp start`: Postgres (embedded unless DATABASE_URL), migrations, projections, the API, the device hub, local workers. */
 export async function startCommand(args: string[]): Promise<number> {
   const config = configFrom(args)
+  // before anything starts: a missing environment is the user's next step, not a stack trace
+  const devicePython = config.pythonWorkers > 0 ? localDevicePython(config) : undefined
   // Signals are caught from the start: one that comes while starting stops once start-up has finished.
   const signalled = new Promise<string>((resolve) => {
     process.once('SIGINT', () => resolve('SIGINT'))
@@ -112,7 +114,9 @@ export async function startCommand(args: string[]): Promise<number> {
   const port = typeof address === 'object' && address ? address.port : config.port
   console.log(`dcp listening on http://localhost:${port}/api/v1 (Postgres: ${platform.postgres}, data: ${config.dataDir})`)
   if (config.blobGc.intervalMs > 0) collector.start(config.blobGc.intervalMs)
-  const workers = await startWorkers(config, port, config.workers > 0 ? await localWorkerToken(platform, config.workers) : undefined)
+  const local = config.workers + config.pythonWorkers
+  const token = local > 0 ? await localWorkerToken(platform, local) : undefined
+  const workers = [...await startWorkers(config, port, token), ...await startPythonWorkers(config, devicePython, port, token)]
 
   const signal = await signalled
   console.log(`dcp: ${signal}, shutting down`)
@@ -133,13 +137,16 @@ function configFrom(args: string[]): Config {
     'data-dir': { type: 'string' },
     production: { type: 'boolean' },
     workers: { type: 'string' },
+    'python-workers': { type: 'string' },
   })
   if (positionals.length > 0) throw new UsageError(`dcp start takes no arguments, got ${positionals.join(' ')}`)
   const port = wholeNumber('port', values.port, 0, 65535)
   const workers = wholeNumber('workers', values.workers, 0, 64)
+  const pythonWorkers = wholeNumber('python-workers', values['python-workers'], 0, 64)
   return loadConfig(process.env, {
     ...(port !== undefined ? { port } : {}),
     ...(workers !== undefined ? { workers } : {}),
+    ...(pythonWorkers !== undefined ? { pythonWorkers } : {}),
     ...(values.host ? { host: String(values.host) } : {}),
     ...(values['data-dir'] ? { dataDir: path.resolve(String(values['data-dir'])) } : {}),
     ...(values.production ? { production: true } : {}),
@@ -186,6 +193,40 @@ async function startWorkers(config: Config, port: number, enrollmentToken: strin
     workers.push(child)
   }
   if (workers.length > 0) console.log(`dcp: started ${workers.length} local worker${workers.length === 1 ? '' : 's'} (--workers 0 for none)`)
+  return workers
+}
+
+/** The Python local devices run with: DCP_PYTHON, else the managed environment's; a ConfigError saying how to get one. */
+function localDevicePython(config: Config): string {
+  const python = pythonRuntime({ DCP_PYTHON: config.python })
+  if (python) return python
+  const which = config.python ? `DCP_PYTHON (${config.python}) does not exist` : 'there is no .dcp/python'
+  throw new ConfigError(`--python-workers needs a Python with the device's packages, and ${which}: ${SETUP_HINT}`)
+}
+
+/**
+ * Local Python devices (`python -m dcp_device`, sdk/python), each with its identity in
+ * `<data>/python-workers/<n>`, enrolled with the same `aws` token as the Node workers. The package runs from
+ * this checkout's sources (PYTHONPATH), so DCP_PYTHON needs only its dependencies. Their own process group,
+ * like the Node workers: Ctrl-C reaches this process, which asks each once to drain.
+ */
+async function startPythonWorkers(config: Config, python: string | undefined, port: number, enrollmentToken: string | undefined): Promise<ChildProcess[]> {
+  if (!python || config.pythonWorkers === 0) return []
+  const sources = path.join(PROJECT_ROOT, 'sdk', 'python')
+  const pythonPath = [sources, process.env.PYTHONPATH].filter(Boolean).join(path.delimiter)
+  // stdin a pipe from this process: when it dies, even by SIGKILL, the pipe closes and the device stops
+  // (DCP_DEVICE_PARENT_PIPE, sdk/python/dcp_device/__main__.py) instead of reconnecting to nothing forever
+  const env = { ...process.env, PYTHONPATH: pythonPath, DCP_DEVICE_PARENT_PIPE: '1', ...(enrollmentToken ? { DCP_ENROLLMENT_TOKEN: enrollmentToken } : {}) }
+  const workers: ChildProcess[] = []
+  for (let i = 1; i <= config.pythonWorkers; i++) {
+    const stateDir = path.join(config.dataDir, 'python-workers', String(i))
+    await mkdir(stateDir, { recursive: true })
+    const args = ['-m', 'dcp_device', '--server', `ws://127.0.0.1:${port}`, '--state-dir', stateDir, '--instance-type', 'aws']
+    const child = spawn(python, args, { stdio: ['pipe', 'inherit', 'inherit'], env, detached: true })
+    child.on('error', (error) => console.error(`dcp: python worker ${i} (${python}): ${error.message}`))
+    workers.push(child)
+  }
+  console.log(`dcp: started ${workers.length} local Python device${workers.length === 1 ? '' : 's'} with ${python}`)
   return workers
 }
 

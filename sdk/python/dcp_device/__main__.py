@@ -1,6 +1,6 @@
 """`python -m dcp_device --server ws://host:3000`: turns this machine into a dcp device. SIGINT / SIGTERM
-drains (finishes the tasks it holds); a second signal stops at once. Exit 0 when stopped by a signal, 1 when
-the hub refused it, 2 on a usage error."""
+drains (finishes the tasks it holds); a second signal stops at once. Exit 0 when stopped by a signal (or, run
+by `dcp start`, when that process is gone), 1 when the hub refused it, 2 on a usage error."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from . import __version__
 from .device import Device, DeviceOptions, DeviceRefused
@@ -44,6 +44,29 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+#: Set by `dcp start` for the devices it runs, with a pipe as stdin: the pipe closes when that process dies
+#: (even by SIGKILL), and the device stops instead of reconnecting to nothing forever.
+PARENT_PIPE = "DCP_DEVICE_PARENT_PIPE"
+
+
+def watch_parent(loop: asyncio.AbstractEventLoop, device: Device, gone: Callable[[], None]) -> None:
+    fd = sys.stdin.fileno()
+
+    def on_readable() -> None:
+        try:
+            data = os.read(fd, 4096)
+        except OSError:
+            data = b""
+        if data:
+            return  # the parent writes nothing; whatever comes is ignored
+        loop.remove_reader(fd)
+        print("dcp-device: the server that started it is gone, stopping", file=sys.stderr, flush=True)
+        gone()
+        asyncio.ensure_future(device.stop(drain=False))
+
+    loop.add_reader(fd, on_readable)
+
+
 async def serve(device: Device) -> int:
     loop = asyncio.get_running_loop()
     signals = 0
@@ -56,9 +79,17 @@ async def serve(device: Device) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig.name)
+    orphaned = False
+
+    def on_parent_gone() -> None:
+        nonlocal orphaned
+        orphaned = True
+
+    if os.environ.get(PARENT_PIPE) == "1":
+        watch_parent(loop, device, on_parent_gone)
     try:
         await device.run()
-        if signals > 1:
+        if signals > 1 or orphaned:
             # stop at once: a model run still in a worker thread would hold up the interpreter's exit
             sys.stdout.flush(), sys.stderr.flush()
             os._exit(0)
