@@ -19,6 +19,7 @@ export const IMAGE_ENV = [
   { name: 'IMAGE_DECODE_THREADS', default: String(IMAGE_DEFAULTS.threads), description: 'Worker threads that decode images at most (default: the cores less one, 1 to 4)' },
   { name: 'IMAGE_DECODE_TIMEOUT_MS', default: String(IMAGE_DEFAULTS.timeoutMs), description: 'ms one image may take to decode on its thread before the request gets a TIMEOUT' },
   { name: 'IMAGE_MAX_PIXELS', default: String(IMAGE_DEFAULTS.maxPixels), description: 'Pixels an image may have; a larger one is a 400 naming the field' },
+  { name: 'IMAGE_DECODE_DUTY', default: String(IMAGE_DEFAULTS.duty), description: 'Share of the time a decoding thread may work, above 0 and at most 1: after an image it rests in proportion, so that image batches leave the cores to the event loop and the devices (1: no rests)' },
 ] as const
 
 const whole = (min: number, max: number) => z.coerce.number({ error: `must be a whole number from ${min} to ${max}` }).int().min(min).max(max)
@@ -26,6 +27,7 @@ const ImageSettings = z.object({
   IMAGE_DECODE_THREADS: whole(1, 64),
   IMAGE_DECODE_TIMEOUT_MS: whole(10, 600_000),
   IMAGE_MAX_PIXELS: whole(1, 100_000_000),
+  IMAGE_DECODE_DUTY: z.coerce.number({ error: 'must be a number above 0 and at most 1' }).gt(0, 'must be above 0').max(1, 'must be at most 1'),
 })
 
 /** The image decoding settings, defaults applied; a clear Error on a bad value. */
@@ -33,7 +35,7 @@ export function readImageSettings(env: NodeJS.ProcessEnv): Required<ImagePoolOpt
   const values = Object.fromEntries(IMAGE_ENV.map((v) => [v.name, env[v.name] || v.default]))
   const parsed = ImageSettings.safeParse(values)
   if (!parsed.success) throw new Error(`invalid image settings: ${parsed.error.issues.map((i) => `${i.path.join('.')}=${JSON.stringify(values[String(i.path[0])])}: ${i.message}`).join('; ')}`)
-  return { threads: parsed.data.IMAGE_DECODE_THREADS, timeoutMs: parsed.data.IMAGE_DECODE_TIMEOUT_MS, maxPixels: parsed.data.IMAGE_MAX_PIXELS }
+  return { threads: parsed.data.IMAGE_DECODE_THREADS, timeoutMs: parsed.data.IMAGE_DECODE_TIMEOUT_MS, maxPixels: parsed.data.IMAGE_MAX_PIXELS, duty: parsed.data.IMAGE_DECODE_DUTY }
 }
 
 /** A function name, a name with a version or alias, or an ARN. */

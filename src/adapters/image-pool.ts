@@ -20,12 +20,15 @@ export interface ImagePoolOptions {
   timeoutMs?: number
   /** Pixels an image may have (default 25,000,000). */
   maxPixels?: number
+  /** Share of the time a decoding thread may work, (0, 1] (default 0.5): it rests after each image in proportion. */
+  duty?: number
 }
 
 export const IMAGE_DEFAULTS = {
   threads: Math.max(1, Math.min(4, availableParallelism() - 1)),
   timeoutMs: 10_000,
   maxPixels: MAX_PIXELS,
+  duty: 0.5,
 } as const
 
 const WORKER = new URL('./image-worker.mjs', import.meta.url).href
@@ -35,11 +38,13 @@ export class ImagePool {
   private readonly threads: number
   private readonly timeoutMs: number
   private readonly maxPixels: number
+  private readonly duty: number
 
   constructor(options: ImagePoolOptions = {}) {
     this.threads = options.threads ?? IMAGE_DEFAULTS.threads
     this.timeoutMs = options.timeoutMs ?? IMAGE_DEFAULTS.timeoutMs
     this.maxPixels = options.maxPixels ?? IMAGE_DEFAULTS.maxPixels
+    this.duty = options.duty ?? IMAGE_DEFAULTS.duty
   }
 
   /** The business input `{"image": ...}` -> the model's tensor, decoded on a worker thread. */
@@ -51,7 +56,7 @@ export class ImagePool {
     let timer: NodeJS.Timeout | undefined
     port1.once('message', () => (timer = setTimeout(() => abort.abort(), this.timeoutMs)))
     try {
-      const result = await this.pool.run({ input, field, plan, maxPixels: this.maxPixels, started: port2 }, { signal: abort.signal, transferList: [port2] })
+      const result = await this.pool.run({ input, field, plan, maxPixels: this.maxPixels, duty: this.duty, started: port2 }, { signal: abort.signal, transferList: [port2] })
       if (!result.ok) throw new DomainError(result.code, result.message)
       return { data: Array.from(result.data), shape: plan.shape }
     } catch (error) {

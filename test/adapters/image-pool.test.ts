@@ -85,8 +85,10 @@ t.test('the event loop stays responsive while a batch of large images decodes', 
 })
 
 t.test('the image settings come from the environment, checked', async (t) => {
-  t.same(readImageSettings({}), { threads: IMAGE_DEFAULTS.threads, timeoutMs: 10_000, maxPixels: 25_000_000 })
-  t.same(readImageSettings({ IMAGE_DECODE_THREADS: '2', IMAGE_DECODE_TIMEOUT_MS: '500', IMAGE_MAX_PIXELS: '' }), { threads: 2, timeoutMs: 500, maxPixels: 25_000_000 }, 'an empty variable counts as unset')
+  t.same(readImageSettings({}), { threads: IMAGE_DEFAULTS.threads, timeoutMs: 10_000, maxPixels: 25_000_000, duty: 0.5 })
+  t.same(readImageSettings({ IMAGE_DECODE_THREADS: '2', IMAGE_DECODE_TIMEOUT_MS: '500', IMAGE_MAX_PIXELS: '', IMAGE_DECODE_DUTY: '1' }), { threads: 2, timeoutMs: 500, maxPixels: 25_000_000, duty: 1 }, 'an empty variable counts as unset')
+  t.throws(() => readImageSettings({ IMAGE_DECODE_DUTY: '0' }), /^invalid image settings: IMAGE_DECODE_DUTY="0": must be above 0/)
+  t.throws(() => readImageSettings({ IMAGE_DECODE_DUTY: '1.5' }), /IMAGE_DECODE_DUTY="1.5": must be at most 1/)
   t.throws(() => readImageSettings({ IMAGE_MAX_PIXELS: 'lots' }), /^invalid image settings: IMAGE_MAX_PIXELS="lots": must be a whole number/)
   t.throws(() => adaptersFromEnv({ IMAGE_DECODE_THREADS: '0' }), /IMAGE_DECODE_THREADS="0"/)
 })
@@ -114,4 +116,21 @@ t.test('decoding threads run below the event loop (nice 10 on Linux): a decode s
   const values = await nice()
   t.ok(values.includes(10), `a decoding thread runs at nice 10 (${values.join(',')})`)
   t.equal(await niceOf(process.pid), 0, 'the main thread (its id is the process id) keeps its priority')
+})
+
+t.test('the duty cycle: after an image that took d ms, a thread at duty 0.25 rests 3d before the next', async (t) => {
+  const { decode } = await import('../../src/adapters/image-worker.js')
+  const plan = { layout: 'NCHW' as const, channels: 3 as const, height: 4, width: 4, mean: [0], std: [1], shape: [1, 3, 4, 4] }
+  const task = (image: string, duty: number) => ({ input: { image }, field: 'input', plan, maxPixels: 25_000_000, duty })
+  const tiny = pngBase64(4, 4, () => RED)
+  let started = performance.now()
+  t.match(decode(task(bigPng(), 0.25)), { ok: true })
+  const took = performance.now() - started
+  started = performance.now()
+  t.match(decode(task(tiny, 1)), { ok: true })
+  const next = performance.now() - started
+  t.ok(next >= 3 * took * 0.95, `the next image began after a rest of about 3 × ${Math.round(took)} ms (it took ${Math.round(next)} ms)`)
+  started = performance.now()
+  t.match(decode(task(tiny, 1)), { ok: true })
+  t.ok(performance.now() - started < took, 'at duty 1 there is no rest')
 })
