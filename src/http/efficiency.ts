@@ -13,12 +13,8 @@ import { NullableTimestamp, Timestamp } from './responses.js'
 const Int = z.number().int()
 /** A figure that is null when it cannot be computed (nothing to divide by, no rounds yet). */
 const Maybe = z.number().nullable()
-export const TRAINING_STATUSES = ['queued', 'running', 'paused', 'completed', 'cancelled', 'failed'] as const
-
-export const EfficiencySummary = z.object({
-  instance_type: z.enum(INSTANCE_TYPES).nullable().describe('the device type counted; null: both'),
-  jobs: z.object({ total: Int, completed: Int, reached_target: Int, with_rounds: Int }),
-  time_to_accuracy: z.object({ jobs: Int, mean_seconds: Maybe, median_seconds: Maybe, min_seconds: Maybe, max_seconds: Maybe }).describe('over the jobs that reached their target accuracy'),
+/** The work figures a summary and a job share. */
+const Work = {
   samples: Int,
   wall_seconds: Maybe,
   throughput_samples_per_s: Maybe,
@@ -27,6 +23,14 @@ export const EfficiencySummary = z.object({
   energy_joules: Maybe,
   samples_per_joule: Maybe,
   power_watts: Maybe,
+}
+export const TRAINING_STATUSES = ['queued', 'running', 'paused', 'completed', 'cancelled', 'failed'] as const
+
+export const EfficiencySummary = z.object({
+  instance_type: z.enum(INSTANCE_TYPES).nullable().describe('the device type counted; null: both'),
+  jobs: z.object({ total: Int, completed: Int, reached_target: Int, with_rounds: Int }),
+  time_to_accuracy: z.object({ jobs: Int, mean_seconds: Maybe, median_seconds: Maybe, min_seconds: Maybe, max_seconds: Maybe }).describe('over the jobs that reached their target accuracy'),
+  ...Work,
   scaling: z.object({ mean_efficiency: Maybe.describe('throughput with N devices / (N x throughput with 1), over completed multi-device jobs'), jobs: Int }),
 })
 
@@ -121,14 +125,7 @@ const JobEfficiency = z.object({
   reached_target: z.boolean(),
   target_round: Maybe.describe('the first round at or above the target accuracy'),
   tta_seconds: Maybe.describe('time to target accuracy'),
-  samples: Int,
-  wall_seconds: Maybe,
-  throughput_samples_per_s: Maybe,
-  cpu_seconds: Maybe,
-  gpu_seconds: Maybe,
-  energy_joules: Maybe,
-  samples_per_joule: Maybe,
-  power_watts: Maybe,
+  ...Work,
   devices: Int.describe('distinct devices that contributed to any round'),
   scaling: z.object({ efficiency: Maybe, baseline_samples_per_s: Maybe.describe("mean throughput of the model's completed 1-device jobs"), baseline_jobs: Int }),
   by_device: z.array(z.object({ device_id: z.string(), instance_type: z.string(), rounds: Int, ...Contributions })).describe('the most samples first (at most 1,000 devices)'),

@@ -151,3 +151,21 @@ export function legacySlot(scheduler: TaskScheduler, deviceId: string, instanceT
     },
   })
 }
+
+/**
+ * A device that answers every task at once with [0.25, 0.75] per input (so a job completes, and is billed);
+ * it sends no heartbeats: give the hub a long interval.
+ */
+export async function answeringDevice(url: string): Promise<SimDevice> {
+  const device = await SimDevice.connect(url)
+  await device.register({ maxTasks: 4, batchInputs: 8 })
+  device.socket.on('message', (raw) => {
+    const frame = JSON.parse(raw.toString())
+    if (frame.type !== 'task') return
+    const inputs = frame.inputs ?? [frame.input]
+    const outputs = inputs.map(() => ({ data: [0.25, 0.75], shape: [1, 2] }))
+    const metrics = { cpu_ms: 1.5, gpu_ms: 0, bytes_in: 40 * inputs.length, bytes_out: 8 * inputs.length }
+    device.send({ type: 'task_result', task_id: frame.task_id, lease_id: frame.lease_id, status: 'completed', ...(frame.inputs ? { outputs } : { output: outputs[0] }), metrics })
+  })
+  return device
+}

@@ -4,7 +4,7 @@ import type { EventStore } from '../../src/event-store/port.js'
 import { PostgresEventStore } from '../../src/event-store/postgres.js'
 import { buildApp } from '../../src/http/app.js'
 import { INTERNAL_TOKEN, multipart, testApp } from '../helpers/app.js'
-import { eventually, SimDevice } from '../helpers/device.js'
+import { answeringDevice, eventually, SimDevice } from '../helpers/device.js'
 import { allEvents } from '../helpers/events.js'
 import { denseOnnxModel, mlpOnnxModel } from '../helpers/onnx.js'
 import { MLP, trainingBody } from '../helpers/training.js'
@@ -18,7 +18,7 @@ import { MLP, trainingBody } from '../helpers/training.js'
 // given a database, a clock the test can move, a customer, a model and a device that answers every task
 const clock = { offset: 0 }
 const now = () => new Date(Date.now() + clock.offset)
-const context = await testApp(t, { rateLimit: { max: 100_000, windowMs: 60_000 }, now })
+const context = await testApp(t, { rateLimit: { max: 100_000, windowMs: 60_000 }, now }, { heartbeatIntervalMs: 10_000 }) // its devices send no heartbeats
 const { database } = context
 const url = await context.app.listen({ port: 0, host: '127.0.0.1' })
 const alice = await context.customer()
@@ -80,16 +80,7 @@ async function crashThenRetry(request: Request | (() => Request), key: string, r
 
 const model = (await send(context.app, upload({ name: 'classifier' }, denseOnnxModel({ inputs: 10, outputs: 2 })), 'setup-model')).body
 const input = (n: number) => ({ data: Array.from({ length: 10 }, (_, i) => i * n), shape: [1, 10] })
-const device = await SimDevice.connect(url)
-await device.register({ maxTasks: 4, batchInputs: 8 })
-device.socket.on('message', (raw) => {
-  const frame = JSON.parse(raw.toString())
-  if (frame.type !== 'task') return
-  const inputs = frame.inputs ?? [frame.input]
-  const outputs = inputs.map(() => ({ data: [0.25, 0.75], shape: [1, 2] }))
-  const metrics = { cpu_ms: 1.5, gpu_ms: 0, bytes_in: 40 * inputs.length, bytes_out: 8 * inputs.length }
-  device.send({ type: 'task_result', task_id: frame.task_id, lease_id: frame.lease_id, status: 'completed', ...(frame.inputs ? { outputs } : { output: outputs[0] }), metrics })
-})
+await answeringDevice(url)
 const billedInputs = async () => (await api('/usage')).inputs as number
 const finished = (jobId: string) => eventually(async () => (await api(`/inference/${jobId}`)).status === 'completed', 20_000, `job ${jobId} to complete`)
 

@@ -3,7 +3,7 @@ import { PostgresEventStore } from '../../src/event-store/postgres.js'
 import { buildApp } from '../../src/http/app.js'
 import { Projections } from '../../src/projections/projections.js'
 import { INTERNAL_TOKEN, multipart, testApp } from '../helpers/app.js'
-import { eventually, SimDevice } from '../helpers/device.js'
+import { answeringDevice as answering, eventually, SimDevice } from '../helpers/device.js'
 import { allEvents } from '../helpers/events.js'
 import { denseOnnxModel, mlpOnnxModel } from '../helpers/onnx.js'
 import { MLP, trainingBody } from '../helpers/training.js'
@@ -44,20 +44,7 @@ const requested = async (customerId = alice.id) => (await allEvents(store)).filt
 const model = await upload('/models', { name: 'classifier' }, { name: 'classifier.onnx', content: denseOnnxModel({ inputs: 10, outputs: 2 }) })
 const batch = { model_id: model.body.id, inputs: [1, 2, 3].map((n) => ({ data: Array.from({ length: 10 }, (_, i) => i * n), shape: [1, 10] })) }
 
-/** A device that answers every task at once (so a job completes, and is billed). */
-async function answeringDevice() {
-  const device = await SimDevice.connect(url)
-  await device.register({ maxTasks: 4, batchInputs: 8 })
-  device.socket.on('message', (raw) => {
-    const frame = JSON.parse(raw.toString())
-    if (frame.type !== 'task') return
-    const inputs = frame.inputs ?? [frame.input]
-    const outputs = inputs.map(() => ({ data: [0.25, 0.75], shape: [1, 2] }))
-    const metrics = { cpu_ms: 1.5, gpu_ms: 0, bytes_in: 40 * inputs.length, bytes_out: 8 * inputs.length }
-    device.send({ type: 'task_result', task_id: frame.task_id, lease_id: frame.lease_id, status: 'completed', ...(frame.inputs ? { outputs } : { output: outputs[0] }), metrics })
-  })
-  return device
-}
+const answeringDevice = () => answering(url)
 
 t.test('a retried batch is one job, billed once; a request that failed before creating anything may be retried', async (t) => {
   // no device yet: the first try fails with nothing created, and its key is free again
