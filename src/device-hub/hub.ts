@@ -143,6 +143,17 @@ export class DeviceHub {
     return false
   }
 
+  /** Connected devices that take work (not draining or quarantined), by the model formats they run. */
+  devicesByFormat(): Record<'onnx' | 'torchscript', number> {
+    const counts = { onnx: 0, torchscript: 0 }
+    for (const connection of this.byDevice.values()) {
+      const slot = connection.slot
+      if (!slot || slot.draining || slot.quarantined) continue
+      for (const format of slot.formats) counts[format as keyof typeof counts]++
+    }
+    return counts
+  }
+
   /**
    * What the connected devices that run `format` can take: task slots in all, and the largest chunk of a
    * batch every one of them that takes several inputs at once accepts (1 when none does).

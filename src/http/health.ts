@@ -18,7 +18,7 @@ const HealthDetailed = z.object({
   version: z.string(),
   timestamp: Timestamp,
   services: z.object({
-    device_registry: Part({ devices: z.number().int() }),
+    device_registry: Part({ devices: z.number().int(), formats: z.object({ onnx: z.number().int(), torchscript: z.number().int() }).describe('connected devices taking work, by the model formats they run: a format at 0 gets 503 NO_DEVICES') }),
     resource_pool: Part({ available: z.number().int() }),
     job_manager: Part({ active_jobs: z.number().int() }),
     model_store: Part({ models: z.number().int() }),
@@ -63,7 +63,7 @@ export const healthRoutes: FastifyPluginAsync<{ services: Services }> = async (a
       version,
       timestamp: new Date().toISOString(),
       services: {
-        device_registry: { status: devices ? 'healthy' : 'unhealthy', devices: fleet.total },
+        device_registry: { status: devices ? 'healthy' : 'unhealthy', devices: fleet.total, formats: services.hub.devicesByFormat() },
         resource_pool: { status: devices ? 'healthy' : 'unhealthy', available: fleet.idle },
         job_manager: { status: tasks ? 'healthy' : 'unhealthy', active_jobs: jobs.queued + jobs.leased },
         model_store: { status: models === null ? 'unhealthy' : 'healthy', models: models ?? 0 },

@@ -2,6 +2,7 @@ import fc from 'fast-check'
 import type { InjectOptions } from 'fastify'
 import t from 'tap'
 import { ADMIN_KEY, INTERNAL_TOKEN, multipart, testApp } from '../helpers/app.js'
+import { SimDevice } from '../helpers/device.js'
 import { denseOnnxModel } from '../helpers/onnx.js'
 
 t.test('errors always use the error format: unknown routes, malformed JSON, wrong content type', async (t) => {
@@ -64,6 +65,20 @@ t.test('errors always use the error format: unknown routes, malformed JSON, wron
   t.equal(page.json().models.length, 1)
   const hours = await app.inject({ method: 'GET', url: '/api/v1/usage/hourly?hours=2.5', headers })
   t.equal(hours.statusCode, 400, 'the same rule on every whole-number parameter')
+})
+
+t.test('detailed health counts the connected devices by the model formats they run', async (t) => {
+  const { app } = await testApp(t)
+  const url = await app.listen({ port: 0, host: '127.0.0.1' })
+  const formats = async () => (await app.inject({ method: 'GET', url: '/api/v1/health/detailed' })).json().services.device_registry.formats
+  t.same(await formats(), { onnx: 0, torchscript: 0 })
+  const python = await SimDevice.connect(url)
+  await python.register({ formats: ['onnx', 'torchscript'], sdkUuid: 'sdk-python-abc123' })
+  const node = await SimDevice.connect(url)
+  await node.register({ formats: ['onnx'] })
+  t.same(await formats(), { onnx: 2, torchscript: 1 }, 'a TorchScript model has one device to run on')
+  python.socket.close()
+  node.socket.close()
 })
 
 t.test('health and detailed health, without auth', async (t) => {
