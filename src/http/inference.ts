@@ -85,6 +85,7 @@ const JobCommon = {
   model_id: z.string(),
   project_id: z.string().nullable(),
   name: z.string().optional().describe("a batch's name, when it was given one"),
+  waiting_reason: z.string().optional().describe('why a job that is not finished makes no progress now (no connected device runs its model\'s format); absent otherwise'),
   created_at: Timestamp,
   updated_at: Timestamp,
 }
@@ -448,12 +449,16 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
     const done = rows.filter((r) => r.output)
     const presented = await present(model, done.map((r) => r.output!), request.query.raw === 'true')
     const resultOf = new Map(done.map((r, i) => [r.idx, presented[i]]))
+    /** An unfinished job no connected device can run says so (its tasks wait for one, the job does not fail). */
+    const waitingReason = (now: string, format: string | undefined) =>
+      (now === 'queued' || now === 'running') && format && !services.hub.hasCapableDevice(format) ? { waiting_reason: `no connected device runs ${format} models; its tasks wait for one` } : undefined
     const view = {
       job_id: job.job_id,
       status,
       model_id: job.model_id,
       project_id: job.project_id,
       ...(job.name ? { name: job.name } : {}),
+      ...(waitingReason(status, model?.format) ?? {}),
       created_at: job.requested_at,
       updated_at: job.updated_at,
     }

@@ -81,6 +81,30 @@ t.test('detailed health counts the connected devices by the model formats they r
   node.socket.close()
 })
 
+t.test('an unfinished job no connected device can run says why it waits, and stops saying so when one comes', async (t) => {
+  const { app, customer } = await testApp(t, {}, { heartbeatIntervalMs: 10_000 })
+  const alice = await customer()
+  const url = await app.listen({ port: 0, host: '127.0.0.1' })
+  const body = multipart({}, { name: 'm.onnx', content: denseOnnxModel() })
+  const model = (await app.inject({ method: 'POST', url: '/api/v1/models', headers: { ...body.headers, 'x-api-key': alice.key }, payload: body.payload })).json()
+  const device = await SimDevice.connect(url)
+  await device.register({ formats: ['onnx'] })
+  const headers = { 'x-api-key': alice.key, 'content-type': 'application/json' }
+  const queued = await app.inject({ method: 'POST', url: '/api/v1/inference', headers, payload: { model_id: model.id, input: { data: Array(10).fill(0.5), shape: [1, 10] }, async: true } })
+  t.equal(queued.statusCode, 202, queued.body)
+  const job = async () => (await app.inject({ method: 'GET', url: `/api/v1/inference/${queued.json().job_id}`, headers })).json()
+  t.notOk((await job()).waiting_reason, 'a device that runs it is connected: no reason to give')
+  device.socket.close()
+  await device.waitClosed()
+  let waiting = await job()
+  for (let i = 0; i < 50 && !waiting.waiting_reason; i++) waiting = await new Promise((resolve) => setTimeout(resolve, 20)).then(job)
+  t.match(waiting, { status: /queued|running/, waiting_reason: 'no connected device runs onnx models; its tasks wait for one' })
+  const again = await SimDevice.connect(url)
+  await again.register({ formats: ['onnx'] })
+  t.notOk((await job()).waiting_reason, 'a device came: the reason is gone')
+  again.socket.close()
+})
+
 t.test('health and detailed health, without auth', async (t) => {
   const { app, customer } = await testApp(t)
   await customer()
