@@ -122,8 +122,9 @@ export function multipart(fields: Record<string, string>, file?: { field?: strin
 }
 
 /**
- * A test app listening on a real socket, a first customer (`alice`), and `connect` for simulated devices
- * (real WebSockets speaking the protocol by hand), killed when the test ends.
+ * A test app listening on a real socket, a first customer (`alice`), `connect` for simulated devices (real
+ * WebSockets speaking the protocol by hand, killed when the test ends), `api` (a JSON request over the socket
+ * as alice: status and parsed body) and `upload` (a model file as alice; throws unless 201).
  */
 export async function listeningApp(t: Test, overrides: Partial<AppDeps> = {}, options: Parameters<typeof testApp>[2] = {}) {
   const context = await testApp(t, overrides, options)
@@ -136,5 +137,15 @@ export async function listeningApp(t: Test, overrides: Partial<AppDeps> = {}, op
     devices.push(d)
     return d
   }
-  return { ...context, url, alice, connect }
+  const api = async (method: string, route: string, payload?: unknown) => {
+    const response = await fetch(`${url}/api/v1${route}`, { method, headers: { 'x-api-key': alice.key, ...(payload ? { 'content-type': 'application/json' } : {}) }, ...(payload ? { body: JSON.stringify(payload) } : {}) })
+    return { status: response.status, body: (await response.json()) as any }
+  }
+  const upload = async (name: string, content: Buffer) => {
+    const form = multipart({ name }, { name, content })
+    const response = await context.app.inject({ method: 'POST', url: '/api/v1/models', headers: { ...form.headers, 'x-api-key': alice.key }, payload: form.payload })
+    if (response.statusCode !== 201) throw new Error(`upload failed: ${response.statusCode} ${response.body}`)
+    return response.json() as { id: string; checksum: string; format: string }
+  }
+  return { ...context, url, alice, connect, api, upload }
 }

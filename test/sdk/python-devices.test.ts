@@ -8,7 +8,7 @@ import { PROJECT_ROOT } from '../../src/commands/torch-tool.js'
 import { type Position, START } from '../../src/event-store/port.js'
 import { PostgresEventStore } from '../../src/event-store/postgres.js'
 import { trainingStream } from '../../src/domain/training-job.js'
-import { multipart, testApp } from '../helpers/app.js'
+import { listeningApp } from '../helpers/app.js'
 import { eventually } from '../helpers/device.js'
 import { DCP_BIN } from '../helpers/inference.js'
 import { denseOnnxModel } from '../helpers/onnx.js'
@@ -92,21 +92,10 @@ function byIndex(results: { index: number; status: string }[]) {
 }
 
 t.test('Python devices: TorchScript inference equals torch, a device killed mid-batch loses and doubles nothing, and a TorchScript training job for Python devices reaches its target and serves', async (t) => {
-  const context = await testApp(t, { rateLimit: { max: 100_000, windowMs: 60_000 } }, { heartbeatIntervalMs: 5000, leaseTimeoutMs: 10_000, roundDeadlineMs: 20_000 })
-  const url = await context.app.listen({ port: 0, host: '127.0.0.1' })
-  const alice = await context.customer()
+  const context = await listeningApp(t, { rateLimit: { max: 100_000, windowMs: 60_000 } }, { heartbeatIntervalMs: 5000, leaseTimeoutMs: 10_000, roundDeadlineMs: 20_000 })
+  const { url, api, upload } = context
   const dir = await mkdtemp(path.join(tmpdir(), 'dcp-python-devices-'))
   t.teardown(() => rm(dir, { recursive: true, force: true }))
-  const api = async (method: string, route: string, payload?: unknown) => {
-    const response = await fetch(`${url}/api/v1${route}`, { method, headers: { 'x-api-key': alice.key, ...(payload ? { 'content-type': 'application/json' } : {}) }, ...(payload ? { body: JSON.stringify(payload) } : {}) })
-    return { status: response.status, body: (await response.json()) as any }
-  }
-  const upload = async (name: string, content: Buffer) => {
-    const form = multipart({ name }, { name, content })
-    const response = await context.app.inject({ method: 'POST', url: '/api/v1/models', headers: { ...form.headers, 'x-api-key': alice.key }, payload: form.payload })
-    if (response.statusCode !== 201) throw new Error(`upload failed: ${response.statusCode} ${response.body}`)
-    return response.json() as { id: string; format: string }
-  }
   const idlePython = async (n: number, what: string) =>
     eventually(async () => {
       const devices = ((await api('GET', '/devices')).body.devices as { id: string; platform: string; status: string }[]).filter((d) => d.platform === 'python' && d.status === 'idle')
@@ -312,6 +301,6 @@ t.test('dcp start killed without a chance to clean up (SIGKILL) leaves no Python
   // when dcp start dies by SIGKILL (its process group is its own: the device gets no signal)
   server.kill('SIGKILL')
   // then the device sees its stdin pipe close and stops
-  await eventually(async () => gone(devicePids[0]!), 30_000, `the orphaned Python device to stop (${output})`, 50)
-  t.pass('the Python device stopped')
+  await eventually(async () => gone(devicePids[0]!), 30_000, `the orphaned Python device to stop (${output})`, 50).catch(() => {})
+  t.ok(gone(devicePids[0]!), 'the orphaned Python device stopped within 30 s of dcp start dying')
 })

@@ -5,29 +5,14 @@ import { TorchTool } from '../../src/commands/torch-tool.js'
 import { TrainingCoordinator } from '../../src/commands/training.js'
 import { trainingStream } from '../../src/domain/training-job.js'
 import { syntheticTask } from '../../src/sdk/trainer/synthetic.js'
-import { multipart, testApp } from '../helpers/app.js'
+import { listeningApp, multipart } from '../helpers/app.js'
 import { type RegisterOptions, SimDevice } from '../helpers/device.js'
 import { mlpOnnxModel } from '../helpers/onnx.js'
 import { close, runPython, TORCH_PRELUDE, torchScriptMlp } from '../helpers/torch.js'
 import { MLP, trainingBody } from '../helpers/training.js'
 
 /** A running server, a customer, and an upload helper. */
-async function server(t: Test) {
-  const context = await testApp(t, { rateLimit: { max: 100_000, windowMs: 60_000 } }, { heartbeatIntervalMs: 1000, roundDeadlineMs: 5000 })
-  const url = await context.app.listen({ port: 0, host: '127.0.0.1' })
-  const alice = await context.customer()
-  const api = async (method: string, route: string, payload?: unknown) => {
-    const response = await fetch(`${url}/api/v1${route}`, { method, headers: { 'x-api-key': alice.key, ...(payload ? { 'content-type': 'application/json' } : {}) }, ...(payload ? { body: JSON.stringify(payload) } : {}) })
-    return { status: response.status, body: (await response.json()) as any }
-  }
-  const upload = async (name: string, content: Buffer) => {
-    const form = multipart({ name }, { name, content })
-    const response = await context.app.inject({ method: 'POST', url: '/api/v1/models', headers: { ...form.headers, 'x-api-key': alice.key }, payload: form.payload })
-    if (response.statusCode !== 201) throw new Error(`upload failed: ${response.statusCode} ${response.body}`)
-    return response.json() as { id: string; checksum: string; format: string }
-  }
-  return { ...context, alice, url, api, upload }
-}
+const server = (t: Test) => listeningApp(t, { rateLimit: { max: 100_000, windowMs: 60_000 } }, { heartbeatIntervalMs: 1000, roundDeadlineMs: 5000 })
 
 /** A device that can train, heartbeating until the test ends. */
 async function trainer(t: Test, url: string, register: RegisterOptions): Promise<SimDevice> {
