@@ -76,8 +76,8 @@ export interface AppDeps extends Omit<Services, 'limits' | 'now' | 'adapters' | 
   /** How often an open stream re-checks its API key (it ends soon after a revocation). Default 2 s. */
   streamCredentialCheckMs?: number
   /**
-   * A success body its route's response schema does not describe is a 500 (the test suite's setting), not a
-   * logged error. Default: DCP_STRICT_RESPONSES=1.
+   * Success bodies are checked against their routes' response schemas: one they do not describe is a 500
+   * (the test suite's setting; production sends bodies unchecked). Default: DCP_STRICT_RESPONSES=1.
    */
   strictResponses?: boolean
   logLevel?: string
@@ -151,7 +151,7 @@ export async function buildApp(deps: AppDeps): Promise<FastifyInstance> {
   app.removeContentTypeParser('text/plain')
   registerJsonParser(app)
   app.setValidatorCompiler(validatorCompiler)
-  app.setSerializerCompiler(responseSerializer({ strict: deps.strictResponses ?? process.env.DCP_STRICT_RESPONSES === '1', log: () => app.log }))
+  app.setSerializerCompiler(responseSerializer({ strict: deps.strictResponses ?? process.env.DCP_STRICT_RESPONSES === '1' }))
   const routeTable: RouteInfo[] = []
   registerErrorContract(app, () => routeTable)
   let closing = false

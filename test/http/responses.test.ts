@@ -6,9 +6,9 @@ import { testApp } from '../helpers/app.js'
 
 const Body = z.object({ id: z.string(), count: z.number().int(), at: z.string() })
 
-async function appWith(strict: boolean, body: unknown, logged: string[]) {
+async function appWith(strict: boolean, body: unknown) {
   const app = Fastify({ logger: false })
-  app.setSerializerCompiler(responseSerializer({ strict, log: () => ({ error: (message: string) => logged.push(message) }) as never }))
+  app.setSerializerCompiler(responseSerializer({ strict }))
   app.get('/thing', { schema: { response: { 200: Body } } }, async () => body)
   await app.ready()
   return app
@@ -16,34 +16,31 @@ async function appWith(strict: boolean, body: unknown, logged: string[]) {
 
 t.test('a body the schema describes is sent as it is (dates as JSON writes them)', async (t) => {
   const at = new Date('2026-01-02T03:04:05.000Z')
-  const app = await appWith(true, { id: 'a', count: 2, at }, [])
+  const app = await appWith(true, { id: 'a', count: 2, at })
   const response = await app.inject({ method: 'GET', url: '/thing' })
   t.equal(response.statusCode, 200)
   t.same(response.json(), { id: 'a', count: 2, at: at.toISOString() })
 })
 
 t.test('strict: a field the schema leaves out is a 500 naming it, not silently dropped', async (t) => {
-  const app = await appWith(true, { id: 'a', count: 2, at: 'x', secret_extra: 1 }, [])
+  const app = await appWith(true, { id: 'a', count: 2, at: 'x', secret_extra: 1 })
   const response = await app.inject({ method: 'GET', url: '/thing' })
   t.equal(response.statusCode, 500)
   t.match(response.body, /secret_extra is not in the schema/)
 })
 
 t.test('strict: a wrong type is a 500 naming the field', async (t) => {
-  const app = await appWith(true, { id: 'a', count: 'two', at: 'x' }, [])
+  const app = await appWith(true, { id: 'a', count: 'two', at: 'x' })
   const response = await app.inject({ method: 'GET', url: '/thing' })
   t.equal(response.statusCode, 500)
   t.match(response.body, /count/)
 })
 
-t.test('not strict: the mismatch is logged and the body goes out as the handler made it', async (t) => {
-  const logged: string[] = []
-  const app = await appWith(false, { id: 'a', count: 'two', at: 'x', extra: true }, logged)
+t.test('not strict (production): the body goes out as the handler made it, unchecked', async (t) => {
+  const app = await appWith(false, { id: 'a', count: 'two', at: 'x', extra: true })
   const response = await app.inject({ method: 'GET', url: '/thing' })
   t.equal(response.statusCode, 200)
   t.same(response.json(), { id: 'a', count: 'two', at: 'x', extra: true })
-  t.equal(logged.length, 1)
-  t.match(logged[0], /GET \/thing answered 200/)
 })
 
 t.test('droppedField finds a field dropped deep in arrays and objects', async (t) => {
