@@ -1,7 +1,7 @@
 import type { z } from 'zod'
 import type { Kysely } from 'kysely'
 import { DomainError } from '../domain/errors.js'
-import { type LeaseGrant, type TaskCommand, taskDecider, type TaskEvent, type TaskSpec, type TaskState, type TaskValidated, taskStream } from '../domain/task.js'
+import { type LeaseGrant, type Share, type TaskCommand, taskDecider, type TaskEvent, type TaskSpec, type TaskState, type TaskValidated, taskStream } from '../domain/task.js'
 import type { Observed } from '../domain/metering.js'
 import { emptyReputation, NO_VALIDATION, quarantineReason, type Reputation } from '../domain/validation.js'
 import { type EventStore, type Position, START } from '../event-store/port.js'
@@ -14,7 +14,7 @@ type CancelTaskFrame = z.infer<typeof CancelTask>
 type TaskResultFrame = z.infer<typeof TaskResult>
 
 /** What `submit` takes: a task spec whose optional parts default (attempts: the scheduler's). */
-export type NewTask = Omit<TaskSpec, 'max_attempts' | 'project_id' | 'output_shape' | 'instance_type' | 'validation'> & Partial<Pick<TaskSpec, 'max_attempts' | 'project_id' | 'output_shape' | 'instance_type' | 'validation'>>
+export type NewTask = Omit<TaskSpec, 'max_attempts' | 'project_id' | 'output_shape' | 'instance_type' | 'validation' | 'batching'> & Partial<Pick<TaskSpec, 'max_attempts' | 'project_id' | 'output_shape' | 'instance_type' | 'validation' | 'batching'>>
 
 /** Why a result does not fit its task (one output per input, each filling the declared shape), or undefined. */
 export function outputProblem(spec: TaskSpec, outputs: readonly Tensor[]): string | undefined {
@@ -82,9 +82,26 @@ export interface DeviceSlot {
   send(frame: TaskAssignment | CancelTaskFrame): boolean
 }
 
+/** A task carried by a device task: its inputs are `count` of the device task's, from `offset`; `index`: its place in the dispatch. */
+interface Part {
+  taskId: string
+  index: number
+  offset: number
+  count: number
+}
+
+/**
+ * One device task under one lease id: one queued task, or several merged by the dynamic batcher (each of
+ * them recorded as leased under this lease id, with its place in the unit).
+ */
 interface Lease {
   leaseId: string
-  taskId: string
+  /** The id the device knows the work by: the task's own id, or for merged tasks the unit's. */
+  unitId: string
+  /** The tasks it carries that are still open under it (a cancelled one leaves; the others go on). */
+  parts: Part[]
+  /** Inputs of each task as dispatched, in order: a part's share of the measured compute is split by these. */
+  sizes: number[]
   deviceId: string
   modelId: string
   deadline: number
@@ -139,6 +156,14 @@ export class TaskScheduler {
   private admittingBytes = 0
   private readonly admittingByCustomer = new Map<string, number>()
   private readonly specs = new Map<string, TaskSpec>()
+  /**
+   * Per queued task that may be merged with others (dynamic batching): its merge key and since when it
+   * waits (0: it was queued again after an attempt, and is never held back); per key, how many wait.
+   */
+  private readonly mergeable = new Map<string, { key: string; since: number }>()
+  private readonly mergeableByKey = new Map<string, number>()
+  /** When dispatch runs again for work held back by a `max_queue_delay_ms`. */
+  private holdTimer: { at: number; timer: NodeJS.Timeout } | undefined
   /** The state and revision of each open task's stream, as this scheduler (its one writer) last wrote it. */
   private readonly known = new Map<string, KnownState<TaskState>>()
   private readonly leases = new Map<string, Lease>()
@@ -176,23 +201,34 @@ export class TaskScheduler {
 
   /** Loads queued and leased tasks from the read model and starts the lease sweeper. */
   async recover(): Promise<void> {
-    const recovered: { lease: Lease; leasedAt: Position }[] = []
+    const recovered = new Map<string, { lease: Lease; leasedAt: Position }>()
     for (const [deviceId, reputation] of (await this.options.reputations?.()) ?? []) this.reputation.set(deviceId, reputation)
     for (const open of await openTasks(this.options.db)) {
-      const { state, revision, leasedAt, leasedTime } = await this.fold(open.task_id)
+      const { state, revision, leasedAt, leasedTime, unit } = await this.fold(open.task_id)
       if (!state.spec) continue
       this.known.set(open.task_id, { state, revision })
       this.specs.set(open.task_id, state.spec)
       if (state.status === 'queued') this.enqueue(state.spec)
       else if (state.status === 'leased' && state.lease) {
+        // the tasks of a merged device task share its lease: one lease again, its open parts in their places
         const now = Date.now()
-        const lease = { leaseId: state.lease.id, taskId: open.task_id, deviceId: state.lease.deviceId, modelId: state.spec.model.id, deadline: now + this.leaseTimeoutMs, expiresAt: now + this.maxLeaseMs, sentAt: leasedTime ?? now }
-        recovered.push({ lease, leasedAt: leasedAt ?? START })
+        const sizes = unit?.sizes ?? [state.spec.inputs.length]
+        const index = unit?.index ?? 0
+        const part = { taskId: open.task_id, index, offset: sizes.slice(0, index).reduce((a, b) => a + b, 0), count: sizes[index]! }
+        const known = recovered.get(state.lease.id)
+        if (known) known.lease.parts.push(part)
+        else {
+          const lease = { leaseId: state.lease.id, unitId: unit?.id ?? open.task_id, parts: [part], sizes, deviceId: state.lease.deviceId, modelId: state.spec.model.id, deadline: now + this.leaseTimeoutMs, expiresAt: now + this.maxLeaseMs, sentAt: leasedTime ?? now }
+          recovered.set(lease.leaseId, { lease, leasedAt: leasedAt ?? START })
+        }
       }
     }
     // in the order they were granted: a device that comes back holds them in that order (see deviceLost)
-    recovered.sort((a, b) => (a.leasedAt < b.leasedAt ? -1 : a.leasedAt > b.leasedAt ? 1 : 0))
-    for (const { lease } of recovered) this.leases.set(lease.leaseId, lease)
+    const granted = [...recovered.values()].sort((a, b) => (a.leasedAt < b.leasedAt ? -1 : a.leasedAt > b.leasedAt ? 1 : 0))
+    for (const { lease } of granted) {
+      lease.parts.sort((a, b) => a.index - b.index)
+      this.leases.set(lease.leaseId, lease)
+    }
     this.sweeper = setInterval(() => void this.sweep(), Math.min(1000, this.leaseTimeoutMs / 4))
     this.sweeper.unref()
     this.kick()
@@ -250,6 +286,25 @@ export class TaskScheduler {
     if (front) this.queue.unshift(spec)
     else this.queue.push(spec)
     this.counted(spec, 1)
+    const key = this.mergeKey(spec)
+    if (key === undefined) return
+    this.mergeable.set(spec.task_id, { key, since: front ? 0 : Date.now() })
+    addTo(this.mergeableByKey, key, 1)
+  }
+
+  /**
+   * What a queued task must share with others to be merged with them into one device task: the model
+   * version, customer, input name and shape, placement, and the devices it failed on (fault isolation picks
+   * the device by them); only single-input tasks of a model that batches, without validation (replicas have
+   * device rules of their own). Undefined: it is dispatched alone.
+   */
+  private mergeKey(spec: TaskSpec): string | undefined {
+    if (!spec.batching || spec.batching.max_batch_size < 2 || spec.inputs.length !== 1 || spec.validation.mode !== 'none') return undefined
+    const state = this.known.get(spec.task_id)?.state
+    if (state && state.held.length > 0) return undefined
+    // tasks that failed on the same devices share the device rules of fault isolation (pickDevice)
+    const failedOn = state ? [...new Set(state.failedOn)].sort() : []
+    return JSON.stringify([spec.customer_id, spec.model.id, spec.model.checksum, spec.input_name ?? null, spec.inputs[0]!.shape, spec.output_shape, spec.prefer_gpu, spec.instance_type, failedOn])
   }
 
   private dequeueAt(index: number): void {
@@ -263,6 +318,11 @@ export class TaskScheduler {
     this.waitingInputs += sign * spec.inputs.length
     this.waitingBytes += sign * bytes
     addTo(this.bytesByCustomer, spec.customer_id, sign * bytes)
+    if (sign > 0) return
+    const merge = this.mergeable.get(spec.task_id)
+    if (!merge) return
+    this.mergeable.delete(spec.task_id)
+    addTo(this.mergeableByKey, merge.key, -1)
   }
 
   get leased(): number {
@@ -284,9 +344,10 @@ export class TaskScheduler {
   async submitAll(tasks: readonly NewTask[], metadata: { customerId: string }, alongside: readonly StreamStart[] = []): Promise<Position> {
     const at = this.now().toISOString()
     const planned = tasks.map((task) => {
-      const spec: TaskSpec = { ...task, project_id: task.project_id ?? null, output_shape: task.output_shape ?? null, instance_type: task.instance_type ?? null, max_attempts: task.max_attempts ?? this.maxAttempts, validation: task.validation ?? NO_VALIDATION }
-      const device = this.queue.length === 0 ? this.pickDevice(spec) : undefined
-      return { spec, device, lease: device && this.reserve(spec, device) }
+      const spec: TaskSpec = { ...task, project_id: task.project_id ?? null, output_shape: task.output_shape ?? null, instance_type: task.instance_type ?? null, max_attempts: task.max_attempts ?? this.maxAttempts, validation: task.validation ?? NO_VALIDATION, batching: task.batching ?? null }
+      // a model that holds work back for company (max_queue_delay_ms) queues it even with a device free
+      const device = this.queue.length === 0 && !spec.batching?.max_queue_delay_ms ? this.pickDevice(spec) : undefined
+      return { spec, device, lease: device && this.reserve([spec], device) }
     })
     let results
     try {
@@ -295,7 +356,7 @@ export class TaskScheduler {
         ...planned.map(({ spec, device, lease }) => ({
           streamId: taskStream(spec.task_id),
           decider: taskDecider,
-          command: { type: 'QueueTask', task: spec, at, ...(lease && device ? { lease: grantOf(lease, device) } : {}) } satisfies TaskCommand,
+          command: { type: 'QueueTask', task: spec, at, ...(lease && device ? { lease: grantOf(lease, device, 0) } : {}) } satisfies TaskCommand,
           metadata: { customerId: metadata.customerId, occurredAt: at },
         })),
       ])
@@ -308,7 +369,7 @@ export class TaskScheduler {
       const result = results[alongside.length + i]!
       this.known.set(spec.task_id, { state: result.state as TaskState, revision: result.nextRevision })
       this.specs.set(spec.task_id, spec)
-      if (lease && device) deliveries.push(this.deliver(spec, device, lease))
+      if (lease && device) deliveries.push(this.deliver([spec], device, lease))
       else this.enqueue(spec)
     })
     this.kick()
@@ -445,7 +506,7 @@ export class TaskScheduler {
    */
   async result(deviceId: string, frame: TaskResultFrame): Promise<void> {
     const lease = this.leases.get(frame.lease_id)
-    if (!lease || lease.deviceId !== deviceId || lease.taskId !== frame.task_id) {
+    if (!lease || lease.deviceId !== deviceId || lease.unitId !== frame.task_id) {
       throw new DomainError('STALE_LEASE', `lease ${frame.lease_id} for task ${frame.task_id} is not current`)
     }
     // The device is done with the task: its slot takes new work while the outcome is being recorded (the
@@ -458,17 +519,51 @@ export class TaskScheduler {
       await this.failAttempt(lease, frame.error ?? 'the device reported a failure without an output', frame.metrics, observed)
       return
     }
-    const spec = this.specs.get(lease.taskId)
-    const wrong = spec && outputProblem(spec, outputs)
+    const wrong = this.outputsProblem(lease, outputs)
     if (wrong) {
       await this.failAttempt(lease, wrong, frame.metrics, observed)
       return
     }
+    // each task of the device task completes on its own stream with its outputs and its share of the compute
+    // (the appends go out together and share a commit)
     const at = this.now().toISOString()
-    const done = await this.command(lease.taskId, { type: 'CompleteTask', leaseId: lease.leaseId, outputs, metrics: frame.metrics, ...(observed ? { observed } : {}), at })
+    const parts = lease.parts
+    const settled = await Promise.allSettled(parts.map((part) => {
+      const share = shareOf(lease, part)
+      return this.command(part.taskId, { type: 'CompleteTask', leaseId: lease.leaseId, outputs: outputs.slice(part.offset, part.offset + part.count), metrics: frame.metrics, ...(observed ? { observed } : {}), ...(share ? { share } : {}), at })
+    }))
+    let failure: unknown
+    let refusal: unknown
+    const unrecorded: Part[] = []
+    settled.forEach((done, i) => {
+      if (done.status === 'fulfilled') this.afterOutcome(parts[i]!.taskId, done.value.events, done.value.position)
+      else if (done.reason instanceof DomainError) refusal ??= done.reason // ended meanwhile (cancelled; or this is a second copy of the result)
+      else {
+        // not recorded (the store failed): the lease stays for this part, which expires and runs again
+        unrecorded.push(parts[i]!)
+        failure ??= done.reason
+      }
+    })
+    if (unrecorded.length > 0) {
+      lease.parts = unrecorded
+      throw failure
+    }
+    // nothing recorded by this result: a copy of one being recorded, or every task ended meanwhile
+    if (refusal && settled.every((done) => done.status === 'rejected')) throw refusal
     this.release(lease)
-    this.afterOutcome(lease.taskId, done.events, done.position)
     this.kick()
+  }
+
+  /** Why the outputs do not fit the device task (one per input of every part, each fitting its task), or undefined. */
+  private outputsProblem(lease: Lease, outputs: readonly Tensor[]): string | undefined {
+    const inputs = lease.sizes.reduce((a, b) => a + b, 0)
+    if (outputs.length !== inputs) return `the device returned ${outputs.length} outputs for ${inputs} inputs`
+    for (const part of lease.parts) {
+      const spec = this.specs.get(part.taskId)
+      const wrong = spec && outputProblem(spec, outputs.slice(part.offset, part.offset + part.count))
+      if (wrong) return lease.parts.length > 1 ? `${wrong} (inputs ${part.offset}..${part.offset + part.count - 1} of the device task)` : wrong
+    }
+    return undefined
   }
 
   /** What the server saw of the attempt: sent to received, and the device's declared cores and GPUs. */
@@ -576,8 +671,15 @@ export class TaskScheduler {
       }
       this.queue.length = kept
       for (const lease of [...this.leases.values()]) {
-        if (!cancelled.has(lease.taskId)) continue
-        this.devices.get(lease.deviceId)?.send({ type: 'cancel_task', task_id: lease.taskId, lease_id: lease.leaseId })
+        const left = lease.parts.filter((part) => !cancelled.has(part.taskId))
+        if (left.length === lease.parts.length) continue
+        // a device task merged from several: the others go on (the device runs the cancelled part's inputs
+        // too; its outputs are dropped and its share of the compute is billed to no one)
+        if (left.length > 0) {
+          lease.parts = left
+          continue
+        }
+        this.devices.get(lease.deviceId)?.send({ type: 'cancel_task', task_id: lease.unitId, lease_id: lease.leaseId })
         this.release(lease)
       }
       for (const [taskId, position] of cancelled) this.settle(taskId, { status: 'cancelled', taskId, position })
@@ -605,11 +707,16 @@ export class TaskScheduler {
   }
 
   private failAttempt(lease: Lease, reason: string, metrics: Metrics | null, observed?: Observed): Promise<void> {
-    return this.endLease(lease, { type: 'FailAttempt', leaseId: lease.leaseId, reason, metrics, ...(observed ? { observed } : {}), at: this.now().toISOString() })
+    const at = this.now().toISOString()
+    return this.endLease(lease, (part) => {
+      const share = metrics ? shareOf(lease, part) : undefined
+      return { type: 'FailAttempt', leaseId: lease.leaseId, reason, metrics, ...(observed ? { observed } : {}), ...(share ? { share } : {}), at }
+    })
   }
 
   private returnLease(lease: Lease, reason: string): Promise<void> {
-    return this.endLease(lease, { type: 'ReturnLease', leaseId: lease.leaseId, reason, at: this.now().toISOString() })
+    const at = this.now().toISOString()
+    return this.endLease(lease, () => ({ type: 'ReturnLease', leaseId: lease.leaseId, reason, at }))
   }
 
   /**
@@ -618,24 +725,36 @@ export class TaskScheduler {
    * log, so it is kept here too, off its device's slots, and ending it is tried again after a growing pause
    * (0.2 s doubling to 10 s): dropping it would leave the task neither queued nor leased until a restart.
    */
-  private async endLease(lease: Lease, command: Extract<TaskCommand, { type: 'FailAttempt' | 'ReturnLease' }>, attempt = 0): Promise<void> {
+  private async endLease(lease: Lease, commandFor: (part: Part) => Extract<TaskCommand, { type: 'FailAttempt' | 'ReturnLease' }>, attempt = 0): Promise<void> {
     if (!this.leases.has(lease.leaseId)) return
     this.release(lease)
-    try {
-      const result = await this.command(lease.taskId, command)
-      if (result.events.some((e) => e.type === 'TaskFailed')) this.afterOutcome(lease.taskId, result.events, result.position)
-      else {
-        const spec = this.specs.get(lease.taskId)
-        if (spec) this.enqueue(spec, true) // back to the front: it has waited already
+    // every task of the device task, each on its own stream (the appends share a commit)
+    const parts = lease.parts
+    const settled = await Promise.allSettled(parts.map((part) => this.command(part.taskId, commandFor(part))))
+    const requeued: TaskSpec[] = []
+    const retry: Part[] = []
+    settled.forEach((result, i) => {
+      const part = parts[i]!
+      if (result.status === 'fulfilled') {
+        if (result.value.events.some((e) => e.type === 'TaskFailed')) this.afterOutcome(part.taskId, result.value.events, result.value.position)
+        else {
+          const spec = this.specs.get(part.taskId)
+          if (spec) requeued.push(spec)
+        }
+        return
       }
-    } catch (error) {
+      const error = result.reason as Error
       // a refusal by the task's own rules (the lease had ended already, the task was cancelled) is final
-      if (!(error instanceof DomainError && error.code === 'STALE_LEASE')) this.options.log?.(`scheduler: ending lease ${lease.leaseId}: ${(error as Error).message}`)
-      if (!(error instanceof DomainError) && !this.stopped) {
-        this.leases.set(lease.leaseId, { ...lease, deadline: Infinity }) // not swept meanwhile: this retry ends it
-        const retry = setTimeout(() => void this.endLease(this.leases.get(lease.leaseId) ?? lease, command, attempt + 1), Math.min(10_000, 200 * 2 ** attempt))
-        retry.unref()
-      }
+      if (!(error instanceof DomainError && error.code === 'STALE_LEASE')) this.options.log?.(`scheduler: ending lease ${lease.leaseId} of ${part.taskId}: ${error.message}`)
+      if (!(error instanceof DomainError) && !this.stopped) retry.push(part)
+    })
+    // back to the front, in their order: they have waited already
+    for (const spec of requeued.reverse()) this.enqueue(spec, true)
+    if (retry.length > 0) {
+      const kept = { ...lease, parts: retry, deadline: Infinity } // not swept meanwhile: this retry ends it
+      this.leases.set(lease.leaseId, kept)
+      const again = setTimeout(() => void this.endLease(this.leases.get(lease.leaseId) ?? kept, commandFor, attempt + 1), Math.min(10_000, 200 * 2 ** attempt))
+      again.unref()
     }
     this.kick()
   }
@@ -665,20 +784,81 @@ export class TaskScheduler {
   /**
    * Gives every queued task a device has room for to that device. The leases are granted together (each
    * lease takes its slot at once, then their events are appended concurrently and share a group commit).
+   *
+   * The dynamic batcher: a task that may be merged (`mergeKey`) takes the queued tasks of its key along, in
+   * queue order, up to the device's `max_batch_inputs` and the model's `max_batch_size`, as one device task.
+   * Nothing waits for company while a device is free, unless the model sets `max_queue_delay_ms`: then a
+   * group short of a full batch is held back until its oldest task waited that long.
    */
   private async dispatch(): Promise<void> {
     const grants: Promise<void>[] = []
+    const now = Date.now()
+    const held = new Set<string>()
+    let wakeAt = Infinity
     for (let i = 0; i < this.queue.length && this.hasRoom(); ) {
       const task = this.queue[i]!
+      const merge = this.mergeable.get(task.task_id)
+      if (merge && held.has(merge.key)) {
+        i++
+        continue
+      }
       const device = this.pickDevice(task)
       if (!device) {
         i++
         continue
       }
-      this.dequeueAt(i)
-      grants.push(this.lease(task, device))
+      if (!merge) {
+        this.dequeueAt(i)
+        grants.push(this.lease([task], device))
+        continue
+      }
+      const batching = task.batching!
+      const limit = Math.min(device.maxBatchInputs, batching.max_batch_size)
+      const group = this.gather(i, merge.key, limit)
+      const until = merge.since + batching.max_queue_delay_ms
+      if (group.length < limit && merge.since > 0 && until > now) {
+        held.add(merge.key)
+        wakeAt = Math.min(wakeAt, until)
+        i++
+        continue
+      }
+      grants.push(this.lease(this.take(group), device))
     }
+    this.wakeAt(wakeAt)
     await Promise.all(grants)
+  }
+
+  /** Positions in the queue of the task at `first` and the next ones of its merge key, `limit` at most. */
+  private gather(first: number, key: string, limit: number): number[] {
+    const group = [first]
+    const wanted = Math.min(limit, this.mergeableByKey.get(key) ?? 1)
+    for (let j = first + 1; j < this.queue.length && group.length < wanted; j++) {
+      if (this.mergeable.get(this.queue[j]!.task_id)?.key === key) group.push(j)
+    }
+    return group
+  }
+
+  /** Takes the tasks at these positions (ascending) out of the queue, in one pass. */
+  private take(positions: readonly number[]): TaskSpec[] {
+    const taken = positions.map((j) => this.queue[j]!)
+    const at = new Set(positions)
+    let kept = positions[0]!
+    for (let j = kept; j < this.queue.length; j++) if (!at.has(j)) this.queue[kept++] = this.queue[j]!
+    this.queue.length = kept
+    for (const spec of taken) this.counted(spec, -1)
+    return taken
+  }
+
+  /** Runs dispatch again at `at` (work held back for company), unless it is due to run sooner. */
+  private wakeAt(at: number): void {
+    if (at === Infinity || (this.holdTimer && this.holdTimer.at <= at)) return
+    if (this.holdTimer) clearTimeout(this.holdTimer.timer)
+    const timer = setTimeout(() => {
+      this.holdTimer = undefined
+      this.kick()
+    }, Math.max(0, at - Date.now()))
+    timer.unref()
+    this.holdTimer = { at, timer }
   }
 
   /** Is there a device that could take one more task (so scanning the queue may find work for it)? */
@@ -733,32 +913,51 @@ export class TaskScheduler {
     return best ?? (othersConnected ? undefined : fallback)
   }
 
-  /** Takes a slot of the device for the task under a new lease (recorded by the caller). */
-  private reserve(task: TaskSpec, device: DeviceSlot): Lease {
-    const leaseId = `lease_${newEventId().replaceAll('-', '').slice(0, 16)}`
+  /** Takes a slot of the device for the tasks (one, or several merged) under a new lease (recorded by the caller). */
+  private reserve(tasks: readonly TaskSpec[], device: DeviceSlot): Lease {
+    const id = newEventId().replaceAll('-', '').slice(0, 16)
+    const leaseId = `lease_${id}`
     const now = Date.now()
-    const lease: Lease = { leaseId, taskId: task.task_id, deviceId: device.deviceId, modelId: task.model.id, deadline: now + this.leaseTimeoutMs, expiresAt: now + this.maxLeaseMs, sentAt: now }
+    const sizes = tasks.map((t) => t.inputs.length)
+    let offset = 0
+    const parts = tasks.map((t, index) => ({ taskId: t.task_id, index, offset: (offset += t.inputs.length) - t.inputs.length, count: t.inputs.length }))
+    const unitId = tasks.length === 1 ? tasks[0]!.task_id : `unit_${id}`
+    const lease: Lease = { leaseId, unitId, parts, sizes, deviceId: device.deviceId, modelId: tasks[0]!.model.id, deadline: now + this.leaseTimeoutMs, expiresAt: now + this.maxLeaseMs, sentAt: now }
     device.leases.add(leaseId)
     this.leases.set(leaseId, lease)
     return lease
   }
 
-  private async lease(task: TaskSpec, device: DeviceSlot): Promise<void> {
-    const lease = this.reserve(task, device)
-    try {
-      await this.command(task.task_id, { type: 'LeaseTask', ...grantOf(lease, device), at: this.now().toISOString() })
-    } catch (error) {
-      this.release(lease)
+  /**
+   * Leases the tasks to the device as one device task: each task's lease is recorded on its own stream (the
+   * appends share a commit). A task that could not be leased leaves the device task (cancelled meanwhile;
+   * or, when the store failed, back to the queue); the device still gets every input in its place.
+   */
+  private async lease(tasks: readonly TaskSpec[], device: DeviceSlot): Promise<void> {
+    const lease = this.reserve(tasks, device)
+    const at = this.now().toISOString()
+    const settled = await Promise.allSettled(tasks.map((task, i) => this.command(task.task_id, { type: 'LeaseTask', ...grantOf(lease, device, i), at })))
+    const requeued: TaskSpec[] = []
+    settled.forEach((result, i) => {
+      if (result.status === 'fulfilled') return
+      const task = tasks[i]!
+      lease.parts = lease.parts.filter((p) => p.taskId !== task.task_id)
+      const error = result.reason as Error
       if (error instanceof DomainError && error.code === 'CONFLICT') return // cancelled meanwhile
-      this.enqueue(task, true)
-      this.options.log?.(`scheduler: leasing ${task.task_id}: ${(error as Error).message}`)
+      requeued.push(task)
+      this.options.log?.(`scheduler: leasing ${task.task_id}: ${error.message}`)
+    })
+    for (const task of requeued.reverse()) this.enqueue(task, true)
+    if (lease.parts.length === 0) {
+      this.release(lease)
+      if (requeued.length > 0) this.kick()
       return
     }
-    await this.deliver(task, device, lease)
+    await this.deliver(tasks, device, lease)
   }
 
-  /** Sends a recorded lease's task to its device; a device gone meanwhile returns the lease (no attempt used). */
-  private async deliver(task: TaskSpec, device: DeviceSlot, lease: Lease): Promise<void> {
+  /** Sends a recorded lease's device task to its device; a device gone meanwhile returns the lease (no attempt used). */
+  private async deliver(tasks: readonly TaskSpec[], device: DeviceSlot, lease: Lease): Promise<void> {
     if (!this.leases.has(lease.leaseId)) {
       // its device went away while the lease was being recorded: now that it is recorded, end it (the task
       // never reached the device: no attempt is used)
@@ -767,14 +966,16 @@ export class TaskScheduler {
       return
     }
     lease.sentAt = Date.now()
+    const first = tasks[0]!
+    const inputs = tasks.length === 1 ? first.inputs : tasks.flatMap((t) => t.inputs)
     const sent = device.send({
       type: 'task',
-      task_id: task.task_id,
+      task_id: lease.unitId,
       lease_id: lease.leaseId,
       lease_deadline: new Date(lease.deadline).toISOString(),
-      model: { id: task.model.id, format: task.model.format, checksum: task.model.checksum, download_path: `/api/v1/sdk/models/${task.model.id}` },
-      ...(task.inputs.length === 1 ? { input: task.inputs[0] } : { inputs: task.inputs }),
-      ...(task.input_name ? { input_name: task.input_name } : {}),
+      model: { id: first.model.id, format: first.model.format, checksum: first.model.checksum, download_path: `/api/v1/sdk/models/${first.model.id}` },
+      ...(inputs.length === 1 ? { input: inputs[0] } : { inputs }),
+      ...(first.input_name ? { input_name: first.input_name } : {}),
     })
     if (!sent) {
       // Its socket is closing: it takes nothing more (the hub reports it lost once the socket has closed,
@@ -785,13 +986,14 @@ export class TaskScheduler {
     }
   }
 
-  /** The task's state from its stream, and the position of its last lease. */
-  private async fold(taskId: string): Promise<KnownState<TaskState> & { leasedAt: Position | undefined; leasedTime: number | undefined }> {
-    const events = await this.options.store.readStream(taskStream(taskId))
-    const state = events.map((e) => taskDecider.parse({ type: e.type, data: e.data, schemaVersion: e.metadata.schemaVersion ?? 1 })).reduce(taskDecider.evolve, taskDecider.initialState())
-    const leased = events.findLast((e) => e.type === 'TaskLeased')
-    const leasedTime = leased ? Date.parse((leased.data as { leased_at: string }).leased_at) : NaN
-    return { state, revision: events.at(-1)?.revision ?? -1, leasedAt: leased?.position, leasedTime: Number.isFinite(leasedTime) ? leasedTime : undefined }
+  /** The task's state from its stream, and the position, time and merged unit of its last lease. */
+  private async fold(taskId: string): Promise<KnownState<TaskState> & { leasedAt: Position | undefined; leasedTime: number | undefined; unit: LeaseGrant['unit'] | undefined }> {
+    const events = (await this.options.store.readStream(taskStream(taskId))).map((e) => ({ recorded: e, event: taskDecider.parse({ type: e.type, data: e.data, schemaVersion: e.metadata.schemaVersion ?? 1 }) }))
+    const state = events.map((e) => e.event).reduce(taskDecider.evolve, taskDecider.initialState())
+    const leased = events.findLast((e) => e.event.type === 'TaskLeased')
+    const data = leased?.event.type === 'TaskLeased' ? leased.event.data : undefined
+    const leasedTime = data ? Date.parse(data.leased_at) : NaN
+    return { state, revision: events.at(-1)?.recorded.revision ?? -1, leasedAt: leased?.recorded.position, leasedTime: Number.isFinite(leasedTime) ? leasedTime : undefined, unit: data?.unit ?? undefined }
   }
 
   /** Runs a task command, deciding on the state this scheduler last wrote (one round trip) when it has it. */
@@ -809,4 +1011,14 @@ export class TaskScheduler {
   }
 }
 
-const grantOf = (lease: Lease, device: DeviceSlot): LeaseGrant => ({ leaseId: lease.leaseId, deviceId: device.deviceId, sdkUuid: device.sdkUuid, instanceType: device.instanceType })
+/** The lease as recorded on the stream of the device task's `index`-th task. */
+const grantOf = (lease: Lease, device: DeviceSlot, index: number): LeaseGrant => ({
+  leaseId: lease.leaseId,
+  deviceId: device.deviceId,
+  sdkUuid: device.sdkUuid,
+  instanceType: device.instanceType,
+  ...(lease.sizes.length > 1 ? { unit: { id: lease.unitId, index, sizes: lease.sizes } } : {}),
+})
+
+/** A part's place in a merged device task, for splitting the compute measured for the whole; undefined when it ran alone. */
+const shareOf = (lease: Lease, part: Part): Share | undefined => (lease.sizes.length > 1 ? { unit: lease.unitId, sizes: lease.sizes, index: part.index } : undefined)

@@ -3,7 +3,7 @@ import { Metrics } from '../protocol/frames.js'
 import { numberArray } from '../protocol/numbers.js'
 import type { Decider } from './decider.js'
 import { DomainError } from './errors.js'
-import { boundMetrics, Observed } from './metering.js'
+import { boundMetrics, Observed, splitMetrics } from './metering.js'
 import { checkRequired, NO_VALIDATION, outputsAgree, ValidationPolicy, VALIDATION_DEFAULTS } from './validation.js'
 
 /**
@@ -13,6 +13,14 @@ import { checkRequired, NO_VALIDATION, outputsAgree, ValidationPolicy, VALIDATIO
  * lease may complete the task (fencing), so a device that was given up on cannot overwrite the retry.
  */
 const TensorData = z.object({ data: numberArray(), shape: numberArray({ int: true }) })
+const MergedUnit = z.object({ id: z.string(), index: z.number().int().min(0), sizes: z.array(z.number().int().min(1)).min(2) })
+/**
+ * An outcome of a merged device task: the device measured the whole task; each part is billed its share by
+ * inputs (`splitMetrics`): `claimed` is the whole task's claim, `sizes` the inputs of each part in order,
+ * `index` this part's. The part's `metrics` are its share of the whole claim bounded by `observed`.
+ */
+const MergedShare = z.object({ unit: z.string(), index: z.number().int().min(0), sizes: z.array(z.number().int().min(1)).min(2), claimed: Metrics })
+export type MergedShare = z.infer<typeof MergedShare>
 
 export const TaskSpec = z.object({
   task_id: z.string(),
@@ -32,6 +40,13 @@ export const TaskSpec = z.object({
   max_attempts: z.number().int().min(1),
   /** How its result is checked before it is delivered (src/domain/validation.ts); none in older events. */
   validation: ValidationPolicy.default(NO_VALIDATION),
+  /**
+   * Dynamic batching (the model's settings when it was requested): a single-input task may be dispatched
+   * together with other queued ones of the same model, customer and placement, as one device task of up to
+   * `max_batch_size` inputs; while a device is free it is held back at most `max_queue_delay_ms` for others
+   * to join. Null: always dispatched alone (chunks of a batch, older events).
+   */
+  batching: z.object({ max_batch_size: z.number().int().min(1), max_queue_delay_ms: z.number().int().min(0) }).nullable().default(null),
 })
 export type TaskSpec = z.infer<typeof TaskSpec>
 
@@ -46,6 +61,12 @@ const TaskLeased = z.object({
     sdk_uuid: z.string().nullable().default(null),
     instance_type: z.enum(['aws', 'user']).nullable().default(null),
     attempt: z.number().int(),
+    /**
+     * Dispatched merged with other tasks (dynamic batching): one device task `id` carried the tasks leased
+     * under this lease id, their inputs one after another, `sizes` inputs each, this task's as part `index`.
+     * Null: dispatched alone.
+     */
+    unit: MergedUnit.nullable().default(null),
     leased_at: z.string(),
   }),
 })
@@ -74,6 +95,8 @@ const Metering = {
   observed: Observed.nullable().default(null),
   claimed_metrics: Metrics.nullable().default(null),
   metering_clamped: z.boolean().default(false),
+  /** Part of a merged device task: how its metrics were split off the whole (null: it ran alone). */
+  merged: MergedShare.nullable().default(null),
 }
 const TaskCompleted = z.object({
   type: z.literal('TaskCompleted'),
@@ -162,18 +185,29 @@ export type TaskCommand =
   /** Queues a task; with `lease`, a device took it at once (both events in one append). */
   | { type: 'QueueTask'; task: TaskSpec; at: string; lease?: LeaseGrant }
   | ({ type: 'LeaseTask'; at: string } & LeaseGrant)
-  /** `observed`: what the server saw of the attempt (bounds the billed metrics; absent: billed as claimed). */
-  | { type: 'CompleteTask'; leaseId: string; outputs: z.infer<typeof TensorData>[]; metrics: z.infer<typeof Metrics>; observed?: Observed; at: string }
-  | { type: 'FailAttempt'; leaseId: string; reason: string; metrics: z.infer<typeof Metrics> | null; observed?: Observed; at: string }
+  /**
+   * `observed`: what the server saw of the attempt (bounds the billed metrics; absent: billed as claimed).
+   * `share`: the task was part of a merged device task; `metrics` are the whole task's, split by inputs.
+   */
+  | { type: 'CompleteTask'; leaseId: string; outputs: z.infer<typeof TensorData>[]; metrics: z.infer<typeof Metrics>; observed?: Observed; share?: Share; at: string }
+  | { type: 'FailAttempt'; leaseId: string; reason: string; metrics: z.infer<typeof Metrics> | null; observed?: Observed; share?: Share; at: string }
   | { type: 'ReturnLease'; leaseId: string; reason: string; at: string }
   | { type: 'CancelTask'; at: string }
 
-/** A device taking a task under a lease. */
+/** A device taking a task under a lease; `unit`: merged with others into one device task. */
 export interface LeaseGrant {
   leaseId: string
   deviceId: string
   sdkUuid: string | null
   instanceType: 'aws' | 'user' | null
+  unit?: z.infer<typeof MergedUnit>
+}
+
+/** Which part of a merged device task an outcome is for: the device task's id, the inputs of each part, this part's index. */
+export interface Share {
+  unit: string
+  sizes: number[]
+  index: number
 }
 
 interface Lease {
@@ -264,7 +298,7 @@ export const taskDecider: Decider<TaskCommand, TaskEvent, TaskState> = {
         if (command.outputs.length !== spec.inputs.length) {
           throw new DomainError('VALIDATION_ERROR', `task ${spec.task_id} has ${spec.inputs.length} inputs but the result has ${command.outputs.length} outputs`)
         }
-        const metering = meter(command.metrics, command.observed)
+        const metering = meter(command.metrics, command.observed, command.share)
         // once a result is held, every later run's result is compared, whatever device it came from
         const check = state.check ?? checkRequired(spec.validation, spec.task_id, lease.instanceType)
         if (!check) return [{ type: 'TaskCompleted', data: { ...data, outputs: command.outputs, ...metering, validated: false, failed_on: state.failedOn, completed_at: command.at } }]
@@ -275,7 +309,7 @@ export const taskDecider: Decider<TaskCommand, TaskEvent, TaskState> = {
         const data = attemptRef(spec, currentLease(state, command.leaseId))
         // a run whose result is held was not a failure: only failed attempts count against max_attempts
         const requeued = state.attempts - state.held.length < spec.max_attempts
-        const metering = command.metrics ? meter(command.metrics, command.observed) : { metrics: null, observed: command.observed ?? null, claimed_metrics: null, metering_clamped: false }
+        const metering = command.metrics ? meter(command.metrics, command.observed, command.share) : { metrics: null, observed: command.observed ?? null, claimed_metrics: null, metering_clamped: false, merged: null }
         const failed = { type: 'TaskAttemptFailed' as const, data: { ...data, reason: command.reason, ...metering, requeued, failed_at: command.at } }
         if (requeued) return [failed]
         const reason = `failed after ${state.attempts} attempt${state.attempts === 1 ? '' : 's'}; last: ${command.reason}`
@@ -305,15 +339,18 @@ export const taskDecider: Decider<TaskCommand, TaskEvent, TaskState> = {
 function leased(spec: TaskSpec, attempt: number, grant: LeaseGrant, at: string): TaskEvent {
   return {
     type: 'TaskLeased',
-    data: { task_id: spec.task_id, lease_id: grant.leaseId, device_id: grant.deviceId, sdk_uuid: grant.sdkUuid, instance_type: grant.instanceType, attempt, leased_at: at },
+    data: { task_id: spec.task_id, lease_id: grant.leaseId, device_id: grant.deviceId, sdk_uuid: grant.sdkUuid, instance_type: grant.instanceType, attempt, unit: grant.unit ?? null, leased_at: at },
   }
 }
 
-/** The billed metrics of an attempt: the claim, bounded by what the server observed (src/domain/metering.ts). */
-function meter(claimed: z.infer<typeof Metrics>, observed: Observed | undefined) {
-  if (!observed) return { metrics: claimed, observed: null, claimed_metrics: null, metering_clamped: false }
-  const { metrics, clamped } = boundMetrics(claimed, observed)
-  return { metrics, observed, claimed_metrics: clamped ? claimed : null, metering_clamped: clamped }
+/**
+ * The billed metrics of an attempt: the claim, bounded by what the server observed (src/domain/metering.ts);
+ * for a part of a merged device task, its share by inputs of the whole task's bounded claim.
+ */
+function meter(claimed: z.infer<typeof Metrics>, observed: Observed | undefined, share: Share | undefined) {
+  const { metrics: whole, clamped } = observed ? boundMetrics(claimed, observed) : { metrics: claimed, clamped: false }
+  const merged = share && share.sizes.length > 1 ? { unit: share.unit, index: share.index, sizes: share.sizes, claimed } : null
+  return { metrics: merged ? splitMetrics(whole, merged.sizes, merged.index) : whole, observed: observed ?? null, claimed_metrics: clamped ? claimed : null, metering_clamped: clamped, merged }
 }
 
 type RunResult = ReturnType<typeof attemptRef> & { outputs: z.infer<typeof TensorData>[] } & ReturnType<typeof meter> & { metrics: z.infer<typeof Metrics> }
@@ -340,7 +377,7 @@ function validate(spec: TaskSpec, state: TaskState, run: RunResult, check: 'quor
     // the accepted run's metering as it was recorded when it was held
     return [
       { type: 'TaskValidated', data: { ...base, agreed: true, runs } },
-      { type: 'TaskCompleted', data: { ...accepted, observed: null, claimed_metrics: null, metering_clamped: false, validated: true, failed_on: state.failedOn, completed_at: at } },
+      { type: 'TaskCompleted', data: { ...accepted, observed: null, claimed_metrics: null, metering_clamped: false, merged: null, validated: true, failed_on: state.failedOn, completed_at: at } },
     ]
   }
   const held: TaskEvent = { type: 'TaskResultHeld', data: { ...run, check, disagrees_with: state.held.map((h) => h.deviceId), held_at: at } }

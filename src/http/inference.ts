@@ -296,6 +296,9 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
           prefer_gpu: placement?.prefer_gpu ?? false,
           instance_type: instanceType ?? null,
           validation,
+          // a single input may be merged with others into one device task (dynamic batching); a batch's
+          // chunks are device tasks of their own already
+          batching: kind === 'single' ? batchingOf(model) : null,
         })),
         { customerId },
         [...(project.start ? [project.start] : []), { streamId: inferenceStream(jobId), decider: inferenceDecider, command: { type: 'RequestInference', request }, metadata: { customerId, occurredAt: at } }],
@@ -507,6 +510,12 @@ function waitOf(request: FastifyRequest): number | undefined {
   const query = SingleQuery.safeParse(request.query)
   if (!body.success || wantsAsync(request, query.success ? query.data : {}, body.data)) return undefined
   return body.data.options?.timeout ?? DEFAULT_TIMEOUT_MS
+}
+
+/** The model's dynamic batching settings, its defaults where it sets none. */
+function batchingOf(model: ModelRow): { max_batch_size: number; max_queue_delay_ms: number } {
+  const settings = model as ModelRow & { max_batch_size?: number | null; max_queue_delay_ms?: number | null }
+  return { max_batch_size: settings.max_batch_size ?? 32, max_queue_delay_ms: settings.max_queue_delay_ms ?? 0 }
 }
 
 /** The model as the adapters see it. */

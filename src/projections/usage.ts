@@ -1,6 +1,6 @@
 import { type Kysely, sql } from 'kysely'
 import { taskDecider } from '../domain/task.js'
-import { boundMetrics } from '../domain/metering.js'
+import { boundMetrics, splitMetrics } from '../domain/metering.js'
 import { RoundData } from '../domain/training-job.js'
 import type { Metrics } from '../protocol/frames.js'
 import type { RecordedEvent } from '../event-store/port.js'
@@ -123,8 +123,10 @@ class UsageFold {
     const d = event.data
     const at = event.type === 'TaskCompleted' ? event.data.completed_at : event.data.failed_at
     const claimed = event.data.metrics ?? { cpu_ms: 0, gpu_ms: 0, bytes_in: 0, bytes_out: 0 }
-    // the bound replayed from what the server observed (the event's metrics are bounded already; an audit checks it again)
-    const metrics = d.observed ? boundMetrics(claimed, d.observed).metrics : claimed
+    // the bound replayed from what the server observed (the event's metrics are bounded already; an audit checks
+    // it again); a part of a merged device task: the whole task's claim bounded, then split by inputs
+    const bounded = (whole: Metrics) => (d.observed ? boundMetrics(whole, d.observed).metrics : whole)
+    const metrics = d.merged ? splitMetrics(bounded(d.merged.claimed), d.merged.sizes, d.merged.index) : bounded(claimed)
     const outcome = event.type === 'TaskCompleted' ? 'completed' : 'failed'
     this.count(d.customer_id, d.project_id ?? '', hourOf(at), d.sdk_uuid ?? '', d.instance_type ?? 'unknown', outcome, d.inputs, metrics)
   }

@@ -5,7 +5,7 @@ import { NO_VALIDATION } from '../../src/domain/validation.js'
 const spec: TaskSpec = {
   task_id: 'task_1', customer_id: 'cust_1', job_id: 'job_1', project_id: null,
   model: { id: 'model_1', format: 'onnx', checksum: 'abc' }, inputs: [{ data: [1, 2], shape: [1, 2] }],
-  output_shape: null, prefer_gpu: false, instance_type: null, max_attempts: 2, validation: NO_VALIDATION,
+  output_shape: null, prefer_gpu: false, instance_type: null, max_attempts: 2, validation: NO_VALIDATION, batching: null,
 }
 const grant = { leaseId: 'lease_1', deviceId: 'dev_1', sdkUuid: 'sdk_1', instanceType: 'aws' as const }
 const at = '2026-11-30T04:00:00.000Z'
