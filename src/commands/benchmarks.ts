@@ -289,6 +289,8 @@ export class BenchmarkRunner {
       adapter_options: null,
       validation: null,
       validation_tolerance: null,
+      max_batch_size: null,
+      max_queue_delay_ms: null,
       uploaded_at: at,
     }
     const uploaded = await handleCommand(this.deps.store, modelStream(model.model_id), modelDecider, { type: 'UploadModel', model }, { metadata: { customerId, occurredAt: at } })

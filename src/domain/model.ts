@@ -14,6 +14,25 @@ const Tensor = z.object({ name: z.string(), shape: Shape.nullable(), type: z.str
 export type TensorInfo = z.infer<typeof Tensor>
 const JsonObject = z.record(z.string(), z.unknown())
 
+/**
+ * Dynamic batching (issue #23): the most single-input requests of a model the dispatcher merges into one
+ * device task (1: never merged), and how long a queued one may be held back, while a device is free, for
+ * others to merge with (0: never held back; Triton's max_queue_delay_microseconds). A model's own null
+ * means the default applies.
+ */
+export const DEFAULT_MAX_BATCH_SIZE = 32
+export const MAX_BATCH_SIZE_RANGE = { min: 1, max: 4096 } as const
+export const DEFAULT_MAX_QUEUE_DELAY_MS = 0
+export const MAX_QUEUE_DELAY_MS_RANGE = { min: 0, max: 10_000 } as const
+
+/** An integer within `range`, refused with one message that says the range. */
+function boundedInt({ min, max }: { min: number; max: number }) {
+  const error = `must be an integer from ${min} to ${max}`
+  return z.number({ error }).int({ error, abort: true }).min(min, { error, abort: true }).max(max, { error })
+}
+export const MaxBatchSize = boundedInt(MAX_BATCH_SIZE_RANGE)
+export const MaxQueueDelayMs = boundedInt(MAX_QUEUE_DELAY_MS_RANGE)
+
 export const ModelDescription = z.object({
   model_id: z.string(),
   customer_id: z.string(),
@@ -36,6 +55,9 @@ export const ModelDescription = z.object({
   validation: z.enum(VALIDATION_MODES).nullable().default(null),
   /** Relative tolerance within which two runs' outputs agree; null: the default (1e-4). */
   validation_tolerance: z.number().min(0).max(1).nullable().default(null),
+  /** Dynamic batching; null (and absent, in events recorded before these existed): the default. */
+  max_batch_size: MaxBatchSize.nullable().default(null),
+  max_queue_delay_ms: MaxQueueDelayMs.nullable().default(null),
   uploaded_at: z.string(),
 })
 export type ModelDescription = z.infer<typeof ModelDescription>
@@ -50,6 +72,8 @@ export const SchemaChanges = z.object({
   adapter_options: JsonObject.nullable().optional(),
   validation: z.enum(VALIDATION_MODES).nullable().optional(),
   validation_tolerance: z.number().min(0).max(1).nullable().optional(),
+  max_batch_size: MaxBatchSize.nullable().optional(),
+  max_queue_delay_ms: MaxQueueDelayMs.nullable().optional(),
 })
 export type SchemaChanges = z.infer<typeof SchemaChanges>
 
@@ -115,6 +139,11 @@ export const modelDecider: Decider<ModelCommand, ModelEvent, ModelState> = {
 export function applyChanges(model: ModelDescription, changes: SchemaChanges): ModelDescription {
   const defined = Object.entries(changes).filter(([, v]) => v !== undefined)
   return { ...model, ...Object.fromEntries(defined) }
+}
+
+/** The batching settings that apply to a model: its own, or the defaults where it leaves them null. */
+export function batchingOf(model: Pick<ModelDescription, 'max_batch_size' | 'max_queue_delay_ms'>) {
+  return { max_batch_size: model.max_batch_size ?? DEFAULT_MAX_BATCH_SIZE, max_queue_delay_ms: model.max_queue_delay_ms ?? DEFAULT_MAX_QUEUE_DELAY_MS }
 }
 
 /** Another customer's model is reported as missing: its existence is not theirs to learn. */

@@ -6,7 +6,23 @@ import { checkAdapterConfig } from '../adapters/runtime.js'
 import type { PendingBlob } from '../blobs/blob-store.js'
 import { DomainError } from '../domain/errors.js'
 import { inspectModelFile, ModelFileError, sniffFormat } from '../domain/model-file.js'
-import { applyChanges, MODEL_FORMATS, type ModelDescription, modelDecider, modelStream, POSTPROCESSING, PREPROCESSING, SchemaChanges } from '../domain/model.js'
+import {
+  applyChanges,
+  batchingOf,
+  DEFAULT_MAX_BATCH_SIZE,
+  DEFAULT_MAX_QUEUE_DELAY_MS,
+  MAX_BATCH_SIZE_RANGE,
+  MAX_QUEUE_DELAY_MS_RANGE,
+  MaxBatchSize,
+  MaxQueueDelayMs,
+  MODEL_FORMATS,
+  type ModelDescription,
+  modelDecider,
+  modelStream,
+  POSTPROCESSING,
+  PREPROCESSING,
+  SchemaChanges,
+} from '../domain/model.js'
 import { MAX_JSON_DEPTH, NUL_MESSAGE, nulField, unfitJson } from '../event-store/storable.js'
 import { findModel, listModels, storageUsed } from '../projections/models.js'
 import { customerOf } from './auth.js'
@@ -56,12 +72,22 @@ const UploadFields = z.strictObject({
   adapter_options: json(JsonObject).optional(),
   validation: z.enum(VALIDATION_MODES).optional(),
   validation_tolerance: json(z.number().min(0).max(1)).optional(),
+  max_batch_size: json(MaxBatchSize).optional(),
+  max_queue_delay_ms: json(MaxQueueDelayMs).optional(),
 })
 
 const ModelParams = z.object({ id: z.string().min(1).max(64) })
 
+/** What the dynamic batching settings mean, as the OpenAPI document says it. */
+const BATCH_SIZE_TEXT = `dynamic batching: the most single-input requests of this model (same customer, waiting together) merged into one device task, an integer from ${MAX_BATCH_SIZE_RANGE.min} to ${MAX_BATCH_SIZE_RANGE.max} (1: never merged)`
+const QUEUE_DELAY_TEXT = `dynamic batching: milliseconds a queued single-input request may be held back, while a device is free, for others to merge with, an integer from ${MAX_QUEUE_DELAY_MS_RANGE.min} to ${MAX_QUEUE_DELAY_MS_RANGE.max} (0: never held back)`
+
 /** The body of `PATCH /models/:id/schema`: adapter_options with only the keys the adapters read. */
-const SchemaBody = SchemaChanges.extend({ adapter_options: AdapterOptions.nullable().optional().describe('the adapters\' settings (docs/adapters.md); null clears them') }).strict()
+const SchemaBody = SchemaChanges.extend({
+  adapter_options: AdapterOptions.nullable().optional().describe('the adapters\' settings (docs/adapters.md); null clears them'),
+  max_batch_size: MaxBatchSize.nullable().optional().describe(`${BATCH_SIZE_TEXT}; null: back to the default, ${DEFAULT_MAX_BATCH_SIZE}`),
+  max_queue_delay_ms: MaxQueueDelayMs.nullable().optional().describe(`${QUEUE_DELAY_TEXT}; null: back to the default, ${DEFAULT_MAX_QUEUE_DELAY_MS}`),
+}).strict()
 
 const TensorInfo = z.object({ name: z.string(), shape: z.array(z.number().int()).nullable().describe('-1 where the model leaves a dimension open'), type: z.string().describe('element type, e.g. float32') })
 /** A model as `modelView` serves it. */
@@ -85,6 +111,8 @@ const ModelView = z.object({
   adapter_options: AdapterOptions.nullable(),
   validation: z.enum(VALIDATION_MODES).nullable().describe("how results from contributed devices are checked when a request or project does not say; null: none"),
   validation_tolerance: z.number().nullable().describe('relative tolerance within which two runs agree; null: 1e-4'),
+  max_batch_size: MaxBatchSize.describe(`${BATCH_SIZE_TEXT}; the model's own, else the default ${DEFAULT_MAX_BATCH_SIZE}`),
+  max_queue_delay_ms: MaxQueueDelayMs.describe(`${QUEUE_DELAY_TEXT}; the model's own, else the default ${DEFAULT_MAX_QUEUE_DELAY_MS}`),
 })
 
 /** The multipart body of `POST /models`, as `readUpload` and `UploadFields` take it (JSON fields as JSON text). */
@@ -109,6 +137,8 @@ const UPLOAD_BODY = {
           adapter_options: jsonField(`the adapters' settings, an object with any of ${Object.keys(AdapterOptions.shape).join(', ')} (docs/adapters.md)`),
           validation: { type: 'string', enum: [...VALIDATION_MODES] },
           validation_tolerance: jsonField('a number from 0 to 1'),
+          max_batch_size: jsonField(`${BATCH_SIZE_TEXT}; default ${DEFAULT_MAX_BATCH_SIZE}`),
+          max_queue_delay_ms: jsonField(`${QUEUE_DELAY_TEXT}; default ${DEFAULT_MAX_QUEUE_DELAY_MS}`),
         },
         required: ['model'],
         additionalProperties: false,
@@ -149,6 +179,7 @@ export function modelView(m: ModelDescription & { updated_at?: string }) {
     adapter_options: m.adapter_options ?? null,
     validation: m.validation ?? null,
     validation_tolerance: m.validation_tolerance ?? null,
+    ...batchingOf(m),
   }
 }
 
@@ -252,7 +283,7 @@ export const modelRoutes: FastifyPluginAsync<{ services: Services }> = async (ba
     },
     schema: {
       operationId: 'createModel',
-      summary: 'Upload a model (multipart/form-data: model file, name, format, input_shape, output_shape, input_schema, output_schema, labels, preprocessing, postprocessing)',
+      summary: 'Upload a model (multipart/form-data: model file, name, format, input_shape, output_shape, input_schema, output_schema, labels, preprocessing, postprocessing, adapter_options, validation, validation_tolerance, max_batch_size, max_queue_delay_ms)',
       tags: ['models'],
       consumes: ['multipart/form-data'],
       response: { 201: ModelView },
@@ -301,6 +332,8 @@ export const modelRoutes: FastifyPluginAsync<{ services: Services }> = async (ba
         adapter_options: input.adapter_options ?? null,
         validation: input.validation ?? null,
         validation_tolerance: input.validation_tolerance ?? null,
+        max_batch_size: input.max_batch_size ?? null,
+        max_queue_delay_ms: input.max_queue_delay_ms ?? null,
         uploaded_at: services.now().toISOString(),
       }
       checkAdapters(model)
@@ -340,7 +373,7 @@ export const modelRoutes: FastifyPluginAsync<{ services: Services }> = async (ba
     config,
     schema: {
       operationId: 'updateModelSchema',
-      summary: 'Change input/output schema, labels or adapters; only the fields given change (null clears one)',
+      summary: 'Change input/output schema, labels, adapters, validation or batching settings; only the fields given change (null clears one)',
       tags: ['models'],
       params: ModelParams,
       body: SchemaBody,

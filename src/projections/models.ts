@@ -7,8 +7,8 @@ const JSON_COLUMNS = ['input_shape', 'output_shape', 'inputs', 'outputs', 'input
 /** Every customer's models as the API shows them; deleted ones keep their row with `deleted_at`. */
 export const modelsProjection: Projection = {
   name: 'models',
-  // 3: validation and validation_tolerance
-  version: 3,
+  // 3: validation and validation_tolerance; 4: max_batch_size and max_queue_delay_ms (dynamic batching)
+  version: 4,
   filter: { types: modelEventTypes },
   tables: [{ name: 'models', primaryKey: ['model_id'] }],
 
@@ -25,6 +25,8 @@ export const modelsProjection: Projection = {
       .addColumn('postprocessing', 'text')
       .addColumn('validation', 'text')
       .addColumn('validation_tolerance', 'double precision')
+      .addColumn('max_batch_size', 'integer')
+      .addColumn('max_queue_delay_ms', 'integer')
       .addColumn('uploaded_at', 'text', (c) => c.notNull())
       .addColumn('updated_at', 'text', (c) => c.notNull())
       .addColumn('deleted_at', 'text')

@@ -151,7 +151,7 @@ t.test('a blob written before its event is appended survives; an upload of conte
   t.match(await collectAfter(0), { deleted: 0 }, 'written just now: kept, though nothing refers to it yet')
   t.ok(await blobs.has(pending.sha256))
   const at = new Date().toISOString()
-  const description = { model_id: 'model_gcrace01', customer_id: alice.id, name: 'race', format: 'onnx' as const, size: bytes.length, checksum: `sha256:${pending.sha256}`, input_shape: null, output_shape: null, inputs: [], outputs: [], input_schema: null, output_schema: null, labels: null, preprocessing: null, postprocessing: null, adapter_options: null, validation: null, validation_tolerance: null, uploaded_at: at }
+  const description = { model_id: 'model_gcrace01', customer_id: alice.id, name: 'race', format: 'onnx' as const, size: bytes.length, checksum: `sha256:${pending.sha256}`, input_shape: null, output_shape: null, inputs: [], outputs: [], input_schema: null, output_schema: null, labels: null, preprocessing: null, postprocessing: null, adapter_options: null, validation: null, validation_tolerance: null, max_batch_size: null, max_queue_delay_ms: null, uploaded_at: at }
   await handleCommand(store, modelStream('model_gcrace01'), modelDecider, { type: 'UploadModel', model: description }, { metadata: { customerId: alice.id, occurredAt: at } })
   await collectAfter(25)
   t.ok(await blobs.has(pending.sha256), 'now the model holds it')

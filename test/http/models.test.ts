@@ -6,6 +6,8 @@ import { denseOnnxModel, torchScriptArchive } from '../helpers/onnx.js'
 import { multipart, testApp } from '../helpers/app.js'
 import { eventually } from '../helpers/device.js'
 import http from 'node:http'
+import { DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE_DELAY_MS } from '../../src/domain/model.js'
+import { findModel } from '../../src/projections/models.js'
 
 t.test('ONNX upload round trip: stored by content hash, shapes read from the file, visible at once', async (t) => {
   const { app, blobs, customer } = await testApp(t)
@@ -226,4 +228,138 @@ t.test('a customer\'s storage quota: an upload past it is 413 QUOTA_EXCEEDED and
   t.equal((await upload(bob.key, 2)).statusCode, 201, 'another customer has its own quota')
   t.equal((await app.inject({ method: 'DELETE', url: `/api/v1/models/${first.json().id}`, headers: { 'x-api-key': alice.key } })).statusCode, 204)
   t.equal((await upload(alice.key, 3)).statusCode, 201, 'a deleted model no longer counts')
+})
+
+t.test('dynamic batching settings: taken at upload, shown with the defaults applied, null in the read model when not given', async (t) => {
+  const { app, customer, database } = await testApp(t)
+  const alice = await customer()
+  const headers = { 'x-api-key': alice.key }
+  const upload = async (fields: Record<string, string>) => {
+    const body = multipart(fields, { name: 'm.onnx', content: denseOnnxModel() })
+    const response = await app.inject({ method: 'POST', url: '/api/v1/models', headers: { ...body.headers, ...headers }, payload: body.payload })
+    t.equal(response.statusCode, 201, response.body)
+    return response.json()
+  }
+  const set = await upload({ max_batch_size: '64', max_queue_delay_ms: '5' })
+  t.match(set, { max_batch_size: 64, max_queue_delay_ms: 5 })
+  const plain = await upload({})
+  t.match(plain, { max_batch_size: DEFAULT_MAX_BATCH_SIZE, max_queue_delay_ms: DEFAULT_MAX_QUEUE_DELAY_MS }, 'the defaults, never null')
+  t.same([DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE_DELAY_MS], [32, 0])
+  const off = await upload({ max_batch_size: '1', max_queue_delay_ms: '10000' })
+  t.match(off, { max_batch_size: 1, max_queue_delay_ms: 10000 }, 'the bounds themselves are taken')
+
+  for (const model of [set, plain, off]) t.same((await app.inject({ method: 'GET', url: `/api/v1/models/${model.id}`, headers })).json(), model, 'GET agrees with the upload')
+  const list = (await app.inject({ method: 'GET', url: '/api/v1/models', headers })).json()
+  t.same(list.models.map((m: any) => [m.id, m.max_batch_size, m.max_queue_delay_ms]).sort(), [set, plain, off].map((m) => [m.id, m.max_batch_size, m.max_queue_delay_ms]).sort())
+  // the read model the dispatcher reads: the model's own values, null where the default applies
+  t.match(await findModel(database.db, alice.id, set.id), { max_batch_size: 64, max_queue_delay_ms: 5 })
+  t.match(await findModel(database.db, alice.id, plain.id), { max_batch_size: null, max_queue_delay_ms: null })
+})
+
+t.test('dynamic batching settings: bad values at upload are a 400 naming the field, and register nothing', async (t) => {
+  const { app, blobs, customer } = await testApp(t)
+  const alice = await customer()
+  const cases: [Record<string, string>, RegExp][] = [
+    [{ max_batch_size: '0' }, /^max_batch_size: must be an integer from 1 to 4096$/],
+    [{ max_batch_size: '4097' }, /^max_batch_size: /],
+    [{ max_batch_size: '2.5' }, /^max_batch_size: /],
+    [{ max_batch_size: '"32"' }, /^max_batch_size: /],
+    [{ max_batch_size: 'null' }, /^max_batch_size: /],
+    [{ max_batch_size: 'many' }, /^max_batch_size: must be JSON/],
+    [{ max_batch_size: '1e400' }, /^max_batch_size: /],
+    [{ max_queue_delay_ms: '-1' }, /^max_queue_delay_ms: must be an integer from 0 to 10000$/],
+    [{ max_queue_delay_ms: '10001' }, /^max_queue_delay_ms: /],
+    [{ max_queue_delay_ms: '0.5' }, /^max_queue_delay_ms: /],
+    [{ max_queue_delay_ms: 'true' }, /^max_queue_delay_ms: /],
+    [{ max_queue_delay_ms: '[5]' }, /^max_queue_delay_ms: /],
+  ]
+  for (const [fields, message] of cases) {
+    const body = multipart(fields, { name: 'm.onnx', content: denseOnnxModel() })
+    const response = await app.inject({ method: 'POST', url: '/api/v1/models', headers: { ...body.headers, 'x-api-key': alice.key }, payload: body.payload })
+    t.equal(response.statusCode, 400, `${JSON.stringify(fields)}: ${response.body}`)
+    t.equal(response.json().error.code, 'VALIDATION_ERROR')
+    t.match(response.json().error.message, message, JSON.stringify(fields))
+  }
+  t.equal((await app.inject({ method: 'GET', url: '/api/v1/models', headers: { 'x-api-key': alice.key } })).json().total, 0, 'no model was registered')
+  t.same(await blobs.pending(), [], 'no temporary files')
+})
+
+t.test('dynamic batching settings: PATCH sets and clears them; a bad value is a 400 naming the field and changes nothing', async (t) => {
+  const { app, customer, database } = await testApp(t)
+  const alice = await customer()
+  const headers = { 'x-api-key': alice.key }
+  const body = multipart({ labels: '["a","b"]', max_batch_size: '8' }, { name: 'm.onnx', content: denseOnnxModel() })
+  const created = (await app.inject({ method: 'POST', url: '/api/v1/models', headers: { ...body.headers, ...headers }, payload: body.payload })).json()
+  const patch = (payload: unknown) => app.inject({ method: 'PATCH', url: `/api/v1/models/${created.id}/schema`, headers, payload: payload as object })
+  const get = async () => (await app.inject({ method: 'GET', url: `/api/v1/models/${created.id}`, headers })).json()
+
+  const delay = await patch({ max_queue_delay_ms: 20 })
+  t.equal(delay.statusCode, 200, delay.body)
+  t.match(delay.json(), { max_batch_size: 8, max_queue_delay_ms: 20, labels: ['a', 'b'] }, 'the field given changes, the others stay')
+  const both = await patch({ max_batch_size: 4096, max_queue_delay_ms: 0 })
+  t.match(both.json(), { max_batch_size: 4096, max_queue_delay_ms: 0 })
+  t.same(await get(), both.json(), 'the read model agrees with the response')
+  t.match(await findModel(database.db, alice.id, created.id), { max_batch_size: 4096, max_queue_delay_ms: 0 })
+
+  const cleared = await patch({ max_batch_size: null })
+  t.match(cleared.json(), { max_batch_size: DEFAULT_MAX_BATCH_SIZE, max_queue_delay_ms: 0 }, 'null clears: the default shows')
+  t.match(await findModel(database.db, alice.id, created.id), { max_batch_size: null, max_queue_delay_ms: 0 }, 'stored as null, not as the default')
+  await patch({ max_queue_delay_ms: null })
+  t.match(await findModel(database.db, alice.id, created.id), { max_batch_size: null, max_queue_delay_ms: null })
+  await patch({ max_batch_size: 2, max_queue_delay_ms: 7 })
+
+  const before = await get()
+  t.match(before, { max_batch_size: 2, max_queue_delay_ms: 7 })
+  const bad: [unknown, RegExp][] = [
+    [{ max_batch_size: 0 }, /max_batch_size: must be an integer from 1 to 4096/],
+    [{ max_batch_size: 4097 }, /max_batch_size/],
+    [{ max_batch_size: 1.5 }, /max_batch_size/],
+    [{ max_batch_size: '16' }, /max_batch_size/],
+    [{ max_batch_size: true }, /max_batch_size/],
+    [{ max_batch_size: 1e300 }, /max_batch_size/],
+    [{ max_queue_delay_ms: -1 }, /max_queue_delay_ms: must be an integer from 0 to 10000/],
+    [{ max_queue_delay_ms: 10_001 }, /max_queue_delay_ms/],
+    [{ max_queue_delay_ms: 0.25 }, /max_queue_delay_ms/],
+    [{ max_queue_delay_ms: { ms: 5 } }, /max_queue_delay_ms/],
+    // a good value beside a bad one: refused whole
+    [{ max_batch_size: 16, max_queue_delay_ms: -5 }, /max_queue_delay_ms/],
+    [{ max_queue_delay_ms: 5, max_batch_size: [16] }, /max_batch_size/],
+  ]
+  for (const [payload, message] of bad) {
+    const response = await patch(payload)
+    t.equal(response.statusCode, 400, `${JSON.stringify(payload)}: ${response.body}`)
+    t.equal(response.json().error.code, 'VALIDATION_ERROR')
+    t.match(response.json().error.message, message, JSON.stringify(payload))
+  }
+  t.same(await get(), before, 'nothing changed, updated_at included')
+  t.match(await findModel(database.db, alice.id, created.id), { max_batch_size: 2, max_queue_delay_ms: 7 })
+})
+
+t.test('dynamic batching settings: a model recorded before they existed reads with the defaults; a rebuild gives the same rows', async (t) => {
+  const { app, customer, database, store, projections } = await testApp(t)
+  const alice = await customer()
+  const headers = { 'x-api-key': alice.key }
+  // a ModelUploaded and a ModelSchemaUpdated as they were recorded before these settings
+  const at = '2026-01-01T00:00:00.000Z'
+  const old = { model_id: 'model_old00001', customer_id: alice.id, name: 'old', format: 'onnx', size: 10, checksum: `sha256:${'0'.repeat(64)}`, input_shape: null, output_shape: null, inputs: [], outputs: [], input_schema: null, output_schema: null, labels: null, preprocessing: null, postprocessing: null, adapter_options: null, validation: null, validation_tolerance: null, uploaded_at: at }
+  const metadata = { schemaVersion: 1, customerId: alice.id, occurredAt: at }
+  const { position } = await store.append('model-model_old00001', [
+    { type: 'ModelUploaded', data: old, metadata },
+    { type: 'ModelSchemaUpdated', data: { model_id: old.model_id, customer_id: alice.id, changes: { labels: ['x'] }, updated_at: at }, metadata },
+  ])
+  await projections.waitFor(position)
+  t.match((await app.inject({ method: 'GET', url: `/api/v1/models/${old.model_id}`, headers })).json(), { labels: ['x'], max_batch_size: DEFAULT_MAX_BATCH_SIZE, max_queue_delay_ms: DEFAULT_MAX_QUEUE_DELAY_MS })
+  t.match(await findModel(database.db, alice.id, old.model_id), { max_batch_size: null, max_queue_delay_ms: null })
+
+  // then the new settings on it, and on a model uploaded with them
+  t.equal((await app.inject({ method: 'PATCH', url: `/api/v1/models/${old.model_id}/schema`, headers, payload: { max_queue_delay_ms: 3 } })).statusCode, 200)
+  const body = multipart({ max_batch_size: '100' }, { name: 'm.onnx', content: denseOnnxModel() })
+  const uploaded = (await app.inject({ method: 'POST', url: '/api/v1/models', headers: { ...body.headers, ...headers }, payload: body.payload })).json()
+  const rows = async () => Promise.all([old.model_id, uploaded.id].map((id) => findModel(database.db, alice.id, id)))
+  const before = await rows()
+  t.match(before, [{ max_batch_size: null, max_queue_delay_ms: 3 }, { max_batch_size: 100, max_queue_delay_ms: null }])
+
+  t.ok((await projections.audit('models')).ok, 'a replay of the log gives the live rows')
+  await projections.rebuild('models')
+  t.same(await rows(), before, 'the rebuilt read model holds the same rows')
 })

@@ -118,7 +118,7 @@ t.test('the uploads document their multipart bodies, as the handlers take them',
   t.match(model, { required: true })
   const modelForm = model.content['multipart/form-data']!.schema
   t.same(modelForm.required, ['model'])
-  t.same(Object.keys(modelForm.properties!).sort(), ['adapter_options', 'format', 'input_schema', 'input_shape', 'labels', 'model', 'name', 'output_schema', 'output_shape', 'postprocessing', 'preprocessing', 'validation', 'validation_tolerance'])
+  t.same(Object.keys(modelForm.properties!).sort(), ['adapter_options', 'format', 'input_schema', 'input_shape', 'labels', 'max_batch_size', 'max_queue_delay_ms', 'model', 'name', 'output_schema', 'output_shape', 'postprocessing', 'preprocessing', 'validation', 'validation_tolerance'])
   t.match(modelForm.properties!.model, { type: 'string', format: 'binary' })
   t.match(modelForm.properties!.format, { enum: ['onnx', 'torchscript'] })
   t.equal(modelForm.additionalProperties, false)
@@ -142,6 +142,32 @@ t.test('PATCH /models/:id/schema documents adapter_options by its keys; POST /tr
   t.notOk(stream.required?.includes('type'), 'stream is the default type')
   t.ok(fromDataset.required?.includes('dataset_id') && fromDataset.required.includes('type'), 'a dataset needs its id')
   t.notOk(fromDataset.required?.includes('total_samples'), "a dataset's samples default to its training rows")
+})
+
+t.test("the models' dynamic batching settings are documented: in every model answer (never null), the upload form and the PATCH body", async (t) => {
+  const document = await documentOf(t)
+  const json = (operation: Operation, status: string) => operation.responses[status]!.content!['application/json']!.schema
+  const models = document.paths['/api/v1/models']!
+  const answers: [string, Schema][] = [
+    ['POST /models', json(models.post!, '201')],
+    ['GET /models', json(models.get!, '200').properties!.models!.items!],
+    ['GET /models/{id}', json(document.paths['/api/v1/models/{id}']!.get!, '200')],
+    ['PATCH /models/{id}/schema', json(document.paths['/api/v1/models/{id}/schema']!.patch!, '200')],
+  ]
+  const bounds = { max_batch_size: [1, 4096, /default 32/], max_queue_delay_ms: [0, 10000, /default 0/] } as const
+  for (const [where, schema] of answers) {
+    for (const [field, [minimum, maximum, fallback]] of Object.entries(bounds)) {
+      t.ok(schema.required?.includes(field), `${where}: ${field} is always there`)
+      t.match(schema.properties![field], { type: 'integer', minimum, maximum, description: fallback }, `${where}: ${field}`)
+      t.notOk((schema.properties![field] as { nullable?: boolean }).nullable, `${where}: ${field} is never null`)
+    }
+  }
+  const form = models.post!.requestBody!.content['multipart/form-data']!.schema
+  const patch = document.paths['/api/v1/models/{id}/schema']!.patch!.requestBody!.content['application/json']!.schema
+  for (const [field, [minimum, maximum]] of Object.entries(bounds)) {
+    t.match(form.properties![field], { type: 'string', description: new RegExp(`^JSON: dynamic batching: .*from ${minimum} to ${maximum}`) }, `upload form: ${field}`)
+    t.match(patch.properties![field], { type: 'integer', minimum, maximum, nullable: true, description: /null: back to the default/ }, `PATCH body: ${field}`)
+  }
 })
 
 const hasValidator = spawnSync('python3', ['-c', 'import openapi_spec_validator'], { encoding: 'utf8' }).status === 0
