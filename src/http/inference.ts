@@ -8,6 +8,7 @@ import type { AdapterModel } from '../adapters/runtime.js'
 import { projectDecider, projectStream } from '../domain/project.js'
 import { findJob, type JobRow, jobResults, jobStatus, openTaskIds } from '../projections/inference.js'
 import { findModel, type ModelRow } from '../projections/models.js'
+import { batchingOf } from '../domain/model.js'
 import { findProject } from '../projections/projects.js'
 import { FLOAT32_MAX, FLOAT32_MESSAGE, isNumberArray } from '../protocol/numbers.js'
 import { customerOf } from './auth.js'
@@ -510,12 +511,6 @@ function waitOf(request: FastifyRequest): number | undefined {
   const query = SingleQuery.safeParse(request.query)
   if (!body.success || wantsAsync(request, query.success ? query.data : {}, body.data)) return undefined
   return body.data.options?.timeout ?? DEFAULT_TIMEOUT_MS
-}
-
-/** The model's dynamic batching settings, its defaults where it sets none. */
-function batchingOf(model: ModelRow): { max_batch_size: number; max_queue_delay_ms: number } {
-  const settings = model as ModelRow & { max_batch_size?: number | null; max_queue_delay_ms?: number | null }
-  return { max_batch_size: settings.max_batch_size ?? 32, max_queue_delay_ms: settings.max_queue_delay_ms ?? 0 }
 }
 
 /** The model as the adapters see it. */
