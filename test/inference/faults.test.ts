@@ -172,6 +172,89 @@ t.test('the server killed mid-batch, two tasks completed and leases outstanding:
   server.kill('SIGINT')
 })
 
+t.test('the server killed with merged device tasks in flight (one answered, one held): after a restart every job completes once, the answered ones not again', async (t) => {
+  const { database, dataDir, port, url, children } = await serverFixture(t, 'merged')
+  const env = { ...process.env, DATABASE_URL: database.url, DATA_DIR: dataDir, LOG_LEVEL: 'warn', HEARTBEAT_INTERVAL_MS: '1000', LEASE_TIMEOUT_MS: '3000' }
+  const startServer = () => startServerProcess({ port, env, children })
+  const api = async (method: string, route: string, payload?: unknown) => {
+    const response = await fetch(`${url}/api/v1${route}`, { method, headers: { 'x-api-key': 'test-api-key', ...(payload ? { 'content-type': 'application/json' } : {}) }, ...(payload ? { body: JSON.stringify(payload) } : {}) })
+    return { status: response.status, body: (await response.json()) as any }
+  }
+  let server = await startServer()
+  const bytes = denseOnnxModel({ inputs: 10, outputs: 2 })
+  const session = await ort.InferenceSession.create(bytes)
+  const direct = async (data: number[]) => Array.from((await session.run({ input: new ort.Tensor('float32', Float32Array.from(data), [1, 10]) })).output!.data as Float32Array)
+  const form = multipart({ name: 'merged' }, { name: 'm.onnx', content: bytes })
+  const model = (await (await fetch(`${url}/api/v1/models`, { method: 'POST', headers: { ...form.headers, 'x-api-key': 'test-api-key' }, body: form.payload })).json()) as { id: string }
+
+  // the only device before the kill: one task at a time, four held (prefetch); it answers what it is told to
+  const device = await SimDevice.connect(url)
+  t.teardown(() => device.kill())
+  await device.register({ maxTasks: 1, batchInputs: 64 })
+  const given = () => device.frames.filter((f) => f.type === 'task')
+  const beat = setInterval(() => device.heartbeat(given().map((f) => f.lease_id)), 300)
+  t.teardown(() => clearInterval(beat))
+  const answer = async (frame: any) => {
+    const inputs: { data: number[] }[] = frame.inputs ?? [frame.input]
+    const outputs = await Promise.all(inputs.map(async (x) => ({ data: await direct(x.data), shape: [1, 2] })))
+    device.send({ type: 'task_result', task_id: frame.task_id, lease_id: frame.lease_id, status: 'completed', ...(frame.inputs ? { outputs } : { output: outputs[0] }), metrics: { cpu_ms: 3, gpu_ms: 0, bytes_in: 0, bytes_out: 0 } })
+  }
+  const jobs: { id: string; seed: number }[] = []
+  const submit = async (seeds: number[]) => {
+    const answers = await Promise.all(seeds.map((seed) => api('POST', '/inference?async=true', { model_id: model.id, input: { data: input(seed), shape: [1, 10] } })))
+    answers.forEach((a, i) => jobs.push({ id: a.body.job_id, seed: seeds[i]! }))
+  }
+  // four alone while the device has room, then twenty queued behind them, merged when a slot frees
+  for (let i = 0; i < 4; i++) await submit([i])
+  await eventually(async () => given().length === 4, 10_000, 'four single tasks on the device')
+  await submit(Array.from({ length: 20 }, (_, i) => 4 + i))
+  await answer(given()[0])
+  const merged = (n: number) => eventually(async () => given().filter((f) => f.inputs).length >= n && given().filter((f) => f.inputs)[n - 1], 10_000, `merged device task ${n}`)
+  const first = await merged(1)
+  await submit(Array.from({ length: 20 }, (_, i) => 24 + i))
+  await answer(given()[1])
+  const second = await merged(2)
+  t.ok(first.inputs.length > 1 && second.inputs.length > 1, `two merged device tasks (${first.inputs.length} and ${second.inputs.length} inputs)`)
+  await answer(first)
+
+  const store = new PostgresEventStore(database.pool)
+  const leasedUnder = async (leaseId: string) => (await allEvents(store)).filter((e) => e.type === 'TaskLeased' && (e.data as { lease_id: string }).lease_id === leaseId).map((e) => e.streamId)
+  const firstTasks = await leasedUnder(first.lease_id)
+  const secondTasks = await leasedUnder(second.lease_id)
+  t.equal(firstTasks.length, first.inputs.length, 'each input of the first merged task is a task leased under its lease')
+  await eventually(async () => {
+    const events = await allEvents(store)
+    return firstTasks.every((stream) => events.some((e) => e.streamId === stream && e.type === 'TaskCompleted'))
+  }, 20_000, 'the answered merged task recorded')
+  server.kill('SIGKILL')
+  await new Promise((resolve) => server.once('exit', resolve))
+  clearInterval(beat)
+  device.kill()
+
+  server = await startServer()
+  for (const name of ['a', 'b']) {
+    children.push(spawn(process.execPath, [DCP_BIN, 'worker', '--server', url, '--state-dir', path.join(dataDir, `worker-${name}`)], { stdio: 'ignore' }))
+  }
+  for (const job of jobs) {
+    const done = await eventually(async () => {
+      const r = await api('GET', `/inference/${job.id}`)
+      return r.body.status === 'completed' ? r.body : undefined
+    }, 60_000, `job ${job.id} to complete after the restart`)
+    t.ok(close(done.result.data, await direct(input(job.seed))), `job ${job.seed}: its own input's result`)
+  }
+  const events = await allEvents(store)
+  const completions = new Map<string, number>()
+  for (const e of events) if (e.type === 'TaskCompleted') completions.set(e.streamId, (completions.get(e.streamId) ?? 0) + 1)
+  t.equal(completions.size, jobs.length, 'every job\'s task completed')
+  t.ok([...completions.values()].every((n) => n === 1), 'none twice')
+  for (const stream of firstTasks) t.same(events.filter((e) => e.streamId === stream).map((e) => e.type), ['TaskQueued', 'TaskLeased', 'TaskCompleted'], `${stream}: answered before the kill, not run again`)
+  for (const stream of secondTasks) {
+    const completion = events.find((e) => e.streamId === stream && e.type === 'TaskCompleted')
+    t.ok(completion && (completion.data as { device_id: string }).device_id !== device.deviceId, `${stream}: held at the kill, completed by a worker after it`)
+  }
+  server.kill('SIGINT')
+})
+
 t.test('a server shut down while a sync request waits and a live stream is open: both end at once, the server exits, the job runs after the restart', async (t) => {
   const { database, dataDir, port, url, children } = await serverFixture(t, 'shutdown')
   const env = { ...process.env, DATABASE_URL: database.url, DATA_DIR: dataDir, LOG_LEVEL: 'warn' }

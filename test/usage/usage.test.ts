@@ -8,7 +8,8 @@ import { auditUsage } from '../../src/projections/usage-audit.js'
 import { ADMIN_KEY, INTERNAL_TOKEN } from '../helpers/app.js'
 import { SimDevice } from '../helpers/device.js'
 import { allEvents } from '../helpers/events.js'
-import { DCP_BIN, inferenceSetup, input, poll } from '../helpers/inference.js'
+import { close, DCP_BIN, inferenceSetup, input, poll } from '../helpers/inference.js'
+import { boundMetrics, splitMetrics } from '../../src/domain/metering.js'
 
 /** A device that answers every task with fixed metrics (so the expected bill is known exactly). */
 async function answeringDevice(url: string, options: { sdkUuid: string; instanceType: 'aws' | 'user'; gpu: boolean; enrollmentToken?: string }) {
@@ -199,4 +200,36 @@ t.test('usage endpoints validate their hours and windows', async (t) => {
   t.equal((await api('GET', '/usage/hourly')).body.data.length, 24, 'default 24 hours')
   t.equal((await api('GET', '/usage?from=2026-01-02T00&to=2026-01-01T00')).status, 400)
   t.equal((await app.inject({ method: 'GET', url: '/api/v1/admin/usage' })).statusCode, 401)
+})
+
+t.test('sync requests merged into device tasks on a real worker: each its own result; each job billed its share; per-project usage and the audit agree', async (t) => {
+  const { api, model, store, database, app, direct } = await inferenceSetup(t, { workers: 1, prefetch: 1 })
+  const projects = await Promise.all(['p-a', 'p-b'].map(async (name) => (await api('POST', '/projects', { name, type: 'batch' })).body.project_id as string))
+  const answers = await Promise.all(Array.from({ length: 40 }, (_, i) => api('POST', '/inference', { model_id: model.id, input: { data: input(i), shape: [1, 10] }, project_id: projects[i % 2] })))
+  for (const [i, answer] of answers.entries()) {
+    t.equal(answer.status, 200)
+    if (!close(answer.body.result.data, await direct(input(i)))) t.fail(`request ${i} got another input's result: ${answer.body.result.data}`)
+  }
+  const events = await allEvents(store)
+  const leases = events.filter((e) => e.type === 'TaskLeased').map((e) => e.data as { lease_id: string; unit: { id: string; sizes: number[] } | null })
+  const units = new Set(leases.map((l) => l.lease_id))
+  t.ok(leases.some((l) => l.unit), `requests that waited together went as one device task (${leases.length} tasks in ${units.size} device tasks)`)
+
+  // each completion bills its share of its device task (the whole bounded by what the server saw, split by inputs)
+  const completed = events.filter((e) => e.type === 'TaskCompleted').map((e) => e.data as any)
+  t.equal(completed.length, 40)
+  for (const d of completed.filter((c) => c.merged)) {
+    const whole = d.observed ? boundMetrics(d.merged.claimed, d.observed).metrics : d.merged.claimed
+    t.same(d.metrics, splitMetrics(whole, d.merged.sizes, d.merged.index), `${d.task_id}: part ${d.merged.index} of ${d.merged.sizes.length}`)
+  }
+  const us = (list: any[]) => list.reduce((n, d) => n + Math.round(d.metrics.cpu_ms * 1000), 0)
+  for (const project of projects) {
+    const mine = completed.filter((d) => d.project_id === project)
+    const usage = (await api('GET', `/usage/projects/${project}`)).body
+    t.equal(usage.tasks.total, 20)
+    t.equal(Math.round(usage.cpu_ms * 1000), us(mine), `${project}: the sum of its jobs' shares, to the microsecond`)
+  }
+  const audit = (await app.inject({ method: 'GET', url: '/api/v1/admin/audit/usage', headers: { 'x-admin-key': ADMIN_KEY } })).json()
+  t.equal(audit.ok, true, 'the audit replays the same split')
+  t.equal(audit.digest, (await auditUsage({ db: database.db, store, batchSize: 3 })).digest, 'in any batch size')
 })
