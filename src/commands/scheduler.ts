@@ -30,6 +30,9 @@ export function outputProblem(spec: TaskSpec, outputs: readonly Tensor[]): strin
   return undefined
 }
 
+/** The most input values a merged device task carries: as many as one request may send (POST /inference). */
+export const MAX_MERGED_VALUES = 1_000_000
+
 /** What the queue may hold: inputs, and bytes of input values (4 a value) in all and per customer. */
 export interface QueueLimits {
   inputs: number
@@ -813,7 +816,8 @@ export class TaskScheduler {
         continue
       }
       const batching = task.batching!
-      const limit = Math.min(device.maxBatchInputs, batching.max_batch_size)
+      // merged tasks share an input shape: at most as many values as one request may send
+      const limit = Math.min(device.maxBatchInputs, batching.max_batch_size, Math.max(1, Math.floor(MAX_MERGED_VALUES / task.inputs[0]!.data.length)))
       const group = this.gather(i, merge.key, limit)
       const until = merge.since + batching.max_queue_delay_ms
       if (group.length < limit && merge.since > 0 && until > now) {

@@ -1,5 +1,5 @@
 import t, { type Test } from 'tap'
-import { TaskScheduler } from '../../src/commands/scheduler.js'
+import { MAX_MERGED_VALUES, TaskScheduler } from '../../src/commands/scheduler.js'
 import { boundMetrics, splitMetrics } from '../../src/domain/metering.js'
 import { taskStream } from '../../src/domain/task.js'
 import { testApp } from '../helpers/app.js'
@@ -54,14 +54,14 @@ const sumOf = (spec: Spec) => spec.inputs[0]!.data.reduce((a, b) => a + b, 0)
 const shareOf = (completed: any, sizes: number[], index: number) => splitMetrics(completed.observed ? boundMetrics(metrics, completed.observed).metrics : metrics, sizes, index)
 
 /** A device busy with one task (prefetch 1: it holds nothing else), and `count` tasks queued behind it. */
-async function busyWithQueue(t: Test, count: number, batching?: Parameters<typeof task>[0]) {
+async function busyWithQueue(t: Test, count: number, batching?: Parameters<typeof task>[0], overrides: Record<string, unknown> = {}) {
   const context = await setup(t)
   const a = await context.device()
-  const first = task(batching)
+  const first = task(batching, overrides)
   const firstOutcome = context.scheduler.outcome(first.task_id, 20_000)
   await context.scheduler.submit(first, { customerId: 'cust_test' })
   const firstFrame = await a.next((f) => f.type === 'task')
-  const queued = Array.from({ length: count }, () => task(batching))
+  const queued = Array.from({ length: count }, () => task(batching, overrides))
   const outcomes = queued.map((s) => context.scheduler.outcome(s.task_id, 20_000))
   await Promise.all(queued.map((s) => context.scheduler.submit(s, { customerId: 'cust_test' })))
   t.equal(context.scheduler.queued, count, 'the others wait in the queue while the device is busy')
@@ -263,4 +263,22 @@ t.test('two copies of a merged result: recorded once', async (t) => {
   for (const outcome of outcomes) await outcome
   await eventually(async () => true)
   for (const spec of queued) t.same(await types(spec.task_id), ['TaskQueued', 'TaskLeased', 'TaskCompleted'])
+})
+
+t.test('a merged task carries at most as many values as one request may send (MAX_MERGED_VALUES)', async (t) => {
+  const big = { inputs: [{ data: new Array(300_000).fill(0.5), shape: [1, 300_000] }] }
+  const { a, firstFrame, outcomes } = await busyWithQueue(t, 4, undefined, big)
+  t.equal(Math.floor(MAX_MERGED_VALUES / 300_000), 3)
+  a.send({ type: 'task_result', task_id: firstFrame.task_id, lease_id: firstFrame.lease_id, status: 'completed', output: { data: [1], shape: [1] }, metrics })
+  const sizes: number[] = []
+  for (let done = 0; done < 4; ) {
+    const frame = await a.next((f) => f.type === 'task')
+    const count = frame.inputs?.length ?? 1
+    sizes.push(count)
+    done += count
+    const outputs = Array.from({ length: count }, () => ({ data: [1], shape: [1] }))
+    a.send({ type: 'task_result', task_id: frame.task_id, lease_id: frame.lease_id, status: 'completed', ...(frame.inputs ? { outputs } : { output: outputs[0] }), metrics })
+  }
+  t.same(sizes, [3, 1])
+  for (const outcome of outcomes) t.match(await outcome, { status: 'completed' })
 })
