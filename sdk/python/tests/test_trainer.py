@@ -1,4 +1,5 @@
-"""The trainer's steps against gradients and updates computed by hand (numpy, the Node trainer's formulas),
+"""The trainer's steps against gradients and updates computed by hand (numpy, the Node trainer's formulas)
+and against torch's own autograd and optimizers on an eager copy,
 and a training session's frames."""
 from __future__ import annotations
 
@@ -190,3 +191,34 @@ def test_an_async_dataset_session_trains_on_its_shard_and_pulls_the_jobs_weights
     assert updates[-1]["loss"] < updates[0]["loss"]
     assert {f["job_id"] for f in sent} == {"train_1"}
     assert hub_accepts([json.loads(dumps(f)) for f in sent]) == [{"ok": True}] * len(sent)
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_a_deeper_models_gradients_and_steps_equal_torchs_own_on_an_eager_copy(tmp_path: Path, loss):
+    """An MLP with a non-linearity (beyond the hand-derived linear case): the trainer's gradients and its
+    Adam steps equal torch's autograd and torch.optim on an eager copy of the same weights."""
+    torch.manual_seed(7)
+    eager = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    torch.jit.script(eager).save(str(tmp_path / "mlp.pt"))
+    model = TorchTrainable(tmp_path / "mlp.pt")
+    reference = torch.optim.Adam(eager.parameters(), lr=0.05, betas=(0.9, 0.999), eps=1e-8)
+    optimizer = create_optimizer("adam", 0.05, model.parameters())
+    for _ in range(3):
+        x = RNG.normal(size=(8, 4)).astype(np.float32)
+        labels = RNG.normal(size=(8, 3)).astype(np.float32) if loss == "mse" else RNG.integers(0, 3, size=8)
+        target = torch.from_numpy(labels)
+        reference.zero_grad()
+        out = eager(torch.from_numpy(x))
+        expected = torch.nn.functional.mse_loss(out, target) if loss == "mse" else torch.nn.functional.cross_entropy(out, target.long())
+        expected.backward()
+        optimizer.zero_grad(set_to_none=True)
+        got = model.loss(x, labels, loss)
+        got.backward()
+        assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+        theirs = dict(eager.named_parameters())
+        for name, parameter in model.module.named_parameters():
+            np.testing.assert_allclose(parameter.grad.numpy(), theirs[name].grad.numpy(), atol=1e-6, err_msg=name)
+        optimizer.step()
+        reference.step()
+    for name, values in model.get_weights().items():
+        np.testing.assert_allclose(values, eager.state_dict()[name].detach().numpy().reshape(-1), atol=1e-6, err_msg=name)
