@@ -14,17 +14,29 @@
  *   page at a time, each index must have exactly one completed result, and every 1000th (at least 100 of
  *   them) must equal onnxruntime's output. Baseline: the direct loop over the same inputs.
  *
- * autocannon runs BENCH_CONNECTIONS (default 32) connections for BENCH_SECONDS (default 10), after 3 s on
- * one connection (the latency without queueing, printed only); for the baseline it runs in a worker thread
- * so it does not share the server's event loop. The CPU each process used is printed for the dcp windows.
+ * autocannon runs BENCH_CONNECTIONS (default 32) connections for BENCH_SECONDS (default 10), after
+ * BENCH_1CONN_SECONDS (default 5) on one connection: the latency without queueing. The one-connection runs
+ * take their p50 from every response's time (bench/latency-thread.mjs), to the microsecond: autocannon's own
+ * percentiles are whole milliseconds. autocannon runs in a worker thread for the baseline's windows, so it
+ * does not share the server's event loop. The CPU each process used is printed for the dcp windows.
+ *
+ * The RESULT line: dcp_rps, baseline_rps and their ratio, p50/p99 at 32 connections (whole ms),
+ * dcp_p50_1conn_ms and baseline_p50_1conn_ms, merged_mean, batch_inputs_per_s and batch_ratio (dcp's batch
+ * against the direct loop). merged_mean is the number of jobs per dispatched device task in the
+ * 32-connection dcp window, read from the event store: TaskLeased events of single inference jobs' tasks
+ * recorded in the window, over the distinct lease ids they carry (tasks merged into one device task share
+ * one lease; 1.00 when none are merged). Targets (#23): ratio >= 0.25 at 32 connections, dcp_p50_1conn_ms
+ * within 3 ms of baseline_p50_1conn_ms, batch_ratio >= 0.8.
  */
 import { readdirSync, readFileSync } from 'node:fs'
 import { mkdtemp, rm } from 'node:fs/promises'
 import { availableParallelism, tmpdir } from 'node:os'
 import path from 'node:path'
+import { Worker } from 'node:worker_threads'
 import autocannon from 'autocannon'
 import Fastify from 'fastify'
 import * as ort from 'onnxruntime-node'
+import type { Database } from '../src/postgres/database.js'
 import { denseOnnxModel } from '../test/helpers/onnx.js'
 import { API_KEY, api, startDcp, stopDcp } from './dcp-process.js'
 import { cpuSeconds } from './proc.js'
@@ -33,6 +45,7 @@ import type { BenchContext } from './run.js'
 const DIRECT_CALLS = Number(process.env.BENCH_DIRECT_CALLS ?? 20_000)
 const CONNECTIONS = Number(process.env.BENCH_CONNECTIONS ?? 32)
 const SECONDS = Number(process.env.BENCH_SECONDS ?? 10)
+const ONE_CONNECTION_SECONDS = Number(process.env.BENCH_1CONN_SECONDS ?? 5)
 const BATCH_INPUTS = Number(process.env.BENCH_BATCH_INPUTS ?? 100_000)
 const POLL_MS = Number(process.env.BENCH_POLL_MS ?? 150)
 /** How long the batch may take before the bench gives up on it. */
@@ -162,8 +175,46 @@ function summarise(what: string, result: autocannon.Result, log: Log): LoadResul
   return figures
 }
 
+const LATENCY_THREAD = new URL('./latency-thread.mjs', import.meta.url)
+
+/** What bench/latency-thread.mjs posts back. */
+interface ThreadRun {
+  /** Of every 2xx response, in ms (fractional). */
+  times: number[]
+  requests: number
+  duration: number
+  non2xx: number
+  errors: number
+  timeouts: number
+}
+
+/** The value below which a share `q` of the sorted values lies (nearest rank). */
+const quantile = (sorted: number[], q: number) => (sorted.length === 0 ? NaN : sorted[Math.min(sorted.length - 1, Math.ceil(q * sorted.length) - 1)]!)
+
+/**
+ * One connection for ONE_CONNECTION_SECONDS, the latency without queueing: autocannon in a worker thread of
+ * its own (bench/latency-thread.mjs), so that it shares no event loop with a server in this process. Returns
+ * the median response time to the microsecond, where autocannon's own percentiles are whole milliseconds.
+ * `options` must be cloneable (no callbacks).
+ */
+async function oneConnection(what: string, options: autocannon.Options, log: Log): Promise<number> {
+  const worker = new Worker(LATENCY_THREAD, { workerData: { ...options, connections: 1, duration: ONE_CONNECTION_SECONDS } })
+  const run = await new Promise<ThreadRun>((resolve, reject) => {
+    worker.once('message', resolve)
+    worker.once('error', reject)
+    worker.once('exit', (code) => reject(new Error(`${what}: the latency thread exited with ${code} before its result`)))
+  }).finally(() => worker.terminate())
+  const sorted = run.times.sort((a, b) => a - b)
+  const ms = (q: number) => fixed(quantile(sorted, q), 3)
+  log(
+    `${what}: ${run.requests} requests in ${run.duration} s = ${fixed(run.requests / run.duration, 0)} rps; latency p50 ${ms(0.5)} ms, p99 ${ms(0.99)} ms, ` +
+      `max ${ms(1)} ms; non-2xx ${run.non2xx}, errors ${run.errors}, timeouts ${run.timeouts}`,
+  )
+  return quantile(sorted, 0.5)
+}
+
 /** A minimal fastify server doing the same inference in-process, under autocannon from a worker thread. */
-async function baselineBench(session: ort.InferenceSession, body: string, log: Log): Promise<LoadResult> {
+async function baselineBench(session: ort.InferenceSession, body: string, log: Log): Promise<{ load: LoadResult; p50OneConnection: number }> {
   const app = Fastify({ logger: false })
   app.post<{ Body: Tensor }>('/infer', {
     schema: {
@@ -181,8 +232,8 @@ async function baselineBench(session: ort.InferenceSession, body: string, log: L
   try {
     const options = { url: `${url}/infer`, method: 'POST' as const, headers: { 'content-type': 'application/json' }, body, connections: CONNECTIONS }
     await autocannon({ ...options, duration: 2, workers: 1 }) // warm-up
-    summarise('baseline, 1 connection', await autocannon({ ...options, connections: 1, duration: 3, workers: 1 }), log)
-    return summarise('baseline', await autocannon({ ...options, duration: SECONDS, workers: 1 }), log)
+    const p50OneConnection = await oneConnection('baseline, 1 connection', options, log)
+    return { load: summarise('baseline', await autocannon({ ...options, duration: SECONDS, workers: 1 }), log), p50OneConnection }
   } finally {
     await app.close()
   }
@@ -208,8 +259,41 @@ export async function waitForDevices(base: string, n: number, timeoutMs: number)
   }
 }
 
+/** The database's clock, which stamps the events (`recorded_at`). */
+async function databaseNow(database: Database): Promise<string> {
+  return (await database.pool.query<{ now: string }>('select clock_timestamp()::text as now')).rows[0]!.now
+}
+
+/**
+ * Dispatches of single inference jobs' tasks between two instants of the database's clock: their TaskLeased
+ * events (one per task and attempt) and the distinct lease ids these carry. Tasks merged into one device task
+ * share a lease id, so dispatches / leases is the number of jobs per dispatched task. Streams as in
+ * src/domain/task.ts and inference-job.ts: `task-<id>` opens with TaskQueued naming its job, whose
+ * `inference-<job>` stream holds InferenceRequested with the job's kind.
+ */
+async function dispatchesOfSingleJobs(database: Database, from: string, to: string): Promise<{ dispatches: number; leases: number }> {
+  const { rows } = await database.pool.query<{ dispatches: number; leases: number }>(
+    `select count(*)::int as dispatches, count(distinct leased.data->>'lease_id')::int as leases
+       from events leased
+      where leased.type = 'TaskLeased' and leased.recorded_at >= $1::timestamptz and leased.recorded_at < $2::timestamptz
+        and exists (select 1 from events queued
+                      join events requested on requested.stream_id = 'inference-' || (queued.data->>'job_id') and requested.type = 'InferenceRequested'
+                     where queued.stream_id = leased.stream_id and queued.type = 'TaskQueued' and requested.data->>'kind' = 'single')`,
+    [from, to],
+  )
+  return rows[0]!
+}
+
+interface SyncFigures {
+  load: LoadResult
+  p50OneConnection: number
+  /** Of the 32-connection window (dispatchesOfSingleJobs). */
+  dispatches: number
+  leases: number
+}
+
 /** Synchronous single inference under autocannon; the first error bodies are kept. */
-async function syncBench(base: string, watched: Watched, modelId: string, session: ort.InferenceSession, log: Log): Promise<LoadResult> {
+async function syncBench(base: string, database: Database, watched: Watched, modelId: string, session: ort.InferenceSession, log: Log): Promise<SyncFigures> {
   const data = inputOf(0)
   const body = JSON.stringify({ model_id: modelId, input: { data, shape: [1, 10] } })
   const first = await api(base, 'POST', '/inference', body)
@@ -221,15 +305,20 @@ async function syncBench(base: string, watched: Watched, modelId: string, sessio
       if ((status < 200 || status > 299) && errorBodies.length < 5) errorBodies.push(`${status} ${text.slice(0, 300)}`)
     },
   }
-  const options = { url: `${base}/api/v1/inference`, method: 'POST' as const, headers: { 'content-type': 'application/json', 'x-api-key': API_KEY }, body, connections: CONNECTIONS, requests: [request] }
+  const plain = { url: `${base}/api/v1/inference`, method: 'POST' as const, headers: { 'content-type': 'application/json', 'x-api-key': API_KEY }, body, connections: CONNECTIONS }
+  const options = { ...plain, requests: [request] }
   summarise('dcp warm-up', await autocannon({ ...options, duration: 3 }), log)
-  summarise('dcp, 1 connection', await autocannon({ ...options, connections: 1, duration: 3 }), log)
+  const p50OneConnection = await oneConnection('dcp, 1 connection', plain, log)
   errorBodies.length = 0
   const cpu = cpuSplit(watched)
-  const figures = summarise('dcp', await autocannon({ ...options, duration: SECONDS }), log)
+  const from = await databaseNow(database)
+  const load = summarise('dcp', await autocannon({ ...options, duration: SECONDS }), log)
+  const to = await databaseNow(database)
   log(`dcp: ${cpu()}`)
   for (const text of errorBodies) log(`dcp: error response: ${text}`)
-  return figures
+  const { dispatches, leases } = await dispatchesOfSingleJobs(database, from, to)
+  log(`dcp: ${dispatches} dispatches of single jobs' tasks (TaskLeased) under ${leases} lease ids: merged_mean ${fixed(dispatches / leases)} jobs per dispatched task`)
+  return { load, p50OneConnection, dispatches, leases }
 }
 
 /** POSTs the batch, waits for `completed`; undefined when the server refuses it (logged). */
@@ -313,15 +402,16 @@ export async function inferenceBench({ database, log }: BenchContext): Promise<s
     await waitForDevices(url, 2, 60_000)
     log(`dcp: model ${modelId} uploaded, 2 workers online ${fixed((performance.now() - started) / 1000, 1)} s after the start`)
     const watched = { serverPid: child.pid!, postgresPort: new URL(database.url).port || '5432' }
-    const dcp = await syncBench(url, watched, modelId, session, log)
+    const dcp = await syncBench(url, database, watched, modelId, session, log)
     const batch = await runBatch(url, watched, modelId, BATCH_INPUTS, log)
     if (batch) await verifyBatch(url, batch.jobId, BATCH_INPUTS, loop.expected, log)
     const batchPerS = batch ? BATCH_INPUTS / batch.seconds : NaN
     if (batch) log(`batch: ${fixed(batchPerS, 0)} inputs/s through dcp against ${fixed(loop.inputsPerS, 0)} direct = ${fixed(batchPerS / loop.inputsPerS, 3)}`)
     return (
-      `RESULT name=inference dcp_rps=${fixed(dcp.rps, 0)} baseline_rps=${fixed(baseline.rps, 0)} ratio=${fixed(dcp.rps / baseline.rps, 3)} ` +
-      `dcp_p50_ms=${dcp.p50} dcp_p99_ms=${dcp.p99} baseline_p50_ms=${baseline.p50} batch_inputs_per_s=${fixed(batchPerS, 0)} ` +
-      `batch_ratio=${fixed(batchPerS / loop.inputsPerS, 3)}`
+      `RESULT name=inference dcp_rps=${fixed(dcp.load.rps, 0)} baseline_rps=${fixed(baseline.load.rps, 0)} ratio=${fixed(dcp.load.rps / baseline.load.rps, 3)} ` +
+      `dcp_p50_ms=${dcp.load.p50} dcp_p99_ms=${dcp.load.p99} baseline_p50_ms=${baseline.load.p50} ` +
+      `dcp_p50_1conn_ms=${fixed(dcp.p50OneConnection, 3)} baseline_p50_1conn_ms=${fixed(baseline.p50OneConnection, 3)} ` +
+      `merged_mean=${fixed(dcp.dispatches / dcp.leases)} batch_inputs_per_s=${fixed(batchPerS, 0)} batch_ratio=${fixed(batchPerS / loop.inputsPerS, 3)}`
     )
   } finally {
     const exit = await stopDcp(child)

