@@ -30,6 +30,13 @@ export function outputProblem(spec: TaskSpec, outputs: readonly Tensor[]): strin
   return undefined
 }
 
+/**
+ * Device tasks of mergeable work a device holds beyond the ones it runs (at most what `prefetch` allows):
+ * one, formed while it runs the others, so it never waits for the next; the rest wait in the queue and are
+ * merged when a slot frees.
+ */
+export const MERGED_PREFETCH = 1
+
 /** The most input values a merged device task carries: as many as one request may send (POST /inference). */
 export const MAX_MERGED_VALUES = 1_000_000
 
@@ -295,6 +302,13 @@ export class TaskScheduler {
     addTo(this.mergeableByKey, key, 1)
   }
 
+  /** May the task be merged with others (see mergeKey)? */
+  private mayMerge(spec: TaskSpec): boolean {
+    if (!spec.batching || spec.batching.max_batch_size < 2 || spec.inputs.length !== 1 || spec.validation.mode !== 'none') return false
+    const state = this.known.get(spec.task_id)?.state
+    return !(state && state.held.length > 0)
+  }
+
   /**
    * What a queued task must share with others to be merged with them into one device task: the model
    * version, customer, input name and shape, placement, and the devices it failed on (fault isolation picks
@@ -302,9 +316,8 @@ export class TaskScheduler {
    * device rules of their own). Undefined: it is dispatched alone.
    */
   private mergeKey(spec: TaskSpec): string | undefined {
-    if (!spec.batching || spec.batching.max_batch_size < 2 || spec.inputs.length !== 1 || spec.validation.mode !== 'none') return undefined
+    if (!this.mayMerge(spec)) return undefined
     const state = this.known.get(spec.task_id)?.state
-    if (state && state.held.length > 0) return undefined
     // tasks that failed on the same devices share the device rules of fault isolation (pickDevice)
     const failedOn = state ? [...new Set(state.failedOn)].sort() : []
     return JSON.stringify([spec.customer_id, spec.model.id, spec.model.checksum, spec.input_name ?? null, spec.inputs[0]!.shape, spec.output_shape, spec.prefer_gpu, spec.instance_type, failedOn])
@@ -874,9 +887,13 @@ export class TaskScheduler {
   /**
    * May the device hold one more task (running or waiting on it)? Never more than a heartbeat can list
    * (MAX_HEARTBEAT_LEASES): a lease it cannot list is never extended, and would expire on the device.
+   * Work that may be merged waits in the queue rather than on a busy device (MERGED_PREFETCH): requests that
+   * arrive while its slots are busy go to it together when one frees, instead of one by one.
    */
-  private hasSpace(device: DeviceSlot): boolean {
-    return device.leases.size < Math.min(device.maxConcurrent * this.prefetch, MAX_HEARTBEAT_LEASES)
+  private hasSpace(device: DeviceSlot, task?: TaskSpec): boolean {
+    const prefetched = device.maxConcurrent * (this.prefetch - 1)
+    const most = device.maxConcurrent + (task && this.mayMerge(task) ? Math.min(MERGED_PREFETCH, prefetched) : prefetched)
+    return device.leases.size < Math.min(most, MAX_HEARTBEAT_LEASES)
   }
 
   /**
@@ -902,7 +919,7 @@ export class TaskScheduler {
       if (ran && (ran.has(device.deviceId) || (device.instanceType !== 'aws' && ranBy!.has(device.contributor ?? device.deviceId)))) continue
       const failedHere = failedOn?.has(device.deviceId) ?? false
       if (!failedHere) othersConnected = true
-      if (!this.hasSpace(device)) continue
+      if (!this.hasSpace(device, task)) continue
       const score = (task.prefer_gpu && device.gpu ? 0 : 10) + (held && device.instanceType === 'aws' ? 0 : 5) + device.leases.size / device.maxConcurrent + device.load
       if (failedHere) {
         if (score < fallbackScore) {

@@ -282,3 +282,20 @@ t.test('a merged task carries at most as many values as one request may send (MA
   t.same(sizes, [3, 1])
   for (const outcome of outcomes) t.match(await outcome, { status: 'completed' })
 })
+
+t.test('mergeable work waits in the queue rather than on a busy device: one device task beyond what it runs (MERGED_PREFETCH)', async (t) => {
+  const { device, scheduler } = await setup(t, 10_000, 4)
+  const a = await device({ maxTasks: 1 })
+  const specs = Array.from({ length: 5 }, () => task())
+  const outcomes = specs.map((s) => scheduler.outcome(s.task_id, 20_000))
+  for (const spec of specs) await scheduler.submit(spec, { customerId: 'cust_test' })
+  const [first, second] = [await a.next((f) => f.type === 'task'), await a.next((f) => f.type === 'task')]
+  t.same([first.task_id, second.task_id], [specs[0]!.task_id, specs[1]!.task_id], 'the one it runs and one more')
+  t.equal(scheduler.queued, 3, 'not four each as prefetch allows other work: the rest wait to be merged')
+  a.send(answer(first))
+  const merged = await a.next((f) => f.type === 'task')
+  t.same(merged.inputs, specs.slice(2).map((s) => s.inputs[0]), 'when a slot freed, the three went together')
+  a.send(answer(second))
+  a.send(answer(merged))
+  for (const outcome of outcomes) t.match(await outcome, { status: 'completed' })
+})
