@@ -113,6 +113,17 @@ interface Lease {
   /** Inputs of each task as dispatched, in order: a part's share of the measured compute is split by these. */
   sizes: number[]
   deviceId: string
+  /** The device's SDK installation and kind when it was granted (what the attempt is billed by). */
+  sdkUuid: string | null
+  instanceType: 'aws' | 'user' | null
+  /** When it was granted. */
+  grantedAt: string
+  /**
+   * Tasks whose lease is not in the log yet: a synchronous request's task is leased in memory only and its
+   * TaskLeased is appended with its outcome, in the same append (one commit fewer on the request's path; a
+   * restart meanwhile finds it queued, and runs it again: the device's late result is refused).
+   */
+  deferred: Set<string>
   modelId: string
   deadline: number
   /** No heartbeat extends the lease past this (a device cannot hold a task forever by heartbeating). */
@@ -228,7 +239,10 @@ export class TaskScheduler {
         const known = recovered.get(state.lease.id)
         if (known) known.lease.parts.push(part)
         else {
-          const lease = { leaseId: state.lease.id, unitId: unit?.id ?? open.task_id, parts: [part], sizes, deviceId: state.lease.deviceId, modelId: state.spec.model.id, deadline: now + this.leaseTimeoutMs, expiresAt: now + this.maxLeaseMs, sentAt: leasedTime ?? now }
+          const lease: Lease = {
+            leaseId: state.lease.id, unitId: unit?.id ?? open.task_id, parts: [part], sizes, deviceId: state.lease.deviceId, sdkUuid: state.lease.sdkUuid, instanceType: state.lease.instanceType,
+            grantedAt: new Date(leasedTime ?? now).toISOString(), deferred: new Set(), modelId: state.spec.model.id, deadline: now + this.leaseTimeoutMs, expiresAt: now + this.maxLeaseMs, sentAt: leasedTime ?? now,
+          }
           recovered.set(lease.leaseId, { lease, leasedAt: leasedAt ?? START })
         }
       }
@@ -372,7 +386,7 @@ export class TaskScheduler {
         ...planned.map(({ spec, device, lease }) => ({
           streamId: taskStream(spec.task_id),
           decider: taskDecider,
-          command: { type: 'QueueTask', task: spec, at, ...(lease && device ? { lease: grantOf(lease, device, 0) } : {}) } satisfies TaskCommand,
+          command: { type: 'QueueTask', task: spec, at, ...(lease ? { lease: grantOf(lease, 0) } : {}) } satisfies TaskCommand,
           metadata: { customerId: metadata.customerId, occurredAt: at },
         })),
       ])
@@ -546,7 +560,8 @@ export class TaskScheduler {
     const parts = lease.parts
     const settled = await Promise.allSettled(parts.map((part) => {
       const share = shareOf(lease, part)
-      return this.command(part.taskId, { type: 'CompleteTask', leaseId: lease.leaseId, outputs: outputs.slice(part.offset, part.offset + part.count), metrics: frame.metrics, ...(observed ? { observed } : {}), ...(share ? { share } : {}), at })
+      const record = lease.deferred.has(part.taskId) ? { record: { ...grantOf(lease, part.index), at: lease.grantedAt } } : {}
+      return this.command(part.taskId, { type: 'CompleteTask', leaseId: lease.leaseId, outputs: outputs.slice(part.offset, part.offset + part.count), metrics: frame.metrics, ...(observed ? { observed } : {}), ...(share ? { share } : {}), ...record, at })
     }))
     let failure: unknown
     let refusal: unknown
@@ -746,13 +761,19 @@ export class TaskScheduler {
     this.release(lease)
     // every task of the device task, each on its own stream (the appends share a commit)
     const parts = lease.parts
-    const settled = await Promise.allSettled(parts.map((part) => this.command(part.taskId, commandFor(part))))
+    const settled = await Promise.allSettled(parts.map(async (part) => {
+      const command = commandFor(part)
+      if (!lease.deferred.has(part.taskId)) return await this.command(part.taskId, command)
+      // a lease the log does not hold: returned, there is nothing to record; failed, it is recorded with the failure
+      if (command.type === 'ReturnLease') return undefined
+      return await this.command(part.taskId, { ...command, record: { ...grantOf(lease, part.index), at: lease.grantedAt } })
+    }))
     const requeued: TaskSpec[] = []
     const retry: Part[] = []
     settled.forEach((result, i) => {
       const part = parts[i]!
       if (result.status === 'fulfilled') {
-        if (result.value.events.some((e) => e.type === 'TaskFailed')) this.afterOutcome(part.taskId, result.value.events, result.value.position)
+        if (result.value?.events.some((e) => e.type === 'TaskFailed')) this.afterOutcome(part.taskId, result.value.events, result.value.position)
         else {
           const spec = this.specs.get(part.taskId)
           if (spec) requeued.push(spec)
@@ -943,7 +964,10 @@ export class TaskScheduler {
     let offset = 0
     const parts = tasks.map((t, index) => ({ taskId: t.task_id, index, offset: (offset += t.inputs.length) - t.inputs.length, count: t.inputs.length }))
     const unitId = tasks.length === 1 ? tasks[0]!.task_id : `unit_${id}`
-    const lease: Lease = { leaseId, unitId, parts, sizes, deviceId: device.deviceId, modelId: tasks[0]!.model.id, deadline: now + this.leaseTimeoutMs, expiresAt: now + this.maxLeaseMs, sentAt: now }
+    const lease: Lease = {
+      leaseId, unitId, parts, sizes, deviceId: device.deviceId, sdkUuid: device.sdkUuid, instanceType: device.instanceType, grantedAt: this.now().toISOString(), deferred: new Set(),
+      modelId: tasks[0]!.model.id, deadline: now + this.leaseTimeoutMs, expiresAt: now + this.maxLeaseMs, sentAt: now,
+    }
     device.leases.add(leaseId)
     this.leases.set(leaseId, lease)
     return lease
@@ -956,8 +980,12 @@ export class TaskScheduler {
    */
   private async lease(tasks: readonly TaskSpec[], device: DeviceSlot): Promise<void> {
     const lease = this.reserve(tasks, device)
-    const at = this.now().toISOString()
-    const settled = await Promise.allSettled(tasks.map((task, i) => this.command(task.task_id, { type: 'LeaseTask', ...grantOf(lease, device, i), at })))
+    const at = lease.grantedAt
+    const settled = await Promise.allSettled(tasks.map(async (task, i) => {
+      // a synchronous request's lease goes into the log with its outcome (see Lease.deferred)
+      if (this.mayMerge(task) && this.outcomes.has(task.task_id)) lease.deferred.add(task.task_id)
+      else await this.command(task.task_id, { type: 'LeaseTask', ...grantOf(lease, i), at })
+    }))
     const requeued: TaskSpec[] = []
     settled.forEach((result, i) => {
       if (result.status === 'fulfilled') return
@@ -1033,11 +1061,11 @@ export class TaskScheduler {
 }
 
 /** The lease as recorded on the stream of the device task's `index`-th task. */
-const grantOf = (lease: Lease, device: DeviceSlot, index: number): LeaseGrant => ({
+const grantOf = (lease: Lease, index: number): LeaseGrant => ({
   leaseId: lease.leaseId,
-  deviceId: device.deviceId,
-  sdkUuid: device.sdkUuid,
-  instanceType: device.instanceType,
+  deviceId: lease.deviceId,
+  sdkUuid: lease.sdkUuid,
+  instanceType: lease.instanceType,
   ...(lease.sizes.length > 1 ? { unit: { id: lease.unitId, index, sizes: lease.sizes } } : {}),
 })
 

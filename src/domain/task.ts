@@ -188,9 +188,11 @@ export type TaskCommand =
   /**
    * `observed`: what the server saw of the attempt (bounds the billed metrics; absent: billed as claimed).
    * `share`: the task was part of a merged device task; `metrics` are the whole task's, split by inputs.
+   * `record`: the lease was granted but not recorded yet (a synchronous request's, recorded with its
+   * outcome): its TaskLeased comes first, in the same append, if the task is still queued.
    */
-  | { type: 'CompleteTask'; leaseId: string; outputs: z.infer<typeof TensorData>[]; metrics: z.infer<typeof Metrics>; observed?: Observed; share?: Share; at: string }
-  | { type: 'FailAttempt'; leaseId: string; reason: string; metrics: z.infer<typeof Metrics> | null; observed?: Observed; share?: Share; at: string }
+  | { type: 'CompleteTask'; leaseId: string; outputs: z.infer<typeof TensorData>[]; metrics: z.infer<typeof Metrics>; observed?: Observed; share?: Share; record?: DeferredLease; at: string }
+  | { type: 'FailAttempt'; leaseId: string; reason: string; metrics: z.infer<typeof Metrics> | null; observed?: Observed; share?: Share; record?: DeferredLease; at: string }
   | { type: 'ReturnLease'; leaseId: string; reason: string; at: string }
   | { type: 'CancelTask'; at: string }
 
@@ -202,6 +204,9 @@ export interface LeaseGrant {
   instanceType: 'aws' | 'user' | null
   unit?: z.infer<typeof MergedUnit>
 }
+
+/** A lease granted at `at` and recorded only with the attempt's outcome. */
+export type DeferredLease = LeaseGrant & { at: string }
 
 /** Which part of a merged device task an outcome is for: the device task's id, the inputs of each part, this part's index. */
 export interface Share {
@@ -279,6 +284,14 @@ export const taskDecider: Decider<TaskCommand, TaskEvent, TaskState> = {
   },
 
   decide(command, state) {
+    if ((command.type === 'CompleteTask' || command.type === 'FailAttempt') && command.record) {
+      // the lease first (if the task is still queued: else the lease is not current, and the outcome is refused below)
+      const { record, ...outcome } = command
+      const spec = requireSpec(state)
+      if (state.status !== 'queued' || state.held.length > 0) throw new DomainError('STALE_LEASE', `lease ${record.leaseId} is not the task's current lease (the task is ${state.status})`)
+      const lease = leased(spec, state.attempts + 1, record, record.at)
+      return [lease, ...taskDecider.decide(outcome, taskDecider.evolve(state, lease))]
+    }
     switch (command.type) {
       case 'QueueTask': {
         if (state.status !== 'new') throw new DomainError('CONFLICT', `task ${command.task.task_id} already exists`)

@@ -53,8 +53,12 @@ const sumOf = (spec: Spec) => spec.inputs[0]!.data.reduce((a, b) => a + b, 0)
 /** The share a part's completion must bill: the whole claim bounded by what the server observed, split by inputs. */
 const shareOf = (completed: any, sizes: number[], index: number) => splitMetrics(completed.observed ? boundMetrics(metrics, completed.observed).metrics : metrics, sizes, index)
 
-/** A device busy with one task (prefetch 1: it holds nothing else), and `count` tasks queued behind it. */
-async function busyWithQueue(t: Test, count: number, batching?: Parameters<typeof task>[0], overrides: Record<string, unknown> = {}) {
+/**
+ * A device busy with one task (prefetch 1: it holds nothing else), and `count` tasks queued behind it.
+ * `waiting`: someone waits for each outcome, as for synchronous requests (their leases are recorded with
+ * their outcomes); false: nobody does, as for async ones (leases recorded when granted).
+ */
+async function busyWithQueue(t: Test, count: number, batching?: Parameters<typeof task>[0], overrides: Record<string, unknown> = {}, waiting = true) {
   const context = await setup(t)
   const a = await context.device()
   const first = task(batching, overrides)
@@ -62,7 +66,7 @@ async function busyWithQueue(t: Test, count: number, batching?: Parameters<typeo
   await context.scheduler.submit(first, { customerId: 'cust_test' })
   const firstFrame = await a.next((f) => f.type === 'task')
   const queued = Array.from({ length: count }, () => task(batching, overrides))
-  const outcomes = queued.map((s) => context.scheduler.outcome(s.task_id, 20_000))
+  const outcomes = waiting ? queued.map((s) => context.scheduler.outcome(s.task_id, 20_000)) : []
   await Promise.all(queued.map((s) => context.scheduler.submit(s, { customerId: 'cust_test' })))
   t.equal(context.scheduler.queued, count, 'the others wait in the queue while the device is busy')
   // a test that does not wait for them all: their end at teardown (the server stops) is not a failure
@@ -189,7 +193,7 @@ t.test('cancelling one task of a merged device task drops its part; the others c
   t.match(await outcomes[0], { status: 'completed', outputs: [{ data: [sumOf(queued[0]!)] }] })
   t.match(await outcomes[2], { status: 'completed', outputs: [{ data: [sumOf(queued[2]!)] }] })
   t.notOk(a.frames.some((f) => f.type === 'cancel_task'), 'the device is not told to stop: the others need its result')
-  t.same(await types(queued[1]!.task_id), ['TaskQueued', 'TaskLeased', 'TaskCancelled'], 'the cancelled one: no completion, no usage')
+  t.same(await types(queued[1]!.task_id), ['TaskQueued', 'TaskCancelled'], 'the cancelled one: no completion, no usage (its lease, a waited-for one, was to be recorded with its outcome)')
   for (const i of [0, 2]) {
     const completed = (await stream(queued[i]!.task_id)).at(-1)!.data
     t.same(completed.metrics, shareOf(completed, [1, 1, 1], i), `task ${i} billed its own share only`)
@@ -232,9 +236,10 @@ t.test('a malformed result for a merged task (too few outputs) fails every part\
 })
 
 t.test('after a restart a merged lease is one lease again: the device that comes back completes every part', async (t) => {
-  const { a, firstFrame, queued, store, database, projections, stream } = await busyWithQueue(t, 3)
+  const { a, firstFrame, queued, store, database, projections, stream, types } = await busyWithQueue(t, 3, undefined, {}, false)
   a.send(answer(firstFrame))
   const merged = await a.next((f) => f.type === 'task')
+  await eventually(async () => (await Promise.all(queued.map((s) => types(s.task_id)))).every((list) => list.at(-1) === 'TaskLeased'), 5000, 'the three leases recorded')
   await projections.waitFor(await store.headPosition())
   const restarted = new TaskScheduler({ store, db: database.db, leaseTimeoutMs: 60_000 })
   t.teardown(() => restarted.stop())
@@ -298,4 +303,53 @@ t.test('mergeable work waits in the queue rather than on a busy device: one devi
   a.send(answer(second))
   a.send(answer(merged))
   for (const outcome of outcomes) t.match(await outcome, { status: 'completed' })
+})
+
+t.test('a waited-for (synchronous) task\'s lease is recorded with its outcome, in one append; a restart meanwhile runs it again, once', async (t) => {
+  const { a, firstFrame, queued, outcomes, store, database, projections, types, device } = await busyWithQueue(t, 2)
+  a.send(answer(firstFrame))
+  const merged = await a.next((f) => f.type === 'task')
+  t.equal(merged.inputs.length, 2)
+  for (const spec of queued) t.same(await types(spec.task_id), ['TaskQueued'], 'running, and no lease in the log yet')
+
+  // a restart now: the log says queued, so they run again; the old device's result is refused
+  await projections.waitFor(await store.headPosition())
+  const restarted = new TaskScheduler({ store, db: database.db, leaseTimeoutMs: 60_000 })
+  t.teardown(() => restarted.stop())
+  await restarted.recover()
+  t.equal(restarted.queued, 2, 'both queued again')
+  t.equal(restarted.leased, 0)
+  const slot = { deviceId: 'dev_after', formats: ['onnx'], gpu: false, maxConcurrent: 1, maxBatchInputs: 64, sdkUuid: 'x', instanceType: 'user' as const, leases: new Set<string>(), draining: false, load: 0, sent: [] as any[], send(f: any) { return this.sent.push(f) > 0 } }
+  const again = restarted.outcome(queued[0]!.task_id, 10_000)
+  restarted.deviceConnected(slot)
+  await eventually(async () => slot.sent.length > 0, 5000, 'the work sent again')
+  await t.rejects(restarted.result(a.deviceId, answer(merged) as any), { code: 'STALE_LEASE' }, 'the first run\'s result is refused after the restart')
+  await restarted.result('dev_after', answer(slot.sent[0]) as any)
+  t.match(await again, { status: 'completed' })
+  for (const spec of queued) {
+    const events = (await store.readStream(taskStream(spec.task_id))).map((e) => ({ type: e.type, position: e.position, data: e.data as any }))
+    t.same(events.map((e) => e.type), ['TaskQueued', 'TaskLeased', 'TaskCompleted'], 'leased and completed once')
+    t.equal(events[1]!.data.device_id, 'dev_after')
+  }
+  for (const outcome of outcomes) outcome.catch(() => {})
+  void device
+})
+
+t.test('a device lost running a waited-for task: its lease and the failed attempt are recorded together; one it had not started leaves no trace', async (t) => {
+  const { device, scheduler, types } = await setup(t, 10_000, 4)
+  const a = await device({ maxTasks: 1 })
+  const [done, running, prefetched] = [task(), task(), task()]
+  const outcomes = [running, prefetched].map((s) => scheduler.outcome(s.task_id, 20_000))
+  // the first two find the queue empty and room on the device: leased in their submits' appends
+  for (const spec of [done, running, prefetched]) await scheduler.submit(spec, { customerId: 'cust_test' })
+  t.equal(scheduler.queued, 1, 'the third waits (one device task beyond the one it runs)')
+  a.send(answer(await a.next((f) => f.type === 'task' && f.task_id === done.task_id)))
+  await a.next((f) => f.type === 'task' && f.task_id === prefetched.task_id)
+  t.same(await types(prefetched.task_id), ['TaskQueued'], 'dispatched from the queue: leased in memory only')
+  a.kill() // running the second, holding the third
+  const b = await device({ maxTasks: 2 })
+  for (let i = 0; i < 2; i++) b.send(answer(await b.next((f) => f.type === 'task')))
+  for (const outcome of outcomes) t.match(await outcome, { status: 'completed', deviceId: b.deviceId })
+  t.same(await types(running.task_id), ['TaskQueued', 'TaskLeased', 'TaskAttemptFailed', 'TaskLeased', 'TaskCompleted'], 'the one it ran: an attempt used')
+  t.same(await types(prefetched.task_id), ['TaskQueued', 'TaskLeased', 'TaskCompleted'], 'the one it had not started: returned, nothing recorded, no attempt used')
 })
