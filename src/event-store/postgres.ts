@@ -21,6 +21,7 @@ import { matchesFilter, START } from './port.js'
 import { Signal } from './signal.js'
 import { assertStorable, storedId } from './storable.js'
 import { type Page, PollingSubscription } from './subscription.js'
+import { WrittenEvents, type WrittenRow } from './written.js'
 
 export interface PostgresEventStoreOptions {
   /** Most events written in one group-commit transaction. Default 2000 (at most 2^20). */
@@ -93,6 +94,8 @@ export class PostgresEventStore implements EventStore {
   private inFlight = 0
   /** Heads of streams this store wrote, so the next append to them can skip reading. */
   private readonly heads = new Map<string, { revision: number; position: Position }>()
+  /** Events this store committed lately, for its subscribers' pages (see readPage). */
+  private readonly written = new WrittenEvents()
   private pumpScheduled = false
   /** Writers waiting (WRITER_GRACE_MS at most) for appends, on a transaction they hold open: wake one to take work. */
   private readonly parked = new Set<() => void>()
@@ -372,6 +375,7 @@ export class PostgresEventStore implements EventStore {
       writer.xid = next
       plan.rows.forEach((row, i) => (row.position = first + BigInt(i)))
       for (const row of plan.rows) this.remember(row.streamId, { revision: row.revision, position: row.position! })
+      this.written.add(plan.rows as WrittenRow[])
       this.committed()
     }
     return plan.outcomes.map((o) => (o.ok ? { ok: true, result: o.result() } : o))
@@ -476,12 +480,55 @@ export class PostgresEventStore implements EventStore {
     return page.events
   }
 
+  /**
+   * A page of the log, stopping below the bound (computed once: a materialised CTE), with one extra row
+   * (position only) past it telling whether the page was held back. Rows at or above the bound are not read:
+   * under a steady stream of appends there always are some, and a subscriber re-reads a held page every few
+   * ms.
+   *
+   * Near the head of the log, where this store's own recent commits are (`written`), the page is read in two
+   * steps: the positions, streams and types (no payloads), then in full only the events this store does not
+   * hold (another process's, or forgotten ones). Deciding what may be delivered is the database's, as
+   * always; only the payloads of this store's own events are not read back and parsed again. Further back
+   * (a catch-up, a rebuild) the page is one read in full, as it was.
+   */
   private async readPage(after: Position, limit: number, filter?: EventFilter): Promise<Page> {
-    if (filter) return this.readFilteredPage(after, limit, filter)
-    // The page stops below the bound (the bound is computed once: a materialised CTE). Rows at or above it
-    // are not read in full: under a steady stream of appends there always are some, and a subscriber that
-    // re-reads a held page every few ms would parse them again each time. One extra row (position only)
-    // tells whether the page was held back.
+    const oldest = this.written.oldest()
+    if (oldest === undefined || after < oldest) return filter ? this.readFilteredPage(after, limit, filter) : this.readFullPage(after, limit)
+    const heads = await this.query(
+      `with b as materialized (select dcp_position_bound() as bound)
+       (select position, stream_id, type, recorded_at, false as in_flight from events where position > $1 and position < (select bound from b) order by position limit $2)
+       union all
+       (select position, null, null, null, true from events where position > $1 and position >= (select bound from b) order by position limit 1)`,
+      [after.toString(), limit],
+    )
+    const page: (RecordedEvent | bigint)[] = []
+    const missing: string[] = []
+    let scanned = 0
+    let last = after
+    let held = false
+    for (const row of heads.rows as { position: string; stream_id: string; type: string; recorded_at: Date; in_flight: boolean }[]) {
+      if (row.in_flight) {
+        held = scanned < limit
+        break
+      }
+      scanned++
+      last = BigInt(row.position)
+      if (!matchesFilter({ type: row.type, streamId: row.stream_id }, filter)) continue
+      const event = this.written.take(last, row.stream_id, row.type, row.recorded_at)
+      if (!event) missing.push(row.position)
+      page.push(event ?? last)
+    }
+    if (missing.length === 0) return { events: page as RecordedEvent[], scanned, last, held }
+    const full = await this.query(`select ${SELECT_COLUMNS} from events where position = any($1::bigint[])`, [missing])
+    const read = new Map(full.rows.map((row) => [BigInt(row.position as string), toRecorded(row)]))
+    // every position was below the bound, so it is final: the read finds each of them
+    const events = page.map((e) => (typeof e === 'bigint' ? read.get(e)! : e))
+    return { events, scanned, last, held }
+  }
+
+  /** A page read in full (see readPage). */
+  private async readFullPage(after: Position, limit: number): Promise<Page> {
     const result = await this.query(
       `with b as materialized (select dcp_position_bound() as bound)
        (select ${SELECT_COLUMNS}, false as in_flight from events where position > $1 and position < (select bound from b) order by position limit $2)
