@@ -592,3 +592,47 @@ t.test("a subscriber takes its own store's recent events from memory, reads anot
   t.same(ownReadBack, [], "none of its own store's events is read back in full")
   t.ok(theirsRead.length >= 10, `another process's events are read from the log (${theirsRead.length} rows)`)
 })
+
+t.test('no NOTIFY while no other process listens; a process that starts listening is woken again', async (t) => {
+  const database = await freshDatabase(t)
+  const otherPool = new pg.Pool({ connectionString: database.url, max: 2 })
+  const writer = new PostgresEventStore(database.pool, { idlePollMs: 60_000, listenerCheckMs: 100 })
+  const other = new PostgresEventStore(otherPool, { idlePollMs: 60_000 })
+  const subscriptions: Subscription[] = []
+  t.teardown(async () => {
+    for (const subscription of subscriptions) await subscription.close()
+    await writer.close()
+    await other.close()
+    await otherPool.end()
+  })
+  let notifies = 0
+  const query = database.pool.query.bind(database.pool) as (...args: unknown[]) => Promise<pg.QueryResult>
+  ;(database.pool as unknown as { query: typeof query }).query = (...args: unknown[]) => {
+    if (typeof args[0] === 'string' && args[0].includes('pg_notify')) notifies++
+    return query(...args)
+  }
+  t.teardown(() => void ((database.pool as unknown as { query: typeof query }).query = query))
+  const listeners = async () => (await query(`select count(*)::int as n from pg_stat_activity where datname = current_database() and query = 'listen dcp_events'`)).rows[0].n as number
+  // the writer's own subscriber: its store listens, and is the only one
+  subscriptions.push(writer.subscribe({ from: await writer.headPosition() }))
+  await eventually(async () => (await listeners()) === 1, 5000)
+  for (let i = 0; i < 20; i++) {
+    await writer.append(`alone-${i}`, [{ type: 'Alone', data: { i } }])
+    await new Promise((r) => setTimeout(r, 10))
+  }
+  t.equal(notifies, 0, 'twenty commits over some 200 ms with nobody else listening: no NOTIFY')
+
+  const remote = other.subscribe({ from: await writer.headPosition() })
+  subscriptions.push(remote)
+  await eventually(async () => (await listeners()) === 2, 5000)
+  await new Promise((r) => setTimeout(r, 200)) // past the writer's check interval
+  const first = (async () => {
+    for await (const batch of remote) if (batch.events.length > 0) return batch.events
+    return []
+  })()
+  const started = Date.now()
+  await writer.append('heard', [{ type: 'Heard', data: {} }])
+  const events = await Promise.race([first, new Promise<RecordedEvent[]>((r) => setTimeout(() => r([]), 5000))])
+  t.same(events.map((e) => e.type), ['Heard'], 'the other process is woken by NOTIFY, not its minute-long idle poll')
+  t.ok(notifies >= 1, `${notifies} NOTIFY once another process listens (${Date.now() - started} ms)`)
+})
