@@ -559,8 +559,9 @@ export class PostgresEventStore implements EventStore {
     if (missing.length === 0) return { events: page as RecordedEvent[], scanned, last, held }
     const full = await this.query(`select ${SELECT_COLUMNS} from events where position = any($1::bigint[])`, [missing])
     const read = new Map(full.rows.map((row) => [BigInt(row.position as string), toRecorded(row)]))
-    // every position was below the bound, so it is final: the read finds each of them
-    const events = page.map((e) => (typeof e === 'bigint' ? read.get(e)! : e))
+    // every position was below the bound, so it is final and the read finds it (unless deleted meanwhile by
+    // hand, when a read in full would not have found it either)
+    const events = page.flatMap((e) => (typeof e === 'bigint' ? (read.get(e) ?? []) : [e]))
     return { events, scanned, last, held }
   }
 
