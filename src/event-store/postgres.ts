@@ -21,6 +21,7 @@ import { matchesFilter, START } from './port.js'
 import { Signal } from './signal.js'
 import { assertStorable, storedId } from './storable.js'
 import { type Page, PollingSubscription } from './subscription.js'
+import { WrittenEvents, type WrittenRow } from './written.js'
 
 export interface PostgresEventStoreOptions {
   /** Most events written in one group-commit transaction. Default 2000 (at most 2^20). */
@@ -31,6 +32,8 @@ export interface PostgresEventStoreOptions {
   idlePollMs?: number
   /** Re-read delay when a page stopped below an open transaction. Default 5 ms. */
   heldPollMs?: number
+  /** How often the store asks whether another process listens for its NOTIFYs (see `othersListen`). Default 1000 ms. */
+  listenerCheckMs?: number
 }
 
 interface PendingAppend {
@@ -93,6 +96,8 @@ export class PostgresEventStore implements EventStore {
   private inFlight = 0
   /** Heads of streams this store wrote, so the next append to them can skip reading. */
   private readonly heads = new Map<string, { revision: number; position: Position }>()
+  /** Events this store committed lately, for its subscribers' pages (see readPage). */
+  private readonly written = new WrittenEvents()
   private pumpScheduled = false
   /** Writers waiting (WRITER_GRACE_MS at most) for appends, on a transaction they hold open: wake one to take work. */
   private readonly parked = new Set<() => void>()
@@ -109,6 +114,11 @@ export class PostgresEventStore implements EventStore {
   private announcing: Promise<void> | undefined
   private announceAgain = false
   private announcedAt = -Infinity
+  /** The backend of this store's LISTEN connection, once it listens. */
+  private listenerPid: number | undefined
+  /** Whether another process listens for this store's NOTIFYs, as last asked (performance.now()). */
+  private others: { at: number; listening: boolean } | undefined
+  private readonly listenerCheckMs: number
   private closed = false
   private readonly maxBatchEvents: number
   private readonly maxConcurrentBatches: number
@@ -120,6 +130,7 @@ export class PostgresEventStore implements EventStore {
     this.maxConcurrentBatches = options.maxConcurrentBatches ?? 3
     this.idlePollMs = options.idlePollMs ?? 1000
     this.heldPollMs = options.heldPollMs ?? 5
+    this.listenerCheckMs = options.listenerCheckMs ?? 1000
   }
 
   append(streamId: string, events: readonly NewEvent[], options: AppendOptions = {}): Promise<AppendResult> {
@@ -372,6 +383,7 @@ export class PostgresEventStore implements EventStore {
       writer.xid = next
       plan.rows.forEach((row, i) => (row.position = first + BigInt(i)))
       for (const row of plan.rows) this.remember(row.streamId, { revision: row.revision, position: row.position! })
+      this.written.add(plan.rows as WrittenRow[])
       this.committed()
     }
     return plan.outcomes.map((o) => (o.ok ? { ok: true, result: o.result() } : o))
@@ -415,10 +427,39 @@ export class PostgresEventStore implements EventStore {
         if (wait > 0 && !this.closed) await new Promise((resolve) => setTimeout(resolve, wait))
         this.announceAgain = false
         this.announcedAt = performance.now()
-        await this.pool.query(`select pg_notify('dcp_events', $1)`, [this.instance]).catch(() => {})
+        if (await this.othersListen()) await this.pool.query(`select pg_notify('dcp_events', $1)`, [this.instance]).catch(() => {})
       } while (this.announceAgain)
       this.announcing = undefined
     })()
+  }
+
+  /**
+   * Whether a NOTIFY would wake another process: a connection of this database, other than this store's own
+   * listener, whose last statement is `listen dcp_events` (a store's listener runs nothing else), or whose
+   * statements this role may not see. Asked at most once per `listenerCheckMs`: a process that starts
+   * listening meanwhile is woken by its idle poll until then (`idlePollMs`), as after a NOTIFY lost with a
+   * connection; it reads every event all the same. When this store cannot see its own listener there
+   * (statement tracking off) or cannot ask, the answer is yes. With one process, this saves a NOTIFY (a
+   * transaction, and a wake-up of this store's own listener) every 10 ms under load.
+   */
+  private async othersListen(): Promise<boolean> {
+    if (this.others && performance.now() - this.others.at < this.listenerCheckMs) return this.others.listening
+    let listening = true
+    const own = this.listenerPid
+    if (own !== undefined) {
+      const seen = await this.pool
+        .query<{ own: number; others: number }>(
+          `select count(*) filter (where pid = $1 and query = 'listen dcp_events')::int as own,
+                  count(*) filter (where pid <> $1 and query in ('listen dcp_events', '<insufficient privilege>'))::int as others
+             from pg_stat_activity where datname = current_database()`,
+          [own],
+        )
+        .catch(() => undefined)
+      const row = seen?.rows[0]
+      if (row) listening = row.own === 0 || row.others > 0
+    }
+    this.others = { at: performance.now(), listening }
+    return listening
   }
 
   /** Caches a stream's head (most recently written first out last; bounded). */
@@ -476,12 +517,56 @@ export class PostgresEventStore implements EventStore {
     return page.events
   }
 
+  /**
+   * A page of the log, stopping below the bound (computed once: a materialised CTE), with one extra row
+   * (position only) past it telling whether the page was held back. Rows at or above the bound are not read:
+   * under a steady stream of appends there always are some, and a subscriber re-reads a held page every few
+   * ms.
+   *
+   * Near the head of the log, where this store's own recent commits are (`written`), the page is read in two
+   * steps: the positions, streams and types (no payloads), then in full only the events this store does not
+   * hold (another process's, or forgotten ones). Deciding what may be delivered is the database's, as
+   * always; only the payloads of this store's own events are not read back and parsed again. Further back
+   * (a catch-up, a rebuild) the page is one read in full, as it was.
+   */
   private async readPage(after: Position, limit: number, filter?: EventFilter): Promise<Page> {
-    if (filter) return this.readFilteredPage(after, limit, filter)
-    // The page stops below the bound (the bound is computed once: a materialised CTE). Rows at or above it
-    // are not read in full: under a steady stream of appends there always are some, and a subscriber that
-    // re-reads a held page every few ms would parse them again each time. One extra row (position only)
-    // tells whether the page was held back.
+    const oldest = this.written.oldest()
+    if (oldest === undefined || after < oldest) return filter ? this.readFilteredPage(after, limit, filter) : this.readFullPage(after, limit)
+    const heads = await this.query(
+      `with b as materialized (select dcp_position_bound() as bound)
+       (select position, stream_id, type, recorded_at, false as in_flight from events where position > $1 and position < (select bound from b) order by position limit $2)
+       union all
+       (select position, null, null, null, true from events where position > $1 and position >= (select bound from b) order by position limit 1)`,
+      [after.toString(), limit],
+    )
+    const page: (RecordedEvent | bigint)[] = []
+    const missing: string[] = []
+    let scanned = 0
+    let last = after
+    let held = false
+    for (const row of heads.rows as { position: string; stream_id: string; type: string; recorded_at: Date; in_flight: boolean }[]) {
+      if (row.in_flight) {
+        held = scanned < limit
+        break
+      }
+      scanned++
+      last = BigInt(row.position)
+      if (!matchesFilter({ type: row.type, streamId: row.stream_id }, filter)) continue
+      const event = this.written.take(last, row.stream_id, row.type, row.recorded_at)
+      if (!event) missing.push(row.position)
+      page.push(event ?? last)
+    }
+    if (missing.length === 0) return { events: page as RecordedEvent[], scanned, last, held }
+    const full = await this.query(`select ${SELECT_COLUMNS} from events where position = any($1::bigint[])`, [missing])
+    const read = new Map(full.rows.map((row) => [BigInt(row.position as string), toRecorded(row)]))
+    // every position was below the bound, so it is final and the read finds it (unless deleted meanwhile by
+    // hand, when a read in full would not have found it either)
+    const events = page.flatMap((e) => (typeof e === 'bigint' ? (read.get(e) ?? []) : [e]))
+    return { events, scanned, last, held }
+  }
+
+  /** A page read in full (see readPage). */
+  private async readFullPage(after: Position, limit: number): Promise<Page> {
     const result = await this.query(
       `with b as materialized (select dcp_position_bound() as bound)
        (select ${SELECT_COLUMNS}, false as in_flight from events where position > $1 and position < (select bound from b) order by position limit $2)
@@ -577,6 +662,7 @@ export class PostgresEventStore implements EventStore {
       client.on('error', () => {})
       client.on('end', () => {
         if (this.listener === client) this.listener = undefined
+        if (this.listener === undefined) this.listenerPid = undefined
         this.listening = undefined
         // wake subscribers so they poll, and listen again unless the store is closing
         this.signal.notify()
@@ -584,9 +670,14 @@ export class PostgresEventStore implements EventStore {
       })
       try {
         await client.connect()
+        // its backend, asked first: `listen dcp_events` stays its last statement (see othersListen)
+        const { rows } = await client.query<{ pid: number }>('select pg_backend_pid() as pid')
         await client.query('listen dcp_events')
         if (this.closed) await client.end()
-        else this.listener = client
+        else {
+          this.listener = client
+          this.listenerPid = rows[0]?.pid
+        }
       } catch {
         await client.end().catch(() => {})
       }

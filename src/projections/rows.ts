@@ -12,6 +12,8 @@ import { sql, type Transaction } from 'kysely'
 export class RowSet<Row extends Record<string, unknown>> {
   private readonly rows = new Map<string, Row>()
   private readonly loaded = new Set<string>()
+  /** Keys loaded and not found: not in the table (the runner is its one writer), so their rows go in by a plain INSERT. */
+  private readonly absent = new Set<string>()
   private readonly dirty = new Set<string>()
 
   /** `parse` turns a row as the driver returns it into a Row (e.g. a bigint column's string into a number). */
@@ -24,6 +26,8 @@ export class RowSet<Row extends Record<string, unknown>> {
     for (const k of wanted) this.loaded.add(k)
     const { rows } = await sql<Row>`select * from ${sql.table(this.table)} where ${sql.ref(this.key)} = any(${wanted}::text[])`.execute(trx)
     for (const row of rows) if (!this.rows.has(String(row[this.key]))) this.rows.set(String(row[this.key]), this.parse(row))
+    const found = new Set(rows.map((row) => String(row[this.key])))
+    for (const k of wanted) if (!found.has(k)) this.absent.add(k)
   }
 
   get(key: string): Row | undefined {
@@ -55,17 +59,26 @@ export class RowSet<Row extends Record<string, unknown>> {
     return row
   }
 
-  /** Writes every added or changed row: inserted, or over the stored row; one statement. */
+  /**
+   * Writes every added or changed row, in one statement: a row whose key was loaded and not found by a plain
+   * INSERT (most rows of a busy read model are new, and an INSERT ... ON CONFLICT costs Postgres a
+   * speculative insertion for each), any other over the stored row. The two never share a key.
+   */
   async save(trx: Transaction<any>): Promise<void> {
     if (this.dirty.size === 0) return
-    const rows = [...this.dirty].map((k) => this.rows.get(k)!)
+    const fresh: Row[] = []
+    const other: Row[] = []
+    for (const k of this.dirty) (this.absent.has(k) ? fresh : other).push(this.rows.get(k)!)
+    for (const k of this.dirty) this.absent.delete(k)
     this.dirty.clear()
-    const columns = Object.keys(rows[0]!)
+    const columns = Object.keys((fresh[0] ?? other[0])!)
     const list = sql.join(columns.map((c) => sql.ref(c)))
     const updates = columns.filter((c) => c !== this.key).map((c) => sql`${sql.ref(c)} = excluded.${sql.ref(c)}`)
-    await sql`
-      insert into ${sql.table(this.table)} (${list})
-      select ${list} from jsonb_populate_recordset(null::${sql.table(this.table)}, ${JSON.stringify(rows)}::jsonb)
-      on conflict (${sql.ref(this.key)}) do ${updates.length > 0 ? sql`update set ${sql.join(updates)}` : sql`nothing`}`.execute(trx)
+    const rowsOf = (rows: Row[]) => sql`select ${list} from jsonb_populate_recordset(null::${sql.table(this.table)}, ${JSON.stringify(rows)}::jsonb)`
+    const insert = sql`insert into ${sql.table(this.table)} (${list})`
+    const upsert = sql`${insert} ${rowsOf(other)} on conflict (${sql.ref(this.key)}) do ${updates.length > 0 ? sql`update set ${sql.join(updates)}` : sql`nothing`}`
+    if (other.length === 0) await sql`${insert} ${rowsOf(fresh)}`.execute(trx)
+    else if (fresh.length === 0) await upsert.execute(trx)
+    else await sql`with fresh as (${insert} ${rowsOf(fresh)}) ${upsert}`.execute(trx)
   }
 }

@@ -544,3 +544,95 @@ t.test('subscribers wake on a commit, not on their idle poll: in the same store,
   t.same(theirs.map((e) => e.type), ['Woken'], 'a store in another process is woken by NOTIFY')
   t.ok(Date.now() - started < 5000, `both within seconds (${Date.now() - started} ms), not after the minute's poll`)
 })
+
+t.test("a subscriber takes its own store's recent events from memory, reads another process's from the log, and delivers what the log holds", async (t) => {
+  const database = await freshDatabase(t)
+  const { a, b } = await twoStores(t, database, 5)
+  await a.append('own-start', [{ type: 'Start', data: {} }])
+  const from = await a.headPosition()
+  // the rows a's subscribers read in full (payloads and all), by stream
+  const readInFull: string[] = []
+  const query = database.pool.query.bind(database.pool) as (...args: unknown[]) => Promise<pg.QueryResult>
+  ;(database.pool as unknown as { query: typeof query }).query = async (...args: unknown[]) => {
+    const result = await query(...args)
+    if (typeof args[0] === 'string' && args[0].includes('data, metadata')) readInFull.push(...result.rows.map((r) => String(r.stream_id)))
+    return result
+  }
+  t.teardown(() => void ((database.pool as unknown as { query: typeof query }).query = query))
+  const data = (i: number) => ({ i, text: 'tab\there, ünïcödé 🚀', nested: { list: [i, 1.5, null, true] } })
+  for (let i = 0; i < 10; i++) {
+    await Promise.all([
+      a.append(`own-${i}`, [{ type: 'Own', data: data(i), metadata: { customerId: 'c' } }, { type: 'Skipped', data: {} }]),
+      b.append(`theirs-${i}`, [{ type: 'Theirs', data: data(i) }]),
+    ])
+  }
+  const collect = async (filter?: { types: string[] }) => {
+    const subscription = a.subscribe({ from, batchSize: 7, ...(filter ? { filter } : {}) })
+    const received: RecordedEvent[] = []
+    const deadline = Date.now() + 5000
+    for await (const batch of subscription) {
+      received.push(...batch.events)
+      if (received.length >= (filter ? 20 : 30) || Date.now() > deadline) break
+    }
+    await subscription.close()
+    return received
+  }
+  const all = await collect()
+  const filtered = await collect({ types: ['Own', 'Theirs'] })
+  const ownReadBack = readInFull.filter((s) => s.startsWith('own-'))
+  const theirsRead = readInFull.filter((s) => s.startsWith('theirs-'))
+  ;(database.pool as unknown as { query: typeof query }).query = query
+  // the truth: the log read in full by a store that wrote none of it
+  const reader = new PostgresEventStore(database.pool)
+  t.teardown(() => reader.close())
+  const log = await reader.readAll(from, 1000)
+  t.equal(log.length, 30)
+  t.same(all, log, 'every event, in position order, each as the log holds it (ids, revisions, data, metadata, recorded_at)')
+  t.same(filtered, log.filter((e) => e.type !== 'Skipped'), 'a filtered subscription too')
+  t.same(ownReadBack, [], "none of its own store's events is read back in full")
+  t.ok(theirsRead.length >= 10, `another process's events are read from the log (${theirsRead.length} rows)`)
+})
+
+t.test('no NOTIFY while no other process listens; a process that starts listening is woken again', async (t) => {
+  const database = await freshDatabase(t)
+  const otherPool = new pg.Pool({ connectionString: database.url, max: 2 })
+  const writer = new PostgresEventStore(database.pool, { idlePollMs: 60_000, listenerCheckMs: 100 })
+  const other = new PostgresEventStore(otherPool, { idlePollMs: 60_000 })
+  const subscriptions: Subscription[] = []
+  t.teardown(async () => {
+    for (const subscription of subscriptions) await subscription.close()
+    await writer.close()
+    await other.close()
+    await otherPool.end()
+  })
+  let notifies = 0
+  const query = database.pool.query.bind(database.pool) as (...args: unknown[]) => Promise<pg.QueryResult>
+  ;(database.pool as unknown as { query: typeof query }).query = (...args: unknown[]) => {
+    if (typeof args[0] === 'string' && args[0].includes('pg_notify')) notifies++
+    return query(...args)
+  }
+  t.teardown(() => void ((database.pool as unknown as { query: typeof query }).query = query))
+  const listeners = async () => (await query(`select count(*)::int as n from pg_stat_activity where datname = current_database() and query = 'listen dcp_events'`)).rows[0].n as number
+  // the writer's own subscriber: its store listens, and is the only one
+  subscriptions.push(writer.subscribe({ from: await writer.headPosition() }))
+  await eventually(async () => (await listeners()) === 1, 5000)
+  for (let i = 0; i < 20; i++) {
+    await writer.append(`alone-${i}`, [{ type: 'Alone', data: { i } }])
+    await new Promise((r) => setTimeout(r, 10))
+  }
+  t.equal(notifies, 0, 'twenty commits over some 200 ms with nobody else listening: no NOTIFY')
+
+  const remote = other.subscribe({ from: await writer.headPosition() })
+  subscriptions.push(remote)
+  await eventually(async () => (await listeners()) === 2, 5000)
+  await new Promise((r) => setTimeout(r, 200)) // past the writer's check interval
+  const first = (async () => {
+    for await (const batch of remote) if (batch.events.length > 0) return batch.events
+    return []
+  })()
+  const started = Date.now()
+  await writer.append('heard', [{ type: 'Heard', data: {} }])
+  const events = await Promise.race([first, new Promise<RecordedEvent[]>((r) => setTimeout(() => r([]), 5000))])
+  t.same(events.map((e) => e.type), ['Heard'], 'the other process is woken by NOTIFY, not its minute-long idle poll')
+  t.ok(notifies >= 1, `${notifies} NOTIFY once another process listens (${Date.now() - started} ms)`)
+})

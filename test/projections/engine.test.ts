@@ -319,3 +319,34 @@ t.test('a read model that fails on an event goes on alone; the others keep up', 
   const { rows } = await sql<{ n: number }>`select n from rm_a_counts.a_counts`.execute(db)
   t.same(rows, [{ n: 1 }], 'nothing of the failed batch was applied to it')
 })
+
+t.test('following the log live, batches gather for liveIntervalMs while nobody waits; a read-your-writes wait ends the gathering at once', async (t) => {
+  const { db, store } = await setup(t)
+  let batches = 0
+  const counting: Projection = {
+    ...eventCounts,
+    async apply(trx, events) {
+      batches++
+      await eventCounts.apply(trx, events)
+    },
+  }
+  // an interval no test would wait out: only a wait for the read models moves the runner on
+  const projections = new Projections({ db, store, liveIntervalMs: 600_000 }, [counting])
+  projections.start()
+  t.teardown(() => projections.stop())
+  await projections.waitFor((await store.append('job-0', [{ type: 'Tick', data: {} }])).position)
+  // a live batch, after which the runner gathers
+  let last = await store.append('job-1', [{ type: 'Tick', data: {} }])
+  await projections.waitFor(last.position)
+  const before = batches
+  for (let i = 2; i <= 21; i++) {
+    last = await store.append(`job-${i}`, [{ type: 'Tick', data: {} }])
+    await new Promise((resolve) => setTimeout(resolve, 10))
+  }
+  t.equal(batches, before, 'twenty commits over some 200 ms, nobody waiting: no batch yet')
+  const started = Date.now()
+  await projections.waitFor(last.position, 10_000)
+  t.ok(Date.now() - started < 5000, `a wait is answered at once (${Date.now() - started} ms), not after the interval`)
+  t.equal(batches, before + 1, 'the twenty in one batch')
+  t.same(await counts(db), ['job/Tick=22'])
+})
