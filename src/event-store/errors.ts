@@ -42,3 +42,16 @@ export class UnstorableEventError extends Error {
     this.name = 'UnstorableEventError'
   }
 }
+
+/**
+ * An append larger than the store takes in one write: EventStoreDB refuses appends above its
+ * `MaxAppendSize` (1 MiB by default; docker-compose.yml sets it). The request that made it is too large:
+ * the HTTP layer answers 413 PAYLOAD_TOO_LARGE.
+ */
+export class PayloadTooLargeError extends Error {
+  readonly code = 'PAYLOAD_TOO_LARGE'
+  constructor(readonly streamId: string, readonly maxBytes: number | undefined) {
+    super(`stream ${streamId}: the append is larger than the event store takes in one write${maxBytes ? ` (${maxBytes} bytes)` : ''}`)
+    this.name = 'PayloadTooLargeError'
+  }
+}

@@ -11,8 +11,24 @@
  *
  * Idempotency. The port's event id is the ESDB event id, so ESDB's own idempotency check answers a retried
  * append with the original revision; its position is then looked up. ESDB does not enforce globally unique
- * event ids the way the Postgres adapter does: `DuplicateEventIdError` is never raised here, and with
- * `expectedRevision: 'any'` the server's check is best effort (a cache of recent ids).
+ * event ids the way the Postgres adapter does, and with `expectedRevision: 'any'` the server's check is best
+ * effort (a cache of recent ids). Two answers of the server are not the port's, and the adapter reads the
+ * stream to give the port's answer (`settleAppend`):
+ * - a retry that arrives while its original is not yet committed (IdempotentNotReady) is dropped without a
+ *   reply ("just drop the write and wait for the client to retry", StorageWriterService.cs), so the client
+ *   sees its deadline pass (`DeadlineExceededError`: the server's `Timeout` answer to a batch append,
+ *   unpackError.js, or gRPC's DEADLINE_EXCEEDED on the unary append; the deadline is the connection string's
+ *   `defaultDeadline`, 10 s by default);
+ * - an append some of whose ids are stored (CorruptedIdempotency) is answered as a wrong expected version.
+ * If the ids sent are there, in order, the append is answered with the original result; if only some are,
+ * with `DuplicateEventIdError` (as the Postgres adapter). An append above the server's MaxAppendSize
+ * becomes `PayloadTooLargeError`.
+ *
+ * Bounded reads. Every `$all` read names a `maxCount`, so none is left open and cancelled. The client's
+ * `readAll` cannot filter on the server (6.2.1 sends `no_filter` whatever it is given, readAll.js), and a
+ * filtered `subscribeToAll` reports what it skipped only through checkpoints every 32 scanned records or so,
+ * so it cannot say how many records a page covered: `readFilteredPage` is left out and replays filter
+ * `readAll`'s pages here (see docs/event-store.md).
  *
  * System events (type or stream starting with `$`) are never returned.
  */
@@ -29,6 +45,7 @@ import {
   WrongExpectedVersionError,
   CancelledError,
   DeadlineExceededError,
+  MaxAppendSizeExceededError,
   NotLeaderError,
   TimeoutError,
   UnavailableError,
@@ -48,7 +65,7 @@ import type {
   ResolvedEvent,
   StreamingRead,
 } from '@eventstore/db-client'
-import { EventStoreUnavailableError, WrongExpectedRevisionError } from './errors.js'
+import { DuplicateEventIdError, EventStoreUnavailableError, PayloadTooLargeError, WrongExpectedRevisionError } from './errors.js'
 import { assertStorable, storedId } from './storable.js'
 import type {
   AppendOptions,
@@ -76,6 +93,11 @@ export interface EventStoreDbEventStoreOptions {
   resubscribeDelayMs?: number
 }
 
+/** Most records one backward read of `$all` asks for while it passes system events. */
+const BACKWARD_WINDOW = 64
+/** Most events of a stream read back to settle an append made with `'any'` or `'stream_exists'` (ESDB's own check of such retries only sees recent ids too). */
+const RECENT_EVENTS = 1000
+
 export class EventStoreDbEventStore implements EventStore {
   private readonly client: EventStoreDBClient
   private readonly subscriptions = new Set<EsdbSubscription>()
@@ -99,6 +121,9 @@ export class EventStoreDbEventStore implements EventStore {
     try {
       result = await this.client.appendToStream(streamId, proposed, { expectedRevision: toEsdbExpectedRevision(expected) })
     } catch (error) {
+      const chosenIds = events.some((e) => e.id !== undefined)
+      const settled = await this.settleAppend(error, streamId, proposed.map((e) => e.id), expected, chosenIds)
+      if (settled) return settled
       throw mapAppendError(error, streamId, expected)
     }
     const nextRevision = Number(result.nextExpectedRevision)
@@ -127,22 +152,26 @@ export class EventStoreDbEventStore implements EventStore {
     }
   }
 
+  /**
+   * Windows of at most `limit + 1` records: ESDB reads from a position inclusively (the record at `after`
+   * comes back first and is skipped), and system records count in a window but are not returned, so a
+   * window that brought fewer than `limit` events is followed by the next one until the log ends.
+   */
   async readAll(after: Position = START, limit = 1000): Promise<RecordedEvent[]> {
     if (limit <= 0) return []
-    // ESDB reads from a position inclusively: the event at `after` comes back first and is skipped.
-    const read = this.client.readAll({ direction: FORWARDS, fromPosition: toEsdbPosition(after) })
     const events: RecordedEvent[] = []
-    try {
-      for await (const resolved of read) {
+    let from = after
+    while (events.length < limit) {
+      const asked = limit - events.length + 1
+      const records = await readAllWindow(this.client, FORWARDS, toEsdbPosition(from), asked)
+      for (const resolved of records) {
+        const position = resolvedPosition(resolved)
+        if (position === undefined || position <= from) continue
+        from = position
         const event = toRecordedEvent(resolved)
-        if (!event || event.position <= after) continue
-        events.push(event)
-        if (events.length >= limit) break
+        if (event) events.push(event)
       }
-    } catch (error) {
-      throw mapError(error)
-    } finally {
-      await cancelRead(read)
+      if (records.length < asked) break // the end of the log
     }
     return events
   }
@@ -158,20 +187,9 @@ export class EventStoreDbEventStore implements EventStore {
     return subscription
   }
 
-  /** The newest non-system event's position: `$all` read backwards until one is found. */
+  /** The newest non-system event's position: one backward read of one record, more only past system records. */
   async headPosition(): Promise<Position> {
-    const read = this.client.readAll({ direction: BACKWARDS, fromPosition: END })
-    try {
-      for await (const resolved of read) {
-        const event = toRecordedEvent(resolved)
-        if (event) return event.position
-      }
-      return START
-    } catch (error) {
-      throw mapError(error)
-    } finally {
-      await cancelRead(read)
-    }
+    return (await lastEventAtOrBefore(this.client, 'end')) ?? START
   }
 
   async close(): Promise<void> {
@@ -196,6 +214,48 @@ export class EventStoreDbEventStore implements EventStore {
       return undefined
     } catch (error) {
       if (error instanceof StreamNotFoundError) return undefined
+      throw mapError(error)
+    } finally {
+      await cancelRead(read)
+    }
+  }
+
+  /**
+   * The port's answer to an append the server failed in a way that may hide a retry (see the header): the
+   * original result when the ids sent are stored in order, `DuplicateEventIdError` when only some are
+   * (after a wrong expected version), undefined when the failure stands. A read that fails leaves the
+   * append's own failure standing.
+   */
+  private async settleAppend(error: unknown, streamId: string, ids: readonly string[], expected: ExpectedRevision, chosenIds: boolean): Promise<AppendResult | undefined> {
+    const converted = error instanceof Error ? convertToCommandError(error) : error
+    const timedOut = converted instanceof DeadlineExceededError
+    // fresh ids cannot be stored by another append: a conflict then is only a conflict (no read on that path).
+    // After a timeout the ids sent are looked for either way: if they are there, the append was made.
+    if (!timedOut && !(chosenIds && converted instanceof WrongExpectedVersionError)) return undefined
+    const window = await this.readSettleWindow(streamId, expected, ids.length).catch(() => undefined)
+    if (!window) return undefined
+    const stored = matchStoredAppend(ids, window)
+    if (stored.kind === 'all') return { nextRevision: stored.last.revision, position: stored.last.position }
+    if (stored.kind === 'some' && !timedOut) throw new DuplicateEventIdError(streamId, stored.ids)
+    return undefined
+  }
+
+  /** Where an append expecting `expected` put its `count` events, if it did: just after that revision, or the stream's recent events. */
+  private async readSettleWindow(streamId: string, expected: ExpectedRevision, count: number): Promise<RecordedEvent[]> {
+    if (expected === 'no_stream' || typeof expected === 'number') {
+      const fromRevision = expected === 'no_stream' ? 0 : expected + 1
+      return this.readStream(streamId, { fromRevision, maxCount: count })
+    }
+    const read = this.client.readStream(streamId, { direction: BACKWARDS, fromRevision: END, maxCount: Math.max(count, RECENT_EVENTS) })
+    try {
+      const events: RecordedEvent[] = []
+      for await (const resolved of read) {
+        const event = toRecordedEvent(resolved)
+        if (event) events.push(event)
+      }
+      return events.reverse()
+    } catch (error) {
+      if (error instanceof StreamNotFoundError) return []
       throw mapError(error)
     } finally {
       await cancelRead(read)
@@ -290,16 +350,8 @@ class EsdbSubscription implements Subscription {
    */
   private async startFrom(after: Position): Promise<ReadPosition> {
     if (after === START) return ESDB_START
-    const read = this.client.readAll({ direction: BACKWARDS, fromPosition: toEsdbPosition(after) })
-    try {
-      for await (const resolved of read) {
-        const event = toRecordedEvent(resolved)
-        if (event && event.position <= after) return toEsdbPosition(event.position)
-      }
-      return ESDB_START
-    } finally {
-      await cancelRead(read)
-    }
+    const position = await lastEventAtOrBefore(this.client, after)
+    return position === undefined ? ESDB_START : toEsdbPosition(position)
   }
 
   private open(from: ReadPosition): AllStreamSubscription {
@@ -386,6 +438,45 @@ async function stopSubscription(subscription: AllStreamSubscription | undefined)
   if (!subscription || subscription.destroyed) return
   await subscription.unsubscribe().catch(() => {})
   subscription.destroy()
+}
+
+/** One read of `$all` of at most `maxCount` records (system records included), read to its end. */
+async function readAllWindow(client: EventStoreDBClient, direction: typeof FORWARDS | typeof BACKWARDS, fromPosition: ReadPosition, maxCount: number): Promise<AllStreamResolvedEvent[]> {
+  const read = client.readAll({ direction, fromPosition, maxCount })
+  try {
+    const records: AllStreamResolvedEvent[] = []
+    for await (const resolved of read) records.push(resolved)
+    return records
+  } catch (error) {
+    throw mapError(error)
+  } finally {
+    await cancelRead(read)
+  }
+}
+
+/**
+ * The position of the last non-system event at or before `at` (`'end'`: the log's end), undefined when there
+ * is none: backward reads of one record, then of BACKWARD_WINDOW records while only system records come.
+ */
+async function lastEventAtOrBefore(client: EventStoreDBClient, at: Position | 'end'): Promise<Position | undefined> {
+  let from: ReadPosition = at === 'end' ? END : toEsdbPosition(at)
+  // whatever a read gives above this was seen already (a backward read may start at `from` inclusively)
+  let bound: Position | undefined = at === 'end' ? undefined : at
+  let asked = 1
+  for (;;) {
+    const records = await readAllWindow(client, BACKWARDS, from, asked)
+    let oldest: Position | undefined
+    for (const resolved of records) {
+      const position = resolvedPosition(resolved)
+      if (position === undefined || (bound !== undefined && position > bound)) continue
+      if (toRecordedEvent(resolved)) return position
+      oldest = position
+    }
+    if (records.length < asked || oldest === undefined || oldest <= 0n) return undefined
+    from = toEsdbPosition(oldest)
+    bound = oldest - 1n
+    asked = BACKWARD_WINDOW
+  }
 }
 
 async function cancelRead(read: StreamingRead<unknown>): Promise<void> {
@@ -484,9 +575,32 @@ export function toEsdbEvent(event: NewEvent): JSONEventData {
   })
 }
 
-/** An append's failure -> the port's errors: a concurrency conflict, the store being unreachable, or as is. */
+/**
+ * Where the ids an append sent stand in a window of its stream (see `settleAppend`): `all` when they are
+ * there in order on consecutive revisions (a retry: `last` is the original's last event), `some` when only
+ * some are stored (which ones), `none` when none is.
+ */
+export function matchStoredAppend(
+  ids: readonly string[],
+  window: readonly RecordedEvent[],
+): { kind: 'all'; last: RecordedEvent } | { kind: 'some'; ids: string[] } | { kind: 'none' } {
+  const wanted = ids.map((id) => id.toLowerCase())
+  const start = window.findIndex((e) => e.id.toLowerCase() === wanted[0])
+  if (start >= 0 && start + wanted.length <= window.length) {
+    const run = window.slice(start, start + wanted.length)
+    const whole = run.every((e, i) => e.id.toLowerCase() === wanted[i] && e.revision === run[0]!.revision + i)
+    if (whole) return { kind: 'all', last: run.at(-1)! }
+  }
+  const stored = new Set(window.map((e) => e.id.toLowerCase()))
+  const found = wanted.filter((id) => stored.has(id))
+  return found.length > 0 ? { kind: 'some', ids: found } : { kind: 'none' }
+}
+
+/** An append's failure -> the port's errors: a concurrency conflict, too large, the store being unreachable, or as is. */
 export function mapAppendError(error: unknown, streamId: string, expected?: ExpectedRevision): unknown {
   const converted = error instanceof Error ? convertToCommandError(error) : error
+  // MaximumAppendSizeExceeded (unpackError.js): the server's MaxAppendSize, in bytes, comes with it
+  if (converted instanceof MaxAppendSizeExceededError) return new PayloadTooLargeError(streamId, converted.maxAppendSize)
   if (converted instanceof WrongExpectedVersionError) {
     return new WrongExpectedRevisionError(
       streamId,

@@ -2,7 +2,7 @@ import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from
 import { hasZodFastifySchemaValidationErrors } from 'fastify-type-provider-zod'
 import { BlobTooLargeError } from '../blobs/blob-store.js'
 import { DomainError } from '../domain/errors.js'
-import { UnstorableEventError } from '../event-store/errors.js'
+import { PayloadTooLargeError, UnstorableEventError } from '../event-store/errors.js'
 import { MAX_JSON_DEPTH, NUL_MESSAGE, nulField, unfitJson } from '../event-store/storable.js'
 
 /** HTTP status of each error code: the spec's codes, and dcp's own where the spec is silent. */
@@ -125,6 +125,8 @@ export function registerErrorContract(app: FastifyInstance, routes: () => readon
     if (request.is404) return noRoute(request, reply)
     if (error instanceof DomainError) return reply.status(statusOf(error.code)).send(errorBody(error.code, error.message, error.details))
     if (error instanceof BlobTooLargeError) return reply.status(413).send(errorBody('PAYLOAD_TOO_LARGE', error.message))
+    // an event the log refused for its size (EventStoreDB's MaxAppendSize): the request carried too much
+    if (error instanceof PayloadTooLargeError) return reply.status(413).send(errorBody('PAYLOAD_TOO_LARGE', `the request is too large to record: ${error.message}`))
     // the last line of defence for NUL (the hook above names the field when it is in the JSON, query or path)
     if (error instanceof UnstorableEventError) return reply.status(400).send(errorBody('VALIDATION_ERROR', `the request holds the NUL character (\\u0000) in a value dcp would store (${error.eventType})`))
     if (hasZodFastifySchemaValidationErrors(error)) {

@@ -3,17 +3,18 @@
  * for the client's subscription stream, and its behaviour when the server cannot be reached. The contract
  * suite (contract.ts) covers the rest where EVENTSTORE_URL points at a real server.
  */
-import { PassThrough } from 'node:stream'
+import { PassThrough, Readable } from 'node:stream'
 import {
   DeadlineExceededError,
   type EventStoreDBClient,
+  MaxAppendSizeExceededError,
   StreamDeletedError,
   UnavailableError,
   WrongExpectedVersionError,
 } from '@eventstore/db-client'
 import type { AllStreamResolvedEvent, ResolvedEvent, SubscribeToAllOptions } from '@eventstore/db-client'
 import t from 'tap'
-import { EventStoreUnavailableError, UnstorableEventError, WrongExpectedRevisionError } from '../../src/event-store/errors.js'
+import { DuplicateEventIdError, EventStoreUnavailableError, PayloadTooLargeError, UnstorableEventError, WrongExpectedRevisionError } from '../../src/event-store/errors.js'
 import {
   assembleBatch,
   CheckpointMarker,
@@ -23,6 +24,7 @@ import {
   fromEsdbPosition,
   mapAppendError,
   mapError,
+  matchStoredAppend,
   toEsdbEvent,
   toEsdbExpectedRevision,
   toEsdbPosition,
@@ -270,4 +272,146 @@ t.test('close() ends a subscription that is retrying an unreachable server', asy
   await store.close()
   t.equal(await done, 'ended')
   t.ok(Date.now() - started < 2000, 'promptly')
+})
+
+// ---------------------------------------------------------------------------------------------------------
+// Appends the server leaves unanswered or half answered, and bounded reads: over a stand-in for the client
+// that keeps a log in memory and answers reads as the client does (from a position inclusively).
+
+/** `log`: `$all` in position order. Reads record the options they were given. */
+function logClient(log: AllStreamResolvedEvent[], append: () => Promise<never>) {
+  const reads: { kind: 'all' | 'stream'; options: Record<string, unknown> }[] = []
+  const stream = (items: unknown[]) => Object.assign(Readable.from(items), { cancel: async () => {} })
+  const client = {
+    appendToStream: append,
+    readAll(options: { direction: string; fromPosition: 'start' | 'end' | { commit: bigint }; maxCount: number }) {
+      reads.push({ kind: 'all', options })
+      const { direction, fromPosition: from, maxCount } = options
+      const at = (e: AllStreamResolvedEvent) => e.event!.position.commit
+      const items =
+        direction === 'forwards'
+          ? log.filter((e) => from === 'start' || (from !== 'end' && at(e) >= from.commit))
+          : log.filter((e) => from === 'end' || (from !== 'start' && at(e) <= from.commit)).reverse()
+      return stream(items.slice(0, maxCount))
+    },
+    readStream(streamId: string, options: { direction?: string; fromRevision: bigint | 'end'; maxCount?: number }) {
+      reads.push({ kind: 'stream', options })
+      const mine = log.filter((e) => e.event!.streamId === streamId)
+      const items = options.direction === 'backwards' ? mine.reverse() : mine.filter((e) => e.event!.revision >= (options.fromRevision as bigint))
+      return stream(items.slice(0, options.maxCount ?? Infinity))
+    },
+    dispose: async () => {},
+  }
+  return { client: client as unknown as EventStoreDBClient, reads }
+}
+
+const idOf = (n: number) => `00000000-0000-4000-8000-${n.toString().padStart(12, '0')}`
+
+/** Stream `job-1` at revisions 0..4 (positions 100, 200, ...), event ids idOf(0..4). */
+function jobLog(): AllStreamResolvedEvent[] {
+  return Array.from({ length: 5 }, (_, r) => {
+    const e = allEvent(BigInt(100 * (r + 1)), { streamId: 'job-1', revision: BigInt(r) })
+    ;(e.event as { id: string }).id = idOf(r)
+    return e
+  })
+}
+
+t.test('matchStoredAppend: all in order, some, or none of the ids sent', async (t) => {
+  const window = jobLog().map((e) => toRecordedEvent(e)!)
+  t.match(matchStoredAppend([idOf(2), idOf(3)], window), { kind: 'all', last: { revision: 3, position: 400n } })
+  t.match(matchStoredAppend([idOf(3).toUpperCase()], window), { kind: 'all', last: { revision: 3 } }, 'ids compare without case')
+  t.same(matchStoredAppend([idOf(3), idOf(2)], window), { kind: 'some', ids: [idOf(3), idOf(2)] }, 'out of order is not the same append')
+  t.same(matchStoredAppend([idOf(4), ID], window), { kind: 'some', ids: [idOf(4)] }, 'past the window end')
+  t.same(matchStoredAppend([ID, idOf(1)], window), { kind: 'some', ids: [idOf(1)] })
+  t.same(matchStoredAppend([ID], window), { kind: 'none' })
+  t.same(matchStoredAppend([ID], []), { kind: 'none' })
+})
+
+t.test('an append whose deadline passed is answered from the stream when its events are there', async (t) => {
+  const timeout = async (): Promise<never> => {
+    throw new DeadlineExceededError()
+  }
+  // 1. the original (revisions 2 and 3) was written: the retry that timed out gets its result
+  const { client, reads } = logClient(jobLog(), timeout)
+  const store = new EventStoreDbEventStore(client)
+  const retried = await store.append('job-1', [{ id: idOf(2), type: 'A', data: {} }, { id: idOf(3), type: 'B', data: {} }], { expectedRevision: 1 })
+  t.same(retried, { nextRevision: 3, position: 400n })
+  t.match(reads, [{ kind: 'stream', options: { fromRevision: 2n, maxCount: 2 } }], 'one read of the two revisions after the expected one')
+
+  // 2. 'any': the stream's recent events are read (bounded)
+  const any = await store.append('job-1', [{ id: idOf(4), type: 'A', data: {} }])
+  t.same(any, { nextRevision: 4, position: 500n })
+  t.match(reads.at(-1), { kind: 'stream', options: { direction: 'backwards', maxCount: 1000 } })
+
+  // 3. not there (or only in part): the store is unavailable, as before
+  await t.rejects(store.append('job-1', [{ id: ID, type: 'A', data: {} }], { expectedRevision: 4 }), EventStoreUnavailableError)
+  await t.rejects(store.append('job-1', [{ id: idOf(4), type: 'A', data: {} }, { id: ID, type: 'B', data: {} }], { expectedRevision: 3 }), EventStoreUnavailableError)
+  await store.close()
+})
+
+t.test('a wrong expected version over ids already stored: a retry, a duplicate id, or a conflict', async (t) => {
+  const conflict = async (): Promise<never> => {
+    throw new WrongExpectedVersionError(undefined, { streamName: 'job-1', expected: 1n, current: 4n })
+  }
+  const { client, reads } = logClient(jobLog(), conflict)
+  const store = new EventStoreDbEventStore(client)
+  // some of the ids are stored (CorruptedIdempotency, which the server answers as a wrong version)
+  const partial = await store.append('job-1', [{ id: idOf(2), type: 'A', data: {} }, { id: ID, type: 'B', data: {} }], { expectedRevision: 1 }).catch((e: unknown) => e)
+  t.type(partial, DuplicateEventIdError)
+  t.same((partial as DuplicateEventIdError).eventIds, [idOf(2)])
+  // all of them: the original's result, as the Postgres store answers a retry
+  t.same(await store.append('job-1', [{ id: idOf(2), type: 'A', data: {} }], { expectedRevision: 1 }), { nextRevision: 2, position: 300n })
+  // none: a plain conflict
+  await t.rejects(store.append('job-1', [{ id: ID, type: 'A', data: {} }], { expectedRevision: 1 }), WrongExpectedRevisionError)
+  const before = reads.length
+  await t.rejects(store.append('job-1', [{ type: 'A', data: {} }], { expectedRevision: 1 }), WrongExpectedRevisionError)
+  t.equal(reads.length, before, 'fresh ids: a conflict costs no read')
+  await store.close()
+})
+
+t.test('an append above MaxAppendSize is PayloadTooLargeError', async (t) => {
+  const tooLarge = MaxAppendSizeExceededError.fromMaxAppendSize(1_048_576)
+  const mapped = mapAppendError(tooLarge, 'job-1', 'any')
+  t.type(mapped, PayloadTooLargeError)
+  t.match(mapped, { code: 'PAYLOAD_TOO_LARGE', streamId: 'job-1', maxBytes: 1_048_576, message: /1048576 bytes/ })
+  const { client } = logClient([], async () => {
+    throw tooLarge
+  })
+  const store = new EventStoreDbEventStore(client)
+  await t.rejects(store.append('job-1', [{ type: 'Big', data: {} }]), PayloadTooLargeError)
+  await store.close()
+})
+
+t.test('readAll and headPosition read bounded windows and pass system records', async (t) => {
+  const log = [
+    allEvent(10n),
+    allEvent(20n, { type: '$metadata' }),
+    allEvent(30n, { streamId: '$stats-1' }),
+    allEvent(40n),
+    allEvent(50n),
+    allEvent(60n, { type: '$metadata' }),
+    allEvent(70n),
+    ...Array.from({ length: 70 }, (_, i) => allEvent(BigInt(80 + i), { type: '$metadata' })),
+  ]
+  const { client, reads } = logClient(log, async () => {
+    throw new Error('no appends here')
+  })
+  const store = new EventStoreDbEventStore(client)
+  t.same((await store.readAll(START, 2)).map((e) => e.position), [10n, 40n], 'a window of system records is followed by the next')
+  t.same((await store.readAll(10n, 3)).map((e) => e.position), [40n, 50n, 70n])
+  t.same((await store.readAll(70n, 3)).map((e) => e.position), [], 'only system records to the end')
+  t.ok(reads.every((r) => typeof r.options.maxCount === 'number' && (r.options.maxCount as number) <= 4), 'every read names a small maxCount')
+
+  reads.length = 0
+  t.equal(await store.headPosition(), 70n, 'the last event past 70 system records')
+  t.same(reads.map((r) => r.options.maxCount), [1, 64, 64], 'one record first, then windows')
+  const quiet = logClient([allEvent(10n), allEvent(20n)], async () => {
+    throw new Error('no appends here')
+  })
+  const head = new EventStoreDbEventStore(quiet.client)
+  t.equal(await head.headPosition(), 20n)
+  t.same(quiet.reads.map((r) => r.options), [{ direction: 'backwards', fromPosition: 'end', maxCount: 1 }], 'one backward read of one record')
+  t.equal(await new EventStoreDbEventStore(logClient([], async () => { throw new Error('none') }).client).headPosition(), START, 'an empty log')
+  await store.close()
+  await head.close()
 })
