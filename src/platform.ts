@@ -7,6 +7,7 @@ import { PostgresEventStore } from './event-store/postgres.js'
 import { connect, type Database, ensureDatabase, withDatabase } from './postgres/database.js'
 import { type EmbeddedServer, startEmbeddedPostgres } from './postgres/embedded.js'
 import { migrateToLatest } from './postgres/migrations.js'
+import { claimCheckpointsLog } from './projections/log-kind.js'
 import { Projections } from './projections/projections.js'
 
 /** The parts every dcp command runs on: Postgres (embedded or given), the event store, the projections. */
@@ -66,6 +67,14 @@ export async function openPlatform(config: Config, options: { publish?: boolean;
   const database = connect(serverUrl)
   await migrateToLatest(database.db)
   const store = await openEventStore(config, database)
+  try {
+    await claimCheckpointsLog(database.db, config.eventStoreUrl ? 'eventstoredb' : 'postgres')
+  } catch (error) {
+    await store.close()
+    await database.close()
+    await embedded?.stop()
+    throw error
+  }
   const projections = new Projections({ db: database.db, store, log })
   return {
     database,

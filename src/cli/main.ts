@@ -1,6 +1,7 @@
 import { ConfigError } from '../config.js'
 import { UsageError } from './args.js'
 import { DatabaseUnreachableError, NoDataError } from '../platform.js'
+import { CheckpointsFromOtherLogError } from '../projections/log-kind.js'
 import { UnknownProjectionError } from '../projections/projections.js'
 import { auditCommand } from './audit.js'
 import { exampleModelCommand } from './example-model.js'
@@ -91,7 +92,7 @@ try {
   if (error instanceof UsageError || error instanceof UnknownProjectionError) {
     console.error(`dcp: ${error.message}\n\n${USAGE}`)
     code = 2
-  } else if (error instanceof ConfigError || error instanceof DatabaseUnreachableError || error instanceof NoDataError) {
+  } else if (error instanceof ConfigError || error instanceof DatabaseUnreachableError || error instanceof NoDataError || error instanceof CheckpointsFromOtherLogError) {
     console.error(`dcp: ${error.message}`)
     code = 1
   } else {

@@ -79,6 +79,16 @@ const migrations: Record<string, Migration> = {
       await sql`alter table events alter column recorded_at set default statement_timestamp()`.execute(db)
     },
   },
+  '0005_event_log_kind': {
+    // Which log the projection checkpoints are positions of (src/projections/log-kind.ts): one row.
+    async up(db) {
+      await sql`
+        create table event_log_kind (
+          one boolean primary key default true check (one),
+          kind text not null check (kind in ('postgres', 'eventstoredb'))
+        )`.execute(db)
+    },
+  },
 }
 
 export async function migrateToLatest(db: Kysely<any>): Promise<void> {
