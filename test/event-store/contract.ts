@@ -4,15 +4,25 @@
  */
 import { randomUUID } from 'node:crypto'
 import type { Test } from 'tap'
-import { WrongExpectedRevisionError } from '../../src/event-store/errors.js'
+import { PayloadTooLargeError, WrongExpectedRevisionError } from '../../src/event-store/errors.js'
 import type { EventStore, Position, RecordedEvent, Subscription } from '../../src/event-store/port.js'
 import { START } from '../../src/event-store/port.js'
 
 export type StoreFactory = (t: Test) => Promise<EventStore>
 
+/** What differs between stores, as each documents it (docs/event-store.md). */
+export interface StoreTraits {
+  /** Largest append the store takes, in bytes (EventStoreDB: its MaxAppendSize); larger ones are PayloadTooLargeError. Unset: no limit the suite reaches. */
+  maxAppendBytes?: number
+  /** Writes a few system (`$`) events to the log, which readers never see. Unset where a store has none. */
+  writeSystemEvents?: () => Promise<void>
+  /** Restarts the server under a running subscription (and resolves once it answers again). Unset: not tested. */
+  restartServer?: () => Promise<void>
+}
+
 const unique = (prefix: string) => `${prefix}-${randomUUID().slice(0, 8)}`
 
-export function eventStoreContract(t: Test, makeStore: StoreFactory): void {
+export function eventStoreContract(t: Test, makeStore: StoreFactory, traits: StoreTraits = {}): void {
   t.test('50 concurrent appends with one exact expected revision: exactly one winner per revision', async (t) => {
     const store = await makeStore(t)
     const stream = unique('race')
@@ -167,6 +177,91 @@ export function eventStoreContract(t: Test, makeStore: StoreFactory): void {
     await subscription.close()
     t.same(got.map((e) => (e.data as { i: number }).i), [1, 2])
     t.ok(checkpoint > got.at(-1)!.position, 'checkpoint moved past the last filtered-out event')
+  })
+
+  t.test('a 2 MiB payload is stored and read back whole, or refused as too large where the store says so', async (t) => {
+    const store = await makeStore(t)
+    const stream = unique('large')
+    const text = 'x'.repeat(2 * 1024 * 1024)
+    const before = await store.headPosition()
+    const append = store.append(stream, [{ type: 'Large', data: { text } }], { expectedRevision: 'no_stream' })
+    if (traits.maxAppendBytes !== undefined && traits.maxAppendBytes < text.length) {
+      await t.rejects(append, PayloadTooLargeError)
+      t.same(await store.readStream(stream), [], 'nothing stored')
+      return
+    }
+    const { position } = await append
+    const [stored] = await store.readStream(stream)
+    t.equal((stored!.data as { text: string }).text, text, 'read back whole from the stream')
+    const fromLog = (await store.readAll(before, 100)).find((e) => e.streamId === stream)
+    t.equal(fromLog?.position, position)
+    t.equal((fromLog?.data as { text: string } | undefined)?.text.length, text.length, 'and from the log')
+  })
+
+  t.test('a retry racing its original: ten concurrent appends of the same ids give one result and one copy', async (t) => {
+    const store = await makeStore(t)
+    const stream = unique('racing-retry')
+    const events = [
+      { id: randomUUID(), type: 'First', data: {} },
+      { id: randomUUID(), type: 'Second', data: {} },
+    ]
+    const results = await Promise.all(Array.from({ length: 10 }, () => store.append(stream, events, { expectedRevision: 'no_stream' })))
+    t.same(new Set(results.map((r) => `${r.nextRevision}@${r.position}`)).size, 1, 'one result')
+    const stored = await store.readStream(stream)
+    t.same(stored.map((e) => e.id), events.map((e) => e.id), 'one copy')
+    t.same(results[0], { nextRevision: 1, position: stored[1]!.position })
+  })
+
+  t.test("a multi-event append's position is its last event's", async (t) => {
+    const store = await makeStore(t)
+    const stream = unique('multi')
+    await store.append(stream, [{ type: 'Before', data: {} }])
+    const events = Array.from({ length: 3 }, (_, i) => ({ id: randomUUID(), type: 'Many', data: { i } }))
+    const result = await store.append(stream, events, { expectedRevision: 0 })
+    const stored = await store.readStream(stream, { fromRevision: 1 })
+    t.same(stored.map((e) => e.id), events.map((e) => e.id))
+    t.same(result, { nextRevision: 3, position: stored.at(-1)!.position })
+    t.same(await store.append(stream, events, { expectedRevision: 0 }), result, 'and its retry answers the same')
+  })
+
+  t.test('a subscription resumed from its checkpoint across system ($) events misses and repeats nothing', { skip: traits.writeSystemEvents ? false : 'the store has no system events' }, async (t) => {
+    const store = await makeStore(t)
+    const stream = unique('resume')
+    const from = await store.headPosition()
+    await store.append(stream, [{ type: 'Before', data: {} }])
+    const first = store.subscribe({ from, filter: { streamPrefixes: [stream] } })
+    const before = await collect(first, 1)
+    await first.close()
+    t.same(before.map((e) => e.type), ['Before'])
+    await traits.writeSystemEvents!()
+    await store.append(stream, [{ type: 'After', data: {} }])
+    await traits.writeSystemEvents!()
+    const resumed = store.subscribe({ from: before[0]!.position, filter: { streamPrefixes: [stream] } })
+    const after = await collect(resumed, 1)
+    await resumed.close()
+    t.same(after.map((e) => e.type), ['After'])
+  })
+
+  t.test('a subscription survives the server restarting', { skip: traits.restartServer ? false : 'no way to restart the server here' }, async (t) => {
+    const store = await makeStore(t)
+    const stream = unique('restart')
+    const from = await store.headPosition()
+    await store.append(stream, [{ type: 'Before', data: {} }])
+    const subscription = store.subscribe({ from, filter: { streamPrefixes: [stream] } })
+    const received: RecordedEvent[] = []
+    const reading = (async () => {
+      for await (const batch of subscription) {
+        received.push(...batch.events)
+        if (received.length >= 2) break
+      }
+    })()
+    await traits.restartServer!()
+    await store.append(stream, [{ type: 'After', data: {} }])
+    const timer = setTimeout(() => void subscription.close(), 60_000)
+    await reading
+    clearTimeout(timer)
+    await subscription.close()
+    t.same(received.map((e) => e.type), ['Before', 'After'], 'nothing lost or repeated')
   })
 
   t.test('close() ends a waiting subscription', async (t) => {
