@@ -601,6 +601,10 @@ export function mapAppendError(error: unknown, streamId: string, expected?: Expe
   const converted = error instanceof Error ? convertToCommandError(error) : error
   // MaximumAppendSizeExceeded (unpackError.js): the server's MaxAppendSize, in bytes, comes with it
   if (converted instanceof MaxAppendSizeExceededError) return new PayloadTooLargeError(streamId, converted.maxAppendSize)
+  // the same refusal without the exception metadata the client converts: gRPC INVALID_ARGUMENT "Maximum
+  // Append Size of 1048576 Exceeded." (as another client's guide shows it: NFIBrokerage/spear, writing_events.md)
+  const tooLarge = converted instanceof Error ? /Maximum Append Size of (\d+) Exceeded/i.exec(converted.message) : null
+  if (tooLarge) return new PayloadTooLargeError(streamId, Number(tooLarge[1]))
   if (converted instanceof WrongExpectedVersionError) {
     return new WrongExpectedRevisionError(
       streamId,

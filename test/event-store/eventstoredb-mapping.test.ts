@@ -374,6 +374,8 @@ t.test('an append above MaxAppendSize is PayloadTooLargeError', async (t) => {
   const mapped = mapAppendError(tooLarge, 'job-1', 'any')
   t.type(mapped, PayloadTooLargeError)
   t.match(mapped, { code: 'PAYLOAD_TOO_LARGE', streamId: 'job-1', maxBytes: 1_048_576, message: /1048576 bytes/ })
+  const raw = Object.assign(new Error('3 INVALID_ARGUMENT: Maximum Append Size of 1048576 Exceeded.'), { code: 3, details: 'Maximum Append Size of 1048576 Exceeded.' })
+  t.match(mapAppendError(raw, 'job-2'), { code: 'PAYLOAD_TOO_LARGE', streamId: 'job-2', maxBytes: 1_048_576 }, 'the raw gRPC refusal too')
   const { client } = logClient([], async () => {
     throw tooLarge
   })
