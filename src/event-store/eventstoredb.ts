@@ -164,6 +164,7 @@ export class EventStoreDbEventStore implements EventStore {
     while (events.length < limit) {
       const asked = limit - events.length + 1
       const records = await readAllWindow(this.client, FORWARDS, toEsdbPosition(from), asked)
+      const start = from
       for (const resolved of records) {
         const position = resolvedPosition(resolved)
         if (position === undefined || position <= from) continue
@@ -171,7 +172,7 @@ export class EventStoreDbEventStore implements EventStore {
         const event = toRecordedEvent(resolved)
         if (event) events.push(event)
       }
-      if (records.length < asked) break // the end of the log
+      if (records.length < asked || from === start) break // the end of the log (or a window with nothing new)
     }
     return events
   }
