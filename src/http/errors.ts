@@ -2,7 +2,7 @@ import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from
 import { hasZodFastifySchemaValidationErrors } from 'fastify-type-provider-zod'
 import { BlobTooLargeError } from '../blobs/blob-store.js'
 import { DomainError } from '../domain/errors.js'
-import { PayloadTooLargeError, UnstorableEventError } from '../event-store/errors.js'
+import { EventStoreUnavailableError, PayloadTooLargeError, UnstorableEventError } from '../event-store/errors.js'
 import { MAX_JSON_DEPTH, NUL_MESSAGE, nulField, unfitJson } from '../event-store/storable.js'
 
 /** HTTP status of each error code: the spec's codes, and dcp's own where the spec is silent. */
@@ -127,6 +127,12 @@ export function registerErrorContract(app: FastifyInstance, routes: () => readon
     if (error instanceof BlobTooLargeError) return reply.status(413).send(errorBody('PAYLOAD_TOO_LARGE', error.message))
     // an event the log refused for its size (EventStoreDB's MaxAppendSize): the request carried too much
     if (error instanceof PayloadTooLargeError) return reply.status(413).send(errorBody('PAYLOAD_TOO_LARGE', `the request is too large to record: ${error.message}`))
+    // the log cannot be reached for a moment (a restart, a network blip, a timed-out append): nothing was
+    // recorded that the client is not told of, and a retry (with its Idempotency-Key) is safe
+    if (error instanceof EventStoreUnavailableError) {
+      void reply.header('retry-after', '1')
+      return reply.status(503).send(errorBody('SERVICE_UNAVAILABLE', `the event store is unavailable; retry shortly (${error.message})`))
+    }
     // the last line of defence for NUL (the hook above names the field when it is in the JSON, query or path)
     if (error instanceof UnstorableEventError) return reply.status(400).send(errorBody('VALIDATION_ERROR', `the request holds the NUL character (\\u0000) in a value dcp would store (${error.eventType})`))
     if (hasZodFastifySchemaValidationErrors(error)) {

@@ -4,7 +4,7 @@
  */
 import Fastify from 'fastify'
 import t from 'tap'
-import { PayloadTooLargeError } from '../../src/event-store/errors.js'
+import { EventStoreUnavailableError, PayloadTooLargeError } from '../../src/event-store/errors.js'
 import { registerErrorContract } from '../../src/http/errors.js'
 
 t.test('an append above the store limit is 413 PAYLOAD_TOO_LARGE', async (t) => {
@@ -18,4 +18,18 @@ t.test('an append above the store limit is 413 PAYLOAD_TOO_LARGE', async (t) => 
   t.equal(response.statusCode, 413)
   t.equal(response.json().error.code, 'PAYLOAD_TOO_LARGE')
   t.match(response.json().error.message, /too large to record.*1048576 bytes/)
+})
+
+t.test('an event store that cannot be reached is 503 SERVICE_UNAVAILABLE with Retry-After, not a 500', async (t) => {
+  const app = Fastify()
+  t.teardown(() => app.close())
+  registerErrorContract(app)
+  app.post('/api/v1/inference', async () => {
+    throw new EventStoreUnavailableError('deadline exceeded')
+  })
+  const response = await app.inject({ method: 'POST', url: '/api/v1/inference', payload: { input: [1, 2, 3] } })
+  t.equal(response.statusCode, 503)
+  t.equal(response.headers['retry-after'], '1')
+  t.equal(response.json().error.code, 'SERVICE_UNAVAILABLE')
+  t.match(response.json().error.message, /event store is unavailable.*deadline exceeded/)
 })
