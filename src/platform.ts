@@ -2,6 +2,7 @@ import { existsSync, readFileSync } from 'node:fs'
 import { mkdir, rm, writeFile } from 'node:fs/promises'
 import path from 'node:path'
 import type { Config } from './config.js'
+import { completeIntents } from './event-store/intents.js'
 import type { EventStore } from './event-store/port.js'
 import { PostgresEventStore } from './event-store/postgres.js'
 import { connect, type Database, ensureDatabase, withDatabase } from './postgres/database.js'
@@ -66,6 +67,20 @@ export async function openPlatform(config: Config, options: { publish?: boolean;
   const database = connect(serverUrl)
   await migrateToLatest(database.db)
   const store = await openEventStore(config, database)
+  // Multi-stream writes a stop left half done (on a store without appendMany) are completed before anything
+  // reads the log: the projections then fold every stream of the set, and the scheduler, which rebuilds its
+  // queue from them, finds every task. Commands that only read what is stored (`existing`) write nothing.
+  if (!options.existing) {
+    try {
+      const recovered = await completeIntents(store, { log })
+      for (const refused of recovered.refused) console.error(`dcp: multi-stream write ${refused.intent_id} could not write ${refused.stream_id}: ${refused.reason}`)
+    } catch (error) {
+      await store.close()
+      await database.close()
+      await embedded?.stop()
+      throw error
+    }
+  }
   const projections = new Projections({ db: database.db, store, log })
   return {
     database,
