@@ -22,6 +22,7 @@ import { PostgresEventStore } from '../../src/event-store/postgres.js'
 import { openPlatform } from '../../src/platform.js'
 import { openTasks } from '../../src/projections/tasks.js'
 import { freshDatabase } from '../helpers/database.js'
+import { multiStreamContract } from './contract.js'
 import { withoutAppendMany } from './without-append-many.js'
 
 const writer = fileURLToPath(new URL('./intent-writer.ts', import.meta.url))
@@ -56,6 +57,15 @@ async function intents(store: EventStore): Promise<{ id: string; types: string[]
 }
 
 const ids = (events: { id?: string }[]) => events.map((e) => e.id)
+
+t.test('the multi-stream contract, on a store without appendMany', async (t) => {
+  const database = await freshDatabase(t)
+  multiStreamContract(t, async (t) => {
+    const store = new PostgresEventStore(database.pool)
+    t.teardown(() => store.close())
+    return withoutAppendMany(store)
+  })
+})
 
 t.test('a set is written whole through its intent, which is then marked done', async (t) => {
   const { store } = await openStore(t)
