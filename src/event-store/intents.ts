@@ -82,13 +82,17 @@ export class IntentConflictError extends Error {
 export async function appendThroughIntent(store: EventStore, appends: readonly StreamAppend[]): Promise<AppendResult[]> {
   // one stream is atomic by itself
   if (appends.length <= 1) return Promise.all(appends.map((a) => store.append(a.streamId, a.events, a.options)))
+  // the streams are checked and written side by side, so a stream named twice would race itself
+  if (new Set(appends.map((a) => a.streamId)).size < appends.length) throw new RangeError('a multi-stream write names a stream twice: give its events in one append')
   // 1. fix every event's id: the intent names them, so that applying it again writes nothing twice
   const set = appends.map(toIntentAppend)
   // 2. check each stream before the commit point: a refusal here writes nothing
   await Promise.all(set.map((a) => checkBefore(store, a)))
   // 3. record the intent: the commit point
   const intentId = await recordIntent(store, set)
-  // 4. write each stream, then mark the intent done
+  // 4. write each stream, then mark the intent done. A failure here other than a refusal (the store
+  // unreachable) leaves the set committed and unfinished: the caller gets the error (the outcome of a write
+  // that fails that way is unknown on every store) and the next start's recovery finishes it
   const outcomes = await Promise.all(set.map((a) => applyAppend(store, a, false)))
   const refused = await markDone(store, intentId, outcomes)
   if (refused.length > 0) throw new IntentConflictError(intentId, refused)

@@ -127,6 +127,25 @@ t.test('an index entry without its intent is closed by recovery: its writer can 
   t.match(await completeIntents(store), { scanned: 1, completed: 0, abandoned: 1 })
   t.same((await store.readStream(intentStream(intentId))).map((e) => e.type), ['IntentAbandoned'])
   await t.rejects(store.append(intentStream(intentId), [{ type: 'IntentRecorded', data: {} }], { expectedRevision: 'no_stream' }), WrongExpectedRevisionError)
+
+  // a writer whose entry a recovery closes between its index entry and its intent starts over, and commits
+  const set = setOf(unique('fenced'), 2)
+  let recoveries = 0
+  const racing = withoutAppendMany(store, {
+    beforeAppend: async (streamId, events) => {
+      if (events[0]?.type === 'IntentRecorded' && recoveries++ === 0) await completeIntents(store)
+    },
+  })
+  await appendAll(racing, set)
+  for (const append of set) t.same(ids(await store.readStream(append.streamId)), ids([...append.events]), `${append.streamId} written once`)
+  t.same((await intents(store)).map((i) => i.types), [['IntentAbandoned'], ['IntentAbandoned'], ['IntentRecorded', 'IntentCompleted']], 'its first intent closed, the second committed and done')
+})
+
+t.test('a multi-stream write that names a stream twice is refused before anything is written', async (t) => {
+  const { store } = await openStore(t)
+  const [a, b] = setOf(unique('twice'), 2)
+  await t.rejects(appendAll(withoutAppendMany(store), [a!, { ...b!, streamId: a!.streamId }]), RangeError)
+  t.equal(await store.headPosition(), -1n, 'nothing written')
 })
 
 t.test('another writer in a stream after the commit point: the rest is written, the refusal recorded and raised', async (t) => {
