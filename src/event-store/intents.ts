@@ -13,8 +13,9 @@
  * - `intents-checkpoint`: `IntentIndexCheckpointed {next_revision}`: every index entry before it is resolved.
  *
  * What a reader sees: between the intent and its completion the set is partly written (a job whose tasks
- * appear a moment later, or after a restart). The projections fold each stream on its own, so a task
- * that comes later is folded when it comes; nothing reads a set as a unit.
+ * appear a moment later, or after a restart). The streams reach the log in the order given, as with
+ * `appendMany`, so a read model never sees a task before its job or project; a job counts its tasks from
+ * its own event, so it never looks finished before its last task is there.
  *
  * Refusals. Before the commit point each stream's expected revision is checked (an empty append: the port's
  * check), so a stream that exists already refuses the whole set and nothing is written, as with
@@ -82,7 +83,7 @@ export class IntentConflictError extends Error {
 export async function appendThroughIntent(store: EventStore, appends: readonly StreamAppend[]): Promise<AppendResult[]> {
   // one stream is atomic by itself
   if (appends.length <= 1) return Promise.all(appends.map((a) => store.append(a.streamId, a.events, a.options)))
-  // the streams are checked and written side by side, so a stream named twice would race itself
+  // the streams are checked side by side, so a stream named twice would be checked against its old head
   if (new Set(appends.map((a) => a.streamId)).size < appends.length) throw new RangeError('a multi-stream write names a stream twice: give its events in one append')
   // 1. fix every event's id: the intent names them, so that applying it again writes nothing twice
   const set = appends.map(toIntentAppend)
@@ -90,10 +91,13 @@ export async function appendThroughIntent(store: EventStore, appends: readonly S
   await Promise.all(set.map((a) => checkBefore(store, a)))
   // 3. record the intent: the commit point
   const intentId = await recordIntent(store, set)
-  // 4. write each stream, then mark the intent done. A failure here other than a refusal (the store
+  // 4. write each stream, in the order given, then mark the intent done. One after another, not side by
+  // side: the log then holds the streams in the set's order, as appendMany's transaction does, and the read
+  // models count on it (a batch's project is created before its tasks count towards it). A failure here other than a refusal (the store
   // unreachable) leaves the set committed and unfinished: the caller gets the error (the outcome of a write
   // that fails that way is unknown on every store) and the next start's recovery finishes it
-  const outcomes = await Promise.all(set.map((a) => applyAppend(store, a, false)))
+  const outcomes: Applied[] = []
+  for (const append of set) outcomes.push(await applyAppend(store, append, false))
   const refused = await markDone(store, intentId, outcomes)
   if (refused.length > 0) throw new IntentConflictError(intentId, refused)
   return outcomes.map((o) => (o as { result: AppendResult }).result)
@@ -147,8 +151,8 @@ async function applyAppend(store: EventStore, append: IntentAppend, careful: boo
     if (stored) return { ok: true, result: stored }
   }
   try {
-    const metadataOf = (m: Record<string, unknown>) => m as EventMetadata
-    const events = append.events.map((e) => ({ id: e.id, type: e.type, data: e.data, metadata: metadataOf(e.metadata) }))
+    // the metadata as it was given (read back through zod as a plain record)
+    const events = append.events.map((e) => ({ id: e.id, type: e.type, data: e.data, metadata: e.metadata as EventMetadata }))
     return { ok: true, result: await store.append(append.stream_id, events, { expectedRevision: append.expected_revision }) }
   } catch (error) {
     if (!(error instanceof WrongExpectedRevisionError || error instanceof DuplicateEventIdError)) throw error

@@ -85,6 +85,21 @@ t.test('a set is written whole through its intent, which is then marked done', a
   t.same(await completeIntents(store), { scanned: 1, completed: 0, abandoned: 0, refused: [] }, 'recovery finds it done')
 })
 
+t.test('the streams reach the log in the order given, however long each append takes', async (t) => {
+  const { store } = await openStore(t)
+  const set = setOf(unique('ordered'), 4)
+  // the first stream's append is the slowest, the last one's the quickest: side by side, they would land reversed
+  const delays = new Map(set.map((a, j) => [a.streamId, (set.length - j) * 15]))
+  const slow = withoutAppendMany(store, {
+    beforeAppend: async (streamId, events) => {
+      if (events.length > 0 && delays.has(streamId)) await new Promise((resolve) => setTimeout(resolve, delays.get(streamId)))
+    },
+  })
+  await appendAll(slow, set)
+  const firsts = await Promise.all(set.map(async (a) => (await store.readStream(a.streamId))[0]!.position))
+  t.same([...firsts].sort((a, b) => (a < b ? -1 : 1)), firsts, 'each stream after the one before it')
+})
+
 t.test('a stream that exists refuses the set before the commit point: nothing is written', async (t) => {
   const { store } = await openStore(t)
   const set = setOf(unique('refused'), 3)
