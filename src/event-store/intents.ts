@@ -92,10 +92,11 @@ export async function appendThroughIntent(store: EventStore, appends: readonly S
   // 3. record the intent: the commit point
   const intentId = await recordIntent(store, set)
   // 4. write each stream, in the order given, then mark the intent done. One after another, not side by
-  // side: the log then holds the streams in the set's order, as appendMany's transaction does, and the read
-  // models count on it (a batch's project is created before its tasks count towards it). A failure here other than a refusal (the store
-  // unreachable) leaves the set committed and unfinished: the caller gets the error (the outcome of a write
-  // that fails that way is unknown on every store) and the next start's recovery finishes it
+  // side: the log then holds the streams in the set's order, as appendMany's transaction does, and the
+  // read models count on it (a batch's project is created before its tasks count towards it). A failure
+  // other than a refusal (the store unreachable) leaves the set committed and unfinished: the caller gets
+  // the error (a write that fails that way has an unknown outcome on every store) and the next start's
+  // recovery finishes it
   const outcomes: Applied[] = []
   for (const append of set) outcomes.push(await applyAppend(store, append, false))
   const refused = await markDone(store, intentId, outcomes)
