@@ -2,6 +2,7 @@ import { existsSync, readFileSync } from 'node:fs'
 import { mkdir, rm, writeFile } from 'node:fs/promises'
 import path from 'node:path'
 import type { Config } from './config.js'
+import { completeIntents } from './event-store/intents.js'
 import type { EventStore } from './event-store/port.js'
 import { PostgresEventStore } from './event-store/postgres.js'
 import { connect, type Database, ensureDatabase, withDatabase } from './postgres/database.js'
@@ -69,6 +70,13 @@ export async function openPlatform(config: Config, options: { publish?: boolean;
   const store = await openEventStore(config, database)
   try {
     await claimCheckpointsLog(database.db, config.eventStoreUrl ? 'eventstoredb' : 'postgres')
+    // Multi-stream writes a stop left half done (on a store without appendMany) are completed before anything
+    // reads the log: the projections then fold every stream of the set, and the scheduler, which rebuilds its
+    // queue from them, finds every task. Commands that only read what is stored (`existing`) write nothing.
+    if (!options.existing) {
+      const recovered = await completeIntents(store, { log })
+      for (const refused of recovered.refused) console.error(`dcp: multi-stream write ${refused.intent_id} could not write ${refused.stream_id}: ${refused.reason}`)
+    }
   } catch (error) {
     await store.close()
     await database.close()

@@ -115,9 +115,10 @@ export interface StreamStart<Command = any, Event extends DomainEvent = any, Sta
 
 /**
  * Commands that each start a new stream (fresh ids: there is nothing to read), decided on their deciders'
- * initial state and appended together, all or nothing where the store can (`appendAll`): a job and its
- * first tasks are recorded in one transaction, and one commit. A stream that exists already refuses the
- * whole lot with WrongExpectedRevisionError.
+ * initial state and appended together, all or nothing (`appendAll`): on Postgres a job and its first tasks
+ * are recorded in one transaction, and one commit; on EventStoreDB as one recorded intent, applied stream
+ * by stream and completed by recovery after a crash (readers may see the job before its tasks meanwhile).
+ * A stream that exists already refuses the whole lot with WrongExpectedRevisionError.
  */
 export async function startStreams(store: EventStore, starts: readonly StreamStart[]): Promise<CommandResult<DomainEvent, unknown>[]> {
   const decided = starts.map((start) => {

@@ -365,9 +365,10 @@ export class TaskScheduler {
   }
 
   /**
-   * Queues tasks (`max_attempts` defaults to the scheduler's), recorded in one transaction together with
-   * the other new streams given (`alongside`: the job they belong to), so a crash never leaves a job with
-   * half its tasks. While nothing waits in the queue, a task that a capable device has room for now is
+   * Queues tasks (`max_attempts` defaults to the scheduler's), recorded all or nothing together with the
+   * other new streams given (`alongside`: the job they belong to; `appendAll`: one transaction on Postgres,
+   * a recorded intent that recovery completes on EventStoreDB), so a crash never leaves a job with half
+   * its tasks for good. While nothing waits in the queue, a task that a capable device has room for now is
    * queued and leased in the same append and goes straight to that device; the others wait in the queue.
    * Resolves with the position of the last event written.
    */

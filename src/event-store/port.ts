@@ -3,6 +3,7 @@
  * Two adapters implement it (Postgres, the default, and EventStoreDB) and pass the same contract suite
  * (test/event-store/contract.ts).
  */
+import { appendThroughIntent } from './intents.js'
 
 /** A global position in the log. Positions only grow; `START` is before the first event. */
 export type Position = bigint
@@ -112,7 +113,8 @@ export interface EventStore {
   /**
    * Optional: appends to several streams all or nothing (one transaction): each keeps its own expected
    * revision, and if one is refused, none is written and every one rejects with that error. A store that
-   * cannot (EventStoreDB appends to one stream at a time) leaves it out; see `appendAll`.
+   * cannot (EventStoreDB appends to one stream at a time) leaves it out, and `appendAll` records an intent
+   * there instead.
    */
   appendMany?(appends: readonly StreamAppend[]): Promise<AppendResult[]>
   /** Events of one stream in revision order; an empty array for a stream that does not exist. */
@@ -140,12 +142,12 @@ export function matchesFilter(event: { type: string; streamId: string }, filter:
 }
 
 /**
- * Appends to several streams: atomically where the store can (`appendMany`), else one stream after
- * another in the order given (a failure part way leaves the earlier streams written).
+ * Appends to several streams all or nothing, on every store: with `appendMany` where the store has it (one
+ * transaction), else through a recorded intent that recovery completes after a crash (`intents.ts`; readers
+ * may see the set partly written until it is complete). A stream refused before anything is written refuses
+ * the lot with its error, as `appendMany` does.
  */
 export async function appendAll(store: EventStore, appends: readonly StreamAppend[]): Promise<AppendResult[]> {
   if (store.appendMany) return store.appendMany(appends)
-  const results: AppendResult[] = []
-  for (const a of appends) results.push(await store.append(a.streamId, a.events, a.options))
-  return results
+  return appendThroughIntent(store, appends)
 }

@@ -272,7 +272,7 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
     const instanceType = placement?.instance_type
     const capacity = services.hub.capacity(model.format, instanceType)
     if (capacity.slots === 0) throw new DomainError('NO_DEVICES', `no connected ${instanceType ? `${instanceType} ` : ''}device can run ${model.format} models`)
-    /** Records the job, its tasks and a new batch project (`project.start`) in one transaction, and queues the tasks. */
+    /** Records the job, its tasks and a new batch project (`project.start`) all or nothing, and queues the tasks. */
     const record = async (project: Awaited<ReturnType<typeof projectFor>>) => {
       const projectId = project.id
       const validation = resolvePolicy(placement?.validation, project.validation, { mode: model.validation ?? undefined, tolerance: model.validation_tolerance ?? undefined }, services.limits.validationSpotRate)
@@ -280,8 +280,10 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
       const sizes = kind === 'single' ? [1] : chunkSizes(inputs.length, capacity)
       const tasks = sizes.map((n, i) => ({ task_id: inferenceTaskId(jobId, i), inputs: n }))
       const request = { job_id: jobId, customer_id: customerId, project_id: projectId, model_id: model.model_id, kind, mode, name: body.name ?? null, tasks, requested_at: at }
-      // The job, its tasks and a new batch project are new streams, written in one transaction (and one commit):
-      // no job is ever recorded without its tasks, nor a project without its job. No wait for the read models:
+      // The job, its tasks and a new batch project are new streams, written all or nothing (`appendAll`: one
+      // transaction and one commit on Postgres, a recorded intent on EventStoreDB): no job is ever recorded
+      // without its tasks (on EventStoreDB, not for good: a stop part way is completed at the next start),
+      // nor a project without its job. No wait for the read models:
       // the reads of jobs, projects and usage wait for them to reach the head of the log.
       beforeQueue(tasks.map((t) => t.task_id))
       let first = 0

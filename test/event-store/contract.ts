@@ -6,7 +6,7 @@ import { randomUUID } from 'node:crypto'
 import type { Test } from 'tap'
 import { PayloadTooLargeError, WrongExpectedRevisionError } from '../../src/event-store/errors.js'
 import type { EventStore, Position, RecordedEvent, Subscription } from '../../src/event-store/port.js'
-import { START } from '../../src/event-store/port.js'
+import { appendAll, START } from '../../src/event-store/port.js'
 
 export type StoreFactory = (t: Test) => Promise<EventStore>
 
@@ -273,6 +273,43 @@ export function eventStoreContract(t: Test, makeStore: StoreFactory, traits: Sto
     })()
     setTimeout(() => void subscription.close(), 50)
     t.equal(await done, 'ended')
+  })
+
+  multiStreamContract(t, makeStore)
+}
+
+/**
+ * Writes across streams (`appendAll`): all or nothing on every store, with `appendMany` where the store has
+ * it, else through a recorded intent (src/event-store/intents.ts). Also run by intents.test.ts against a
+ * store without `appendMany`.
+ */
+export function multiStreamContract(t: Test, makeStore: StoreFactory): void {
+  t.test('appendAll: a multi-stream write with one refused stream writes nothing', async (t) => {
+    const store = await makeStore(t)
+    const prefix = unique('all-or-nothing')
+    await store.append(`${prefix}-2`, [{ type: 'There', data: {} }], { expectedRevision: 'no_stream' })
+    const set = [0, 1, 2, 3].map((j) => ({ streamId: `${prefix}-${j}`, events: [{ type: 'Part', data: { j } }], options: { expectedRevision: 'no_stream' as const } }))
+    await t.rejects(appendAll(store, set), WrongExpectedRevisionError)
+    for (const j of [0, 1, 3]) t.same(await store.readStream(`${prefix}-${j}`), [], `stream ${j} has nothing`)
+    t.same((await store.readStream(`${prefix}-2`)).map((e) => e.type), ['There'], 'the refusing stream is as it was')
+  })
+
+  t.test('appendAll: a multi-stream write lands whole; repeated with the same ids, it answers the same and writes nothing', async (t) => {
+    const store = await makeStore(t)
+    const prefix = unique('whole')
+    const set = [0, 1, 2].map((j) => ({
+      streamId: `${prefix}-${j}`,
+      events: [0, 1].map((k) => ({ id: randomUUID(), type: 'Part', data: { j, k } })),
+      options: { expectedRevision: 'no_stream' as const },
+    }))
+    const results = await appendAll(store, set)
+    for (const [j, append] of set.entries()) {
+      const stored = await store.readStream(append.streamId)
+      t.same(stored.map((e) => e.id), append.events.map((e) => e.id), `stream ${j} holds its events`)
+      t.same(results[j], { nextRevision: 1, position: stored.at(-1)!.position }, `stream ${j}: its result`)
+    }
+    t.same(await appendAll(store, set), results, 'the repeat answers with the first results')
+    for (const append of set) t.equal((await store.readStream(append.streamId)).length, 2, `${append.streamId}: nothing written twice`)
   })
 }
 
