@@ -53,14 +53,16 @@ t.test('read models built from the Postgres log: dcp refuses to start on EventSt
 
 t.test('an empty database starts on EventStoreDB; its checkpoints then refuse the Postgres log', async (t) => {
   const database = await freshDatabase(t)
-  const onEsdb = await openPlatform(await configFor(t, database, NO_SERVER))
-  await onEsdb.close()
+  // with no server the start goes as far as the log's first use (completing unfinished multi-stream writes),
+  // and stops there, saying it cannot reach it; the checkpoints were claimed for EventStoreDB before that
+  const unreachable = /UNAVAILABLE|ECONNREFUSED|unavailable|connect/
+  await t.rejects(openPlatform(await configFor(t, database, NO_SERVER)), unreachable, 'no EventStoreDB here')
   t.same(await recordedKind(database), ['eventstoredb'])
   // the Postgres log while nothing is built: allowed, and recorded
   const before = await openPlatform(await configFor(t, database))
   await before.close()
   t.same(await recordedKind(database), ['postgres'])
-  await (await openPlatform(await configFor(t, database, NO_SERVER))).close()
+  await t.rejects(openPlatform(await configFor(t, database, NO_SERVER)), unreachable)
   // a read model built from EventStoreDB (a checkpoint at one of its positions; none can be built here)
   await sql`insert into projection_checkpoints (name, position, version) values ('event_counts', 4096, 1)`.execute(database.db)
   const refused = await openPlatform(await configFor(t, database)).catch((e: unknown) => e)
