@@ -1,5 +1,6 @@
 import type { FastifyPluginAsync, FastifyReply, FastifyRequest } from 'fastify'
-import type { ZodTypeProvider } from 'fastify-type-provider-zod'
+import { validatorCompiler, type ZodTypeProvider } from 'fastify-type-provider-zod'
+import type { FastifySchemaCompiler } from 'fastify'
 import { z } from 'zod'
 import { type TaskOutcome, tensorBytes } from '../commands/scheduler.js'
 import { DomainError } from '../domain/errors.js'
@@ -57,13 +58,37 @@ const SingleBody = z.object({
     .optional(),
 })
 
-const BatchBody = z.object({
+export const BatchBody = z.object({
   model_id: z.string().min(1).max(64),
   inputs: z.array(Input).min(1).max(100_000),
   name: z.string().max(200).optional(),
   project_id: z.string().min(1).max(64).optional(),
   options: z.object({ prefer_gpu: z.boolean().optional(), instance_type: z.enum(['aws', 'user']).optional(), validation: Validation }).optional(),
 })
+
+/** The batch body but its inputs: checked by zod, and `inputs` by `batchBodyValidator`'s loop. */
+const BatchBodyRest = BatchBody.omit({ inputs: true })
+
+/**
+ * The batch route's body validator. A body whose inputs are all well-formed tensors (the common case) is
+ * checked by one loop per tensor (`asTensor`) and the rest of the body by zod; any other body goes through
+ * the route's whole zod schema, which is what OpenAPI documents and what names the field of an error. zod
+ * checks each of a batch's values through its generic machinery: for 20,000 inputs of 64 values that was a
+ * quarter of a second, a quarter of the time to accept the batch.
+ */
+export const batchBodyValidator: FastifySchemaCompiler<any> = (route) => {
+  const whole = validatorCompiler(route)
+  if (route.httpPart !== 'body') return whole
+  return (data) => {
+    const inputs = typeof data === 'object' && data !== null ? (data as { inputs?: unknown }).inputs : undefined
+    if (Array.isArray(inputs) && inputs.length >= 1 && inputs.length <= 100_000) {
+      const rest = BatchBodyRest.safeParse(data)
+      const tensors = rest.success ? inputs.map(asTensor) : []
+      if (rest.success && tensors.every((tensor) => tensor !== undefined)) return { value: { ...rest.data, inputs: tensors } }
+    }
+    return whole(data)
+  }
+}
 
 const SingleQuery = z.object({
   async: z.enum(['true', 'false']).optional(),
@@ -426,6 +451,7 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
       },
     },
     bodyLimit: BATCH_BODY_LIMIT,
+    validatorCompiler: batchBodyValidator,
     schema: { operationId: 'runBatchInference', summary: 'Run inference on many inputs (always asynchronous)', tags: ['inference'], body: BatchBody, response: { 202: BatchQueued } },
   }, async (request, reply) => {
     const customerId = customerOf(request)
