@@ -832,20 +832,29 @@ export class TaskScheduler {
     const grants: Promise<void>[] = []
     const now = Date.now()
     const held = new Set<string>()
+    // keys no device can take more of in this pass (the same key, the same devices: see mergeKey)
+    const blocked = new Set<string>()
+    // queued tasks not yet passed that are not mergeable: once none is left and no device can take more
+    // mergeable work, the rest of the queue need not be looked at (it can be long: every result runs this)
+    let plainLeft = this.queue.length - this.mergeable.size
     let wakeAt = Infinity
     for (let i = 0; i < this.queue.length && this.hasRoom(); ) {
       const task = this.queue[i]!
       const merge = this.mergeable.get(task.task_id)
-      if (merge && held.has(merge.key)) {
+      if (merge && (held.has(merge.key) || blocked.has(merge.key))) {
+        if (plainLeft === 0 && !this.hasMergeRoom()) break
         i++
         continue
       }
       const device = this.pickDevice(task)
       if (!device) {
+        if (merge) blocked.add(merge.key)
+        else plainLeft--
         i++
         continue
       }
       if (!merge) {
+        plainLeft--
         this.dequeueAt(i)
         grants.push(this.lease([task], device))
         continue
@@ -880,10 +889,14 @@ export class TaskScheduler {
   /** Takes the tasks at these positions (ascending) out of the queue, in one pass. */
   private take(positions: readonly number[]): TaskSpec[] {
     const taken = positions.map((j) => this.queue[j]!)
-    const at = new Set(positions)
-    let kept = positions[0]!
-    for (let j = kept; j < this.queue.length; j++) if (!at.has(j)) this.queue[kept++] = this.queue[j]!
-    this.queue.length = kept
+    const first = positions[0]!
+    if (positions.at(-1)! - first === positions.length - 1) this.queue.splice(first, positions.length) // side by side (the usual case)
+    else {
+      const at = new Set(positions)
+      let kept = first
+      for (let j = kept; j < this.queue.length; j++) if (!at.has(j)) this.queue[kept++] = this.queue[j]!
+      this.queue.length = kept
+    }
     for (const spec of taken) this.counted(spec, -1)
     return taken
   }
@@ -900,6 +913,15 @@ export class TaskScheduler {
     this.holdTimer = { at, timer }
   }
 
+  /** Is there a device that could take one more device task of mergeable work (see hasSpace)? */
+  private hasMergeRoom(): boolean {
+    for (const device of this.devices.values()) {
+      if (device.draining || device.training || device.quarantined) continue
+      if (device.leases.size < this.mostLeases(device, true)) return true
+    }
+    return false
+  }
+
   /** Is there a device that could take one more task (so scanning the queue may find work for it)? */
   private hasRoom(): boolean {
     for (const device of this.devices.values()) if (!device.draining && !device.training && !device.quarantined && this.hasSpace(device)) return true
@@ -913,9 +935,13 @@ export class TaskScheduler {
    * arrive while its slots are busy go to it together when one frees, instead of one by one.
    */
   private hasSpace(device: DeviceSlot, task?: TaskSpec): boolean {
+    return device.leases.size < this.mostLeases(device, task !== undefined && this.mayMerge(task))
+  }
+
+  /** The most device tasks the device may hold: for mergeable work, MERGED_PREFETCH beyond those it runs. */
+  private mostLeases(device: DeviceSlot, mergeable: boolean): number {
     const prefetched = device.maxConcurrent * (this.prefetch - 1)
-    const most = device.maxConcurrent + (task && this.mayMerge(task) ? Math.min(MERGED_PREFETCH, prefetched) : prefetched)
-    return device.leases.size < Math.min(most, MAX_HEARTBEAT_LEASES)
+    return Math.min(device.maxConcurrent + (mergeable ? Math.min(MERGED_PREFETCH, prefetched) : prefetched), MAX_HEARTBEAT_LEASES)
   }
 
   /**

@@ -353,3 +353,39 @@ t.test('a device lost running a waited-for task: its lease and the failed attemp
   t.same(await types(running.task_id), ['TaskQueued', 'TaskLeased', 'TaskAttemptFailed', 'TaskLeased', 'TaskCompleted'], 'the one it ran: an attempt used')
   t.same(await types(prefetched.task_id), ['TaskQueued', 'TaskLeased', 'TaskCompleted'], 'the one it had not started: returned, nothing recorded, no attempt used')
 })
+
+t.test('a long queue of mergeable work is not scanned again for every result while the devices are full', async (t) => {
+  const { scheduler } = await setup(t, 60_000, 4)
+  // counts the queued tasks dispatch looks at (it looks each up in its map of mergeable work)
+  let reads = 0
+  const mergeable: Map<string, unknown> = (scheduler as any).mergeable
+  const lookup = mergeable.get.bind(mergeable)
+  mergeable.get = (taskId: string) => {
+    reads++
+    return lookup(taskId)
+  }
+  const specs = Array.from({ length: 3000 }, () => task({ max_batch_size: 32, max_queue_delay_ms: 0 }))
+  await scheduler.submitAll(specs, { customerId: 'cust_test' })
+  t.equal(scheduler.queued, 3000)
+  let picks = 0
+  const pick = (scheduler as any).pickDevice.bind(scheduler)
+  ;(scheduler as any).pickDevice = (task: unknown) => {
+    picks++
+    return pick(task)
+  }
+  let units = 0
+  reads = 0
+  scheduler.deviceConnected({
+    deviceId: 'dev_fast', formats: ['onnx'], gpu: false, maxConcurrent: 1, maxBatchInputs: 64, sdkUuid: 'x', instanceType: 'user', leases: new Set(), draining: false, load: 0,
+    send: (frame) => {
+      if (frame.type !== 'task') return true
+      units++
+      setImmediate(() => void scheduler.result('dev_fast', answer(frame) as any))
+      return true
+    },
+  })
+  await eventually(async () => scheduler.queued === 0 && scheduler.leased === 0, 120_000, 'the queue drained', 100)
+  t.ok(units >= 3000 / 32 && units < 3000 / 16, `merged 32 at a time (${units} device tasks)`)
+  t.ok(picks < units * 8, `${picks} device picks for ${units} device tasks`)
+  t.ok(reads < units * 200, `${reads} queued tasks looked at for ${units} device tasks: the queue behind a full device is not walked for every result`)
+})
