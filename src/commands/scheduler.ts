@@ -265,6 +265,7 @@ export class TaskScheduler {
    */
   stop(): void {
     if (this.sweeper) clearInterval(this.sweeper)
+    if (this.holdTimer) clearTimeout(this.holdTimer.timer)
     this.stopped = true
     for (const abandon of [...this.waiting]) abandon()
   }
@@ -907,7 +908,7 @@ export class TaskScheduler {
     if (this.holdTimer) clearTimeout(this.holdTimer.timer)
     const timer = setTimeout(() => {
       this.holdTimer = undefined
-      this.kick()
+      if (!this.stopped) this.kick()
     }, Math.max(0, at - Date.now()))
     timer.unref()
     this.holdTimer = { at, timer }
