@@ -185,6 +185,7 @@ export class TaskScheduler {
   private readonly mergeableByKey = new Map<string, number>()
   /** When dispatch runs again for work held back by a `max_queue_delay_ms`. */
   private holdTimer: { at: number; timer: NodeJS.Timeout } | undefined
+  private readonly sent = { deviceTasks: 0, tasks: 0 }
   /** The state and revision of each open task's stream, as this scheduler (its one writer) last wrote it. */
   private readonly known = new Map<string, KnownState<TaskState>>()
   private readonly leases = new Map<string, Lease>()
@@ -358,6 +359,11 @@ export class TaskScheduler {
 
   get leased(): number {
     return this.leases.size
+  }
+
+  /** Device tasks sent since this scheduler started, and the tasks they carried. */
+  get dispatched(): { deviceTasks: number; tasks: number } {
+    return { ...this.sent }
   }
 
   /** Queues one task; see `submitAll`. */
@@ -1043,6 +1049,8 @@ export class TaskScheduler {
       return
     }
     lease.sentAt = Date.now()
+    this.sent.deviceTasks++
+    this.sent.tasks += lease.parts.length
     const first = tasks[0]!
     const inputs = tasks.length === 1 ? first.inputs : tasks.flatMap((t) => t.inputs)
     const sent = device.send({

@@ -29,7 +29,15 @@ const HealthDetailed = z.object({
     }),
   }),
   resources: z.object({ devices: z.object({ total: z.number().int(), idle: z.number().int(), busy: z.number().int(), offline: z.number().int() }) }),
-  jobs: z.object({ queued_tasks: z.number().int(), leased_tasks: z.number().int() }),
+  jobs: z.object({
+    queued_tasks: z.number().int(),
+    leased_tasks: z.number().int().describe('device tasks under a lease (a merged one counts once)'),
+    dispatched: z.object({
+      device_tasks: z.number().int().describe('device tasks sent since the server started'),
+      tasks: z.number().int().describe('tasks they carried (a merged device task carries several single-input requests)'),
+      merged_mean: z.number().describe('tasks per device task (dynamic batching); 0 before the first'),
+    }),
+  }),
 })
 
 /** `GET /health` and `GET /health/detailed`: no auth. */
@@ -75,8 +83,13 @@ export const healthRoutes: FastifyPluginAsync<{ services: Services }> = async (a
         },
       },
       resources: { devices: { total: fleet.total, idle: fleet.idle, busy: fleet.busy, offline: fleet.offline } },
-      jobs: { queued_tasks: services.scheduler.queued, leased_tasks: services.scheduler.leased },
+      jobs: { queued_tasks: services.scheduler.queued, leased_tasks: services.scheduler.leased, dispatched: dispatchedOf(services.scheduler.dispatched) },
     }
     return reply.status(status === 'unhealthy' ? 503 : 200).send(body)
   })
+}
+
+/** Dispatch counts since the start, and how many tasks a device task carried on average. */
+function dispatchedOf(counts: { deviceTasks: number; tasks: number }) {
+  return { device_tasks: counts.deviceTasks, tasks: counts.tasks, merged_mean: counts.deviceTasks === 0 ? 0 : Math.round((counts.tasks / counts.deviceTasks) * 100) / 100 }
 }

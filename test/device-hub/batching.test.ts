@@ -75,7 +75,7 @@ async function busyWithQueue(t: Test, count: number, batching?: Parameters<typeo
 }
 
 t.test('idle: a task goes alone at once; under concurrency the queued ones go together, each result to its own task', async (t) => {
-  const { a, first, firstOutcome, firstFrame, queued, outcomes, stream, types } = await busyWithQueue(t, 5)
+  const { a, first, firstOutcome, firstFrame, queued, outcomes, stream, types, scheduler } = await busyWithQueue(t, 5)
   t.match(firstFrame, { task_id: first.task_id, input: first.inputs[0] }, 'with a free device nothing waits for company: the first went alone')
   t.notOk('inputs' in firstFrame)
   a.send(answer(firstFrame))
@@ -107,6 +107,7 @@ t.test('idle: a task goes alone at once; under concurrency the queued ones go to
   }
   t.equal(cpu, Math.round(whole!.cpu_ms * 1000), 'the shares add up to the whole, to the microsecond')
   t.equal(bytesIn, metrics.bytes_in)
+  t.same(scheduler.dispatched, { deviceTasks: 2, tasks: 6 }, 'counted for /health/detailed: two device tasks carried six tasks')
 })
 
 t.test('the split rule: by inputs, in whole microseconds, what the floors leave to the first parts', async (t) => {
