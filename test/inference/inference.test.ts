@@ -199,3 +199,43 @@ t.test('a page of results is bounded in values: it ends early with next_offset, 
   }
   t.same(seen, [0, 1, 2, 3, 4, 5, 6], 'every input once, in order')
 })
+
+t.test('DELETE of one job of a merged device task: that job is cancelled and billed nothing; the others complete with their own results', async (t) => {
+  const { api, model, url, direct } = await setup(t)
+  const device = await SimDevice.connect(url)
+  t.teardown(() => device.kill())
+  await device.register({ maxTasks: 1, batchInputs: 64 })
+  const frames = () => device.frames.filter((f) => f.type === 'task')
+  const answer = async (frame: any) => {
+    const inputs: { data: number[] }[] = frame.inputs ?? [frame.input]
+    const outputs = await Promise.all(inputs.map(async (x) => ({ data: await direct(x.data), shape: [1, 2] })))
+    device.send({ type: 'task_result', task_id: frame.task_id, lease_id: frame.lease_id, status: 'completed', ...(frame.inputs ? { outputs } : { output: outputs[0] }), metrics: { cpu_ms: 3, gpu_ms: 0, bytes_in: 0, bytes_out: 0 } })
+  }
+  const submit = async (seed: number) => (await api('POST', '/inference?async=true', { model_id: model.id, input: { data: input(seed), shape: [1, 10] } })).body.job_id as string
+  // two on the device (the one it runs and one more), three queued behind them
+  const jobs = [await submit(0), await submit(1)]
+  await eventually(async () => frames().length === 2, 10_000, 'two tasks on the device')
+  for (const seed of [2, 3, 4]) jobs.push(await submit(seed))
+  await answer(frames()[0])
+  const merged = await eventually(async () => frames().find((f) => f.inputs), 10_000, 'a merged device task')
+  t.equal(merged.inputs.length, 3, 'the three queued ones together')
+
+  const cancelled = await api('DELETE', `/inference/${jobs[3]}`)
+  t.match(cancelled, { status: 200, body: { status: 'cancelled', cancelled_tasks: 1 } })
+  await answer(frames()[1])
+  await answer(merged)
+  for (const [seed, job] of jobs.entries()) {
+    if (seed === 3) continue
+    const done = await eventually(async () => {
+      const r = await api('GET', `/inference/${job}`)
+      return r.body.status === 'completed' ? r.body : undefined
+    }, 10_000, `job ${seed} completed`)
+    t.ok(close(done.result.data, await direct(input(seed))), `job ${seed}: its own input's result`)
+  }
+  const gone = await api('GET', `/inference/${jobs[3]}`)
+  t.equal(gone.body.status, 'cancelled')
+  t.notOk('result' in gone.body, 'no result for the cancelled job')
+  const usage = (await api('GET', '/usage')).body
+  t.equal(usage.tasks.total, 4, 'four jobs billed, the cancelled one not')
+  t.equal(usage.inputs, 4)
+})
