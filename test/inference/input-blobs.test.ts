@@ -141,3 +141,17 @@ t.test('blob GC keeps an open task\'s inputs, and collects them once it ended lo
   t.notOk(await blobs.has(sha256), 'collected once the task ended more than the grace period ago')
   t.ok(collected.deleted >= 1)
 })
+
+t.test('the same inputs submitted twice are one blob', async (t) => {
+  const { scheduler, store, blobs } = await testApp(t)
+  const first = bigTask()
+  const again = { ...bigTask(), inputs: first.inputs }
+  await scheduler.submit(first, { customerId: 'cust_test' })
+  await scheduler.submit(again, { customerId: 'cust_test' })
+  const [a, b] = [await queuedData(store, first.task_id), await queuedData(store, again.task_id)]
+  t.equal(a.inputs_blob!.sha256, b.inputs_blob!.sha256)
+  const stored = []
+  for await (const blob of blobs.list()) stored.push(blob.sha256)
+  t.same(stored, [a.inputs_blob!.sha256], 'one file')
+  t.same(await blobs.pending(), [], 'no temporary file left')
+})
