@@ -2,6 +2,7 @@ import path from 'node:path'
 import { z } from 'zod'
 import { readAdapterSettings } from './adapters/config.js'
 import { BLOB_GC_DEFAULTS } from './blobs/blob-gc.js'
+import { TASK_INPUTS_DEFAULTS } from './commands/task-inputs.js'
 import { DEFAULT_PRICES, PriceTable } from './domain/pricing.js'
 
 /** Every setting dcp reads from the environment, with its default. The README lists them. */
@@ -60,6 +61,8 @@ const Env = z.object({
   BLOB_GC_GRACE_MS: z.coerce.number().int().min(600_000).default(BLOB_GC_DEFAULTS.graceMs),
   /** How often unreferenced blobs are collected; 0: never (default 1 h). */
   BLOB_GC_INTERVAL_MS: z.coerce.number().int().min(0).default(BLOB_GC_DEFAULTS.intervalMs),
+  /** A task's inputs whose JSON is larger than this go to the blob store, their TaskQueued event carrying the hash (default 64 KiB). */
+  PAYLOAD_INLINE_MAX_BYTES: z.coerce.number().int().min(1024).max(512 * 1024).default(TASK_INPUTS_DEFAULTS.inlineMaxBytes),
   /** Local worker processes `dcp start` runs beside the server. */
   WORKERS: z.coerce.number().int().min(0).max(64).default(2),
   /** Local Python devices (`python -m dcp_device` from the managed environment or DCP_PYTHON) `dcp start` runs beside the server (default 0). */
@@ -104,6 +107,8 @@ export interface Config {
   /** DCP_PYTHON: the Python for TorchScript training (unset: the managed environment's, if any). */
   python: string | undefined
   blobGc: { graceMs: number; intervalMs: number }
+  /** Task inputs above this many bytes of JSON are kept out of their event, in the blob store. */
+  payloadInlineMaxBytes: number
 }
 
 export class ConfigError extends Error {}
@@ -164,6 +169,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, overrides: Part
     workers: e.WORKERS,
     pythonWorkers: e.PYTHON_WORKERS,
     blobGc: { graceMs: e.BLOB_GC_GRACE_MS, intervalMs: e.BLOB_GC_INTERVAL_MS },
+    payloadInlineMaxBytes: e.PAYLOAD_INLINE_MAX_BYTES,
     ...Object.fromEntries(Object.entries(overrides).filter(([, v]) => v !== undefined)),
   }
 }

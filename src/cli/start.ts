@@ -52,6 +52,8 @@ export async function startCommand(args: string[]): Promise<number> {
   const scheduler: TaskScheduler = new TaskScheduler({
     store: platform.store,
     db: platform.database.db,
+    blobs,
+    inlineInputsMaxBytes: config.payloadInlineMaxBytes,
     leaseTimeoutMs: config.leaseTimeoutMs,
     maxLeaseMs: config.maxLeaseMs,
     maxAttempts: config.maxTaskAttempts,

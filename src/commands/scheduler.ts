@@ -1,7 +1,8 @@
 import type { z } from 'zod'
 import type { Kysely } from 'kysely'
 import { DomainError } from '../domain/errors.js'
-import { type LeaseGrant, type Share, type TaskCommand, taskDecider, type TaskEvent, type TaskSpec, type TaskState, type TaskValidated, taskStream } from '../domain/task.js'
+import type { BlobStore } from '../blobs/blob-store.js'
+import { inputCount, type LeaseGrant, type QueuedSpec, type Share, type TaskCommand, taskDecider, type TaskEvent, type TaskSpec, type TaskState, type TaskValidated, taskStream } from '../domain/task.js'
 import type { Observed } from '../domain/metering.js'
 import { emptyReputation, NO_VALIDATION, quarantineReason, type Reputation } from '../domain/validation.js'
 import { type EventStore, type Position, START } from '../event-store/port.js'
@@ -9,6 +10,7 @@ import { newEventId } from '../event-store/event-id.js'
 import { type CancelTask, MAX_HEARTBEAT_LEASES, type Metrics, type TaskAssignment, type TaskResult, type Tensor } from '../protocol/frames.js'
 import { openTasks } from '../projections/tasks.js'
 import { handleCommand, type KnownState, startStreams, type StreamStart } from './handle-command.js'
+import { InputsUnavailableError, storeInputs, TASK_INPUTS_DEFAULTS, withInputs } from './task-inputs.js'
 
 type CancelTaskFrame = z.infer<typeof CancelTask>
 type TaskResultFrame = z.infer<typeof TaskResult>
@@ -17,8 +19,8 @@ type TaskResultFrame = z.infer<typeof TaskResult>
 export type NewTask = Omit<TaskSpec, 'max_attempts' | 'project_id' | 'output_shape' | 'instance_type' | 'validation' | 'batching'> & Partial<Pick<TaskSpec, 'max_attempts' | 'project_id' | 'output_shape' | 'instance_type' | 'validation' | 'batching'>>
 
 /** Why a result does not fit its task (one output per input, each filling the declared shape), or undefined. */
-export function outputProblem(spec: TaskSpec, outputs: readonly Tensor[]): string | undefined {
-  if (outputs.length !== spec.inputs.length) return `the device returned ${outputs.length} outputs for ${spec.inputs.length} inputs`
+export function outputProblem(spec: QueuedSpec, outputs: readonly Tensor[]): string | undefined {
+  if (outputs.length !== inputCount(spec)) return `the device returned ${outputs.length} outputs for ${inputCount(spec)} inputs`
   for (const [i, output] of outputs.entries()) {
     const size = output.shape.reduce((a, b) => a * b, 1)
     if (size !== output.data.length) return `output ${i}: ${output.data.length} values do not fill its shape ${JSON.stringify(output.shape)}`
@@ -140,6 +142,13 @@ export type TaskOutcome =
 export interface SchedulerOptions {
   store: EventStore
   db: Kysely<any>
+  /**
+   * Where inputs too large for their event go (src/commands/task-inputs.ts), and where `recover` reads them
+   * back. Without it every task's inputs stay in its TaskQueued.
+   */
+  blobs?: BlobStore
+  /** Inputs whose JSON is larger than this go to `blobs`, their TaskQueued carrying a reference. Default 64 KiB. */
+  inlineInputsMaxBytes?: number
   /** A lease ends this long after it was granted or last listed in a heartbeat. Default 30 s. */
   leaseTimeoutMs?: number
   /** Attempts before a task fails for good. Default 3. */
@@ -210,6 +219,7 @@ export class TaskScheduler {
   /** Each device's validated and disputed results and failures of tasks that succeeded elsewhere. */
   private readonly reputation = new Map<string, Reputation>()
   readonly prefetch: number
+  readonly inlineInputsMaxBytes: number
   private readonly now: () => Date
 
   constructor(private readonly options: SchedulerOptions) {
@@ -217,6 +227,7 @@ export class TaskScheduler {
     this.maxLeaseMs = options.maxLeaseMs ?? 10 * this.leaseTimeoutMs
     this.maxAttempts = options.maxAttempts ?? 3
     this.prefetch = options.prefetch ?? 4
+    this.inlineInputsMaxBytes = options.inlineInputsMaxBytes ?? TASK_INPUTS_DEFAULTS.inlineMaxBytes
     if (!Number.isInteger(this.prefetch) || this.prefetch < 1) throw new RangeError('prefetch must be a whole number of 1 or more')
     this.now = options.now ?? (() => new Date())
   }
@@ -229,12 +240,14 @@ export class TaskScheduler {
       const { state, revision, leasedAt, leasedTime, unit } = await this.fold(open.task_id)
       if (!state.spec) continue
       this.known.set(open.task_id, { state, revision })
-      this.specs.set(open.task_id, state.spec)
-      if (state.status === 'queued') this.enqueue(state.spec)
+      const spec = await this.readInputs(state.spec)
+      if (!spec) continue
+      this.specs.set(open.task_id, spec)
+      if (state.status === 'queued') this.enqueue(spec)
       else if (state.status === 'leased' && state.lease) {
         // the tasks of a merged device task share its lease: one lease again, its open parts in their places
         const now = Date.now()
-        const sizes = unit?.sizes ?? [state.spec.inputs.length]
+        const sizes = unit?.sizes ?? [spec.inputs.length]
         const index = unit?.index ?? 0
         const part = { taskId: open.task_id, index, offset: sizes.slice(0, index).reduce((a, b) => a + b, 0), count: sizes[index]! }
         const known = recovered.get(state.lease.id)
@@ -242,7 +255,7 @@ export class TaskScheduler {
         else {
           const lease: Lease = {
             leaseId: state.lease.id, unitId: unit?.id ?? open.task_id, parts: [part], sizes, deviceId: state.lease.deviceId, sdkUuid: state.lease.sdkUuid, instanceType: state.lease.instanceType,
-            grantedAt: new Date(leasedTime ?? now).toISOString(), deferred: new Set(), modelId: state.spec.model.id, deadline: now + this.leaseTimeoutMs, expiresAt: now + this.maxLeaseMs, sentAt: leasedTime ?? now,
+            grantedAt: new Date(leasedTime ?? now).toISOString(), deferred: new Set(), modelId: spec.model.id, deadline: now + this.leaseTimeoutMs, expiresAt: now + this.maxLeaseMs, sentAt: leasedTime ?? now,
           }
           recovered.set(lease.leaseId, { lease, leasedAt: leasedAt ?? START })
         }
@@ -257,6 +270,22 @@ export class TaskScheduler {
     this.sweeper = setInterval(() => void this.sweep(), Math.min(1000, this.leaseTimeoutMs / 4))
     this.sweeper.unref()
     this.kick()
+  }
+
+  /**
+   * The task with its inputs, read back from their blob if they are in one. A blob that is gone or damaged
+   * fails the task for good (recorded, with the reason): no device could ever run it.
+   */
+  private async readInputs(queued: QueuedSpec): Promise<TaskSpec | undefined> {
+    try {
+      return await withInputs(this.options.blobs, queued)
+    } catch (error) {
+      if (!(error instanceof InputsUnavailableError)) throw error
+      const reason = `task ${queued.task_id} cannot run after a restart: ${error.message}`
+      this.options.log?.(reason)
+      await this.command(queued.task_id, { type: 'FailTask', reason, at: this.now().toISOString() }, queued.customer_id)
+      return undefined
+    }
   }
 
   /**
@@ -380,21 +409,26 @@ export class TaskScheduler {
    * Resolves with the position of the last event written.
    */
   async submitAll(tasks: readonly NewTask[], metadata: { customerId: string }, alongside: readonly StreamStart[] = []): Promise<Position> {
+    // 1. inputs too large for their event go to the blob store first: the event that names them never comes without them
+    const blobs = await Promise.all(tasks.map((task) => storeInputs(this.options.blobs, task.inputs, this.inlineInputsMaxBytes)))
     const at = this.now().toISOString()
-    const planned = tasks.map((task) => {
+    const planned = tasks.map((task, i) => {
       const spec: TaskSpec = { ...task, project_id: task.project_id ?? null, output_shape: task.output_shape ?? null, instance_type: task.instance_type ?? null, max_attempts: task.max_attempts ?? this.maxAttempts, validation: task.validation ?? NO_VALIDATION, batching: task.batching ?? null }
+      const { inputs, ...rest } = spec
+      const blob = blobs[i]
+      const queued: QueuedSpec = blob ? { ...rest, inputs_blob: blob } : spec
       // a model that holds work back for company (max_queue_delay_ms) queues it even with a device free
       const device = this.queue.length === 0 && !spec.batching?.max_queue_delay_ms ? this.pickDevice(spec) : undefined
-      return { spec, device, lease: device && this.reserve([spec], device) }
+      return { spec, queued, device, lease: device && this.reserve([spec], device) }
     })
     let results
     try {
       results = await startStreams(this.options.store, [
         ...alongside,
-        ...planned.map(({ spec, device, lease }) => ({
+        ...planned.map(({ spec, queued, lease }) => ({
           streamId: taskStream(spec.task_id),
           decider: taskDecider,
-          command: { type: 'QueueTask', task: spec, at, ...(lease ? { lease: grantOf(lease, 0) } : {}) } satisfies TaskCommand,
+          command: { type: 'QueueTask', task: queued, at, ...(lease ? { lease: grantOf(lease, 0) } : {}) } satisfies TaskCommand,
           metadata: { customerId: metadata.customerId, occurredAt: at },
         })),
       ])

@@ -50,7 +50,30 @@ export const TaskSpec = z.object({
 })
 export type TaskSpec = z.infer<typeof TaskSpec>
 
-const TaskQueued = z.object({ type: z.literal('TaskQueued'), data: TaskSpec.extend({ queued_at: z.string() }) })
+/**
+ * Inputs kept out of the event (above the scheduler's inline limit): their JSON (the `inputs` array) is the
+ * blob `sha256` in the blob store, `bytes` long, holding `count` inputs.
+ */
+export const InputsBlob = z.object({ sha256: z.string().regex(/^[0-9a-f]{64}$/), bytes: z.number().int().min(1), count: z.number().int().min(1) })
+export type InputsBlob = z.infer<typeof InputsBlob>
+
+/**
+ * A task as TaskQueued records it: its inputs inline (`inputs`, as every event before #25), or in the blob
+ * store (`inputs_blob`), exactly one of the two.
+ */
+const QueuedSpec = TaskSpec.omit({ inputs: true }).extend({ inputs: TaskSpec.shape.inputs.optional(), inputs_blob: InputsBlob.optional() })
+export type QueuedSpec = z.infer<typeof QueuedSpec>
+const oneInputsForm = (spec: { inputs?: unknown; inputs_blob?: unknown }) => (spec.inputs === undefined) !== (spec.inputs_blob === undefined)
+
+/** Inputs of a task, whether they are in the event or in a blob. */
+export function inputCount(spec: QueuedSpec): number {
+  return spec.inputs?.length ?? spec.inputs_blob?.count ?? 0
+}
+
+const TaskQueued = z.object({
+  type: z.literal('TaskQueued'),
+  data: QueuedSpec.extend({ queued_at: z.string() }).refine(oneInputsForm, { message: 'a task has either inputs or inputs_blob', path: ['inputs'] }),
+})
 const TaskLeased = z.object({
   type: z.literal('TaskLeased'),
   data: z.object({
@@ -182,8 +205,8 @@ export type TaskEvent = z.infer<typeof TaskEvent>
 export const taskEventTypes = TaskEvent.options.map((o) => o.shape.type.value)
 
 export type TaskCommand =
-  /** Queues a task; with `lease`, a device took it at once (both events in one append). */
-  | { type: 'QueueTask'; task: TaskSpec; at: string; lease?: LeaseGrant }
+  /** Queues a task (its inputs inline or in a blob); with `lease`, a device took it at once (both events in one append). */
+  | { type: 'QueueTask'; task: QueuedSpec; at: string; lease?: LeaseGrant }
   | ({ type: 'LeaseTask'; at: string } & LeaseGrant)
   /**
    * `observed`: what the server saw of the attempt (bounds the billed metrics; absent: billed as claimed).
@@ -195,6 +218,8 @@ export type TaskCommand =
   | { type: 'FailAttempt'; leaseId: string; reason: string; metrics: z.infer<typeof Metrics> | null; observed?: Observed; share?: Share; record?: DeferredLease; at: string }
   | { type: 'ReturnLease'; leaseId: string; reason: string; at: string }
   | { type: 'CancelTask'; at: string }
+  /** Ends an open task for good without an attempt (its inputs cannot be read back after a restart). */
+  | { type: 'FailTask'; reason: string; at: string }
 
 /** A device taking a task under a lease; `unit`: merged with others into one device task. */
 export interface LeaseGrant {
@@ -236,7 +261,8 @@ export interface HeldRun {
 
 export interface TaskState {
   status: TaskStatus
-  spec: TaskSpec | undefined
+  /** As queued: its inputs may be in a blob (`inputCount` counts them either way). */
+  spec: QueuedSpec | undefined
   attempts: number
   lease: Lease | undefined
   /** Results waiting for another run to agree (validation), in the order they came. */
@@ -295,6 +321,7 @@ export const taskDecider: Decider<TaskCommand, TaskEvent, TaskState> = {
     switch (command.type) {
       case 'QueueTask': {
         if (state.status !== 'new') throw new DomainError('CONFLICT', `task ${command.task.task_id} already exists`)
+        if (!oneInputsForm(command.task)) throw new DomainError('VALIDATION_ERROR', `task ${command.task.task_id} must have either inputs or inputs_blob`)
         const queued: TaskEvent = { type: 'TaskQueued', data: { ...command.task, queued_at: command.at } }
         if (!command.lease) return [queued]
         return [queued, leased(command.task, 1, command.lease, command.at)]
@@ -308,8 +335,8 @@ export const taskDecider: Decider<TaskCommand, TaskEvent, TaskState> = {
         const spec = requireSpec(state)
         const lease = currentLease(state, command.leaseId)
         const data = attemptRef(spec, lease)
-        if (command.outputs.length !== spec.inputs.length) {
-          throw new DomainError('VALIDATION_ERROR', `task ${spec.task_id} has ${spec.inputs.length} inputs but the result has ${command.outputs.length} outputs`)
+        if (command.outputs.length !== inputCount(spec)) {
+          throw new DomainError('VALIDATION_ERROR', `task ${spec.task_id} has ${inputCount(spec)} inputs but the result has ${command.outputs.length} outputs`)
         }
         const metering = meter(command.metrics, command.observed, command.share)
         // once a result is held, every later run's result is compared, whatever device it came from
@@ -339,6 +366,11 @@ export const taskDecider: Decider<TaskCommand, TaskEvent, TaskState> = {
         if (state.status === 'cancelled') return []
         return [{ type: 'TaskCancelled', data: { task_id: spec.task_id, job_id: spec.job_id, lease_id: state.lease?.id ?? null, device_id: state.lease?.deviceId ?? null, cancelled_at: command.at } }]
       }
+      case 'FailTask': {
+        const spec = requireSpec(state)
+        if (state.status !== 'queued' && state.status !== 'leased') throw new DomainError('CONFLICT', `task ${spec.task_id} is already ${state.status}`)
+        return [{ type: 'TaskFailed', data: { task_id: spec.task_id, job_id: spec.job_id, reason: command.reason, failed_at: command.at } }]
+      }
       default: {
         const unknown: never = command
         throw new Error(`unknown command ${JSON.stringify(unknown)}`)
@@ -349,7 +381,7 @@ export const taskDecider: Decider<TaskCommand, TaskEvent, TaskState> = {
   parse: ({ type, data }) => TaskEvent.parse({ type, data: upcast(type, data) }),
 }
 
-function leased(spec: TaskSpec, attempt: number, grant: LeaseGrant, at: string): TaskEvent {
+function leased(spec: QueuedSpec, attempt: number, grant: LeaseGrant, at: string): TaskEvent {
   return {
     type: 'TaskLeased',
     data: { task_id: spec.task_id, lease_id: grant.leaseId, device_id: grant.deviceId, sdk_uuid: grant.sdkUuid, instance_type: grant.instanceType, attempt, unit: grant.unit ?? null, leased_at: at },
@@ -374,10 +406,10 @@ type RunResult = ReturnType<typeof attemptRef> & { outputs: z.infer<typeof Tenso
  * outputs delivered, its attempt billed), the runs that agree with it are replicas, the others outvoted.
  * After `maxRuns` runs without two agreeing, the task fails and every run is outvoted.
  */
-function validate(spec: TaskSpec, state: TaskState, run: RunResult, check: 'quorum' | 'spot', at: string): TaskEvent[] {
+function validate(spec: QueuedSpec, state: TaskState, run: RunResult, check: 'quorum' | 'spot', at: string): TaskEvent[] {
   const tolerance = spec.validation.tolerance
   const match = state.held.find((h) => outputsAgree(h.outputs, run.outputs, tolerance))
-  const base = { task_id: spec.task_id, customer_id: spec.customer_id, job_id: spec.job_id, project_id: spec.project_id, inputs: spec.inputs.length, validated_at: at }
+  const base = { task_id: spec.task_id, customer_id: spec.customer_id, job_id: spec.job_id, project_id: spec.project_id, inputs: inputCount(spec), validated_at: at }
   const asRun = (h: { leaseId: string; deviceId: string; sdkUuid: string | null; instanceType: 'aws' | 'user' | null; metrics: z.infer<typeof Metrics> }, verdict: 'accepted' | 'agreed' | 'outvoted') => ({
     lease_id: h.leaseId, device_id: h.deviceId, sdk_uuid: h.sdkUuid, instance_type: h.instanceType, metrics: h.metrics, verdict,
   })
@@ -403,12 +435,12 @@ function validate(spec: TaskSpec, state: TaskState, run: RunResult, check: 'quor
   ]
 }
 
-function requireSpec(state: TaskState): TaskSpec {
+function requireSpec(state: TaskState): QueuedSpec {
   if (!state.spec) throw new DomainError('NOT_FOUND', 'task not found')
   return state.spec
 }
 
-function attemptRef(spec: TaskSpec, lease: Lease) {
+function attemptRef(spec: QueuedSpec, lease: Lease) {
   return {
     task_id: spec.task_id,
     customer_id: spec.customer_id,
@@ -418,7 +450,7 @@ function attemptRef(spec: TaskSpec, lease: Lease) {
     device_id: lease.deviceId,
     sdk_uuid: lease.sdkUuid,
     instance_type: lease.instanceType,
-    inputs: spec.inputs.length,
+    inputs: inputCount(spec),
   }
 }
 

@@ -15,7 +15,9 @@ export class ReferencesBehindError extends Error {
 /**
  * Every blob something still holds (sha256 hex digests), as of the log's position `head`. What holds one:
  * - a model or a dataset, until it has been deleted for longer than the grace period (`releasedBefore`);
- * - a task on a model (its device downloads the file, even of a deleted model) until it finished that long ago;
+ * - a task on a model (its device downloads the file, even of a deleted model) until it finished that long ago,
+ *   and the blob of its inputs (kept out of its TaskQueued above the inline limit) as long: a restart reads
+ *   the inputs of every open task back from it;
  * - a training job's model file and dataset, until the job finished that long ago (a running or paused job
  *   reloads them when it resumes or the server restarts);
  * - every round's weights (checkpoints) of every training job, for as long as the job exists: jobs are never
@@ -33,14 +35,16 @@ export async function liveBlobReferences(db: Kysely<any>, store: EventStore, hea
     const hex = checksum?.replace(/^sha256:/, '').toLowerCase()
     if (hex && /^[0-9a-f]{64}$/.test(hex)) live.add(hex)
   }
-  // 2. models, datasets, and the models open tasks run on
+  // 2. models, datasets, the models open tasks run on and their inputs
   // times are compared as times (the columns hold ISO-8601 text from the events)
   const before = sql`${releasedBefore}::timestamptz`
   const files = await sql<{ checksum: string }>`
     select checksum from ${sql.table(`${liveSchema('models')}.models`)} where deleted_at is null or deleted_at::timestamptz > ${before}
     union select checksum from ${sql.table(`${liveSchema('datasets')}.datasets`)} where deleted_at is null or deleted_at::timestamptz > ${before}
     union select m.checksum from ${sql.table(`${liveSchema('tasks')}.tasks`)} t join ${sql.table(`${liveSchema('models')}.models`)} m on m.model_id = t.model_id
-      where t.finished_at is null or t.finished_at::timestamptz > ${before}`.execute(db)
+      where t.finished_at is null or t.finished_at::timestamptz > ${before}
+    union select inputs_sha256 from ${sql.table(`${liveSchema('tasks')}.tasks`)}
+      where inputs_sha256 is not null and (finished_at is null or finished_at::timestamptz > ${before})`.execute(db)
   for (const row of files.rows) add(row.checksum)
   // 3. training jobs: their inputs while they may run, their checkpoints always (from the log: the read model keeps no weights)
   const jobs = await sql<{ job_id: string; model_checksum: string | null; dataset_checksum: string | null; inputs_held: boolean }>`

@@ -1,7 +1,7 @@
 import { type Kysely, sql } from 'kysely'
 import { deviceDecider } from '../domain/device.js'
 import { PROJECT_TYPES, projectDecider, projectEventTypes } from '../domain/project.js'
-import { taskDecider } from '../domain/task.js'
+import { inputCount, taskDecider } from '../domain/task.js'
 import { parseRecorded } from '../domain/decider.js'
 import { liveSchema, type Projection } from './projection.js'
 import { RowSet } from './rows.js'
@@ -123,8 +123,8 @@ export const projectsProjection: Projection = {
         case 'TaskQueued': {
           const d = event.data
           if (!d.project_id) break
-          const added = tasks.insert({ task_id: d.task_id, project_id: d.project_id, job_id: d.job_id, inputs: d.inputs.length, status: 'queued', device_id: null, instance_type: null, queued_at: d.queued_at, finished_at: null, latency_ms: null })
-          if (added) count(d.project_id, 'submitted', d.inputs.length, d.queued_at)
+          const added = tasks.insert({ task_id: d.task_id, project_id: d.project_id, job_id: d.job_id, inputs: inputCount(d), status: 'queued', device_id: null, instance_type: null, queued_at: d.queued_at, finished_at: null, latency_ms: null })
+          if (added) count(d.project_id, 'submitted', inputCount(d), d.queued_at)
           break
         }
         case 'TaskLeased':

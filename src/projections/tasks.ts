@@ -1,6 +1,6 @@
 import { type Kysely, sql } from 'kysely'
 import { type DeviceEvent, deviceDecider } from '../domain/device.js'
-import { type TaskEvent, taskDecider, taskEventTypes } from '../domain/task.js'
+import { inputCount, type TaskEvent, taskDecider, taskEventTypes } from '../domain/task.js'
 import { parseRecorded } from '../domain/decider.js'
 import { liveSchema, type Projection } from './projection.js'
 import { RowSet } from './rows.js'
@@ -9,13 +9,15 @@ import { RowSet } from './rows.js'
  * Every task's current state: what the scheduler rebuilds its queue and leases from after a restart, and
  * what job views and the dashboard read: its project, how many inputs, the kind of device (`aws` or `user`)
  * its attempt is billed by, when it finished and its latency (for every task, in a project or not). Inputs
- * and outputs stay in the log. A batch is folded in memory (rows.ts).
+ * and outputs stay in the log (inputs above the scheduler's inline limit in the blob `inputs_sha256`).
+ * A batch is folded in memory (rows.ts).
  */
 export const tasksProjection: Projection = {
   name: 'tasks',
   // 2: project_id, inputs, instance_type, finished_at, latency_ms (the dashboard read them from the projects
-  // read model, which has only the tasks of a project)
-  version: 2,
+  // read model, which has only the tasks of a project); 3: inputs_sha256 (the blob of inputs kept out of
+  // TaskQueued, which the blob collector keeps while the task is open)
+  version: 3,
   filter: { types: [...taskEventTypes, 'DeviceRegistered'] },
   tables: [
     { name: 'tasks', primaryKey: ['task_id'] },
@@ -31,6 +33,7 @@ export const tasksProjection: Projection = {
       .addColumn('project_id', 'text')
       .addColumn('model_id', 'text', (c) => c.notNull())
       .addColumn('inputs', 'integer', (c) => c.notNull())
+      .addColumn('inputs_sha256', 'text')
       .addColumn('instance_type', 'text')
       .addColumn('status', 'text', (c) => c.notNull())
       .addColumn('attempts', 'integer', (c) => c.notNull())
@@ -78,7 +81,7 @@ export const tasksProjection: Projection = {
         case 'TaskQueued': {
           const d = event.data
           tasks.insert({
-            task_id: id, job_id: d.job_id, customer_id: d.customer_id, project_id: d.project_id ?? null, model_id: d.model.id, inputs: d.inputs.length, instance_type: null,
+            task_id: id, job_id: d.job_id, customer_id: d.customer_id, project_id: d.project_id ?? null, model_id: d.model.id, inputs: inputCount(d), inputs_sha256: d.inputs_blob?.sha256 ?? null, instance_type: null,
             status: 'queued', attempts: 0, device_id: null, lease_id: null, error: null, queued_at: d.queued_at, finished_at: null, latency_ms: null, updated_at: d.queued_at,
           })
           break
@@ -123,6 +126,7 @@ interface TaskRow extends Record<string, unknown> {
   project_id: string | null
   model_id: string
   inputs: number
+  inputs_sha256: string | null
   instance_type: string | null
   status: string
   attempts: number

@@ -102,3 +102,29 @@ t.test('metering: a claim above wall time x cores is clamped and flagged, the cl
   const honest = run(state, { type: 'CompleteTask', leaseId: 'lease_1', outputs: output(1), metrics, observed: { wall_ms: 5, cpu_cores: 4, gpus: 0 }, at })
   t.match(honest.events[0]!.data, { metrics, claimed_metrics: null, metering_clamped: false })
 })
+
+t.test('inputs in a blob: the event names the blob, and the task counts its inputs from it as from inline ones', async (t) => {
+  const { inputs: _inline, ...rest } = spec
+  const inputs_blob = { sha256: 'ab'.repeat(32), bytes: 4000, count: 3 }
+  const { events, state } = run(taskDecider.initialState(), { type: 'QueueTask', task: { ...rest, inputs_blob }, at, lease: grant })
+  t.same(events[0]!.data, { ...rest, inputs_blob, queued_at: at }, 'the blob reference and no inputs')
+  t.throws(() => run(state, { type: 'CompleteTask', leaseId: 'lease_1', outputs: output(1), metrics, at }), /has 3 inputs but the result has 1 outputs/)
+  const done = run(state, { type: 'CompleteTask', leaseId: 'lease_1', outputs: [...output(1), ...output(2), ...output(3)], metrics, at })
+  t.match(done.events[0]!.data, { inputs: 3, outputs: [{ data: [1] }, { data: [2] }, { data: [3] }] }, 'billed by the blob\'s count')
+  // an event before #25, inputs inline (the form a TaskQueued had until now), folds as it did
+  const old = taskDecider.parse({ type: 'TaskQueued', data: { ...spec, queued_at: at }, schemaVersion: 1 })
+  t.same(taskDecider.evolve(taskDecider.initialState(), old).spec?.inputs, spec.inputs)
+  t.throws(() => taskDecider.parse({ type: 'TaskQueued', data: { ...spec, inputs_blob, queued_at: at }, schemaVersion: 1 }), /either inputs or inputs_blob/, 'never both')
+  t.throws(() => taskDecider.parse({ type: 'TaskQueued', data: { ...rest, queued_at: at }, schemaVersion: 1 }), /either inputs or inputs_blob/, 'nor neither')
+  t.throws(() => run(taskDecider.initialState(), { type: 'QueueTask', task: rest, at }), /either inputs or inputs_blob/)
+})
+
+t.test('FailTask ends an open task for good with its reason, and only an open one', async (t) => {
+  const queued = run(taskDecider.initialState(), { type: 'QueueTask', task: spec, at }).state
+  const failed = run(queued, { type: 'FailTask', reason: 'its inputs blob is missing', at })
+  t.match(failed.events, [{ type: 'TaskFailed', data: { task_id: 'task_1', job_id: 'job_1', reason: 'its inputs blob is missing', failed_at: at } }])
+  t.equal(failed.state.status, 'failed')
+  const leased = run(queued, { type: 'LeaseTask', ...grant, at }).state
+  t.equal(run(leased, { type: 'FailTask', reason: 'gone', at }).state.status, 'failed', 'a leased one too')
+  t.throws(() => run(failed.state, { type: 'FailTask', reason: 'again', at }), /already failed/)
+})

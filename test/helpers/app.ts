@@ -37,7 +37,7 @@ export interface TestApp {
 }
 
 /** The whole HTTP API on a fresh database, with every projection running; torn down with the test. */
-export async function testApp(t: Test, overrides: Partial<AppDeps> = {}, options: { heartbeatIntervalMs?: number; leaseTimeoutMs?: number; enrollmentSecret?: string; roundDeadlineMs?: number; prefetch?: number; production?: boolean; limits?: Partial<HubLimits>; maxLeaseMs?: number } = {}): Promise<TestApp> {
+export async function testApp(t: Test, overrides: Partial<AppDeps> = {}, options: { heartbeatIntervalMs?: number; leaseTimeoutMs?: number; enrollmentSecret?: string; roundDeadlineMs?: number; prefetch?: number; production?: boolean; limits?: Partial<HubLimits>; maxLeaseMs?: number; inlineInputsMaxBytes?: number } = {}): Promise<TestApp> {
   const database = await freshDatabase(t)
   const store = new PostgresEventStore(database.pool)
   const projections = new Projections({ db: database.db, store, retryMs: 50 })
@@ -49,6 +49,8 @@ export async function testApp(t: Test, overrides: Partial<AppDeps> = {}, options
   const scheduler: TaskScheduler = new TaskScheduler({
     store,
     db: database.db,
+    blobs,
+    ...(options.inlineInputsMaxBytes ? { inlineInputsMaxBytes: options.inlineInputsMaxBytes } : {}),
     leaseTimeoutMs: options.leaseTimeoutMs ?? 2000,
     maxAttempts: 3,
     ...(options.prefetch ? { prefetch: options.prefetch } : {}),

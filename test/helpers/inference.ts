@@ -25,12 +25,14 @@ export interface InferenceSetupOptions {
   prefetch?: number
   /** Longest a lease lives whatever the heartbeats (the scheduler's default when absent). */
   maxLeaseMs?: number
+  /** Task inputs whose JSON is larger than this go to the blob store (the scheduler's default when absent). */
+  inlineInputsMaxBytes?: number
   overrides?: Partial<AppDeps>
 }
 
 /** A test app on a real socket, a customer, a model built in the test, and real worker processes. */
 export async function inferenceSetup(t: Test, options: InferenceSetupOptions = {}) {
-  const context = await testApp(t, { rateLimit: { max: 100_000, windowMs: 60_000 }, ...options.overrides }, { heartbeatIntervalMs: 2000, leaseTimeoutMs: options.leaseTimeoutMs ?? 10_000, prefetch: options.prefetch, ...(options.maxLeaseMs ? { maxLeaseMs: options.maxLeaseMs } : {}) })
+  const context = await testApp(t, { rateLimit: { max: 100_000, windowMs: 60_000 }, ...options.overrides }, { heartbeatIntervalMs: 2000, leaseTimeoutMs: options.leaseTimeoutMs ?? 10_000, prefetch: options.prefetch, ...(options.maxLeaseMs ? { maxLeaseMs: options.maxLeaseMs } : {}), ...(options.inlineInputsMaxBytes ? { inlineInputsMaxBytes: options.inlineInputsMaxBytes } : {}) })
   const url = await context.app.listen({ port: 0, host: '127.0.0.1' })
   const alice = await context.customer()
   const bytes = options.model ?? denseOnnxModel({ inputs: 10, outputs: 2 })

@@ -7,7 +7,7 @@ import { deviceDecider, HeartbeatReceived } from '../../src/domain/device.js'
 import { inferenceDecider } from '../../src/domain/inference-job.js'
 import { modelDecider } from '../../src/domain/model.js'
 import { projectDecider } from '../../src/domain/project.js'
-import { taskDecider } from '../../src/domain/task.js'
+import { inputCount, taskDecider } from '../../src/domain/task.js'
 import { PostgresEventStore } from '../../src/event-store/postgres.js'
 import type { Database } from '../../src/postgres/database.js'
 import { allProjections, Projections, type ProjectionStatus } from '../../src/projections/projections.js'
@@ -48,7 +48,7 @@ const KINDS: Record<string, Kind> = {
   'device-': kind(deviceDecider, (s) => ({ registered: s.registered, connected: s.connected })),
   'project-': kind(projectDecider, (s) => s.status),
   'inference-': kind(inferenceDecider, (s) => ({ tasks: s.request?.tasks, cancelled: s.cancelled })),
-  'task-': kind(taskDecider, (s) => ({ status: s.status, attempts: s.attempts, inputs: s.spec?.inputs.length, project: s.spec?.project_id })),
+  'task-': kind(taskDecider, (s) => ({ status: s.status, attempts: s.attempts, inputs: s.spec && inputCount(s.spec), project: s.spec?.project_id })),
 }
 
 /** Folds every stream of the fixture through today's `parse` and `evolve`; heartbeats are only parsed. */
