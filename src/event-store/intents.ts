@@ -25,11 +25,12 @@
  * streams with fresh ids and `no_stream`): the other streams are written, the refusal is recorded in
  * `IntentCompleted` and the writer gets `IntentConflictError`; recovery reports it through its log.
  *
- * Size. The intent holds the whole set inline: a batch of 100,000 inputs is ~8 MB of `TaskQueued` events,
- * which EventStoreDB refuses (`MaxAppendSize`, 1 MiB by default); the set is then refused whole, before the
- * commit point. The planned fix is to move large payloads out of events into the blob store (issue #25):
- * an intent event then carries a blob reference in place of `data` (`IntentEvent` is where it goes; the
- * intent's `version` tells the two apart), so intents stay small.
+ * Size. The intent holds the whole set inline. Task inputs above PAYLOAD_INLINE_MAX_BYTES are in the blob
+ * store, their `TaskQueued` naming the blob (docs/event-store.md), so a batch's set is its jobs' and tasks'
+ * small events: 100,000 inputs in ~100 tasks is some tens of KB. A set still above EventStoreDB's
+ * `MaxAppendSize` (many tasks of inputs just under the threshold) is refused whole, before the commit point;
+ * an intent event could then carry a blob reference in place of `data` (`IntentEvent`, told apart by the
+ * intent's `version`).
  */
 import { randomUUID } from 'node:crypto'
 import { z } from 'zod'
