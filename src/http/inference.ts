@@ -133,7 +133,7 @@ const Job = z.discriminatedUnion('type', [
       index: Int.describe("the input's position in the batch"),
       status: z.enum(['queued', 'completed', 'failed', 'cancelled']),
       result: Output.optional(),
-      error: z.string().optional(),
+      error: z.string().optional().describe('why it failed; on a completed input, why its stored result cannot be read'),
     })),
     limit: Int,
     offset: Int,
