@@ -76,3 +76,18 @@ t.test('a batch whose outputs exceed the inline limit: small TaskCompleted event
   t.same(after.filter((r) => !r.error), before.filter((r) => !broken.some((b) => b.index === r.index)), 'the other rows as before')
   t.ok(first >= 0)
 })
+
+t.test('a synchronous request whose output goes to a blob is answered from the result itself, and read back from the blob later', async (t) => {
+  // a limit far below any output, so that even one output of two values leaves its event
+  const { api, model, direct, store } = await inferenceSetup(t, { workers: 1, inlineInputsMaxBytes: 16 })
+  const data = values(7, 10)
+  const response = await api('POST', '/inference', { model_id: model.id, input: { data, shape: [1, 10] } })
+  t.equal(response.status, 200, JSON.stringify(response.body))
+  t.ok(close(response.body.result.data, await direct(data)), 'the answer equals onnxruntime')
+  const completed = (await store.readAll(0n, 10_000)).filter((e) => e.type === 'TaskCompleted').map((e) => e.data as { outputs?: unknown; outputs_blob?: unknown })
+  t.equal(completed.length, 1)
+  t.match(completed[0], { outputs_blob: { count: 1, values: 2 } }, 'the event names a blob')
+  t.equal(completed[0]!.outputs, undefined)
+  const job = await api('GET', `/inference/${response.body.job_id}`)
+  t.match(job.body, { status: 'completed', result: { data: response.body.result.data } }, 'read back from the blob')
+})
