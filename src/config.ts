@@ -61,7 +61,7 @@ const Env = z.object({
   BLOB_GC_GRACE_MS: z.coerce.number().int().min(600_000).default(BLOB_GC_DEFAULTS.graceMs),
   /** How often unreferenced blobs are collected; 0: never (default 1 h). */
   BLOB_GC_INTERVAL_MS: z.coerce.number().int().min(0).default(BLOB_GC_DEFAULTS.intervalMs),
-  /** A task's inputs whose JSON is larger than this go to the blob store, their TaskQueued event carrying the hash (default 64 KiB). */
+  /** A task's inputs (or a result's outputs) whose JSON is larger than this go to the blob store, their TaskQueued (TaskCompleted) event carrying the hash (default 64 KiB). */
   PAYLOAD_INLINE_MAX_BYTES: z.coerce.number().int().min(1024).max(512 * 1024).default(TASK_INPUTS_DEFAULTS.inlineMaxBytes),
   /** Local worker processes `dcp start` runs beside the server. */
   WORKERS: z.coerce.number().int().min(0).max(64).default(2),
@@ -107,7 +107,7 @@ export interface Config {
   /** DCP_PYTHON: the Python for TorchScript training (unset: the managed environment's, if any). */
   python: string | undefined
   blobGc: { graceMs: number; intervalMs: number }
-  /** Task inputs above this many bytes of JSON are kept out of their event, in the blob store. */
+  /** Task inputs and outputs above this many bytes of JSON are kept out of their event, in the blob store. */
   payloadInlineMaxBytes: number
 }
 

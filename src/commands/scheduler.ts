@@ -11,6 +11,7 @@ import { type CancelTask, MAX_HEARTBEAT_LEASES, type Metrics, type TaskAssignmen
 import { openTasks } from '../projections/tasks.js'
 import { handleCommand, type KnownState, startStreams, type StreamStart } from './handle-command.js'
 import { InputsUnavailableError, storeInputs, TASK_INPUTS_DEFAULTS, withInputs } from './task-inputs.js'
+import { storeOutputs } from './task-outputs.js'
 
 type CancelTaskFrame = z.infer<typeof CancelTask>
 type TaskResultFrame = z.infer<typeof TaskResult>
@@ -147,7 +148,10 @@ export interface SchedulerOptions {
    * back. Without it every task's inputs stay in its TaskQueued.
    */
   blobs?: BlobStore
-  /** Inputs whose JSON is larger than this go to `blobs`, their TaskQueued carrying a reference. Default 64 KiB. */
+  /**
+   * Inputs whose JSON is larger than this go to `blobs`, their TaskQueued carrying a reference; so do a
+   * result's outputs, their TaskCompleted carrying one (src/commands/task-outputs.ts). Default 64 KiB.
+   */
   inlineInputsMaxBytes?: number
   /** A lease ends this long after it was granted or last listed in a heartbeat. Default 30 s. */
   leaseTimeoutMs?: number
@@ -600,16 +604,19 @@ export class TaskScheduler {
     // (the appends go out together and share a commit)
     const at = this.now().toISOString()
     const parts = lease.parts
-    const settled = await Promise.allSettled(parts.map((part) => {
+    const partOutputs = parts.map((part) => outputs.slice(part.offset, part.offset + part.count))
+    const settled = await Promise.allSettled(parts.map(async (part, i) => {
       const share = shareOf(lease, part)
       const record = lease.deferred.has(part.taskId) ? { record: { ...grantOf(lease, part.index), at: lease.grantedAt } } : {}
-      return this.command(part.taskId, { type: 'CompleteTask', leaseId: lease.leaseId, outputs: outputs.slice(part.offset, part.offset + part.count), metrics: frame.metrics, ...(observed ? { observed } : {}), ...(share ? { share } : {}), ...record, at })
+      // outputs too large for their event go to the blob store first: the event that names them never comes without them
+      const blob = await storeOutputs(this.options.blobs, partOutputs[i]!, this.inlineInputsMaxBytes)
+      return this.command(part.taskId, { type: 'CompleteTask', leaseId: lease.leaseId, outputs: partOutputs[i]!, ...(blob ? { outputs_blob: blob } : {}), metrics: frame.metrics, ...(observed ? { observed } : {}), ...(share ? { share } : {}), ...record, at })
     }))
     let failure: unknown
     let refusal: unknown
     const unrecorded: Part[] = []
     settled.forEach((done, i) => {
-      if (done.status === 'fulfilled') this.afterOutcome(parts[i]!.taskId, done.value.events, done.value.position)
+      if (done.status === 'fulfilled') this.afterOutcome(parts[i]!.taskId, done.value.events, done.value.position, partOutputs[i]!)
       else if (done.reason instanceof DomainError) refusal ??= done.reason // ended meanwhile (cancelled; or this is a second copy of the result)
       else {
         // not recorded (the store failed): the lease stays for this part, which expires and runs again
@@ -648,9 +655,10 @@ export class TaskScheduler {
   /**
    * After a task's outcome was recorded: waiters get a completion or a failure for good; a held result
    * sends the task back to the queue for another run; verdicts and failures of work that succeeded
-   * elsewhere go into the devices' reputations.
+   * elsewhere go into the devices' reputations. `outputs`: the result just recorded (waiters get them from
+   * here when the TaskCompleted names a blob instead of carrying them).
    */
-  private afterOutcome(taskId: string, events: readonly TaskEvent[], position: Position): void {
+  private afterOutcome(taskId: string, events: readonly TaskEvent[], position: Position, outputs?: Tensor[]): void {
     for (const event of events) {
       switch (event.type) {
         case 'TaskValidated':
@@ -660,7 +668,7 @@ export class TaskScheduler {
           const d = event.data
           if (!d.validated) this.noteReputation(d.device_id, (r) => r.completed++)
           for (const failed of new Set(d.failed_on)) if (failed !== d.device_id) this.noteReputation(failed, (r) => r.failedElsewhereOk++)
-          this.settle(taskId, { status: 'completed', taskId, deviceId: d.device_id, outputs: d.outputs, metrics: d.metrics, position })
+          this.settle(taskId, { status: 'completed', taskId, deviceId: d.device_id, outputs: d.outputs ?? outputs ?? [], metrics: d.metrics, position })
           return
         }
         case 'TaskFailed':

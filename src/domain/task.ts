@@ -121,11 +121,24 @@ const Metering = {
   /** Part of a merged device task: how its metrics were split off the whole (null: it ran alone). */
   merged: MergedShare.nullable().default(null),
 }
+/**
+ * Outputs kept out of TaskCompleted (above the scheduler's inline limit): their JSON (the `outputs` array) is
+ * the blob `sha256`, `bytes` long, holding `count` outputs (one per input) of `values` values in all (what a
+ * page of results counts against its limit without reading the blob).
+ */
+export const OutputsBlob = InputsBlob.extend({ values: z.number().int().min(0) })
+export type OutputsBlob = z.infer<typeof OutputsBlob>
+const oneOutputsForm = (data: { outputs?: unknown; outputs_blob?: unknown }) => (data.outputs === undefined) !== (data.outputs_blob === undefined)
+
 const TaskCompleted = z.object({
   type: z.literal('TaskCompleted'),
-  /** One output per input, in order. */
+  /**
+   * One output per input, in order: inline (`outputs`, as every event before #25 and every validated
+   * completion), or in the blob store (`outputs_blob`), exactly one of the two.
+   */
   data: AttemptRef.extend({
-    outputs: z.array(TensorData),
+    outputs: z.array(TensorData).optional(),
+    outputs_blob: OutputsBlob.optional(),
     metrics: Metrics,
     ...Metering,
     /** Completed by validation (a TaskValidated came first): the attempt named is the accepted run, not the one that just ended. */
@@ -133,7 +146,7 @@ const TaskCompleted = z.object({
     /** Devices that failed an attempt of it before (their reputation counts a failure of work that succeeded elsewhere). */
     failed_on: z.array(z.string()).default([]),
     completed_at: z.string(),
-  }),
+  }).refine(oneOutputsForm, { message: 'a completed task has either outputs or outputs_blob', path: ['outputs'] }),
 })
 /**
  * A run's result waits for another run to agree with it (validation): the task goes back to the queue for
@@ -214,7 +227,12 @@ export type TaskCommand =
    * `record`: the lease was granted but not recorded yet (a synchronous request's, recorded with its
    * outcome): its TaskLeased comes first, in the same append, if the task is still queued.
    */
-  | { type: 'CompleteTask'; leaseId: string; outputs: z.infer<typeof TensorData>[]; metrics: z.infer<typeof Metrics>; observed?: Observed; share?: Share; record?: DeferredLease; at: string }
+  /**
+   * `outputs_blob`: the blob the scheduler wrote `outputs` to (too large for the event); an unvalidated
+   * TaskCompleted names it instead of carrying them. `outputs` always come along: they are counted, and
+   * compared with held results (a validated TaskCompleted keeps them inline).
+   */
+  | { type: 'CompleteTask'; leaseId: string; outputs: z.infer<typeof TensorData>[]; outputs_blob?: OutputsBlob; metrics: z.infer<typeof Metrics>; observed?: Observed; share?: Share; record?: DeferredLease; at: string }
   | { type: 'FailAttempt'; leaseId: string; reason: string; metrics: z.infer<typeof Metrics> | null; observed?: Observed; share?: Share; record?: DeferredLease; at: string }
   | { type: 'ReturnLease'; leaseId: string; reason: string; at: string }
   | { type: 'CancelTask'; at: string }
@@ -341,7 +359,11 @@ export const taskDecider: Decider<TaskCommand, TaskEvent, TaskState> = {
         const metering = meter(command.metrics, command.observed, command.share)
         // once a result is held, every later run's result is compared, whatever device it came from
         const check = state.check ?? checkRequired(spec.validation, spec.task_id, lease.instanceType)
-        if (!check) return [{ type: 'TaskCompleted', data: { ...data, outputs: command.outputs, ...metering, validated: false, failed_on: state.failedOn, completed_at: command.at } }]
+        if (command.outputs_blob && command.outputs_blob.count !== command.outputs.length) {
+          throw new DomainError('VALIDATION_ERROR', `task ${spec.task_id}: the outputs blob holds ${command.outputs_blob.count} outputs, the result ${command.outputs.length}`)
+        }
+        const outputs = command.outputs_blob ? { outputs_blob: command.outputs_blob } : { outputs: command.outputs }
+        if (!check) return [{ type: 'TaskCompleted', data: { ...data, ...outputs, ...metering, validated: false, failed_on: state.failedOn, completed_at: command.at } }]
         return validate(spec, state, { ...data, outputs: command.outputs, ...metering }, check, command.at)
       }
       case 'FailAttempt': {

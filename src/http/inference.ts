@@ -133,7 +133,7 @@ const Job = z.discriminatedUnion('type', [
       index: Int.describe("the input's position in the batch"),
       status: z.enum(['queued', 'completed', 'failed', 'cancelled']),
       result: Output.optional(),
-      error: z.string().optional(),
+      error: z.string().optional().describe('why it failed; on a completed input, why its stored result cannot be read'),
     })),
     limit: Int,
     offset: Int,
@@ -380,7 +380,7 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
     // the outcome so far, from the read models once they hold what the log holds
     await readYourWrites(services, await services.store.headPosition())
     const row = await findJob(services.db, job.customer_id, job.job_id)
-    const { results: [only] } = await jobResults(services.db, job.job_id, { limit: 1, offset: 0 })
+    const { results: [only] } = await jobResults(services.db, job.job_id, { limit: 1, offset: 0 }, Infinity, { blobs: services.blobs, log: (message) => request.log.error(message) })
     const status = row && only ? jobStatus(row) : 'queued'
     if (status === 'failed' || status === 'cancelled') throw notCompleted(job.job_id, status === 'failed' ? (only?.error ?? 'the task failed') : undefined)
     if (status !== 'completed' || !only?.output) {
@@ -476,7 +476,7 @@ export const inferenceRoutes: FastifyPluginAsync<{ services: Services }> = async
     const job = await findJob(services.db, customerId, request.params.jobId)
     if (!job) throw new DomainError('NOT_FOUND', `inference job ${request.params.jobId} not found`)
     const status = jobStatus(job)
-    const { results: rows, more } = await jobResults(services.db, job.job_id, request.query, services.limits.maxPageValues)
+    const { results: rows, more } = await jobResults(services.db, job.job_id, request.query, services.limits.maxPageValues, { blobs: services.blobs, log: (message) => request.log.error(message) })
     const model = await findModel(services.db, customerId, job.model_id)
     const done = rows.filter((r) => r.output)
     const presented = await present(model, done.map((r) => r.output!), request.query.raw === 'true')

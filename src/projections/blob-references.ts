@@ -5,7 +5,7 @@ import { readCheckpoints } from './checkpoints.js'
 import { liveSchema } from './projection.js'
 
 /** The read models the references come from; each must have applied the log up to where the collector looked. */
-export const REFERENCE_PROJECTIONS = ['models', 'datasets', 'training', 'tasks'] as const
+export const REFERENCE_PROJECTIONS = ['models', 'datasets', 'training', 'tasks', 'inference'] as const
 
 /** The read models are behind the log (still catching up, or one of them stopped): nothing may be collected now. */
 export class ReferencesBehindError extends Error {
@@ -18,6 +18,8 @@ export class ReferencesBehindError extends Error {
  * - a task on a model (its device downloads the file, even of a deleted model) until it finished that long ago,
  *   and the blob of its inputs (kept out of its TaskQueued above the inline limit) as long: a restart reads
  *   the inputs of every open task back from it;
+ * - the blob of a task's outputs (kept out of its TaskCompleted above the inline limit) as long as its result
+ *   row exists: `GET /inference/:jobId` reads them from it;
  * - a training job's model file and dataset, until the job finished that long ago (a running or paused job
  *   reloads them when it resumes or the server restarts);
  * - every round's weights (checkpoints) of every training job, for as long as the job exists: jobs are never
@@ -35,7 +37,7 @@ export async function liveBlobReferences(db: Kysely<any>, store: EventStore, hea
     const hex = checksum?.replace(/^sha256:/, '').toLowerCase()
     if (hex && /^[0-9a-f]{64}$/.test(hex)) live.add(hex)
   }
-  // 2. models, datasets, the models open tasks run on and their inputs
+  // 2. models, datasets, the models open tasks run on and their inputs, the outputs of results
   // times are compared as times (the columns hold ISO-8601 text from the events)
   const before = sql`${releasedBefore}::timestamptz`
   const files = await sql<{ checksum: string }>`
@@ -44,7 +46,8 @@ export async function liveBlobReferences(db: Kysely<any>, store: EventStore, hea
     union select m.checksum from ${sql.table(`${liveSchema('tasks')}.tasks`)} t join ${sql.table(`${liveSchema('models')}.models`)} m on m.model_id = t.model_id
       where t.finished_at is null or t.finished_at::timestamptz > ${before}
     union select inputs_sha256 from ${sql.table(`${liveSchema('tasks')}.tasks`)}
-      where inputs_sha256 is not null and (finished_at is null or finished_at::timestamptz > ${before})`.execute(db)
+      where inputs_sha256 is not null and (finished_at is null or finished_at::timestamptz > ${before})
+    union select outputs_sha256 from ${sql.table(`${liveSchema('inference')}.inference_results`)} where outputs_sha256 is not null`.execute(db)
   for (const row of files.rows) add(row.checksum)
   // 3. training jobs: their inputs while they may run, their checkpoints always (from the log: the read model keeps no weights)
   const jobs = await sql<{ job_id: string; model_checksum: string | null; dataset_checksum: string | null; inputs_held: boolean }>`

@@ -4,6 +4,8 @@ import { taskDecider } from '../domain/task.js'
 import { parseRecorded } from '../domain/decider.js'
 import { liveSchema, type Projection } from './projection.js'
 import { RowSet } from './rows.js'
+import type { BlobStore } from '../blobs/blob-store.js'
+import { OutputsUnavailableError, readOutputs } from '../commands/task-outputs.js'
 
 /**
  * Inference jobs and their results: a row per job with its counts (in inputs), a row per task with the
@@ -12,7 +14,8 @@ import { RowSet } from './rows.js'
 export const inferenceProjection: Projection = {
   name: 'inference',
   // 4: results record the instance type the task was billed as
-  version: 4,
+  // 5: outputs kept out of TaskCompleted are named by their blob (outputs_sha256, output_values)
+  version: 5,
   filter: { types: [...inferenceEventTypes, 'TaskCompleted', 'TaskFailed', 'TaskCancelled'] },
   tables: [
     { name: 'inference_jobs', primaryKey: ['job_id'] },
@@ -47,6 +50,14 @@ export const inferenceProjection: Projection = {
       .addColumn('count', 'integer', (c) => c.notNull())
       .addColumn('status', 'text', (c) => c.notNull())
       .addColumn('outputs', 'jsonb')
+      /**
+       * Outputs in the blob store (TaskCompleted named a blob instead of carrying them): its hash and length,
+       * and the values of all its outputs (the page limit counts them without reading the blob). Null with
+       * `outputs` inline.
+       */
+      .addColumn('outputs_sha256', 'text')
+      .addColumn('outputs_bytes', 'integer')
+      .addColumn('output_values', 'integer')
       .addColumn('error', 'text')
       .addColumn('device_id', 'text')
       /** The device's kind the task ran and was billed as (`aws`, `user`); null before outcomes recorded it. */
@@ -79,7 +90,7 @@ export const inferenceProjection: Projection = {
           jobs.insert({ job_id: d.job_id, customer_id: d.customer_id, project_id: d.project_id, model_id: d.model_id, kind: d.kind, mode: d.mode, name: d.name, total_tasks: total, completed: 0, failed: 0, cancelled: false, requested_at: d.requested_at, updated_at: d.requested_at })
           let first = 0
           for (const task of d.tasks) {
-            results.insert({ task_id: task.task_id, job_id: d.job_id, first_idx: first, count: task.inputs, status: 'queued', outputs: null, error: null, device_id: null, instance_type: null, finished_at: null })
+            results.insert({ task_id: task.task_id, job_id: d.job_id, first_idx: first, count: task.inputs, status: 'queued', outputs: null, outputs_sha256: null, outputs_bytes: null, output_values: null, error: null, device_id: null, instance_type: null, finished_at: null })
             first += task.inputs
           }
           break
@@ -88,8 +99,9 @@ export const inferenceProjection: Projection = {
           jobs.update(event.data.job_id, { cancelled: true, updated_at: event.data.cancelled_at })
           break
         case 'TaskCompleted': {
-          const { task_id, outputs, device_id, instance_type, completed_at } = event.data
-          finish(task_id, { status: 'completed', outputs, device_id, instance_type, finished_at: completed_at }, 'completed')
+          const { task_id, outputs, outputs_blob, device_id, instance_type, completed_at } = event.data
+          const stored = outputs_blob ? { outputs_sha256: outputs_blob.sha256, outputs_bytes: outputs_blob.bytes, output_values: outputs_blob.values } : { outputs }
+          finish(task_id, { status: 'completed', ...stored, device_id, instance_type, finished_at: completed_at }, 'completed')
           break
         }
         case 'TaskFailed':
@@ -114,6 +126,9 @@ interface ResultRow extends Record<string, unknown> {
   count: number
   status: string
   outputs: unknown
+  outputs_sha256: string | null
+  outputs_bytes: number | null
+  output_values: number | null
   error: string | null
   device_id: string | null
   instance_type: string | null
@@ -162,12 +177,20 @@ export interface InputResult {
   finished_at: string | null
 }
 
+/** Where `jobResults` reads outputs kept out of their events, and where it reports one it cannot read. */
+export interface StoredOutputs {
+  blobs?: BlobStore
+  log?: (message: string) => void
+}
+
 /**
  * The results of a page of the job's inputs, in input order (one per input, whatever task carried it). The
  * page ends early once its outputs hold `maxValues` values (read a few tasks at a time, so a page of large
- * outputs is never loaded whole): `results` are then fewer than asked, and `more` says so.
+ * outputs is never loaded whole): `results` are then fewer than asked, and `more` says so. Outputs in the
+ * blob store are read for the tasks of the page only; a blob that cannot be read gives its task's results
+ * an `error` (the task stays `completed`) and is logged.
  */
-export async function jobResults(db: Kysely<any>, jobId: string, page: { limit: number; offset: number }, maxValues = Infinity): Promise<{ results: InputResult[]; more: boolean }> {
+export async function jobResults(db: Kysely<any>, jobId: string, page: { limit: number; offset: number }, maxValues = Infinity, stored: StoredOutputs = {}): Promise<{ results: InputResult[]; more: boolean }> {
   const end = page.offset + page.limit
   const results: InputResult[] = []
   let values = 0
@@ -176,7 +199,7 @@ export async function jobResults(db: Kysely<any>, jobId: string, page: { limit: 
     const tasks = await db
       .withSchema(schema)
       .selectFrom('inference_results')
-      .select(['task_id', 'first_idx', 'count', 'status', 'outputs', 'error', 'device_id', 'finished_at'])
+      .select(['task_id', 'first_idx', 'count', 'status', 'outputs', 'outputs_sha256', 'outputs_bytes', 'output_values', 'error', 'device_id', 'finished_at'])
       .where('job_id', '=', jobId)
       .where('first_idx', '<', end)
       .where(sql<boolean>`first_idx + count > ${from}`)
@@ -184,19 +207,35 @@ export async function jobResults(db: Kysely<any>, jobId: string, page: { limit: 
       .limit(RESULT_TASKS_PER_READ)
       .execute()
     for (const task of tasks) {
-      const outputs = task.outputs as InputResult['output'][] | null
+      let outputs = task.outputs as InputResult['output'][] | null
+      let error: string | null = task.error
+      // outputs in a blob: what the page limit counts is known without it (every output of a task is the same size)
+      const blobbed = task.outputs_sha256 ? Math.ceil(task.output_values / task.count) : undefined
       for (let idx = Math.max(task.first_idx, from); idx < Math.min(task.first_idx + task.count, end); idx++) {
-        const output = outputs?.[idx - task.first_idx] ?? null
+        const size = blobbed ?? outputs?.[idx - task.first_idx]?.data.length ?? 0
         // always at least one result, so a page moves on whatever the budget
-        if (results.length > 0 && values + (output?.data.length ?? 0) > maxValues) return { results, more: true }
-        values += output?.data.length ?? 0
-        results.push({ idx, task_id: task.task_id, status: task.status, output, error: task.error, device_id: task.device_id, finished_at: task.finished_at })
+        if (results.length > 0 && values + size > maxValues) return { results, more: true }
+        if (blobbed !== undefined && !outputs && !error) ({ outputs, error } = await readRowOutputs(task, stored))
+        const output = outputs?.[idx - task.first_idx] ?? null
+        values += output?.data.length ?? size
+        results.push({ idx, task_id: task.task_id, status: task.status, output, error, device_id: task.device_id, finished_at: task.finished_at })
       }
     }
     if (tasks.length < RESULT_TASKS_PER_READ) return { results, more: false }
     const last = tasks.at(-1)!
     from = last.first_idx + last.count
     if (from >= end) return { results, more: false }
+  }
+}
+
+/** A task's outputs read back from their blob, or why they cannot be (logged). */
+async function readRowOutputs(task: { task_id: string; count: number; outputs_sha256: string; outputs_bytes: number; output_values: number }, stored: StoredOutputs): Promise<{ outputs: InputResult['output'][] | null; error: string | null }> {
+  try {
+    return { outputs: await readOutputs(stored.blobs, { sha256: task.outputs_sha256, bytes: task.outputs_bytes, count: task.count, values: task.output_values }), error: null }
+  } catch (error) {
+    if (!(error instanceof OutputsUnavailableError)) throw error
+    stored.log?.(`task ${task.task_id}: ${error.message}`)
+    return { outputs: null, error: `the task completed, but ${error.message}` }
   }
 }
 

@@ -128,3 +128,34 @@ t.test('FailTask ends an open task for good with its reason, and only an open on
   t.equal(run(leased, { type: 'FailTask', reason: 'gone', at }).state.status, 'failed', 'a leased one too')
   t.throws(() => run(failed.state, { type: 'FailTask', reason: 'again', at }), /already failed/)
 })
+
+t.test('outputs in a blob: TaskCompleted names the blob; held and validated results keep theirs inline; old inline events fold', async (t) => {
+  const outputs_blob = { sha256: 'cd'.repeat(32), bytes: 90_000, count: 1, values: 1 }
+  const leased = run(taskDecider.initialState(), { type: 'QueueTask', task: spec, at, lease: grant }).state
+  const done = run(leased, { type: 'CompleteTask', leaseId: 'lease_1', outputs: output(7), outputs_blob, metrics, at })
+  t.equal(done.events[0]!.type, 'TaskCompleted')
+  t.match(done.events[0]!.data, { task_id: 'task_1', outputs_blob, validated: false }, 'the blob reference')
+  t.equal((done.events[0]!.data as { outputs?: unknown }).outputs, undefined, 'and no outputs')
+  t.equal(done.state.status, 'completed')
+  t.throws(() => run(leased, { type: 'CompleteTask', leaseId: 'lease_1', outputs: output(7), outputs_blob: { ...outputs_blob, count: 2 }, metrics, at }), /outputs blob holds 2 outputs/)
+  // an event before #25, outputs inline, parses and folds as it did
+  const old = taskDecider.parse({ type: 'TaskCompleted', data: { task_id: 'task_1', job_id: 'job_1', lease_id: 'lease_1', device_id: 'dev_1', sdk_uuid: null, instance_type: 'aws', attempt: 1, customer_id: 'cust_1', model_id: 'model_1', inputs: 1, outputs: output(7), metrics, completed_at: at }, schemaVersion: 1 })
+  t.same(old.type === 'TaskCompleted' && old.data.outputs, output(7))
+  t.equal(taskDecider.evolve(leased, old).status, 'completed')
+  const { outputs: _inline, ...withoutOutputs } = old.data as Record<string, unknown>
+  t.throws(() => taskDecider.parse({ type: 'TaskCompleted', data: { ...old.data, outputs_blob }, schemaVersion: 1 }), /either outputs or outputs_blob/, 'never both')
+  t.throws(() => taskDecider.parse({ type: 'TaskCompleted', data: withoutOutputs, schemaVersion: 1 }), /either outputs or outputs_blob/, 'nor neither')
+  // validation compares held outputs: a held result and a validated completion carry them inline, blob or not
+  let { state } = run(taskDecider.initialState(), { type: 'QueueTask', task: { ...spec, max_attempts: 3, validation: { ...NO_VALIDATION, mode: 'quorum' } }, at })
+  const events = []
+  for (const i of [1, 2]) {
+    state = run(state, { type: 'LeaseTask', ...user(i), at }).state
+    const step = run(state, { type: 'CompleteTask', leaseId: `lease_${i}`, outputs: output(0.5), outputs_blob: { ...outputs_blob, sha256: String(i).repeat(64) }, metrics, at })
+    events.push(...step.events)
+    state = step.state
+  }
+  t.same(events.map((e) => e.type), ['TaskResultHeld', 'TaskValidated', 'TaskCompleted'])
+  t.match(events[0]!.data, { outputs: output(0.5) })
+  t.match(events[2]!.data, { outputs: output(0.5), validated: true })
+  t.equal((events[2]!.data as { outputs_blob?: unknown }).outputs_blob, undefined)
+})
