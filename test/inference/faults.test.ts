@@ -23,6 +23,29 @@ async function checkExactlyOnce(t: Test, store: PostgresEventStore, body: { resu
   return completions
 }
 
+/**
+ * A server process on its own database and data directory that a test may kill and start again, the
+ * development key's `api`, and a model (Gemm 10->2) uploaded to it once it is up with `direct` to compare.
+ */
+async function restartableServer(t: Test, name: string, leaseTimeoutMs: string) {
+  const { database, dataDir, port, url, children } = await serverFixture(t, name)
+  const env = { ...process.env, DATABASE_URL: database.url, DATA_DIR: dataDir, LOG_LEVEL: 'warn', HEARTBEAT_INTERVAL_MS: '1000', LEASE_TIMEOUT_MS: leaseTimeoutMs }
+  const startServer = () => startServerProcess({ port, env, children })
+  const api = async (method: string, route: string, payload?: unknown) => {
+    const response = await fetch(`${url}/api/v1${route}`, { method, headers: { 'x-api-key': 'test-api-key', ...(payload ? { 'content-type': 'application/json' } : {}) }, ...(payload ? { body: JSON.stringify(payload) } : {}) })
+    return { status: response.status, body: (await response.json()) as any }
+  }
+  const bytes = denseOnnxModel({ inputs: 10, outputs: 2 })
+  const session = await ort.InferenceSession.create(bytes)
+  const direct = async (data: number[]) => Array.from((await session.run({ input: new ort.Tensor('float32', Float32Array.from(data), [1, 10]) })).output!.data as Float32Array)
+  /** Uploads the model (the server must be up). */
+  const uploadModel = async () => {
+    const form = multipart({ name }, { name: 'm.onnx', content: bytes })
+    return (await (await fetch(`${url}/api/v1/models`, { method: 'POST', headers: { ...form.headers, 'x-api-key': 'test-api-key' }, body: form.payload })).json()) as { id: string }
+  }
+  return { database, dataDir, url, children, startServer, api, direct, uploadModel }
+}
+
 t.test('a batch of 1,000 with a worker killed in the middle completes with every result exactly once', async (t) => {
   const { api, model, direct, store, workers, dir } = await inferenceSetup(t, { workers: 2 })
   const victim = JSON.parse(await readFile(path.join(dir, 'w0', 'device.json'), 'utf8')).device_id as string
@@ -90,19 +113,9 @@ t.test('cancelling a batch midway: finished inputs keep their results, the rest 
 })
 
 t.test('the server killed mid-batch, two tasks completed and leases outstanding: after a restart the batch completes, nothing lost, nothing run twice', async (t) => {
-  const { database, dataDir, port, url, children } = await serverFixture(t, 'restart')
-  const env = { ...process.env, DATABASE_URL: database.url, DATA_DIR: dataDir, LOG_LEVEL: 'warn', HEARTBEAT_INTERVAL_MS: '1000', LEASE_TIMEOUT_MS: '5000' }
-  const startServer = () => startServerProcess({ port, env, children })
-  const api = async (method: string, route: string, payload?: unknown) => {
-    const response = await fetch(`${url}/api/v1${route}`, { method, headers: { 'x-api-key': 'test-api-key', ...(payload ? { 'content-type': 'application/json' } : {}) }, ...(payload ? { body: JSON.stringify(payload) } : {}) })
-    return { status: response.status, body: (await response.json()) as any }
-  }
+  const { database, dataDir, url, children, startServer, api, direct, uploadModel } = await restartableServer(t, 'restart', '5000')
   let server = await startServer()
-  const bytes = denseOnnxModel({ inputs: 10, outputs: 2 })
-  const session = await ort.InferenceSession.create(bytes)
-  const direct = async (data: number[]) => Array.from((await session.run({ input: new ort.Tensor('float32', Float32Array.from(data), [1, 10]) })).output!.data as Float32Array)
-  const form = multipart({ name: 'restart' }, { name: 'm.onnx', content: bytes })
-  const model = (await (await fetch(`${url}/api/v1/models`, { method: 'POST', headers: { ...form.headers, 'x-api-key': 'test-api-key' }, body: form.payload })).json()) as { id: string }
+  const model = await uploadModel()
 
   // before the kill, the only device: it runs tasks of 100 inputs, answers the first two it is given (with
   // onnxruntime's outputs) and holds the rest, alive (its heartbeats keep the leases)
@@ -173,19 +186,9 @@ t.test('the server killed mid-batch, two tasks completed and leases outstanding:
 })
 
 t.test('the server killed with merged device tasks in flight (one answered, one held): after a restart every job completes once, the answered ones not again', async (t) => {
-  const { database, dataDir, port, url, children } = await serverFixture(t, 'merged')
-  const env = { ...process.env, DATABASE_URL: database.url, DATA_DIR: dataDir, LOG_LEVEL: 'warn', HEARTBEAT_INTERVAL_MS: '1000', LEASE_TIMEOUT_MS: '3000' }
-  const startServer = () => startServerProcess({ port, env, children })
-  const api = async (method: string, route: string, payload?: unknown) => {
-    const response = await fetch(`${url}/api/v1${route}`, { method, headers: { 'x-api-key': 'test-api-key', ...(payload ? { 'content-type': 'application/json' } : {}) }, ...(payload ? { body: JSON.stringify(payload) } : {}) })
-    return { status: response.status, body: (await response.json()) as any }
-  }
+  const { database, dataDir, url, children, startServer, api, direct, uploadModel } = await restartableServer(t, 'merged', '3000')
   let server = await startServer()
-  const bytes = denseOnnxModel({ inputs: 10, outputs: 2 })
-  const session = await ort.InferenceSession.create(bytes)
-  const direct = async (data: number[]) => Array.from((await session.run({ input: new ort.Tensor('float32', Float32Array.from(data), [1, 10]) })).output!.data as Float32Array)
-  const form = multipart({ name: 'merged' }, { name: 'm.onnx', content: bytes })
-  const model = (await (await fetch(`${url}/api/v1/models`, { method: 'POST', headers: { ...form.headers, 'x-api-key': 'test-api-key' }, body: form.payload })).json()) as { id: string }
+  const model = await uploadModel()
 
   // the only device before the kill: one task at a time and one more held (mergeable work waits in the queue
   // beyond that); it answers what it is told to
